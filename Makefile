@@ -1,0 +1,34 @@
+# Two commands do all the set-up on a fresh machine: `make demo` and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.edgecl-installed
+
+.PHONY: demo test lint bench clean-venv data
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch/torchvision come from local disk on this machine kind (see README "Install").
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install -q -e '.[host,device,server,dev]'
+	# The plain `onnxruntime` wheel must never sit beside onnxruntime-training: both own the module.
+	! $(PY) -m pip show -q onnxruntime 2>/dev/null
+	touch $(STAMP)
+
+# Fashion-MNIST comes from Debian's package (offline data); installed when missing and root.
+data:
+	@test -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz || \
+	  { if [ "$$(id -u)" = 0 ]; then apt-get update -q && apt-get install -y -q dataset-fashion-mnist; \
+	    else echo "Fashion-MNIST missing: run 'sudo apt-get install dataset-fashion-mnist'"; exit 1; fi; }
+
+demo: $(STAMP) data
+	$(VENV)/bin/edgecl demo --out demo-out
+
+test: $(STAMP) data
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check edgecl cli tests benchmarks
+
+bench: $(STAMP) data
+	$(PY) benchmarks/run_all.py

@@ -1,0 +1,1 @@
+"""The `edgecl` command line (installed as ``edgecl.cli``): thin Typer wrappers over library functions."""

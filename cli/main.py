@@ -1,0 +1,98 @@
+"""`edgecl`: the Typer app. Each command module registers its commands with ``register(app)``.
+
+Command modules import library code inside the command functions, so `edgecl predict` on a
+device never imports the host's torch just because `edgecl export` exists.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import sys
+import warnings
+
+import typer
+
+from edgecl import __version__
+from edgecl.errors import EdgeclError
+
+# Each name is a module in this package exposing register(app).
+COMMAND_MODULES = (
+    "export",
+    "inspect",
+    "adapt",
+    "predict",
+    "evaluate",
+    "rollback",
+)
+
+app = typer.Typer(
+    name="edgecl",
+    help="Continual learning on edge devices: export a sparse trainable bundle (host), adapt it "
+    "locally (device), and merge deltas from a fleet (server).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"edgecl {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    pass
+
+
+def _one_line_errors(callback):  # noqa: ANN001, ANN202
+    """Turn an EdgeclError from a command into one line on stderr and exit code 1."""
+
+    @functools.wraps(callback)
+    def wrapper(*args, **kwargs):  # noqa: ANN202
+        try:
+            return callback(*args, **kwargs)
+        except EdgeclError as exc:
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(code=1) from None
+
+    return wrapper
+
+
+def _wrap_all(typer_app: typer.Typer) -> None:
+    for command in typer_app.registered_commands:
+        if command.callback is not None and not hasattr(command.callback, "__wrapped__"):
+            command.callback = _one_line_errors(command.callback)
+    for group in typer_app.registered_groups:
+        if group.typer_instance is not None:
+            _wrap_all(group.typer_instance)
+
+
+for _name in COMMAND_MODULES:
+    importlib.import_module(f"edgecl.cli.{_name}").register(app)
+_wrap_all(app)
+
+
+def _format_warning(message, category, filename, lineno, line=None):  # noqa: ANN001
+    return f"warning: {message}\n"
+
+
+def main() -> None:
+    """Entry point: user errors become one line on stderr and exit code 1, never a traceback."""
+    warnings.formatwarning = _format_warning
+    try:
+        app()
+    except EdgeclError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

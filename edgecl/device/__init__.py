@@ -1,0 +1,1 @@
+"""edgecl device side."""

@@ -1,0 +1,294 @@
+"""The device's state next to a bundle (``BUNDLE_DIR/state/``): what adapt wrote, crash-safe.
+
+Layout (docs/device.md):
+
+    state/HEAD.json           {"current": "gen-000002" | null, "previous": "gen-000001" | null,
+                               "can_rollback": bool}; null = the bundle's own state (zero delta,
+                               the bundle's prototypes.safetensors)
+    state/gen-NNNNNN/         one committed adaptation, written whole with atomic_dir
+        trainable.safetensors     the trainable parameters by their checkpoint names: edgecl_delta
+                                  float32 [K], proj.weight, proj.bias (bit-exact float32)
+        prototypes.safetensors    Prototypes after the adaptation
+        exemplars.safetensors     optional exemplar memory
+        meta.json                 steps, epochs, seed, lr, classes, data, timings, peak memory, parent
+        steps.jsonl               the step log of the adaptation that made it
+    state/run/                an adaptation in progress (see RunDir); removed once committed
+
+Why not ORT checkpoints: onnxruntime's checkpoint holds every frozen weight too (the whole model,
+~19 MB for EfficientNet-Lite0), while what training changes is K + the projection head; the
+session is rebuilt from the bundle's checkpoint and these values are copied in (bit-exact).
+
+Why generations + a pointer: a commit is one atomic rename of HEAD.json after the new generation
+is complete on disk, so a crash or a full disk at any moment leaves either the old state or the
+new one, and the previous generation is kept as it was for `edgecl rollback`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import load as _st_load
+from safetensors.numpy import save as _st_save
+
+from edgecl.errors import BundleError, DeviceError
+from edgecl.formats import manifest as mf
+from edgecl.formats.atomic import atomic_dir, atomic_write_bytes, atomic_write_json
+from edgecl.formats.hashing import sha256_file
+from edgecl.formats.mask import Mask
+from edgecl.formats.prototypes import Prototypes
+
+STATE_DIR = "state"
+HEAD = "HEAD.json"
+RUN_DIR = "run"
+TRAINABLE = "trainable.safetensors"
+PROTOTYPES = "prototypes.safetensors"
+EXEMPLARS = "exemplars.safetensors"
+META = "meta.json"
+STEP_LOG = "steps.jsonl"
+
+
+@dataclass
+class Bundle:
+    root: Path
+    manifest: mf.BundleManifest
+    mask: Mask
+
+    def path(self, name: str) -> Path:
+        return self.root / name
+
+    @property
+    def state_dir(self) -> Path:
+        return self.root / STATE_DIR
+
+
+def open_bundle(bundle_dir: str | Path, verify_mask: bool = True) -> Bundle:
+    """Validate a bundle folder and load its manifest and mask (cheap: no graph is loaded)."""
+    root = Path(bundle_dir)
+    manifest = mf.load_manifest(root)  # format version check lives there
+    mf.check_bundle_files(root)
+    mask = Mask.load_file(root / mf.MASK)
+    if verify_mask and manifest.mask_sha256 and sha256_file(root / mf.MASK) != manifest.mask_sha256:
+        raise BundleError(f"{root / mf.MASK} does not match the manifest's mask_sha256",
+                          "re-copy the whole bundle folder from the host")
+    if mask.total_selected != manifest.selected:
+        raise BundleError(f"mask selects {mask.total_selected} elements, the manifest says {manifest.selected}",
+                          "re-copy the whole bundle folder from the host")
+    return Bundle(root, manifest, mask)
+
+
+# -- trainable values file -----------------------------------------------------------------------
+
+def save_trainable(path: Path, values: dict[str, np.ndarray]) -> None:
+    atomic_write_bytes(path, _st_save({k: np.ascontiguousarray(v, np.float32) for k, v in values.items()},
+                                      metadata={"format": "edgecl-trainable", "format_version": "1"}))
+
+
+def load_trainable(path: Path, delta_size: int) -> dict[str, np.ndarray]:
+    try:
+        values = dict(_st_load(Path(path).read_bytes()))
+    except Exception as exc:
+        raise DeviceError(f"device state {path} is damaged ({exc})", "run `edgecl rollback`") from exc
+    delta = values.get(mf.DELTA_PARAM)
+    if delta is None or delta.shape != (delta_size,):
+        raise DeviceError(f"{path} holds no {mf.DELTA_PARAM} of {delta_size} values",
+                          "the state belongs to another bundle: delete BUNDLE/state or run `edgecl rollback`")
+    return values
+
+
+# -- committed generations ------------------------------------------------------------------------
+
+@dataclass
+class DeviceState:
+    """What predict/eval/adapt start from."""
+    generation: str | None             # None = the bundle's own state
+    delta: np.ndarray                  # [K] float32
+    prototypes: Prototypes
+    trainable: dict[str, np.ndarray]   # checkpoint name -> value; {} = the bundle checkpoint's values
+    exemplars_path: Path | None        # exemplars.safetensors if any
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def read_head(state_dir: Path) -> dict[str, Any]:
+    path = state_dir / HEAD
+    if not path.exists():
+        return {"current": None, "previous": None, "can_rollback": False}
+    try:
+        head = json.loads(path.read_text())
+        if not isinstance(head, dict) or "current" not in head:
+            raise ValueError("no 'current' key")
+        return head
+    except (OSError, ValueError) as exc:
+        raise DeviceError(f"{path} is damaged ({exc})",
+                          "delete BUNDLE/state to start again from the bundle's own state") from exc
+
+
+def bundle_prototypes(bundle: Bundle) -> Prototypes:
+    path = bundle.path(mf.PROTOTYPES)
+    if path.exists():
+        return Prototypes.load_file(path)
+    return Prototypes.empty(bundle.manifest.embedding_dim)
+
+
+def load_current(bundle: Bundle) -> DeviceState:
+    head = read_head(bundle.state_dir)
+    generation = head.get("current")
+    if generation is None:
+        return DeviceState(None, np.zeros(bundle.mask.total_selected, np.float32), bundle_prototypes(bundle), {}, None, {})
+    gen_dir = bundle.state_dir / generation
+    try:
+        trainable = load_trainable(gen_dir / TRAINABLE, bundle.mask.total_selected)
+        prototypes = Prototypes.load_file(gen_dir / PROTOTYPES)
+        meta = json.loads((gen_dir / META).read_text())
+    except (OSError, ValueError) as exc:
+        raise DeviceError(f"device state {gen_dir} is damaged ({exc})",
+                          "run `edgecl rollback` or delete BUNDLE/state") from exc
+    exemplars = gen_dir / EXEMPLARS
+    return DeviceState(generation, trainable[mf.DELTA_PARAM].astype(np.float32), prototypes, trainable,
+                       exemplars if exemplars.exists() else None, meta)
+
+
+def _next_generation(state_dir: Path) -> str:
+    numbers = [int(p.name.split("-")[1]) for p in state_dir.glob("gen-*") if p.name.split("-")[1].isdigit()]
+    return f"gen-{max(numbers, default=0) + 1:06d}"
+
+
+def commit_generation(bundle: Bundle, write: Callable[[Path], None], meta: dict[str, Any]) -> str:
+    """Write a new generation with ``write(tmp_dir)``, then point HEAD at it (previous = old current).
+
+    Any failure before the HEAD rename (a full disk included) leaves HEAD and every existing
+    generation untouched; the half-written generation is removed by atomic_dir.
+    """
+    state_dir = bundle.state_dir
+    state_dir.mkdir(parents=True, exist_ok=True)
+    head = read_head(state_dir)
+    name = _next_generation(state_dir)
+    meta = {**meta, "parent": head.get("current"), "generation": name}
+    with atomic_dir(state_dir / name) as tmp:
+        write(tmp)
+        atomic_write_json(tmp / META, meta)
+    atomic_write_json(state_dir / HEAD, {"current": name, "previous": head.get("current"), "can_rollback": True})
+    _collect_garbage(state_dir)
+    return name
+
+
+def _collect_garbage(state_dir: Path) -> None:
+    # Keep only what HEAD can reach: current and previous. Failure to delete is harmless.
+    head = read_head(state_dir)
+    keep = {head.get("current"), head.get("previous")}
+    for path in state_dir.glob("gen-*"):
+        if path.is_dir() and path.name not in keep:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def rollback(bundle_dir: str | Path) -> dict[str, Any]:
+    """Return to the state before the last adaptation (one level; a second rollback is refused)."""
+    bundle = open_bundle(bundle_dir, verify_mask=False)
+    state_dir = bundle.state_dir
+    head = read_head(state_dir)
+    if not head.get("can_rollback"):
+        raise DeviceError(f"{bundle.root} has no earlier state to roll back to",
+                          "rollback undoes the last `edgecl adapt` once; adapt first")
+    previous = head.get("previous")
+    if previous is not None and not (state_dir / previous).is_dir():
+        raise DeviceError(f"the previous state {previous} is missing", "delete BUNDLE/state to start from the bundle")
+    run_dir = state_dir / RUN_DIR
+    if run_dir.exists():
+        # An interrupted adaptation started from the state being undone: it cannot be resumed.
+        shutil.rmtree(run_dir, ignore_errors=True)
+        warnings.warn("discarded an interrupted adaptation (it started from the state rolled back)", stacklevel=2)
+    undone = head.get("current")
+    atomic_write_json(state_dir / HEAD, {"current": previous, "previous": None, "can_rollback": False})
+    _collect_garbage(state_dir)
+    return {"undone": undone, "current": previous or "bundle"}
+
+
+# -- the in-progress run ----------------------------------------------------------------------------
+
+class RunDir:
+    """``state/run/``: an adaptation in progress.
+
+        run/config.json      what the run was started with (resume must match it)
+        run/start.safetensors  embeddings of the task images before training (drift compensation)
+        run/ckpt-NNNNNNNN/   checkpoint dirs (atomic_dir), each: trainable.safetensors,
+                             resume.json (step, epoch, permutation, RNG states)
+        run/LATEST.json      {"ckpt": "ckpt-NNNNNNNN"}: the last complete checkpoint
+        run/steps.jsonl      step log, appended; cut back to the checkpoint's step on resume
+    """
+
+    def __init__(self, bundle: Bundle) -> None:
+        self.path = bundle.state_dir / RUN_DIR
+
+    def exists(self) -> bool:
+        return (self.path / "config.json").exists()
+
+    def start(self, config: dict[str, Any], start_arrays: dict[str, np.ndarray]) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+        self.path.mkdir(parents=True)
+        atomic_write_bytes(self.path / "start.safetensors",
+                           _st_save({k: np.ascontiguousarray(v) for k, v in start_arrays.items()}))
+        atomic_write_json(self.path / "config.json", config)  # written last: a run exists once it is there
+
+    def config(self) -> dict[str, Any]:
+        return json.loads((self.path / "config.json").read_text())
+
+    def start_arrays(self) -> dict[str, np.ndarray]:
+        return dict(_st_load((self.path / "start.safetensors").read_bytes()))
+
+    def save_checkpoint(self, step: int, write: Callable[[Path], None], resume: dict[str, Any]) -> None:
+        name = f"ckpt-{step:08d}"
+        with atomic_dir(self.path / name, overwrite=True) as tmp:
+            write(tmp)
+            atomic_write_json(tmp / "resume.json", resume)
+        latest = self.latest_name()
+        atomic_write_json(self.path / "LATEST.json", {"ckpt": name})
+        if latest and latest != name:
+            shutil.rmtree(self.path / latest, ignore_errors=True)
+
+    def latest_name(self) -> str | None:
+        path = self.path / "LATEST.json"
+        if not path.exists():
+            return None
+        return json.loads(path.read_text()).get("ckpt")
+
+    def latest(self) -> tuple[Path, dict[str, Any]] | None:
+        name = self.latest_name()
+        if name is None:
+            return None
+        ckpt = self.path / name
+        return ckpt, json.loads((ckpt / "resume.json").read_text())
+
+    @property
+    def log_path(self) -> Path:
+        return self.path / STEP_LOG
+
+    def truncate_log(self, steps: int) -> None:
+        """Keep the first ``steps`` lines (the steps the checkpoint contains); later ones are re-run."""
+        if not self.log_path.exists():
+            return
+        lines = self.log_path.read_text().splitlines(keepends=True)
+        complete = [line for line in lines if line.endswith("\n")]
+        atomic_write_bytes(self.log_path, "".join(complete[:steps]).encode())
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def check_resumable(run: RunDir, config: dict[str, Any], current_generation: str | None) -> None:
+    if not run.exists():
+        raise DeviceError("there is no interrupted adaptation to resume", "run `edgecl adapt` without --resume")
+    saved = run.config()
+    if saved.get("parent") != current_generation:
+        raise DeviceError("the interrupted adaptation started from another state (rollback or a newer adapt since)",
+                          "run `edgecl adapt` without --resume")
+    differing = sorted(k for k in config if k != "parent" and saved.get(k) != config[k])
+    if differing:
+        raise DeviceError(f"--resume with different settings than the interrupted run: {', '.join(differing)}",
+                          "pass the same data and flags, or start again without --resume")
+

@@ -1,0 +1,671 @@
+"""The delta file (``delta.safetensors``): what a device sends home. Spec: docs/delta-format.md.
+
+numpy + stdlib + safetensors only: host, device and server all import this module.
+
+The writer produces canonical bytes (sorted compact JSON header, fixed tensor order), so the same
+delta always has the same sha256: the server stores deltas by it. ``body_sha256`` covers the
+tensor bytes and ``hmac_sha256`` covers the header (which holds ``body_sha256``), so neither has
+to cover itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import math
+import re
+import struct
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.numpy import load as _st_load
+
+from edgecl.errors import EdgeclError
+from edgecl.formats.atomic import atomic_write_bytes
+from edgecl.formats.prototypes import Prototypes
+
+DELTA_FORMAT = "edgecl-delta"
+DELTA_FORMAT_VERSION = 1
+MAX_HEADER_BYTES = 1 << 20          # safetensors itself allows 100 MB; a delta header is < 10 kB
+DEFAULT_INT8_BLOCK = 1024           # values per int8 scale: 0.4% overhead, most blocks in one tensor
+VALUE_DTYPES = ("fp32", "fp16", "int8")
+LAYOUTS = ("dense", "bitmap", "indices")   # tie-break order of the "auto" layout choice
+MERGE_DEVICE_ID = "merge"
+
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_SHA_RE = re.compile(r"[0-9a-f]{64}")
+_UINT_RE = re.compile(r"0|[1-9][0-9]{0,18}")
+_TIME_RE = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z")
+_MAX_CLASS_NAME = 256
+
+# safetensors dtype tag <-> little-endian numpy dtype
+_DTYPES = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "I8": np.dtype("i1"), "U8": np.dtype("u1"),
+           "I32": np.dtype("<i4"), "I64": np.dtype("<i8")}
+_TAG_OF = {"fp32": "F32", "fp16": "F16", "int8": "I8"}
+_ENC_OF = {v: k for k, v in _TAG_OF.items()}
+
+T_POSITIONS, T_BITMAP, T_VALUES, T_SCALES = "delta.positions", "delta.bitmap", "delta.values", "delta.scales"
+T_MEANS, T_COUNTS = "prototypes.means", "prototypes.counts"
+
+_REQUIRED_KEYS = ("format", "format_version", "bundle_id", "bundle_version", "base_sha256", "mask_sha256",
+                  "device_id", "delta_k", "layout", "values_dtype", "steps", "samples_seen", "metrics",
+                  "created_utc", "body_sha256", "hmac_sha256")
+_OPTIONAL_KEYS = ("int8_block", "classes")
+
+
+# -- errors: one class per failure; ``code`` is the server's error code --------------------------
+class DeltaError(EdgeclError):
+    code = "delta_invalid"
+
+
+class DeltaTruncatedError(DeltaError):
+    code = "truncated"
+
+
+class DeltaTrailingDataError(DeltaError):
+    code = "trailing_data"
+
+
+class DeltaHeaderTooLargeError(DeltaError):
+    code = "header_too_large"
+
+
+class DeltaHeaderError(DeltaError):
+    code = "header_invalid"
+
+
+class DeltaVersionError(DeltaError):
+    code = "format_unsupported"
+
+
+class DeltaMetadataError(DeltaError):
+    code = "metadata_invalid"
+
+
+class DeltaShapeError(DeltaError):
+    code = "shape_invalid"
+
+
+class DeltaValueError(DeltaError):
+    code = "values_not_finite"
+
+
+class DeltaBodyHashError(DeltaError):
+    code = "body_hash_mismatch"
+
+
+class DeltaSignatureError(DeltaError):
+    code = "signature_invalid"
+
+
+class DeltaEncodeError(DeltaError):
+    code = "encode_failed"
+
+
+_REMAKE = "make the delta again with `edgecl delta` (the file is damaged or was not written by edgecl)"
+
+
+# -- the in-memory delta ---------------------------------------------------------------------------
+@dataclass
+class Delta:
+    bundle_id: str                      # manifest.bundle_id
+    bundle_version: int                 # manifest.version the device adapted
+    base_sha256: str                    # manifest.base_sha256
+    mask_sha256: str                    # manifest.mask_sha256
+    device_id: str                      # registered device name ("merge" for merged deltas)
+    delta_k: int                        # K: length of the bundle's delta vector
+    positions: np.ndarray               # int32 [M], strictly increasing, in [0, K)
+    values: np.ndarray                  # float32 [M], decoded W - W0 at those positions
+    steps: int = 0                      # optimizer steps on the device
+    samples_seen: int = 0               # training images seen (repeats counted); merge weight
+    metrics: dict[str, float] = field(default_factory=dict)  # eval metrics, finite numbers
+    created_utc: str = ""               # "YYYY-MM-DDTHH:MM:SSZ"; empty = now, at save time
+    prototypes: Prototypes | None = None  # the device's class prototypes
+    # Filled in by load(): how the file stored the values, and its integrity fields.
+    values_dtype: str = "fp32"
+    body_sha256: str = ""
+    hmac_sha256: str = ""
+
+    @classmethod
+    def from_dense(cls, vector: np.ndarray, **provenance: Any) -> Delta:
+        """A delta from the device's full K-vector: the changed (nonzero) entries are kept."""
+        vector = np.asarray(vector, dtype=np.float32).reshape(-1)
+        positions = np.flatnonzero(vector).astype(np.int32)
+        return cls(delta_k=int(vector.size), positions=positions, values=vector[positions], **provenance)
+
+    def to_dense(self, k: int | None = None) -> np.ndarray:
+        """The full K-vector (zeros where nothing changed); ``k`` checks the expected K."""
+        if k is not None and k != self.delta_k:
+            raise DeltaShapeError(f"delta has K={self.delta_k} entries but the bundle's mask selects {k}",
+                                  "use a delta made for this bundle (same mask)")
+        out = np.zeros(self.delta_k, np.float32)
+        out[self.positions] = self.values
+        return out
+
+    def changed_positions(self) -> np.ndarray:
+        """Positions whose decoded value is nonzero: what "changed" means everywhere (spec)."""
+        return self.positions[self.values != 0]
+
+
+@dataclass
+class TensorInfo:
+    dtype: str                          # safetensors tag, e.g. "F32"
+    shape: tuple[int, ...]
+    begin: int                          # offsets inside the body
+    end: int
+
+
+@dataclass
+class DeltaHeader:
+    """The header alone: enough for the server to accept or refuse before reading the body."""
+
+    metadata: dict[str, str]
+    tensors: dict[str, TensorInfo]
+    header_bytes: int                   # N (padded)
+    body_bytes: int                     # length of the tensor data
+    signed_bytes: bytes                 # canonical header JSON with hmac_sha256 = "" (what the HMAC covers)
+
+    @property
+    def total_bytes(self) -> int:
+        return 8 + self.header_bytes + self.body_bytes
+
+    # Typed views of the metadata (validated by read_header).
+    @property
+    def bundle_id(self) -> str:
+        return self.metadata["bundle_id"]
+
+    @property
+    def bundle_version(self) -> int:
+        return int(self.metadata["bundle_version"])
+
+    @property
+    def base_sha256(self) -> str:
+        return self.metadata["base_sha256"]
+
+    @property
+    def mask_sha256(self) -> str:
+        return self.metadata["mask_sha256"]
+
+    @property
+    def device_id(self) -> str:
+        return self.metadata["device_id"]
+
+    @property
+    def delta_k(self) -> int:
+        return int(self.metadata["delta_k"])
+
+    @property
+    def steps(self) -> int:
+        return int(self.metadata["steps"])
+
+    @property
+    def samples_seen(self) -> int:
+        return int(self.metadata["samples_seen"])
+
+    @property
+    def created_utc(self) -> str:
+        return self.metadata["created_utc"]
+
+    @property
+    def body_sha256(self) -> str:
+        return self.metadata["body_sha256"]
+
+    @property
+    def hmac_sha256(self) -> str:
+        return self.metadata["hmac_sha256"]
+
+    @property
+    def classes(self) -> list[str]:
+        return json.loads(self.metadata["classes"]) if "classes" in self.metadata else []
+
+    @property
+    def prototype_dim(self) -> int | None:
+        info = self.tensors.get(T_MEANS)
+        return info.shape[1] if info is not None else None
+
+
+# -- canonical JSON --------------------------------------------------------------------------------
+def canonical_json(obj: Any) -> str:
+    """The one serialization the spec allows (sorted keys, no spaces, ASCII only, no NaN)."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+
+
+def compute_hmac(key: bytes, signed_bytes: bytes) -> str:
+    return hmac.new(key, signed_bytes, hashlib.sha256).hexdigest()
+
+
+def parse_key(text: str) -> bytes:
+    """A device key as printed by ``edgecl serve register-device`` (64 hex digits) -> 32 bytes."""
+    text = text.strip()
+    if not re.fullmatch(r"[0-9a-fA-F]{64}", text):
+        raise DeltaMetadataError("the device key is not 64 hex digits",
+                                 "copy the key printed by `edgecl serve register-device`")
+    return bytes.fromhex(text)
+
+
+# -- writing ---------------------------------------------------------------------------------------
+def _now_utc() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def _encode_values(values: np.ndarray, encoding: str, int8_block: int) -> dict[str, np.ndarray]:
+    if encoding == "fp32":
+        return {T_VALUES: values.astype("<f4")}
+    if encoding == "fp16":
+        if values.size and float(np.max(np.abs(values))) > 65504.0:
+            raise DeltaEncodeError("a delta value exceeds the fp16 range (65504)", "save with values='fp32'")
+        return {T_VALUES: values.astype("<f2")}
+    # int8: symmetric per block of int8_block consecutive stored values (0 = one block).
+    m = values.size
+    block = m if int8_block == 0 else int8_block
+    n_blocks = 1 if int8_block == 0 else -(-m // block)
+    q = np.zeros(m, np.int8)
+    scales = np.zeros(n_blocks, "<f4")
+    for b in range(n_blocks):
+        chunk = values[b * block:(b + 1) * block]
+        if chunk.size == 0:
+            continue
+        scale = np.float32(np.max(np.abs(chunk)) / np.float32(127.0))
+        scales[b] = scale
+        if scale > 0:
+            q[b * block:(b + 1) * block] = np.clip(np.rint(chunk / scale), -127, 127).astype(np.int8)
+    return {T_VALUES: q, T_SCALES: scales}
+
+
+def _choose_layout(k: int, m: int, value_bytes: int) -> str:
+    sizes = {"dense": k * value_bytes, "bitmap": -(-k // 8) + m * value_bytes, "indices": m * (4 + value_bytes)}
+    return min(LAYOUTS, key=lambda name: (sizes[name], LAYOUTS.index(name)))
+
+
+def _layout_key(name: str, dtype_tag: str) -> tuple[int, str]:
+    return (-_DTYPES[dtype_tag].itemsize, name)
+
+
+def _serialize(tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> tuple[bytes, bytes, dict]:
+    """(header object without padding as bytes, body, header object) in the canonical layout."""
+    tags = {name: next(t for t, d in _DTYPES.items() if d == arr.dtype) for name, arr in tensors.items()}
+    header: dict[str, Any] = {"__metadata__": metadata}
+    chunks: list[bytes] = []
+    offset = 0
+    for name in sorted(tensors, key=lambda n: _layout_key(n, tags[n])):
+        raw = np.ascontiguousarray(tensors[name], dtype=_DTYPES[tags[name]]).tobytes()
+        header[name] = {"data_offsets": [offset, offset + len(raw)], "dtype": tags[name],
+                        "shape": [int(s) for s in tensors[name].shape]}
+        chunks.append(raw)
+        offset += len(raw)
+    return canonical_json(header).encode("ascii"), b"".join(chunks), header
+
+
+def save(delta: Delta, key: bytes | None = None, *, values: str = "fp32", layout: str = "auto",
+         int8_block: int = DEFAULT_INT8_BLOCK, prototypes_dtype: str = "fp32") -> bytes:
+    """Serialize ``delta`` to canonical bytes, signed with the device ``key`` (None: unsigned)."""
+    if values not in VALUE_DTYPES:
+        raise DeltaEncodeError(f"unknown value encoding {values!r}", f"use one of {', '.join(VALUE_DTYPES)}")
+    if layout != "auto" and layout not in LAYOUTS:
+        raise DeltaEncodeError(f"unknown layout {layout!r}", f"use auto or one of {', '.join(LAYOUTS)}")
+    if prototypes_dtype not in ("fp32", "fp16"):
+        raise DeltaEncodeError(f"unknown prototype encoding {prototypes_dtype!r}", "use fp32 or fp16")
+    if int8_block < 0:
+        raise DeltaEncodeError("int8_block is negative", "use 0 (one scale per file) or a positive block size")
+    k = int(delta.delta_k)
+    positions = np.asarray(delta.positions, dtype=np.int64).reshape(-1)
+    vals = np.asarray(delta.values, dtype=np.float32).reshape(-1)
+    if positions.shape != vals.shape:
+        raise DeltaEncodeError(f"{positions.size} positions but {vals.size} values", "pass one value per position")
+    if positions.size and (positions[0] < 0 or positions[-1] >= k or np.any(np.diff(positions) <= 0)):
+        raise DeltaEncodeError("positions are not strictly increasing inside [0, K)",
+                               "build the delta with Delta.from_dense(vector)")
+    if not np.all(np.isfinite(vals)):
+        raise DeltaEncodeError("the delta holds NaN or infinite values", "the adaptation diverged: lower the lr")
+    # Only changed entries are stored (spec: "changed" = nonzero).
+    keep = vals != 0
+    positions, vals = positions[keep], vals[keep]
+    m = int(positions.size)
+
+    value_bytes = {"fp32": 4, "fp16": 2, "int8": 1}[values]
+    chosen = _choose_layout(k, m, value_bytes) if layout == "auto" else layout
+    tensors: dict[str, np.ndarray] = {}
+    if chosen == "dense":
+        dense = np.zeros(k, np.float32)
+        dense[positions] = vals
+        tensors.update(_encode_values(dense, values, int8_block))
+    else:
+        tensors.update(_encode_values(vals, values, int8_block))
+        if chosen == "indices":
+            tensors[T_POSITIONS] = positions.astype("<i4")
+        else:
+            bits = np.zeros(k, np.uint8)
+            bits[positions] = 1
+            tensors[T_BITMAP] = np.packbits(bits, bitorder="little")
+
+    metadata = {
+        "format": DELTA_FORMAT,
+        "format_version": str(DELTA_FORMAT_VERSION),
+        "bundle_id": delta.bundle_id,
+        "bundle_version": str(int(delta.bundle_version)),
+        "base_sha256": delta.base_sha256,
+        "mask_sha256": delta.mask_sha256,
+        "device_id": delta.device_id,
+        "delta_k": str(k),
+        "layout": chosen,
+        "values_dtype": values,
+        "steps": str(int(delta.steps)),
+        "samples_seen": str(int(delta.samples_seen)),
+        "metrics": canonical_json(_check_metrics(delta.metrics, DeltaEncodeError)),
+        "created_utc": delta.created_utc or _now_utc(),
+        "body_sha256": "",
+        "hmac_sha256": "",
+    }
+    if values == "int8":
+        metadata["int8_block"] = str(int(int8_block))
+    protos = delta.prototypes
+    if protos is not None and len(protos):
+        means = np.asarray(protos.means, np.float32)
+        counts = np.asarray(protos.counts, np.int64)
+        if not np.all(np.isfinite(means)):
+            raise DeltaEncodeError("a prototype holds NaN or infinite values", "recompute the prototypes")
+        if prototypes_dtype == "fp16" and means.size and float(np.max(np.abs(means))) > 65504.0:
+            raise DeltaEncodeError("a prototype exceeds the fp16 range", "save with prototypes_dtype='fp32'")
+        tensors[T_MEANS] = means.astype("<f2" if prototypes_dtype == "fp16" else "<f4")
+        tensors[T_COUNTS] = counts.astype("<i8")
+        metadata["classes"] = canonical_json(list(protos.classes))
+
+    # The body does not depend on the metadata: hash it, then sign the header that holds the hash.
+    _, body, _ = _serialize(tensors, metadata)
+    metadata["body_sha256"] = hashlib.sha256(body).hexdigest()
+    _check_metadata(metadata, DeltaEncodeError)
+    signed, _, header = _serialize(tensors, metadata)
+    _check_tensors(header, metadata, DeltaEncodeError)
+    if key is not None:
+        metadata["hmac_sha256"] = compute_hmac(key, signed)
+    header_json, body, _ = _serialize(tensors, metadata)
+    pad = (-len(header_json)) % 8
+    return struct.pack("<Q", len(header_json) + pad) + header_json + b" " * pad + body
+
+
+def save_file(delta: Delta, path: str | Path, key: bytes | None = None, **encoding: Any) -> bytes:
+    """``save`` to ``path`` atomically (temp file, fsync, rename); returns the bytes written."""
+    data = save(delta, key, **encoding)
+    atomic_write_bytes(path, data)
+    return data
+
+
+# -- reading ---------------------------------------------------------------------------------------
+def header_size(first8: bytes) -> int:
+    """N from the first 8 bytes, refusing a header over the cap before anything else is read."""
+    if len(first8) < 8:
+        raise DeltaTruncatedError(f"the file is {len(first8)} bytes, shorter than a delta's 8-byte prefix", _REMAKE)
+    n = struct.unpack("<Q", first8[:8])[0]
+    if n > MAX_HEADER_BYTES:
+        raise DeltaHeaderTooLargeError(f"the header claims {n} bytes, over the {MAX_HEADER_BYTES}-byte cap",
+                                       "this is not an edgecl delta; " + _REMAKE)
+    return int(n)
+
+
+def read_header(source: bytes | bytearray | memoryview | str | Path) -> DeltaHeader:
+    """Parse and check the header only (at most 8 + N bytes are read from a path)."""
+    if isinstance(source, (str, Path)):
+        try:
+            with open(source, "rb") as f:
+                first8 = f.read(8)
+                prefix = first8 + f.read(header_size(first8))
+        except OSError as exc:
+            raise DeltaError(f"cannot read {source} ({exc.strerror})", "check the path") from exc
+    else:
+        prefix = bytes(source[: 8 + header_size(bytes(source[:8]))])
+    n = header_size(prefix[:8])
+    if len(prefix) < 8 + n:
+        raise DeltaTruncatedError(f"the header needs {n} bytes but only {len(prefix) - 8} are there", _REMAKE)
+    raw = prefix[8:8 + n]
+    stripped = raw.rstrip(b" ")
+    if n % 8 or len(raw) - len(stripped) > 7:
+        raise DeltaHeaderError("the header is not padded to 8 bytes with at most 7 spaces", _REMAKE)
+    try:
+        header = json.loads(stripped.decode("ascii"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise DeltaHeaderError(f"the header is not ASCII JSON ({exc})", _REMAKE) from exc
+    if not isinstance(header, dict) or not isinstance(header.get("__metadata__"), dict):
+        raise DeltaHeaderError("the header has no __metadata__ object", _REMAKE)
+    try:
+        canonical = canonical_json(header).encode("ascii")
+    except ValueError as exc:
+        raise DeltaHeaderError(f"the header holds a non-finite number ({exc})", _REMAKE) from exc
+    if canonical != stripped:
+        raise DeltaHeaderError("the header is not in canonical form (sorted keys, no spaces)", _REMAKE)
+    metadata = header["__metadata__"]
+    if metadata.get("format") != DELTA_FORMAT:
+        raise DeltaVersionError(f"format is {metadata.get('format')!r}, not {DELTA_FORMAT!r}",
+                                "pass a delta written by `edgecl delta`")
+    if metadata.get("format_version") != str(DELTA_FORMAT_VERSION):
+        raise DeltaVersionError(f"delta format version {metadata.get('format_version')!r} is not supported "
+                                f"(this edgecl reads version {DELTA_FORMAT_VERSION})",
+                                "use the same edgecl version on the device and here")
+    _check_metadata(metadata, DeltaMetadataError)
+    tensors = _check_tensors(header, metadata, DeltaShapeError)
+    body_bytes = max((t.end for t in tensors.values()), default=0)
+    unsigned = dict(header, __metadata__=dict(metadata, hmac_sha256=""))
+    return DeltaHeader(metadata=dict(metadata), tensors=tensors, header_bytes=n, body_bytes=body_bytes,
+                       signed_bytes=canonical_json(unsigned).encode("ascii"))
+
+
+def verify_hmac(header: DeltaHeader, key: bytes) -> None:
+    """Check the file was signed with ``key`` (constant-time compare)."""
+    if not header.hmac_sha256:
+        raise DeltaSignatureError("the delta is not signed", "make it with the device key (`edgecl delta`)")
+    if not hmac.compare_digest(compute_hmac(key, header.signed_bytes), header.hmac_sha256):
+        raise DeltaSignatureError(f"the delta's signature does not match device {header.device_id}'s key",
+                                  "sign it with this device's key, or re-register the device")
+
+
+def check_length(header: DeltaHeader, length: int) -> None:
+    if length < header.total_bytes:
+        raise DeltaTruncatedError(f"the file has {length} bytes, its header says {header.total_bytes}",
+                                  "copy or send the whole file again")
+    if length > header.total_bytes:
+        raise DeltaTrailingDataError(f"the file has {length - header.total_bytes} bytes after its last tensor",
+                                     _REMAKE)
+
+
+def verify_body(header: DeltaHeader, body: bytes | memoryview) -> None:
+    if hashlib.sha256(body).hexdigest() != header.body_sha256:
+        raise DeltaBodyHashError("the tensor bytes do not match body_sha256 (the file was altered or damaged)",
+                                 "copy or send the original file again")
+
+
+def load(data: bytes, key: bytes | None = None) -> Delta:
+    """Parse and check everything (the HMAC only when ``key`` is given) -> a decoded ``Delta``."""
+    data = bytes(data)
+    header = read_header(data)
+    check_length(header, len(data))
+    start = 8 + header.header_bytes
+    verify_body(header, memoryview(data)[start:])
+    if key is not None:
+        verify_hmac(header, key)
+    return decode(header, data)
+
+
+def load_file(path: str | Path, key: bytes | None = None) -> Delta:
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise DeltaError(f"cannot read {path} ({exc.strerror})", "check the path") from exc
+    return load(data, key)
+
+
+def decode(header: DeltaHeader, data: bytes) -> Delta:
+    """Tensors -> ``Delta`` with every value check (finite, positions in range, no q=-128)."""
+    tensors = _st_load(data)     # offsets were validated by read_header, so this cannot misread
+    meta = header.metadata
+    k = header.delta_k
+    encoding = meta["values_dtype"]
+    stored = tensors[T_VALUES]
+    if encoding == "int8":
+        scales = tensors[T_SCALES].astype(np.float32)
+        if not np.all(np.isfinite(scales)) or np.any(scales < 0):
+            raise DeltaValueError("an int8 scale is negative, NaN or infinite", _REMAKE)
+        if np.any(stored == -128):
+            raise DeltaValueError("an int8 value is -128 (the encoding is symmetric, -127..127)", _REMAKE)
+        block = int(meta["int8_block"]) or max(stored.size, 1)
+        per_value_scale = np.repeat(scales, block)[: stored.size]
+        decoded = stored.astype(np.float32) * per_value_scale
+    else:
+        decoded = stored.astype(np.float32)
+    if not np.all(np.isfinite(decoded)):
+        raise DeltaValueError("the delta holds NaN or infinite values", "the adaptation diverged: lower the lr "
+                              "and adapt again")
+    layout = meta["layout"]
+    if layout == "dense":
+        positions = np.flatnonzero(decoded).astype(np.int32)
+        decoded = decoded[positions]
+    elif layout == "indices":
+        positions = tensors[T_POSITIONS].astype(np.int32)
+        if positions.size and (positions[0] < 0 or positions[-1] >= k or np.any(np.diff(positions) <= 0)):
+            raise DeltaShapeError(f"positions are not strictly increasing inside [0, {k})", _REMAKE)
+    else:
+        bits = np.unpackbits(tensors[T_BITMAP], bitorder="little")
+        if np.any(bits[k:]):
+            raise DeltaShapeError("bitmap padding bits past K are set", _REMAKE)
+        positions = np.flatnonzero(bits[:k]).astype(np.int32)
+        if positions.size != decoded.size:
+            raise DeltaShapeError(f"the bitmap marks {positions.size} entries but {decoded.size} values are stored",
+                                  _REMAKE)
+    prototypes = None
+    if T_MEANS in tensors:
+        means = tensors[T_MEANS].astype(np.float32)
+        counts = tensors[T_COUNTS].astype(np.int64)
+        if not np.all(np.isfinite(means)):
+            raise DeltaValueError("a prototype holds NaN or infinite values", "recompute the prototypes")
+        if np.any(counts < 1):
+            raise DeltaShapeError("a prototype count is below 1", _REMAKE)
+        prototypes = Prototypes(header.classes, means, counts)
+    return Delta(bundle_id=header.bundle_id, bundle_version=header.bundle_version,
+                 base_sha256=header.base_sha256, mask_sha256=header.mask_sha256, device_id=header.device_id,
+                 delta_k=k, positions=positions, values=decoded, steps=header.steps,
+                 samples_seen=header.samples_seen, metrics=json.loads(meta["metrics"]),
+                 created_utc=header.created_utc, prototypes=prototypes, values_dtype=encoding,
+                 body_sha256=header.body_sha256, hmac_sha256=header.hmac_sha256)
+
+
+# -- validation shared by writer and reader ----------------------------------------------------------
+def _check_metrics(metrics: Any, err: type[DeltaError]) -> dict[str, float]:
+    if not isinstance(metrics, dict) or not all(isinstance(k, str) for k in metrics):
+        raise err("metrics is not an object with string keys", "pass metrics as {name: number}")
+    for name, value in metrics.items():
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise err(f"metric {name!r} is {value!r}, not a finite number", "pass metrics as {name: number}")
+    return metrics
+
+
+def _check_metadata(meta: dict[str, Any], err: type[DeltaError]) -> None:
+    fix = _REMAKE if err is DeltaMetadataError else "fix the value passed to Delta(...)"
+    keys = set(meta)
+    missing = [k for k in _REQUIRED_KEYS if k not in keys]
+    extra = sorted(keys - set(_REQUIRED_KEYS) - set(_OPTIONAL_KEYS))
+    if missing or extra:
+        raise err(f"metadata {'lacks ' + ', '.join(missing) if missing else 'has unknown keys ' + ', '.join(extra)}",
+                  fix)
+    if not all(isinstance(v, str) for v in meta.values()):
+        raise err("a metadata value is not a string", fix)
+    for name in ("bundle_id", "device_id"):
+        if not NAME_RE.fullmatch(meta[name]):
+            raise err(f"{name} {meta[name]!r} is not a name (letters, digits, '.', '_', '-'; at most 64; "
+                      "no leading '.' or '-')", fix)
+    for name in ("base_sha256", "mask_sha256", "body_sha256"):
+        if not _SHA_RE.fullmatch(meta[name]):
+            raise err(f"{name} is not 64 lowercase hex digits", fix)
+    if meta["hmac_sha256"] and not _SHA_RE.fullmatch(meta["hmac_sha256"]):
+        raise err("hmac_sha256 is neither empty nor 64 lowercase hex digits", fix)
+    for name in ("bundle_version", "delta_k", "steps", "samples_seen"):
+        if not _UINT_RE.fullmatch(meta[name]):
+            raise err(f"{name} {meta[name]!r} is not a non-negative decimal integer", fix)
+    if meta["bundle_version"] == "0":
+        raise err("bundle_version is 0 (versions start at 1)", fix)
+    if meta["layout"] not in LAYOUTS:
+        raise err(f"layout {meta['layout']!r} is not one of {', '.join(LAYOUTS)}", fix)
+    if meta["values_dtype"] not in VALUE_DTYPES:
+        raise err(f"values_dtype {meta['values_dtype']!r} is not one of {', '.join(VALUE_DTYPES)}", fix)
+    if (meta["values_dtype"] == "int8") != ("int8_block" in meta):
+        raise err("int8_block must be present exactly when values_dtype is int8", fix)
+    if "int8_block" in meta and not _UINT_RE.fullmatch(meta["int8_block"]):
+        raise err("int8_block is not a non-negative decimal integer", fix)
+    if not _TIME_RE.fullmatch(meta["created_utc"]):
+        raise err(f"created_utc {meta['created_utc']!r} is not YYYY-MM-DDTHH:MM:SSZ", fix)
+    for name, kind in (("metrics", dict), ("classes", list)):
+        if name not in meta:
+            continue
+        try:
+            parsed = json.loads(meta[name])
+        except ValueError as exc:
+            raise err(f"{name} is not JSON ({exc})", fix) from exc
+        if not isinstance(parsed, kind):
+            raise err(f"{name} is not a JSON {kind.__name__}", fix)
+        if name == "metrics":
+            _check_metrics(parsed, err)     # before canonical_json, which refuses NaN
+        if canonical_json(parsed) != meta[name]:
+            raise err(f"{name} is not in canonical JSON form", fix)
+        if name == "classes" and (not parsed or len(set(parsed)) != len(parsed)
+              or not all(isinstance(c, str) and 0 < len(c) <= _MAX_CLASS_NAME for c in parsed)):
+            raise err("classes must be distinct non-empty names of at most 256 characters", fix)
+
+
+def _check_tensors(header: dict[str, Any], meta: dict[str, str], err: type[DeltaError]) -> dict[str, TensorInfo]:
+    fix = _REMAKE if err is not DeltaEncodeError else "this is a bug in the writer; report it"
+    infos: dict[str, TensorInfo] = {}
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        if (not isinstance(entry, dict) or set(entry) != {"data_offsets", "dtype", "shape"}
+                or entry["dtype"] not in _DTYPES or not isinstance(entry["shape"], list)
+                or not all(type(s) is int and s >= 0 for s in entry["shape"])
+                or not isinstance(entry["data_offsets"], list) or len(entry["data_offsets"]) != 2
+                or not all(type(o) is int and o >= 0 for o in entry["data_offsets"])):
+            raise DeltaHeaderError(f"tensor entry {name!r} is malformed", fix)
+        begin, end = entry["data_offsets"]
+        infos[name] = TensorInfo(entry["dtype"], tuple(entry["shape"]), begin, end)
+    k, layout, enc = int(meta["delta_k"]), meta["layout"], meta["values_dtype"]
+    expected = {T_VALUES} | {"indices": {T_POSITIONS}, "bitmap": {T_BITMAP}, "dense": set()}[layout]
+    if enc == "int8":
+        expected.add(T_SCALES)
+    if "classes" in meta:
+        expected |= {T_MEANS, T_COUNTS}
+    if set(infos) != expected:
+        raise err(f"tensors are {sorted(infos)}, expected {sorted(expected)} for layout {layout}, {enc}", fix)
+
+    def need(name: str, dtypes: tuple[str, ...], shape: tuple[int, ...]) -> None:
+        info = infos[name]
+        if info.dtype not in dtypes or info.shape != shape:
+            raise err(f"{name} is {info.dtype}{list(info.shape)}, expected {'/'.join(dtypes)}{list(shape)}", fix)
+
+    values = infos[T_VALUES]
+    if len(values.shape) != 1:
+        raise err(f"{T_VALUES} is not a vector", fix)
+    m = values.shape[0]
+    need(T_VALUES, (_TAG_OF[enc],), (k if layout == "dense" else m,))
+    if layout == "indices":
+        need(T_POSITIONS, ("I32",), (m,))
+    elif layout == "bitmap":
+        need(T_BITMAP, ("U8",), (-(-k // 8),))
+    if enc == "int8":
+        block = int(meta["int8_block"])
+        need(T_SCALES, ("F32",), (1 if block == 0 else -(-m // block),))
+    if "classes" in meta:
+        c = len(json.loads(meta["classes"]))
+        means = infos[T_MEANS]
+        if len(means.shape) != 2 or means.shape[0] != c or means.shape[1] < 1:
+            raise err(f"{T_MEANS} is {list(means.shape)}, expected [{c}, D]", fix)
+        need(T_MEANS, ("F32", "F16"), means.shape)
+        need(T_COUNTS, ("I64",), (c,))
+    # Byte extents: each tensor's bytes match its shape, laid out back to back in canonical order.
+    offset = 0
+    for name in sorted(infos, key=lambda n: _layout_key(n, infos[n].dtype)):
+        info = infos[name]
+        size = int(np.prod(info.shape, dtype=np.int64)) * _DTYPES[info.dtype].itemsize
+        if info.begin != offset or info.end != offset + size:
+            raise DeltaHeaderError(f"tensor {name} is at bytes {info.begin}..{info.end}, expected "
+                                   f"{offset}..{offset + size} (canonical order, back to back)", fix)
+        offset = info.end
+    return infos

