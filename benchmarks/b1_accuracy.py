@@ -196,7 +196,8 @@ def main() -> None:
         for lr in edge_lrs:
             for seed in seeds:
                 print(f"== edgecl lr={lr} seed={seed}", flush=True)
-                learner = EdgeclLearner(recipe, dataclasses.replace(base_cfg, lr=lr, seed=seed), threads=args.threads)
+                learner = EdgeclLearner(recipe, dataclasses.replace(base_cfg, lr=lr, seed=seed), threads=args.threads,
+                                        task_dirs=stream.task_dirs)
                 run = run_stream(learner, stream, "edgecl") | {"lr": lr, "seed": seed, "label": "edgecl",
                                                                "device": learner.device_summary()}
                 results["runs"].append(run)

@@ -125,6 +125,23 @@ def stream_metrics(acc: list[list[float]]) -> dict[str, Any]:
     return {"forgetting": float(np.mean(drops)) if drops else 0.0, "per_task_drop": drops}
 
 
+def accumulate_overlap(overlap: dict[str, tuple[np.ndarray, np.ndarray]], mask: Any
+                       ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Overlap counts after one more round (METHOD.md step 2): each element of ``mask`` counts once more.
+
+    ``overlap``: tensor name -> (sorted flat indices, counts), the input of host.masking.select_mask.
+    """
+    out = dict(overlap)
+    for name in mask.order:
+        prev_idx, prev_cnt = overlap.get(name, (np.zeros(0, np.int32), np.zeros(0, np.int32)))
+        idx = np.union1d(prev_idx, mask.indices[name]).astype(np.int32)
+        cnt = np.zeros(idx.size, np.int32)
+        cnt[np.searchsorted(idx, prev_idx)] += prev_cnt.astype(np.int32)
+        cnt[np.searchsorted(idx, mask.indices[name])] += 1
+        out[name] = (idx, cnt)
+    return out
+
+
 # -- machine and provenance ------------------------------------------------------------------------
 def machine() -> dict[str, Any]:
     cpu = ""

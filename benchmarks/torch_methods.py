@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from common import accumulate_overlap
 from torch import nn
 
 from edgecl.device.update import draw_gate, overlap_scale, sparse_sgd_step
@@ -158,11 +159,5 @@ class TorchLearner:
             params[n].requires_grad_(False)
             params[n].grad = None
         # Overlap bookkeeping for the next task: every element selected now counts once more.
-        for n in mask.order:
-            prev_idx, prev_cnt = self.overlap.get(n, (np.zeros(0, np.int32), np.zeros(0, np.int32)))
-            counts = dict(zip(prev_idx.tolist(), prev_cnt.tolist(), strict=True))
-            for i in mask.indices[n].tolist():
-                counts[i] = counts.get(i, 0) + 1
-            keys = np.asarray(sorted(counts), np.int32)
-            self.overlap[n] = (keys, np.asarray([counts[k] for k in keys.tolist()], np.int32))
+        self.overlap = accumulate_overlap(self.overlap, mask)
         return log

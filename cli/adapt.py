@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -12,20 +12,20 @@ import typer
 def adapt(
     bundle: Annotated[Path, typer.Argument(help="Bundle folder written by `edgecl export`.")],
     data: Annotated[Path, typer.Option("--data", help="Image folder: DATA/<class name>/<images>.")],
-    epochs: Annotated[Optional[int], typer.Option(help="Epochs (0 = only compute the classes' prototypes). "
+    epochs: Annotated[int | None, typer.Option(help="Epochs (0 = only compute the classes' prototypes). "
                                                        "Default: the bundle's.")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Learning rate of the sparse delta. Default: the bundle's.")] = None,
-    lr_head: Annotated[Optional[float], typer.Option(help="Learning rate of the projection head.")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Images per step (two views each).")] = None,
-    device: Annotated[Optional[Path], typer.Option("--device", help="Device profile (.toml): threads, "
+    lr: Annotated[float | None, typer.Option(help="Learning rate of the sparse delta. Default: the bundle's.")] = None,
+    lr_head: Annotated[float | None, typer.Option(help="Learning rate of the projection head.")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Images per step (two views each).")] = None,
+    device: Annotated[Path | None, typer.Option("--device", help="Device profile (.toml): threads, "
                                                                   "execution provider, batch size, budgets.")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted adaptation.")] = False,
-    seed: Annotated[Optional[int], typer.Option(help="Seed of shuffling, augmentation and drop gate.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of shuffling, augmentation and drop gate.")] = None,
     checkpoint_every: Annotated[int, typer.Option(help="Steps between checkpoints.")] = 50,
     drift_compensation: Annotated[bool, typer.Option("--drift-compensation/--no-drift-compensation",
                                                      help="Move old classes' prototypes by their estimated "
                                                           "drift.")] = True,
-    exemplars: Annotated[Optional[bool], typer.Option("--exemplars/--no-exemplars",
+    exemplars: Annotated[bool | None, typer.Option("--exemplars/--no-exemplars",
                                                       help="Keep a few images per class to refresh old "
                                                            "prototypes. Default: the profile's store_images.")] = None,
     select_lr: Annotated[bool, typer.Option("--select-lr", help="Choose lr and epochs on a held-out split "
@@ -36,7 +36,8 @@ def adapt(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Adapt BUNDLE to the images in DATA; the previous state is kept for `edgecl rollback`."""
-    from edgecl.device.adapt import AdaptOptions, adapt as run_adapt
+    from edgecl.device.adapt import AdaptOptions
+    from edgecl.device.adapt import adapt as run_adapt
 
     report = run_adapt(bundle, data, AdaptOptions(
         epochs=epochs, lr=lr, lr_head=lr_head, batch_size=batch_size, seed=seed, checkpoint_every=checkpoint_every,

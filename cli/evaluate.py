@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -12,7 +12,7 @@ import typer
 def evaluate(
     bundle: Annotated[Path, typer.Argument(help="Bundle folder.")],
     data: Annotated[Path, typer.Option("--data", help="Image folder: DATA/<class name>/<images>.")],
-    device: Annotated[Optional[Path], typer.Option("--device", help="Device profile (.toml).")] = None,
+    device: Annotated[Path | None, typer.Option("--device", help="Device profile (.toml).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON (key `accuracy` overall).")] = False,
 ) -> None:
     """Accuracy overall and per class, and the most confused class pairs."""

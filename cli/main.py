@@ -24,6 +24,9 @@ COMMAND_MODULES = (
     "predict",
     "evaluate",
     "rollback",
+    "serve",
+    "push",
+    "merge",
 )
 
 app = typer.Typer(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -13,7 +13,7 @@ def predict(
     bundle: Annotated[Path, typer.Argument(help="Bundle folder.")],
     images: Annotated[list[Path], typer.Argument(help="Image files.")],
     top_k: Annotated[int, typer.Option("--top-k", help="Classes listed per image.")] = 3,
-    device: Annotated[Optional[Path], typer.Option("--device", help="Device profile (.toml).")] = None,
+    device: Annotated[Path | None, typer.Option("--device", help="Device profile (.toml).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
     """Class, score (cosine similarity to the class prototype) and top-k for each image."""

@@ -38,8 +38,20 @@ from edgecl.formats.prototypes import Prototypes
 from . import drift as sdc
 from .exemplars import ExemplarMemory
 from .infer import create_runner, embed_and_score, resolve_profile
-from .state import (EXEMPLARS, PROTOTYPES, STEP_LOG, TRAINABLE, Bundle, RunDir, check_resumable,
-                    commit_generation, load_current, load_trainable, open_bundle, save_trainable)
+from .state import (
+    EXEMPLARS,
+    PROTOTYPES,
+    STEP_LOG,
+    TRAINABLE,
+    Bundle,
+    RunDir,
+    check_resumable,
+    commit_generation,
+    load_current,
+    load_trainable,
+    open_bundle,
+    save_trainable,
+)
 from .update import cap_gate, draw_gate, overlap_scale, sgd_step, sparse_sgd_step
 
 TRAINABLE_NAMES = (mf.DELTA_PARAM, mf.PROJ_WEIGHT, mf.PROJ_BIAS)
@@ -156,9 +168,9 @@ def _train(run: _Run, session, delta: np.ndarray, data_rng: np.random.Generator,
     m = run.bundle.manifest
     n, batch_size = len(run.pixels), run.batch_size
     steps_per_epoch = math.ceil(n / batch_size)
-    epoch, batch, step = position["epoch"], position["batch"], position["step"]
+    first_epoch, batch, step = position["epoch"], position["batch"], position["step"]
     perm = None if position.get("perm") is None else np.asarray(position["perm"], np.int64)
-    for epoch in range(epoch, run.epochs if epochs is None else epochs):
+    for epoch in range(first_epoch, run.epochs if epochs is None else epochs):
         if perm is None:
             perm = data_rng.permutation(n)
         while batch < steps_per_epoch:
@@ -234,7 +246,7 @@ def _select_lr(run: _Run, profile: DeviceProfile, start: dict[str, np.ndarray], 
                          + ([] if old_means is None else list(old_means))).astype(np.float32)
         _, logits = embed_and_score(runner, run.bundle, run.pixels[held_rows], delta, table)
         predicted = [names[j] for j in logits.argmax(axis=1)]
-        return float(np.mean([p == classes[y] for p, y in zip(predicted, run.labels[held_rows])]))
+        return float(np.mean([p == classes[y] for p, y in zip(predicted, run.labels[held_rows], strict=True)]))
 
     trials = [{"lr": 0.0, "epochs": 0, "accuracy": accuracy(delta0)}]
     sub = _Run(run.bundle, run.pixels[train_rows], run.labels[train_rows], run.epochs, run.lr, run.lr_head,
@@ -261,6 +273,10 @@ def adapt(bundle_dir: str | Path, data_dir: str | Path, options: AdaptOptions | 
     from .ort import check_provider
     check_provider(prof.execution_provider)  # before any work: a clear error, nothing written
 
+    run_dir = RunDir(bundle)
+    if opts.resume and not run_dir.exists():
+        raise DeviceError("there is no interrupted adaptation to resume", "run `edgecl adapt` without --resume")
+
     # 1. inputs and the state we start from
     data = _load_task(bundle, data_dir)
     current = load_current(bundle)
@@ -286,7 +302,6 @@ def adapt(bundle_dir: str | Path, data_dir: str | Path, options: AdaptOptions | 
               "select_lr": opts.select_lr, "drift_compensation": opts.drift_compensation,
               "exemplars": bool(use_exemplars), "max_gated": run.max_gated}
     runner = create_runner(bundle, prof)
-    run_dir = RunDir(bundle)
 
     # 2. a fresh run embeds the task before training; a resumed one reads what it stored
     if opts.resume:

@@ -82,7 +82,7 @@ def predict(bundle_dir: str | Path, images: Sequence[str | Path], top_k: int = 3
     runner = create_runner(bundle, prof)
     _, logits = embed_and_score(runner, bundle, np.stack(pixels), state.delta, state.prototypes.means)
     k = max(1, min(top_k, len(state.prototypes)))
-    for row, scores in zip(rows, logits):
+    for row, scores in zip(rows, logits, strict=True):
         order = np.argsort(-scores, kind="stable")[:k]
         top = [{"class": state.prototypes.classes[j], "score": float(scores[j])} for j in order]
         results[row].update({"class": top[0]["class"], "score": top[0]["score"], "top_k": top})
@@ -101,7 +101,7 @@ def evaluate(bundle_dir: str | Path, data_dir: str | Path, profile: str | Path |
         warnings.simplefilter("ignore")  # the skip count is in the report
         data = load_image_folder(data_dir, m.input_size, m.interpolation)
     known = [c in state.prototypes.classes for c in data.classes]
-    unknown = [c for c, ok in zip(data.classes, known) if not ok]
+    unknown = [c for c, ok in zip(data.classes, known, strict=True) if not ok]
     rows = np.flatnonzero(np.asarray(known)[data.labels])
     if not len(rows):
         raise DataError(f"no class in {data_dir} has a prototype (classes: {', '.join(data.classes)})",
@@ -113,12 +113,12 @@ def evaluate(bundle_dir: str | Path, data_dir: str | Path, profile: str | Path |
     _, logits = embed_and_score(runner, bundle, data.pixels[rows], state.delta, state.prototypes.means)
     predicted = [state.prototypes.classes[j] for j in logits.argmax(axis=1)]
     truth = [data.classes[data.labels[r]] for r in rows]
-    correct = np.asarray([p == t for p, t in zip(predicted, truth)])
+    correct = np.asarray([p == t for p, t in zip(predicted, truth, strict=True)])
     per_class = {}
     for name in sorted(set(truth)):
         sel = np.asarray([t == name for t in truth])
         per_class[name] = {"accuracy": float(correct[sel].mean()), "images": int(sel.sum())}
-    confusions = Counter((t, p) for t, p in zip(truth, predicted) if t != p)
+    confusions = Counter((t, p) for t, p in zip(truth, predicted, strict=True) if t != p)
     return {
         "accuracy": float(correct.mean()),
         "images": int(len(rows)),

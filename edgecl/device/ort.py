@@ -104,6 +104,9 @@ class TrainingSession:
     def parameter_names(self) -> list[str]:
         return list(self._state.parameter_names())
 
+    def trainable_names(self) -> list[str]:
+        return [n for n in self.parameter_names() if self._state.get_parameter(n).requires_grad]
+
     def _param(self, name: str) -> Any:
         if not self._state.has_parameter(name):
             raise BundleError(f"the bundle's checkpoint has no parameter {name}", "re-export the bundle")

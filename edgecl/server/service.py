@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from edgecl.errors import EdgeclError
@@ -187,3 +188,21 @@ def run_merge(store: Store, bundle_id: str, version: int | None = None,
     return {"sha256": sha256, "overlap_sha256": overlap_sha256, "bundle_id": bundle_id, "version": version,
             "inputs": len(deltas), "changed": int(out.delta.positions.size), "shared": out.shared_elements,
             "strategy": strategy}
+
+
+def merge_to_files(store_dir: str | Path, db: str | None, bundle_id: str, version: int | None, strategy: str,
+                   out: str | Path, overlap_out: str | Path | None = None) -> dict[str, Any]:
+    """``edgecl merge``: run the merge on the server's store and copy its two files out (atomically)."""
+    from edgecl.formats.atomic import atomic_write_bytes
+    from edgecl.server.store import Store
+
+    store = Store(store_dir, db)
+    try:
+        summary = run_merge(store, bundle_id, version, strategy)
+        out = Path(out)
+        overlap_out = Path(overlap_out) if overlap_out else out.with_name(out.name.split(".")[0] + ".overlap.safetensors")
+        atomic_write_bytes(out, store.get_blob(summary["sha256"]) or b"")
+        atomic_write_bytes(overlap_out, store.get_blob(summary["overlap_sha256"]) or b"")
+    finally:
+        store.close()
+    return {**summary, "out": str(out), "overlap_out": str(overlap_out)}

@@ -1,0 +1,44 @@
+"""`edgecl push`: send deltas to the fleet server; offline ones wait in the outbox."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from edgecl.errors import EdgeclError
+
+
+def push(
+    deltas: Annotated[list[Path] | None, typer.Argument(help="Delta files written by `edgecl delta`.")] = None,
+    server: Annotated[str, typer.Option("--server", envvar="EDGECL_SERVER",
+                                        help="Server URL, e.g. http://fleet.local:8750.")] = "",
+    token: Annotated[str, typer.Option("--token", envvar="EDGECL_TOKEN",
+                                       help="This device's token (from `edgecl serve register-device`).")] = "",
+    outbox: Annotated[bool, typer.Option("--outbox", help="Send the deltas waiting in the outbox.")] = False,
+    outbox_dir: Annotated[Path | None, typer.Option(envvar="EDGECL_OUTBOX",
+                                                       help="Outbox folder (default ~/.edgecl/outbox).")] = None,
+    retries: Annotated[int, typer.Option(help="Extra attempts per delta on network errors.")] = 4,
+    timeout_s: Annotated[float, typer.Option(help="Seconds per HTTP request.")] = 30.0,
+) -> None:
+    """Push DELTA files (and/or the outbox). Exit 0 sent, 4 already there, 2 rejected, 3 unreachable."""
+    from edgecl.device.sync import RetryPolicy, exit_code, flush_outbox, push_files
+
+    if not deltas and not outbox:
+        raise EdgeclError("nothing to push", "name delta files or pass --outbox")
+    if not server or not token:
+        raise EdgeclError("no server or token", "pass --server URL --token T (or set EDGECL_SERVER, EDGECL_TOKEN)")
+    policy = RetryPolicy(retries=retries, timeout_s=timeout_s)
+    results = flush_outbox(server, token, outbox_dir, policy) if outbox else []
+    if deltas:
+        results += push_files(deltas, server, token, outbox_dir, policy)
+    if not results:
+        typer.echo("outbox empty: nothing to send")
+    for result in results:
+        typer.echo(result.line(), err=result.status in ("rejected", "unreachable"))
+    raise typer.Exit(code=exit_code(results))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("push")(push)
