@@ -27,6 +27,7 @@ COMMAND_MODULES = (
     "serve",
     "push",
     "merge",
+    "demo",
 )
 
 app = typer.Typer(

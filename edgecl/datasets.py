@@ -253,3 +253,7 @@ def fashion_task_groups(num_tasks: int = 5, classes_per_task: int = 2) -> dict[s
     """The B1 stream as groups: ``task-1`` = [0, 1], ..., ``task-5`` = [8, 9]."""
     tasks = class_incremental_tasks(num_tasks * classes_per_task, classes_per_task)
     return {f"task-{t + 1}": classes for t, classes in enumerate(tasks)}
+
+
+# The demo's fleet (and B2-B4's data): the classes the model "had before" and two devices' new ones.
+DEMO_GROUPS = {"calib": [0, 1, 2, 3, 4, 5], "device-a": [6, 7], "device-b": [8, 9]}

@@ -40,8 +40,8 @@ class ServerProcess:
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout_s: float = 20.0) -> ServerProcess:
-        self.port = free_port()
+    def start(self, timeout_s: float = 20.0, port: int | None = None) -> ServerProcess:
+        self.port = port or free_port()
         code = (f"from edgecl.server.app import serve; serve(port={self.port}, store_dir={str(self.store_dir)!r}, "
                 f"db={self.db!r}, max_upload_mb={self.max_upload_mb}, log_level='warning')")
         with open(self.log, "ab") as log:

@@ -7,7 +7,6 @@ import glob
 import hashlib
 import os
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
@@ -44,14 +43,13 @@ def postgres(tmp_path_factory):
     else:
         root, prefix = tmp_path_factory.mktemp("pg"), []
     data, sock = root / "data", root / "sock"
+    proc, log = None, None
     try:
         subprocess.run(prefix + [str(pg_bin / "initdb"), "-D", str(data), "-U", "edgecl", "--auth=trust", "-E", "UTF8",
                                  "--no-sync"], check=True, capture_output=True, timeout=60)
+        sock.mkdir()
         if as_root:
-            sock.mkdir()
             shutil.chown(sock, "nobody")
-        else:
-            sock.mkdir()
         port = free_port()
         log = open(root / "postgres.log", "wb")  # noqa: SIM115 (kept open for the server's lifetime)
         proc = subprocess.Popen(prefix + [str(pg_bin / "postgres"), "-D", str(data), "-p", str(port), "-k", str(sock),
@@ -70,10 +68,14 @@ def postgres(tmp_path_factory):
                     raise RuntimeError((root / "postgres.log").read_text()[-2000:]) from None
                 time.sleep(0.1)
         yield url
-        proc.send_signal(signal.SIGINT)      # "fast" shutdown
-        proc.wait(30)
-        log.close()
     finally:
+        if proc is not None and proc.poll() is None:
+            # pg_ctl, not a signal to our child: `runuser` does not forward SIGINT to postgres.
+            subprocess.run(prefix + [str(pg_bin / "pg_ctl"), "stop", "-D", str(data), "-m", "fast"],
+                           capture_output=True, timeout=60)
+            proc.wait(30)
+        if log is not None:
+            log.close()
         shutil.rmtree(root, ignore_errors=True)
 
 

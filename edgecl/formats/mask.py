@@ -20,10 +20,10 @@ from pathlib import Path
 
 import numpy as np
 from safetensors.numpy import load as _st_load
-from safetensors.numpy import save as _st_save
 
 from edgecl.errors import BundleError
 from edgecl.formats.atomic import atomic_write_bytes
+from edgecl.formats.canonical import canonical_safetensors
 
 MASK_FORMAT = "edgecl-mask"
 MASK_FORMAT_VERSION = 1
@@ -98,7 +98,7 @@ class Mask:
             "shapes": json.dumps({n: list(self.shapes[n]) for n in self.order}, sort_keys=True),
             "total_params": str(int(self.total_params)),
         }
-        return _st_save(tensors, metadata=metadata)
+        return canonical_safetensors(tensors, metadata=metadata)
 
     @classmethod
     def from_bytes(cls, data: bytes) -> Mask:
@@ -160,7 +160,7 @@ def overlap_to_bytes(overlap: dict[str, tuple[np.ndarray, np.ndarray]]) -> bytes
     for name, (idx, cnt) in overlap.items():
         tensors[f"{name}.indices"] = np.ascontiguousarray(idx, np.int32)
         tensors[f"{name}.counts"] = np.ascontiguousarray(cnt, np.int32)
-    return _st_save(tensors, metadata={"format": "edgecl-overlap", "format_version": "1"})
+    return canonical_safetensors(tensors, metadata={"format": "edgecl-overlap", "format_version": "1"})
 
 
 def overlap_from_bytes(data: bytes) -> dict[str, tuple[np.ndarray, np.ndarray]]:

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 from safetensors.numpy import load as _st_load
-from safetensors.numpy import save as _st_save
 
 from edgecl.errors import BundleError
 from edgecl.formats.atomic import atomic_write_bytes
+from edgecl.formats.canonical import canonical_safetensors
 
 
 @dataclass
@@ -45,7 +45,7 @@ class Prototypes:
             self.counts = np.concatenate([self.counts, [count]]).astype(np.int64)
 
     def to_bytes(self) -> bytes:
-        return _st_save({"prototypes": np.ascontiguousarray(self.means, np.float32),
+        return canonical_safetensors({"prototypes": np.ascontiguousarray(self.means, np.float32),
                          "counts": np.ascontiguousarray(self.counts, np.int64)},
                         metadata={"format": "edgecl-prototypes", "format_version": "1",
                                   "classes": json.dumps(self.classes)})

@@ -32,7 +32,7 @@ from edgecl.formats import manifest as mf
 from edgecl.formats.atomic import atomic_dir
 from edgecl.formats.config import DeviceProfile, Recipe, load_profile, load_recipe
 from edgecl.formats.hashing import sha256_bytes, sha256_file
-from edgecl.formats.images import load_image_folder, normalize
+from edgecl.formats.images import load_image_folder, normalize, scan_image_folder
 from edgecl.formats.mask import Mask, overlap_from_bytes
 from edgecl.formats.prototypes import Prototypes
 from edgecl.host.loss import l2_normalize, supcon_loss
@@ -238,14 +238,15 @@ def export_bundle(recipe: Recipe | str | Path, data_dir: str | Path, out_dir: st
     if out_dir.exists() and not opts.overwrite:
         raise ExportError(f"{out_dir} already exists", "pass --overwrite or choose another output folder")
 
+    # Cheap checks first (folder layout, recipe, weights), then the slow decode.
+    scan_image_folder(data_dir)
     torch.manual_seed(opts.seed)
+    model = build_embedding_model(recipe)
     images = load_image_folder(data_dir, recipe.input_size, recipe.interpolation, progress=opts.progress,
                                desc="decode calibration images")
     if len(images.classes) < 2:
         raise DataError(f"calibration folder {data_dir} has {len(images.classes)} class(es) with images",
                         "the MI loss needs at least two classes: add a sub-folder per class")
-
-    model = build_embedding_model(recipe)
     if weights_override is not None:
         current = dict(model.named_parameters())
         missing = sorted(set(current) - set(weights_override))

@@ -1,0 +1,318 @@
+"""B5 (BENCHMARKS.md): the fleet server under load on loopback.
+
+N concurrent clients push valid deltas (and some invalid ones) to a real `edgecl serve` process
+(uvicorn, SQLite + folder by default, or --db postgresql://...). Reports deltas/s, p50/p99
+latency, that every accepted delta is listed and byte-identical (zero lost), that every invalid
+one was rejected with its reason, and the time to merge 100 deltas. Bounded in count and time.
+
+Deltas are shaped like EfficientNet-Lite0's at the default 5% mask (K = 232 000 entries, 1280-dim
+prototypes of 10 classes), made before the clock starts: only the server's work is timed.
+
+    .venv/bin/python benchmarks/b5_server.py [--clients 32] [--per-client 20] [--db URL]
+
+Writes benchmarks/out/b5_server.json and benchmarks/out/b5_server.png. No torch anywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+BENCH_DIR = Path(__file__).resolve().parent
+REPO = BENCH_DIR.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import httpx  # noqa: E402
+
+from edgecl.formats import delta as D  # noqa: E402
+from edgecl.formats.mask import Mask  # noqa: E402
+from edgecl.formats.prototypes import Prototypes  # noqa: E402
+from edgecl.server.merge import merge_deltas  # noqa: E402
+from edgecl.server.service import register_bundle_json  # noqa: E402
+from edgecl.server.store import Store  # noqa: E402
+
+OUT = BENCH_DIR / "out"
+EMBED_DIM = 1280                 # EfficientNet-Lite0 pooled features
+CLASSES = [f"class-{i}" for i in range(10)]
+
+
+def make_bundle(k: int, n_tensors: int, seed: int) -> tuple[Mask, bytes, dict[str, Any]]:
+    rng = np.random.default_rng(seed)
+    per = k // n_tensors
+    order = [f"blocks.{i}.conv.weight" for i in range(n_tensors)]
+    sizes = {n: per * 20 for n in order}
+    indices = {n: np.sort(rng.choice(sizes[n], per, replace=False)).astype(np.int32) for n in order}
+    mask = Mask(order=order, shapes={n: (sizes[n],) for n in order}, indices=indices,
+                total_params=sum(sizes.values()))
+    mask_bytes = mask.to_bytes()
+    manifest = {"bundle_id": f"b5-{seed}", "version": 1, "model_name": "b5", "input_size": [224, 224],
+                "mean": [0.5] * 3, "std": [0.5] * 3, "embedding_dim": EMBED_DIM, "proj_dim": 128,
+                "total_params": mask.total_params, "selected": mask.total_selected, "select_rate": 0.05,
+                "drop_rate": 0.9, "base_sha256": hashlib.sha256(b"b5 base").hexdigest(),
+                "mask_sha256": hashlib.sha256(mask_bytes).hexdigest()}
+    return mask, mask_bytes, manifest
+
+
+def make_delta_bytes(manifest: dict, device: str, key: bytes, seed: int, changed: float, values: str) -> bytes:
+    rng = np.random.default_rng(seed)
+    k = manifest["selected"]
+    vector = np.where(rng.random(k) < changed, rng.normal(0, 1e-3, k), 0).astype(np.float32)
+    protos = Prototypes(list(CLASSES), rng.normal(size=(len(CLASSES), EMBED_DIM)).astype(np.float32),
+                        rng.integers(20, 300, len(CLASSES)))
+    delta = D.Delta.from_dense(vector, bundle_id=manifest["bundle_id"], bundle_version=1,
+                               base_sha256=manifest["base_sha256"], mask_sha256=manifest["mask_sha256"],
+                               device_id=device, steps=100, samples_seen=int(rng.integers(100, 3000)),
+                               metrics={"acc": 0.9}, created_utc="2025-06-01T00:00:00Z", prototypes=protos)
+    return D.save(delta, key, values=values)
+
+
+def invalid_variant(data: bytes, kind: str, key: bytes) -> tuple[bytes, str, str]:
+    """(bytes, token override or "", expected error code) for one kind of bad push."""
+    if kind == "tampered":
+        return data[:-1] + bytes([data[-1] ^ 1]), "", "body_hash_mismatch"
+    if kind == "truncated":
+        return data[: len(data) // 2], "", "truncated"
+    if kind == "wrong_token":
+        return data, "ecl_wrong", "auth_invalid"
+    # NaN in the first stored value, re-hashed and re-signed so the NaN is what the server meets.
+    header = D.read_header(data)
+    body = bytearray(data[8 + header.header_bytes:])
+    info = header.tensors["delta.values"]
+    if info.dtype != "F32":
+        return data[:-1] + bytes([data[-1] ^ 1]), "", "body_hash_mismatch"
+    body[info.begin:info.begin + 4] = np.array([np.nan], "<f4").tobytes()
+    import json
+    import struct
+
+    n = header.header_bytes
+    obj = json.loads(data[8:8 + n])
+    obj["__metadata__"]["body_sha256"] = hashlib.sha256(bytes(body)).hexdigest()
+    obj["__metadata__"]["hmac_sha256"] = ""
+    obj["__metadata__"]["hmac_sha256"] = D.compute_hmac(key, D.canonical_json(obj).encode())
+    raw = D.canonical_json(obj).encode()
+    raw += b" " * ((-len(raw)) % 8)
+    return struct.pack("<Q", len(raw)) + raw + bytes(body), "", "values_not_finite"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(store_dir: Path, db: str | None, port: int) -> subprocess.Popen:
+    code = (f"from edgecl.server.app import serve; serve(port={port}, store_dir={str(store_dir)!r}, db={db!r}, "
+            "log_level='error')")
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return proc
+        except httpx.HTTPError:
+            time.sleep(0.05)
+    proc.kill()
+    raise RuntimeError("the server did not start")
+
+
+def machine() -> dict[str, Any]:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), "") if Path("/proc/cpuinfo").exists() else ""
+    import fastapi
+    import uvicorn
+
+    return {"cpu": cpu, "cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+            "numpy": np.__version__, "fastapi": fastapi.__version__, "uvicorn": uvicorn.__version__,
+            "date_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "command": " ".join([Path(sys.executable).name, *sys.argv])}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--clients", type=int, default=32)
+    parser.add_argument("--per-client", type=int, default=20, help="valid deltas per client")
+    parser.add_argument("--invalid-every", type=int, default=10, help="one invalid push per this many valid")
+    parser.add_argument("--k", type=int, default=232_000, help="delta vector length (5%% of EfficientNet-Lite0)")
+    parser.add_argument("--changed", type=float, default=0.3, help="share of the K entries a device changed")
+    parser.add_argument("--values", default="int8", choices=D.VALUE_DTYPES)
+    parser.add_argument("--merge-deltas", type=int, default=100)
+    parser.add_argument("--db", default=None, help="postgresql://... (default: SQLite in the store folder)")
+    parser.add_argument("--max-seconds", type=float, default=300.0, help="bound on the load phase")
+    args = parser.parse_args()
+
+    work = OUT / "b5"
+    shutil.rmtree(work, ignore_errors=True)
+    store = Store(work / "store", args.db)
+    mask, mask_bytes, manifest = make_bundle(args.k, 40, seed=5)
+    register_bundle_json(store, manifest, mask_bytes)
+    devices = {}
+    for i in range(args.clients):
+        token, key = store.register_device(f"dev-{i:03d}")
+        devices[f"dev-{i:03d}"] = (token, bytes.fromhex(key))
+    admin, _ = store.register_device("ops", admin=True)
+
+    print(f"making {args.clients * args.per_client} deltas (K={args.k}, {args.changed:.0%} changed, {args.values}) ...",
+          flush=True)
+    kinds = ("tampered", "truncated", "wrong_token", "nan")
+    plans: dict[str, list[tuple[bytes, str, str]]] = {}
+    n_invalid = 0
+    for c, (device, (token, key)) in enumerate(devices.items()):
+        plan = []
+        for j in range(args.per_client):
+            data = make_delta_bytes(manifest, device, key, seed=c * 1000 + j, changed=args.changed, values=args.values)
+            plan.append((data, token, ""))
+            if (c * args.per_client + j) % args.invalid_every == args.invalid_every - 1:
+                kind = kinds[n_invalid % len(kinds)]
+                if kind == "nan":
+                    data = D.save(D.load(data), key, values="fp32")
+                bad, token_override, code = invalid_variant(data, kind, key)
+                plan.append((bad, token_override or token, code))
+                n_invalid += 1
+        plans[device] = plan
+    sizes = [len(d) for plan in plans.values() for d, _, code in plan if not code]
+
+    port = free_port()
+    proc = start_server(work / "store", args.db, port)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + args.max_seconds
+
+    def client(device: str) -> list[dict[str, Any]]:
+        out = []
+        with httpx.Client(base_url=url, timeout=30) as http:
+            for data, token, expected in plans[device]:
+                if time.monotonic() > deadline:
+                    break
+                t0 = time.perf_counter()
+                response = http.post("/v1/deltas", content=data, headers={"Authorization": f"Bearer {token}"})
+                latency = time.perf_counter() - t0
+                body = response.json()
+                out.append({"latency_s": latency, "status": response.status_code, "expected": expected,
+                            "error": body.get("error", ""), "sha256": body.get("sha256", ""), "data": data})
+        return out
+
+    try:
+        print(f"pushing with {args.clients} concurrent clients ...", flush=True)
+        started = time.perf_counter()
+        with ThreadPoolExecutor(args.clients) as pool:
+            records = [r for part in pool.map(client, list(plans)) for r in part]
+        wall_s = time.perf_counter() - started
+
+        valid = [r for r in records if not r["expected"]]
+        invalid = [r for r in records if r["expected"]]
+        accepted = {r["sha256"]: r["data"] for r in valid if r["status"] in (200, 201)}
+        failed_valid = [r for r in valid if r["status"] not in (200, 201)]
+        wrong_reason = [r for r in invalid if r["error"] != r["expected"]]
+        # Zero lost: every acknowledged delta is listed and byte-identical.
+        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {admin}"}, timeout=60) as http:
+            listed = {r["sha256"] for r in http.get("/v1/deltas").json()["deltas"]}
+            lost = [sha for sha in accepted if sha not in listed]
+            different = [sha for sha, data in accepted.items() if http.get(f"/v1/deltas/{sha}").content != data]
+
+            # Merge of 100 deltas: through the endpoint (load from the store + merge + save + store),
+            # and the pure numpy merge alone.
+            n_merge = min(args.merge_deltas, len(accepted))
+            merge_mask, merge_mask_bytes, merge_manifest = make_bundle(args.k, 40, seed=6)
+            register_bundle_json(store, merge_manifest, merge_mask_bytes)
+            merge_inputs = []
+            for i in range(n_merge):
+                device = list(devices)[i % len(devices)]
+                data = make_delta_bytes(merge_manifest, device, devices[device][1], seed=10_000 + i,
+                                        changed=args.changed, values=args.values)
+                http.post("/v1/deltas", content=data, headers={"Authorization": f"Bearer {devices[device][0]}"})
+                merge_inputs.append(D.load(data))
+            t0 = time.perf_counter()
+            merge_response = http.post(f"/v1/bundles/{merge_manifest['bundle_id']}/1/merge")
+            merge_endpoint_s = time.perf_counter() - t0
+            assert merge_response.status_code == 200, merge_response.text
+            t0 = time.perf_counter()
+            merge_deltas(merge_inputs, merge_mask)
+            merge_pure_s = time.perf_counter() - t0
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        store.close()
+
+    latencies = np.array([r["latency_s"] for r in valid])
+    result = {
+        "machine": machine(),
+        "config": {k: v for k, v in vars(args).items()},
+        "storage": "postgresql" if args.db else "sqlite",
+        "delta_bytes_median": int(np.median(sizes)),
+        "pushes_total": len(records),
+        "valid_pushed": len(valid),
+        "accepted": len(accepted),
+        "valid_refused": len(failed_valid),
+        "invalid_pushed": len(invalid),
+        "invalid_rejected_with_expected_reason": len(invalid) - len(wrong_reason),
+        "invalid_codes": sorted({r["error"] for r in invalid}),
+        "wall_s": wall_s,
+        "deltas_per_s": len(accepted) / wall_s,
+        "requests_per_s": len(records) / wall_s,
+        "latency_p50_s": float(np.percentile(latencies, 50)),
+        "latency_p99_s": float(np.percentile(latencies, 99)),
+        "latency_max_s": float(latencies.max()),
+        "lost": len(lost),
+        "not_byte_identical": len(different),
+        "merge_deltas": n_merge,
+        "merge_endpoint_s": merge_endpoint_s,
+        "merge_pure_numpy_s": merge_pure_s,
+    }
+    import json
+
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "b5_server.json").write_text(json.dumps(result, indent=2) + "\n")
+    rows = [
+        ("clients", args.clients), ("storage", result["storage"]),
+        ("delta size (median bytes)", result["delta_bytes_median"]),
+        ("valid pushed / accepted", f"{len(valid)} / {len(accepted)}"),
+        ("invalid pushed / rejected with reason", f"{len(invalid)} / {result['invalid_rejected_with_expected_reason']}"),
+        ("deltas/s (accepted)", f"{result['deltas_per_s']:.0f}"),
+        ("latency p50 / p99 (s)", f"{result['latency_p50_s']:.3f} / {result['latency_p99_s']:.3f}"),
+        ("lost / not byte-identical", f"{len(lost)} / {len(different)}"),
+        (f"merge {n_merge} deltas: endpoint / pure numpy (s)", f"{merge_endpoint_s:.2f} / {merge_pure_s:.2f}"),
+    ]
+    width = max(len(r[0]) for r in rows)
+    print("\n| B5 | value |\n|---|---|")
+    for name, value in rows:
+        print(f"| {name.ljust(width)} | {value} |")
+    _plot(latencies, result)
+    print(f"\nwrote {OUT / 'b5_server.json'} and {OUT / 'b5_server.png'}")
+    if lost or different or failed_valid or wrong_reason:
+        sys.exit(1)
+
+
+def _plot(latencies: np.ndarray, result: dict[str, Any]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ordered = np.sort(latencies) * 1000
+    ax.plot(ordered, np.arange(1, ordered.size + 1) / ordered.size)
+    for q, style in ((50, "--"), (99, ":")):
+        ax.axvline(np.percentile(ordered, q), linestyle=style, color="grey", label=f"p{q}")
+    ax.set_xlabel("push latency (ms)")
+    ax.set_ylabel("share of pushes")
+    ax.set_title(f"B5: {result['config']['clients']} clients, {result['deltas_per_s']:.0f} deltas/s "
+                 f"({result['storage']})")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(OUT / "b5_server.png", dpi=120)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,353 @@
+"""`edgecl demo`: the whole host -> device -> fleet loop on real parts, in about ten minutes on 2 cores.
+
+1. data    Fashion-MNIST written as image folders: classes 0-5 are what the model "had before"
+           (calibration), classes 6-7 are new on device A, 8-9 new on device B (edgecl.datasets).
+2. export  `edgecl export` of the ImageNet-pretrained EfficientNet-Lite0 recipe on the calibration images.
+3. server  `edgecl serve` on a free loopback port; each device registered (token + signing key); the
+           bundle added.
+4. devices each device gets its own copy of the bundle and runs, as a device would, `edgecl adapt
+           --epochs 0` (the frozen backbone + its new classes' prototypes: the "before" row), `edgecl
+           eval`, `edgecl adapt` (MIST: drop-gated sparse tuning), `edgecl eval`, `edgecl delta`, `edgecl
+           push`.
+5. fleet   `edgecl merge` (weighted by samples seen) -> `edgecl apply` -> bundle v2 -> `edgecl eval`.
+6. report  a table of accuracy per stage on the old classes and each device's classes, delta sizes,
+           step time and peak memory; a PNG plot; summary.json.
+
+Every device-side step is a subprocess of the `edgecl` CLI (no torch is imported in those processes).
+Nothing here computes a result itself: every number comes from the commands' own output. Where a
+command has not landed in this checkout yet, its stage says so and the same step runs through the
+library it would call (marked in the table), so the loop still closes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgecl.errors import EdgeclError
+
+RECIPE = Path(__file__).resolve().parent.parent / "models" / "efficientnet_lite0.toml"
+DEVICES = ("device-a", "device-b")
+
+
+@dataclass
+class DemoOptions:
+    out: Path = Path("demo-out")        # everything goes here (data, bundles, server store, report)
+    fast: bool = False                  # fewer images and one epoch: a smoke run in ~3-4 minutes
+    train_per_class: int = 0            # 0 = preset (300 full / 100 fast)
+    test_per_class: int = 0             # 0 = preset (200 full / 60 fast)
+    epochs: int = 0                     # device epochs; 0 = preset (3 full / 1 fast)
+    threads: int = 0                    # onnxruntime threads per device process; 0 = its default
+    recipe: Path = RECIPE               # the embedded default: ImageNet-pretrained EfficientNet-Lite0
+    fresh: bool = False                 # remove OUT first (else the data folders are reused)
+
+    def resolved(self) -> DemoOptions:
+        d = asdict(self)
+        d["train_per_class"] = self.train_per_class or (100 if self.fast else 300)
+        d["test_per_class"] = self.test_per_class or (60 if self.fast else 200)
+        d["epochs"] = self.epochs or (1 if self.fast else 3)
+        return DemoOptions(**d)
+
+
+@dataclass
+class Stage:
+    name: str
+    device: str
+    accuracy: dict[str, float]          # group -> accuracy in % (old classes, device-a's, device-b's)
+    note: str = ""
+
+
+@dataclass
+class DemoReport:
+    stages: list[Stage] = field(default_factory=list)
+    devices: dict[str, dict[str, Any]] = field(default_factory=dict)
+    timings_s: dict[str, float] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    bundle: dict[str, Any] = field(default_factory=dict)
+
+
+# -- processes -------------------------------------------------------------------------------------
+def edgecl_cmd() -> list[str]:
+    script = Path(sys.executable).with_name("edgecl")
+    return [str(script)] if script.exists() else [sys.executable, "-m", "edgecl.cli.main"]
+
+
+def available_commands() -> set[str]:
+    from edgecl.cli.main import app  # the CLI shell only: command modules import their libraries lazily
+    names = {c.name or (c.callback.__name__ if c.callback else "") for c in app.registered_commands}
+    return names | {g.name for g in app.registered_groups if g.name}
+
+
+class Runner:
+    """Runs `edgecl` subcommands: progress (stderr) goes to the terminal, stdout is returned."""
+
+    def __init__(self, echo: Callable[[str], None], env: dict[str, str]) -> None:
+        self.echo, self.env = echo, env
+
+    def __call__(self, *args: str, show_stdout: bool = False) -> str:
+        cmd = [*edgecl_cmd(), *args]
+        self.echo(f"  $ edgecl {' '.join(args)}")
+        proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None, text=True, env=self.env)
+        if show_stdout and proc.stdout.strip():
+            self.echo("    " + proc.stdout.strip().replace("\n", "\n    "))
+        if proc.returncode != 0:
+            raise EdgeclError(f"`edgecl {args[0]}` failed (exit {proc.returncode}): {proc.stdout.strip()[-500:]}",
+                              "see the message above; rerun `edgecl demo` once it is fixed")
+        return proc.stdout
+
+    def json(self, *args: str) -> dict[str, Any]:
+        out = self(*args)
+        return json.loads(out[out.index("{"):])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise EdgeclError(f"`edgecl serve` exited with {proc.returncode}", "see its log in OUT/server.log")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.3)
+    raise EdgeclError(f"the server at {url} did not answer within {timeout_s:.0f} s", "see OUT/server.log")
+
+
+# -- stages ----------------------------------------------------------------------------------------
+def _accuracy(run: Runner, bundle: Path, folder: Path) -> tuple[float, int]:
+    r = run.json("eval", str(bundle), "--data", str(folder), "--json")
+    return 100.0 * float(r["accuracy"]), int(r["images"])
+
+
+def _parse_registration(text: str) -> tuple[str, str]:
+    fields = dict(line.split(None, 1) for line in text.splitlines() if line.startswith(("token", "key")))
+    return fields["token"].strip(), fields["key"].strip()
+
+
+def run_demo(options: DemoOptions, echo: Callable[[str], None] = print) -> DemoReport:  # noqa: C901
+    opts = options.resolved()
+    out = Path(opts.out).resolve()
+    if opts.fresh:
+        shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
+    report = DemoReport()
+    env = {**os.environ, "EDGECL_OUTBOX": str(out / "outbox")}
+    if opts.threads:
+        env["OMP_NUM_THREADS"] = str(opts.threads)
+    run = Runner(echo, env)
+    commands = available_commands()
+    t_start = time.perf_counter()
+
+    def stage(title: str) -> float:
+        echo(f"\n[{time.perf_counter() - t_start:6.0f} s] {title}")
+        return time.perf_counter()
+
+    # 1. data ----------------------------------------------------------------------------------------
+    t = stage(f"1/6 data: Fashion-MNIST -> image folders ({opts.train_per_class} train / {opts.test_per_class} "
+              "test per class)")
+    from edgecl.datasets import DEMO_GROUPS, FASHION_CLASSES, write_fashion_groups
+    data = write_fashion_groups(out / "data", DEMO_GROUPS, train_per_class=opts.train_per_class,
+                                test_per_class=opts.test_per_class, overwrite=True)
+    for group, classes in DEMO_GROUPS.items():
+        echo(f"  {group}: {', '.join(FASHION_CLASSES[c] for c in classes)}")
+    groups = {"old classes": data / "calib" / "test", "device-a classes": data / "device-a" / "test",
+              "device-b classes": data / "device-b" / "test"}
+    report.timings_s["data"] = time.perf_counter() - t
+    profile = out / "device.toml"
+    profile.write_text(f'name = "demo-device"\nthreads = {opts.threads}\nbatch_size = 32\n')
+
+    # 2. export --------------------------------------------------------------------------------------
+    t = stage("2/6 host: edgecl export (MI-Fisher scores on the calibration images, 5% mask, ONNX training "
+              "artifacts)")
+    bundle_v1 = out / "bundle-v1"
+    run("export", str(opts.recipe), "--data", str(data / "calib" / "train"), "-o", str(bundle_v1), "--overwrite",
+        "--epochs", str(opts.epochs), show_stdout=True)
+    manifest = json.loads((bundle_v1 / "manifest.json").read_text())
+    report.bundle = {"bundle_id": manifest["bundle_id"], "total_params": manifest["total_params"],
+                     "selected": manifest["selected"], "base_fp32_bytes": 4 * manifest["total_params"]}
+    report.timings_s["export"] = time.perf_counter() - t
+    base = {name: _accuracy(run, bundle_v1, folder)[0] for name, folder in groups.items()
+            if name == "old classes"}
+    report.stages.append(Stage("exported", "-", base, "bundle v1: calibration prototypes only"))
+
+    # 3. server --------------------------------------------------------------------------------------
+    t = stage("3/6 fleet: edgecl serve on loopback; register the devices; add the bundle")
+    store = out / "server"
+    shutil.rmtree(store, ignore_errors=True)
+    shutil.rmtree(out / "outbox", ignore_errors=True)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    log = open(out / "server.log", "w")  # noqa: SIM115 - lives as long as the server process
+    server = subprocess.Popen([*edgecl_cmd(), "serve", "--host", "127.0.0.1", "--port", str(port), "--store",
+                               str(store), "--log-level", "warning"], stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        wait_healthy(url, server)
+        echo(f"  server up at {url} (store {store})")
+        creds = {d: _parse_registration(run("serve", "register-device", d, "--store", str(store))) for d in DEVICES}
+        run("serve", "add-bundle", str(bundle_v1), "--store", str(store), show_stdout=True)
+        report.timings_s["server"] = time.perf_counter() - t
+
+        # 4. devices ---------------------------------------------------------------------------------
+        for i, device in enumerate(DEVICES):
+            t = stage(f"4/6 {device} ({i + 1}/{len(DEVICES)}): frozen prototypes, MIST adapt, delta, push")
+            own = f"{device} classes"
+            bundle = out / device / "bundle"
+            shutil.rmtree(bundle.parent, ignore_errors=True)
+            shutil.copytree(bundle_v1, bundle)
+            train = data / device / "train"
+            run.json("adapt", str(bundle), "--data", str(train), "--epochs", "0", "--device", str(profile), "--json")
+            frozen = {g: _accuracy(run, bundle, groups[g])[0] for g in ("old classes", own)}
+            report.stages.append(Stage("frozen + new prototypes", device, frozen, "adapt --epochs 0"))
+            adapted = run.json("adapt", str(bundle), "--data", str(train), "--device", str(profile),
+                               "--epochs", str(opts.epochs), "--json")
+            echo(f"    {adapted['steps']} steps, {adapted['step_seconds_median']:.2f} s/step, changed "
+                 f"{100 * adapted['changed_fraction_mean']:.3f}% of weights per step, peak {adapted['peak_rss_mb']:.0f} MB")
+            after = {g: _accuracy(run, bundle, groups[g])[0] for g in ("old classes", own)}
+            report.stages.append(Stage("after MIST adapt", device, after, f"{opts.epochs} epochs on device"))
+            delta_path = out / device / "delta.safetensors"
+            token, key = creds[device]
+            how = _make_delta(run, commands, bundle, delta_path, device, key)
+            run("push", str(delta_path), "--server", url, "--token", token, show_stdout=True)
+            report.devices[device] = {
+                "steps": adapted["steps"], "step_s_median": adapted["step_seconds_median"],
+                "peak_rss_mb": adapted["peak_rss_mb"], "changed_fraction_mean": adapted["changed_fraction_mean"],
+                "delta_bytes": delta_path.stat().st_size, "delta_made_by": how}
+            report.timings_s[device] = time.perf_counter() - t
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+        log.close()
+
+    # 5. merge + apply ---------------------------------------------------------------------------------
+    t = stage("5/6 fleet: edgecl merge (weighted by samples seen) -> edgecl apply -> bundle v2")
+    merged = out / "merged.safetensors"
+    run("merge", manifest["bundle_id"], "--store", str(store), "-o", str(merged), show_stdout=True)
+    report.bundle["merged_delta_bytes"] = merged.stat().st_size
+    accuracy_v2, note = _apply_and_eval(run, commands, bundle_v1, merged, out / "bundle-v2", groups, echo)
+    report.stages.append(Stage("merged fleet (v2)", "all", accuracy_v2, note))
+    report.timings_s["merge+apply"] = time.perf_counter() - t
+
+    # 6. report ----------------------------------------------------------------------------------------
+    stage("6/6 report")
+    report.timings_s["total"] = time.perf_counter() - t_start
+    echo(format_table(report))
+    (out / "summary.json").write_text(json.dumps(asdict(report), indent=2) + "\n")
+    plot(report, out / "accuracy.png")
+    echo(f"\nwrote {out / 'summary.json'} and {out / 'accuracy.png'}; total {report.timings_s['total']:.0f} s")
+    return report
+
+
+def _make_delta(run: Runner, commands: set[str], bundle: Path, path: Path, device: str, key: str) -> str:
+    if "delta" in commands:
+        run("delta", str(bundle), "-o", str(path), "--device-id", device, "--key", key, show_stdout=True)
+        return "edgecl delta"
+    # `edgecl delta` has not landed in this checkout: the same file through the format library.
+    from edgecl.device.state import load_current, open_bundle
+    from edgecl.formats import delta as D
+    b = open_bundle(bundle)
+    state = load_current(b)
+    m = b.manifest
+    d = D.Delta.from_dense(state.delta, bundle_id=m.bundle_id, bundle_version=m.version, base_sha256=m.base_sha256,
+                           mask_sha256=m.mask_sha256, device_id=device, steps=int(state.meta.get("steps_total", 0)),
+                           samples_seen=int(state.meta.get("samples_seen", 0)), prototypes=state.prototypes)
+    D.save_file(d, path, D.parse_key(key))
+    run.echo(f"  (`edgecl delta` not in this checkout yet: wrote {path.name} with edgecl.formats.delta)")
+    return "edgecl.formats.delta (library)"
+
+
+def _apply_and_eval(run: Runner, commands: set[str], bundle_v1: Path, merged: Path, bundle_v2: Path,
+                    groups: dict[str, Path], echo: Callable[[str], None]) -> tuple[dict[str, float], str]:
+    if "apply" in commands:
+        run("apply", str(bundle_v1), str(merged), "-o", str(bundle_v2), "--overwrite", show_stdout=True)
+        return {g: _accuracy(run, bundle_v2, f)[0] for g, f in groups.items()}, "edgecl apply -> bundle v2"
+    # `edgecl apply` has not landed: bundle v1's inference graph computes W0 + delta at the mask's
+    # positions itself (delta is a graph input), which is the function apply bakes into the weights.
+    echo("  (`edgecl apply` not in this checkout yet: evaluating the merged delta through bundle v1's "
+         "inference graph, which adds it to the base weights)")
+    import numpy as np
+
+    from edgecl.device.infer import create_runner, embed_and_score, resolve_profile
+    from edgecl.device.state import open_bundle
+    from edgecl.formats import delta as D
+    from edgecl.formats.images import load_image_folder
+
+    b = open_bundle(bundle_v1)
+    d = D.load_file(merged)
+    delta = d.to_dense(b.mask.total_selected)
+    protos = d.prototypes
+    runner = create_runner(b, resolve_profile(None))
+    out: dict[str, float] = {}
+    for g, folder in groups.items():
+        images = load_image_folder(folder, b.manifest.input_size, b.manifest.interpolation)
+        _, logits = embed_and_score(runner, b, images.pixels, delta, protos.means)
+        predicted = np.asarray(protos.classes)[logits.argmax(axis=1)]
+        out[g] = 100.0 * float(np.mean(predicted == np.asarray(images.classes)[images.labels]))
+    return out, "merged delta via bundle v1's graph (apply not landed)"
+
+
+def format_table(report: DemoReport) -> str:
+    cols = ["old classes", "device-a classes", "device-b classes"]
+    lines = ["", "accuracy (%) per stage (SimpleCIL cosine prototypes over every class known at that stage)",
+             f"{'stage':<26} {'device':<9} " + " ".join(f"{c:>17}" for c in cols) + "  note"]
+    for s in report.stages:
+        cells = " ".join(f"{s.accuracy[c]:>17.1f}" if c in s.accuracy else f"{'-':>17}" for c in cols)
+        lines.append(f"{s.name:<26} {s.device:<9} {cells}  {s.note}")
+    base = report.bundle.get("base_fp32_bytes", 0)
+    lines += ["", f"{'device':<9} {'steps':>6} {'s/step':>7} {'changed/step':>13} {'peak MB':>8} "
+                  f"{'delta bytes':>12} {'of base fp32':>13}  delta made by"]
+    for name, d in report.devices.items():
+        lines.append(f"{name:<9} {d['steps']:>6} {d['step_s_median']:>7.2f} {100 * d['changed_fraction_mean']:>12.3f}% "
+                     f"{d['peak_rss_mb']:>8.0f} {d['delta_bytes']:>12,} {100 * d['delta_bytes'] / base:>12.2f}%  "
+                     f"{d['delta_made_by']}")
+    if "merged_delta_bytes" in report.bundle:
+        lines.append(f"merged delta: {report.bundle['merged_delta_bytes']:,} bytes "
+                     f"({100 * report.bundle['merged_delta_bytes'] / base:.2f}% of the base model's {base:,} fp32 bytes)")
+    lines.append("time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in report.timings_s.items()))
+    return "\n".join(lines)
+
+
+def plot(report: DemoReport, path: Path) -> None:
+    try:
+        import matplotlib
+    except ImportError:  # matplotlib is a dev extra; the table and summary.json hold the same numbers
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = ["old classes", "device-a classes", "device-b classes"]
+    labels = [f"{s.name}\n({s.device})" for s in report.stages]
+    fig, ax = plt.subplots(figsize=(10, 4))
+    width = 0.27
+    for j, c in enumerate(cols):
+        xs = [i + (j - 1) * width for i, s in enumerate(report.stages) if c in s.accuracy]
+        ys = [s.accuracy[c] for s in report.stages if c in s.accuracy]
+        bars = ax.bar(xs, ys, width, label=c)
+        ax.bar_label(bars, fmt="%.0f", fontsize=7)
+    ax.set_xticks(range(len(labels)), labels, fontsize=7)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(0, 105)
+    ax.set_title("edgecl demo: EfficientNet-Lite0 (ImageNet) on Fashion-MNIST, per stage")
+    ax.legend(fontsize=8, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,158 @@
+"""`edgecl export` / `edgecl inspect` as a user runs them: real files, one-line errors, nothing half-written."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from edgecl.cli.main import app
+
+REPO = Path(__file__).resolve().parents[1]
+MODELS = REPO / "models"
+runner = CliRunner()
+
+
+def run(*args: str):  # noqa: ANN201
+    return runner.invoke(app, list(args))
+
+
+def test_inspect_reports_selected_fraction_and_verifies_hashes(tiny_bundle: Path) -> None:
+    result = run("inspect", str(tiny_bundle), "--json")
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.output)
+    assert abs(info["selected_fraction"] - 0.05) < 0.005
+    assert info["selected"] > 0 and info["parameters"] > info["selected"]
+    assert all(entry["ok"] for entry in info["files"].values() if "ok" in entry)
+    assert {"training_model.onnx", "eval_model.onnx", "checkpoint", "inference.onnx"} <= set(info["files"])
+    text = run("inspect", str(tiny_bundle))
+    assert text.exit_code == 0 and "selected" in text.output and "sha256 ok" in text.output
+
+
+def test_inspect_detects_tampered_file(bundle_copy: Path) -> None:
+    path = bundle_copy / "inference.onnx"
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+    result = run("inspect", str(bundle_copy))
+    assert result.exit_code == 1
+    assert "do not match the manifest" in result.output
+
+
+@pytest.mark.parametrize("rate", ["0", "1.5", "-0.1"])
+def test_select_rate_out_of_range(calib_dir: Path, tmp_path: Path, rate: str) -> None:
+    out = tmp_path / "b"
+    result = run("export", str(MODELS / "test_efficientnet.toml"), "--data", str(calib_dir), "-o", str(out),
+                 "--select-rate", rate)
+    assert result.exit_code == 1
+    assert "select rate" in result.output and len(result.output.strip().splitlines()) == 1
+    assert not out.exists()
+
+
+def _recipe(tmp_path: Path, body: str) -> Path:
+    path = tmp_path / "r.toml"
+    path.write_text(body)
+    return path
+
+
+@pytest.mark.parametrize("case,expect", [
+    ("unknown_model", "unknown timm model"),
+    ("missing_weights", "not found"),
+    ("mismatched_weights", "the model needs"),
+    ("no_class_folders", "no class sub-folders"),
+    ("one_class", "at least two classes"),
+    ("only_non_images", "no image files"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(case: str, expect: str, calib_dir: Path, tmp_path: Path) -> None:
+    recipe = MODELS / "test_efficientnet.toml"
+    data = calib_dir
+    if case == "unknown_model":
+        recipe = _recipe(tmp_path, 'name = "x"\ntimm_model = "no_such_net"\n')
+    elif case == "missing_weights":
+        recipe = _recipe(tmp_path, 'name = "x"\ntimm_model = "test_vit"\nweights = "nowhere.safetensors"\n')
+    elif case == "mismatched_weights":
+        import numpy as np
+        from safetensors.numpy import save_file
+        save_file({"patch_embed.proj.weight": np.zeros((1, 1), np.float32)}, str(tmp_path / "w.safetensors"))
+        recipe = _recipe(tmp_path, 'name = "x"\ntimm_model = "test_efficientnet"\nweights = "w.safetensors"\n'
+                                   'weights_mapping = "ordered"\ninput_size = [32, 32]\n')
+    elif case == "no_class_folders":
+        data = tmp_path / "flat"
+        data.mkdir()
+        (data / "a.png").write_bytes((calib_dir / "class0" / "000.png").read_bytes())
+    elif case == "one_class":
+        data = tmp_path / "one"
+        (data / "only").mkdir(parents=True)
+        for p in sorted((calib_dir / "class0").iterdir())[:4]:
+            (data / "only" / p.name).write_bytes(p.read_bytes())
+    elif case == "only_non_images":
+        data = tmp_path / "txt"
+        (data / "a").mkdir(parents=True)
+        (data / "a" / "readme.txt").write_text("hello")
+    out = tmp_path / "bundle"
+    result = run("export", str(recipe), "--data", str(data), "-o", str(out))
+    assert result.exit_code == 1, result.output
+    lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and expect in lines[0], result.output
+    assert "Traceback" not in result.output
+    assert not out.exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".bundle")], "temp folder left behind"
+
+
+def test_unwritable_output_folder(calib_dir: Path, tmp_path: Path) -> None:
+    if os.geteuid() == 0:
+        # root ignores permission bits: use a path below a regular file instead.
+        parent = tmp_path / "file"
+        parent.write_text("x")
+        out = parent / "bundle"
+    else:
+        parent = tmp_path / "ro"
+        parent.mkdir()
+        parent.chmod(0o500)
+        out = parent / "bundle"
+    result = run("export", str(MODELS / "test_efficientnet.toml"), "--data", str(calib_dir), "-o", str(out))
+    assert result.exit_code == 1
+    assert "cannot write" in result.output
+
+
+def test_existing_output_needs_overwrite(tiny_bundle: Path, calib_dir: Path) -> None:
+    before = sorted(p.name for p in tiny_bundle.iterdir())
+    result = run("export", str(MODELS / "test_efficientnet.toml"), "--data", str(calib_dir), "-o", str(tiny_bundle))
+    assert result.exit_code == 1 and "--overwrite" in result.output
+    assert sorted(p.name for p in tiny_bundle.iterdir()) == before
+
+
+def test_corrupt_calibration_images_are_skipped_and_counted(calib_dir: Path, tmp_path: Path) -> None:
+    import shutil
+    data = tmp_path / "calib"
+    shutil.copytree(calib_dir, data)
+    (data / "class1" / "zz_corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    out = tmp_path / "b"
+    result = subprocess.run([sys.executable, "-m", "edgecl.cli.main", "export", str(MODELS / "test_vit.toml"),
+                             "--data", str(data), "-o", str(out)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "1 unreadable skipped" in result.stdout
+    assert "skipped 1 unreadable image" in result.stderr
+
+
+@pytest.mark.slow
+def test_real_efficientnet_lite0_export(tmp_path: Path) -> None:
+    """The real ImageNet-pretrained model on real Fashion-MNIST images (DESIGN.md), on this CPU."""
+    from edgecl.datasets import FASHION_MNIST_DIR, write_fashion_groups
+
+    if not (Path(FASHION_MNIST_DIR) / "train-images-idx3-ubyte.gz").exists():
+        pytest.skip("Fashion-MNIST missing: `make test` installs dataset-fashion-mnist")
+    data = write_fashion_groups(tmp_path / "fm", {"calib": [0, 1, 2, 3]}, train_per_class=40, test_per_class=1)
+    out = tmp_path / "lite0"
+    result = run("export", str(MODELS / "efficientnet_lite0.toml"), "--data", str(data / "calib" / "train"),
+                 "-o", str(out), "--select-rate", "0.05")
+    assert result.exit_code == 0, result.output
+    info = json.loads(run("inspect", str(out), "--json").output)
+    assert info["model"] == "efficientnet_lite0" and info["parameters"] == 3_350_000
+    assert abs(info["selected_fraction"] - 0.05) <= 0.005
+    assert len(info["classes"]) == 4

@@ -1,0 +1,173 @@
+"""Formats shared by all sides: exact bytes, round trips, one clear error per failure."""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgecl.errors import BundleError, ConfigError, DataError
+from edgecl.formats.atomic import atomic_dir, atomic_write_bytes
+from edgecl.formats.config import load_profile, load_recipe
+from edgecl.formats.images import load_image_folder, random_view, scan_image_folder, two_views
+from edgecl.formats.manifest import BundleManifest
+from edgecl.formats.mask import Mask, overlap_from_bytes, overlap_to_bytes
+from edgecl.formats.prototypes import Prototypes
+
+FIXTURES = Path(__file__).parent / "fixtures"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def golden_mask() -> Mask:
+    return Mask(order=["conv.weight", "conv.bias"], shapes={"conv.weight": (2, 1, 2, 2), "conv.bias": (2,)},
+                indices={"conv.weight": np.array([1, 6]), "conv.bias": np.array([0, 1])},
+                overlap={"conv.weight": np.array([0, 3])}, total_params=10)
+
+
+def test_mask_exact_bytes() -> None:
+    """The spec in docs/bundle-format.md, byte for byte (regenerate only on a format version bump)."""
+    expected = (FIXTURES / "mask_golden.safetensors").read_bytes()
+    assert golden_mask().to_bytes() == expected
+
+
+def test_mask_round_trip_and_derived_values() -> None:
+    mask = Mask.from_bytes(golden_mask().to_bytes())
+    assert mask.order == ["conv.weight", "conv.bias"]
+    assert mask.counts == [2, 2] and mask.offsets == [0, 2] and mask.total_selected == 4
+    assert mask.selected_fraction == pytest.approx(0.4)
+    assert mask.overlap_vector().tolist() == [0, 3, 0, 0]
+    base = {"conv.weight": np.zeros((2, 1, 2, 2), np.float32), "conv.bias": np.ones(2, np.float32)}
+    out = mask.scatter(np.array([1, 2, 3, 4], np.float32), base)
+    assert out["conv.weight"].reshape(-1).tolist() == [0, 1, 0, 0, 0, 0, 2, 0]
+    assert out["conv.bias"].tolist() == [4, 5]
+    assert base["conv.bias"].tolist() == [1, 1], "scatter must not modify the base in place"
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "indices_out_of_range"])
+def test_mask_damage_is_one_clear_error(damage: str) -> None:
+    data = golden_mask().to_bytes()
+    if damage == "truncate":
+        data = data[: len(data) // 2]
+    elif damage == "garbage":
+        data = b"not a safetensors file at all"
+    else:
+        bad = golden_mask()
+        bad.indices["conv.weight"] = np.array([1, 99], np.int32)
+        with pytest.raises(BundleError, match="indices"):
+            bad.validate()
+        return
+    with pytest.raises(BundleError, match="mask"):
+        Mask.from_bytes(data)
+
+
+def test_overlap_round_trip() -> None:
+    ov = {"a.weight": (np.array([1, 5]), np.array([2, 1]))}
+    back = overlap_from_bytes(overlap_to_bytes(ov))
+    assert back["a.weight"][0].tolist() == [1, 5] and back["a.weight"][1].tolist() == [2, 1]
+
+
+def test_prototypes_round_trip_and_upsert() -> None:
+    p = Prototypes.empty(3)
+    p.upsert("a", np.array([1, 2, 3]), 5)
+    p.upsert("b", np.array([0, 0, 1]), 2)
+    p.upsert("a", np.array([3, 2, 1]), 7)
+    back = Prototypes.from_bytes(p.to_bytes())
+    assert back.classes == ["a", "b"]
+    assert back.means.tolist() == [[3, 2, 1], [0, 0, 1]] and back.counts.tolist() == [7, 2]
+    with pytest.raises(BundleError):
+        Prototypes.from_bytes(p.to_bytes()[:40])
+
+
+def test_manifest_rejects_newer_format_and_missing_keys() -> None:
+    ok = {"bundle_id": "x", "version": 1, "model_name": "m", "input_size": [8, 8], "mean": [0.5] * 3,
+          "std": [0.5] * 3, "embedding_dim": 4, "proj_dim": 2, "total_params": 10, "selected": 1,
+          "select_rate": 0.1, "drop_rate": 0.9, "base_sha256": "0" * 64, "mask_sha256": "1" * 64}
+    assert BundleManifest.from_json(ok).selected == 1
+    with pytest.raises(BundleError, match="newer"):
+        BundleManifest.from_json({**ok, "format_version": 99})
+    with pytest.raises(BundleError, match="lacks selected"):
+        BundleManifest.from_json({k: v for k, v in ok.items() if k != "selected"})
+
+
+def test_all_shipped_recipes_and_profiles_load() -> None:
+    for path in sorted((REPO / "models").glob("*.toml")):
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            recipe = load_recipe(path)
+        assert recipe.name and len(recipe.input_size) == 2
+    profiles = sorted((REPO / "devices").glob("*.toml"))
+    assert len(profiles) >= 4
+    for path in profiles:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert load_profile(path).name
+
+
+def test_config_unknown_key_warns_missing_key_errors(tmp_path: Path) -> None:
+    path = tmp_path / "r.toml"
+    path.write_text('name = "x"\ntimm_model = "test_vit"\ncolour = "blue"\n')
+    with pytest.warns(UserWarning, match="colour"):
+        load_recipe(path)
+    path.write_text('timm_model = "test_vit"\n')
+    with pytest.raises(ConfigError, match="lacks required key"):
+        load_recipe(path)
+    path.write_text('name = "x"\ntimm_model = [\n')
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_recipe(path)
+
+
+def test_image_folder_skips_corrupt_and_counts(tmp_path: Path) -> None:
+    from PIL import Image
+
+    for c in ("a", "b"):
+        (tmp_path / c).mkdir()
+        for i in range(2):
+            Image.fromarray(np.full((10, 12), 40 * i, np.uint8)).save(tmp_path / c / f"{i}.png")
+    (tmp_path / "a" / "broken.png").write_bytes(b"\x89PNG not really")
+    (tmp_path / "b" / "notes.txt").write_text("not an image")
+    folder = scan_image_folder(tmp_path)
+    assert folder.classes == ["a", "b"] and len(folder.ignored) == 1
+    with pytest.warns(UserWarning, match="skipped 1 unreadable"):
+        loaded = load_image_folder(tmp_path, (8, 8))
+    assert loaded.pixels.shape == (4, 8, 8, 3) and loaded.pixels.dtype == np.uint8
+    assert len(loaded.skipped) == 1 and loaded.labels.tolist() == [0, 0, 1, 1]
+
+
+@pytest.mark.parametrize("layout", ["missing", "flat", "empty"])
+def test_image_folder_layout_errors(tmp_path: Path, layout: str) -> None:
+    root = tmp_path / "data"
+    if layout != "missing":
+        root.mkdir()
+    if layout == "flat":
+        (root / "x.png").write_bytes(b"")
+    if layout == "empty":
+        (root / "cls").mkdir()
+    with pytest.raises(DataError):
+        load_image_folder(root, (8, 8))
+
+
+def test_augmentations_are_seeded_and_shaped() -> None:
+    img = np.random.default_rng(0).integers(0, 255, (16, 16, 3)).astype(np.uint8)
+    a = random_view(img, np.random.default_rng(5))
+    b = random_view(img, np.random.default_rng(5))
+    assert a.shape == img.shape and np.array_equal(a, b)
+    views = two_views(np.stack([img, img]), np.random.default_rng(1), [0.5] * 3, [0.5] * 3)
+    assert views.shape == (4, 3, 16, 16) and views.dtype == np.float32
+    assert views.min() >= -1.0 - 1e-6 and views.max() <= 1.0 + 1e-6
+    gray = random_view(img, np.random.default_rng(0), p_gray=1.0, p_flip=0.0, scale=(1.0, 1.0), ratio=(1.0, 1.0))
+    assert np.array_equal(gray[..., 0], gray[..., 1])
+
+
+def test_atomic_writes_leave_old_state_on_failure(tmp_path: Path) -> None:
+    target = tmp_path / "f.bin"
+    atomic_write_bytes(target, b"old")
+    with pytest.raises(RuntimeError), atomic_dir(tmp_path / "d") as d:
+        (d / "half").write_text("x")
+        raise RuntimeError("killed mid-write")
+    assert not (tmp_path / "d").exists()
+    assert [p.name for p in tmp_path.iterdir()] == ["f.bin"], "no temp files may be left behind"
+    assert target.read_bytes() == b"old"
+    json.loads(json.dumps({"ok": True}))
