@@ -107,6 +107,12 @@ def invalid_variant(data: bytes, kind: str, key: bytes) -> tuple[bytes, str, str
     return struct.pack("<Q", len(raw)) + raw + bytes(body), "", "values_not_finite"
 
 
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far (/proc/PID/stat fields 14 and 15)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -205,10 +211,12 @@ def main() -> None:
 
     try:
         print(f"pushing with {args.clients} concurrent clients ...", flush=True)
+        server_cpu0, client_cpu0 = _cpu_s(proc.pid), _cpu_s(os.getpid())
         started = time.perf_counter()
         with ThreadPoolExecutor(args.clients) as pool:
             records = [r for part in pool.map(client, list(plans)) for r in part]
         wall_s = time.perf_counter() - started
+        server_cpu_s, client_cpu_s = _cpu_s(proc.pid) - server_cpu0, _cpu_s(os.getpid()) - client_cpu0
 
         valid = [r for r in records if not r["expected"]]
         invalid = [r for r in records if r["expected"]]
@@ -264,6 +272,8 @@ def main() -> None:
         "latency_p50_s": float(np.percentile(latencies, 50)),
         "latency_p99_s": float(np.percentile(latencies, 99)),
         "latency_max_s": float(latencies.max()),
+        "server_cpu_s": server_cpu_s,      # both sides share the machine's cores on loopback
+        "client_cpu_s": client_cpu_s,
         "lost": len(lost),
         "not_byte_identical": len(different),
         "merge_deltas": n_merge,
@@ -281,6 +291,7 @@ def main() -> None:
         ("invalid pushed / rejected with reason", f"{len(invalid)} / {result['invalid_rejected_with_expected_reason']}"),
         ("deltas/s (accepted)", f"{result['deltas_per_s']:.0f}"),
         ("latency p50 / p99 (s)", f"{result['latency_p50_s']:.3f} / {result['latency_p99_s']:.3f}"),
+        ("CPU seconds: server / clients", f"{server_cpu_s:.1f} / {client_cpu_s:.1f} (wall {wall_s:.1f})"),
         ("lost / not byte-identical", f"{len(lost)} / {len(different)}"),
         (f"merge {n_merge} deltas: endpoint / pure numpy (s)", f"{merge_endpoint_s:.2f} / {merge_pure_s:.2f}"),
     ]

@@ -20,6 +20,8 @@ from edgecl.errors import EdgeclError
 COMMAND_MODULES = (
     "export",
     "inspect",
+    "apply",
+    "delta",
     "adapt",
     "predict",
     "evaluate",

@@ -42,7 +42,8 @@ from edgecl.host.scoring import mi_fisher_scores
 from edgecl.host.sparse import DeltaSource, attach_sparse_delta, original_name
 
 OPSET = 17
-ORT_MAX_IR_VERSION = 10  # onnxruntime(-training) 1.19.2 refuses newer IR versions
+ORT_MAX_IR_VERSION = 10
+WEIGHTS = "weights.safetensors"  # patched base weights, written by `edgecl apply`  # onnxruntime(-training) 1.19.2 refuses newer IR versions
 
 
 @dataclass
@@ -218,11 +219,16 @@ def class_prototypes(embeddings: np.ndarray, labels: np.ndarray, classes: list[s
     return protos
 
 
-def export_bundle(recipe: Recipe | str | Path, data_dir: str | Path, out_dir: str | Path,
+def export_bundle(recipe: Recipe | str | Path, data_dir: str | Path | None, out_dir: str | Path,
                   profile: DeviceProfile | str | Path | None = None, options: ExportOptions | None = None,
                   weights_override: dict[str, np.ndarray] | None = None, bundle_id: str | None = None,
-                  version: int = 1, parent_sha256: str = "") -> ExportReport:
-    """Export a bundle. ``weights_override`` (from `edgecl apply`) replaces the folded base weights."""
+                  version: int = 1, parent_sha256: str = "", mask: Mask | None = None,
+                  prototypes: Prototypes | None = None) -> ExportReport:
+    """Export a bundle.
+
+    `edgecl apply` passes ``weights_override`` (the patched base weights), and either calibration
+    data (a fresh MI-Fisher mask) or ``mask`` + ``prototypes`` (keep the mask; no data needed).
+    """
     opts = options or ExportOptions()
     if not 0.0 < opts.select_rate <= 1.0:
         raise ConfigError(f"select rate {opts.select_rate} is outside (0, 1]", "pass e.g. --select-rate 0.05")
@@ -238,13 +244,18 @@ def export_bundle(recipe: Recipe | str | Path, data_dir: str | Path, out_dir: st
     if out_dir.exists() and not opts.overwrite:
         raise ExportError(f"{out_dir} already exists", "pass --overwrite or choose another output folder")
 
+    if data_dir is None and (mask is None or prototypes is None):
+        raise ConfigError("no calibration data given", "pass --data DIR (an image folder with a sub-folder per class)")
     # Cheap checks first (folder layout, recipe, weights), then the slow decode.
-    scan_image_folder(data_dir)
+    if data_dir is not None:
+        scan_image_folder(data_dir)
     torch.manual_seed(opts.seed)
     model = build_embedding_model(recipe)
-    images = load_image_folder(data_dir, recipe.input_size, recipe.interpolation, progress=opts.progress,
-                               desc="decode calibration images")
-    if len(images.classes) < 2:
+    images = None
+    if data_dir is not None:
+        images = load_image_folder(data_dir, recipe.input_size, recipe.interpolation, progress=opts.progress,
+                                   desc="decode calibration images")
+    if images is not None and len(images.classes) < 2:
         raise DataError(f"calibration folder {data_dir} has {len(images.classes)} class(es) with images",
                         "the MI loss needs at least two classes: add a sub-folder per class")
     if weights_override is not None:
@@ -262,17 +273,21 @@ def export_bundle(recipe: Recipe | str | Path, data_dir: str | Path, out_dir: st
     from edgecl.host.loss import ProjectionHead
     scorer = ProjectionHead(dim, recipe.proj_dim)
     scorer.proj.load_state_dict(head.state_dict())
-    scores = mi_fisher_scores(model, scorer, images.pixels, images.labels, recipe.mean, recipe.std,
-                              batch_size=opts.batch_size, temperature=opts.temperature, seed=opts.seed,
-                              interpolation=recipe.interpolation, progress=opts.progress)
-    overlap = None
-    if opts.overlap_path:
-        try:
-            overlap = overlap_from_bytes(Path(opts.overlap_path).read_bytes())
-        except Exception as exc:
-            raise ConfigError(f"cannot read overlap counts {opts.overlap_path} ({exc})",
-                              "pass the overlap file written by `edgecl merge`") from exc
-    mask = select_mask(scores, opts.select_rate, overlap)
+    if mask is None:
+        assert images is not None
+        scores = mi_fisher_scores(model, scorer, images.pixels, images.labels, recipe.mean, recipe.std,
+                                  batch_size=opts.batch_size, temperature=opts.temperature, seed=opts.seed,
+                                  interpolation=recipe.interpolation, progress=opts.progress)
+        overlap = None
+        if opts.overlap_path:
+            try:
+                overlap = overlap_from_bytes(Path(opts.overlap_path).read_bytes())
+            except Exception as exc:
+                raise ConfigError(f"cannot read overlap counts {opts.overlap_path} ({exc})",
+                                  "pass the overlap file written by `edgecl merge`") from exc
+        mask = select_mask(scores, opts.select_rate, overlap)
+    elif set(mask.order) - set(weights) or mask.total_params != sum(w.size for w in weights.values()):
+        raise ExportError("the mask does not fit this model", "apply deltas to a bundle of the same recipe")
 
     with atomic_dir(out_dir, overwrite=opts.overwrite) as tmp, tempfile.TemporaryDirectory() as work:
         work_dir = Path(work)
@@ -302,14 +317,22 @@ def export_bundle(recipe: Recipe | str | Path, data_dir: str | Path, out_dir: st
         _check_inference_names(infer_model, mask, weights)
 
         mask.save_file(tmp / mf.MASK)
-        emb = _embed_with_onnx(tmp / mf.INFERENCE_MODEL, images.pixels, recipe.mean, recipe.std,
+        check_pixels = (images.pixels if images is not None else
+                        np.random.default_rng(opts.seed).integers(0, 256, (8, h, w, 3)).astype(np.uint8))
+        emb = _embed_with_onnx(tmp / mf.INFERENCE_MODEL, check_pixels, recipe.mean, recipe.std,
                                mask.total_selected, dim)
         with torch.no_grad():
-            ref = model(torch.from_numpy(normalize(images.pixels[:8], recipe.mean, recipe.std))).numpy()
+            ref = model(torch.from_numpy(normalize(check_pixels[:8], recipe.mean, recipe.std))).numpy()
         if not np.allclose(emb[:8], ref, rtol=1e-3, atol=1e-3 * max(1.0, float(np.abs(ref).max()))):
             raise ExportError("the exported inference graph disagrees with the torch model",
                               "report this with the recipe")
-        class_prototypes(emb, images.labels, images.classes).save_file(tmp / mf.PROTOTYPES)
+        if prototypes is None:
+            assert images is not None
+            prototypes = class_prototypes(emb, images.labels, images.classes)
+        prototypes.save_file(tmp / mf.PROTOTYPES)
+        if weights_override is not None:
+            # `edgecl apply` output: the patched weights by parameter name, for any other runtime.
+            (tmp / WEIGHTS).write_bytes(st_save({k: np.ascontiguousarray(v) for k, v in weights.items()}))
 
         manifest = mf.BundleManifest(
             bundle_id=bundle_id or uuid.uuid4().hex, version=version, model_name=recipe.name,
@@ -319,7 +342,7 @@ def export_bundle(recipe: Recipe | str | Path, data_dir: str | Path, out_dir: st
             base_sha256=base_weights_sha256(weights), mask_sha256=sha256_file(tmp / mf.MASK),
             loss_temperature=opts.temperature, lr_backbone=opts.lr_backbone, lr_head=opts.lr_head,
             batch_size=profile.batch_size if profile else opts.batch_size, epochs=opts.epochs, seed=opts.seed,
-            interpolation=recipe.interpolation, classes=list(images.classes),
+            interpolation=recipe.interpolation, classes=list(prototypes.classes),
             recipe={k: v for k, v in asdict(recipe).items() if k != "source"},
             device_profile=asdict(profile) if profile else {},
             files={p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()},
@@ -331,8 +354,8 @@ def export_bundle(recipe: Recipe | str | Path, data_dir: str | Path, out_dir: st
         files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
     return ExportReport(bundle_dir=str(out_dir), model_name=recipe.name, total_params=mask.total_params,
                         selected=mask.total_selected, selected_fraction=mask.selected_fraction,
-                        classes=list(images.classes), images_used=len(images.labels),
-                        images_skipped=len(images.skipped), files=files)
+                        classes=list(prototypes.classes), images_used=len(images.labels) if images else 0,
+                        images_skipped=len(images.skipped) if images else 0, files=files)
 
 
 def _check_inference_names(model: onnx.ModelProto, mask: Mask, weights: dict[str, np.ndarray]) -> None:

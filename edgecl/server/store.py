@@ -21,12 +21,14 @@ import contextlib
 import hashlib
 import json
 import os
+import queue
 import re
 import secrets
 import sqlite3
 import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -137,6 +139,8 @@ class Store:
         self._local = threading.local()
         self._all: list[Any] = []
         self._lock = threading.Lock()
+        self._pending: queue.Queue = queue.Queue()
+        self._writer: threading.Thread | None = None
         with self._cursor() as cur:
             for statement in filter(str.strip, _SCHEMA.split(";")):
                 cur.execute(statement)
@@ -272,13 +276,57 @@ class Store:
     def put_delta(self, data: bytes, sha256: str, row: dict[str, Any]) -> bool:
         """Store an accepted delta durably; False when these exact bytes were already stored."""
         self.put_blob(data, sha256)
-        with self._cursor() as cur:
-            cur.execute("INSERT INTO deltas (sha256, bundle_id, version, device, size_bytes, steps, samples_seen, "
-                        "values_dtype, created_utc, received_ns) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
-                        "ON CONFLICT (sha256) DO NOTHING",
-                        (sha256, row["bundle_id"], row["version"], row["device"], len(data), row["steps"],
-                         row["samples_seen"], row["values_dtype"], row["created_utc"], time.time_ns()))
+        sql = ("INSERT INTO deltas (sha256, bundle_id, version, device, size_bytes, steps, samples_seen, "
+               "values_dtype, created_utc, received_ns) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+               "ON CONFLICT (sha256) DO NOTHING")
+        args = (sha256, row["bundle_id"], row["version"], row["device"], len(data), row["steps"],
+                row["samples_seen"], row["values_dtype"], row["created_utc"], time.time_ns())
+        if self.dialect == "sqlite":
+            return self._group_commit(sql, args) == 1
+        with self._cursor() as cur:     # PostgreSQL batches concurrent commits' WAL flushes itself
+            cur.execute(sql, args)
             return cur.rowcount == 1
+
+    def _group_commit(self, sql: str, args: tuple) -> int:
+        """Run one INSERT inside a transaction shared with the other inserts waiting right now.
+
+        SQLite serializes commits and each one costs an fsync (synchronous=FULL, ~5 ms here): one
+        commit per push would cap the server near 200 pushes/s. One writer thread commits whatever
+        has queued up in one transaction, and every caller waits until ITS row is committed, so the
+        "acknowledged = on disk" promise is unchanged.
+        """
+        future: Future[int] = Future()
+        with self._lock:
+            if self._writer is None or not self._writer.is_alive():
+                self._writer = threading.Thread(target=self._writer_loop, name="edgecl-sqlite-writer", daemon=True)
+                self._writer.start()
+            self._pending.put((sql, args, future))
+        return future.result()
+
+    def _writer_loop(self) -> None:
+        conn = self._connect()
+        while True:
+            batch = [self._pending.get()]
+            while len(batch) < 512:
+                try:
+                    batch.append(self._pending.get_nowait())
+                except queue.Empty:
+                    break
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+                counts = [conn.execute(sql, args).rowcount for sql, args, _ in batch]
+                conn.execute("COMMIT")
+            except Exception:  # one bad statement must not fail the others: retry them one by one
+                with contextlib.suppress(Exception):
+                    conn.execute("ROLLBACK")
+                for sql, args, future in batch:
+                    try:
+                        future.set_result(conn.execute(sql, args).rowcount)
+                    except Exception as exc:
+                        future.set_exception(exc)
+                continue
+            for (_, _, future), count in zip(batch, counts, strict=True):
+                future.set_result(count)
 
     def has_delta(self, sha256: str) -> bool:
         with self._cursor() as cur:

@@ -1,0 +1,31 @@
+"""`edgecl apply` (host): deltas -> patched weights + the next bundle version."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+
+def apply(
+    bundle: Annotated[Path, typer.Argument(help="The bundle the deltas were made for.")],
+    deltas: Annotated[list[Path], typer.Argument(help="Delta file(s); several are merged by the weighted mean.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the next bundle version.")],
+    data: Annotated[Optional[Path], typer.Option("--data", help="Calibration images: re-score a fresh MI-Fisher "
+                                                 "mask for the next round (default: keep the mask).")] = None,
+    recipe: Annotated[Optional[Path], typer.Option(help="Recipe file, if not the one stamped in the bundle.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+) -> None:
+    """Bake deltas into the base weights; write weights.safetensors, inference.onnx and a new bundle version."""
+    from edgecl.host.apply import apply_deltas
+
+    report = apply_deltas(bundle, deltas, out, data_dir=data, recipe_path=recipe, overwrite=overwrite)
+    typer.echo(f"wrote {report.bundle_dir}: version {report.version}, {report.deltas} delta(s), "
+               f"{report.changed_elements:,} elements changed, {len(report.classes)} classes, "
+               f"{'new' if report.remasked else 'same'} mask; max |output diff| vs the device model "
+               f"{report.max_abs_output_diff:.2e}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("apply")(apply)

@@ -1,0 +1,29 @@
+"""`edgecl delta` (device): write the adapted state as a small signed delta file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+
+def delta(
+    bundle: Annotated[Path, typer.Argument(help="The adapted bundle folder.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Delta file to write (.safetensors).")],
+    values: Annotated[str, typer.Option(help="Value encoding: fp32, fp16 or int8.")] = "fp32",
+    device_id: Annotated[Optional[str], typer.Option(help="Device name (default: $EDGECL_DEVICE_ID or hostname).")] = None,
+    key: Annotated[Optional[str], typer.Option(help="Device key, 64 hex digits (default: $EDGECL_DEVICE_KEY); "
+                                               "signs the delta with HMAC-SHA256.")] = None,
+) -> None:
+    """Write the changed delta entries, prototypes and provenance as a delta file."""
+    from edgecl.device.deltafile import make_delta
+
+    report = make_delta(bundle, out, values=values, device_id=device_id, key_hex=key)
+    typer.echo(f"wrote {report.path}: {report.bytes:,} B ({100 * report.bytes / report.base_fp32_bytes:.2f}% of the "
+               f"{report.base_fp32_bytes / 1e6:.1f} MB fp32 model), {report.changed:,} of {report.selected:,} "
+               f"selected elements changed, {report.values}, {'signed' if report.signed else 'UNSIGNED (no --key)'}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("delta")(delta)
