@@ -1,0 +1,95 @@
+"""`edgecl delta` + `edgecl apply`: the new bundle version is the device's adapted model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from edgecl.cli.main import app
+from edgecl.formats import delta as delta_format
+from edgecl.formats import manifest as mf
+from edgecl.formats.images import load_image_folder, normalize
+from edgecl.formats.mask import Mask
+
+runner = CliRunner()
+
+
+def _embed(bundle: Path, delta: np.ndarray, images: np.ndarray) -> np.ndarray:
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(bundle / mf.INFERENCE_MODEL), providers=["CPUExecutionProvider"])
+    dim = mf.load_manifest(bundle).embedding_dim
+    return sess.run(["embeddings"], {"images": images, "delta": delta.astype(np.float32),
+                                     "prototypes": np.ones((1, dim), np.float32)})[0]
+
+
+@pytest.fixture(scope="module")
+def adapted(tmp_path_factory: pytest.TempPathFactory, tiny_bundle: Path, calib_dir: Path) -> Path:
+    import shutil
+
+    bundle = tmp_path_factory.mktemp("adapted") / "bundle"
+    shutil.copytree(tiny_bundle, bundle)
+    result = runner.invoke(app, ["adapt", str(bundle), "--data", str(calib_dir), "--epochs", "2"])
+    assert result.exit_code == 0, result.output
+    return bundle
+
+
+@pytest.mark.parametrize("values,tol", [("fp32", 1e-5), ("fp16", 1e-2), ("int8", 5e-2)])
+def test_apply_reproduces_the_device_model(adapted: Path, calib_dir: Path, tmp_path: Path, values: str,
+                                           tol: float) -> None:
+    delta_path = tmp_path / f"d-{values}.safetensors"
+    key = "ab" * 32
+    result = runner.invoke(app, ["delta", str(adapted), "-o", str(delta_path), "--values", values,
+                                 "--device-id", "dev-1", "--key", key])
+    assert result.exit_code == 0, result.output
+    d = delta_format.load_file(delta_path, delta_format.parse_key(key))
+    manifest = mf.load_manifest(adapted)
+    assert d.bundle_id == manifest.bundle_id and d.device_id == "dev-1" and d.steps > 0
+
+    out = tmp_path / "v2"
+    result = runner.invoke(app, ["apply", str(adapted), str(delta_path), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    new = mf.load_manifest(out)
+    assert new.version == manifest.version + 1 and new.bundle_id == manifest.bundle_id
+    assert new.base_sha256 != manifest.base_sha256
+    assert (out / "weights.safetensors").exists()
+    new_mask = Mask.load_file(out / mf.MASK)
+    changed = d.to_dense(manifest.selected) != 0
+    assert (new_mask.overlap_vector() == changed.astype(np.int32)).all(), "overlap counts must record this round"
+
+    pixels = load_image_folder(calib_dir, manifest.input_size).pixels[:10]
+    images = normalize(pixels, manifest.mean, manifest.std)
+    device_state = json.loads(runner.invoke(app, ["inspect", str(adapted), "--json"]).output)
+    assert device_state["selected"] == manifest.selected
+    from edgecl.device.state import load_current, open_bundle
+    device_delta = load_current(open_bundle(adapted)).delta
+    on_device = _embed(adapted, device_delta, images)
+    patched = _embed(out, np.zeros(new.selected, np.float32), images)
+    scale = float(np.abs(on_device).max())
+    assert np.abs(patched - on_device).max() <= tol * max(scale, 1.0)
+
+    # the new version keeps classifying like the device did
+    ev_dev = json.loads(runner.invoke(app, ["eval", str(adapted), "--data", str(calib_dir), "--json"]).output)
+    ev_new = json.loads(runner.invoke(app, ["eval", str(out), "--data", str(calib_dir), "--json"]).output)
+    assert ev_new["accuracy"] >= ev_dev["accuracy"] - (0.0 if values == "fp32" else 0.05)
+
+
+def test_apply_rejects_a_delta_for_another_bundle(adapted: Path, calib_dir: Path, tmp_path: Path) -> None:
+    delta_path = tmp_path / "d.safetensors"
+    assert runner.invoke(app, ["delta", str(adapted), "-o", str(delta_path)]).exit_code == 0
+    d = delta_format.load_file(delta_path)
+    d.bundle_id = "0" * 32
+    delta_format.save_file(d, delta_path)
+    result = runner.invoke(app, ["apply", str(adapted), str(delta_path), "-o", str(tmp_path / "v2")])
+    assert result.exit_code == 1 and "another bundle" in result.output
+    assert not (tmp_path / "v2").exists()
+
+
+def test_delta_before_any_adaptation_is_a_clear_error(bundle_copy: Path, tmp_path: Path) -> None:
+    result = runner.invoke(app, ["delta", str(bundle_copy), "-o", str(tmp_path / "d.safetensors")])
+    assert result.exit_code == 1 and "edgecl adapt" in result.output
+    assert not (tmp_path / "d.safetensors").exists()
