@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import http.client
+import json
 import os
 import platform
 import shutil
@@ -94,7 +96,6 @@ def invalid_variant(data: bytes, kind: str, key: bytes) -> tuple[bytes, str, str
     if info.dtype != "F32":
         return data[:-1] + bytes([data[-1] ^ 1]), "", "body_hash_mismatch"
     body[info.begin:info.begin + 4] = np.array([np.nan], "<f4").tobytes()
-    import json
     import struct
 
     n = header.header_bytes
@@ -108,9 +109,21 @@ def invalid_variant(data: bytes, kind: str, key: bytes) -> tuple[bytes, str, str
 
 
 def _cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process so far (/proc/PID/stat fields 14 and 15)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """User + system CPU seconds so far of a process and its live children (uvicorn workers)."""
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(stat.parent.name) == pid or int(fields[1]) == pid:   # fields[1]: parent pid
+            total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
+
+
+def _own_cpu_s() -> float:
+    times = os.times()
+    return times.user + times.system
 
 
 def free_port() -> int:
@@ -119,9 +132,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(store_dir: Path, db: str | None, port: int) -> subprocess.Popen:
+def start_server(store_dir: Path, db: str | None, port: int, workers: int) -> subprocess.Popen:
     code = (f"from edgecl.server.app import serve; serve(port={port}, store_dir={str(store_dir)!r}, db={db!r}, "
-            "log_level='error')")
+            f"log_level='error', workers={workers})")
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -156,6 +169,7 @@ def main() -> None:
     parser.add_argument("--values", default="int8", choices=D.VALUE_DTYPES)
     parser.add_argument("--merge-deltas", type=int, default=100)
     parser.add_argument("--db", default=None, help="postgresql://... (default: SQLite in the store folder)")
+    parser.add_argument("--workers", type=int, default=1, help="server processes (edgecl serve --workers)")
     parser.add_argument("--max-seconds", type=float, default=300.0, help="bound on the load phase")
     args = parser.parse_args()
 
@@ -191,32 +205,37 @@ def main() -> None:
     sizes = [len(d) for plan in plans.values() for d, _, code in plan if not code]
 
     port = free_port()
-    proc = start_server(work / "store", args.db, port)
+    proc = start_server(work / "store", args.db, port, args.workers)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + args.max_seconds
 
     def client(device: str) -> list[dict[str, Any]]:
+        # http.client, not httpx: the clients share the machine's cores with the server, and a
+        # heavier client library measurably steals CPU from the thing being measured.
         out = []
-        with httpx.Client(base_url=url, timeout=30) as http:
-            for data, token, expected in plans[device]:
-                if time.monotonic() > deadline:
-                    break
-                t0 = time.perf_counter()
-                response = http.post("/v1/deltas", content=data, headers={"Authorization": f"Bearer {token}"})
-                latency = time.perf_counter() - t0
-                body = response.json()
-                out.append({"latency_s": latency, "status": response.status_code, "expected": expected,
-                            "error": body.get("error", ""), "sha256": body.get("sha256", ""), "data": data})
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        for data, token, expected in plans[device]:
+            if time.monotonic() > deadline:
+                break
+            t0 = time.perf_counter()
+            conn.request("POST", "/v1/deltas", body=data, headers={"Authorization": f"Bearer {token}",
+                                                                  "Content-Type": "application/octet-stream"})
+            response = conn.getresponse()
+            body = json.loads(response.read())
+            latency = time.perf_counter() - t0
+            out.append({"latency_s": latency, "status": response.status, "expected": expected,
+                        "error": body.get("error", ""), "sha256": body.get("sha256", ""), "data": data})
+        conn.close()
         return out
 
     try:
         print(f"pushing with {args.clients} concurrent clients ...", flush=True)
-        server_cpu0, client_cpu0 = _cpu_s(proc.pid), _cpu_s(os.getpid())
+        server_cpu0, client_cpu0 = _cpu_s(proc.pid), _own_cpu_s()
         started = time.perf_counter()
         with ThreadPoolExecutor(args.clients) as pool:
             records = [r for part in pool.map(client, list(plans)) for r in part]
         wall_s = time.perf_counter() - started
-        server_cpu_s, client_cpu_s = _cpu_s(proc.pid) - server_cpu0, _cpu_s(os.getpid()) - client_cpu0
+        server_cpu_s, client_cpu_s = _cpu_s(proc.pid) - server_cpu0, _own_cpu_s() - client_cpu0
 
         valid = [r for r in records if not r["expected"]]
         invalid = [r for r in records if r["expected"]]
@@ -224,10 +243,10 @@ def main() -> None:
         failed_valid = [r for r in valid if r["status"] not in (200, 201)]
         wrong_reason = [r for r in invalid if r["error"] != r["expected"]]
         # Zero lost: every acknowledged delta is listed and byte-identical.
-        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {admin}"}, timeout=60) as http:
-            listed = {r["sha256"] for r in http.get("/v1/deltas").json()["deltas"]}
+        with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {admin}"}, timeout=60) as admin_http:
+            listed = {r["sha256"] for r in admin_http.get("/v1/deltas").json()["deltas"]}
             lost = [sha for sha in accepted if sha not in listed]
-            different = [sha for sha, data in accepted.items() if http.get(f"/v1/deltas/{sha}").content != data]
+            different = [sha for sha, data in accepted.items() if admin_http.get(f"/v1/deltas/{sha}").content != data]
 
             # Merge of 100 deltas: through the endpoint (load from the store + merge + save + store),
             # and the pure numpy merge alone.
@@ -239,10 +258,10 @@ def main() -> None:
                 device = list(devices)[i % len(devices)]
                 data = make_delta_bytes(merge_manifest, device, devices[device][1], seed=10_000 + i,
                                         changed=args.changed, values=args.values)
-                http.post("/v1/deltas", content=data, headers={"Authorization": f"Bearer {devices[device][0]}"})
+                admin_http.post("/v1/deltas", content=data, headers={"Authorization": f"Bearer {devices[device][0]}"})
                 merge_inputs.append(D.load(data))
             t0 = time.perf_counter()
-            merge_response = http.post(f"/v1/bundles/{merge_manifest['bundle_id']}/1/merge")
+            merge_response = admin_http.post(f"/v1/bundles/{merge_manifest['bundle_id']}/1/merge")
             merge_endpoint_s = time.perf_counter() - t0
             assert merge_response.status_code == 200, merge_response.text
             t0 = time.perf_counter()
@@ -280,8 +299,6 @@ def main() -> None:
         "merge_endpoint_s": merge_endpoint_s,
         "merge_pure_numpy_s": merge_pure_s,
     }
-    import json
-
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "b5_server.json").write_text(json.dumps(result, indent=2) + "\n")
     rows = [

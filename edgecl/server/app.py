@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import logging
+import os
 from typing import Any
 
 from fastapi import FastAPI, Query, Request
@@ -189,14 +190,31 @@ class _BodyReader:
                                "push a smaller delta or raise the server's --max-upload-mb")
 
 
+def create_app_from_env() -> FastAPI:
+    """App factory for uvicorn's worker processes (``serve(workers=N)``): the store and limits come
+    from the environment the parent set, since each worker builds its own app."""
+    store = Store(os.environ["EDGECL_SERVER_STORE"], os.environ.get("EDGECL_SERVER_DB") or None)
+    return create_app(store, int(os.environ.get("EDGECL_SERVER_MAX_UPLOAD_BYTES", DEFAULT_MAX_UPLOAD_BYTES)))
+
+
 def serve(host: str = "127.0.0.1", port: int = 8750, db: str | None = None, store_dir: str = "~/.edgecl/server",
-          max_upload_mb: float = DEFAULT_MAX_UPLOAD_BYTES / (1 << 20), log_level: str = "info") -> None:
-    """Run the server until interrupted (``edgecl serve``)."""
+          max_upload_mb: float = DEFAULT_MAX_UPLOAD_BYTES / (1 << 20), log_level: str = "info",
+          workers: int = 1) -> None:
+    """Run the server until interrupted (``edgecl serve``). ``workers`` > 1 runs that many API
+    processes on the same port and store (each process is stateless; SQLite or PostgreSQL is shared)."""
     import uvicorn
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    store = Store(store_dir, db)
-    app = create_app(store, int(max_upload_mb * (1 << 20)))
-    log.info("edgecl serve on http://%s:%d (storage %s at %s)", host, port, store.dialect, store.root)
+    store = Store(store_dir, db)         # creates the schema once, before any worker starts
+    max_upload_bytes = int(max_upload_mb * (1 << 20))
+    log.info("edgecl serve on http://%s:%d (storage %s at %s, %d worker(s))", host, port, store.dialect,
+             store.root, workers)
     # access_log off: one line per push at 200+ pushes/s is noise; the app logs rejections itself.
-    uvicorn.run(app, host=host, port=port, log_level=log_level, access_log=False)
+    if workers <= 1:
+        uvicorn.run(create_app(store, max_upload_bytes), host=host, port=port, log_level=log_level, access_log=False)
+        return
+    store.close()
+    os.environ.update(EDGECL_SERVER_STORE=str(store.root), EDGECL_SERVER_DB=db or "",
+                      EDGECL_SERVER_MAX_UPLOAD_BYTES=str(max_upload_bytes))
+    uvicorn.run("edgecl.server.app:create_app_from_env", factory=True, host=host, port=port, workers=workers,
+                log_level=log_level, access_log=False)
