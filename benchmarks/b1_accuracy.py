@@ -189,6 +189,7 @@ def main() -> None:
             common.write_json(f"b1_accuracy{args.tag}.json", results)
 
     if "edgecl" in methods:
+        from b4_export import recipe_for_size
         from edgecl_path import EdgeclLearner
         mist_choice = _choose([r for r in results["runs"] if r["label"] == "mist"])
         edge_lrs = [float(x) for x in args.edgecl_lrs.split(",")] if args.edgecl_lrs else (
@@ -197,7 +198,7 @@ def main() -> None:
             for seed in seeds:
                 print(f"== edgecl lr={lr} seed={seed}", flush=True)
                 learner = EdgeclLearner(recipe, dataclasses.replace(base_cfg, lr=lr, seed=seed), threads=args.threads,
-                                        task_dirs=stream.task_dirs)
+                                        task_dirs=stream.task_dirs, recipe_path=recipe_for_size(args.size))
                 run = run_stream(learner, stream, "edgecl") | {"lr": lr, "seed": seed, "label": "edgecl",
                                                                "device": learner.device_summary()}
                 results["runs"].append(run)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -12,9 +12,9 @@ def apply(
     bundle: Annotated[Path, typer.Argument(help="The bundle the deltas were made for.")],
     deltas: Annotated[list[Path], typer.Argument(help="Delta file(s); several are merged by the weighted mean.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the next bundle version.")],
-    data: Annotated[Optional[Path], typer.Option("--data", help="Calibration images: re-score a fresh MI-Fisher "
+    data: Annotated[Path | None, typer.Option("--data", help="Calibration images: re-score a fresh MI-Fisher "
                                                  "mask for the next round (default: keep the mask).")] = None,
-    recipe: Annotated[Optional[Path], typer.Option(help="Recipe file, if not the one stamped in the bundle.")] = None,
+    recipe: Annotated[Path | None, typer.Option(help="Recipe file, if not the one stamped in the bundle.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
 ) -> None:
     """Bake deltas into the base weights; write weights.safetensors, inference.onnx and a new bundle version."""

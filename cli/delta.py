@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -12,8 +12,8 @@ def delta(
     bundle: Annotated[Path, typer.Argument(help="The adapted bundle folder.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Delta file to write (.safetensors).")],
     values: Annotated[str, typer.Option(help="Value encoding: fp32, fp16 or int8.")] = "fp32",
-    device_id: Annotated[Optional[str], typer.Option(help="Device name (default: $EDGECL_DEVICE_ID or hostname).")] = None,
-    key: Annotated[Optional[str], typer.Option(help="Device key, 64 hex digits (default: $EDGECL_DEVICE_KEY); "
+    device_id: Annotated[str | None, typer.Option(help="Device name (default: $EDGECL_DEVICE_ID or hostname).")] = None,
+    key: Annotated[str | None, typer.Option(help="Device key, 64 hex digits (default: $EDGECL_DEVICE_KEY); "
                                                "signs the delta with HMAC-SHA256.")] = None,
 ) -> None:
     """Write the changed delta entries, prototypes and provenance as a delta file."""

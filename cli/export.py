@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -12,10 +12,10 @@ def export(
     recipe: Annotated[Path, typer.Argument(help="Model recipe (models/*.toml).")],
     data: Annotated[Path, typer.Option("--data", help="Calibration image folder: DIR/<class>/<images>.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Bundle folder to write.")],
-    device: Annotated[Optional[Path], typer.Option("--device", help="Device profile (devices/*.toml).")] = None,
+    device: Annotated[Path | None, typer.Option("--device", help="Device profile (devices/*.toml).")] = None,
     select_rate: Annotated[float, typer.Option(help="Share of ALL parameters made trainable, in (0, 1].")] = 0.05,
     drop_rate: Annotated[float, typer.Option(help="Per-step probability a selected gradient is dropped.")] = 0.9,
-    overlap: Annotated[Optional[Path], typer.Option(help="Overlap counts from `edgecl merge` (earlier rounds).")] = None,
+    overlap: Annotated[Path | None, typer.Option(help="Overlap counts from `edgecl merge` (earlier rounds).")] = None,
     lr: Annotated[float, typer.Option(help="Default device learning rate on the sparse delta.")] = 1e-3,
     epochs: Annotated[int, typer.Option(help="Default device epochs.")] = 5,
     seed: Annotated[int, typer.Option(help="Seed for shuffling, augmentation and head init.")] = 1993,

@@ -32,7 +32,7 @@ def inspect(
                + (" ..." if len(info["classes"]) > 8 else ""))
     for extra in ("delta_bytes",):
         if extra in info:
-            typer.echo(f"delta      " + ", ".join(f"{k} {v / 1e3:.1f} kB" for k, v in info[extra].items()))
+            typer.echo("delta      " + ", ".join(f"{k} {v / 1e3:.1f} kB" for k, v in info[extra].items()))
     typer.echo(f"base sha   {info['base_sha256']}")
     typer.echo(f"mask sha   {info['mask_sha256']}")
     rows = info["layers"] if layers else sorted(info["layers"], key=lambda r: -r["selected"])[:5]

@@ -26,13 +26,15 @@ def serve(
     store: StoreOpt = DEFAULT_STORE,
     max_upload_mb: Annotated[float, typer.Option(help="Largest accepted delta upload, in MiB.")] = 16.0,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
+    workers: Annotated[int, typer.Option(help="API processes sharing the port and the store.")] = 1,
 ) -> None:
     """Serve the HTTP API (docs/server.md) until interrupted."""
     if ctx.invoked_subcommand is not None:
         return
     from edgecl.server.app import serve as run_server
 
-    run_server(host=host, port=port, db=db, store_dir=str(store), max_upload_mb=max_upload_mb, log_level=log_level)
+    run_server(host=host, port=port, db=db, store_dir=str(store), max_upload_mb=max_upload_mb, log_level=log_level,
+               workers=workers)
 
 
 @serve_app.command("register-device")

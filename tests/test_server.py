@@ -238,3 +238,14 @@ def test_admin_cli(tmp_path):
     merged = D.load_file(tmp_path / "m.safetensors")
     assert merged.device_id == "merge" and merged.samples_seen == 64
     assert set(overlap_from_bytes((tmp_path / "m.overlap.safetensors").read_bytes())) == set(mask.order)
+
+
+def test_server_and_sync_never_import_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['torch'] = None\n"      # any `import torch` now raises ImportError
+            "import edgecl.formats.delta, edgecl.server.app, edgecl.server.merge, edgecl.server.service, "
+            "edgecl.device.sync\n"
+            "assert 'torch' not in {m for m, v in sys.modules.items() if v is not None}")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -7,9 +7,9 @@ import socket
 from dataclasses import dataclass
 from pathlib import Path
 
+from edgecl.device.state import load_current, open_bundle
 from edgecl.errors import DeviceError
 from edgecl.formats import delta as delta_format
-from edgecl.device.state import load_current, open_bundle
 
 KEY_ENV = "EDGECL_DEVICE_KEY"
 DEVICE_ID_ENV = "EDGECL_DEVICE_ID"

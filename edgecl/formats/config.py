@@ -63,7 +63,7 @@ def _load(cls: type[T], path: str | Path) -> T:
     try:
         data = tomllib.loads(p.read_text())
     except FileNotFoundError as exc:
-        raise ConfigError(f"{kind} file {p} not found", f"pass an existing .toml file (see models/ and devices/)") from exc
+        raise ConfigError(f"{kind} file {p} not found", "pass an existing .toml file (see models/ and devices/)") from exc
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{kind} file {p} is not valid TOML ({exc})", "fix the syntax") from exc
     except OSError as exc:

@@ -97,7 +97,7 @@ def load_image_folder(root: str | Path, size: Iterable[int], interpolation: str 
     labels: list[int] = []
     ok_paths: list[Path] = []
     skipped: list[tuple[Path, str]] = []
-    items = list(zip(folder.paths, folder.labels.tolist()))
+    items = list(zip(folder.paths, folder.labels.tolist(), strict=False))
     iterator: Iterable = items
     if progress:
         from tqdm import tqdm

@@ -31,7 +31,7 @@ def inspect_bundle(bundle_dir: str | Path, verify: bool = True) -> dict[str, Any
                           "re-copy the bundle from the host")
     layers = [{"name": n, "shape": list(mask.shapes[n]), "selected": c,
                "coverage": c / max(1, _numel(mask.shapes[n]))}
-              for n, c in zip(mask.order, mask.counts)]
+              for n, c in zip(mask.order, mask.counts, strict=False)]
     return {
         "bundle": str(bundle_dir),
         "bundle_id": manifest.bundle_id,

@@ -64,7 +64,7 @@ class Mask:
         return self.total_selected / max(self.total_params, 1)
 
     def slices(self) -> dict[str, slice]:
-        return {n: slice(o, o + c) for n, o, c in zip(self.order, self.offsets, self.counts)}
+        return {n: slice(o, o + c) for n, o, c in zip(self.order, self.offsets, self.counts, strict=False)}
 
     def overlap_vector(self) -> np.ndarray:
         """Overlap counts in delta order, [K] int32."""

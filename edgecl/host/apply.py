@@ -63,7 +63,7 @@ def apply_deltas(bundle_dir: str | Path, delta_paths: list[str | Path], out_dir:
     if not delta_paths:
         raise ConfigError("no delta given", "pass one or more delta files (from `edgecl delta` or `edgecl merge`)")
     deltas = [delta_format.load_file(p) for p in delta_paths]
-    for path, d in zip(delta_paths, deltas):
+    for path, d in zip(delta_paths, deltas, strict=False):
         if (d.bundle_id, d.base_sha256, d.mask_sha256) != (manifest.bundle_id, manifest.base_sha256,
                                                           manifest.mask_sha256):
             raise BundleError(f"delta {path} was made for another bundle (id {d.bundle_id[:12]}, version "

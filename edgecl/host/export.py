@@ -11,8 +11,8 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import os
-import sys
 import platform
+import sys
 import tempfile
 import uuid
 import warnings

@@ -87,7 +87,7 @@ def load_weights(model: nn.Module, state: dict[str, torch.Tensor], mapping: str,
             raise ConfigError(f"weights {source} hold {len(state)} tensors, the model needs {len(target)}",
                               "use the weights made for this architecture")
         mapped = {}
-        for (name, tensor), (src_name, src) in zip(target.items(), state.items()):
+        for (name, tensor), (src_name, src) in zip(target.items(), state.items(), strict=False):
             if tuple(src.shape) != tuple(tensor.shape):
                 raise ConfigError(f"weights {source}: {src_name} has shape {tuple(src.shape)} but the model's "
                                   f"{name} needs {tuple(tensor.shape)}", "use the weights made for this architecture")
@@ -217,7 +217,7 @@ def replace_avgpools(model: nn.Module, example: torch.Tensor) -> nn.Module:
             continue
         _, channels, height, width = seen[name]
         kernel, stride, padding = pair(pool.kernel_size), pair(pool.stride or pool.kernel_size), pair(pool.padding)
-        tiles = all((d - k) % s == 0 for d, k, s in zip((height, width), kernel, stride))
+        tiles = all((d - k) % s == 0 for d, k, s in zip((height, width), kernel, stride, strict=False))
         if any(padding) or (pool.ceil_mode and not tiles) or pool.divisor_override:
             raise ExportError(f"average pooling {name} cannot be differentiated by onnxruntime-training 1.19.2",
                               "choose an input_size whose feature maps halve evenly, or a model without it")

@@ -39,7 +39,7 @@ class SparseAdd(nn.Module):
 def attach_sparse_delta(model: nn.Module, mask: Mask) -> DeltaSource:
     """Parametrize every masked tensor of ``model`` (in place) and return the shared delta source."""
     source = DeltaSource(mask.total_selected)
-    for name, offset, count in zip(mask.order, mask.offsets, mask.counts):
+    for name, offset, count in zip(mask.order, mask.offsets, mask.counts, strict=False):
         module_name, _, attr = name.rpartition(".")
         module = model.get_submodule(module_name) if module_name else model
         indices = torch.from_numpy(mask.indices[name].astype("int64"))
