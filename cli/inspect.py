@@ -30,9 +30,11 @@ def inspect(
                "of weights change")
     typer.echo(f"classes    {len(info['classes'])}: {', '.join(info['classes'][:8])}"
                + (" ..." if len(info["classes"]) > 8 else ""))
-    for extra in ("delta_bytes",):
-        if extra in info:
-            typer.echo("delta      " + ", ".join(f"{k} {v / 1e3:.1f} kB" for k, v in info[extra].items()))
+    if "delta_bytes" in info:
+        base = max(1, info["base_fp32_bytes"])
+        typer.echo("delta      all selected elements changed, no prototypes (the largest): "
+                   + ", ".join(f"{k} {v / 1e3:,.1f} kB = {100 * v / base:.2f}%" for k, v in info["delta_bytes"].items())
+                   + " of the fp32 base")
     typer.echo(f"base sha   {info['base_sha256']}")
     typer.echo(f"mask sha   {info['mask_sha256']}")
     rows = info["layers"] if layers else sorted(info["layers"], key=lambda r: -r["selected"])[:5]
