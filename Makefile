@@ -30,5 +30,9 @@ test: $(STAMP) data
 lint: $(STAMP)
 	$(VENV)/bin/ruff check edgecl cli tests benchmarks
 
+# B2/B4 measure whole-process peak RSS with GNU time (`/usr/bin/time -v`): installed when missing and root.
 bench: $(STAMP) data
+	@test -x /usr/bin/time || \
+	  { if [ "$$(id -u)" = 0 ]; then apt-get update -q && apt-get install -y -q time; \
+	    else echo "GNU time missing: run 'sudo apt-get install time'"; exit 1; fi; }
 	$(PY) benchmarks/run_all.py
