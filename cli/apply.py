@@ -23,8 +23,8 @@ def apply(
     report = apply_deltas(bundle, deltas, out, data_dir=data, recipe_path=recipe, overwrite=overwrite)
     typer.echo(f"wrote {report.bundle_dir}: version {report.version}, {report.deltas} delta(s), "
                f"{report.changed_elements:,} elements changed, {len(report.classes)} classes, "
-               f"{'new' if report.remasked else 'same'} mask; max |output diff| vs the device model "
-               f"{report.max_abs_output_diff:.2e}")
+               f"{'new' if report.remasked else 'same'} mask; max |embedding diff| of the new version vs the old "
+               f"bundle + delta: {report.max_abs_output_diff:.2e}")
 
 
 def register(app: typer.Typer) -> None:

@@ -253,3 +253,56 @@ def test_parse_key():
     assert D.parse_key(KEY.hex() + "\n") == KEY
     with pytest.raises(D.DeltaMetadataError):
         D.parse_key("nope")
+
+
+# -- int4 ------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("layout", ["dense", "bitmap", "indices"])
+@pytest.mark.parametrize("k", [1, 7, 130, 1001])
+def test_int4_round_trip_within_its_tolerance(layout: str, k: int) -> None:
+    rng = np.random.default_rng(k)
+    vector = rng.standard_normal(k).astype(np.float32)
+    vector[rng.random(k) < 0.3] = 0
+    data = D.save(D.Delta.from_dense(vector, **_prov()), KEY, values="int4", layout=layout, int4_block=64)
+    back = D.load(data, KEY)
+    assert back.values_dtype == "int4"
+    dense = back.to_dense(k)
+    assert np.abs(dense - vector).max() <= np.abs(vector).max() / 14 + 1e-6
+    assert not dense[vector == 0].any(), "an unchanged entry must stay unchanged"
+    # canonical: the same delta gives the same bytes
+    assert D.save(D.Delta.from_dense(vector, **_prov()), KEY, values="int4", layout=layout, int4_block=64) == data
+
+
+def test_int4_packing_is_the_documented_nibble_order() -> None:
+    packed = D.pack_int4(np.array([1, -1, 7, -7, 3], np.int8))
+    assert packed.tolist() == [0x01 | 0xF0, 0x07 | 0x90, 0x03]
+    assert D.unpack_int4(packed, 5).tolist() == [1, -1, 7, -7, 3]
+
+
+def test_int4_is_under_a_percent_of_fp32_at_a_five_percent_mask() -> None:
+    k = 50_000  # 5% of a 1,000,000-parameter model, every element changed
+    vector = np.random.default_rng(0).uniform(0.1, 1.0, k).astype(np.float32)
+    size = len(D.save(D.Delta.from_dense(vector, **_prov()), KEY, values="int4"))
+    assert size <= 0.01 * 1_000_000 * 4
+    assert len(D.save(D.Delta.from_dense(vector, **_prov()), KEY, values="int8")) > 0.0125 * 1_000_000 * 4
+
+
+@pytest.mark.parametrize("damage", ["minus_eight", "padding_nibble"])
+def test_int4_damaged_values_are_rejected(damage: str) -> None:
+    vector = np.array([0.5, -0.25, 1.0], np.float32)  # 3 values: the last byte has a padding nibble
+    delta = D.Delta.from_dense(vector, **_prov())
+    header = D.read_header(D.save(delta, values="int4", layout="dense", int4_block=0))
+    tensors = {"delta.values": D.pack_int4(np.array([4, -2, 7], np.int8)),
+               "delta.scales": np.array([1 / 7], np.float32)}
+    if damage == "minus_eight":
+        tensors["delta.values"][0] = 0x08 | (tensors["delta.values"][0] & 0xF0)
+    else:
+        tensors["delta.values"][1] |= 0x10
+    meta = dict(header.metadata)
+    _, body, _ = D._serialize(tensors, {**meta, "body_sha256": "", "hmac_sha256": ""})
+    meta["body_sha256"] = __import__("hashlib").sha256(body).hexdigest()
+    meta["hmac_sha256"] = ""
+    head, body, _ = D._serialize(tensors, meta)
+    pad = (-len(head)) % 8
+    data = len(head + b" " * pad).to_bytes(8, "little") + head + b" " * pad + body
+    with pytest.raises(D.DeltaError, match="-8" if damage == "minus_eight" else "padding nibble"):
+        D.load(data)

@@ -46,6 +46,8 @@ def make_delta(bundle_dir: str | Path, out: str | Path, values: str = "fp32", de
         steps=int(state.meta.get("steps_total", 0)), samples_seen=int(state.meta.get("samples_seen", 0)),
         metrics=metrics, prototypes=state.prototypes)
     data = delta_format.save_file(d, out, key, values=values)
-    return DeltaReport(path=str(out), bytes=len(data), changed=int(d.positions.size),
+    # Count what the file says changed: int8/int4 round the smallest entries to 0 (= unchanged).
+    changed = int(delta_format.load(data, key).changed_positions().size)
+    return DeltaReport(path=str(out), bytes=len(data), changed=changed,
                        selected=bundle.mask.total_selected, base_fp32_bytes=bundle.manifest.total_params * 4,
                        values=values, signed=key is not None)

@@ -32,7 +32,8 @@ DELTA_FORMAT = "edgecl-delta"
 DELTA_FORMAT_VERSION = 1
 MAX_HEADER_BYTES = 1 << 20          # safetensors itself allows 100 MB; a delta header is < 10 kB
 DEFAULT_INT8_BLOCK = 1024           # values per int8 scale: 0.4% overhead, most blocks in one tensor
-VALUE_DTYPES = ("fp32", "fp16", "int8")
+DEFAULT_INT4_BLOCK = 64             # values per int4 scale: 4 bit + 0.5 bit of scale per value
+VALUE_DTYPES = ("fp32", "fp16", "int8", "int4")
 LAYOUTS = ("dense", "bitmap", "indices")   # tie-break order of the "auto" layout choice
 MERGE_DEVICE_ID = "merge"
 
@@ -45,7 +46,7 @@ _MAX_CLASS_NAME = 256
 # safetensors dtype tag <-> little-endian numpy dtype
 _DTYPES = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "I8": np.dtype("i1"), "U8": np.dtype("u1"),
            "I32": np.dtype("<i4"), "I64": np.dtype("<i8")}
-_TAG_OF = {"fp32": "F32", "fp16": "F16", "int8": "I8"}
+_TAG_OF = {"fp32": "F32", "fp16": "F16", "int8": "I8", "int4": "U8"}
 _ENC_OF = {v: k for k, v in _TAG_OF.items()}
 
 T_POSITIONS, T_BITMAP, T_VALUES, T_SCALES = "delta.positions", "delta.bitmap", "delta.values", "delta.scales"
@@ -54,7 +55,9 @@ T_MEANS, T_COUNTS = "prototypes.means", "prototypes.counts"
 _REQUIRED_KEYS = ("format", "format_version", "bundle_id", "bundle_version", "base_sha256", "mask_sha256",
                   "device_id", "delta_k", "layout", "values_dtype", "steps", "samples_seen", "metrics",
                   "created_utc", "body_sha256", "hmac_sha256")
-_OPTIONAL_KEYS = ("int8_block", "classes")
+_OPTIONAL_KEYS = ("int8_block", "int4_block", "classes")
+_BLOCK_KEY = {"int8": "int8_block", "int4": "int4_block"}   # quantised encodings and their block-size key
+_QMAX = {"int8": 127, "int4": 7}
 
 
 # -- errors: one class per failure; ``code`` is the server's error code --------------------------
@@ -253,13 +256,15 @@ def _now_utc() -> str:
 
 
 def _encode_values(values: np.ndarray, encoding: str, int8_block: int) -> dict[str, np.ndarray]:
+    """``int8_block`` is the block size of whichever quantised encoding is asked for."""
     if encoding == "fp32":
         return {T_VALUES: values.astype("<f4")}
     if encoding == "fp16":
         if values.size and float(np.max(np.abs(values))) > 65504.0:
             raise DeltaEncodeError("a delta value exceeds the fp16 range (65504)", "save with values='fp32'")
         return {T_VALUES: values.astype("<f2")}
-    # int8: symmetric per block of int8_block consecutive stored values (0 = one block).
+    # int8 / int4: symmetric per block of `block` consecutive stored values (0 = one block).
+    qmax = _QMAX[encoding]
     m = values.size
     block = m if int8_block == 0 else int8_block
     n_blocks = 1 if int8_block == 0 else -(-m // block)
@@ -269,11 +274,33 @@ def _encode_values(values: np.ndarray, encoding: str, int8_block: int) -> dict[s
         chunk = values[b * block:(b + 1) * block]
         if chunk.size == 0:
             continue
-        scale = np.float32(np.max(np.abs(chunk)) / np.float32(127.0))
+        scale = np.float32(np.max(np.abs(chunk)) / np.float32(qmax))
         scales[b] = scale
         if scale > 0:
-            q[b * block:(b + 1) * block] = np.clip(np.rint(chunk / scale), -127, 127).astype(np.int8)
+            q[b * block:(b + 1) * block] = np.clip(np.rint(chunk / scale), -qmax, qmax).astype(np.int8)
+    if encoding == "int4":
+        return {T_VALUES: pack_int4(q), T_SCALES: scales}
     return {T_VALUES: q, T_SCALES: scales}
+
+
+def pack_int4(q: np.ndarray) -> np.ndarray:
+    """int8 values in [-7, 7] -> bytes, two per byte: value 2i in the low nibble, 2i+1 in the high one
+    (4-bit two's complement); an odd count leaves the last high nibble 0."""
+    nibbles = (np.asarray(q, np.int8).astype(np.uint8) & 0x0F)
+    if nibbles.size % 2:
+        nibbles = np.concatenate([nibbles, np.zeros(1, np.uint8)])
+    return (nibbles[0::2] | (nibbles[1::2] << 4)).astype(np.uint8)
+
+
+def unpack_int4(packed: np.ndarray, n: int) -> np.ndarray:
+    """The inverse of ``pack_int4`` for ``n`` values: int8 [n] (the padding nibble is returned separately)."""
+    packed = np.asarray(packed, np.uint8)
+    nibbles = np.empty(packed.size * 2, np.uint8)
+    nibbles[0::2] = packed & 0x0F
+    nibbles[1::2] = packed >> 4
+    signed = nibbles.astype(np.int8)
+    signed[signed > 7] -= 16
+    return signed[:n]
 
 
 def _choose_layout(k: int, m: int, value_bytes: int) -> str:
@@ -301,7 +328,8 @@ def _serialize(tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> tupl
 
 
 def save(delta: Delta, key: bytes | None = None, *, values: str = "fp32", layout: str = "auto",
-         int8_block: int = DEFAULT_INT8_BLOCK, prototypes_dtype: str = "fp32") -> bytes:
+         int8_block: int = DEFAULT_INT8_BLOCK, prototypes_dtype: str = "fp32",
+         int4_block: int = DEFAULT_INT4_BLOCK) -> bytes:
     """Serialize ``delta`` to canonical bytes, signed with the device ``key`` (None: unsigned)."""
     if values not in VALUE_DTYPES:
         raise DeltaEncodeError(f"unknown value encoding {values!r}", f"use one of {', '.join(VALUE_DTYPES)}")
@@ -309,8 +337,8 @@ def save(delta: Delta, key: bytes | None = None, *, values: str = "fp32", layout
         raise DeltaEncodeError(f"unknown layout {layout!r}", f"use auto or one of {', '.join(LAYOUTS)}")
     if prototypes_dtype not in ("fp32", "fp16"):
         raise DeltaEncodeError(f"unknown prototype encoding {prototypes_dtype!r}", "use fp32 or fp16")
-    if int8_block < 0:
-        raise DeltaEncodeError("int8_block is negative", "use 0 (one scale per file) or a positive block size")
+    if int8_block < 0 or int4_block < 0:
+        raise DeltaEncodeError("the block size is negative", "use 0 (one scale per file) or a positive block size")
     k = int(delta.delta_k)
     positions = np.asarray(delta.positions, dtype=np.int64).reshape(-1)
     vals = np.asarray(delta.values, dtype=np.float32).reshape(-1)
@@ -326,15 +354,16 @@ def save(delta: Delta, key: bytes | None = None, *, values: str = "fp32", layout
     positions, vals = positions[keep], vals[keep]
     m = int(positions.size)
 
-    value_bytes = {"fp32": 4, "fp16": 2, "int8": 1}[values]
+    value_bytes = {"fp32": 4, "fp16": 2, "int8": 1, "int4": 0.5}[values]
+    block = int4_block if values == "int4" else int8_block
     chosen = _choose_layout(k, m, value_bytes) if layout == "auto" else layout
     tensors: dict[str, np.ndarray] = {}
     if chosen == "dense":
         dense = np.zeros(k, np.float32)
         dense[positions] = vals
-        tensors.update(_encode_values(dense, values, int8_block))
+        tensors.update(_encode_values(dense, values, block))
     else:
-        tensors.update(_encode_values(vals, values, int8_block))
+        tensors.update(_encode_values(vals, values, block))
         if chosen == "indices":
             tensors[T_POSITIONS] = positions.astype("<i4")
         else:
@@ -360,8 +389,8 @@ def save(delta: Delta, key: bytes | None = None, *, values: str = "fp32", layout
         "body_sha256": "",
         "hmac_sha256": "",
     }
-    if values == "int8":
-        metadata["int8_block"] = str(int(int8_block))
+    if values in _BLOCK_KEY:
+        metadata[_BLOCK_KEY[values]] = str(int(block))
     protos = delta.prototypes
     if protos is not None and len(protos):
         means = np.asarray(protos.means, np.float32)
@@ -496,6 +525,15 @@ def load_file(path: str | Path, key: bytes | None = None) -> Delta:
     return load(data, key)
 
 
+def _int4_count(meta: dict[str, str], tensors: dict[str, np.ndarray], k: int) -> int:
+    """How many int4 values are packed: K (dense), one per position (indices), one per set bit (bitmap)."""
+    if meta["layout"] == "dense":
+        return k
+    if meta["layout"] == "indices":
+        return int(tensors[T_POSITIONS].size)
+    return int(np.unpackbits(tensors[T_BITMAP], bitorder="little")[:k].sum())
+
+
 def decode(header: DeltaHeader, data: bytes) -> Delta:
     """Tensors -> ``Delta`` with every value check (finite, positions in range, no q=-128)."""
     tensors = _st_load(data)     # offsets were validated by read_header, so this cannot misread
@@ -503,13 +541,24 @@ def decode(header: DeltaHeader, data: bytes) -> Delta:
     k = header.delta_k
     encoding = meta["values_dtype"]
     stored = tensors[T_VALUES]
-    if encoding == "int8":
+    if encoding in _BLOCK_KEY:
+        if encoding == "int4":
+            n = _int4_count(meta, tensors, k)
+            if stored.size != -(-n // 2) or (n % 2 and stored.size and stored[-1] >> 4):
+                raise DeltaShapeError(f"{T_VALUES} holds {stored.size} bytes, expected {-(-n // 2)} for {n} int4 "
+                                      "values (padding nibble 0)", _REMAKE)
+            stored = unpack_int4(stored, n)
+            block = int(meta["int4_block"]) or max(n, 1)
+            if tensors[T_SCALES].shape != ((1 if int(meta["int4_block"]) == 0 else -(-n // block)),):
+                raise DeltaShapeError(f"{T_SCALES} does not hold one scale per {block} int4 values", _REMAKE)
         scales = tensors[T_SCALES].astype(np.float32)
         if not np.all(np.isfinite(scales)) or np.any(scales < 0):
-            raise DeltaValueError("an int8 scale is negative, NaN or infinite", _REMAKE)
-        if np.any(stored == -128):
-            raise DeltaValueError("an int8 value is -128 (the encoding is symmetric, -127..127)", _REMAKE)
-        block = int(meta["int8_block"]) or max(stored.size, 1)
+            raise DeltaValueError(f"an {encoding} scale is negative, NaN or infinite", _REMAKE)
+        if np.any(stored == -_QMAX[encoding] - 1):
+            raise DeltaValueError(f"an {encoding} value is {-_QMAX[encoding] - 1} (the encoding is symmetric, "
+                                  f"-{_QMAX[encoding]}..{_QMAX[encoding]})", _REMAKE)
+        if encoding == "int8":
+            block = int(meta["int8_block"]) or max(stored.size, 1)
         per_value_scale = np.repeat(scales, block)[: stored.size]
         decoded = stored.astype(np.float32) * per_value_scale
     else:
@@ -588,10 +637,11 @@ def _check_metadata(meta: dict[str, Any], err: type[DeltaError]) -> None:
         raise err(f"layout {meta['layout']!r} is not one of {', '.join(LAYOUTS)}", fix)
     if meta["values_dtype"] not in VALUE_DTYPES:
         raise err(f"values_dtype {meta['values_dtype']!r} is not one of {', '.join(VALUE_DTYPES)}", fix)
-    if (meta["values_dtype"] == "int8") != ("int8_block" in meta):
-        raise err("int8_block must be present exactly when values_dtype is int8", fix)
-    if "int8_block" in meta and not _UINT_RE.fullmatch(meta["int8_block"]):
-        raise err("int8_block is not a non-negative decimal integer", fix)
+    for enc, key in _BLOCK_KEY.items():
+        if (meta["values_dtype"] == enc) != (key in meta):
+            raise err(f"{key} must be present exactly when values_dtype is {enc}", fix)
+        if key in meta and not _UINT_RE.fullmatch(meta[key]):
+            raise err(f"{key} is not a non-negative decimal integer", fix)
     if not _TIME_RE.fullmatch(meta["created_utc"]):
         raise err(f"created_utc {meta['created_utc']!r} is not YYYY-MM-DDTHH:MM:SSZ", fix)
     for name, kind in (("metrics", dict), ("classes", list)):
@@ -628,7 +678,7 @@ def _check_tensors(header: dict[str, Any], meta: dict[str, str], err: type[Delta
         infos[name] = TensorInfo(entry["dtype"], tuple(entry["shape"]), begin, end)
     k, layout, enc = int(meta["delta_k"]), meta["layout"], meta["values_dtype"]
     expected = {T_VALUES} | {"indices": {T_POSITIONS}, "bitmap": {T_BITMAP}, "dense": set()}[layout]
-    if enc == "int8":
+    if enc in _BLOCK_KEY:
         expected.add(T_SCALES)
     if "classes" in meta:
         expected |= {T_MEANS, T_COUNTS}
@@ -644,7 +694,19 @@ def _check_tensors(header: dict[str, Any], meta: dict[str, str], err: type[Delta
     if len(values.shape) != 1:
         raise err(f"{T_VALUES} is not a vector", fix)
     m = values.shape[0]
-    need(T_VALUES, (_TAG_OF[enc],), (k if layout == "dense" else m,))
+    if enc == "int4":
+        # m values take ceil(m / 2) bytes; the count itself comes from the layout (checked in decode for bitmap).
+        if layout == "dense":
+            need(T_VALUES, ("U8",), (-(-k // 2),))
+        elif layout == "indices":
+            positions = infos[T_POSITIONS]
+            m = positions.shape[0] if len(positions.shape) == 1 else -1
+            need(T_POSITIONS, ("I32",), (m,))
+            need(T_VALUES, ("U8",), (-(-m // 2),))
+        else:
+            need(T_VALUES, ("U8",), (m,))
+    else:
+        need(T_VALUES, (_TAG_OF[enc],), (k if layout == "dense" else m,))
     if layout == "indices":
         need(T_POSITIONS, ("I32",), (m,))
     elif layout == "bitmap":

@@ -74,7 +74,7 @@ _SIZE_TIME = "2000-01-01T00:00:00Z"
 
 def worst_case_delta_bytes(manifest: mf.BundleManifest, k: int) -> dict[str, int]:
     """Exact byte size of a signed delta file with all ``k`` entries changed, no prototypes, per encoding
-    (fp32, fp16, int8), measured by serializing it with the reference writer."""
+    (fp32, fp16, int8, int4), measured by serializing it with the reference writer."""
     worst = delta_format.Delta.from_dense(
         np.ones(k, np.float32), bundle_id=manifest.bundle_id, bundle_version=manifest.version,
         base_sha256=manifest.base_sha256, mask_sha256=manifest.mask_sha256, device_id=_SIZE_DEVICE_ID,
