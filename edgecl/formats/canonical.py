@@ -18,7 +18,8 @@ _TAGS = {np.dtype("float64"): "F64", np.dtype("float32"): "F32", np.dtype("float
          np.dtype("uint8"): "U8", np.dtype("uint16"): "U16", np.dtype("uint32"): "U32", np.dtype("bool"): "BOOL"}
 
 
-def canonical_safetensors(tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> bytes:
+def canonical_parts(tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> tuple[bytes, bytes, dict]:
+    """(header JSON without its padding, body, header object): what a signature covers (delta files)."""
     arrays = {n: np.ascontiguousarray(a) for n, a in tensors.items()}
     header: dict[str, object] = {"__metadata__": dict(metadata)} if metadata else {}
     chunks: list[bytes] = []
@@ -30,6 +31,11 @@ def canonical_safetensors(tensors: dict[str, np.ndarray], metadata: dict[str, st
                         "data_offsets": [offset, offset + len(raw)]}
         chunks.append(raw)
         offset += len(raw)
-    text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=True).encode("ascii")
+    text = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    return text.encode("ascii"), b"".join(chunks), header
+
+
+def canonical_safetensors(tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> bytes:
+    text, body, _ = canonical_parts(tensors, metadata)
     text += b" " * (-len(text) % 8)
-    return len(text).to_bytes(8, "little") + text + b"".join(chunks)
+    return len(text).to_bytes(8, "little") + text + body

@@ -26,6 +26,7 @@ from safetensors.numpy import load as _st_load
 
 from edgecl.errors import EdgeclError
 from edgecl.formats.atomic import atomic_write_bytes
+from edgecl.formats.canonical import canonical_parts
 from edgecl.formats.prototypes import Prototypes
 
 DELTA_FORMAT = "edgecl-delta"
@@ -314,17 +315,10 @@ def _layout_key(name: str, dtype_tag: str) -> tuple[int, str]:
 
 def _serialize(tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> tuple[bytes, bytes, dict]:
     """(header object without padding as bytes, body, header object) in the canonical layout."""
-    tags = {name: next(t for t, d in _DTYPES.items() if d == arr.dtype) for name, arr in tensors.items()}
-    header: dict[str, Any] = {"__metadata__": metadata}
-    chunks: list[bytes] = []
-    offset = 0
-    for name in sorted(tensors, key=lambda n: _layout_key(n, tags[n])):
-        raw = np.ascontiguousarray(tensors[name], dtype=_DTYPES[tags[name]]).tobytes()
-        header[name] = {"data_offsets": [offset, offset + len(raw)], "dtype": tags[name],
-                        "shape": [int(s) for s in tensors[name].shape]}
-        chunks.append(raw)
-        offset += len(raw)
-    return canonical_json(header).encode("ascii"), b"".join(chunks), header
+    for name, array in tensors.items():
+        if array.dtype not in _DTYPES.values():
+            raise DeltaEncodeError(f"tensor {name} has dtype {array.dtype}, not one the spec allows", _REMAKE)
+    return canonical_parts(tensors, metadata)
 
 
 def save(delta: Delta, key: bytes | None = None, *, values: str = "fp32", layout: str = "auto",
