@@ -19,13 +19,16 @@ def export(
     lr: Annotated[float, typer.Option(help="Default device learning rate on the sparse delta.")] = 1e-3,
     epochs: Annotated[int, typer.Option(help="Default device epochs.")] = 5,
     seed: Annotated[int, typer.Option(help="Seed for shuffling, augmentation and head init.")] = 1993,
+    exemplars_per_class: Annotated[int, typer.Option(help="Calibration images per class shipped in the bundle so "
+                                                     "the device can refresh their prototypes (0 = none).")] = 20,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
 ) -> None:
     """Score weights by MI-Fisher information, keep the top few percent, export a trainable ONNX bundle."""
     from edgecl.host.export import ExportOptions, export_bundle
 
     opts = ExportOptions(select_rate=select_rate, drop_rate=drop_rate, seed=seed, lr_backbone=lr, epochs=epochs,
-                         overwrite=overwrite, overlap_path=str(overlap) if overlap else None)
+                         overwrite=overwrite, overlap_path=str(overlap) if overlap else None,
+                         exemplars_per_class=exemplars_per_class)
     report = export_bundle(recipe, data, out, profile=device, options=opts)
     total_bytes = sum(report.files.values())
     typer.echo(f"wrote {report.bundle_dir}: {report.model_name}, {report.total_params:,} parameters, "

@@ -86,7 +86,9 @@ def test_adapt_eval_predict_rollback(bundle, task_data):
     report = _adapt(bundle, task_data, epochs=2, seed=7, batch_size=16)
     assert report.skipped_unreadable == 1 and report.images == 30
     assert report.classes_added == ["cat", "dog"] and report.classes_updated == ["class0"]
-    assert report.drift_compensated == ["class1", "class2"] and report.steps == 2 * 2  # 30 images, batch 16
+    # class1/class2 are not in the data: refreshed from the bundle's calibration exemplars
+    assert report.from_exemplars == ["class1", "class2"] and report.drift_compensated == []
+    assert report.steps == 2 * 2  # 30 images, batch 16
     assert report.peak_rss_mb > 0 and report.step_seconds_median > 0
     after = evaluate(bundle, task_data)
     assert after["state"] == report.state and set(after["per_class"]) == {"cat", "dog", "class0"}
@@ -135,8 +137,15 @@ def test_exemplars_refresh_old_classes_in_a_later_round(bundle, task_data, tmp_p
     second = make_image_folder(tmp_path / "second", {"fox": 10}, seed=3)
     from edgecl.device.adapt import AdaptOptions, adapt
     report2 = adapt(bundle, second, AdaptOptions(epochs=1, lr=0.05, progress=False))
-    assert set(report2.from_exemplars) == {"cat", "dog", "class0"}
-    assert report2.drift_compensated == ["class1", "class2"]
+    # every old class has exemplars: the device's own (cat, dog, class0) and the bundle's (class1, class2)
+    assert set(report2.from_exemplars) == {"cat", "dog", "class0", "class1", "class2"}
+    assert report2.drift_compensated == []
+
+
+def test_without_bundle_exemplars_old_classes_are_drift_compensated(bundle, task_data):
+    (bundle / "exemplars.safetensors").unlink()
+    report = _adapt(bundle, task_data, epochs=1, lr=0.05)
+    assert report.from_exemplars == [] and report.drift_compensated == ["class1", "class2"]
 
 
 def test_select_lr_logs_its_choice(bundle, task_data):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from edgecl.device.exemplars import ExemplarMemory, herding_order, per_class_quota
+from edgecl.formats.exemplars import ExemplarMemory, herding_order, per_class_quota
 
 
 def test_herding_first_pick_is_nearest_the_mean_and_means_converge():

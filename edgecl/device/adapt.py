@@ -31,12 +31,12 @@ import numpy as np
 from edgecl.errors import DataError, DeviceError
 from edgecl.formats import manifest as mf
 from edgecl.formats.config import DeviceProfile
+from edgecl.formats.exemplars import ExemplarMemory
 from edgecl.formats.hashing import sha256_bytes
 from edgecl.formats.images import LoadedImages, load_image_folder, two_views
 from edgecl.formats.prototypes import Prototypes
 
 from . import drift as sdc
-from .exemplars import ExemplarMemory
 from .infer import create_runner, embed_and_score, resolve_profile
 from .state import (
     EXEMPLARS,
@@ -368,8 +368,13 @@ def adapt(bundle_dir: str | Path, data_dir: str | Path, options: AdaptOptions | 
     prototypes = Prototypes(list(current.prototypes.classes), current.prototypes.means.copy(),
                             current.prototypes.counts.copy())
     old_names = [c for c in prototypes.classes if c not in data.classes]
-    memory = (ExemplarMemory.load_file(current.exemplars_path) if current.exemplars_path
-              else ExemplarMemory.empty(tuple(m.input_size)))
+    if current.exemplars_path:
+        memory = ExemplarMemory.load_file(current.exemplars_path)
+    elif bundle.path(mf.EXEMPLARS).exists():
+        # First adaptation: start from the calibration exemplars the host shipped in the bundle.
+        memory = ExemplarMemory.load_file(bundle.path(mf.EXEMPLARS))
+    else:
+        memory = ExemplarMemory.empty(tuple(m.input_size))
     from_exemplars, compensated = [], []
     if trained:
         for name in old_names:

@@ -17,6 +17,7 @@ from edgecl.errors import BundleError, ConfigError
 from edgecl.formats import delta as delta_format
 from edgecl.formats import manifest as mf
 from edgecl.formats.config import Recipe, load_recipe
+from edgecl.formats.exemplars import ExemplarMemory
 from edgecl.formats.hashing import sha256_file
 from edgecl.formats.images import normalize
 from edgecl.formats.mask import Mask, overlap_to_bytes
@@ -86,6 +87,9 @@ def apply_deltas(bundle_dir: str | Path, delta_paths: list[str | Path], out_dir:
         for i, name in enumerate(merged.prototypes.classes):
             prototypes.upsert(name, merged.prototypes.means[i], int(merged.prototypes.counts[i]))
 
+    # The calibration exemplars are pixels: they stay valid under the patched backbone.
+    exemplars = (ExemplarMemory.load_file(bundle_dir / mf.EXEMPLARS) if (bundle_dir / mf.EXEMPLARS).exists()
+                 else None)
     options = ExportOptions(select_rate=manifest.select_rate, drop_rate=manifest.drop_rate, seed=manifest.seed,
                             batch_size=manifest.batch_size, temperature=manifest.loss_temperature,
                             lr_backbone=manifest.lr_backbone, lr_head=manifest.lr_head, epochs=manifest.epochs,
@@ -104,7 +108,8 @@ def apply_deltas(bundle_dir: str | Path, delta_paths: list[str | Path], out_dir:
     try:
         export_bundle(recipe, data_dir, out_dir, options=options, weights_override=patched,
                       bundle_id=manifest.bundle_id, version=manifest.version + 1,
-                      parent_sha256=sha256_file(bundle_dir / mf.MANIFEST), mask=next_mask, prototypes=prototypes)
+                      parent_sha256=sha256_file(bundle_dir / mf.MANIFEST), mask=next_mask, prototypes=prototypes,
+                      exemplars=exemplars)
     finally:
         if options.overlap_path:
             Path(options.overlap_path).unlink(missing_ok=True)

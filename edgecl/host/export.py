@@ -31,6 +31,7 @@ from edgecl.errors import ConfigError, DataError, ExportError
 from edgecl.formats import manifest as mf
 from edgecl.formats.atomic import atomic_dir
 from edgecl.formats.config import DeviceProfile, Recipe, load_profile, load_recipe
+from edgecl.formats.exemplars import ExemplarMemory
 from edgecl.formats.hashing import sha256_bytes, sha256_file
 from edgecl.formats.images import load_image_folder, normalize, scan_image_folder
 from edgecl.formats.mask import Mask, overlap_from_bytes
@@ -58,6 +59,7 @@ class ExportOptions:
     epochs: int = 5                      # device default epochs
     overwrite: bool = False              # replace an existing output folder
     overlap_path: str | None = None      # overlap counts from earlier rounds (edgecl merge)
+    exemplars_per_class: int = 20        # calibration images shipped per class (herding); 0 = ship no images
     progress: bool = True
 
 
@@ -223,7 +225,7 @@ def export_bundle(recipe: Recipe | str | Path, data_dir: str | Path | None, out_
                   profile: DeviceProfile | str | Path | None = None, options: ExportOptions | None = None,
                   weights_override: dict[str, np.ndarray] | None = None, bundle_id: str | None = None,
                   version: int = 1, parent_sha256: str = "", mask: Mask | None = None,
-                  prototypes: Prototypes | None = None) -> ExportReport:
+                  prototypes: Prototypes | None = None, exemplars: ExemplarMemory | None = None) -> ExportReport:
     """Export a bundle.
 
     `edgecl apply` passes ``weights_override`` (the patched base weights), and either calibration
@@ -330,6 +332,15 @@ def export_bundle(recipe: Recipe | str | Path, data_dir: str | Path | None, out_
             assert images is not None
             prototypes = class_prototypes(emb, images.labels, images.classes)
         prototypes.save_file(tmp / mf.PROTOTYPES)
+        if exemplars is None and images is not None and opts.exemplars_per_class > 0:
+            # A few calibration images per class (herding on the embeddings) let the device
+            # recompute these classes' prototypes after it moves the backbone (issue 6).
+            exemplars = ExemplarMemory.empty(tuple(recipe.input_size)).update(
+                {name: (images.pixels[images.labels == i], emb[images.labels == i])
+                 for i, name in enumerate(images.classes)},
+                budget_bytes=1 << 62, max_per_class=opts.exemplars_per_class)
+        if exemplars is not None and len(exemplars.classes):
+            exemplars.save_file(tmp / mf.EXEMPLARS)
         if weights_override is not None:
             # `edgecl apply` output: the patched weights by parameter name, for any other runtime.
             (tmp / WEIGHTS).write_bytes(st_save({k: np.ascontiguousarray(v) for k, v in weights.items()}))

@@ -1,4 +1,7 @@
-"""Exemplar memory: a few pre-processed images per class kept on the device (issue 6).
+"""Exemplar memory: a few pre-processed images per class (issue 6).
+
+Shared format: the host ships the calibration classes' exemplars in the bundle
+(``exemplars.safetensors``, chosen at export), the device keeps its own in its state.
 
 Rule (documented in docs/device.md):
 - Stored: resized uint8 pixels [H, W, 3] (what the model sees before normalisation), so an
@@ -24,10 +27,10 @@ from pathlib import Path
 
 import numpy as np
 from safetensors.numpy import load as _st_load
-from safetensors.numpy import save as _st_save
 
-from edgecl.errors import DeviceError
+from edgecl.errors import BundleError
 from edgecl.formats.atomic import atomic_write_bytes
+from edgecl.formats.canonical import canonical_safetensors
 
 EXEMPLARS_FORMAT = "edgecl-exemplars"
 
@@ -101,10 +104,10 @@ class ExemplarMemory:
         return ExemplarMemory(kept, np.concatenate(pixels).astype(np.uint8), np.concatenate(labels))
 
     def to_bytes(self) -> bytes:
-        return _st_save({"pixels": np.ascontiguousarray(self.pixels, np.uint8),
-                         "labels": np.ascontiguousarray(self.labels, np.int64)},
-                        metadata={"format": EXEMPLARS_FORMAT, "format_version": "1",
-                                  "classes": json.dumps(self.classes)})
+        return canonical_safetensors({"pixels": np.ascontiguousarray(self.pixels, np.uint8),
+                                      "labels": np.ascontiguousarray(self.labels, np.int64)},
+                                     metadata={"format": EXEMPLARS_FORMAT, "format_version": "1",
+                                               "classes": json.dumps(self.classes)})
 
     @classmethod
     def from_bytes(cls, data: bytes) -> ExemplarMemory:
@@ -116,7 +119,8 @@ class ExemplarMemory:
                 raise ValueError("not an edgecl exemplar file")
             return cls(json.loads(meta["classes"]), tensors["pixels"], tensors["labels"].astype(np.int64))
         except Exception as exc:
-            raise DeviceError(f"exemplar memory is damaged ({exc})", "run `edgecl rollback`") from exc
+            raise BundleError(f"exemplar memory is damaged ({exc})",
+                              "run `edgecl rollback`, or re-copy the bundle if it is the bundle's file") from exc
 
     def save_file(self, path: Path) -> None:
         atomic_write_bytes(path, self.to_bytes())
