@@ -142,6 +142,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--select-rate", type=float, default=0.05)
     ap.add_argument("--drop-rate", type=float, default=0.9)
+    ap.add_argument("--small-tensors", default="full", choices=["full", "ranked"],
+                    help="torch MIST mask: 1-D tensors fully trainable (reference) or ranked by score")
     ap.add_argument("--momentum", type=float, default=0.0, help="full FT momentum (MIST never has any)")
     ap.add_argument("--train-per-class", type=int, default=300)
     ap.add_argument("--val-per-class", type=int, default=100)
@@ -167,7 +169,7 @@ def main() -> None:
           f"loaded in {time.perf_counter() - t0:.0f}s", flush=True)
 
     base_cfg = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, select_rate=args.select_rate,
-                           drop_rate=args.drop_rate)
+                           drop_rate=args.drop_rate, small_tensors=args.small_tensors)
     results: dict[str, Any] = {"machine": common.machine(), "config": vars(args) | {"recipe": recipe.name},
                                "runs": [], "chosen": {}, "selection": {}}
     variants: list[tuple[str, str, float | None, bool]] = []  # (label, method, lr, drift)

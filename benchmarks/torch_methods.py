@@ -40,6 +40,7 @@ class TrainConfig:
     select_rate: float = 0.05        # MIST mask: share of all parameters (paper: top 5%)
     drop_rate: float = 0.9           # MIST gate: per-step probability a selected gradient is dropped
     overlap_decay: float = 0.9       # MIST: gradient scale 0.9 ** overlap (METHOD.md step 2)
+    small_tensors: str = "full"      # MIST mask: 1-D tensors fully trainable ("full") or ranked
     seed: int = 1993
 
 
@@ -119,7 +120,7 @@ class TorchLearner:
         scores = mi_fisher_scores(self.model, head, pixels, labels, self.recipe.mean, self.recipe.std,
                                   batch_size=cfg.batch_size, temperature=cfg.temperature, seed=cfg.seed + task,
                                   interpolation=self.recipe.interpolation, progress=False)
-        mask = select_mask(scores, cfg.select_rate, self.overlap or None)
+        mask = select_mask(scores, cfg.select_rate, self.overlap or None, small_tensors=cfg.small_tensors)
         params = dict(self.model.named_parameters())
         base = {n: params[n].detach().clone().reshape(-1) for n in mask.order}
         index = {n: torch.from_numpy(mask.indices[n].astype(np.int64)) for n in mask.order}

@@ -171,3 +171,20 @@ def test_atomic_writes_leave_old_state_on_failure(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["f.bin"], "no temp files may be left behind"
     assert target.read_bytes() == b"old"
     json.loads(json.dumps({"ok": True}))
+
+
+def test_mask_small_tensor_policies() -> None:
+    from edgecl.host.masking import select_mask
+
+    rng = np.random.default_rng(0)
+    scores = {"w": rng.random((40, 50)).astype(np.float32), "b": rng.random(40).astype(np.float32)}
+    full = select_mask(scores, 0.1)
+    assert full.indices["b"].size == 40  # 1-D tensors fully trainable (fits in a quarter of the budget)
+    ranked = select_mask(scores, 0.1, small_tensors="ranked")
+    assert ranked.indices["b"].size == 4  # ranked like the weights: 10% of 40
+    for mask in (full, ranked):
+        assert abs(mask.selected_fraction - 0.1) < 0.005
+    top = np.sort(np.argsort(-scores["w"].reshape(-1))[: ranked.indices["w"].size])
+    assert np.array_equal(ranked.indices["w"], top), "the mask keeps each tensor's top elements by score"
+    with pytest.raises(ConfigError):
+        select_mask(scores, 0.1, small_tensors="none")

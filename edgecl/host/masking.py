@@ -33,14 +33,24 @@ def top_k_indices(scores: np.ndarray, k: int) -> np.ndarray:
     return np.sort(order[:k]).astype(np.int32)
 
 
+SMALL_TENSOR_POLICIES = ("full", "ranked")
+
+
 def select_mask(scores: dict[str, np.ndarray], select_rate: float,
-                overlap: dict[str, tuple[np.ndarray, np.ndarray]] | None = None) -> Mask:
-    """scores: parameter name -> score array (the exported model's parameters, in model order)."""
+                overlap: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
+                small_tensors: str = "full") -> Mask:
+    """scores: parameter name -> score array (the exported model's parameters, in model order).
+
+    ``small_tensors``: "full" trains 1-D tensors entirely (the reference code's policy, when they fit
+    in a quarter of the budget); "ranked" ranks them by score like every other tensor.
+    """
     if not 0.0 < select_rate <= 1.0:
         raise ConfigError(f"select rate {select_rate} is outside (0, 1]", "pass e.g. --select-rate 0.05")
+    if small_tensors not in SMALL_TENSOR_POLICIES:
+        raise ConfigError(f"unknown small-tensor policy {small_tensors!r}", "use full or ranked")
     total = int(sum(s.size for s in scores.values()))
     budget = select_rate * total
-    small = [n for n, s in scores.items() if s.ndim <= 1]
+    small = [n for n, s in scores.items() if s.ndim <= 1] if small_tensors == "full" else []
     small_total = sum(scores[n].size for n in small)
     full = set(small) if small_total <= _SMALL_SHARE_OF_BUDGET * budget else set()
     ranked_total = total - sum(scores[n].size for n in full)
