@@ -93,3 +93,39 @@ def test_delta_before_any_adaptation_is_a_clear_error(bundle_copy: Path, tmp_pat
     result = runner.invoke(app, ["delta", str(bundle_copy), "-o", str(tmp_path / "d.safetensors")])
     assert result.exit_code == 1 and "edgecl adapt" in result.output
     assert not (tmp_path / "d.safetensors").exists()
+
+
+def test_overlap_history_accumulates_over_rounds(adapted: Path, calib_dir: Path, tmp_path: Path) -> None:
+    """METHOD.md step 2: each element's count of rounds that updated it survives every apply."""
+    from edgecl.formats.mask import overlap_from_bytes
+
+    d1 = tmp_path / "d1.safetensors"
+    assert runner.invoke(app, ["delta", str(adapted), "-o", str(d1)]).exit_code == 0
+    v2 = tmp_path / "v2"
+    assert runner.invoke(app, ["apply", str(adapted), str(d1), "-o", str(v2)]).exit_code == 0
+    changed1 = delta_format.load_file(d1).to_dense() != 0
+    assert runner.invoke(app, ["adapt", str(v2), "--data", str(calib_dir), "--epochs", "1"]).exit_code == 0
+    d2 = tmp_path / "d2.safetensors"
+    assert runner.invoke(app, ["delta", str(v2), "-o", str(d2)]).exit_code == 0
+    changed2 = delta_format.load_file(d2).to_dense() != 0
+    v3 = tmp_path / "v3"
+    result = runner.invoke(app, ["apply", str(v2), str(d2), "-o", str(v3), "--data", str(calib_dir)])
+    assert result.exit_code == 0, result.output
+
+    mask = Mask.load_file(adapted / mf.MASK)  # rounds 1 and 2 share this mask (v2 kept it)
+    expected = changed1.astype(np.int32) + changed2.astype(np.int32)
+    history = overlap_from_bytes((v3 / "overlap.safetensors").read_bytes())
+    got = np.zeros(mask.total_selected, np.int32)
+    for name, sl in mask.slices().items():
+        if name in history:
+            idx, cnt = history[name]
+            pos = np.searchsorted(mask.indices[name], idx)
+            assert np.array_equal(mask.indices[name][pos], idx), "history names elements outside round 1-2's mask"
+            got[sl][pos] = cnt
+    assert np.array_equal(got, expected) and expected.max() == 2
+    # the re-scored mask of v3 carries the history's counts at its own elements
+    v3_mask = Mask.load_file(v3 / mf.MASK)
+    for name in v3_mask.order:
+        idx, cnt = history.get(name, (np.zeros(0, np.int32), np.zeros(0, np.int32)))
+        lookup = dict(zip(idx.tolist(), cnt.tolist(), strict=True))
+        assert v3_mask.overlap[name].tolist() == [lookup.get(i, 0) for i in v3_mask.indices[name].tolist()]

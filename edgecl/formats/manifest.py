@@ -24,7 +24,8 @@ CHECKPOINT = "checkpoint"
 INFERENCE_MODEL = "inference.onnx"
 MASK = "mask.safetensors"
 PROTOTYPES = "prototypes.safetensors"
-EXEMPLARS = "exemplars.safetensors"  # optional: a few images per calibration class (export --exemplars-per-class)
+EXEMPLARS = "exemplars.safetensors"
+OVERLAP = "overlap.safetensors"  # optional: how often each element was updated in earlier rounds (all of them)  # optional: a few images per calibration class (export --exemplars-per-class)
 REQUIRED_FILES = (MANIFEST, TRAINING_MODEL, EVAL_MODEL, CHECKPOINT, INFERENCE_MODEL, MASK)
 
 # Names inside the graphs and the checkpoint (docs/architecture.md).

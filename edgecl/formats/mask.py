@@ -167,3 +167,32 @@ def overlap_from_bytes(data: bytes) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     tensors = _st_load(data)
     names = sorted({k.rsplit(".", 1)[0] for k in tensors})
     return {n: (tensors[f"{n}.indices"], tensors[f"{n}.counts"]) for n in names}
+
+
+Overlap = dict[str, tuple[np.ndarray, np.ndarray]]  # tensor name -> (flat indices int32, counts int32)
+
+
+def overlap_add(history: Overlap, update: Overlap) -> Overlap:
+    """Per element, history counts + update counts (METHOD.md step 2 tracks every element ever updated)."""
+    out: Overlap = {}
+    for name in list(history) + [n for n in update if n not in history]:
+        idx = np.concatenate([history.get(name, (np.zeros(0, np.int32),) * 2)[0],
+                              update.get(name, (np.zeros(0, np.int32),) * 2)[0]]).astype(np.int64)
+        cnt = np.concatenate([history.get(name, (np.zeros(0, np.int32),) * 2)[1],
+                              update.get(name, (np.zeros(0, np.int32),) * 2)[1]]).astype(np.int64)
+        unique, inverse = np.unique(idx, return_inverse=True)
+        summed = np.bincount(inverse, weights=cnt, minlength=unique.size).astype(np.int32)
+        keep = summed > 0
+        if keep.any():
+            out[name] = (unique[keep].astype(np.int32), summed[keep])
+    return out
+
+
+def overlap_of_mask(mask: Mask) -> Overlap:
+    """The counts a mask carries, as an overlap history (elements with a count above 0)."""
+    out: Overlap = {}
+    for name in mask.order:
+        keep = mask.overlap[name] > 0
+        if keep.any():
+            out[name] = (mask.indices[name][keep], mask.overlap[name][keep])
+    return out

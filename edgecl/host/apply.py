@@ -20,7 +20,14 @@ from edgecl.formats.config import Recipe, load_recipe
 from edgecl.formats.exemplars import ExemplarMemory
 from edgecl.formats.hashing import sha256_file
 from edgecl.formats.images import normalize
-from edgecl.formats.mask import Mask, overlap_to_bytes
+from edgecl.formats.mask import (
+    Mask,
+    Overlap,
+    overlap_add,
+    overlap_from_bytes,
+    overlap_of_mask,
+    overlap_to_bytes,
+)
 from edgecl.formats.prototypes import Prototypes
 from edgecl.host.export import ExportOptions, base_weights_sha256, export_bundle, read_base_weights
 from edgecl.host.model import build_embedding_model
@@ -42,16 +49,23 @@ def _recipe_from_manifest(manifest: mf.BundleManifest) -> Recipe:
     return Recipe(**{k: v for k, v in manifest.recipe.items() if k in fields})
 
 
-def _merged(deltas: list[delta_format.Delta], mask: Mask) -> tuple[delta_format.Delta, dict]:
+def _merged(deltas: list[delta_format.Delta], mask: Mask) -> delta_format.Delta:
     if len(deltas) == 1:
-        d = deltas[0]
-        counts = mask.overlap_vector() + (d.to_dense(mask.total_selected) != 0).astype(np.int32)
-        return d, {n: (mask.indices[n], counts[sl]) for n, sl in mask.slices().items()}
+        return deltas[0]
     # Several deltas: the same pure weighted-mean merge the fleet server runs (numpy only).
     from edgecl.server.merge import merge_deltas
 
-    out = merge_deltas(deltas, mask)
-    return out.delta, out.overlap
+    return merge_deltas(deltas, mask).delta
+
+
+def _overlap_history(bundle_dir: Path, mask: Mask, vector: np.ndarray) -> Overlap:
+    """Every element updated in any round so far, with its count, including this delta's elements."""
+    path = bundle_dir / mf.OVERLAP
+    history = overlap_from_bytes(path.read_bytes()) if path.exists() else overlap_of_mask(mask)
+    changed = vector != 0
+    this_round = {n: (mask.indices[n][changed[sl]], np.ones(int(changed[sl].sum()), np.int32))
+                  for n, sl in mask.slices().items() if changed[sl].any()}
+    return overlap_add(history, this_round)
 
 
 def apply_deltas(bundle_dir: str | Path, delta_paths: list[str | Path], out_dir: str | Path,
@@ -70,8 +84,9 @@ def apply_deltas(bundle_dir: str | Path, delta_paths: list[str | Path], out_dir:
             raise BundleError(f"delta {path} was made for another bundle (id {d.bundle_id[:12]}, version "
                               f"{d.bundle_version}) than {bundle_dir} (id {manifest.bundle_id[:12]}, version "
                               f"{manifest.version})", "apply it to the bundle the device adapted")
-    merged, overlap = _merged(deltas, mask)
+    merged = _merged(deltas, mask)
     vector = merged.to_dense(mask.total_selected)
+    history = _overlap_history(bundle_dir, mask, vector)
 
     recipe = load_recipe(recipe_path) if recipe_path else _recipe_from_manifest(manifest)
     names = [n for n, _ in build_embedding_model(recipe).named_parameters()]
@@ -100,23 +115,35 @@ def apply_deltas(bundle_dir: str | Path, delta_paths: list[str | Path], out_dir:
         # Keep the mask; its overlap counts now include this round (METHOD.md step 2).
         next_mask = Mask(order=list(mask.order), shapes=dict(mask.shapes),
                          indices={n: mask.indices[n] for n in mask.order}, total_params=mask.total_params,
-                         overlap={n: overlap[n][1] for n in mask.order})
-    else:
-        overlap_file = out_dir.parent / f".{out_dir.name}.overlap.safetensors"
-        overlap_file.write_bytes(overlap_to_bytes(overlap))
-        options.overlap_path = str(overlap_file)
+                         overlap=_aligned(history, mask))
+    overlap_file = out_dir.parent / f".{out_dir.name}.overlap.safetensors"
+    overlap_file.write_bytes(overlap_to_bytes(history))
+    options.overlap_path = str(overlap_file)
     try:
         export_bundle(recipe, data_dir, out_dir, options=options, weights_override=patched,
                       bundle_id=manifest.bundle_id, version=manifest.version + 1,
                       parent_sha256=sha256_file(bundle_dir / mf.MANIFEST), mask=next_mask, prototypes=prototypes,
                       exemplars=exemplars)
     finally:
-        if options.overlap_path:
-            Path(options.overlap_path).unlink(missing_ok=True)
+        overlap_file.unlink(missing_ok=True)
     diff = _output_diff(bundle_dir, out_dir, vector, manifest)
     return ApplyReport(bundle_dir=str(out_dir), version=manifest.version + 1, deltas=len(deltas),
                        changed_elements=int(np.count_nonzero(vector)), classes=list(prototypes.classes),
                        max_abs_output_diff=diff, remasked=data_dir is not None)
+
+
+def _aligned(history: Overlap, mask: Mask) -> dict[str, np.ndarray]:
+    """History counts at the mask's selected elements (0 where an element was never updated)."""
+    out = {}
+    for name in mask.order:
+        counts = np.zeros(mask.indices[name].size, np.int32)
+        if name in history:
+            idx, cnt = history[name]
+            pos = np.searchsorted(mask.indices[name], idx)
+            hit = (pos < counts.size) & (mask.indices[name][np.minimum(pos, counts.size - 1)] == idx)
+            counts[pos[hit]] = cnt[hit]
+        out[name] = counts
+    return out
 
 
 def _output_diff(old_dir: Path, new_dir: Path, vector: np.ndarray, manifest: mf.BundleManifest) -> float:

@@ -34,7 +34,7 @@ from edgecl.formats.config import DeviceProfile, Recipe, load_profile, load_reci
 from edgecl.formats.exemplars import ExemplarMemory
 from edgecl.formats.hashing import sha256_bytes, sha256_file
 from edgecl.formats.images import load_image_folder, normalize, scan_image_folder
-from edgecl.formats.mask import Mask, overlap_from_bytes
+from edgecl.formats.mask import Mask, overlap_from_bytes, overlap_to_bytes
 from edgecl.formats.prototypes import Prototypes
 from edgecl.host.loss import l2_normalize, supcon_loss
 from edgecl.host.masking import select_mask
@@ -275,18 +275,18 @@ def export_bundle(recipe: Recipe | str | Path, data_dir: str | Path | None, out_
     from edgecl.host.loss import ProjectionHead
     scorer = ProjectionHead(dim, recipe.proj_dim)
     scorer.proj.load_state_dict(head.state_dict())
+    overlap = None
+    if opts.overlap_path:
+        try:
+            overlap = overlap_from_bytes(Path(opts.overlap_path).read_bytes())
+        except Exception as exc:
+            raise ConfigError(f"cannot read overlap counts {opts.overlap_path} ({exc})",
+                              "pass the overlap file written by `edgecl merge`") from exc
     if mask is None:
         assert images is not None
         scores = mi_fisher_scores(model, scorer, images.pixels, images.labels, recipe.mean, recipe.std,
                                   batch_size=opts.batch_size, temperature=opts.temperature, seed=opts.seed,
                                   interpolation=recipe.interpolation, progress=opts.progress)
-        overlap = None
-        if opts.overlap_path:
-            try:
-                overlap = overlap_from_bytes(Path(opts.overlap_path).read_bytes())
-            except Exception as exc:
-                raise ConfigError(f"cannot read overlap counts {opts.overlap_path} ({exc})",
-                                  "pass the overlap file written by `edgecl merge`") from exc
         mask = select_mask(scores, opts.select_rate, overlap)
     elif set(mask.order) - set(weights) or mask.total_params != sum(w.size for w in weights.values()):
         raise ExportError("the mask does not fit this model", "apply deltas to a bundle of the same recipe")
@@ -341,6 +341,9 @@ def export_bundle(recipe: Recipe | str | Path, data_dir: str | Path | None, out_
                 budget_bytes=1 << 62, max_per_class=opts.exemplars_per_class)
         if exemplars is not None and len(exemplars.classes):
             exemplars.save_file(tmp / mf.EXEMPLARS)
+        if overlap:
+            # The whole history, not only the new mask's elements: a later mask may pick them again.
+            (tmp / mf.OVERLAP).write_bytes(overlap_to_bytes(overlap))
         if weights_override is not None:
             # `edgecl apply` output: the patched weights by parameter name, for any other runtime.
             (tmp / WEIGHTS).write_bytes(st_save({k: np.ascontiguousarray(v) for k, v in weights.items()}))
