@@ -1,7 +1,7 @@
 """B3: delta size and fidelity (BENCHMARKS.md B3).
 
 The B4 bundle (EfficientNet-Lite0, default 5% mask) is adapted on device A's images (classes 6-7)
-with `edgecl adapt`; then for each value encoding (fp32 / fp16 / int8):
+with `edgecl adapt`; then for each value encoding (fp32 / fp16 / int8 / int4):
 
   `edgecl delta --values V` -> bytes vs the base model's fp32 bytes (whole file, and the weight part
   without the class prototypes it also carries) -> `edgecl apply` -> `edgecl eval` of the new bundle,
@@ -25,7 +25,7 @@ from b4_export import device_profile, fleet_data
 
 from edgecl.formats import delta as delta_format
 
-ENCODINGS = ("fp32", "fp16", "int8")
+ENCODINGS = ("fp32", "fp16", "int8", "int4")
 
 
 def edgecl(*args: str) -> str:
