@@ -13,13 +13,15 @@ def delta(
     out: Annotated[Path, typer.Option("--out", "-o", help="Delta file to write (.safetensors).")],
     values: Annotated[str, typer.Option(help="Value encoding: fp32 (exact), fp16, int8 or int4 (smallest).")] = "fp32",
     device_id: Annotated[str | None, typer.Option(help="Device name (default: $EDGECL_DEVICE_ID or hostname).")] = None,
+    prototypes: Annotated[str | None, typer.Option(help="Prototype encoding: fp32 or fp16 (default: fp32 "
+                                                      "with fp32 values, else fp16).")] = None,
     key: Annotated[str | None, typer.Option(help="Device key, 64 hex digits (default: $EDGECL_DEVICE_KEY); "
                                                "signs the delta with HMAC-SHA256.")] = None,
 ) -> None:
     """Write the changed delta entries, prototypes and provenance as a delta file."""
     from edgecl.device.deltafile import make_delta
 
-    report = make_delta(bundle, out, values=values, device_id=device_id, key_hex=key)
+    report = make_delta(bundle, out, values=values, device_id=device_id, key_hex=key, prototypes_dtype=prototypes)
     typer.echo(f"wrote {report.path}: {report.bytes:,} B ({100 * report.bytes / report.base_fp32_bytes:.2f}% of the "
                f"{report.base_fp32_bytes / 1e6:.1f} MB fp32 model), {report.changed:,} of {report.selected:,} "
                f"selected elements changed after encoding, {report.values}, {'signed' if report.signed else 'UNSIGNED (no --key)'}")

@@ -27,8 +27,12 @@ class DeltaReport:
 
 
 def make_delta(bundle_dir: str | Path, out: str | Path, values: str = "fp32", device_id: str | None = None,
-               key_hex: str | None = None) -> DeltaReport:
-    """Write the current device state of ``bundle_dir`` as a delta file (atomically)."""
+               key_hex: str | None = None, prototypes_dtype: str | None = None) -> DeltaReport:
+    """Write the current device state of ``bundle_dir`` as a delta file (atomically).
+
+    ``prototypes_dtype`` None: fp32 with fp32 values, else fp16 (2^-11 relative error, far below what
+    a quantised delta already costs, and it halves the prototypes' share of the file).
+    """
     bundle = open_bundle(bundle_dir)
     state = load_current(bundle)
     if state.generation is None:
@@ -45,7 +49,8 @@ def make_delta(bundle_dir: str | Path, out: str | Path, values: str = "fp32", de
         device_id=device_id or os.environ.get(DEVICE_ID_ENV) or socket.gethostname(),
         steps=int(state.meta.get("steps_total", 0)), samples_seen=int(state.meta.get("samples_seen", 0)),
         metrics=metrics, prototypes=state.prototypes)
-    data = delta_format.save_file(d, out, key, values=values)
+    protos = prototypes_dtype or ("fp32" if values == "fp32" else "fp16")
+    data = delta_format.save_file(d, out, key, values=values, prototypes_dtype=protos)
     # Count what the file says changed: int8/int4 round the smallest entries to 0 (= unchanged).
     changed = int(delta_format.load(data, key).changed_positions().size)
     return DeltaReport(path=str(out), bytes=len(data), changed=changed,
