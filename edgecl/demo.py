@@ -14,9 +14,7 @@
            step time and peak memory; a PNG plot; summary.json.
 
 Every device-side step is a subprocess of the `edgecl` CLI (no torch is imported in those processes).
-Nothing here computes a result itself: every number comes from the commands' own output. Where a
-command has not landed in this checkout yet, its stage says so and the same step runs through the
-library it would call (marked in the table), so the loop still closes.
+Nothing here computes a result itself: every number comes from the commands' own output.
 """
 
 from __future__ import annotations
@@ -38,6 +36,7 @@ from edgecl.errors import EdgeclError
 
 RECIPE = Path(__file__).resolve().parent.parent / "models" / "efficientnet_lite0.toml"
 DEVICES = ("device-a", "device-b")
+DELTA_VALUES = "int4"  # what a device on a slow plant network sends: < 1% of the model (B3)
 
 
 @dataclass
@@ -82,12 +81,6 @@ def edgecl_cmd() -> list[str]:
     return [str(script)] if script.exists() else [sys.executable, "-m", "edgecl.cli.main"]
 
 
-def available_commands() -> set[str]:
-    from edgecl.cli.main import app  # the CLI shell only: command modules import their libraries lazily
-    names = {c.name or (c.callback.__name__ if c.callback else "") for c in app.registered_commands}
-    return names | {g.name for g in app.registered_groups if g.name}
-
-
 class Runner:
     """Runs `edgecl` subcommands: progress (stderr) goes to the terminal, stdout is returned."""
 
@@ -96,7 +89,9 @@ class Runner:
 
     def __call__(self, *args: str, show_stdout: bool = False) -> str:
         cmd = [*edgecl_cmd(), *args]
-        self.echo(f"  $ edgecl {' '.join(args)}")
+        # Show the command a user would type, but never a device's token or signing key.
+        shown = ["***" if i and args[i - 1] in ("--token", "--key") else a for i, a in enumerate(args)]
+        self.echo(f"  $ edgecl {' '.join(shown)}")
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None, text=True, env=self.env)
         if show_stdout and proc.stdout.strip():
             self.echo("    " + proc.stdout.strip().replace("\n", "\n    "))
@@ -152,7 +147,6 @@ def run_demo(options: DemoOptions, echo: Callable[[str], None] = print) -> DemoR
     if opts.threads:
         env["OMP_NUM_THREADS"] = str(opts.threads)
     run = Runner(echo, env)
-    commands = available_commands()
     t_start = time.perf_counter()
 
     def stage(title: str) -> float:
@@ -223,12 +217,13 @@ def run_demo(options: DemoOptions, echo: Callable[[str], None] = print) -> DemoR
             report.stages.append(Stage("after MIST adapt", device, after, f"{opts.epochs} epochs on device"))
             delta_path = out / device / "delta.safetensors"
             token, key = creds[device]
-            how = _make_delta(run, commands, bundle, delta_path, device, key)
+            run("delta", str(bundle), "-o", str(delta_path), "--values", DELTA_VALUES, "--device-id", device,
+                "--key", key, show_stdout=True)
             run("push", str(delta_path), "--server", url, "--token", token, show_stdout=True)
             report.devices[device] = {
                 "steps": adapted["steps"], "step_s_median": adapted["step_seconds_median"],
                 "peak_rss_mb": adapted["peak_rss_mb"], "changed_fraction_mean": adapted["changed_fraction_mean"],
-                "delta_bytes": delta_path.stat().st_size, "delta_made_by": how}
+                "delta_bytes": delta_path.stat().st_size, "delta_values": DELTA_VALUES}
             report.timings_s[device] = time.perf_counter() - t
     finally:
         server.terminate()
@@ -243,8 +238,9 @@ def run_demo(options: DemoOptions, echo: Callable[[str], None] = print) -> DemoR
     merged = out / "merged.safetensors"
     run("merge", manifest["bundle_id"], "--store", str(store), "-o", str(merged), show_stdout=True)
     report.bundle["merged_delta_bytes"] = merged.stat().st_size
-    accuracy_v2, note = _apply_and_eval(run, commands, bundle_v1, merged, out / "bundle-v2", groups, echo)
-    report.stages.append(Stage("merged fleet (v2)", "all", accuracy_v2, note))
+    run("apply", str(bundle_v1), str(merged), "-o", str(out / "bundle-v2"), "--overwrite", show_stdout=True)
+    accuracy_v2 = {g: _accuracy(run, out / "bundle-v2", f)[0] for g, f in groups.items()}
+    report.stages.append(Stage("merged fleet (v2)", "all", accuracy_v2, "edgecl apply -> bundle v2"))
     report.timings_s["merge+apply"] = time.perf_counter() - t
 
     # 6. report ----------------------------------------------------------------------------------------
@@ -257,54 +253,6 @@ def run_demo(options: DemoOptions, echo: Callable[[str], None] = print) -> DemoR
     return report
 
 
-def _make_delta(run: Runner, commands: set[str], bundle: Path, path: Path, device: str, key: str) -> str:
-    if "delta" in commands:
-        run("delta", str(bundle), "-o", str(path), "--device-id", device, "--key", key, show_stdout=True)
-        return "edgecl delta"
-    # `edgecl delta` has not landed in this checkout: the same file through the format library.
-    from edgecl.device.state import load_current, open_bundle
-    from edgecl.formats import delta as D
-    b = open_bundle(bundle)
-    state = load_current(b)
-    m = b.manifest
-    d = D.Delta.from_dense(state.delta, bundle_id=m.bundle_id, bundle_version=m.version, base_sha256=m.base_sha256,
-                           mask_sha256=m.mask_sha256, device_id=device, steps=int(state.meta.get("steps_total", 0)),
-                           samples_seen=int(state.meta.get("samples_seen", 0)), prototypes=state.prototypes)
-    D.save_file(d, path, D.parse_key(key))
-    run.echo(f"  (`edgecl delta` not in this checkout yet: wrote {path.name} with edgecl.formats.delta)")
-    return "edgecl.formats.delta (library)"
-
-
-def _apply_and_eval(run: Runner, commands: set[str], bundle_v1: Path, merged: Path, bundle_v2: Path,
-                    groups: dict[str, Path], echo: Callable[[str], None]) -> tuple[dict[str, float], str]:
-    if "apply" in commands:
-        run("apply", str(bundle_v1), str(merged), "-o", str(bundle_v2), "--overwrite", show_stdout=True)
-        return {g: _accuracy(run, bundle_v2, f)[0] for g, f in groups.items()}, "edgecl apply -> bundle v2"
-    # `edgecl apply` has not landed: bundle v1's inference graph computes W0 + delta at the mask's
-    # positions itself (delta is a graph input), which is the function apply bakes into the weights.
-    echo("  (`edgecl apply` not in this checkout yet: evaluating the merged delta through bundle v1's "
-         "inference graph, which adds it to the base weights)")
-    import numpy as np
-
-    from edgecl.device.infer import create_runner, embed_and_score, resolve_profile
-    from edgecl.device.state import open_bundle
-    from edgecl.formats import delta as D
-    from edgecl.formats.images import load_image_folder
-
-    b = open_bundle(bundle_v1)
-    d = D.load_file(merged)
-    delta = d.to_dense(b.mask.total_selected)
-    protos = d.prototypes
-    runner = create_runner(b, resolve_profile(None))
-    out: dict[str, float] = {}
-    for g, folder in groups.items():
-        images = load_image_folder(folder, b.manifest.input_size, b.manifest.interpolation)
-        _, logits = embed_and_score(runner, b, images.pixels, delta, protos.means)
-        predicted = np.asarray(protos.classes)[logits.argmax(axis=1)]
-        out[g] = 100.0 * float(np.mean(predicted == np.asarray(images.classes)[images.labels]))
-    return out, "merged delta via bundle v1's graph (apply not landed)"
-
-
 def format_table(report: DemoReport) -> str:
     cols = ["old classes", "device-a classes", "device-b classes"]
     lines = ["", "accuracy (%) per stage (SimpleCIL cosine prototypes over every class known at that stage)",
@@ -314,11 +262,11 @@ def format_table(report: DemoReport) -> str:
         lines.append(f"{s.name:<26} {s.device:<9} {cells}  {s.note}")
     base = report.bundle.get("base_fp32_bytes", 0)
     lines += ["", f"{'device':<9} {'steps':>6} {'s/step':>7} {'changed/step':>13} {'peak MB':>8} "
-                  f"{'delta bytes':>12} {'of base fp32':>13}  delta made by"]
+                  f"{'delta bytes':>12} {'of base fp32':>13}  values"]
     for name, d in report.devices.items():
         lines.append(f"{name:<9} {d['steps']:>6} {d['step_s_median']:>7.2f} {100 * d['changed_fraction_mean']:>12.3f}% "
                      f"{d['peak_rss_mb']:>8.0f} {d['delta_bytes']:>12,} {100 * d['delta_bytes'] / base:>12.2f}%  "
-                     f"{d['delta_made_by']}")
+                     f"{d['delta_values']}")
     if "merged_delta_bytes" in report.bundle:
         lines.append(f"merged delta: {report.bundle['merged_delta_bytes']:,} bytes "
                      f"({100 * report.bundle['merged_delta_bytes'] / base:.2f}% of the base model's {base:,} fp32 bytes)")
