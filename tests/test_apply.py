@@ -129,3 +129,22 @@ def test_overlap_history_accumulates_over_rounds(adapted: Path, calib_dir: Path,
         idx, cnt = history.get(name, (np.zeros(0, np.int32), np.zeros(0, np.int32)))
         lookup = dict(zip(idx.tolist(), cnt.tolist(), strict=True))
         assert v3_mask.overlap[name].tolist() == [lookup.get(i, 0) for i in v3_mask.indices[name].tolist()]
+
+
+def test_apply_refreshes_calibration_prototypes_from_the_bundle_exemplars(adapted: Path, tmp_path: Path) -> None:
+    """The host holds the calibration classes' exemplars: their prototypes follow the patched backbone."""
+    from edgecl.formats.exemplars import ExemplarMemory
+    from edgecl.formats.prototypes import Prototypes
+
+    d = tmp_path / "d.safetensors"
+    assert runner.invoke(app, ["delta", str(adapted), "-o", str(d)]).exit_code == 0
+    out = tmp_path / "v2"
+    assert runner.invoke(app, ["apply", str(adapted), str(d), "-o", str(out)]).exit_code == 0
+    manifest = mf.load_manifest(out)
+    exemplars = ExemplarMemory.load_file(out / "exemplars.safetensors")
+    protos = Prototypes.load_file(out / mf.PROTOTYPES)
+    assert exemplars.classes == ["class0", "class1", "class2"]
+    emb = _embed(out, np.zeros(manifest.selected, np.float32), normalize(exemplars.pixels, manifest.mean, manifest.std))
+    for i, name in enumerate(exemplars.classes):
+        expected = emb[exemplars.labels == i].mean(0)
+        assert np.allclose(protos.means[protos.classes.index(name)], expected, atol=1e-5)

@@ -212,6 +212,18 @@ def _embed_with_onnx(path: Path, pixels: np.ndarray, mean: list[float], std: lis
     return np.concatenate(out)
 
 
+def _refresh_from_exemplars(prototypes: Prototypes, exemplars: ExemplarMemory, inference: Path, recipe: Recipe,
+                            k: int, dim: int) -> Prototypes:
+    out = Prototypes(list(prototypes.classes), prototypes.means.copy(), prototypes.counts.copy())
+    emb = _embed_with_onnx(inference, exemplars.pixels, recipe.mean, recipe.std, k, dim)
+    for i, name in enumerate(exemplars.classes):
+        rows = emb[exemplars.labels == i]
+        if len(rows):
+            count = int(out.counts[out.classes.index(name)]) if name in out.classes else len(rows)
+            out.upsert(name, rows.mean(0), count)
+    return out
+
+
 def class_prototypes(embeddings: np.ndarray, labels: np.ndarray, classes: list[str]) -> Prototypes:
     protos = Prototypes.empty(embeddings.shape[1])
     for i, name in enumerate(classes):
@@ -328,10 +340,6 @@ def export_bundle(recipe: Recipe | str | Path, data_dir: str | Path | None, out_
         if not np.allclose(emb[:8], ref, rtol=1e-3, atol=1e-3 * max(1.0, float(np.abs(ref).max()))):
             raise ExportError("the exported inference graph disagrees with the torch model",
                               "report this with the recipe")
-        if prototypes is None:
-            assert images is not None
-            prototypes = class_prototypes(emb, images.labels, images.classes)
-        prototypes.save_file(tmp / mf.PROTOTYPES)
         if exemplars is None and images is not None and opts.exemplars_per_class > 0:
             # A few calibration images per class (herding on the embeddings) let the device
             # recompute these classes' prototypes after it moves the backbone (issue 6).
@@ -339,6 +347,15 @@ def export_bundle(recipe: Recipe | str | Path, data_dir: str | Path | None, out_
                 {name: (images.pixels[images.labels == i], emb[images.labels == i])
                  for i, name in enumerate(images.classes)},
                 budget_bytes=1 << 62, max_per_class=opts.exemplars_per_class)
+        if prototypes is None:
+            assert images is not None
+            prototypes = class_prototypes(emb, images.labels, images.classes)
+        elif exemplars is not None and len(exemplars.classes):
+            # `edgecl apply`: the devices computed these classes' prototypes under their own
+            # backbones; the host holds their exemplars, so re-embed them under the patched one.
+            prototypes = _refresh_from_exemplars(prototypes, exemplars, tmp / mf.INFERENCE_MODEL, recipe,
+                                                 mask.total_selected, dim)
+        prototypes.save_file(tmp / mf.PROTOTYPES)
         if exemplars is not None and len(exemplars.classes):
             exemplars.save_file(tmp / mf.EXEMPLARS)
         if overlap:
