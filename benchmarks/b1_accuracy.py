@@ -51,15 +51,18 @@ def digits_accuracy(embed: Callable[[np.ndarray], np.ndarray], stream: Stream) -
     return 100.0 * float(np.mean(pred == stream.digits_test.labels))
 
 
-def run_stream(learner: Any, stream: Stream, name: str, drift: bool = False) -> dict[str, Any]:
+def run_stream(learner: Any, stream: Stream, name: str, drift: bool = False, exemplars: int = 0) -> dict[str, Any]:
     """One pass over the 5 tasks. ``learner`` has adapt(pixels, labels, task) and embed(pixels).
 
     drift=True moves the old prototypes by the Semantic Drift Compensation estimate (edgecl.device.drift,
     issue 6) from the current task's embeddings before/after adaptation; off for the paper protocol.
+    exemplars=N keeps N images per class, chosen by herding as the device does
+    (edgecl.formats.exemplars), and recomputes the old classes' prototypes from them after each task.
     """
     t_start = time.perf_counter()
     digits_before = digits_accuracy(learner.embed, stream)
     protos: dict[int, np.ndarray] = {}
+    memory: dict[int, np.ndarray] = {}  # class -> exemplar pixels
     out: dict[str, Any] = {"method": name, "A_val": [], "A_test": [], "acc_val": [], "acc_test": [],
                            "adapt": []}
     for t, _classes in enumerate(stream.tasks):
@@ -72,7 +75,14 @@ def run_stream(learner: Any, stream: Stream, name: str, drift: bool = False) -> 
             old = sorted(protos)
             moved = compensate(np.stack([protos[c] for c in old]), before, emb, default_sigma(before, tr.labels))
             protos.update({c: moved[i] for i, c in enumerate(old)})
+        if exemplars and memory:
+            protos.update({c: learner.embed(px).mean(axis=0) for c, px in memory.items()})
         protos.update(class_means(emb, tr.labels))  # SimpleCIL: add the new classes' prototypes
+        if exemplars:
+            from edgecl.formats.exemplars import herding_order
+            for c in np.unique(tr.labels):
+                rows = np.flatnonzero(tr.labels == c)
+                memory[int(c)] = tr.pixels[rows[herding_order(emb[rows], exemplars)]]
         for split in ("val", "test"):
             a, per_task = evaluate(learner.embed, getattr(stream, split), t, stream.tasks, protos)
             out[f"A_{split}"].append(a)
@@ -150,6 +160,8 @@ def main() -> None:
     ap.add_argument("--test-per-class", type=int, default=200)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--drift", action="store_true", help="also run MIST (torch) with drift compensation")
+    ap.add_argument("--exemplars", type=int, default=0,
+                    help="also run MIST (torch) with N exemplars per class refreshing old prototypes (issue 6)")
     ap.add_argument("--tag", default="", help="suffix of the output files")
     args = ap.parse_args()
 
@@ -172,21 +184,24 @@ def main() -> None:
                            drop_rate=args.drop_rate, small_tensors=args.small_tensors)
     results: dict[str, Any] = {"machine": common.machine(), "config": vars(args) | {"recipe": recipe.name},
                                "runs": [], "chosen": {}, "selection": {}}
-    variants: list[tuple[str, str, float | None, bool]] = []  # (label, method, lr, drift)
+    variants: list[tuple[str, str, float | None, bool, int]] = []  # (label, method, lr, drift, exemplars)
     for m in methods:
         if m == "frozen":
-            variants.append(("frozen", "frozen", None, False))
+            variants.append(("frozen", "frozen", None, False, 0))
         elif m in ("full_ft", "mist"):
-            variants += [(m, m, lr, False) for lr in lrs]
+            variants += [(m, m, lr, False, 0) for lr in lrs]
             if m == "mist" and args.drift:
-                variants += [("mist+sdc", m, lr, True) for lr in lrs]
-    for label, method, lr, drift in variants:
+                variants += [("mist+sdc", m, lr, True, 0) for lr in lrs]
+            if m == "mist" and args.exemplars:
+                variants += [("mist+ex", m, lr, False, args.exemplars) for lr in lrs]
+    for label, method, lr, drift, n_exemplars in variants:
         for seed in seeds:
             cfg = dataclasses.replace(base_cfg, lr=lr or 0.0, seed=seed,
                                momentum=args.momentum if method == "full_ft" else 0.0)
             print(f"== {label} lr={lr} seed={seed}", flush=True)
             learner = TorchLearner(recipe, method, cfg, threads=args.threads)
-            run = run_stream(learner, stream, label, drift=drift) | {"lr": lr, "seed": seed, "label": label}
+            run = run_stream(learner, stream, label, drift=drift, exemplars=n_exemplars) | {
+                "lr": lr, "seed": seed, "label": label}
             results["runs"].append(run)
             common.write_json(f"b1_accuracy{args.tag}.json", results)
 
