@@ -39,3 +39,9 @@ def canonical_safetensors(tensors: dict[str, np.ndarray], metadata: dict[str, st
     text, body, _ = canonical_parts(tensors, metadata)
     text += b" " * (-len(text) % 8)
     return len(text).to_bytes(8, "little") + text + body
+
+
+def read_metadata(data: bytes) -> dict[str, str]:
+    """The ``__metadata__`` object of safetensors bytes (empty when absent); no tensor is decoded."""
+    header_len = int.from_bytes(data[:8], "little")
+    return json.loads(data[8:8 + header_len]).get("__metadata__", {}) or {}

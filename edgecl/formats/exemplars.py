@@ -30,7 +30,7 @@ from safetensors.numpy import load as _st_load
 
 from edgecl.errors import BundleError
 from edgecl.formats.atomic import atomic_write_bytes
-from edgecl.formats.canonical import canonical_safetensors
+from edgecl.formats.canonical import canonical_safetensors, read_metadata
 
 EXEMPLARS_FORMAT = "edgecl-exemplars"
 
@@ -113,8 +113,7 @@ class ExemplarMemory:
     def from_bytes(cls, data: bytes) -> ExemplarMemory:
         try:
             tensors = _st_load(data)
-            header_len = int.from_bytes(data[:8], "little")
-            meta = json.loads(data[8:8 + header_len]).get("__metadata__", {})
+            meta = read_metadata(data)
             if meta.get("format") != EXEMPLARS_FORMAT:
                 raise ValueError("not an edgecl exemplar file")
             return cls(json.loads(meta["classes"]), tensors["pixels"], tensors["labels"].astype(np.int64))

@@ -23,7 +23,7 @@ from safetensors.numpy import load as _st_load
 
 from edgecl.errors import BundleError
 from edgecl.formats.atomic import atomic_write_bytes
-from edgecl.formats.canonical import canonical_safetensors
+from edgecl.formats.canonical import canonical_safetensors, read_metadata
 
 MASK_FORMAT = "edgecl-mask"
 MASK_FORMAT_VERSION = 1
@@ -104,7 +104,7 @@ class Mask:
     def from_bytes(cls, data: bytes) -> Mask:
         try:
             tensors = _st_load(data)
-            meta = _read_metadata(data)
+            meta = read_metadata(data)
             if meta.get("format") != MASK_FORMAT:
                 raise ValueError("not an edgecl mask")
             if int(meta.get("format_version", "0")) > MASK_FORMAT_VERSION:
@@ -146,12 +146,6 @@ class Mask:
             flat[self.indices[name]] += delta[sl].astype(np.float32)
             out[name] = w
         return out
-
-
-def _read_metadata(data: bytes) -> dict[str, str]:
-    header_len = int.from_bytes(data[:8], "little")
-    header = json.loads(data[8:8 + header_len])
-    return header.get("__metadata__", {}) or {}
 
 
 def overlap_to_bytes(overlap: dict[str, tuple[np.ndarray, np.ndarray]]) -> bytes:

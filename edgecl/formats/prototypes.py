@@ -16,7 +16,7 @@ from safetensors.numpy import load as _st_load
 
 from edgecl.errors import BundleError
 from edgecl.formats.atomic import atomic_write_bytes
-from edgecl.formats.canonical import canonical_safetensors
+from edgecl.formats.canonical import canonical_safetensors, read_metadata
 
 
 @dataclass
@@ -54,8 +54,7 @@ class Prototypes:
     def from_bytes(cls, data: bytes) -> Prototypes:
         try:
             tensors = _st_load(data)
-            header_len = int.from_bytes(data[:8], "little")
-            meta = json.loads(data[8:8 + header_len]).get("__metadata__", {})
+            meta = read_metadata(data)
             if meta.get("format") != "edgecl-prototypes":
                 raise ValueError("not an edgecl prototypes file")
             classes = json.loads(meta["classes"])
