@@ -35,14 +35,55 @@ from common import Split, Stream, class_means, concat, cosine_predict, stream_me
 TRAINED = ("full_ft", "mist", "edgecl")
 
 
+LDA_SHRINKAGE = (0.03, 0.1, 0.3)      # the lda head's grid; chosen on val like the lr
+RANPAC_RIDGE = (1e4, 1e5, 1e6)        # the ranpac head's grid (M = RANPAC_M)
+RANPAC_M = 2000
+
+
+class Heads:
+    """Every head of one run, fed the same statistics: ncm (SimpleCIL cosine prototypes, the protocol's
+    head), lda (the prototypes + a pooled within-class covariance), ranpac (random projection + ridge).
+    Old classes' statistics are never recomputed from their images: the prototypes follow the run's
+    old-class rule (none / sdc / exemplars), the covariance and the Gram matrix stay as they were
+    accumulated when each task was seen."""
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = names
+        self.lda = self.ranpac = None
+
+    def add(self, emb: np.ndarray, labels: np.ndarray) -> None:
+        from edgecl.device.heads import LdaHead, RanpacHead
+        if "lda" in self.names:
+            self.lda = self.lda or LdaHead(emb.shape[1])
+            self.lda.add(emb, labels)
+        if "ranpac" in self.names:
+            self.ranpac = self.ranpac or RanpacHead(emb.shape[1], RANPAC_M)
+            self.ranpac.add(emb, labels)
+
+    def predict(self, emb: np.ndarray, protos: dict[int, np.ndarray]) -> dict[str, np.ndarray]:
+        ids = np.asarray(sorted(protos))
+        out = {"ncm": cosine_predict(emb, protos)}
+        if self.lda is not None:
+            means = np.stack([protos[c] for c in ids])
+            for s in LDA_SHRINKAGE:
+                self.lda.shrinkage = s
+                out[f"lda:{s:g}"] = ids[self.lda.logits(emb, means).argmax(axis=1)]
+        if self.ranpac is not None:
+            for r in RANPAC_RIDGE:
+                out[f"ranpac:{r:g}"] = ids[self.ranpac.logits(emb, list(ids), ridge=r).argmax(axis=1)]
+        return out
+
+
 def evaluate(embed: Callable[[np.ndarray], np.ndarray], split: list[Split], upto: int, tasks: list[list[int]],
-             protos: dict[int, np.ndarray]) -> tuple[float, list[float]]:
-    """A_t over all seen classes' images, and accuracy per seen task (choices: all seen classes)."""
+             protos: dict[int, np.ndarray], heads: Heads) -> dict[str, tuple[float, list[float]]]:
+    """Per head: A_t over all seen classes' images, and accuracy per seen task (choices: all seen classes)."""
     seen = concat(split[:upto + 1])
-    pred = cosine_predict(embed(seen.pixels), protos)
-    correct = pred == seen.labels
-    per_task = [100.0 * float(np.mean(correct[np.isin(seen.labels, tasks[j])])) for j in range(upto + 1)]
-    return 100.0 * float(np.mean(correct)), per_task
+    result = {}
+    for head, pred in heads.predict(embed(seen.pixels), protos).items():
+        correct = pred == seen.labels
+        per_task = [100.0 * float(np.mean(correct[np.isin(seen.labels, tasks[j])])) for j in range(upto + 1)]
+        result[head] = (100.0 * float(np.mean(correct)), per_task)
+    return result
 
 
 def digits_accuracy(embed: Callable[[np.ndarray], np.ndarray], stream: Stream) -> float:
@@ -51,24 +92,39 @@ def digits_accuracy(embed: Callable[[np.ndarray], np.ndarray], stream: Stream) -
     return 100.0 * float(np.mean(pred == stream.digits_test.labels))
 
 
-def run_stream(learner: Any, stream: Stream, name: str, drift: bool = False, exemplars: int = 0) -> dict[str, Any]:
+def run_stream(learner: Any, stream: Stream, name: str, drift: bool = False, exemplars: int = 0,
+               replay: bool = False, old_update: str = "recompute", replay_share: float = 0.0, heads: tuple[str, ...] = ()) -> dict[str, Any]:
     """One pass over the 5 tasks. ``learner`` has adapt(pixels, labels, task) and embed(pixels).
 
     drift=True moves the old prototypes by the Semantic Drift Compensation estimate (edgecl.device.drift,
     issue 6) from the current task's embeddings before/after adaptation; off for the paper protocol.
     exemplars=N keeps N images per class, chosen by herding as the device does
-    (edgecl.formats.exemplars), and recomputes the old classes' prototypes from them after each task.
+    (edgecl.formats.exemplars). old_update says what they do to the old prototypes after each task:
+    "recompute" (the mean of the exemplars' new embeddings) or "shift" (the prototype, computed once
+    from all of the class's images, moved by how the exemplars' mean moved: the drift measured on the
+    class itself). replay=True also mixes the stored exemplars into the adaptation data, so the
+    contrastive loss separates the new classes from the old ones (issue 6). heads: extra heads scored
+    on the same embeddings (lda, ranpac; see Heads); their numbers go to out["heads"].
     """
     t_start = time.perf_counter()
     digits_before = digits_accuracy(learner.embed, stream)
     protos: dict[int, np.ndarray] = {}
     memory: dict[int, np.ndarray] = {}  # class -> exemplar pixels
+    head_stats = Heads(list(heads))
     out: dict[str, Any] = {"method": name, "A_val": [], "A_test": [], "acc_val": [], "acc_test": [],
-                           "adapt": []}
+                           "adapt": [], "heads": {}}
     for t, _classes in enumerate(stream.tasks):
         tr = stream.train[t]
         before = learner.embed(tr.pixels) if (drift and protos) else None
-        log = learner.adapt(tr.pixels, tr.labels, t)
+        mem_before = ({c: learner.embed(px).mean(axis=0) for c, px in memory.items()}
+                      if old_update == "shift" else {})
+        px, lb = tr.pixels, tr.labels
+        if replay and memory:
+            from edgecl.device.adapt import replay_repeats
+            k = replay_repeats(len(px), sum(len(v) for v in memory.values()), replay_share)
+            px = np.concatenate([px, *[v for v in memory.values() for _ in range(k)]])
+            lb = np.concatenate([lb, *[np.full(len(v), c, lb.dtype) for c, v in memory.items() for _ in range(k)]])
+        log = learner.adapt(px, lb, t)
         emb = learner.embed(tr.pixels)
         if before is not None:
             from edgecl.device.drift import compensate, default_sigma
@@ -76,17 +132,27 @@ def run_stream(learner: Any, stream: Stream, name: str, drift: bool = False, exe
             moved = compensate(np.stack([protos[c] for c in old]), before, emb, default_sigma(before, tr.labels))
             protos.update({c: moved[i] for i, c in enumerate(old)})
         if exemplars and memory:
-            protos.update({c: learner.embed(px).mean(axis=0) for c, px in memory.items()})
+            now = {c: learner.embed(px).mean(axis=0) for c, px in memory.items()}
+            if old_update == "shift":
+                protos.update({c: protos[c] + now[c] - mem_before[c] for c in memory})
+            else:
+                protos.update(now)
         protos.update(class_means(emb, tr.labels))  # SimpleCIL: add the new classes' prototypes
+        device_protos = getattr(learner, "prototypes", lambda: None)()
+        if device_protos is not None:  # the edgecl path keeping old classes: score the device's own
+            protos = {c: device_protos[c] for c in protos}
+        head_stats.add(emb, tr.labels)
         if exemplars:
             from edgecl.formats.exemplars import herding_order
             for c in np.unique(tr.labels):
                 rows = np.flatnonzero(tr.labels == c)
                 memory[int(c)] = tr.pixels[rows[herding_order(emb[rows], exemplars)]]
         for split in ("val", "test"):
-            a, per_task = evaluate(learner.embed, getattr(stream, split), t, stream.tasks, protos)
-            out[f"A_{split}"].append(a)
-            out[f"acc_{split}"].append(per_task)
+            for head, (a, per_task) in evaluate(learner.embed, getattr(stream, split), t, stream.tasks, protos,
+                                                head_stats).items():
+                h = out if head == "ncm" else out["heads"].setdefault(head, {})
+                h.setdefault(f"A_{split}", []).append(a)
+                h.setdefault(f"acc_{split}", []).append(per_task)
         out["adapt"].append({k: v for k, v in vars(log).items() if k != "changed_fraction"}
                             | {"changed_fraction_mean": float(np.mean(log.changed_fraction))
                                if getattr(log, "changed_fraction", None) else None})
@@ -94,10 +160,14 @@ def run_stream(learner: Any, stream: Stream, name: str, drift: bool = False, exe
               f"steps {log.steps}  adapt {log.seconds:.0f}s  losses {[round(x, 3) for x in log.losses]}",
               flush=True)
     digits_after = digits_accuracy(learner.embed, stream)
-    for split in ("val", "test"):
-        out[f"last_{split}"] = out[f"A_{split}"][-1]
-        out[f"mean_A_{split}"] = float(np.mean(out[f"A_{split}"]))
-        out[f"forgetting_{split}"] = stream_metrics(out[f"acc_{split}"])["forgetting"]
+    for h in [out, *out["heads"].values()]:
+        for split in ("val", "test"):
+            h[f"last_{split}"] = h[f"A_{split}"][-1]
+            h[f"mean_A_{split}"] = float(np.mean(h[f"A_{split}"]))
+            h[f"forgetting_{split}"] = stream_metrics(h[f"acc_{split}"])["forgetting"]
+    for head, h in out["heads"].items():
+        print(f"  [{name}] head {head}: last {h['last_test']:.1f}  mean A_t {h['mean_A_test']:.1f}  "
+              f"forgetting {h['forgetting_test']:.1f}  (val mean A_t {h['mean_A_val']:.1f})", flush=True)
     out["digits_before"], out["digits_after"] = digits_before, digits_after
     out["seconds"] = time.perf_counter() - t_start
     return out
@@ -162,6 +232,16 @@ def main() -> None:
     ap.add_argument("--drift", action="store_true", help="also run MIST (torch) with drift compensation")
     ap.add_argument("--exemplars", type=int, default=0,
                     help="also run MIST (torch) with N exemplars per class refreshing old prototypes (issue 6)")
+    ap.add_argument("--replay", action="store_true",
+                    help="also run MIST (torch) with the exemplars mixed into each task's adaptation data")
+    ap.add_argument("--replay-share", type=float, default=0.0,
+                    help="with --replay: repeat the exemplars so they are about this share of the data (0 = once)")
+    ap.add_argument("--old-update", default="recompute", choices=["recompute", "shift"],
+                    help="what exemplars do to old prototypes: recompute from them, or shift by their drift")
+    ap.add_argument("--heads", default="", help="extra heads scored in every run: lda, ranpac (comma list)")
+    ap.add_argument("--variants", default="",
+                    help="which MIST (torch) rows: comma list of mist, sdc, ex, replay (ex + replay); "
+                         "default: mist plus what --drift / --exemplars / --replay ask for")
     ap.add_argument("--tag", default="", help="suffix of the output files")
     args = ap.parse_args()
 
@@ -170,6 +250,7 @@ def main() -> None:
     from edgecl.formats.config import load_recipe
 
     methods = args.methods.split(",")
+    heads = tuple(h for h in args.heads.split(",") if h)
     lrs = [float(x) for x in args.lrs.split(",")]
     seeds = [int(x) for x in args.seeds.split(",")]
     recipe = load_recipe(common.RECIPE)
@@ -184,40 +265,51 @@ def main() -> None:
                            drop_rate=args.drop_rate, small_tensors=args.small_tensors)
     results: dict[str, Any] = {"machine": common.machine(), "config": vars(args) | {"recipe": recipe.name},
                                "runs": [], "chosen": {}, "selection": {}}
-    variants: list[tuple[str, str, float | None, bool, int]] = []  # (label, method, lr, drift, exemplars)
+    variants: list[tuple[str, str, float | None, dict[str, Any]]] = []  # (label, method, lr, run_stream kwargs)
+    ex = {"exemplars": args.exemplars, "old_update": args.old_update, "replay_share": args.replay_share}
+    wanted = set(args.variants.split(",")) if args.variants else (
+        {"mist"} | ({"sdc"} if args.drift else set()) | ({"ex"} if args.exemplars else set())
+        | ({"replay"} if args.exemplars and args.replay else set()))
+    if wanted & {"ex", "replay"} and not args.exemplars:
+        ap.error("the ex and replay variants need --exemplars N")
     for m in methods:
         if m == "frozen":
-            variants.append(("frozen", "frozen", None, False, 0))
-        elif m in ("full_ft", "mist"):
-            variants += [(m, m, lr, False, 0) for lr in lrs]
-            if m == "mist" and args.drift:
-                variants += [("mist+sdc", m, lr, True, 0) for lr in lrs]
-            if m == "mist" and args.exemplars:
-                variants += [("mist+ex", m, lr, False, args.exemplars) for lr in lrs]
-    for label, method, lr, drift, n_exemplars in variants:
+            variants.append(("frozen", "frozen", None, {}))
+        elif m == "full_ft":
+            variants += [(m, m, lr, {}) for lr in lrs]
+        elif m == "mist":
+            for name, label, kwargs in (("mist", "mist", {}), ("sdc", "mist+sdc", {"drift": True}),
+                                        ("ex", "mist+ex", ex), ("replay", "mist+ex+replay", ex | {"replay": True})):
+                if name in wanted:
+                    variants += [(label, m, lr, kwargs) for lr in lrs]
+    for label, method, lr, kwargs in variants:
         for seed in seeds:
             cfg = dataclasses.replace(base_cfg, lr=lr or 0.0, seed=seed,
-                               momentum=args.momentum if method == "full_ft" else 0.0)
+                                      momentum=args.momentum if method == "full_ft" else 0.0)
             print(f"== {label} lr={lr} seed={seed}", flush=True)
             learner = TorchLearner(recipe, method, cfg, threads=args.threads)
-            run = run_stream(learner, stream, label, drift=drift, exemplars=n_exemplars) | {
-                "lr": lr, "seed": seed, "label": label}
+            run = run_stream(learner, stream, label, heads=heads, **kwargs) | {"lr": lr, "seed": seed, "label": label}
             results["runs"].append(run)
             common.write_json(f"b1_accuracy{args.tag}.json", results)
 
-    if "edgecl" in methods:
+    for method in [m for m in ("edgecl", "edgecl_keep") if m in methods]:
+        # edgecl: the paper protocol through the real path; edgecl_keep: the device keeps old classes
+        # right itself (exemplars, replay, drift; issue 6). lr: --edgecl-lrs, else torch's choice.
         from b4_export import recipe_for_size
         from edgecl_path import EdgeclLearner
-        mist_choice = _choose([r for r in results["runs"] if r["label"] == "mist"])
+        keep = method == "edgecl_keep"
+        label = "edgecl+ex+replay" if keep else "edgecl"
+        mist_choice = _choose([r for r in results["runs"] if r["label"] == ("mist+ex+replay" if keep else "mist")])
         edge_lrs = [float(x) for x in args.edgecl_lrs.split(",")] if args.edgecl_lrs else (
             [mist_choice] if mist_choice is not None else lrs)
         for lr in edge_lrs:
             for seed in seeds:
-                print(f"== edgecl lr={lr} seed={seed}", flush=True)
+                print(f"== {label} lr={lr} seed={seed}", flush=True)
                 learner = EdgeclLearner(recipe, dataclasses.replace(base_cfg, lr=lr, seed=seed), threads=args.threads,
-                                        task_dirs=stream.task_dirs, recipe_path=recipe_for_size(args.size))
-                run = run_stream(learner, stream, "edgecl") | {"lr": lr, "seed": seed, "label": "edgecl",
-                                                               "device": learner.device_summary()}
+                                        task_dirs=stream.task_dirs, recipe_path=recipe_for_size(args.size),
+                                        keep_old=keep, replay_share=args.replay_share)
+                run = run_stream(learner, stream, label, heads=heads) | {"lr": lr, "seed": seed, "label": label,
+                                                                         "device": learner.device_summary()}
                 results["runs"].append(run)
                 common.write_json(f"b1_accuracy{args.tag}.json", results)
 
@@ -227,6 +319,17 @@ def main() -> None:
         results["selection"][label] = {"grid": sorted({r["lr"] for r in runs}, key=lambda v: v or 0), "chosen": lr,
                                        "val_mean_A": {str(r["lr"]): r["mean_A_val"] for r in runs}}
         results["chosen"][label] = summarize([r for r in runs if r["lr"] == lr]) | {"lr": lr}
+        for family in heads:  # each head's (lr, parameter) chosen on val mean A_t, like the lr alone
+            keys = sorted({k for r in runs for k in r["heads"] if k.split(":")[0] == family})
+            cands = [(r_lr, k) for r_lr in sorted({r["lr"] for r in runs}, key=lambda v: v or 0) for k in keys]
+            if not cands:
+                continue
+            best = max(cands, key=lambda c: round(float(np.mean(
+                [r["heads"][c[1]]["mean_A_val"] for r in runs if r["lr"] == c[0]])), 6))
+            chosen = [r["heads"][best[1]] | {"seed": r["seed"], "digits_before": r["digits_before"],
+                                             "digits_after": r["digits_after"]}
+                      for r in runs if r["lr"] == best[0]]
+            results["chosen"][f"{label} [{family}]"] = summarize(chosen) | {"lr": best[0], "head": best[1]}
 
     print(f"\nB1 - test accuracy (%), {args.size} px, seeds {seeds}; lr chosen on val mean A_t")
     rows = []
@@ -238,6 +341,14 @@ def main() -> None:
     results["table"] = common.print_table(
         ["method", "lr", "seed", "A_1", "A_2", "A_3", "A_4", "A_5=last", "mean A_t", "forgetting", "val mean A_t",
          "digits before->after", "s"], rows)
+    print(f"\nchosen on val (mean +- std over seeds {seeds}), test %")
+    results["chosen_table"] = common.print_table(
+        ["method [head]", "lr", "head param", "last A_5", "mean A_t", "forgetting", "digits before->after"],
+        [[label, c["lr"] if c["lr"] is not None else "-", c.get("head", "ncm"),
+          f"{c['last_test']:.1f} +- {c['last_test_std']:.1f}", f"{c['mean_A_test']:.1f} +- {c['mean_A_test_std']:.1f}",
+          f"{c['forgetting_test']:.1f} +- {c['forgetting_test_std']:.1f}",
+          f"{c['digits_before']:.1f} -> {c['digits_after']:.1f} +- {c['digits_after_std']:.1f}"]
+         for label, c in results["chosen"].items()])
     common.write_json(f"b1_accuracy{args.tag}.json", results)
     plot(results, str(common.OUT / f"b1_accuracy{args.tag}.png"))
     print(f"wrote {common.OUT / f'b1_accuracy{args.tag}.json'} and .png; total {time.perf_counter() - t0:.0f}s")

@@ -7,9 +7,13 @@
   device: `edgecl delta BUNDLE_t -o DELTA_t`
   eval:   embeddings from BUNDLE_t's inference graph + DELTA_t, in onnxruntime (the device's runtime)
 
-Old classes' prototypes are kept by this harness, never recomputed (SimpleCIL), like the torch
-methods; the device's drift compensation and exemplars are switched off so the edgecl path runs the
-same method as the torch reference (issue 6 measures them separately).
+Paper protocol (keep_old=False): old classes' prototypes are kept by this harness, never
+recomputed (SimpleCIL), like the torch methods; the device's drift compensation and exemplars are
+switched off so the edgecl path runs the same method as the torch reference.
+
+Issue 6 (keep_old=True): the device keeps exemplars (profile store_images = true), replays them and
+moves old prototypes by their drift; between versions `edgecl upgrade BUNDLE_{t-1} BUNDLE_t` carries
+its memory to the new bundle. The prototypes scored are then the device's own (its committed state).
 """
 
 from __future__ import annotations
@@ -33,18 +37,20 @@ from edgecl.formats.mask import Mask
 
 class EdgeclLearner:
     def __init__(self, recipe: Recipe, cfg: TrainConfig, threads: int = 2, task_dirs: list[Path] | None = None,
-                 work: Path | None = None, recipe_path: Path = common.RECIPE) -> None:
+                 work: Path | None = None, recipe_path: Path = common.RECIPE, keep_old: bool = False,
+                 replay: bool = True, replay_share: float = 0.0) -> None:
 
         self.recipe, self.cfg, self.threads = recipe, cfg, threads
         self.task_dirs = task_dirs or []
         size = recipe.input_size[0]
-        self.work = work or common.OUT / f"b1-edgecl-{size}px-lr{cfg.lr:g}-s{cfg.seed}"
+        self.keep_old, self.replay, self.replay_share = keep_old, replay, replay_share
+        self.work = work or common.OUT / f"b1-edgecl{'-keep' if keep_old else ''}-{size}px-lr{cfg.lr:g}-s{cfg.seed}"
         common.clean(self.work)
         self.work.mkdir(parents=True)
         self.profile = self.work / "device.toml"
-        # A device profile with the benchmark's thread count; exemplars off (the paper protocol).
+        # A device profile with the benchmark's thread count; exemplars only for issue 6.
         self.profile.write_text(f'name = "bench"\nthreads = {threads}\nbatch_size = {cfg.batch_size}\n'
-                                "store_images = false\n")
+                                f"store_images = {'true' if keep_old else 'false'}\nexemplar_budget_mb = 32\n")
         self.bundle: Path | None = None
         self.delta: np.ndarray | None = None
         self.delta_path: Path | None = None
@@ -70,13 +76,16 @@ class EdgeclLearner:
             # this task's images (overlap counts carried), i.e. the next bundle version.
             host_out = self._edgecl("apply", str(self.bundle), str(self.delta_path), "-o", str(bundle),
                                     "--data", str(data), "--overwrite")
+            if self.keep_old:  # the device moves to the new version with its exemplars
+                self._edgecl("upgrade", str(self.bundle), str(bundle))
         host_s = time.perf_counter() - t_host
 
         # The device: its own process, onnxruntime only.
         cmd = [*common.edgecl_cmd(), "adapt", str(bundle), "--data", str(data), "--device", str(self.profile),
                "--epochs", str(cfg.epochs), "--lr", str(cfg.lr), "--lr-head", str(cfg.lr_head),
                "--batch-size", str(cfg.batch_size), "--seed", str(cfg.seed + task),
-               "--no-drift-compensation", "--no-exemplars", "--json", "--quiet"]
+               *(["--replay" if self.replay else "--no-replay", "--replay-share", str(self.replay_share)]
+                 if self.keep_old else ["--no-drift-compensation", "--no-exemplars"]), "--json", "--quiet"]
         timed = common.run_timed(cmd, env=common.thread_env(self.threads))
         report = json.loads(timed.stdout[timed.stdout.index("{"):])
         delta_path = self.work / f"delta-{task + 1}.safetensors"
@@ -101,9 +110,19 @@ class EdgeclLearner:
                              "adapt_peak_rss_mib": timed.max_rss_mib, "step_s_median": report["step_seconds_median"],
                              "changed_fraction_mean": report["changed_fraction_mean"],
                              "changed_fraction_max": report["changed_fraction_max"],
+                             "replayed": report.get("replayed", 0), "from_exemplars": report.get("from_exemplars"),
                              "delta_bytes": delta_path.stat().st_size, "selected": mask.total_selected,
                              "total_params": mask.total_params})
         return log
+
+    def prototypes(self) -> dict[int, np.ndarray] | None:
+        """The device's own prototypes (issue 6 runs), by Fashion-MNIST class id; None = the harness keeps them."""
+        if not self.keep_old or self.bundle is None:
+            return None
+        from edgecl.device.state import load_current, open_bundle
+        protos = load_current(open_bundle(self.bundle)).prototypes
+        return {common.FASHION_CLASSES.index(c): protos.means[i].astype(np.float32)
+                for i, c in enumerate(protos.classes)}
 
     def _edgecl(self, *args: str) -> str:
         proc = subprocess.run([*common.edgecl_cmd(), *args], capture_output=True, text=True,

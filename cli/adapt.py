@@ -28,6 +28,11 @@ def adapt(
     exemplars: Annotated[bool | None, typer.Option("--exemplars/--no-exemplars",
                                                       help="Keep a few images per class to refresh old "
                                                            "prototypes. Default: the profile's store_images.")] = None,
+    replay: Annotated[bool, typer.Option("--replay/--no-replay",
+                                         help="With exemplars: train on the old classes' exemplars too, "
+                                              "so new classes are learned apart from them.")] = True,
+    replay_share: Annotated[float, typer.Option(help="Repeat the replayed exemplars to about this share of "
+                                                     "the training images (0 = each once).")] = 0.0,
     select_lr: Annotated[bool, typer.Option("--select-lr", help="Choose lr and epochs on a held-out split "
                                                                "of DATA first.")] = False,
     max_step_fraction: Annotated[float, typer.Option(help="Cap on the share of ALL weights changed in one "
@@ -41,21 +46,22 @@ def adapt(
 
     report = run_adapt(bundle, data, AdaptOptions(
         epochs=epochs, lr=lr, lr_head=lr_head, batch_size=batch_size, seed=seed, checkpoint_every=checkpoint_every,
-        drift_compensation=drift_compensation, exemplars=exemplars, select_lr=select_lr, resume=resume, max_step_fraction=max_step_fraction,
-        progress=not quiet), profile=device)
+        drift_compensation=drift_compensation, exemplars=exemplars, replay=replay, replay_share=replay_share, select_lr=select_lr,
+        resume=resume, max_step_fraction=max_step_fraction, progress=not quiet), profile=device)
     if as_json:
         typer.echo(json.dumps(report.to_json(), indent=2))
         return
     r = report
-    typer.echo(f"adapted {bundle} -> state {r.state}: {r.steps} steps, {r.epochs} epochs, {r.images} images "
-               f"({r.skipped_unreadable} unreadable skipped), lr {r.lr:g}")
+    replayed = f" + {r.replayed} exemplars of old classes" if r.replayed else ""
+    typer.echo(f"adapted {bundle} -> state {r.state}: {r.steps} steps, {r.epochs} epochs, {r.images} images"
+               f"{replayed} ({r.skipped_unreadable} unreadable skipped), lr {r.lr:g}")
     if r.steps:
         typer.echo(f"final loss {r.final_loss:.4f}; changed per step {100 * r.changed_fraction_mean:.3f}% of all "
                    f"weights (max {100 * r.changed_fraction_max:.3f}%); {r.step_seconds_median:.3f} s/step")
     typer.echo(f"classes updated: {', '.join(r.classes_updated) or '-'}; added: {', '.join(r.classes_added) or '-'}")
     if r.drift_compensated or r.from_exemplars:
         typer.echo(f"old prototypes: drift-compensated {', '.join(r.drift_compensated) or '-'}; "
-                   f"from exemplars {', '.join(r.from_exemplars) or '-'}")
+                   f"moved by their exemplars' drift {', '.join(r.from_exemplars) or '-'}")
     if r.selection:
         c = r.selection["chosen"]
         typer.echo(f"--select-lr chose lr {c['lr']:g}, {c['epochs']} epochs (held-out accuracy {c['accuracy']:.3f})")

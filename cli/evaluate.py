@@ -13,17 +13,20 @@ def evaluate(
     bundle: Annotated[Path, typer.Argument(help="Bundle folder.")],
     data: Annotated[Path, typer.Option("--data", help="Image folder: DATA/<class name>/<images>.")],
     device: Annotated[Path | None, typer.Option("--device", help="Device profile (.toml).")] = None,
+    head: Annotated[str, typer.Option(help="Classifier: ncm (cosine to prototypes), lda (prototypes + the "
+                                           "pooled covariance adapt accumulates), auto (lda when available).")]
+    = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON (key `accuracy` overall).")] = False,
 ) -> None:
     """Accuracy overall and per class, and the most confused class pairs."""
     from edgecl.device.infer import evaluate as run_evaluate
 
-    result = run_evaluate(bundle, data, profile=device)
+    result = run_evaluate(bundle, data, profile=device, head=head)
     if as_json:
         typer.echo(json.dumps(result, indent=2))
         return
     typer.echo(f"accuracy {100 * result['accuracy']:.2f}% ({result['correct']}/{result['images']}) "
-               f"with state {result['state']}")
+               f"with state {result['state']}, head {result['head']}")
     for name, row in result["per_class"].items():
         typer.echo(f"  {name}: {100 * row['accuracy']:.2f}% of {row['images']}")
     for c in result["most_confused"]:

@@ -26,6 +26,7 @@ COMMAND_MODULES = (
     "predict",
     "evaluate",
     "rollback",
+    "upgrade",
     "serve",
     "push",
     "merge",

@@ -14,12 +14,15 @@ def predict(
     images: Annotated[list[Path], typer.Argument(help="Image files.")],
     top_k: Annotated[int, typer.Option("--top-k", help="Classes listed per image.")] = 3,
     device: Annotated[Path | None, typer.Option("--device", help="Device profile (.toml).")] = None,
+    head: Annotated[str, typer.Option(help="Classifier: ncm (cosine to prototypes), lda (prototypes + the "
+                                           "pooled covariance adapt accumulates), auto (lda when available).")]
+    = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
 ) -> None:
-    """Class, score (cosine similarity to the class prototype) and top-k for each image."""
+    """Class, score (cosine similarity, or the LDA score with the lda head) and top-k for each image."""
     from edgecl.device.infer import predict as run_predict
 
-    results = run_predict(bundle, images, top_k=top_k, profile=device)
+    results = run_predict(bundle, images, top_k=top_k, profile=device, head=head)
     if as_json:
         typer.echo(json.dumps(results, indent=2))
     else:

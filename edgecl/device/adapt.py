@@ -37,9 +37,11 @@ from edgecl.formats.images import LoadedImages, load_image_folder, two_views
 from edgecl.formats.prototypes import Prototypes
 
 from . import drift as sdc
+from .heads import LdaHead
 from .infer import create_runner, embed_and_score, resolve_profile
 from .state import (
     EXEMPLARS,
+    LDA,
     PROTOTYPES,
     STEP_LOG,
     TRAINABLE,
@@ -71,6 +73,8 @@ class AdaptOptions:
     drift_compensation: bool = True       # move old prototypes by SDC (drift.py)
     drift_sigma: float | None = None      # None = data-driven (drift.default_sigma)
     exemplars: bool | None = None         # None = profile.store_images
+    replay: bool = True                   # with exemplars: mix old classes' exemplars into the training data
+    replay_share: float = 0.0             # repeat them to about this share of the data (0 = each once)
     select_lr: bool = False               # choose lr and epochs on a held-out split first
     max_step_fraction: float = 0.005      # never let more than this share of ALL weights change in a step
                                           # (METHOD.md step 3: "under 0.5%"); 0 = no cap
@@ -96,6 +100,7 @@ class AdaptReport:
     memory_budget_mb: int
     drift_compensated: list[str] = field(default_factory=list)
     from_exemplars: list[str] = field(default_factory=list)
+    replayed: int = 0                     # exemplar images of old classes mixed into the training data
     exemplar_bytes: int = 0
     selection: dict[str, Any] | None = None
     resumed_from_step: int | None = None
@@ -264,6 +269,28 @@ def _select_lr(run: _Run, profile: DeviceProfile, start: dict[str, np.ndarray], 
     return {"chosen": best, "trials": trials, "held_out_images": int(len(held_rows))}
 
 
+def replay_repeats(n_task: int, n_exemplars: int, share: float) -> int:
+    """How many times to repeat the exemplars so they make up about ``share`` of the training data.
+
+    A few exemplars per old class beside hundreds of new images barely register in the loss; repeating
+    them (each repeat gets fresh augmentations) lets the old classes weigh in. share 0 = once.
+    """
+    if not 0.0 <= share < 1.0:
+        raise DeviceError(f"the replay share must be in [0, 1), got {share}", "pass e.g. --replay-share 0.5")
+    if n_exemplars == 0 or share == 0.0:
+        return 1
+    return max(1, int(round(share / (1.0 - share) * n_task / n_exemplars)))
+
+
+def _load_memory(current, bundle: Bundle) -> ExemplarMemory:  # noqa: ANN001
+    if current.exemplars_path:
+        return ExemplarMemory.load_file(current.exemplars_path)
+    if bundle.path(mf.EXEMPLARS).exists():
+        # First adaptation: start from the calibration exemplars the host shipped in the bundle.
+        return ExemplarMemory.load_file(bundle.path(mf.EXEMPLARS))
+    return ExemplarMemory.empty(tuple(bundle.manifest.input_size))
+
+
 def adapt(bundle_dir: str | Path, data_dir: str | Path, options: AdaptOptions | None = None,
           profile: str | Path | DeviceProfile | None = None) -> AdaptReport:
     opts = options or AdaptOptions()
@@ -296,11 +323,25 @@ def adapt(bundle_dir: str | Path, data_dir: str | Path, options: AdaptOptions | 
             warnings.warn(f"the per-step budget ({100 * opts.max_step_fraction:g}% of all weights) is below the "
                           f"expected open gates ({expected / m.total_params:.3%}): the effective drop rate is "
                           f"{1 - run.max_gated / max(bundle.mask.total_selected, 1):.3f}", stacklevel=2)
+    memory = _load_memory(current, bundle)
+    replay_names = ([c for c in memory.classes if c not in data.classes and len(memory.of_class(c))]
+                    if use_exemplars and opts.replay and epochs > 0 else [])
+    if replay_names:
+        # Replay: the old classes' exemplars join the task's images (labels after the task's), so the
+        # contrastive loss also pushes the new classes away from the old ones instead of only apart
+        # from each other; the backbone then moves where it helps every class seen so far.
+        replay_pixels = [memory.of_class(c) for c in replay_names]
+        k = replay_repeats(len(data.pixels), sum(len(px) for px in replay_pixels), opts.replay_share)
+        run.pixels = np.concatenate([data.pixels, *[px for px in replay_pixels for _ in range(k)]])
+        run.labels = np.concatenate([data.labels, *[np.full(len(px), len(data.classes) + j, data.labels.dtype)
+                                                    for j, px in enumerate(replay_pixels) for _ in range(k)]])
+    train_classes = data.classes + replay_names
     start_trainable = current.trainable or {}
     config = {"parent": current.generation, "data": _fingerprint(data, Path(data_dir)), "classes": data.classes,
               "epochs": epochs, "lr": run.lr, "lr_head": run.lr_head, "batch_size": run.batch_size, "seed": seed,
               "select_lr": opts.select_lr, "drift_compensation": opts.drift_compensation,
-              "exemplars": bool(use_exemplars), "max_gated": run.max_gated}
+              "exemplars": bool(use_exemplars), "replay": replay_names, "replay_share": opts.replay_share,
+              "max_gated": run.max_gated}
     runner = create_runner(bundle, prof)
 
     # 2. a fresh run embeds the task before training; a resumed one reads what it stored
@@ -316,7 +357,7 @@ def adapt(bundle_dir: str | Path, data_dir: str | Path, options: AdaptOptions | 
         before, _ = embed_and_score(runner, bundle, data.pixels, current.delta)
         selection = None
         if opts.select_lr and epochs > 0:
-            selection = _select_lr(run, prof, start_trainable, current.delta, current.prototypes, data.classes,
+            selection = _select_lr(run, prof, start_trainable, current.delta, current.prototypes, train_classes,
                                    seed, runner)
             run.lr, run.epochs = selection["chosen"]["lr"], selection["chosen"]["epochs"]
         config = {**config, "run_lr": run.lr, "run_epochs": run.epochs, "selection": selection}
@@ -346,7 +387,7 @@ def adapt(bundle_dir: str | Path, data_dir: str | Path, options: AdaptOptions | 
         run_dir.save_checkpoint(step, write, {"position": pos, "data_rng": data_rng.bit_generator.state,
                                               "gate_rng": gate_rng.bit_generator.state})
 
-    steps_total = run.epochs * math.ceil(len(data.pixels) / run.batch_size)
+    steps_total = run.epochs * math.ceil(len(run.pixels) / run.batch_size)
     bar = None
     if opts.progress and steps_total:
         from tqdm import tqdm
@@ -368,20 +409,17 @@ def adapt(bundle_dir: str | Path, data_dir: str | Path, options: AdaptOptions | 
     prototypes = Prototypes(list(current.prototypes.classes), current.prototypes.means.copy(),
                             current.prototypes.counts.copy())
     old_names = [c for c in prototypes.classes if c not in data.classes]
-    if current.exemplars_path:
-        memory = ExemplarMemory.load_file(current.exemplars_path)
-    elif bundle.path(mf.EXEMPLARS).exists():
-        # First adaptation: start from the calibration exemplars the host shipped in the bundle.
-        memory = ExemplarMemory.load_file(bundle.path(mf.EXEMPLARS))
-    else:
-        memory = ExemplarMemory.empty(tuple(m.input_size))
     from_exemplars, compensated = [], []
     if trained:
         for name in old_names:
             stored = memory.of_class(name) if use_exemplars else memory.pixels[:0]
             if len(stored):
-                prototypes.upsert(name, embed_and_score(runner, bundle, stored, delta)[0].mean(axis=0),
-                                  int(prototypes.counts[prototypes.classes.index(name)]))
+                # The class's own drift, measured on its exemplars, moves the prototype that was
+                # computed from all of its images (a mean over a few exemplars alone is noisier).
+                moved = (embed_and_score(runner, bundle, stored, delta)[0].mean(axis=0)
+                         - embed_and_score(runner, bundle, stored, current.delta)[0].mean(axis=0))
+                row = prototypes.classes.index(name)
+                prototypes.means[row] = prototypes.means[row] + moved
                 from_exemplars.append(name)
         drifting = [c for c in old_names if c not in from_exemplars]
         if opts.drift_compensation and drifting:
@@ -389,6 +427,13 @@ def adapt(bundle_dir: str | Path, data_dir: str | Path, options: AdaptOptions | 
             sigma = opts.drift_sigma or sdc.default_sigma(before, data.labels)
             prototypes.means[rows] = sdc.compensate(prototypes.means[rows], before, after, sigma)
             compensated = drifting
+    # The LDA head's covariance: deviations of the task's images from their class means, pooled with
+    # every earlier task's (its old part is not recomputed: it holds no class means, so it does not
+    # go stale the way prototypes do when the backbone shifts a class).
+    lda = (LdaHead.load_file(current.lda_path) if current.lda_path is not None
+           else LdaHead(int(m.embedding_dim)))
+    if len(after):
+        lda.add(after, data.labels)
     added = [c for c in data.classes if c not in prototypes.classes]
     for name, (mean, count) in _class_means(after, data.labels, data.classes).items():
         prototypes.upsert(name, mean, count)
@@ -410,11 +455,13 @@ def adapt(bundle_dir: str | Path, data_dir: str | Path, options: AdaptOptions | 
         changed_fraction_max=float(np.max(changed)) if changed else 0.0,
         step_seconds_median=float(np.median(seconds)) if seconds else None, peak_rss_mb=round(peak, 1),
         memory_budget_mb=prof.memory_budget_mb, drift_compensated=compensated, from_exemplars=from_exemplars,
-        exemplar_bytes=memory.nbytes if use_exemplars else 0, selection=selection, resumed_from_step=resumed_from)
+        exemplar_bytes=memory.nbytes if use_exemplars else 0, replayed=len(run.pixels) - len(data.pixels),
+        selection=selection, resumed_from_step=resumed_from)
 
     def write(tmp: Path) -> None:
         save_trainable(tmp / TRAINABLE, {n: session.get_param(n) for n in TRAINABLE_NAMES})
         prototypes.save_file(tmp / PROTOTYPES)
+        lda.save_file(tmp / LDA)
         if use_exemplars and len(memory.classes):
             memory.save_file(tmp / EXEMPLARS)
         (tmp / STEP_LOG).write_bytes(run_dir.log_path.read_bytes())

@@ -1,7 +1,11 @@
 """Inference on the device: embeddings, `edgecl predict` and `edgecl eval` (onnxruntime only).
 
-Classification is SimpleCIL (METHOD.md step 4): cosine similarity between an image's raw pooled
-embedding and each class prototype, computed inside ``inference.onnx`` (output ``logits``).
+Two heads (METHOD.md step 4; ``--head``):
+- ``ncm`` (SimpleCIL): cosine similarity between an image's raw pooled embedding and each class
+  prototype, computed inside ``inference.onnx`` (output ``logits``);
+- ``lda``: linear discriminant scores from the prototypes and the pooled within-class covariance
+  that `edgecl adapt` accumulates (``heads.LdaHead``), in numpy on the embeddings.
+``auto`` (the default) is lda when the state has covariance statistics, else ncm.
 """
 
 from __future__ import annotations
@@ -20,7 +24,10 @@ from edgecl.formats.config import DeviceProfile, default_profile, load_profile
 from edgecl.formats.images import load_image_folder, load_rgb, normalize
 from edgecl.formats.prototypes import Prototypes
 
-from .state import Bundle, load_current, open_bundle
+from .heads import LdaHead
+from .state import Bundle, DeviceState, load_current, open_bundle
+
+HEADS = ("auto", "ncm", "lda")
 
 _INFER_BATCH = 64  # images per inference call: bounds activation memory, independent of the train batch
 
@@ -61,9 +68,33 @@ def _need_prototypes(prototypes: Prototypes, bundle: Bundle) -> None:
                           "run `edgecl adapt BUNDLE --data DIR --epochs 0` to add classes")
 
 
+def resolve_head(state: DeviceState, head: str) -> str:
+    if head not in HEADS:
+        raise DeviceError(f"unknown head {head!r}", f"pass one of {', '.join(HEADS)}")
+    if head == "auto":
+        return "lda" if state.lda_path is not None else "ncm"
+    if head == "lda" and state.lda_path is None:
+        raise DeviceError("this state has no LDA statistics (they are made by `edgecl adapt`)",
+                          "run `edgecl adapt BUNDLE --data DIR` (--epochs 0 is enough), or use --head ncm")
+    return head
+
+
+def classify(runner, bundle: Bundle, state: DeviceState, pixels: np.ndarray, head: str,  # noqa: ANN001
+             shrinkage: float | None = None) -> tuple[str, np.ndarray]:
+    """(the head used, scores [N, C] in the order of state.prototypes.classes)."""
+    used = resolve_head(state, head)
+    embeddings, logits = embed_and_score(runner, bundle, pixels, state.delta, state.prototypes.means)
+    if used == "lda":
+        lda = LdaHead.load_file(state.lda_path) if shrinkage is None else LdaHead.load_file(state.lda_path, shrinkage)
+        logits = lda.logits(embeddings, state.prototypes.means).astype(np.float32)
+    return used, logits
+
+
 def predict(bundle_dir: str | Path, images: Sequence[str | Path], top_k: int = 3,
-            profile: str | Path | DeviceProfile | None = None) -> list[dict[str, Any]]:
-    """Class, score (cosine similarity) and top-k for each image file. Unreadable files are reported, not fatal."""
+            profile: str | Path | DeviceProfile | None = None, head: str = "auto") -> list[dict[str, Any]]:
+    """Class, score and top-k for each image file. Unreadable files are reported, not fatal.
+
+    The score is the cosine similarity (ncm) or the linear discriminant score (lda)."""
     bundle = open_bundle(bundle_dir)
     prof = resolve_profile(profile)
     state = load_current(bundle)
@@ -79,23 +110,25 @@ def predict(bundle_dir: str | Path, images: Sequence[str | Path], top_k: int = 3
             results[i]["error"] = exc.problem
     if not rows:
         raise DataError("none of the given images could be decoded", "pass readable image files")
+    used = resolve_head(state, head)
     runner = create_runner(bundle, prof)
-    _, logits = embed_and_score(runner, bundle, np.stack(pixels), state.delta, state.prototypes.means)
+    _, logits = classify(runner, bundle, state, np.stack(pixels), used)
     k = max(1, min(top_k, len(state.prototypes)))
     for row, scores in zip(rows, logits, strict=True):
         order = np.argsort(-scores, kind="stable")[:k]
         top = [{"class": state.prototypes.classes[j], "score": float(scores[j])} for j in order]
-        results[row].update({"class": top[0]["class"], "score": top[0]["score"], "top_k": top})
+        results[row].update({"class": top[0]["class"], "score": top[0]["score"], "top_k": top, "head": used})
     return results
 
 
 def evaluate(bundle_dir: str | Path, data_dir: str | Path, profile: str | Path | DeviceProfile | None = None,
-             most_confused: int = 5) -> dict[str, Any]:
+             most_confused: int = 5, head: str = "auto") -> dict[str, Any]:
     """Accuracy overall and per class, and the most confused (true, predicted) pairs."""
     bundle = open_bundle(bundle_dir)
     prof = resolve_profile(profile)
     state = load_current(bundle)
     _need_prototypes(state.prototypes, bundle)
+    used = resolve_head(state, head)
     m = bundle.manifest
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the skip count is in the report
@@ -110,7 +143,7 @@ def evaluate(bundle_dir: str | Path, data_dir: str | Path, profile: str | Path |
         warnings.warn(f"{len(data.labels) - len(rows)} image(s) of class(es) without a prototype not scored: "
                       f"{', '.join(unknown)}", stacklevel=2)
     runner = create_runner(bundle, prof)
-    _, logits = embed_and_score(runner, bundle, data.pixels[rows], state.delta, state.prototypes.means)
+    _, logits = classify(runner, bundle, state, data.pixels[rows], used)
     predicted = [state.prototypes.classes[j] for j in logits.argmax(axis=1)]
     truth = [data.classes[data.labels[r]] for r in rows]
     correct = np.asarray([p == t for p, t in zip(predicted, truth, strict=True)])
@@ -129,4 +162,5 @@ def evaluate(bundle_dir: str | Path, data_dir: str | Path, profile: str | Path |
         "skipped_unknown_class": int(len(data.labels) - len(rows)),
         "unknown_classes": unknown,
         "state": state.generation or "bundle",
+        "head": used,
     }

@@ -10,6 +10,7 @@ Layout (docs/device.md):
                                   float32 [K], proj.weight, proj.bias (bit-exact float32)
         prototypes.safetensors    Prototypes after the adaptation
         exemplars.safetensors     optional exemplar memory
+        lda.safetensors           the LDA head's pooled within-class scatter (edgecl/device/heads.py)
         meta.json                 steps, epochs, seed, lr, classes, data, timings, peak memory, parent
         steps.jsonl               the step log of the adaptation that made it
     state/run/                an adaptation in progress (see RunDir); removed once committed
@@ -50,6 +51,7 @@ RUN_DIR = "run"
 TRAINABLE = "trainable.safetensors"
 PROTOTYPES = "prototypes.safetensors"
 EXEMPLARS = "exemplars.safetensors"
+LDA = "lda.safetensors"
 META = "meta.json"
 STEP_LOG = "steps.jsonl"
 
@@ -113,6 +115,7 @@ class DeviceState:
     trainable: dict[str, np.ndarray]   # checkpoint name -> value; {} = the bundle checkpoint's values
     exemplars_path: Path | None        # exemplars.safetensors if any
     meta: dict[str, Any] = field(default_factory=dict)
+    lda_path: Path | None = None       # lda.safetensors if any
 
 
 def read_head(state_dir: Path) -> dict[str, Any]:
@@ -143,15 +146,18 @@ def load_current(bundle: Bundle) -> DeviceState:
         return DeviceState(None, np.zeros(bundle.mask.total_selected, np.float32), bundle_prototypes(bundle), {}, None, {})
     gen_dir = bundle.state_dir / generation
     try:
-        trainable = load_trainable(gen_dir / TRAINABLE, bundle.mask.total_selected)
+        # A generation without trainable values (`edgecl upgrade`) runs the bundle's own weights.
+        trainable = (load_trainable(gen_dir / TRAINABLE, bundle.mask.total_selected)
+                     if (gen_dir / TRAINABLE).exists() or not (gen_dir / META).exists()
+                     else {mf.DELTA_PARAM: np.zeros(bundle.mask.total_selected, np.float32)})
         prototypes = Prototypes.load_file(gen_dir / PROTOTYPES)
         meta = json.loads((gen_dir / META).read_text())
     except (OSError, ValueError) as exc:
         raise DeviceError(f"device state {gen_dir} is damaged ({exc})",
                           "run `edgecl rollback` or delete BUNDLE/state") from exc
-    exemplars = gen_dir / EXEMPLARS
+    exemplars, lda = gen_dir / EXEMPLARS, gen_dir / LDA
     return DeviceState(generation, trainable[mf.DELTA_PARAM].astype(np.float32), prototypes, trainable,
-                       exemplars if exemplars.exists() else None, meta)
+                       exemplars if exemplars.exists() else None, meta, lda if lda.exists() else None)
 
 
 def _next_generation(state_dir: Path) -> str:

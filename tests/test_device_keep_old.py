@@ -1,0 +1,164 @@
+"""Issue 6 on the device: replaying exemplars, moving old prototypes by their exemplars' drift, and
+carrying the device's memory to the next model version (`edgecl upgrade`). Real tiny bundle, real
+onnxruntime training, real image files."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_device_adapt import make_image_folder
+from typer.testing import CliRunner
+
+from edgecl.cli.main import app
+from edgecl.errors import DeviceError
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def first_task(tmp_path_factory) -> Path:
+    return make_image_folder(tmp_path_factory.mktemp("t1") / "data", {"cat": 10, "dog": 10}, seed=4)
+
+
+@pytest.fixture(scope="module")
+def second_task(tmp_path_factory) -> Path:
+    return make_image_folder(tmp_path_factory.mktemp("t2") / "data", {"fox": 12}, seed=5)
+
+
+def _adapt(bundle: Path, data: Path, **kw):
+    from edgecl.device.adapt import AdaptOptions, adapt
+
+    kw.setdefault("progress", False)
+    kw.setdefault("epochs", 1)
+    kw.setdefault("lr", 0.05)
+    return adapt(bundle, data, AdaptOptions(**kw))
+
+
+def _embed_mean(bundle: Path, pixels: np.ndarray, delta: np.ndarray) -> np.ndarray:
+    from edgecl.device.infer import create_runner, embed_and_score, resolve_profile
+    from edgecl.device.state import open_bundle
+
+    b = open_bundle(bundle)
+    return embed_and_score(create_runner(b, resolve_profile(None)), b, pixels, delta)[0].mean(axis=0)
+
+
+def test_replay_repeats():
+    from edgecl.device.adapt import replay_repeats
+
+    assert replay_repeats(600, 40, 0.0) == 1          # each exemplar once
+    assert replay_repeats(600, 40, 0.5) == 15         # 600 exemplar images beside 600 task images
+    assert replay_repeats(600, 160, 0.5) == 4
+    assert replay_repeats(10, 400, 0.5) == 1          # never fewer than once
+    assert replay_repeats(600, 0, 0.5) == 1
+    with pytest.raises(DeviceError, match="replay share"):
+        replay_repeats(600, 40, 1.0)
+
+
+def test_replay_trains_on_old_exemplars_and_moves_old_prototypes_by_their_drift(bundle_copy, first_task,
+                                                                                 second_task):
+    from edgecl.device.state import load_current, open_bundle
+    from edgecl.formats.exemplars import ExemplarMemory
+
+    first = _adapt(bundle_copy, first_task)
+    # the bundle ships calibration exemplars (class0-2): the first task already replays them
+    shipped = ExemplarMemory.load_file(bundle_copy / "exemplars.safetensors")
+    assert first.replayed == len(shipped.labels) > 0
+    before = load_current(open_bundle(bundle_copy))
+    memory = ExemplarMemory.load_file(before.exemplars_path)
+    assert {"cat", "dog", "class0", "class1", "class2"} <= set(memory.classes)
+
+    report = _adapt(bundle_copy, second_task, replay_share=0.5)
+    old = list(memory.classes)
+    n_old = sum(len(memory.of_class(c)) for c in old)
+    from edgecl.device.adapt import replay_repeats
+    assert report.replayed == n_old * replay_repeats(12, n_old, 0.5)
+    after = load_current(open_bundle(bundle_copy))
+    assert set(report.from_exemplars) == set(old) and report.drift_compensated == []
+    for name in ("cat", "class1"):
+        pixels = memory.of_class(name)
+        moved = _embed_mean(bundle_copy, pixels, after.delta) - _embed_mean(bundle_copy, pixels, before.delta)
+        expected = before.prototypes.means[before.prototypes.classes.index(name)] + moved
+        got = after.prototypes.means[after.prototypes.classes.index(name)]
+        assert np.allclose(got, expected, atol=1e-4), name
+        assert np.abs(moved).max() > 0  # the backbone did move
+
+
+def test_no_replay_trains_on_the_task_images_only(bundle_copy, first_task):
+    report = _adapt(bundle_copy, first_task, replay=False)
+    assert report.replayed == 0 and report.images == 20
+
+
+def test_upgrade_carries_exemplars_and_local_classes_to_the_next_version(bundle_copy, first_task, second_task,
+                                                                         tmp_path):
+    from edgecl.device.state import load_current, open_bundle
+    from edgecl.formats.exemplars import ExemplarMemory
+
+    _adapt(bundle_copy, first_task)
+    delta = tmp_path / "d.safetensors"
+    assert runner.invoke(app, ["delta", str(bundle_copy), "-o", str(delta)]).exit_code == 0
+    v2 = tmp_path / "v2"
+    assert runner.invoke(app, ["apply", str(bundle_copy), str(delta), "-o", str(v2)]).exit_code == 0
+    assert load_current(open_bundle(v2)).exemplars_path is None  # a fresh version knows no device memory
+
+    # the wrong direction is refused, and writes nothing
+    result = runner.invoke(app, ["upgrade", str(v2), str(bundle_copy)])
+    assert result.exit_code != 0 and "was not made from" in result.output
+    assert not (v2 / "state").exists()
+
+    result = runner.invoke(app, ["upgrade", str(bundle_copy), str(v2)])
+    assert result.exit_code == 0, result.output
+    assert "exemplars of 5 classes" in result.output
+    state = load_current(open_bundle(v2))
+    device_memory = ExemplarMemory.load_file(load_current(open_bundle(bundle_copy)).exemplars_path)
+    carried = ExemplarMemory.load_file(state.exemplars_path)
+    assert carried.classes == device_memory.classes
+    assert np.array_equal(carried.pixels, device_memory.pixels)
+    assert not state.delta.any()  # the new version's own weights
+    assert state.lda_path is not None and state.lda_path.read_bytes() == \
+        load_current(open_bundle(bundle_copy)).lda_path.read_bytes()
+    assert {"cat", "dog", "class0"} <= set(state.prototypes.classes)
+
+    # a second upgrade would overwrite the device's state on v2: refused
+    result = runner.invoke(app, ["upgrade", str(bundle_copy), str(v2)])
+    assert result.exit_code != 0 and "already has device state" in result.output
+
+    # adapting v2 replays every carried class and moves their prototypes; rollback undoes the upgrade
+    report = _adapt(v2, second_task)
+    assert set(report.from_exemplars) == set(carried.classes) and report.replayed == len(carried.labels)
+    assert runner.invoke(app, ["rollback", str(v2)]).exit_code == 0
+    assert runner.invoke(app, ["rollback", str(v2)]).exit_code != 0  # one level only
+    shutil.rmtree(v2 / "state")
+    assert runner.invoke(app, ["upgrade", str(bundle_copy), str(v2), "--json"]).exit_code == 0
+
+
+def test_lda_head_statistics_are_kept_by_adapt_and_used_by_eval_and_predict(bundle_copy, first_task,
+                                                                           second_task):
+    from edgecl.device.heads import LdaHead
+    from edgecl.device.infer import evaluate, predict
+    from edgecl.device.state import load_current, open_bundle
+
+    with pytest.raises(DeviceError, match="no LDA statistics"):
+        evaluate(bundle_copy, first_task, head="lda")
+    _adapt(bundle_copy, first_task)
+    first = LdaHead.load_file(load_current(open_bundle(bundle_copy)).lda_path)
+    assert first.count == 20 and first.groups == 2 and np.allclose(first.scatter, first.scatter.T)
+    _adapt(bundle_copy, second_task)
+    second = LdaHead.load_file(load_current(open_bundle(bundle_copy)).lda_path)
+    assert second.count == 32 and second.groups == 3  # pooled over both rounds
+
+    lda = evaluate(bundle_copy, first_task)  # auto: the statistics exist
+    ncm = evaluate(bundle_copy, first_task, head="ncm")
+    assert lda["head"] == "lda" and ncm["head"] == "ncm" and lda["images"] == ncm["images"] == 20
+    assert lda["accuracy"] >= 0.9  # two well separated synthetic classes
+    out = predict(bundle_copy, [first_task / "cat" / "000.png"], head="lda")
+    assert out[0]["head"] == "lda" and out[0]["class"] == "cat"
+    with pytest.raises(DeviceError, match="unknown head"):
+        evaluate(bundle_copy, first_task, head="svm")
+
+    path = load_current(open_bundle(bundle_copy)).lda_path
+    path.write_bytes(path.read_bytes()[:100])
+    result = runner.invoke(app, ["eval", str(bundle_copy), "--data", str(first_task)])
+    assert result.exit_code == 1 and "statistics are damaged" in result.output
