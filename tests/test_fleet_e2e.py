@@ -55,7 +55,8 @@ def _cli(*args: str) -> str:
 
 
 def _eval(bundle: Path, data: Path) -> dict:
-    return json.loads(_cli("eval", str(bundle), "--data", str(data), "--json"))
+    # ncm on both sides: the fleet merges prototypes; LDA statistics stay on each device
+    return json.loads(_cli("eval", str(bundle), "--data", str(data), "--head", "ncm", "--json"))
 
 
 def _device_data(root: Path, device: str, seed: int, per_class: int) -> Path:
