@@ -40,6 +40,42 @@ RANPAC_RIDGE = (1e4, 1e5, 1e6)        # the ranpac head's grid (M = RANPAC_M)
 RANPAC_M = 2000
 
 
+LDC_ALPHA = (0.1, 1.0)                # ridge strength of the linear drift map (x N x mean variance)
+
+
+class LinearDrift:
+    """Experimental (issue 6): old-class statistics carried through an affine map old space -> new
+    space, fitted by ridge regression (towards the identity) on the images embedded before and after a
+    task (the task's images and the stored exemplars), as in Learnable Drift Compensation (Gomez-Villa
+    et al., ECCV 2024). Moves the prototypes (mu <- [mu, 1] W) and the LDA scatter (S <- L^T S L)."""
+
+    def __init__(self, alpha: float) -> None:
+        self.alpha = alpha
+        self.protos: dict[int, np.ndarray] = {}
+        self.lda = None
+
+    def fit_and_move(self, before: np.ndarray, after: np.ndarray) -> None:
+        b, a = before.astype(np.float64), after.astype(np.float64)
+        n, d = b.shape
+        xb = np.hstack([b, np.ones((n, 1))])
+        lam = self.alpha * n * float(np.mean(b.var(axis=0)))
+        reg = np.eye(d + 1) * lam
+        reg[d, d] = 0.0
+        target = np.vstack([np.eye(d), np.zeros((1, d))])
+        w = np.linalg.solve(xb.T @ xb + reg, xb.T @ a + reg @ target)
+        for c, mu in self.protos.items():
+            self.protos[c] = np.append(mu, 1.0) @ w
+        if self.lda is not None:
+            lin = w[:d]
+            self.lda.scatter = lin.T @ self.lda.scatter @ lin
+
+    def add(self, emb: np.ndarray, labels: np.ndarray) -> None:
+        from edgecl.device.heads import LdaHead
+        self.protos.update(class_means(emb, labels))
+        self.lda = self.lda or LdaHead(emb.shape[1])
+        self.lda.add(emb, labels)
+
+
 class Heads:
     """Every head of one run, fed the same statistics: ncm (SimpleCIL cosine prototypes, the protocol's
     head), lda (the prototypes + a pooled within-class covariance), ranpac (random projection + ridge).
@@ -50,6 +86,7 @@ class Heads:
     def __init__(self, names: list[str]) -> None:
         self.names = names
         self.lda = self.ranpac = None
+        self.ldc = [LinearDrift(a) for a in LDC_ALPHA] if "ldc" in names else []
 
     def add(self, emb: np.ndarray, labels: np.ndarray) -> None:
         from edgecl.device.heads import LdaHead, RanpacHead
@@ -59,6 +96,8 @@ class Heads:
         if "ranpac" in self.names:
             self.ranpac = self.ranpac or RanpacHead(emb.shape[1], RANPAC_M)
             self.ranpac.add(emb, labels)
+        for ldc in self.ldc:
+            ldc.add(emb, labels)
 
     def predict(self, emb: np.ndarray, protos: dict[int, np.ndarray]) -> dict[str, np.ndarray]:
         ids = np.asarray(sorted(protos))
@@ -71,6 +110,14 @@ class Heads:
         if self.ranpac is not None:
             for r in RANPAC_RIDGE:
                 out[f"ranpac:{r:g}"] = ids[self.ranpac.logits(emb, list(ids), ridge=r).argmax(axis=1)]
+        for ldc in self.ldc:
+            out[f"ldc-ncm:{ldc.alpha:g}"] = cosine_predict(emb, ldc.protos)
+            ldc.lda.shrinkage = 0.3
+            means = np.stack([ldc.protos[c] for c in ids])
+            out[f"ldc-lda:{ldc.alpha:g}"] = ids[ldc.lda.logits(emb, means).argmax(axis=1)]
+            # the LDC-moved covariance with the run's own prototypes (e.g. moved by exemplar drift)
+            run_means = np.stack([protos[c] for c in ids])
+            out[f"ldcS-lda:{ldc.alpha:g}"] = ids[ldc.lda.logits(emb, run_means).argmax(axis=1)]
         return out
 
 
@@ -118,6 +165,8 @@ def run_stream(learner: Any, stream: Stream, name: str, drift: bool = False, exe
         before = learner.embed(tr.pixels) if (drift and protos) else None
         mem_before = ({c: learner.embed(px).mean(axis=0) for c, px in memory.items()}
                       if old_update == "shift" else {})
+        fit_px = np.concatenate([tr.pixels, *memory.values()])
+        fit_before = learner.embed(fit_px) if (head_stats.ldc and protos) else None
         px, lb = tr.pixels, tr.labels
         if replay and memory:
             from edgecl.device.adapt import replay_repeats
@@ -141,6 +190,10 @@ def run_stream(learner: Any, stream: Stream, name: str, drift: bool = False, exe
         device_protos = getattr(learner, "prototypes", lambda: None)()
         if device_protos is not None:  # the edgecl path keeping old classes: score the device's own
             protos = {c: device_protos[c] for c in protos}
+        if fit_before is not None:
+            fit_after = learner.embed(fit_px)
+            for ldc in head_stats.ldc:
+                ldc.fit_and_move(fit_before, fit_after)
         head_stats.add(emb, tr.labels)
         if exemplars:
             from edgecl.formats.exemplars import herding_order
