@@ -366,6 +366,13 @@ def main() -> None:
                 results["runs"].append(run)
                 common.write_json(f"b1_accuracy{args.tag}.json", results)
 
+    finalize(results, heads, args.size, seeds, args.tag)
+    print(f"wrote {common.OUT / f'b1_accuracy{args.tag}.json'} and .png; total {time.perf_counter() - t0:.0f}s")
+
+
+def finalize(results: dict[str, Any], heads: tuple[str, ...], size: int, seeds: list[int], tag: str) -> None:
+    """Choose every method's lr (and each head's parameter) on val, print the tables, write JSON + PNG."""
+    results["selection"], results["chosen"] = {}, {}
     for label in dict.fromkeys(r["label"] for r in results["runs"]):
         runs = [r for r in results["runs"] if r["label"] == label]
         lr = _choose(runs)
@@ -384,7 +391,7 @@ def main() -> None:
                       for r in runs if r["lr"] == best[0]]
             results["chosen"][f"{label} [{family}]"] = summarize(chosen) | {"lr": best[0], "head": best[1]}
 
-    print(f"\nB1 - test accuracy (%), {args.size} px, seeds {seeds}; lr chosen on val mean A_t")
+    print(f"\nB1 - test accuracy (%), {size} px, seeds {seeds}; lr chosen on val mean A_t")
     rows = []
     for r in results["runs"]:
         a = r["A_test"]
@@ -402,9 +409,8 @@ def main() -> None:
           f"{c['forgetting_test']:.1f} +- {c['forgetting_test_std']:.1f}",
           f"{c['digits_before']:.1f} -> {c['digits_after']:.1f} +- {c['digits_after_std']:.1f}"]
          for label, c in results["chosen"].items()])
-    common.write_json(f"b1_accuracy{args.tag}.json", results)
-    plot(results, str(common.OUT / f"b1_accuracy{args.tag}.png"))
-    print(f"wrote {common.OUT / f'b1_accuracy{args.tag}.json'} and .png; total {time.perf_counter() - t0:.0f}s")
+    common.write_json(f"b1_accuracy{tag}.json", results)
+    plot(results, str(common.OUT / f"b1_accuracy{tag}.png"))
 
 
 def _choose(runs: list[dict[str, Any]]) -> float | None:

@@ -32,7 +32,7 @@ def adapt(
                                          help="With exemplars: train on the old classes' exemplars too, "
                                               "so new classes are learned apart from them.")] = True,
     replay_share: Annotated[float, typer.Option(help="Repeat the replayed exemplars to about this share of "
-                                                     "the training images (0 = each once).")] = 0.0,
+                                                     "the training images (0 = each once).")] = 0.5,
     select_lr: Annotated[bool, typer.Option("--select-lr", help="Choose lr and epochs on a held-out split "
                                                                "of DATA first.")] = False,
     max_step_fraction: Annotated[float, typer.Option(help="Cap on the share of ALL weights changed in one "

@@ -74,7 +74,7 @@ class AdaptOptions:
     drift_sigma: float | None = None      # None = data-driven (drift.default_sigma)
     exemplars: bool | None = None         # None = profile.store_images
     replay: bool = True                   # with exemplars: mix old classes' exemplars into the training data
-    replay_share: float = 0.0             # repeat them to about this share of the data (0 = each once)
+    replay_share: float = 0.5             # repeat them to about this share of the data (0 = each once)
     select_lr: bool = False               # choose lr and epochs on a held-out split first
     max_step_fraction: float = 0.005      # never let more than this share of ALL weights change in a step
                                           # (METHOD.md step 3: "under 0.5%"); 0 = no cap
