@@ -1,12 +1,14 @@
 """`edgecl adapt`: drop-gated sparse tuning on the device, then the SimpleCIL prototypes.
 
 Reads top to bottom like a training script:
-1. open the bundle and the current device state, load the task's images;
+1. open the bundle and the current device state, load the task's images; with exemplars stored,
+   add the old classes' exemplars to the training images (replay, repeated to --replay-share);
 2. embed the task images with the current backbone (kept for drift compensation);
 3. train: per batch, two augmented views -> ORT forward+backward -> numpy gated SGD on the delta,
    dense SGD on the projection head; checkpoint every N steps; log every step;
-4. embed again; prototypes of the task's classes from the new embeddings; old classes from their
-   exemplars if stored, else moved by semantic drift compensation;
+4. embed again; prototypes of the task's classes from the new embeddings; old classes moved by
+   their exemplars' drift if stored, else by semantic drift compensation; the LDA head's pooled
+   covariance gets the task's deviations from its class means;
 5. commit the new state atomically (the old one stays for `edgecl rollback`).
 
 Determinism: two numpy Generators from SeedSequence(seed) drive everything random (one for the
