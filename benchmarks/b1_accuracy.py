@@ -87,6 +87,7 @@ class Heads:
         self.names = names
         self.lda = self.ranpac = None
         self.ldc = [LinearDrift(a) for a in LDC_ALPHA] if "ldc" in names else []
+        self.device_lda = None  # (LdaHead, class id -> mean): the edgecl device's own LDA head
 
     def add(self, emb: np.ndarray, labels: np.ndarray) -> None:
         from edgecl.device.heads import LdaHead, RanpacHead
@@ -110,6 +111,12 @@ class Heads:
         if self.ranpac is not None:
             for r in RANPAC_RIDGE:
                 out[f"ranpac:{r:g}"] = ids[self.ranpac.logits(emb, list(ids), ridge=r).argmax(axis=1)]
+        if self.device_lda is not None and "device-lda" in self.names:
+            head, dev_means = self.device_lda
+            means = np.stack([dev_means.get(c, protos[c]) for c in ids])
+            for s in LDA_SHRINKAGE:
+                head.shrinkage = s
+                out[f"device-lda:{s:g}"] = ids[head.logits(emb, means).argmax(axis=1)]
         for ldc in self.ldc:
             out[f"ldc-ncm:{ldc.alpha:g}"] = cosine_predict(emb, ldc.protos)
             ldc.lda.shrinkage = 0.3
@@ -195,6 +202,7 @@ def run_stream(learner: Any, stream: Stream, name: str, drift: bool = False, exe
             for ldc in head_stats.ldc:
                 ldc.fit_and_move(fit_before, fit_after)
         head_stats.add(emb, tr.labels)
+        head_stats.device_lda = getattr(learner, "lda_head", lambda: None)()
         if exemplars:
             from edgecl.formats.exemplars import herding_order
             for c in np.unique(tr.labels):

@@ -124,6 +124,18 @@ class EdgeclLearner:
         return {common.FASHION_CLASSES.index(c): protos.means[i].astype(np.float32)
                 for i, c in enumerate(protos.classes)}
 
+    def lda_head(self) -> tuple[Any, dict[int, np.ndarray]] | None:
+        """The device's LDA head (statistics and its own class means, by class id), if it has one."""
+        if not self.keep_old or self.bundle is None:
+            return None
+        from edgecl.device.heads import LdaHead
+        from edgecl.device.state import load_current, open_bundle
+        state = load_current(open_bundle(self.bundle))
+        if state.lda_path is None:
+            return None
+        head = LdaHead.load_file(state.lda_path)
+        return head, {common.FASHION_CLASSES.index(c): m for c, m in head.means.items()}
+
     def _edgecl(self, *args: str) -> str:
         proc = subprocess.run([*common.edgecl_cmd(), *args], capture_output=True, text=True,
                               env={**os.environ, **common.thread_env(self.threads)})

@@ -73,3 +73,43 @@ def test_bad_shapes_and_settings_are_errors():
         LdaHead(3, shrinkage=2.0)
     with pytest.raises(ValueError, match=r"\[N, D\]"):
         LdaHead(3).add(np.zeros(3), np.zeros(3))
+
+
+def test_linear_drift_is_the_identity_without_drift_and_recovers_an_affine_map():
+    from edgecl.device.heads import fit_linear_drift
+
+    rng = np.random.default_rng(6)
+    before = rng.normal(size=(300, 4))
+    w = fit_linear_drift(before, before)
+    assert np.allclose(w, np.vstack([np.eye(4), np.zeros((1, 4))]))
+    a = np.eye(4) + 0.3 * rng.normal(size=(4, 4))
+    b = np.array([1.0, -2.0, 0.5, 3.0])
+    w = fit_linear_drift(before, before @ a + b, ridge=1e-9)
+    assert np.allclose(w[:4], a, atol=1e-6) and np.allclose(w[4], b, atol=1e-6)
+
+    # the head's statistics, carried through the map, equal those computed in the new space
+    y = rng.integers(0, 2, 300)
+    head, moved = LdaHead(4, shrinkage=0.0), LdaHead(4, shrinkage=0.0)
+    head.add(before, y)
+    head.means = {"a": before[y == 0].mean(0), "b": before[y == 1].mean(0)}
+    after = before @ a + b
+    moved.add(after, y)
+    head.move(w)
+    assert np.allclose(head.scatter, moved.scatter, atol=1e-6)
+    assert np.allclose(head.means["a"], after[y == 0].mean(0), atol=1e-6)
+    with pytest.raises(ValueError, match="drift map"):
+        head.move(np.eye(3))
+
+
+def test_lda_file_round_trip_and_fallback_means(tmp_path):
+    x, y = _correlated_classes(30, 7)
+    head = LdaHead(5)
+    head.add(x, y)
+    head.means = {"a": x[y == 0].mean(0)}
+    head.save_file(tmp_path / "lda.safetensors")
+    back = LdaHead.load_file(tmp_path / "lda.safetensors")
+    assert back.count == 60 and back.groups == 2 and np.array_equal(back.scatter, head.scatter)
+    assert list(back.means) == ["a"] and np.array_equal(back.means["a"], head.means["a"])
+    fallback = np.stack([np.zeros(5), np.ones(5)])
+    means = back.means_for(["a", "b"], fallback)
+    assert np.array_equal(means[0], head.means["a"]) and np.array_equal(means[1], np.ones(5))

@@ -142,12 +142,15 @@ def test_lda_head_statistics_are_kept_by_adapt_and_used_by_eval_and_predict(bund
 
     with pytest.raises(DeviceError, match="no LDA statistics"):
         evaluate(bundle_copy, first_task, head="lda")
-    _adapt(bundle_copy, first_task)
+    assert _adapt(bundle_copy, first_task).lda_moved  # the backbone moved: the bundle's classes' means follow
     first = LdaHead.load_file(load_current(open_bundle(bundle_copy)).lda_path)
     assert first.count == 20 and first.groups == 2 and np.allclose(first.scatter, first.scatter.T)
-    _adapt(bundle_copy, second_task)
+    assert set(first.means) == {"cat", "dog", "class0", "class1", "class2"}
+    report = _adapt(bundle_copy, second_task)
     second = LdaHead.load_file(load_current(open_bundle(bundle_copy)).lda_path)
-    assert second.count == 32 and second.groups == 3  # pooled over both rounds
+    assert second.count == 32 and second.groups == 3 and report.lda_moved  # pooled over both rounds
+    assert not np.allclose(second.means["cat"], first.means["cat"])  # carried through the drift map
+    assert not _adapt(bundle_copy, second_task, epochs=0).lda_moved  # no training, nothing to move
 
     lda = evaluate(bundle_copy, first_task)  # auto: the statistics exist
     ncm = evaluate(bundle_copy, first_task, head="ncm")

@@ -39,7 +39,7 @@ from edgecl.formats.images import LoadedImages, load_image_folder, two_views
 from edgecl.formats.prototypes import Prototypes
 
 from . import drift as sdc
-from .heads import LdaHead
+from .heads import LdaHead, fit_linear_drift
 from .infer import create_runner, embed_and_score, resolve_profile
 from .state import (
     EXEMPLARS,
@@ -103,6 +103,7 @@ class AdaptReport:
     drift_compensated: list[str] = field(default_factory=list)
     from_exemplars: list[str] = field(default_factory=list)
     replayed: int = 0                     # exemplar images of old classes mixed into the training data
+    lda_moved: bool = False               # the LDA head's statistics were carried through the drift map
     exemplar_bytes: int = 0
     selection: dict[str, Any] | None = None
     resumed_from_step: int | None = None
@@ -412,30 +413,42 @@ def adapt(bundle_dir: str | Path, data_dir: str | Path, options: AdaptOptions | 
                             current.prototypes.counts.copy())
     old_names = [c for c in prototypes.classes if c not in data.classes]
     from_exemplars, compensated = [], []
+    drift_before, drift_after = [before], [after]  # what the LDA head's drift map is fitted on
     if trained:
         for name in old_names:
             stored = memory.of_class(name) if use_exemplars else memory.pixels[:0]
             if len(stored):
                 # The class's own drift, measured on its exemplars, moves the prototype that was
                 # computed from all of its images (a mean over a few exemplars alone is noisier).
-                moved = (embed_and_score(runner, bundle, stored, delta)[0].mean(axis=0)
-                         - embed_and_score(runner, bundle, stored, current.delta)[0].mean(axis=0))
+                ex_after = embed_and_score(runner, bundle, stored, delta)[0]
+                ex_before = embed_and_score(runner, bundle, stored, current.delta)[0]
                 row = prototypes.classes.index(name)
-                prototypes.means[row] = prototypes.means[row] + moved
+                prototypes.means[row] = prototypes.means[row] + ex_after.mean(axis=0) - ex_before.mean(axis=0)
                 from_exemplars.append(name)
+                drift_before.append(ex_before)
+                drift_after.append(ex_after)
         drifting = [c for c in old_names if c not in from_exemplars]
         if opts.drift_compensation and drifting:
             rows = [prototypes.classes.index(c) for c in drifting]
             sigma = opts.drift_sigma or sdc.default_sigma(before, data.labels)
             prototypes.means[rows] = sdc.compensate(prototypes.means[rows], before, after, sigma)
             compensated = drifting
-    # The LDA head's covariance: deviations of the task's images from their class means, pooled with
-    # every earlier task's (its old part is not recomputed: it holds no class means, so it does not
-    # go stale the way prototypes do when the backbone shifts a class).
+    # The LDA head: deviations of the task's images from their class means, pooled with every earlier
+    # task's, and its own class means. The old part cannot be recomputed (its images are gone), so when
+    # the backbone moved it is first carried through the affine drift map fitted on the task's images
+    # and the exemplars embedded before and after (heads.fit_linear_drift); a class the head has no
+    # mean of yet starts from its prototype before this adaptation.
     lda = (LdaHead.load_file(current.lda_path) if current.lda_path is not None
            else LdaHead(int(m.embedding_dim)))
+    lda_moved = bool(trained and len(after))
+    if lda_moved:
+        for i, name in enumerate(current.prototypes.classes):
+            lda.means.setdefault(name, current.prototypes.means[i].astype(np.float64))
+        lda.move(fit_linear_drift(np.concatenate(drift_before), np.concatenate(drift_after)))
     if len(after):
         lda.add(after, data.labels)
+        for name, (mean, _count) in _class_means(after, data.labels, data.classes).items():
+            lda.means[name] = mean.astype(np.float64)
     added = [c for c in data.classes if c not in prototypes.classes]
     for name, (mean, count) in _class_means(after, data.labels, data.classes).items():
         prototypes.upsert(name, mean, count)
@@ -458,6 +471,7 @@ def adapt(bundle_dir: str | Path, data_dir: str | Path, options: AdaptOptions | 
         step_seconds_median=float(np.median(seconds)) if seconds else None, peak_rss_mb=round(peak, 1),
         memory_budget_mb=prof.memory_budget_mb, drift_compensated=compensated, from_exemplars=from_exemplars,
         exemplar_bytes=memory.nbytes if use_exemplars else 0, replayed=len(run.pixels) - len(data.pixels),
+        lda_moved=lda_moved,
         selection=selection, resumed_from_step=resumed_from)
 
     def write(tmp: Path) -> None:

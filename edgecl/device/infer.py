@@ -3,8 +3,9 @@
 Two heads (METHOD.md step 4; ``--head``):
 - ``ncm`` (SimpleCIL): cosine similarity between an image's raw pooled embedding and each class
   prototype, computed inside ``inference.onnx`` (output ``logits``);
-- ``lda``: linear discriminant scores from the prototypes and the pooled within-class covariance
-  that `edgecl adapt` accumulates (``heads.LdaHead``), in numpy on the embeddings.
+- ``lda``: linear discriminant scores from the pooled within-class covariance and class means that
+  `edgecl adapt` keeps (``heads.LdaHead``; a class it has no mean of uses its prototype), in numpy
+  on the embeddings.
 ``auto`` (the default) is lda when the state has covariance statistics, else ncm.
 """
 
@@ -86,7 +87,8 @@ def classify(runner, bundle: Bundle, state: DeviceState, pixels: np.ndarray, hea
     embeddings, logits = embed_and_score(runner, bundle, pixels, state.delta, state.prototypes.means)
     if used == "lda":
         lda = LdaHead.load_file(state.lda_path) if shrinkage is None else LdaHead.load_file(state.lda_path, shrinkage)
-        logits = lda.logits(embeddings, state.prototypes.means).astype(np.float32)
+        means = lda.means_for(state.prototypes.classes, state.prototypes.means)
+        logits = lda.logits(embeddings, means).astype(np.float32)
     return used, logits
 
 

@@ -10,7 +10,7 @@ Layout (docs/device.md):
                                   float32 [K], proj.weight, proj.bias (bit-exact float32)
         prototypes.safetensors    Prototypes after the adaptation
         exemplars.safetensors     optional exemplar memory
-        lda.safetensors           the LDA head's pooled within-class scatter (edgecl/device/heads.py)
+        lda.safetensors           the LDA head: pooled within-class scatter + its class means (heads.py)
         meta.json                 steps, epochs, seed, lr, classes, data, timings, peak memory, parent
         steps.jsonl               the step log of the adaptation that made it
     state/run/                an adaptation in progress (see RunDir); removed once committed

@@ -11,7 +11,8 @@ them into the new bundle's state as its first generation:
 - prototypes: the new bundle's (made by the fleet's merge, so they fit the new weights), plus the
   device's own for classes the new version lacks (computed with the old weights; the next
   `edgecl adapt` moves them by their exemplars' drift);
-- the LDA head's statistics (a within-class covariance, computed with the old weights).
+- the LDA head's statistics (pooled covariance and class means, computed with the old weights; for a
+  version made from this device's own delta they are the new weights' too).
 
 The new bundle must descend from the old one (its manifest's parent_sha256), take images of the
 same size, and have no device state yet; nothing is written when a check fails, and the new state
@@ -76,7 +77,7 @@ def upgrade(old_dir: str | Path, new_dir: str | Path, any_lineage: bool = False)
         prototypes.save_file(tmp / PROTOTYPES)
         if len(memory.classes):
             memory.save_file(tmp / EXEMPLARS)
-        if current.lda_path is not None:  # deviations from class means: little changed by the new weights
+        if current.lda_path is not None:
             shutil.copyfile(current.lda_path, tmp / LDA)
 
     meta = {"upgraded_from": str(old.root), "upgraded_from_manifest_sha256": sha256_file(old.path(mf.MANIFEST)),
