@@ -47,33 +47,26 @@ class LinearDrift:
     """Experimental (issue 6): old-class statistics carried through an affine map old space -> new
     space, fitted by ridge regression (towards the identity) on the images embedded before and after a
     task (the task's images and the stored exemplars), as in Learnable Drift Compensation (Gomez-Villa
-    et al., ECCV 2024). Moves the prototypes (mu <- [mu, 1] W) and the LDA scatter (S <- L^T S L)."""
+    et al., ECCV 2024). The device's own code (edgecl.device.heads: fit_linear_drift, LdaHead.move)
+    moves the class means (mu <- [mu, 1] W) and the LDA scatter (S <- L^T S L)."""
 
     def __init__(self, alpha: float) -> None:
         self.alpha = alpha
-        self.protos: dict[int, np.ndarray] = {}
-        self.lda = None
+        self.lda = None  # LdaHead whose means are keyed by class id
+
+    @property
+    def protos(self) -> dict[int, np.ndarray]:
+        return self.lda.means if self.lda is not None else {}
 
     def fit_and_move(self, before: np.ndarray, after: np.ndarray) -> None:
-        b, a = before.astype(np.float64), after.astype(np.float64)
-        n, d = b.shape
-        xb = np.hstack([b, np.ones((n, 1))])
-        lam = self.alpha * n * float(np.mean(b.var(axis=0)))
-        reg = np.eye(d + 1) * lam
-        reg[d, d] = 0.0
-        target = np.vstack([np.eye(d), np.zeros((1, d))])
-        w = np.linalg.solve(xb.T @ xb + reg, xb.T @ a + reg @ target)
-        for c, mu in self.protos.items():
-            self.protos[c] = np.append(mu, 1.0) @ w
-        if self.lda is not None:
-            lin = w[:d]
-            self.lda.scatter = lin.T @ self.lda.scatter @ lin
+        from edgecl.device.heads import fit_linear_drift
+        self.lda.move(fit_linear_drift(before, after, ridge=self.alpha))
 
     def add(self, emb: np.ndarray, labels: np.ndarray) -> None:
         from edgecl.device.heads import LdaHead
-        self.protos.update(class_means(emb, labels))
         self.lda = self.lda or LdaHead(emb.shape[1])
         self.lda.add(emb, labels)
+        self.lda.means.update(class_means(emb, labels))
 
 
 class Heads:
