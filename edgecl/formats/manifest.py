@@ -15,23 +15,29 @@ from typing import Any
 from edgecl.errors import BundleError
 from edgecl.formats.atomic import atomic_write_json
 
-FORMAT_VERSION = 1
+# 2: one standard-ONNX training-step graph for plain onnxruntime (train_step.onnx) replaced the
+#    onnxruntime-training artifacts (training_model.onnx, eval_model.onnx, checkpoint).
+FORMAT_VERSION = 2
 
 MANIFEST = "manifest.json"
-TRAINING_MODEL = "training_model.onnx"
-EVAL_MODEL = "eval_model.onnx"
-CHECKPOINT = "checkpoint"
-INFERENCE_MODEL = "inference.onnx"
+TRAIN_STEP = "train_step.onnx"          # (images, labels, row_weight, delta, proj_weight, proj_bias) -> loss, grads
+INFERENCE_MODEL = "inference.onnx"      # (images, prototypes) -> embeddings, logits; weights are initializers
+WEIGHTS = "weights.safetensors"         # base weights W0 by parameter name (the device patches masked ones)
+HEAD_INIT = "head.safetensors"          # initial projection head: proj.weight [P, D], proj.bias [P]
 MASK = "mask.safetensors"
 PROTOTYPES = "prototypes.safetensors"
-EXEMPLARS = "exemplars.safetensors"
-OVERLAP = "overlap.safetensors"  # optional: how often each element was updated in earlier rounds (all of them)  # optional: a few images per calibration class (export --exemplars-per-class)
-REQUIRED_FILES = (MANIFEST, TRAINING_MODEL, EVAL_MODEL, CHECKPOINT, INFERENCE_MODEL, MASK)
+EXEMPLARS = "exemplars.safetensors"     # optional: a few images per calibration class (export --exemplars-per-class)
+OVERLAP = "overlap.safetensors"         # optional: how often each element was updated in earlier rounds (all of them)
+REQUIRED_FILES = (MANIFEST, TRAIN_STEP, INFERENCE_MODEL, WEIGHTS, HEAD_INIT, MASK, PROTOTYPES)
 
-# Names inside the graphs and the checkpoint (docs/architecture.md).
+# Names of the trainable tensors (device state files, the step graph's inputs map onto them).
 DELTA_PARAM = "edgecl_delta"
 PROJ_WEIGHT = "proj.weight"
 PROJ_BIAS = "proj.bias"
+
+# train_step.onnx I/O (docs/bundle-format.md)
+STEP_INPUTS = ("images", "labels", "row_weight", "delta", "proj_weight", "proj_bias")
+STEP_OUTPUTS = ("loss", "grad_delta", "grad_proj_weight", "grad_proj_bias")
 
 
 @dataclass
@@ -55,9 +61,11 @@ class BundleManifest:
     lr_head: float = 1e-2                # SGD lr on the projection head
     weight_decay: float = 0.0            # applied only to gated elements (never moves others)
     overlap_decay: float = 0.9           # gradient scale 0.9 ** overlap (METHOD.md step 2)
-    batch_size: int = 32                 # images per step (each gives two views)
+    batch_size: int = 32                 # images per step (each gives two views); the step graph's
+                                         # fixed row count is 2 * batch_size, a smaller batch is padded
     epochs: int = 5                      # default epochs for `edgecl adapt`
     seed: int = 1993
+    mask_policy: str = "no-depthwise"    # which tensors the mask may select: "all" or "no-depthwise"
     interpolation: str = "bilinear"
     classes: list[str] = field(default_factory=list)   # classes with prototypes at export time
     recipe: dict[str, Any] = field(default_factory=dict)
