@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edgecl.errors import BundleError
+from edgecl.errors import BundleError, ConfigError
 from edgecl.formats.atomic import atomic_write_json
+from edgecl.formats.config import INTERPOLATIONS, Check, check_values, profile_from_dict, required_fields
 
 # 2: one standard-ONNX training-step graph for plain onnxruntime (train_step.onnx) replaced the
 #    onnxruntime-training artifacts (training_model.onnx, eval_model.onnx, checkpoint).
@@ -80,21 +82,78 @@ class BundleManifest:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_json(cls, obj: dict[str, Any]) -> BundleManifest:
-        version = int(obj.get("format_version", 0))
-        if version > FORMAT_VERSION:
+    def from_json(cls, obj: dict[str, Any], where: str = MANIFEST) -> BundleManifest:
+        """Check every field's type and range (``manifest_problems``); one BundleError lists them all."""
+        if not isinstance(obj, dict):
+            raise BundleError(f"{where} is not a JSON object", "re-copy the bundle from the host")
+        version = obj.get("format_version", 0)
+        if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
             raise BundleError(f"bundle format version {version} is newer than this edgecl supports ({FORMAT_VERSION})",
                               "upgrade edgecl on this device")
-        known = {f.name for f in dataclasses.fields(cls)}
-        missing = [f.name for f in dataclasses.fields(cls)
-                   if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING  # type: ignore[misc]
-                   and f.name not in obj]
+        missing = [name for name in required_fields(cls) if name not in obj]
         if missing:
-            raise BundleError(f"manifest.json lacks {', '.join(missing)}", "re-export the bundle")
-        return cls(**{k: v for k, v in obj.items() if k in known})
+            raise BundleError(f"{where} lacks {', '.join(missing)}", "re-export the bundle")
+        values, problems = check_values(cls, obj, MANIFEST_CHECKS)
+        if not problems:
+            problems = manifest_problems(values)
+        if problems:
+            raise BundleError(f"{where}: {'; '.join(problems)}", "re-export the bundle (or re-copy it from the host)")
+        return cls(**values)
 
     def save(self, bundle_dir: str | Path) -> None:
         atomic_write_json(Path(bundle_dir) / MANIFEST, self.to_json())
+
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_UNIT = Check(low=0, high=1)
+
+# Ranges of the manifest's values (types come from the dataclass): what a device may rely on.
+MANIFEST_CHECKS: dict[str, Check] = {
+    "bundle_id": Check(nonempty=True),
+    "version": Check(low=1),
+    "model_name": Check(nonempty=True),
+    "input_size": Check(low=1, high=8192, length=2),
+    "mean": Check(length=3),
+    "std": Check(low=0, low_open=True, length=3),
+    "embedding_dim": Check(low=1),
+    "proj_dim": Check(low=1),
+    "total_params": Check(low=1),
+    "selected": Check(low=0),
+    "select_rate": Check(low=0, high=1, low_open=True),
+    "drop_rate": Check(low=0, high=1, high_open=True),   # 1 would never update anything
+    "loss_temperature": Check(low=0, low_open=True),
+    "lr_backbone": Check(low=0),
+    "lr_head": Check(low=0),
+    "weight_decay": Check(low=0),
+    "overlap_decay": _UNIT,
+    "batch_size": Check(low=1, high=4096),
+    "epochs": Check(low=0),
+    "mask_policy": Check(choices=("all", "no-depthwise")),
+    "interpolation": Check(choices=INTERPOLATIONS),
+    "format_version": Check(low=1),
+}
+
+
+def manifest_problems(values: dict[str, Any]) -> list[str]:
+    """Checks across fields and inside the tables, on type-checked values."""
+    problems = []
+    for key in ("base_sha256", "mask_sha256"):
+        if not _SHA256.fullmatch(values[key]):
+            problems.append(f"{key} must be 64 lowercase hex digits (got {values[key]!r})")
+    if values.get("parent_sha256") and not _SHA256.fullmatch(values["parent_sha256"]):
+        problems.append(f"parent_sha256 must be \"\" or 64 lowercase hex digits (got {values['parent_sha256']!r})")
+    bad_files = [name for name, digest in values.get("files", {}).items()
+                 if not _SHA256.fullmatch(digest) or "/" in name or name in ("", ".", "..")]
+    if bad_files:
+        problems.append(f"files must map plain file names to sha256 hex digests (bad: {', '.join(bad_files)})")
+    if values["selected"] > values["total_params"]:
+        problems.append(f"selected ({values['selected']}) must not exceed total_params ({values['total_params']})")
+    if values.get("device_profile"):
+        try:
+            profile_from_dict(values["device_profile"], "device_profile")
+        except ConfigError as exc:
+            problems.append(exc.problem)
+    return problems
 
 
 def load_manifest(bundle_dir: str | Path) -> BundleManifest:
@@ -107,7 +166,7 @@ def load_manifest(bundle_dir: str | Path) -> BundleManifest:
         raise BundleError(f"{path} is missing", "pass the folder written by `edgecl export`") from exc
     except (OSError, ValueError) as exc:
         raise BundleError(f"{path} is unreadable ({exc})", "re-copy the bundle from the host") from exc
-    return BundleManifest.from_json(obj)
+    return BundleManifest.from_json(obj, where=str(path))
 
 
 def check_bundle_files(bundle_dir: str | Path, names: tuple[str, ...] = REQUIRED_FILES) -> None:
