@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
-import json
+import os
+import signal
+import subprocess
+import sys
+import time
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from edgecl.errors import BundleError, ConfigError, DataError
+from edgecl.errors import BundleError, ConfigError, DataError, EdgeclError
 from edgecl.formats.atomic import atomic_dir, atomic_write_bytes
 from edgecl.formats.config import load_profile, load_recipe
 from edgecl.formats.images import load_image_folder, random_view, scan_image_folder, two_views
@@ -164,13 +168,109 @@ def test_augmentations_are_seeded_and_shaped() -> None:
 def test_atomic_writes_leave_old_state_on_failure(tmp_path: Path) -> None:
     target = tmp_path / "f.bin"
     atomic_write_bytes(target, b"old")
-    with pytest.raises(RuntimeError), atomic_dir(tmp_path / "d") as d:
-        (d / "half").write_text("x")
+    with atomic_dir(tmp_path / "d") as d:
+        (d / "payload").write_text("old folder")
+    with pytest.raises(RuntimeError), atomic_dir(tmp_path / "d", overwrite=True) as d:
+        (d / "payload").write_text("half of the new folder")
         raise RuntimeError("killed mid-write")
-    assert not (tmp_path / "d").exists()
-    assert [p.name for p in tmp_path.iterdir()] == ["f.bin"], "no temp files may be left behind"
+    assert (tmp_path / "d" / "payload").read_text() == "old folder"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "f.bin"], "no temp files may be left behind"
     assert target.read_bytes() == b"old"
-    json.loads(json.dumps({"ok": True}))
+    with atomic_dir(tmp_path / "d", overwrite=True) as d:
+        (d / "payload").write_text("new folder")
+    assert (tmp_path / "d" / "payload").read_text() == "new folder"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "f.bin"]
+
+
+def test_atomic_dir_overwrite_never_leaves_the_path_empty(tmp_path: Path) -> None:
+    """A reader in another process polls the folder while it is replaced 300 times: it must always be
+    there (RENAME_EXCHANGE). The old rename-aside-then-rename-in code was seen missing ~700 times."""
+    target = tmp_path / "bundle"
+    with atomic_dir(target) as d:
+        (d / "f").write_text("0")
+    stop = tmp_path / "stop"
+    reader = subprocess.Popen([sys.executable, "-c", f"""
+import os
+missing = reads = 0
+while not os.path.exists({str(stop)!r}):
+    reads += 1
+    missing += not os.path.exists({str(target)!r})
+print(missing, reads)
+"""], stdout=subprocess.PIPE, text=True)
+    time.sleep(0.2)
+    for i in range(300):
+        with atomic_dir(target, overwrite=True) as d:
+            (d / "f").write_text(str(i))
+    stop.write_text("")
+    missing, reads = map(int, reader.communicate(timeout=30)[0].split())
+    assert reads > 1000, "the reader did not run alongside the writes"
+    assert missing == 0
+    assert (target / "f").read_text() == "299"
+
+
+_KILLED_WRITER = """
+import os, signal, sys
+from edgecl.formats.atomic import atomic_dir
+with atomic_dir(sys.argv[1]) as d:
+    (d / "half.bin").write_bytes(b"x" * 1000)
+    os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_temps_of_killed_writers_are_removed_by_the_next_write(tmp_path: Path) -> None:
+    from edgecl.formats.atomic import clean_stale_temps
+
+    killed = subprocess.run([sys.executable, "-c", _KILLED_WRITER, str(tmp_path / "bundle")], cwd=REPO,
+                            timeout=60)
+    assert killed.returncode == -signal.SIGKILL
+    left = [p.name for p in tmp_path.iterdir()]
+    assert len(left) == 1 and left[0].startswith(".bundle.tmp-"), left
+    # A live writer's young temp folder is kept; an hour-old one of a live pid (a reused pid) is not.
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        live = tmp_path / f".other.tmp-{sleeper.pid}-abc"
+        live.mkdir()
+        ancient = tmp_path / f".third.tmp-{sleeper.pid}-def"
+        ancient.write_bytes(b"left by a pid now reused")
+        os.utime(ancient, (time.time() - 7200, time.time() - 7200))
+        # The old version set aside by a swap that was killed before the new one was renamed in.
+        aside = tmp_path / ".state.old-999999999-0123"
+        aside.mkdir()
+        (aside / "HEAD.json").write_text("{}")
+        atomic_write_bytes(tmp_path / "other.bin", b"new")
+        assert sorted(p.name for p in tmp_path.iterdir()) == [live.name, "other.bin", "state"]
+        assert (tmp_path / "state" / "HEAD.json").read_text() == "{}", "the set-aside version is put back"
+        assert clean_stale_temps(tmp_path) == []
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert clean_stale_temps(tmp_path) == [live]
+
+
+def test_full_disk_on_a_real_tmpfs(tmp_path: Path) -> None:
+    """ENOSPC from a real 1 MiB file system (not a monkeypatched os call): one EdgeclError, the previous
+    file and folder intact, no temp left."""
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    if os.geteuid() != 0:
+        pytest.skip("mounting a 1 MiB tmpfs needs root")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mnt)], capture_output=True,
+                             text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip()})")
+    try:
+        atomic_write_bytes(mnt / "f.bin", b"o" * 300_000)
+        with atomic_dir(mnt / "d") as d:
+            (d / "w.bin").write_bytes(b"o" * 300_000)
+        with pytest.raises(EdgeclError, match="no space left"):
+            atomic_write_bytes(mnt / "f.bin", b"n" * 600_000)
+        with pytest.raises(EdgeclError, match="no space left"), atomic_dir(mnt / "d", overwrite=True) as d:
+            (d / "w.bin").write_bytes(b"n" * 600_000)
+        assert (mnt / "f.bin").read_bytes() == b"o" * 300_000
+        assert (mnt / "d" / "w.bin").read_bytes() == b"o" * 300_000
+        assert sorted(p.name for p in mnt.iterdir()) == ["d", "f.bin"]
+    finally:
+        subprocess.run(["umount", str(mnt)], check=False)
 
 
 def test_mask_small_tensor_policies() -> None:
