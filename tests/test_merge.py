@@ -1,4 +1,5 @@
-"""Merge: weighted mean per element on hand-made arrays, prototypes, overlap counts."""
+"""Merge (edgecl.formats.merge): weighted mean, trimmed mean and median per element on hand-made
+arrays, bounded weights, one delta per device, prototypes, overlap counts."""
 
 from __future__ import annotations
 
@@ -8,15 +9,19 @@ from edgecl_test_deltas import make_delta, make_manifest, make_mask
 
 from edgecl.formats import delta as D
 from edgecl.formats.mask import Mask, overlap_from_bytes
-from edgecl.formats.prototypes import Prototypes
-from edgecl.server.merge import (
+from edgecl.formats.merge import (
+    MAX_SAMPLES_SEEN,
     MergeError,
     MergeInput,
+    MergeOptions,
     WeightedMean,
+    capped_shares,
     get_strategy,
+    latest_per_device,
     merge_deltas,
     merge_prototypes,
 )
+from edgecl.formats.prototypes import Prototypes
 
 
 def _input(positions, values, weight, protos=None):
@@ -64,7 +69,9 @@ def test_bad_inputs():
     with pytest.raises(MergeError, match="outside"):
         WeightedMean().merge([_input([3], [1.0], 1)], 3)
     with pytest.raises(MergeError, match="strategy"):
-        get_strategy("median")
+        get_strategy("mode")
+    with pytest.raises(MergeError, match="trim"):
+        get_strategy("trimmed-mean", trim=0.5)
 
 
 def test_prototypes_weighted_by_counts():
@@ -122,3 +129,95 @@ def test_merge_deltas_refuses_mixed_bundles_and_wrong_k():
         merge_deltas(deltas, make_mask(sizes=(40, 24), select=(8, 7)))
     with pytest.raises(MergeError, match="nothing"):
         merge_deltas([], mask)
+
+
+def test_median_and_trimmed_mean_by_hand():
+    # K = 4, five devices; every device votes on every element (0 where it changed nothing).
+    rows = [([0, 1], [1.0, 5.0]), ([0, 1], [2.0, 6.0]), ([0], [3.0]), ([0, 3], [4.0, 1.0]), ([0, 1], [1000.0, 7.0])]
+    inputs = [_input(p, v, 1) for p, v in rows]
+    median = get_strategy("median").merge(inputs, 4)
+    # element 0: votes 1,2,3,4,1000 -> 3; element 1: 5,6,0,0,7 -> 5; element 2: none -> 0; element 3: 0,0,0,1,0 -> 0
+    assert median.positions.tolist() == [0, 1]
+    np.testing.assert_array_equal(median.values, [3.0, 5.0])
+    assert median.contributors.tolist() == [5, 3, 0, 1]
+    trimmed = get_strategy("trimmed-mean", trim=0.2).merge(inputs, 4)   # drops 1 vote at each end
+    assert trimmed.positions.tolist() == [0, 1]    # element 3: votes 0,0,0,1,0 -> 0,0,0
+    np.testing.assert_allclose(trimmed.values, [(2 + 3 + 4) / 3, (0 + 5 + 6) / 3], rtol=1e-6)
+    # The outlier (1000) moves the weighted mean a lot and the robust ones not at all.
+    mean = WeightedMean().merge(inputs, 4)
+    assert mean.values[0] > 200 and median.values[0] == 3.0
+    # trim 0 is the plain (unweighted, zero-filled) mean
+    plain = get_strategy("trimmed-mean", trim=0.0).merge(inputs, 4)
+    np.testing.assert_allclose(plain.values[:2], [1010 / 5, 18 / 5], rtol=1e-6)
+
+
+def test_robust_strategies_chunk_like_one_pass():
+    rng = np.random.default_rng(3)
+    k = 150_000                        # more than one column chunk
+    inputs = []
+    for _ in range(7):
+        pos = np.sort(rng.choice(k, 40_000, replace=False))
+        inputs.append(_input(pos, rng.normal(size=pos.size), 1))
+    dense = np.zeros((7, k), np.float32)
+    for row, x in enumerate(inputs):
+        dense[row, x.positions] = x.values
+    got = np.zeros(k, np.float32)
+    result = get_strategy("median").merge(inputs, k)
+    got[result.positions] = result.values
+    np.testing.assert_array_equal(got, np.median(dense, axis=0).astype(np.float32))
+
+
+def test_capped_shares():
+    np.testing.assert_allclose(capped_shares(np.array([1.0, 1.0, 2.0]), 0.5), [0.25, 0.25, 0.5])
+    # one device claims almost everything: it gets the cap, the others share the rest by their weights
+    shares = capped_shares(np.array([9e18, 10.0, 30.0]), 0.5)
+    np.testing.assert_allclose(shares, [0.5, 0.125, 0.375])
+    assert abs(shares.sum() - 1) < 1e-12
+    # two giants and two small ones: both giants capped
+    np.testing.assert_allclose(capped_shares(np.array([1e9, 1e9, 1.0, 3.0]), 0.3), [0.3, 0.3, 0.1, 0.3])
+    np.testing.assert_allclose(capped_shares(np.array([5.0, 1.0]), 0.5), [0.5, 0.5])   # cap forces equal
+    np.testing.assert_allclose(capped_shares(np.array([5.0, 1.0]), 1.0), [5 / 6, 1 / 6])
+    np.testing.assert_allclose(capped_shares(np.array([7.0]), 0.5), [1.0])
+
+
+def test_huge_samples_seen_cannot_take_over_the_merge():
+    mask, manifest, _ = _setup()
+    honest = [make_delta(manifest, f"dev-{i}", seed=i, samples_seen=100) for i in range(3)]
+    greedy = make_delta(manifest, "dev-x", seed=9, samples_seen=MAX_SAMPLES_SEEN)
+    out = merge_deltas(honest + [greedy], mask)
+    k = mask.total_selected
+    g = greedy.to_dense(k)
+    merged = out.delta.to_dense(k)
+    shared = (g != 0) & np.stack([h.to_dense(k) != 0 for h in honest]).any(0)
+    assert shared.any()
+    # with the cap the greedy device holds half the weight where everyone changed the element
+    assert not np.allclose(merged[shared], g[shared])
+    with pytest.raises(MergeError, match="claims"):
+        merge_deltas(honest + [make_delta(manifest, "dev-y", seed=8, samples_seen=MAX_SAMPLES_SEEN + 1)], mask)
+
+
+def test_a_device_that_pushed_twice_counts_once():
+    mask, manifest, _ = _setup()
+    a_old = make_delta(manifest, "dev-0", seed=1)
+    a_new = make_delta(manifest, "dev-0", seed=2)
+    a_new.created_utc = "2025-03-04T05:06:08Z"
+    b = make_delta(manifest, "dev-1", seed=3)
+    kept, dropped = latest_per_device([a_new, b, a_old])
+    assert [d.device_id for d in kept] == ["dev-0", "dev-1"] and kept[0] is a_new and dropped == 1
+    twice = merge_deltas([a_old, b, a_new], mask)
+    once = merge_deltas([a_new, b], mask)
+    assert twice.superseded == 1 and twice.devices == ["dev-1", "dev-0"]
+    np.testing.assert_array_equal(twice.delta.to_dense(), once.delta.to_dense())
+    # same created_utc: the later one in the list (the later arrival on the server) wins
+    same = make_delta(manifest, "dev-0", seed=4)
+    kept, _ = latest_per_device([a_old, same])
+    assert kept == [same]
+
+
+def test_merge_deltas_robust_options():
+    mask, _, deltas = _setup(5)
+    med = merge_deltas(deltas, mask, options=MergeOptions(strategy="median"))
+    k = mask.total_selected
+    np.testing.assert_array_equal(med.delta.to_dense(k),
+                                  np.median(np.stack([d.to_dense(k) for d in deltas]), 0).astype(np.float32))
+    assert med.delta.prototypes is not None

@@ -1,0 +1,291 @@
+"""Merge the deltas of a fleet into one delta: pure numpy behind a one-method strategy.
+
+Shared by the server (``edgecl merge``, ``POST .../merge``) and the host (``edgecl apply`` of several
+deltas), so it lives in ``formats``: no side imports another. Spec: docs/server.md, "Merge".
+
+What counts, before any strategy sees a value (``merge_deltas``):
+- one delta per device: a device that pushed twice for a bundle version counts once, with its
+  newest delta (the server orders by arrival; files given to ``apply`` by ``created_utc``);
+- weights are bounded: a device's weight is its ``samples_seen`` (at most ``MAX_SAMPLES_SEEN``,
+  the server refuses more at push), and no device holds more than ``max_share`` of the total
+  weight (the excess is spread over the others in proportion to theirs): one device claiming 9e18
+  images cannot make the merge equal to its delta.
+
+Strategies, per element of the delta vector:
+- ``weighted-mean`` (default): the mean of the values of the devices that changed it, weighted as
+  above; an element changed by one device takes its value; elements no device changed stay 0.
+- ``trimmed-mean``: every device votes on every element (0 where it changed nothing, which is
+  what its model holds there); per element the ``trim`` share of the lowest and of the highest
+  votes is dropped and the rest averaged, unweighted (coordinate-wise trimmed mean, Yin et al.
+  2018, "Byzantine-robust distributed learning", ICML). With fewer than 1 / trim devices nothing
+  is trimmed.
+- ``median``: the coordinate-wise median of the same votes (Yin et al. 2018).
+The robust strategies bound what a minority of devices can do to any element, at the price of
+damping elements that only a few devices changed (their median is 0 once most devices did not).
+
+Prototypes of a class held by several devices: the count-weighted mean of their means, with the
+same share cap per class; counts summed. Overlap counts (METHOD.md step 2) go up by one wherever
+any counted device changed the element.
+
+Like Flower's ``aggregate.py``: the strategy only sees arrays; consistency (same bundle, same K) is
+checked by ``merge_deltas`` before anything is aggregated.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from edgecl.errors import EdgeclError
+from edgecl.formats.delta import MERGE_DEVICE_ID, Delta
+from edgecl.formats.mask import Mask, overlap_to_bytes
+from edgecl.formats.prototypes import Prototypes
+
+MAX_SAMPLES_SEEN = 10**9        # a device's claimed images: the server refuses more at push
+DEFAULT_MAX_SHARE = 0.5         # no device holds more than half the merge weight (when there are 2+)
+DEFAULT_TRIM = 0.2              # trimmed-mean: share of votes dropped at each end, per element
+_COLUMNS_PER_CHUNK = 1 << 16    # robust strategies hold [devices, chunk] float32 at a time
+
+
+class MergeError(EdgeclError):
+    """The deltas cannot be merged (none, mixed bundles, wrong K, zero weight...)."""
+
+
+@dataclass
+class MergeInput:
+    positions: np.ndarray            # int positions in [0, K) this device changed (decoded value != 0)
+    values: np.ndarray               # float32 values at those positions
+    weight: float                    # > 0: the device's bounded share of the merge
+    prototypes: Prototypes | None    # the device's class prototypes (counts are the weights)
+
+
+@dataclass
+class MergeResult:
+    positions: np.ndarray            # int32, increasing: elements whose merged value is nonzero
+    values: np.ndarray               # float32 merged values there
+    contributors: np.ndarray         # int32 [K]: how many devices changed each element
+    prototypes: Prototypes | None
+
+
+class MergeStrategy(Protocol):
+    name: str
+
+    def merge(self, inputs: Sequence[MergeInput], k: int) -> MergeResult: ...
+
+
+def _check_inputs(inputs: Sequence[MergeInput], k: int) -> np.ndarray:
+    """All positions concatenated (int64), after checking weights and ranges."""
+    if not inputs:
+        raise MergeError("nothing to merge", "push at least one delta for this bundle first")
+    for i, item in enumerate(inputs):
+        if not (np.isfinite(item.weight) and item.weight > 0):
+            raise MergeError(f"delta {i} has weight {item.weight}", "merge only deltas with samples_seen >= 1")
+    positions = np.concatenate([np.asarray(x.positions, np.int64) for x in inputs])
+    if positions.size and (positions.min() < 0 or positions.max() >= k):
+        raise MergeError(f"a position is outside the delta vector [0, {k})", "merge deltas made for this mask")
+    return positions
+
+
+def _result(values_dense: np.ndarray, contributors: np.ndarray, inputs: Sequence[MergeInput],
+            max_share: float | None) -> MergeResult:
+    changed = np.flatnonzero(values_dense).astype(np.int32)
+    return MergeResult(changed, values_dense[changed].astype(np.float32), contributors,
+                       merge_prototypes([x.prototypes for x in inputs], max_share))
+
+
+class WeightedMean:
+    """Per element: sum(w_d * v_d) / sum(w_d) over the devices d that changed it."""
+
+    name = "weighted-mean"
+
+    def merge(self, inputs: Sequence[MergeInput], k: int) -> MergeResult:
+        positions = _check_inputs(inputs, k)
+        weights = np.concatenate([np.full(len(x.positions), x.weight, np.float64) for x in inputs])
+        values = np.concatenate([np.asarray(x.values, np.float64) for x in inputs])
+        # float64 accumulation: 100 devices' fp32 values sum without visible rounding.
+        weighted_sum = np.bincount(positions, weights=weights * values, minlength=k)
+        weight_sum = np.bincount(positions, weights=weights, minlength=k)
+        contributors = np.bincount(positions, minlength=k).astype(np.int32)
+        changed = np.flatnonzero(contributors).astype(np.int32)
+        merged = (weighted_sum[changed] / weight_sum[changed]).astype(np.float32)
+        # Keep every changed element (even one whose mean is exactly 0): same as before the robust options.
+        return MergeResult(changed, merged, contributors, merge_prototypes([x.prototypes for x in inputs]))
+
+
+@dataclass
+class _Coordinatewise:
+    """Robust per-element statistic over all devices' full vectors (0 where a device changed nothing)."""
+
+    name: str
+    trim: float = 0.0          # share dropped at each end; median ignores it
+
+    def merge(self, inputs: Sequence[MergeInput], k: int) -> MergeResult:
+        _check_inputs(inputs, k)
+        n = len(inputs)
+        cut = int(np.floor(self.trim * n)) if self.name == "trimmed-mean" else 0
+        if 2 * cut >= n:
+            cut = (n - 1) // 2
+        contributors = np.zeros(k, np.int32)
+        for x in inputs:
+            contributors[np.asarray(x.positions, np.int64)] += 1
+        out = np.zeros(k, np.float32)
+        for start in range(0, k, _COLUMNS_PER_CHUNK):
+            stop = min(k, start + _COLUMNS_PER_CHUNK)
+            votes = np.zeros((n, stop - start), np.float32)
+            for row, x in enumerate(inputs):
+                pos = np.asarray(x.positions, np.int64)
+                sel = (pos >= start) & (pos < stop)
+                votes[row, pos[sel] - start] = np.asarray(x.values, np.float32)[sel]
+            if self.name == "median":
+                out[start:stop] = np.median(votes, axis=0)
+            else:
+                votes.sort(axis=0)
+                out[start:stop] = votes[cut:n - cut].astype(np.float64).mean(axis=0)
+        return _result(out, contributors, inputs, None)
+
+
+def merge_prototypes(tables: Sequence[Prototypes | None], max_share: float | None = None) -> Prototypes | None:
+    """Per class name: count-weighted mean of the means (each device's share of a class capped at
+    ``max_share`` when given), counts summed; class order = first seen."""
+    tables = [t for t in tables if t is not None and len(t)]
+    if not tables:
+        return None
+    dims = {int(t.means.shape[1]) for t in tables}
+    if len(dims) != 1:
+        raise MergeError(f"prototypes have different sizes {sorted(dims)}", "merge deltas of one bundle only")
+    rows: dict[str, list[tuple[np.ndarray, int]]] = {}
+    for table in tables:
+        for name, mean, count in zip(table.classes, np.asarray(table.means, np.float64), table.counts, strict=True):
+            rows.setdefault(name, []).append((mean, int(count)))
+    names = list(rows)
+    means = []
+    for name in names:
+        counts = np.array([c for _, c in rows[name]], np.float64)
+        weights = capped_shares(counts, max_share) if max_share is not None else counts / counts.sum()
+        means.append(sum(w * m for w, (m, _) in zip(weights, rows[name], strict=True)))
+    return Prototypes(names, np.stack(means).astype(np.float32),
+                      np.array([sum(c for _, c in rows[n]) for n in names], np.int64))
+
+
+def capped_shares(weights: np.ndarray, max_share: float | None) -> np.ndarray:
+    """Weights -> shares summing to 1, none above ``max_share`` (water-filling: the excess of a
+    capped share goes to the others in proportion to their weights). With fewer than 1 / max_share
+    entries the cap cannot hold and the shares are equal."""
+    w = np.asarray(weights, np.float64)
+    if w.size == 0:
+        return w
+    shares = w / w.sum()
+    if max_share is None or max_share >= 1 or w.size == 1:
+        return shares
+    if max_share * w.size <= 1:
+        return np.full(w.size, 1.0 / w.size)
+    capped = np.zeros(w.size, bool)
+    for _ in range(w.size):              # each round caps at least one more entry, or stops
+        over = (shares > max_share + 1e-12) & ~capped
+        if not over.any():
+            break
+        capped |= over
+        free = 1.0 - max_share * capped.sum()
+        rest = w * ~capped
+        shares = np.where(capped, max_share, free * rest / rest.sum())
+    return shares
+
+
+def update_overlap(overlap: np.ndarray, contributors: np.ndarray) -> np.ndarray:
+    """Overlap counts [K] + 1 wherever at least one device changed the element."""
+    return (np.asarray(overlap, np.int32) + (np.asarray(contributors) > 0)).astype(np.int32)
+
+
+STRATEGIES: dict[str, MergeStrategy] = {
+    WeightedMean.name: WeightedMean(),
+    "trimmed-mean": _Coordinatewise("trimmed-mean", DEFAULT_TRIM),
+    "median": _Coordinatewise("median"),
+}
+
+
+def get_strategy(name: str, trim: float | None = None) -> MergeStrategy:
+    if name not in STRATEGIES:
+        raise MergeError(f"unknown merge strategy {name!r}", f"use one of {', '.join(STRATEGIES)}")
+    if trim is not None and name == "trimmed-mean":
+        if not 0 <= trim < 0.5:
+            raise MergeError(f"trim {trim} is outside [0, 0.5)", "pass a share of votes to drop at each end, e.g. 0.2")
+        return _Coordinatewise("trimmed-mean", float(trim))
+    return STRATEGIES[name]
+
+
+@dataclass
+class MergeOptions:
+    strategy: str = WeightedMean.name     # one of STRATEGIES
+    max_share: float = DEFAULT_MAX_SHARE  # cap on one device's share of the weight (weighted-mean, prototypes)
+    trim: float | None = None             # trimmed-mean: share dropped at each end (None: DEFAULT_TRIM)
+
+
+@dataclass
+class MergeOutput:
+    delta: Delta                                      # device_id "merge", same bundle/version as inputs
+    overlap: dict[str, tuple[np.ndarray, np.ndarray]]  # tensor name -> (indices int32, counts int32)
+    shared_elements: int                              # elements changed by more than one device
+    devices: list[str] = field(default_factory=list)  # the devices counted, in input order
+    superseded: int = 0                               # older deltas of a device dropped for its newest
+
+    def overlap_bytes(self) -> bytes:
+        return overlap_to_bytes(self.overlap)
+
+
+def latest_per_device(deltas: Sequence[Delta]) -> tuple[list[Delta], int]:
+    """Each device's newest delta (largest ``created_utc``; on a tie the later one in the list, so a
+    caller that passes them in arrival order gets the last arrival); and how many were dropped."""
+    newest: dict[str, int] = {}
+    for i, d in enumerate(deltas):
+        j = newest.get(d.device_id)
+        if j is None or d.created_utc >= deltas[j].created_utc:
+            newest[d.device_id] = i
+    keep = sorted(newest.values())
+    return [deltas[i] for i in keep], len(deltas) - len(keep)
+
+
+def merge_deltas(deltas: Sequence[Delta], mask: Mask, strategy: str = WeightedMean.name,
+                 options: MergeOptions | None = None) -> MergeOutput:
+    """Check the deltas belong together and to ``mask``, keep each device's newest, bound the
+    weights, merge them, update the overlap counts.
+
+    Deterministic: the merged delta's ``created_utc`` is the newest input's, so merging the same
+    deltas twice gives byte-identical files (and one content address on the server).
+    """
+    options = options or MergeOptions(strategy=strategy)
+    if not deltas:
+        raise MergeError("nothing to merge", "push at least one delta for this bundle first")
+    first = deltas[0]
+    k = mask.total_selected
+    for d in deltas:
+        same = (d.bundle_id, d.bundle_version, d.base_sha256, d.mask_sha256)
+        if same != (first.bundle_id, first.bundle_version, first.base_sha256, first.mask_sha256):
+            raise MergeError(f"delta from {d.device_id} is for bundle {d.bundle_id} v{d.bundle_version}, "
+                             f"not {first.bundle_id} v{first.bundle_version}", "merge the deltas of one bundle version")
+        if d.delta_k != k:
+            raise MergeError(f"delta from {d.device_id} has K={d.delta_k}, the mask selects {k}",
+                             "merge with the mask of the bundle the deltas were made for")
+        if d.samples_seen > MAX_SAMPLES_SEEN:
+            raise MergeError(f"delta from {d.device_id} claims {d.samples_seen} samples (over {MAX_SAMPLES_SEEN})",
+                             "exclude it (--exclude-delta) or make it again")
+    counted, superseded = latest_per_device(deltas)
+    shares = capped_shares(np.array([max(d.samples_seen, 0) for d in counted], np.float64), options.max_share) \
+        if all(d.samples_seen > 0 for d in counted) else np.zeros(len(counted))
+    inputs = [MergeInput(d.changed_positions(), d.values[d.values != 0], float(s), d.prototypes)
+              for d, s in zip(counted, shares, strict=True)]
+    chosen = get_strategy(options.strategy, options.trim)
+    result = chosen.merge(inputs, k)
+    result.prototypes = merge_prototypes([x.prototypes for x in inputs], options.max_share)
+    counts = update_overlap(mask.overlap_vector(), result.contributors)
+    overlap = {name: (mask.indices[name], counts[sl]) for name, sl in mask.slices().items()}
+    shared = int(np.count_nonzero(result.contributors > 1))
+    merged = Delta(bundle_id=first.bundle_id, bundle_version=first.bundle_version, base_sha256=first.base_sha256,
+                   mask_sha256=first.mask_sha256, device_id=MERGE_DEVICE_ID, delta_k=k,
+                   positions=result.positions, values=result.values,
+                   steps=sum(d.steps for d in counted), samples_seen=sum(d.samples_seen for d in counted),
+                   metrics={"deltas": len(counted), "changed": int(result.positions.size), "shared": shared},
+                   created_utc=max(d.created_utc for d in counted), prototypes=result.prototypes)
+    return MergeOutput(merged, overlap, shared, [d.device_id for d in counted], superseded)
