@@ -12,6 +12,8 @@ Generator so a seed fixes the stream.
 from __future__ import annotations
 
 import math
+import os
+import stat
 import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -21,10 +23,14 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from edgecl.errors import DataError
+from edgecl.formats.preprocess import RESAMPLE as _RESAMPLE
+from edgecl.formats.preprocess import normalize, resize_rgb
+from edgecl.progress import progress_bar
+
+__all__ = ["IMAGE_SUFFIXES", "ImageFolder", "LoadedImages", "load_image_folder", "load_rgb", "normalize",
+           "random_view", "scan_image_folder", "two_views"]
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
-_RESAMPLE = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
-             "nearest": Image.Resampling.NEAREST}
 _GRAY_WEIGHTS = np.array([0.299, 0.587, 0.114], np.float32)  # ITU-R 601-2 luma, as PIL's "L"
 
 
@@ -74,16 +80,36 @@ def scan_image_folder(root: str | Path) -> ImageFolder:
     return ImageFolder(root, classes, paths, np.asarray(labels, np.int64), ignored)
 
 
+def _open_regular(path: str | Path):  # noqa: ANN202 - a binary file object
+    """Open ``path`` for reading only if it is a regular file.
+
+    O_NONBLOCK makes opening a FIFO return at once instead of waiting for a writer (which would hang
+    `edgecl predict` forever), and the type is checked on the opened descriptor, so a file swapped
+    for a FIFO between a check and the open cannot slip through."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = ("a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode)
+                    else "a device" if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else "a socket" if stat.S_ISSOCK(mode)
+                    else "not a regular file")
+            raise DataError(f"{path} is {kind}, not an image file", "pass regular image files")
+        if hasattr(os, "set_blocking"):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def load_rgb(path: str | Path, size: Iterable[int], interpolation: str = "bilinear") -> np.ndarray:
     """Decode one file to uint8 [H, W, 3], resized to ``size`` = (H, W). Raises DataError if unreadable."""
-    h, w = (int(s) for s in size)
     try:
-        with Image.open(path) as im:
+        with _open_regular(path) as f, Image.open(f) as im:
             im.load()
-            rgb = im.convert("RGB")  # grayscale / palette / RGBA -> 3 channels
-            if rgb.size != (w, h):
-                rgb = rgb.resize((w, h), _RESAMPLE[interpolation])
-            return np.asarray(rgb, dtype=np.uint8)
+            return resize_rgb(im, size, interpolation)
+    except FileNotFoundError as exc:
+        raise DataError(f"image {path} does not exist", "check the path") from exc
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
         raise DataError(f"cannot decode image {path} ({type(exc).__name__}: {exc})",
                         "replace or remove the file") from exc
@@ -97,19 +123,16 @@ def load_image_folder(root: str | Path, size: Iterable[int], interpolation: str 
     labels: list[int] = []
     ok_paths: list[Path] = []
     skipped: list[tuple[Path, str]] = []
-    items = list(zip(folder.paths, folder.labels.tolist(), strict=False))
-    iterator: Iterable = items
-    if progress:
-        from tqdm import tqdm
-        iterator = tqdm(items, desc=desc, unit="img", leave=False)
-    for path, label in iterator:
-        try:
-            pixels.append(load_rgb(path, size, interpolation))
-        except DataError as exc:
-            skipped.append((path, exc.problem))
-            continue
-        labels.append(label)
-        ok_paths.append(path)
+    with progress_bar(len(folder.paths), desc, enabled=progress) as bar:
+        for path, label in zip(folder.paths, folder.labels.tolist(), strict=True):
+            bar.update(1)
+            try:
+                pixels.append(load_rgb(path, size, interpolation))
+            except DataError as exc:
+                skipped.append((path, exc.problem))
+                continue
+            labels.append(label)
+            ok_paths.append(path)
     if skipped:
         warnings.warn(f"skipped {len(skipped)} unreadable image(s) in {folder.root}, e.g. {skipped[0][0]}",
                       stacklevel=2)
@@ -123,13 +146,6 @@ def load_image_folder(root: str | Path, size: Iterable[int], interpolation: str 
                         pixels=np.stack(pixels),
                         labels=np.asarray([remap[x] for x in labels], np.int64),
                         paths=ok_paths, skipped=skipped)
-
-
-def normalize(pixels: np.ndarray, mean: Iterable[float], std: Iterable[float]) -> np.ndarray:
-    """uint8 [N, H, W, 3] -> float32 [N, 3, H, W], scaled to [0, 1] then (x - mean) / std."""
-    x = pixels.astype(np.float32) * (1.0 / 255.0)
-    x = (x - np.asarray(list(mean), np.float32)) / np.asarray(list(std), np.float32)
-    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
 
 
 def random_view(img: np.ndarray, rng: np.random.Generator, scale: tuple[float, float] = (0.3, 1.0),
