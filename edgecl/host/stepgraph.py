@@ -1,0 +1,412 @@
+"""The device's training step as ONE standard-ONNX graph (``train_step.onnx``).
+
+Inputs  images [rows,3,H,W], labels [rows] int64, row_weight [rows] (1 real, 0 padding),
+        delta [K], proj_weight [P,D], proj_bias [P]
+Outputs loss (SupCon), grad_delta [K], grad_proj_weight [P,D], grad_proj_bias [P]
+
+Plain onnxruntime (no training build) runs it as an InferenceSession. How it is built (the
+measured technique of docs/training-graph.md):
+1. the step is a torch function: W = W0 + scatter_add(idx, delta piece) for every masked tensor,
+   SupCon on the projected embeddings, then ``torch.autograd.grad`` of the loss wrt the delta and
+   the projection head;
+2. ``make_fx`` traces it (forward and backward) into one graph of ATen ops;
+3. torch's own convolution backward has no ONNX export, so every convolution runs through
+   ``_Conv2dFn``, whose backward is written with forward convolutions and matrix products laid
+   out for onnxruntime's CPU fast paths: frozen weights stay constant initializers (so its NCHWc
+   convolution kernels apply), a depthwise input gradient is a stride-1 depthwise convolution of
+   the zero-inserted, padded output gradient with the flipped constant kernel, a pointwise (1x1)
+   convolution's gradients are MatMuls, and a trainable bias is added after the convolution;
+4. the FX graph is exported by the dynamo ONNX exporter at opset 18, and checked (ai.onnx ops
+   only, IR version 10, which onnxruntime 1.19 still loads).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F  # noqa: N812
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from edgecl.errors import EdgeclError, ExportError
+from edgecl.formats import manifest as mf
+from edgecl.formats.atomic import atomic_write_bytes
+from edgecl.formats.mask import Mask
+from edgecl.host.loss import l2_normalize, supcon_loss
+
+OPSET = 18
+IR_VERSION = 10          # onnxruntime 1.19 refuses newer IR versions
+ONNX_DOMAINS = ("", "ai.onnx")
+
+_pair = nn.modules.utils._pair
+
+
+# --- convolution with an exportable, fast-path backward ---------------------------------------------------
+
+
+def _is_depthwise(weight: torch.Tensor, groups: int, in_channels: int) -> bool:
+    return groups > 1 and groups == in_channels and weight.shape[1] == 1 and weight.shape[0] == groups
+
+
+def _is_pointwise(weight_shape: Sequence[int], stride: tuple, padding: tuple, dilation: tuple, groups: int) -> bool:
+    return (tuple(weight_shape[2:]) == (1, 1) and tuple(stride) == (1, 1) and tuple(padding) == (0, 0)
+            and groups == 1)
+
+
+def _zero_insert_pad(dy: torch.Tensor, stride: tuple, before: tuple, after: tuple) -> torch.Tensor:
+    """dy with stride-1 zeros between its elements (a strided conv's output spread back over its
+    input grid), then ``before``/``after`` zeros at the borders (negative = cropped)."""
+    n, c, ho, wo = dy.shape
+    sh, sw = stride
+    if sh > 1 or sw > 1:
+        # Pad/Reshape instead of a strided scatter: both are plain, cheap ONNX ops.
+        t = F.pad(dy.reshape(n, c, ho, 1, wo, 1), (0, sw - 1, 0, 0, 0, sh - 1))
+        dy = t.reshape(n, c, ho * sh, wo * sw)
+        # The spreading leaves stride-1 trailing zeros past the last element.
+        after = (after[0] - (sh - 1), after[1] - (sw - 1))
+    pads = (max(before[1], 0), max(after[1], 0), max(before[0], 0), max(after[0], 0))
+    if any(pads):
+        dy = F.pad(dy, pads)
+    if min(before + after) < 0:
+        h, w = dy.shape[2], dy.shape[3]
+        dy = dy[:, :, max(-before[0], 0):h - max(-after[0], 0), max(-before[1], 0):w - max(-after[1], 0)]
+    return dy
+
+
+def conv2d_input_grad(dy: torch.Tensor, weight: torch.Tensor, input_hw: tuple[int, int], stride: tuple,
+                      padding: tuple, dilation: tuple, groups: int,
+                      flipped: torch.Tensor | None = None) -> torch.Tensor:
+    """dL/dx of y = conv2d(x, weight) with forward-only ops."""
+    n, co, ho, wo = dy.shape
+    ci = weight.shape[1] * groups
+    if _is_pointwise(weight.shape, stride, padding, dilation, groups):
+        w2 = weight.reshape(co, ci)
+        return torch.matmul(w2.t(), dy.reshape(n, co, ho * wo)).reshape(n, ci, ho, wo)
+    kh, kw = weight.shape[2], weight.shape[3]
+    out_pad = [input_hw[i] - ((dy.shape[2 + i] - 1) * stride[i] - 2 * padding[i] + dilation[i] *
+                              ((kh, kw)[i] - 1) + 1) for i in range(2)]
+    if _is_depthwise(weight, groups, ci):
+        # Transposed conv == stride-1 conv of the zero-inserted, padded dy with the flipped kernel;
+        # onnxruntime's depthwise Conv kernels are far faster than its ConvTranspose (PORTABLE).
+        before = tuple(dilation[i] * ((kh, kw)[i] - 1) - padding[i] for i in range(2))
+        after = tuple(before[i] + out_pad[i] for i in range(2))
+        spread = _zero_insert_pad(dy, stride, before, after)
+        kernel = flipped if flipped is not None else torch.flip(weight, (2, 3))
+        return F.conv2d(spread, kernel, None, 1, 0, dilation, groups)
+    return F.conv_transpose2d(dy, weight, None, stride, padding, tuple(out_pad), groups, dilation)
+
+
+def conv2d_weight_grad(x: torch.Tensor, dy: torch.Tensor, weight_shape: Sequence[int], stride: tuple,
+                       padding: tuple, dilation: tuple, groups: int) -> torch.Tensor:
+    """dL/dW of y = conv2d(x, W) with forward-only ops (the roles of batch and channels swapped)."""
+    n, ci, h, w = x.shape
+    co, ci_g, kh, kw = weight_shape
+    ho, wo = dy.shape[2], dy.shape[3]
+    if _is_pointwise(weight_shape, stride, padding, dilation, groups):
+        # One GEMM: dW[co, ci] = sum over images and pixels of dy[co, p] * x[ci, p].
+        dyt = dy.reshape(n, co, ho * wo).transpose(0, 1).reshape(co, n * ho * wo)
+        xt = x.reshape(n, ci, h * w).transpose(1, 2).reshape(n * h * w, ci)
+        return torch.matmul(dyt, xt).reshape(co, ci, 1, 1)
+    if groups == 1:
+        # Channels of x as the batch, images as the channels, dy as the kernel; stride and
+        # dilation swap roles.
+        g = F.conv2d(x.transpose(0, 1), dy.transpose(0, 1), None, dilation, padding, stride)
+        return g[:, :, :kh, :kw].transpose(0, 1)
+    if groups == ci and ci_g == 1 and co == groups:
+        # Depthwise: fold the images into the channels, one group per (image, channel).
+        g = F.conv2d(x.reshape(1, n * ci, h, w), dy.reshape(n * co, 1, ho, wo), None, dilation, padding,
+                     stride, n * ci)
+        return g[:, :, :kh, :kw].reshape(n, co, kh, kw).sum(0).unsqueeze(1)
+    # Other grouped convolutions: one ordinary convolution per group (rare; correct, not fast).
+    co_g = co // groups
+    parts = [conv2d_weight_grad(x[:, i * ci_g:(i + 1) * ci_g], dy[:, i * co_g:(i + 1) * co_g],
+                                (co_g, ci_g, kh, kw), stride, padding, dilation, 1) for i in range(groups)]
+    return torch.cat(parts, 0)
+
+
+class _Conv2dFn(torch.autograd.Function):
+    """conv2d (with an optional frozen bias) whose backward make_fx traces into exportable ops."""
+
+    @staticmethod
+    def forward(ctx, x, weight, frozen_bias, stride, padding, dilation, groups, flipped):  # noqa: ANN001, ANN205
+        ctx.save_for_backward(x, weight)
+        ctx.conf = (stride, padding, dilation, groups)
+        ctx.flipped = flipped
+        return F.conv2d(x, weight, frozen_bias, stride, padding, dilation, groups)
+
+    @staticmethod
+    def backward(ctx, dy):  # noqa: ANN001, ANN205
+        x, weight = ctx.saved_tensors
+        stride, padding, dilation, groups = ctx.conf
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            dx = conv2d_input_grad(dy, weight, (x.shape[2], x.shape[3]), stride, padding, dilation, groups,
+                                   ctx.flipped)
+        if ctx.needs_input_grad[1]:
+            dw = conv2d_weight_grad(x, dy, weight.shape, stride, padding, dilation, groups)
+        return dx, dw, None, None, None, None, None, None
+
+
+def _conv_args(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):  # noqa: ANN001, ANN202
+    return x, weight, bias, _pair(stride), padding, _pair(dilation), groups
+
+
+def _numeric_padding(padding: object, weight: torch.Tensor, stride: tuple, dilation: tuple) -> tuple[int, int]:
+    if padding == "valid":
+        return (0, 0)
+    if padding == "same":
+        total = [dilation[i] * (weight.shape[2 + i] - 1) for i in range(2)]
+        if stride != (1, 1) or any(t % 2 for t in total):
+            raise ExportError("a convolution uses asymmetric 'same' padding, which the step graph does not support",
+                              "pad explicitly (timm pads with F.pad) or report the model")
+        return (total[0] // 2, total[1] // 2)
+    return _pair(padding)
+
+
+def _attention(q, k, v, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,  # noqa: ANN001, ANN202
+               enable_gqa=False):
+    """scaled_dot_product_attention written out: torch's fused CPU kernels have a backward that
+    neither decomposes nor exports; matmuls and a softmax differentiate into plain ops."""
+    if dropout_p:
+        raise ExportError("the model uses attention dropout in eval mode", "export the model in eval mode")
+    if enable_gqa and k.shape[-3] != q.shape[-3]:
+        rep = q.shape[-3] // k.shape[-3]
+        k, v = k.repeat_interleave(rep, -3), v.repeat_interleave(rep, -3)
+    scale = scale if scale is not None else 1.0 / float(q.shape[-1]) ** 0.5
+    scores = torch.matmul(q * scale, k.transpose(-2, -1))
+    if is_causal:
+        n, m = q.shape[-2], k.shape[-2]
+        causal = torch.ones(n, m, dtype=torch.bool).tril()
+        scores = scores.masked_fill(~causal, torch.finfo(scores.dtype).min)
+    if attn_mask is not None:
+        scores = (scores.masked_fill(~attn_mask, torch.finfo(scores.dtype).min) if attn_mask.dtype == torch.bool
+                  else scores + attn_mask)
+    return torch.matmul(torch.softmax(scores, dim=-1), v)
+
+
+class _ConvRouter(TorchFunctionMode):
+    """Sends every conv2d of the model through ``_Conv2dFn``; ``flipped`` maps id(frozen depthwise
+    weight) -> its flipped copy, computed once outside the trace so it is a constant initializer."""
+
+    def __init__(self, flipped: dict[int, torch.Tensor]) -> None:
+        super().__init__()
+        self.flipped = flipped
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            return _attention(*args, **kwargs)
+        if func is not F.conv2d and func is not torch.conv2d:
+            return func(*args, **kwargs)
+        x, weight, bias, stride, padding, dilation, groups = _conv_args(*args, **kwargs)
+        padding = _numeric_padding(padding, weight, stride, dilation)
+        trainable_bias = bias is not None and bias.requires_grad
+        frozen_bias = None if trainable_bias else bias
+        if x.requires_grad or weight.requires_grad:
+            y = _Conv2dFn.apply(x, weight, frozen_bias, stride, padding, dilation, groups,
+                                self.flipped.get(id(weight)))
+        else:
+            y = F.conv2d(x, weight, frozen_bias, stride, padding, dilation, groups)
+        if trainable_bias:
+            # A trainable bias added after the conv keeps the conv's inputs constant (onnxruntime's
+            # fast path needs a constant weight and bias); its gradient is a plain sum.
+            y = y + bias.reshape(1, -1, 1, 1)
+        return y
+
+
+def _convolution_backward(grad_output, input, weight, bias_sizes, stride, padding, dilation,  # noqa: A002, ANN001, ANN202
+                          transposed, output_padding, groups, output_mask):
+    """aten.convolution_backward for a convolution that escaped ``_ConvRouter`` (safety net)."""
+    if transposed or input.dim() != 4:
+        raise ExportError("the model has a transposed or non-2-D convolution, which the step graph cannot "
+                          "differentiate", "use a model made of 2-D convolutions, linear layers and norms")
+    stride, padding, dilation = _pair(stride), _pair(padding), _pair(dilation)
+    dx = dw = db = None
+    if output_mask[0]:
+        dx = conv2d_input_grad(grad_output, weight, (input.shape[2], input.shape[3]), stride, padding,
+                               dilation, groups)
+    if output_mask[1]:
+        dw = conv2d_weight_grad(input, grad_output, weight.shape, stride, padding, dilation, groups)
+    if output_mask[2]:
+        db = grad_output.sum((0, 2, 3))
+    return dx, dw, db
+
+
+# --- the step ----------------------------------------------------------------------------------------------
+
+
+class _TrainStep:
+    """The step as a torch function of the graph inputs (traced once by make_fx)."""
+
+    def __init__(self, model: nn.Module, mask: Mask, temperature: float) -> None:
+        self.model = copy.deepcopy(model).eval()  # the caller's model is never touched
+        params = dict(self.model.named_parameters())
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        for name in mask.order:
+            if name not in params:
+                raise ExportError(f"mask tensor {name} is not a parameter of the model",
+                                  "export the mask made for this model")
+            if tuple(params[name].shape) != tuple(mask.shapes[name]):
+                raise ExportError(f"mask tensor {name} has shape {tuple(mask.shapes[name])}, the model's is "
+                                  f"{tuple(params[name].shape)}", "export the mask made for this model")
+        self.masked = list(mask.order)
+        self.counts = mask.counts
+        self.base = {n: params[n].detach().reshape(-1).clone() for n in self.masked}
+        self.shapes = {n: tuple(params[n].shape) for n in self.masked}
+        self.indices = {n: torch.from_numpy(mask.indices[n].astype(np.int64)) for n in self.masked}
+        self.temperature = float(temperature)
+        masked = set(self.masked)
+        self.flipped: dict[int, torch.Tensor] = {}
+        for module_name, module in self.model.named_modules():
+            name = f"{module_name}.weight" if module_name else "weight"
+            if (isinstance(module, nn.Conv2d) and name not in masked
+                    and _is_depthwise(module.weight, module.groups, module.in_channels)):
+                self.flipped[id(module.weight)] = torch.flip(module.weight.detach(), (2, 3)).contiguous()
+
+    def __call__(self, images: torch.Tensor, labels: torch.Tensor, row_weight: torch.Tensor, delta: torch.Tensor,
+                 proj_weight: torch.Tensor, proj_bias: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        with torch.enable_grad():
+            delta = delta.detach().requires_grad_(True)
+            proj_weight = proj_weight.detach().requires_grad_(True)
+            proj_bias = proj_bias.detach().requires_grad_(True)
+            # One piece per tensor: the backward of the split is a single Concat of the pieces' gradients.
+            pieces = torch.split(delta, self.counts) if self.masked else ()
+            weights = {n: self.base[n].scatter_add(0, self.indices[n], piece).reshape(self.shapes[n])
+                       for n, piece in zip(self.masked, pieces, strict=True)}
+            with _ConvRouter(self.flipped):
+                emb = torch.func.functional_call(self.model, weights, (images,), strict=False)
+            z = l2_normalize(F.linear(emb, proj_weight, proj_bias))
+            loss = supcon_loss(z, labels, self.temperature, row_weight)
+            wrt = [delta, proj_weight, proj_bias] if self.masked else [proj_weight, proj_bias]
+            grads = list(torch.autograd.grad(loss, wrt))
+        if not self.masked:
+            grads.insert(0, torch.zeros_like(delta))
+        return (loss.detach(), *[g.detach() for g in grads])
+
+
+class _GraphModule(nn.Module):
+    """Gives the traced FX graph the graph's input names (the exporter names inputs after forward's)."""
+
+    def __init__(self, gm: nn.Module) -> None:
+        super().__init__()
+        self.gm = gm
+
+    def forward(self, images, labels, row_weight, delta, proj_weight, proj_bias):  # noqa: ANN001, ANN201
+        return tuple(self.gm(images, labels, row_weight, delta, proj_weight, proj_bias))
+
+
+def example_inputs(mask: Mask, proj: nn.Linear, rows: int, input_size: tuple[int, int],
+                   seed: int = 0) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    h, w = input_size
+    labels = torch.arange(rows, dtype=torch.int64) % max(rows // 2, 1) % 4
+    return (torch.randn(rows, 3, h, w, generator=g), labels, torch.ones(rows),
+            torch.zeros(mask.total_selected), proj.weight.detach().clone().float(),
+            proj.bias.detach().clone().float())
+
+
+def _backward_decompositions() -> dict:
+    """ATen backward ops as forward ops: the ONNX exporter translates forward ops only."""
+    from torch._decomp import core_aten_decompositions
+
+    table = {k: v for k, v in core_aten_decompositions().items() if "backward" in str(k)}
+    table[torch.ops.aten.convolution_backward.default] = _convolution_backward
+    return table
+
+
+def trace_train_step(model: nn.Module, mask: Mask, proj: nn.Linear, temperature: float, rows: int,
+                     input_size: tuple[int, int]) -> torch.fx.GraphModule:
+    """The joint forward+backward FX graph of the step (ATen ops, no convolution_backward left)."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    step = _TrainStep(model, mask, temperature)
+    table = _backward_decompositions()
+    with torch.no_grad():
+        gm = make_fx(step, decomposition_table=table, tracing_mode="real")(
+            *example_inputs(mask, proj, rows, input_size))
+    left = [n for n in gm.graph.nodes if n.target is torch.ops.aten.convolution_backward.default]
+    if left:
+        raise ExportError("the traced step still holds convolution_backward", "report this with the recipe")
+    return gm
+
+
+# --- ONNX ----------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """The exporter prints progress lines and deprecation warnings meant for its developers."""
+    import io
+    import logging
+
+    saved = {n: logging.getLogger(n).level for n in ("torch.onnx", "onnxscript", "torch.export", "torch._export")}
+    for n in saved:
+        logging.getLogger(n).setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for n, level in saved.items():
+            logging.getLogger(n).setLevel(level)
+
+
+def build_step_onnx(model: nn.Module, mask: Mask, proj: nn.Linear, temperature: float, rows: int,
+                    input_size: tuple[int, int]):  # noqa: ANN201 (onnx.ModelProto; onnx imported lazily)
+    """The step graph as an in-memory ONNX model (checked: ai.onnx ops only, IR version 10)."""
+    import onnx
+
+    gm = trace_train_step(model, mask, proj, temperature, rows, input_size)
+    example = example_inputs(mask, proj, rows, input_size)
+    try:
+        with _quiet():
+            program = torch.onnx.export(_GraphModule(gm).eval(), example, dynamo=True, opset_version=OPSET,
+                                        input_names=list(mf.STEP_INPUTS), output_names=list(mf.STEP_OUTPUTS),
+                                        external_data=False, optimize=True, verify=False)
+    except Exception as exc:
+        raise ExportError(f"the ONNX exporter failed on the training step ({type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0] if str(exc) else ''})",
+                          "report this with the recipe") from exc
+    proto = program.model_proto
+    proto.ir_version = IR_VERSION
+    check_step_graph(proto, mask, rows, input_size)
+    del onnx
+    return proto
+
+
+def check_step_graph(proto, mask: Mask, rows: int, input_size: tuple[int, int]) -> None:  # noqa: ANN001
+    """Raise ExportError unless the graph is one plain onnxruntime can run as the step contract says."""
+    domains = {n.domain for n in proto.graph.node} | {o.domain for o in proto.opset_import if o.domain}
+    foreign = sorted(d for d in domains if d not in ONNX_DOMAINS)
+    if foreign or proto.functions:
+        what = f"domain {foreign[0]}" if foreign else f"function {proto.functions[0].name}"
+        raise ExportError(f"the training-step graph uses {what}, which plain onnxruntime cannot run",
+                          "report this with the recipe")
+    inputs = [i.name for i in proto.graph.input]
+    outputs = [o.name for o in proto.graph.output]
+    if tuple(inputs) != mf.STEP_INPUTS or tuple(outputs) != mf.STEP_OUTPUTS:
+        raise ExportError(f"the training-step graph has inputs {inputs} and outputs {outputs}",
+                          f"expected {list(mf.STEP_INPUTS)} -> {list(mf.STEP_OUTPUTS)}; report this")
+    dims = [d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim]
+    if dims != [rows, 3, *input_size]:
+        raise ExportError(f"the training-step graph takes images {dims}", "report this with the recipe")
+
+
+def export_train_step(model: nn.Module, mask: Mask, proj: nn.Linear, temperature: float, rows: int,
+                      input_size: tuple[int, int], path: Path) -> None:
+    """Write ``train_step.onnx`` (see the module docstring) to ``path`` atomically."""
+    if rows < 2:
+        raise ExportError(f"the training step needs at least 2 rows, got {rows}", "use a batch of 2 or more")
+    proto = build_step_onnx(model, mask, proj, temperature, rows, tuple(input_size))
+    data = proto.SerializeToString()
+    try:
+        atomic_write_bytes(path, data)
+    except EdgeclError as exc:
+        raise ExportError(exc.problem, exc.fix) from exc
