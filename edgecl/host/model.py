@@ -1,15 +1,26 @@
 """Build the embedding model a recipe describes, load its weights, and fold BatchNorm.
 
-Why fold: onnxruntime-training turns every BatchNormalization into training-mode BN (batch
-statistics, running stats updated), which would change the model on every step. Folding BN into
-the preceding convolution gives an exactly equivalent graph with no BN left (DESIGN.md).
+Why fold: the device adapts with the BatchNorm statistics fixed (eval mode); a BN left in an
+exported training graph is at risk of being run with batch statistics, which would change the
+model on every step. Folding BN into the preceding convolution gives an exactly equivalent graph
+with no BN left and one weight + bias per convolution (docs/design-notes.md#batchnorm-folding).
+``edgecl.host.unfold`` maps folded weights back onto the recipe's own layout.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import importlib.util
+import sys
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
 
 import torch
 from torch import nn
@@ -64,17 +75,71 @@ def create_model(recipe: Recipe) -> nn.Module:
             raise ConfigError(f"unknown timm model {recipe.timm_model!r} in recipe {recipe.name}",
                               "use a name from timm.list_models()")
         return timm.create_model(recipe.timm_model, pretrained=False, num_classes=0, **recipe.model_kwargs)
-    module_name, _, attr = recipe.factory.partition(":")
-    try:
-        factory = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError, ValueError) as exc:
-        raise ConfigError(f"cannot import factory {recipe.factory!r} of recipe {recipe.name} ({exc})",
-                          "give factory = \"package.module:function\" of an importable package") from exc
-    model = factory(**recipe.model_kwargs)
+    model = import_factory(recipe)(**recipe.model_kwargs)
     if not isinstance(model, nn.Module):
         raise ConfigError(f"factory {recipe.factory} returned {type(model).__name__}, not a torch.nn.Module",
                           "return the embedding model")
     return model
+
+
+def _one_line(exc: BaseException) -> str:
+    # The CLI prints an error on one line; exception texts (SyntaxError, chained messages) may span several.
+    return " ".join(f"{type(exc).__name__}: {exc}".split())
+
+
+def _missing_module(exc: ModuleNotFoundError, module_name: str) -> bool:
+    """True when the factory's own module (or a package above it) is missing, not one it imports."""
+    parts = module_name.split(".")
+    return exc.name in {".".join(parts[:i]) for i in range(1, len(parts) + 1)}
+
+
+def import_factory(recipe: Recipe) -> Callable[..., Any]:
+    """The function named by ``factory = "package.module:function"``.
+
+    The module is imported the normal way first (an installed package, or a folder on PYTHONPATH),
+    then from the recipe's own folder, so a ``my_models.py`` kept beside ``my_model.toml`` works
+    without installing anything. Every failure is one ConfigError saying how to fix it.
+    """
+    module_name, _, attr = recipe.factory.partition(":")
+    if not module_name or not attr or not all(part.isidentifier() for part in (*module_name.split("."), attr)):
+        raise ConfigError(f"factory {recipe.factory!r} of recipe {recipe.name} is not \"package.module:function\"",
+                          "write factory = \"package.module:function\" (a function that returns the model)")
+    beside = str(Path(recipe.source).resolve().parent) if recipe.source else ""
+    top = module_name.split(".")[0]
+    try:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as exc:
+            if not (beside and _missing_module(exc, module_name)
+                    and ((Path(beside) / f"{top}.py").exists() or (Path(beside) / top).is_dir())):
+                raise
+            # Only for this import: the recipe's folder must not shadow modules elsewhere in the process.
+            sys.path.insert(0, beside)
+            try:
+                module = importlib.import_module(module_name)
+            finally:
+                sys.path.remove(beside)
+    except ModuleNotFoundError as exc:
+        if _missing_module(exc, module_name):
+            where = f"put {top}.py (or the {top}/ package) beside the recipe in {beside}, " if beside else ""
+            raise ConfigError(f"cannot import module {module_name!r} of factory {recipe.factory!r} (recipe "
+                              f"{recipe.name}): no module named {exc.name!r}",
+                              f"pip install the package that provides {top}, {where}or add the folder that "
+                              f"holds {top} to PYTHONPATH") from exc
+        raise ConfigError(f"module {module_name!r} of factory {recipe.factory!r} (recipe {recipe.name}) imports "
+                          f"{exc.name!r}, which is not installed",
+                          f"pip install the package that provides {str(exc.name).split('.')[0]}") from exc
+    except Exception as exc:  # any error raised while the module body runs
+        raise ConfigError(f"importing module {module_name!r} of factory {recipe.factory!r} (recipe {recipe.name}) "
+                          f"failed ({_one_line(exc)})", f"fix {getattr(exc, 'filename', None) or module_name}"
+                          ) from exc
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        found = "is not callable" if factory is not None else "has no attribute"
+        raise ConfigError(f"module {module_name!r} ({getattr(module, '__file__', '?')}) {found} {attr!r} "
+                          f"(factory of recipe {recipe.name})",
+                          "name a function of that module after the colon: factory = \"package.module:function\"")
+    return factory
 
 
 def load_weights(model: nn.Module, state: dict[str, torch.Tensor], mapping: str, source: str) -> None:
@@ -125,16 +190,13 @@ def _set_submodule(root: nn.Module, name: str, new: nn.Module) -> None:
 
 
 @torch.no_grad()
-def fold_batchnorm(model: nn.Module, example: torch.Tensor) -> nn.Module:
-    """Fold every BatchNorm2d into the Conv2d whose output it normalises (in place; eval mode)."""
-    model.eval()
-    bns = {n: m for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
-    if not bns:
-        return model
-    # Pair each BN with the conv whose output tensor it receives. The tensors are kept alive in
-    # `seen` so that id() values stay unique during the forward pass.
+def batchnorm_pairs(model: nn.Module, example: torch.Tensor) -> dict[str, str]:
+    """{BatchNorm name: name of the Conv2d whose output it normalises}, found by one forward pass.
+
+    A BN whose input is not a convolution's output is left out (fold_batchnorm refuses it)."""
     conv_of_output: dict[int, str] = {}
     bn_input: dict[str, int] = {}
+    # The tensors are kept alive in `seen` so that id() values stay unique during the forward pass.
     seen: list[torch.Tensor] = []
     hooks = []
 
@@ -149,19 +211,39 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor) -> nn.Module:
     for name, module in model.named_modules():
         if isinstance(module, nn.Conv2d):
             hooks.append(module.register_forward_hook(lambda m, i, o, n=name: on_conv(n, o)))
-        elif name in bns:
+        elif isinstance(module, nn.modules.batchnorm._BatchNorm):
             hooks.append(module.register_forward_hook(lambda m, i, o, n=name: on_bn(n, i)))
-    reference = model(example)
-    for h in hooks:
-        h.remove()
+    try:
+        model(example)
+    finally:
+        for h in hooks:
+            h.remove()
+    pairs = {bn: conv_of_output[i] for bn, i in bn_input.items() if i in conv_of_output}
     seen.clear()
+    return pairs
+
+
+def batchnorm_scale(bn: nn.modules.batchnorm._BatchNorm) -> torch.Tensor:
+    """gamma / sqrt(running_var + eps): the per-channel factor folding multiplies the conv weight by."""
+    return bn.weight / torch.sqrt(bn.running_var + bn.eps)
+
+
+@torch.no_grad()
+def fold_batchnorm(model: nn.Module, example: torch.Tensor) -> nn.Module:
+    """Fold every BatchNorm2d into the Conv2d whose output it normalises (in place; eval mode)."""
+    model.eval()
+    bns = {n: m for n, m in model.named_modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)}
+    if not bns:
+        return model
+    reference = model(example)
+    pairs = batchnorm_pairs(model, example)
     for bn_name, bn in bns.items():
-        conv_name = conv_of_output.get(bn_input.get(bn_name, -1))
+        conv_name = pairs.get(bn_name)
         if conv_name is None:
             raise ExportError(f"BatchNorm {bn_name} does not follow a convolution, so it cannot be folded",
                               "onnxruntime-training would train it with batch statistics; use a model without it")
         conv = model.get_submodule(conv_name)
-        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+        scale = batchnorm_scale(bn)
         conv.weight.copy_(conv.weight * scale.reshape(-1, 1, 1, 1))
         bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
         new_bias = (bias - bn.running_mean) * scale + bn.bias
@@ -227,8 +309,8 @@ def replace_avgpools(model: nn.Module, example: torch.Tensor) -> nn.Module:
     return model
 
 
-def build_embedding_model(recipe: Recipe, fold_bn: bool = True) -> nn.Module:
-    """The recipe's model with its weights, in eval mode, BN folded: x [N, 3, H, W] -> embedding [N, D]."""
+def load_recipe_model(recipe: Recipe) -> nn.Module:
+    """The recipe's model with its weights, in eval mode, frozen, in its own layout (BN not folded)."""
     model = create_model(recipe)
     weights = resolve_weights_path(recipe)
     if weights is not None:
@@ -236,6 +318,18 @@ def build_embedding_model(recipe: Recipe, fold_bn: bool = True) -> nn.Module:
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
+    return model
+
+
+def fold_example(recipe: Recipe) -> torch.Tensor:
+    """The fixed input folding checks itself on (seeded, so every build folds the same way)."""
+    torch.manual_seed(0)
+    return torch.randn(2, 3, *recipe.input_size)
+
+
+def build_embedding_model(recipe: Recipe, fold_bn: bool = True) -> nn.Module:
+    """The recipe's model with its weights, in eval mode, BN folded: x [N, 3, H, W] -> embedding [N, D]."""
+    model = load_recipe_model(recipe)
     example = torch.zeros(2, 3, *recipe.input_size)
     with torch.no_grad():
         out = model(example)
@@ -243,11 +337,74 @@ def build_embedding_model(recipe: Recipe, fold_bn: bool = True) -> nn.Module:
         raise ExportError(f"model of recipe {recipe.name} returns {getattr(out, 'shape', type(out))}, not an [N, D] "
                           "embedding", "make the model return the pooled embedding (timm: num_classes=0)")
     if fold_bn:
-        torch.manual_seed(0)
-        example = torch.randn(2, 3, *recipe.input_size)
+        example = fold_example(recipe)
         fold_batchnorm(model, example)
         replace_avgpools(model, example)
     return model
+
+
+PREPROCESSING_FIELDS = ("input_size", "mean", "std", "interpolation")
+
+
+def _explicit_fields(recipe: Recipe) -> tuple[str, set[str]]:
+    """(the recipe's `preprocess` mode, the preprocessing keys its file sets itself).
+
+    Recipe's dataclass defaults cannot tell "left unset" from "set to the default", so the keys are
+    read from the recipe's own TOML file; a recipe built in code (no file) sets none of them."""
+    data: dict[str, Any] = {}
+    if recipe.source and Path(recipe.source).is_file():
+        try:
+            data = tomllib.loads(Path(recipe.source).read_text())
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot re-read recipe {recipe.source} ({_one_line(exc)})", "check the file") from exc
+    mode = getattr(recipe, "preprocess", None) or data.get("preprocess", "recipe")
+    return str(mode), {k for k in PREPROCESSING_FIELDS if k in data}
+
+
+def resolve_preprocessing(recipe: Recipe, model: nn.Module,
+                          explicit: Iterable[str] | None = None) -> tuple[Recipe, dict[str, str]]:
+    """The recipe with its preprocessing filled in, and where each field came from.
+
+    With ``preprocess = "timm"`` in the recipe, every one of input_size, mean, std, interpolation
+    the recipe leaves unset is taken from ``timm.data.resolve_data_config({}, model=model)`` (the
+    model's pretrained config); a field the recipe sets itself always overrides timm's. Without it
+    (the default, ``preprocess = "recipe"``) nothing changes: unset fields keep Recipe's defaults.
+    Returns ``(recipe, {field: "recipe" | "timm" | "default"})``; the recipe returned holds the
+    resolved values, so resolving it again changes nothing. ``explicit`` names the fields the
+    recipe sets (for a recipe built in code; by default the keys of its TOML file).
+
+    timm's crop_pct / crop_mode are not used: the device resizes the whole image to input_size.
+    timm's input_size is the pretrained one: a recipe whose model_kwargs change the image size
+    (``img_size`` of a ViT) must set input_size itself.
+    """
+    mode, found = _explicit_fields(recipe)
+    given = set(explicit) if explicit is not None else found
+    if mode not in ("recipe", "timm"):
+        raise ConfigError(f"recipe {recipe.source or recipe.name}: preprocess must be \"recipe\" or \"timm\" "
+                          f"(got {mode!r})", "fix the file")
+    if mode == "recipe":
+        return recipe, {k: "recipe" if k in given else "default" for k in PREPROCESSING_FIELDS}
+    if getattr(model, "pretrained_cfg", None) is None:
+        raise ConfigError(f"recipe {recipe.source or recipe.name} asks for preprocess = \"timm\", but its model "
+                          f"({type(model).__name__}) has no timm pretrained config",
+                          "set input_size, mean, std and interpolation in the recipe (or use a timm model)")
+    import timm.data
+
+    config = timm.data.resolve_data_config({}, model=model)
+    from_timm: dict[str, Any] = {
+        "input_size": [int(v) for v in config["input_size"][1:]],
+        "mean": [float(v) for v in config["mean"]],
+        "std": [float(v) for v in config["std"]],
+        "interpolation": str(config["interpolation"]),
+    }
+    if from_timm["interpolation"] not in ("bilinear", "bicubic", "nearest") and "interpolation" not in given:
+        raise ConfigError(f"timm's interpolation {from_timm['interpolation']!r} for {recipe.timm_model or recipe.name} "
+                          "is not one the device implements", "set interpolation = \"bilinear\" in the recipe")
+    changes = {k: v for k, v in from_timm.items() if k not in given}
+    if hasattr(recipe, "preprocess"):
+        changes["preprocess"] = "recipe"  # the values are fixed now: resolving again is a no-op
+    sources = {k: "recipe" if k in given else "timm" for k in PREPROCESSING_FIELDS}
+    return dataclasses.replace(recipe, **changes), sources
 
 
 def embedding_dim(model: nn.Module, input_size: list[int]) -> int:
