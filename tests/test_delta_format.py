@@ -26,7 +26,12 @@ def _golden_delta() -> D.Delta:
                    values=np.array([0.5, -0.3, -1.0], np.float32), steps=20, samples_seen=640,
                    metrics={"loss": 1.5, "acc": 0.75}, created_utc="2025-01-02T03:04:05Z",
                    prototypes=Prototypes(["cat", "d\u00f6g"], np.array([[1, 0, -2], [0.5, 0.25, 0.125]], np.float32),
-                                         np.array([3, 5])))
+                                         np.array([3, 5])),
+                   heldout=HELDOUT)
+
+
+HELDOUT = {"after": {"accuracy": 0.75, "images": 8, "per_class": {"cat": 0.5, "d\u00f6g": 1.0}},
+           "before": {"accuracy": 0.5}}
 
 
 def _golden_bytes() -> bytes:
@@ -41,6 +46,7 @@ def test_golden_bytes_exact():
 def test_golden_loads_and_is_plain_safetensors():
     golden = _golden_bytes()
     delta = D.load(golden, KEY)
+    assert delta.heldout == HELDOUT and D.read_header(golden).heldout == HELDOUT
     assert delta.positions.tolist() == [1, 4, 9]
     assert delta.values_dtype == "int8" and delta.device_id == "line-3.cam_1" and delta.bundle_version == 2
     s0 = np.float32(0.5) / np.float32(127)
@@ -214,8 +220,31 @@ def _prov() -> dict:
                 created_utc="2025-01-01T00:00:00Z")
 
 
+def test_version_1_files_stay_readable():
+    """What edgecl 0.1 wrote (format version 1, no held-out report) loads unchanged."""
+    old = bytes.fromhex((FIXTURES / "delta_golden_v1.hex").read_text().replace("\n", ""))
+    delta = D.load(old, KEY)
+    assert D.read_header(old).metadata["format_version"] == "1" and delta.heldout is None
+    new = D.load(_golden_bytes(), KEY)
+    np.testing.assert_array_equal(delta.values, new.values)
+    assert delta.prototypes.classes == new.prototypes.classes
+    # a version 1 file cannot carry the version 2 key
+    _expect(D.DeltaMetadataError, forge(old, KEY, meta={"heldout": '{"after":{"accuracy":1}}'}), match="version 1")
+
+
+@pytest.mark.parametrize("value", ['{"after":{"accuracy":1.5}}', '{"later":{"accuracy":0.5}}', "{}",
+                                   '{"after":{"images":3}}', '{"after":{"accuracy":0.5,"per_class":{"a":-1}}}',
+                                   '{"after":{"accuracy":0.5,"images":-2}}', '["x"]'])
+def test_bad_heldout(value):
+    _expect(D.DeltaMetadataError, forge(_bytes(), KEY, meta={"heldout": value}), match="heldout")
+    with pytest.raises(D.DeltaEncodeError, match="heldout"):
+        import json
+
+        D.save(D.Delta.from_dense(np.ones(3, np.float32), **_prov(), heldout=json.loads(value)))
+
+
 def test_unknown_version():
-    _expect(D.DeltaVersionError, forge(_bytes(), KEY, meta={"format_version": "2"}), match="version")
+    _expect(D.DeltaVersionError, forge(_bytes(), KEY, meta={"format_version": "3"}), match="version")
     _expect(D.DeltaVersionError, forge(_bytes(), KEY, meta={"format": "something-else"}))
 
 

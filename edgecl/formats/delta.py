@@ -30,7 +30,8 @@ from edgecl.formats.canonical import canonical_parts
 from edgecl.formats.prototypes import Prototypes
 
 DELTA_FORMAT = "edgecl-delta"
-DELTA_FORMAT_VERSION = 1
+DELTA_FORMAT_VERSION = 2            # 2 added the optional ``heldout`` report; version 1 files stay readable
+READ_FORMAT_VERSIONS = (1, 2)
 MAX_HEADER_BYTES = 1 << 20          # safetensors itself allows 100 MB; a delta header is < 10 kB
 DEFAULT_INT8_BLOCK = 1024           # values per int8 scale: 0.4% overhead, most blocks in one tensor
 DEFAULT_INT4_BLOCK = 64             # values per int4 scale: 4 bit + 0.5 bit of scale per value
@@ -56,7 +57,8 @@ T_MEANS, T_COUNTS = "prototypes.means", "prototypes.counts"
 _REQUIRED_KEYS = ("format", "format_version", "bundle_id", "bundle_version", "base_sha256", "mask_sha256",
                   "device_id", "delta_k", "layout", "values_dtype", "steps", "samples_seen", "metrics",
                   "created_utc", "body_sha256", "hmac_sha256")
-_OPTIONAL_KEYS = ("int8_block", "int4_block", "classes")
+_OPTIONAL_KEYS = ("int8_block", "int4_block", "classes", "heldout")
+_MAX_REPORT_CLASSES = 1024          # per-class accuracies a held-out report may carry (bounds the header)
 _BLOCK_KEY = {"int8": "int8_block", "int4": "int4_block"}   # quantised encodings and their block-size key
 _QMAX = {"int8": 127, "int4": 7}
 
@@ -129,6 +131,7 @@ class Delta:
     metrics: dict[str, float] = field(default_factory=dict)  # eval metrics, finite numbers
     created_utc: str = ""               # "YYYY-MM-DDTHH:MM:SSZ"; empty = now, at save time
     prototypes: Prototypes | None = None  # the device's class prototypes
+    heldout: dict[str, Any] | None = None  # the device's held-out accuracy before/after adapting (spec)
     # Filled in by load(): how the file stored the values, and its integrity fields.
     values_dtype: str = "fp32"
     body_sha256: str = ""
@@ -225,6 +228,10 @@ class DeltaHeader:
     @property
     def classes(self) -> list[str]:
         return json.loads(self.metadata["classes"]) if "classes" in self.metadata else []
+
+    @property
+    def heldout(self) -> dict[str, Any] | None:
+        return json.loads(self.metadata["heldout"]) if "heldout" in self.metadata else None
 
     @property
     def prototype_dim(self) -> int | None:
@@ -385,6 +392,8 @@ def save(delta: Delta, key: bytes | None = None, *, values: str = "fp32", layout
     }
     if values in _BLOCK_KEY:
         metadata[_BLOCK_KEY[values]] = str(int(block))
+    if delta.heldout is not None:
+        metadata["heldout"] = canonical_json(check_heldout(delta.heldout, DeltaEncodeError))
     protos = delta.prototypes
     if protos is not None and len(protos):
         means = np.asarray(protos.means, np.float32)
@@ -463,10 +472,12 @@ def read_header(source: bytes | bytearray | memoryview | str | Path) -> DeltaHea
     if metadata.get("format") != DELTA_FORMAT:
         raise DeltaVersionError(f"format is {metadata.get('format')!r}, not {DELTA_FORMAT!r}",
                                 "pass a delta written by `edgecl delta`")
-    if metadata.get("format_version") != str(DELTA_FORMAT_VERSION):
+    if metadata.get("format_version") not in [str(v) for v in READ_FORMAT_VERSIONS]:
         raise DeltaVersionError(f"delta format version {metadata.get('format_version')!r} is not supported "
-                                f"(this edgecl reads version {DELTA_FORMAT_VERSION})",
+                                f"(this edgecl reads versions {', '.join(map(str, READ_FORMAT_VERSIONS))})",
                                 "use the same edgecl version on the device and here")
+    if metadata.get("format_version") == "1" and "heldout" in metadata:
+        raise DeltaMetadataError("a version 1 delta carries heldout (added in version 2)", _REMAKE)
     _check_metadata(metadata, DeltaMetadataError)
     tensors = _check_tensors(header, metadata, DeltaShapeError)
     body_bytes = max((t.end for t in tensors.values()), default=0)
@@ -589,7 +600,7 @@ def decode(header: DeltaHeader, data: bytes) -> Delta:
                  base_sha256=header.base_sha256, mask_sha256=header.mask_sha256, device_id=header.device_id,
                  delta_k=k, positions=positions, values=decoded, steps=header.steps,
                  samples_seen=header.samples_seen, metrics=json.loads(meta["metrics"]),
-                 created_utc=header.created_utc, prototypes=prototypes, values_dtype=encoding,
+                 created_utc=header.created_utc, prototypes=prototypes, heldout=header.heldout, values_dtype=encoding,
                  body_sha256=header.body_sha256, hmac_sha256=header.hmac_sha256)
 
 
@@ -638,7 +649,7 @@ def _check_metadata(meta: dict[str, Any], err: type[DeltaError]) -> None:
             raise err(f"{key} is not a non-negative decimal integer", fix)
     if not _TIME_RE.fullmatch(meta["created_utc"]):
         raise err(f"created_utc {meta['created_utc']!r} is not YYYY-MM-DDTHH:MM:SSZ", fix)
-    for name, kind in (("metrics", dict), ("classes", list)):
+    for name, kind in (("metrics", dict), ("classes", list), ("heldout", dict)):
         if name not in meta:
             continue
         try:
@@ -649,11 +660,40 @@ def _check_metadata(meta: dict[str, Any], err: type[DeltaError]) -> None:
             raise err(f"{name} is not a JSON {kind.__name__}", fix)
         if name == "metrics":
             _check_metrics(parsed, err)     # before canonical_json, which refuses NaN
+        if name == "heldout":
+            check_heldout(parsed, err)
         if canonical_json(parsed) != meta[name]:
             raise err(f"{name} is not in canonical JSON form", fix)
         if name == "classes" and (not parsed or len(set(parsed)) != len(parsed)
               or not all(isinstance(c, str) and 0 < len(c) <= _MAX_CLASS_NAME for c in parsed)):
             raise err("classes must be distinct non-empty names of at most 256 characters", fix)
+
+
+def _check_accuracy(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value) and 0 <= value <= 1
+
+
+def check_heldout(report: Any, err: type[DeltaError] = DeltaMetadataError) -> dict[str, Any]:
+    """The ``heldout`` report (spec: "Held-out report"): {"before"?: R, "after"?: R}, at least one,
+    each R = {"accuracy": a, "images"?: n, "per_class"?: {class: a}} with a in [0, 1]."""
+    fix = "pass heldout as {'before': {'accuracy': a, 'per_class': {...}}, 'after': {...}} (accuracies in [0, 1])"
+    if not isinstance(report, dict) or not report or not set(report) <= {"before", "after"}:
+        raise err("heldout is not an object with 'before' and/or 'after'", fix)
+    for when, part in report.items():
+        if not isinstance(part, dict) or "accuracy" not in part or not set(part) <= {"accuracy", "images", "per_class"}:
+            raise err(f"heldout.{when} is not {{accuracy, images?, per_class?}}", fix)
+        if not _check_accuracy(part["accuracy"]):
+            raise err(f"heldout.{when}.accuracy {part['accuracy']!r} is not a number in [0, 1]", fix)
+        images = part.get("images", 0)
+        if isinstance(images, bool) or not isinstance(images, int) or not 0 <= images < 10**12:
+            raise err(f"heldout.{when}.images {images!r} is not a count", fix)
+        per_class = part.get("per_class", {})
+        if not isinstance(per_class, dict) or len(per_class) > _MAX_REPORT_CLASSES:
+            raise err(f"heldout.{when}.per_class is not an object of at most {_MAX_REPORT_CLASSES} classes", fix)
+        for name, value in per_class.items():
+            if not 0 < len(name) <= _MAX_CLASS_NAME or not _check_accuracy(value):
+                raise err(f"heldout.{when}.per_class[{name[:40]!r}] is {value!r}, not a number in [0, 1]", fix)
+    return report
 
 
 def _check_tensors(header: dict[str, Any], meta: dict[str, str], err: type[DeltaError]) -> dict[str, TensorInfo]:
