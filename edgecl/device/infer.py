@@ -43,8 +43,8 @@ def resolve_profile(profile: str | Path | DeviceProfile | None) -> DeviceProfile
 
 def create_runner(bundle: Bundle, profile: DeviceProfile):  # noqa: ANN201 - InferenceRunner
     from .ort import InferenceRunner  # the one module touching onnxruntime
-    return InferenceRunner(bundle.path(mf.INFERENCE_MODEL), threads=profile.threads,
-                           provider=profile.execution_provider)
+    return InferenceRunner(bundle.path(mf.INFERENCE_MODEL), bundle.path(mf.WEIGHTS), bundle.mask,
+                           threads=profile.threads, provider=profile.execution_provider)
 
 
 def embed_and_score(runner, bundle: Bundle, pixels: np.ndarray, delta: np.ndarray,  # noqa: ANN001
