@@ -225,6 +225,9 @@ def batchnorm_pairs(model: nn.Module, example: torch.Tensor) -> dict[str, str]:
 
 def batchnorm_scale(bn: nn.modules.batchnorm._BatchNorm) -> torch.Tensor:
     """gamma / sqrt(running_var + eps): the per-channel factor folding multiplies the conv weight by."""
+    if bn.weight is None or bn.running_var is None:
+        raise ExportError(f"cannot fold a {type(bn).__name__} without affine weights or running statistics",
+                          "use affine BatchNorm layers that track running statistics")
     return bn.weight / torch.sqrt(bn.running_var + bn.eps)
 
 
@@ -241,17 +244,22 @@ def fold_batchnorm(model: nn.Module, example: torch.Tensor) -> nn.Module:
         conv_name = pairs.get(bn_name)
         if conv_name is None:
             raise ExportError(f"BatchNorm {bn_name} does not follow a convolution, so it cannot be folded",
-                              "onnxruntime-training would train it with batch statistics; use a model without it")
+                              "the device adapts with fixed statistics, folded into a convolution; "
+                              "use a model whose BatchNorms follow convolutions")
         conv = model.get_submodule(conv_name)
+        assert isinstance(conv, nn.Conv2d)  # batchnorm_pairs pairs BNs with Conv2d outputs only
         scale = batchnorm_scale(bn)
+        mean, shift = bn.running_mean, bn.bias
+        assert mean is not None and shift is not None  # batchnorm_scale refused BNs without them
         conv.weight.copy_(conv.weight * scale.reshape(-1, 1, 1, 1))
-        bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
-        new_bias = (bias - bn.running_mean) * scale + bn.bias
+        bias = conv.bias if conv.bias is not None else torch.zeros_like(mean)
+        new_bias = (bias - mean) * scale + shift
         conv.bias = nn.Parameter(new_bias.detach().clone())
+        drop, act = getattr(bn, "drop", None), getattr(bn, "act", None)
         if type(bn) in (nn.BatchNorm2d, nn.BatchNorm1d):
             replacement: nn.Module = nn.Identity()
-        elif hasattr(bn, "act") and hasattr(bn, "drop"):
-            replacement = _PostNorm(bn.drop, bn.act)
+        elif isinstance(drop, nn.Module) and isinstance(act, nn.Module):  # timm's BatchNormAct2d
+            replacement = _PostNorm(drop, act)
         else:
             raise ExportError(f"cannot fold {type(bn).__name__} at {bn_name}", "use plain BatchNorm2d layers")
         _set_submodule(model, bn_name, replacement)
@@ -270,6 +278,8 @@ class _AvgPoolAsConv(nn.Module):
     broadcast an empty tensor; seen with timm's avg_down ResNets). The convolution computes the same
     average and differentiates soundly. The weight is a buffer, so it is never trainable.
     """
+
+    weight: torch.Tensor
 
     def __init__(self, channels: int, kernel: tuple[int, int], stride: tuple[int, int]) -> None:
         super().__init__()
