@@ -1,29 +1,31 @@
-"""`edgecl export`: MI-Fisher mask + sparse trainable onnxruntime-training bundle.
+"""`edgecl export`: MI-Fisher mask + the two graphs a device runs on plain onnxruntime.
 
-Recipe, calibration images -> folded embedding model -> MI-Fisher scores -> mask -> sparse
-reparameterisation -> ONNX (TorchScript exporter, opset 17) -> onnxruntime-training artifacts,
-plus an inference graph, the calibration classes' prototypes and the manifest. Everything is
-written in a temp folder and renamed into place at the end (never a half-written bundle).
+Three parts, each usable alone (`edgecl apply` reuses the last two):
+
+1. ``export_bundle``: recipe + calibration images -> folded embedding model -> MI-Fisher scores ->
+   mask -> a ``BundleSpec`` (all values) -> ``write_bundle``.
+2. ``build_graphs(model, mask, head, ...)``: `train_step.onnx` (the whole training step as standard
+   ONNX, host/stepgraph.py) and `inference.onnx` (embeddings + cosine logits, the base weights as
+   initializers named by parameter, so the device can override the masked ones), checked against
+   torch.
+3. ``write_bundle(spec, out_dir)``: graphs, weights, head, mask, prototypes, exemplars, overlap and
+   the manifest, written in a temp folder and renamed into place (never a half-written bundle).
 """
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
-import os
+import errno
 import platform
-import sys
 import tempfile
 import uuid
 import warnings
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
 import onnx
 import torch
-from safetensors.numpy import save as st_save
 from torch import nn
 
 from edgecl import __version__
@@ -32,33 +34,33 @@ from edgecl.formats import manifest as mf
 from edgecl.formats.atomic import atomic_dir
 from edgecl.formats.config import DeviceProfile, Recipe, load_profile, load_recipe
 from edgecl.formats.exemplars import ExemplarMemory
-from edgecl.formats.hashing import sha256_bytes, sha256_file
+from edgecl.formats.hashing import sha256_file
 from edgecl.formats.images import load_image_folder, normalize, scan_image_folder
-from edgecl.formats.mask import Mask, overlap_from_bytes, overlap_to_bytes
+from edgecl.formats.mask import Mask, Overlap, overlap_to_bytes
 from edgecl.formats.prototypes import Prototypes
-from edgecl.host.loss import l2_normalize, supcon_loss
-from edgecl.host.masking import select_mask
+from edgecl.formats.weights import save_weights, weights_sha256
+from edgecl.host.loss import l2_normalize
+from edgecl.host.masking import depthwise_weight_names, select_mask
 from edgecl.host.model import build_embedding_model
 from edgecl.host.scoring import mi_fisher_scores
-from edgecl.host.sparse import DeltaSource, attach_sparse_delta, original_name
 
-OPSET = 17
-ORT_MAX_IR_VERSION = 10
-WEIGHTS = "weights.safetensors"  # patched base weights, written by `edgecl apply`  # onnxruntime(-training) 1.19.2 refuses newer IR versions
+INFERENCE_OPSET = 17
+ORT_MAX_IR_VERSION = 10              # onnxruntime 1.19 refuses newer IR versions
+MASK_POLICIES = ("no-depthwise", "all")
 
 
 @dataclass
 class ExportOptions:
     select_rate: float = 0.05            # share of all parameters made trainable
     drop_rate: float = 0.9               # per-step probability that a selected gradient is dropped
+    mask_policy: str = "no-depthwise"    # "all" tensors, or depthwise conv weights kept constant (faster step)
     seed: int = 1993                     # shuffling, augmentation, projection head init
-    batch_size: int = 32                 # images per scoring batch (two views each)
+    batch_size: int = 32                 # images per scoring batch and per device step (two views each)
     temperature: float = 0.07            # SupCon temperature
-    lr_backbone: float = 1e-3            # device default lr on the delta
+    lr_backbone: float = 1e-2            # device default lr on the delta (validated on B1, docs/benchmarks.md)
     lr_head: float = 1e-2                # device default lr on the projection head
     epochs: int = 5                      # device default epochs
     overwrite: bool = False              # replace an existing output folder
-    overlap_path: str | None = None      # overlap counts from earlier rounds (edgecl merge)
     exemplars_per_class: int = 20        # calibration images shipped per class (herding); 0 = ship no images
     progress: bool = True
 
@@ -76,78 +78,112 @@ class ExportReport:
     files: dict[str, int] = field(default_factory=dict)  # name -> bytes
 
 
-class _TrainGraph(nn.Module):
-    """images [2B,3,H,W], labels [2B] -> SupCon loss; trainable: edgecl_delta, proj.*"""
+@dataclass
+class BundleSpec:
+    """Everything a bundle holds, as values. ``write_bundle`` turns it into files."""
+    recipe: Recipe
+    model: nn.Module                     # folded embedding model holding the base weights W0
+    mask: Mask
+    head: nn.Linear                      # initial projection head of the MI loss
+    prototypes: Prototypes
+    options: ExportOptions               # the device defaults stamped into the manifest
+    profile: DeviceProfile | None = None
+    exemplars: ExemplarMemory | None = None
+    overlap: Overlap | None = None       # the whole update history (apply), not only the mask's elements
+    bundle_id: str = ""
+    version: int = 1
+    parent_sha256: str = ""
 
-    def __init__(self, backbone: nn.Module, source: DeltaSource, proj: nn.Linear, temperature: float) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.proj = proj
-        self.edgecl_delta = nn.Parameter(torch.zeros(source.current.shape[0]))
-        self._source = [source]
-        self.temperature = temperature
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        self._source[0].current = self.edgecl_delta
-        z = l2_normalize(self.proj(self.backbone(images)))
-        return supcon_loss(z, labels, self.temperature)
-
+# -- graphs ----------------------------------------------------------------------------------------
 
 class _InferenceGraph(nn.Module):
-    """images, delta, prototypes -> raw embeddings, cosine logits."""
+    """images, prototypes -> raw embeddings, cosine logits."""
 
-    def __init__(self, backbone: nn.Module, source: DeltaSource) -> None:
+    def __init__(self, backbone: nn.Module) -> None:
         super().__init__()
         self.backbone = backbone
-        self._source = [source]
 
-    def forward(self, images: torch.Tensor, delta: torch.Tensor, prototypes: torch.Tensor):  # noqa: ANN201
-        self._source[0].current = delta
+    def forward(self, images: torch.Tensor, prototypes: torch.Tensor):  # noqa: ANN201
         emb = self.backbone(images)
         return emb, l2_normalize(emb) @ l2_normalize(prototypes).t()
 
 
-def _onnx_export(module: nn.Module, args: tuple, path: Path, input_names: list[str], output_names: list[str],
-                 dynamic_axes: dict) -> onnx.ModelProto:
-    # TorchScript exporter (dynamo=False): the dynamo exporter renames/folds weights so the mask
-    # cannot be mapped, and emits CastLike, which has no gradient in ORT 1.19.2 (DESIGN.md).
-    # keep_initializers_as_inputs=True stops the exporter from merging initializers with equal
-    # values (e.g. all LayerNorm weights at init) and from constant-folding them; we drop the
-    # inputs again below.
+def _export_inference(model: nn.Module, input_size: list[int], dim: int, path: Path) -> None:
+    """TorchScript export (names survive it), initializers renamed to the model's parameter names."""
+    h, w = input_size
+    work = path.with_name(path.name + ".raw")
+    # keep_initializers_as_inputs + no constant folding: every parameter stays its own named
+    # initializer (the exporter would otherwise merge equal-valued ones, e.g. LayerNorm weights at
+    # init), so the device can override exactly the masked ones by name.
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(module, args, str(path), dynamo=False, opset_version=OPSET,
-                          input_names=input_names, output_names=output_names, dynamic_axes=dynamic_axes,
-                          keep_initializers_as_inputs=True, do_constant_folding=False,
-                          export_params=True)
-    model = onnx.load(str(path))
-    init_names = {i.name for i in model.graph.initializer}
-    kept = [i for i in model.graph.input if i.name not in init_names]
-    del model.graph.input[:]
-    model.graph.input.extend(kept)
-    _declare_layernorm_outputs(model)
-    if model.ir_version > ORT_MAX_IR_VERSION:
-        model.ir_version = ORT_MAX_IR_VERSION
-    return model
+        torch.onnx.export(_InferenceGraph(model).eval(), (torch.randn(2, 3, h, w), torch.randn(3, dim)), str(work),
+                          dynamo=False, opset_version=INFERENCE_OPSET, input_names=["images", "prototypes"],
+                          output_names=["embeddings", "logits"], keep_initializers_as_inputs=True,
+                          do_constant_folding=False, export_params=True,
+                          dynamic_axes={"images": {0: "batch"}, "prototypes": {0: "classes"},
+                                        "embeddings": {0: "batch"}, "logits": {0: "batch", 1: "classes"}})
+    graph_model = onnx.load(str(work))
+    work.unlink()
+    renames = {i.name: i.name[len("backbone."):] for i in graph_model.graph.initializer
+               if i.name.startswith("backbone.")}
+    for init in graph_model.graph.initializer:
+        init.name = renames.get(init.name, init.name)
+    for node in graph_model.graph.node:
+        node.input[:] = [renames.get(x, x) for x in node.input]
+    kept = [i for i in graph_model.graph.input if i.name in ("images", "prototypes")]
+    del graph_model.graph.input[:]
+    graph_model.graph.input.extend(kept)
+    graph_model.ir_version = min(graph_model.ir_version, ORT_MAX_IR_VERSION)
+    names = {i.name for i in graph_model.graph.initializer}
+    missing = [n for n, _ in model.named_parameters() if n not in names]
+    if missing:
+        raise ExportError(f"the inference graph lost the name of weight {missing[0]}", "report this with the recipe")
+    onnx.save(graph_model, str(path))
 
 
-def _declare_layernorm_outputs(model: onnx.ModelProto) -> None:
-    """Give LayerNormalization its optional Mean/InvStdDev outputs (onnxruntime issue 19427):
-    without them the gradient builder asserts."""
-    for i, node in enumerate(model.graph.node):
-        if node.op_type == "LayerNormalization" and len(node.output) == 1:
-            base = node.name or f"layernorm_{i}"
-            node.output.extend([f"{base}_mean", f"{base}_inv_std_dev"])
+def embed_with_onnx(path: Path, pixels: np.ndarray, mean: list[float], std: list[float], dim: int,
+                    batch: int = 64) -> np.ndarray:
+    """Embeddings from an exported inference graph (what the device computes at a zero delta)."""
+    import onnxruntime as ort
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    dummy = np.ones((1, dim), np.float32)
+    out = [sess.run(["embeddings"], {"images": normalize(pixels[i:i + batch], mean, std), "prototypes": dummy})[0]
+           for i in range(0, len(pixels), batch)]
+    return np.concatenate(out) if out else np.zeros((0, dim), np.float32)
 
 
-def base_weights(model: nn.Module) -> dict[str, np.ndarray]:
-    return {n: p.detach().cpu().numpy().astype(np.float32) for n, p in model.named_parameters()}
+def build_graphs(model: nn.Module, mask: Mask, head: nn.Linear, temperature: float, rows: int,
+                 recipe: Recipe, out: Path, progress: bool = True) -> None:
+    """Write `train_step.onnx` and `inference.onnx` into ``out``, each checked against torch."""
+    from edgecl.host.stepgraph import export_train_step  # the dynamo exporter loads slowly: only here
+    from edgecl.progress import progress_bar
+
+    dim = int(head.in_features)
+    bar = progress_bar(2, "export graphs", enabled=progress)
+    try:
+        export_train_step(model, mask, head, temperature, rows, tuple(recipe.input_size), out / mf.TRAIN_STEP)
+        bar.update(1)
+        _export_inference(model, list(recipe.input_size), dim, out / mf.INFERENCE_MODEL)
+        bar.update(1)
+    except OSError as exc:
+        if exc.errno == errno.ENOSPC:
+            raise ExportError(f"the disk is full while writing the bundle graphs to {out}",
+                              "free disk space (a bundle needs about 3x the model's fp32 size) and export again") from exc
+        raise
+    finally:
+        bar.close()
+    h, w = recipe.input_size
+    pixels = np.random.default_rng(0).integers(0, 256, (8, h, w, 3)).astype(np.uint8)
+    emb = embed_with_onnx(out / mf.INFERENCE_MODEL, pixels, recipe.mean, recipe.std, dim)
+    with torch.no_grad():
+        ref = model(torch.from_numpy(normalize(pixels, recipe.mean, recipe.std))).numpy()
+    if not np.allclose(emb, ref, rtol=1e-3, atol=1e-3 * max(1.0, float(np.abs(ref).max()))):
+        raise ExportError("the exported inference graph disagrees with the torch model", "report this with the recipe")
 
 
-def base_weights_sha256(weights: dict[str, np.ndarray]) -> str:
-    """sha256 of the canonical safetensors bytes of the base weights (keys sorted by safetensors)."""
-    return sha256_bytes(st_save({k: np.ascontiguousarray(v) for k, v in weights.items()}))
-
+# -- the bundle ------------------------------------------------------------------------------------
 
 def _library_versions() -> dict[str, str]:
     import onnxruntime
@@ -161,67 +197,50 @@ def _library_versions() -> dict[str, str]:
     return versions
 
 
-def _write_artifacts(train_model: onnx.ModelProto, trainable: list[str], out: Path) -> None:
-    # Imported here: onnxruntime.training pulls in torch, which only the host has.
-    from onnxruntime.training import artifacts
-    frozen = [i.name for i in train_model.graph.initializer
-              if i.name not in trainable and i.data_type == onnx.TensorProto.FLOAT
-]
-    # The gradient builder logs every graph transformation at INFO level from C++, straight to
-    # fd 2; keep it out of the user's terminal and show it only if generation fails.
-    with warnings.catch_warnings(), _captured_stderr() as log:
-        warnings.simplefilter("ignore")
-        try:
-            artifacts.generate_artifacts(train_model, requires_grad=trainable, frozen_params=frozen,
-                                         loss=None, optimizer=None, artifact_directory=str(out))
-        except Exception as exc:
-            tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
-            raise ExportError(f"onnxruntime-training could not build the gradient graph ({exc})",
-                              f"report this with the recipe; log tail: {tail!r}") from exc
-    for name in ("training_model.onnx", "eval_model.onnx", "checkpoint"):
-        if not (out / name).exists():
-            raise ExportError(f"onnxruntime-training did not write {name}", "report this with the recipe")
+def base_weights(model: nn.Module) -> dict[str, np.ndarray]:
+    return {n: p.detach().cpu().numpy().astype(np.float32) for n, p in model.named_parameters()}
 
 
-@contextlib.contextmanager
-def _captured_stderr() -> Iterator[Path]:
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.NamedTemporaryFile(prefix="edgecl-ort-", suffix=".log", delete=False) as f:
-        log = Path(f.name)
-    fd = os.open(log, os.O_WRONLY)
-    try:
-        os.dup2(fd, 2)
-        yield log
-    finally:
-        sys.stderr.flush()
-        os.dup2(saved, 2)
-        os.close(fd)
-        os.close(saved)
-        log.unlink(missing_ok=True)
-
-
-def _embed_with_onnx(path: Path, pixels: np.ndarray, mean: list[float], std: list[float], k: int,
-                     dim: int, batch: int = 64) -> np.ndarray:
-    import onnxruntime as ort
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    delta = np.zeros(k, np.float32)
-    dummy = np.ones((1, dim), np.float32)
-    out = [sess.run(["embeddings"], {"images": normalize(pixels[i:i + batch], mean, std), "delta": delta,
-                                     "prototypes": dummy})[0] for i in range(0, len(pixels), batch)]
-    return np.concatenate(out)
-
-
-def _refresh_from_exemplars(prototypes: Prototypes, exemplars: ExemplarMemory, inference: Path, recipe: Recipe,
-                            k: int, dim: int) -> Prototypes:
-    out = Prototypes(list(prototypes.classes), prototypes.means.copy(), prototypes.counts.copy())
-    emb = _embed_with_onnx(inference, exemplars.pixels, recipe.mean, recipe.std, k, dim)
-    for i, name in enumerate(exemplars.classes):
-        rows = emb[exemplars.labels == i]
-        if len(rows):
-            count = int(out.counts[out.classes.index(name)]) if name in out.classes else len(rows)
-            out.upsert(name, rows.mean(0), count)
-    return out
+def write_bundle(spec: BundleSpec, out_dir: str | Path) -> ExportReport:
+    """Write the bundle ``spec`` describes, atomically (temp folder + rename)."""
+    out_dir = Path(out_dir)
+    opts, recipe, mask = spec.options, spec.recipe, spec.mask
+    if out_dir.exists() and not opts.overwrite:
+        raise ExportError(f"{out_dir} already exists", "pass --overwrite or choose another output folder")
+    weights = base_weights(spec.model)
+    batch = spec.profile.batch_size if spec.profile else opts.batch_size
+    with atomic_dir(out_dir, overwrite=opts.overwrite) as tmp:
+        build_graphs(spec.model, mask, spec.head, opts.temperature, 2 * batch, recipe, tmp, opts.progress)
+        save_weights(tmp / mf.WEIGHTS, weights)
+        save_weights(tmp / mf.HEAD_INIT, {mf.PROJ_WEIGHT: spec.head.weight.detach().numpy(),
+                                   mf.PROJ_BIAS: spec.head.bias.detach().numpy()})
+        mask.save_file(tmp / mf.MASK)
+        spec.prototypes.save_file(tmp / mf.PROTOTYPES)
+        if spec.exemplars is not None and len(spec.exemplars.classes):
+            spec.exemplars.save_file(tmp / mf.EXEMPLARS)
+        if spec.overlap:
+            (tmp / mf.OVERLAP).write_bytes(overlap_to_bytes(spec.overlap))
+        manifest = mf.BundleManifest(
+            bundle_id=spec.bundle_id or uuid.uuid4().hex, version=spec.version, model_name=recipe.name,
+            input_size=list(recipe.input_size), mean=list(recipe.mean), std=list(recipe.std),
+            embedding_dim=int(spec.head.in_features), proj_dim=int(spec.head.out_features),
+            total_params=mask.total_params, selected=mask.total_selected, select_rate=opts.select_rate,
+            drop_rate=opts.drop_rate, base_sha256=weights_sha256(weights), mask_sha256=sha256_file(tmp / mf.MASK),
+            loss_temperature=opts.temperature, lr_backbone=opts.lr_backbone, lr_head=opts.lr_head,
+            batch_size=batch, epochs=opts.epochs, seed=opts.seed, mask_policy=opts.mask_policy,
+            interpolation=recipe.interpolation, classes=list(spec.prototypes.classes),
+            recipe={k: v for k, v in asdict(recipe).items() if k != "source"},
+            device_profile=asdict(spec.profile) if spec.profile else {},
+            files={p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()},
+            versions=_library_versions(),
+            created_utc=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            parent_sha256=spec.parent_sha256,
+        )
+        manifest.save(tmp)
+        files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
+    return ExportReport(bundle_dir=str(out_dir), model_name=recipe.name, total_params=mask.total_params,
+                        selected=mask.total_selected, selected_fraction=mask.selected_fraction,
+                        classes=list(spec.prototypes.classes), images_used=0, images_skipped=0, files=files)
 
 
 def class_prototypes(embeddings: np.ndarray, labels: np.ndarray, classes: list[str]) -> Prototypes:
@@ -233,183 +252,75 @@ def class_prototypes(embeddings: np.ndarray, labels: np.ndarray, classes: list[s
     return protos
 
 
-def export_bundle(recipe: Recipe | str | Path, data_dir: str | Path | None, out_dir: str | Path,
-                  profile: DeviceProfile | str | Path | None = None, options: ExportOptions | None = None,
-                  weights_override: dict[str, np.ndarray] | None = None, bundle_id: str | None = None,
-                  version: int = 1, parent_sha256: str = "", mask: Mask | None = None,
-                  prototypes: Prototypes | None = None, exemplars: ExemplarMemory | None = None) -> ExportReport:
-    """Export a bundle.
-
-    `edgecl apply` passes ``weights_override`` (the patched base weights), and either calibration
-    data (a fresh MI-Fisher mask) or ``mask`` + ``prototypes`` (keep the mask; no data needed).
-    """
-    opts = options or ExportOptions()
+def check_options(opts: ExportOptions) -> None:
     if not 0.0 < opts.select_rate <= 1.0:
         raise ConfigError(f"select rate {opts.select_rate} is outside (0, 1]", "pass e.g. --select-rate 0.05")
     if not 0.0 <= opts.drop_rate < 1.0:
         raise ConfigError(f"drop rate {opts.drop_rate} is outside [0, 1)", "pass e.g. --drop-rate 0.9")
+    if opts.mask_policy not in MASK_POLICIES:
+        raise ConfigError(f"unknown mask policy {opts.mask_policy!r}", f"pass one of {', '.join(MASK_POLICIES)}")
+
+
+def select_for_policy(model: nn.Module, scores: dict[str, np.ndarray], opts: ExportOptions,
+                      overlap: Overlap | None = None) -> Mask:
+    exclude = depthwise_weight_names(model) if opts.mask_policy == "no-depthwise" else set()
+    return select_mask(scores, opts.select_rate, overlap, exclude=frozenset(exclude))
+
+
+def export_bundle(recipe: Recipe | str | Path, data_dir: str | Path, out_dir: str | Path,
+                  profile: DeviceProfile | str | Path | None = None,
+                  options: ExportOptions | None = None) -> ExportReport:
+    """Score, mask and write a new bundle (version 1 of a new lineage) from calibration images."""
+    opts = options or ExportOptions()
+    check_options(opts)
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
     if profile is not None and not isinstance(profile, DeviceProfile):
         profile = load_profile(profile)
     if profile is not None and profile.image_size:
         recipe.input_size = list(profile.image_size)
-    out_dir = Path(out_dir)
-    if out_dir.exists() and not opts.overwrite:
+    if Path(out_dir).exists() and not opts.overwrite:
         raise ExportError(f"{out_dir} already exists", "pass --overwrite or choose another output folder")
-
-    if data_dir is None and (mask is None or prototypes is None):
-        raise ConfigError("no calibration data given", "pass --data DIR (an image folder with a sub-folder per class)")
-    # Cheap checks first (folder layout, recipe, weights), then the slow decode.
-    if data_dir is not None:
-        scan_image_folder(data_dir)
+    scan_image_folder(data_dir)  # cheap layout checks before the slow decode
     torch.manual_seed(opts.seed)
     model = build_embedding_model(recipe)
-    images = None
-    if data_dir is not None:
-        images = load_image_folder(data_dir, recipe.input_size, recipe.interpolation, progress=opts.progress,
-                                   desc="decode calibration images")
-    if images is not None and len(images.classes) < 2:
+    images = load_image_folder(data_dir, recipe.input_size, recipe.interpolation, progress=opts.progress,
+                               desc="decode calibration images")
+    if len(images.classes) < 2:
         raise DataError(f"calibration folder {data_dir} has {len(images.classes)} class(es) with images",
                         "the MI loss needs at least two classes: add a sub-folder per class")
-    if weights_override is not None:
-        current = dict(model.named_parameters())
-        missing = sorted(set(current) - set(weights_override))
-        if missing:
-            raise ExportError(f"patched weights lack {missing[0]}", "apply deltas to a bundle of this recipe")
-        with torch.no_grad():
-            for n, p in current.items():
-                p.copy_(torch.from_numpy(np.asarray(weights_override[n], np.float32)).reshape(p.shape))
-    weights = base_weights(model)
     dim = int(model(torch.zeros(1, 3, *recipe.input_size)).shape[1])
     head = nn.Linear(dim, recipe.proj_dim)  # seeded above: the same head init for a given seed
 
     from edgecl.host.loss import ProjectionHead
     scorer = ProjectionHead(dim, recipe.proj_dim)
     scorer.proj.load_state_dict(head.state_dict())
-    overlap = None
-    if opts.overlap_path:
-        try:
-            overlap = overlap_from_bytes(Path(opts.overlap_path).read_bytes())
-        except Exception as exc:
-            raise ConfigError(f"cannot read overlap counts {opts.overlap_path} ({exc})",
-                              "pass the overlap file written by `edgecl merge`") from exc
-    if mask is None:
-        assert images is not None
-        scores = mi_fisher_scores(model, scorer, images.pixels, images.labels, recipe.mean, recipe.std,
-                                  batch_size=opts.batch_size, temperature=opts.temperature, seed=opts.seed,
-                                  interpolation=recipe.interpolation, progress=opts.progress)
-        mask = select_mask(scores, opts.select_rate, overlap)
-    elif set(mask.order) - set(weights) or mask.total_params != sum(w.size for w in weights.values()):
-        raise ExportError("the mask does not fit this model", "apply deltas to a bundle of the same recipe")
+    scores = mi_fisher_scores(model, scorer, images.pixels, images.labels, recipe.mean, recipe.std,
+                              batch_size=opts.batch_size, temperature=opts.temperature, seed=opts.seed,
+                              interpolation=recipe.interpolation, progress=opts.progress)
+    mask = select_for_policy(model, scores, opts)
 
-    with atomic_dir(out_dir, overwrite=opts.overwrite) as tmp, tempfile.TemporaryDirectory() as work:
-        work_dir = Path(work)
-        source = attach_sparse_delta(model, mask)
-        h, w = recipe.input_size
-        n = 4
-        example_images = torch.randn(n, 3, h, w)
-        example_labels = torch.tensor([0, 1, 0, 1], dtype=torch.int64)
-        train_graph = _TrainGraph(model, source, head, opts.temperature).eval()
-        train_model = _onnx_export(train_graph, (example_images, example_labels), work_dir / "train_full.onnx",
-                                   ["images", "labels"], ["loss"],
-                                   {"images": {0: "batch"}, "labels": {0: "batch"}})
-        trainable = [mf.DELTA_PARAM, mf.PROJ_WEIGHT, mf.PROJ_BIAS]
-        present = {i.name for i in train_model.graph.initializer}
-        if not set(trainable) <= present:
-            raise ExportError(f"trainable tensors {sorted(set(trainable) - present)} are missing from the graph",
-                              "report this with the recipe")
-        _write_artifacts(train_model, trainable, tmp)
-
-        infer_graph = _InferenceGraph(model, source).eval()
-        infer_model = _onnx_export(
-            infer_graph, (example_images, torch.zeros(mask.total_selected), torch.randn(3, dim)),
-            work_dir / "inference.onnx", ["images", "delta", "prototypes"], ["embeddings", "logits"],
-            {"images": {0: "batch"}, "prototypes": {0: "classes"}, "embeddings": {0: "batch"},
-             "logits": {0: "batch", 1: "classes"}})
-        onnx.save(infer_model, str(tmp / mf.INFERENCE_MODEL))
-        _check_inference_names(infer_model, mask, weights)
-
-        mask.save_file(tmp / mf.MASK)
-        check_pixels = (images.pixels if images is not None else
-                        np.random.default_rng(opts.seed).integers(0, 256, (8, h, w, 3)).astype(np.uint8))
-        emb = _embed_with_onnx(tmp / mf.INFERENCE_MODEL, check_pixels, recipe.mean, recipe.std,
-                               mask.total_selected, dim)
-        with torch.no_grad():
-            ref = model(torch.from_numpy(normalize(check_pixels[:8], recipe.mean, recipe.std))).numpy()
-        if not np.allclose(emb[:8], ref, rtol=1e-3, atol=1e-3 * max(1.0, float(np.abs(ref).max()))):
-            raise ExportError("the exported inference graph disagrees with the torch model",
-                              "report this with the recipe")
-        if exemplars is None and images is not None and opts.exemplars_per_class > 0:
-            # A few calibration images per class (herding on the embeddings) let the device
-            # recompute these classes' prototypes after it moves the backbone (issue 6).
-            exemplars = ExemplarMemory.empty(tuple(recipe.input_size)).update(
-                {name: (images.pixels[images.labels == i], emb[images.labels == i])
-                 for i, name in enumerate(images.classes)},
-                budget_bytes=1 << 62, max_per_class=opts.exemplars_per_class)
-        if prototypes is None:
-            assert images is not None
-            prototypes = class_prototypes(emb, images.labels, images.classes)
-        elif exemplars is not None and len(exemplars.classes):
-            # `edgecl apply`: the devices computed these classes' prototypes under their own
-            # backbones; the host holds their exemplars, so re-embed them under the patched one.
-            prototypes = _refresh_from_exemplars(prototypes, exemplars, tmp / mf.INFERENCE_MODEL, recipe,
-                                                 mask.total_selected, dim)
-        prototypes.save_file(tmp / mf.PROTOTYPES)
-        if exemplars is not None and len(exemplars.classes):
-            exemplars.save_file(tmp / mf.EXEMPLARS)
-        if overlap:
-            # The whole history, not only the new mask's elements: a later mask may pick them again.
-            (tmp / mf.OVERLAP).write_bytes(overlap_to_bytes(overlap))
-        if weights_override is not None:
-            # `edgecl apply` output: the patched weights by parameter name, for any other runtime.
-            (tmp / WEIGHTS).write_bytes(st_save({k: np.ascontiguousarray(v) for k, v in weights.items()}))
-
-        manifest = mf.BundleManifest(
-            bundle_id=bundle_id or uuid.uuid4().hex, version=version, model_name=recipe.name,
-            input_size=list(recipe.input_size), mean=list(recipe.mean), std=list(recipe.std),
-            embedding_dim=dim, proj_dim=recipe.proj_dim, total_params=mask.total_params,
-            selected=mask.total_selected, select_rate=opts.select_rate, drop_rate=opts.drop_rate,
-            base_sha256=base_weights_sha256(weights), mask_sha256=sha256_file(tmp / mf.MASK),
-            loss_temperature=opts.temperature, lr_backbone=opts.lr_backbone, lr_head=opts.lr_head,
-            batch_size=profile.batch_size if profile else opts.batch_size, epochs=opts.epochs, seed=opts.seed,
-            interpolation=recipe.interpolation, classes=list(prototypes.classes),
-            recipe={k: v for k, v in asdict(recipe).items() if k != "source"},
-            device_profile=asdict(profile) if profile else {},
-            files={p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()},
-            versions=_library_versions(),
-            created_utc=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
-            parent_sha256=parent_sha256,
-        )
-        manifest.save(tmp)
-        files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
-    return ExportReport(bundle_dir=str(out_dir), model_name=recipe.name, total_params=mask.total_params,
-                        selected=mask.total_selected, selected_fraction=mask.selected_fraction,
-                        classes=list(prototypes.classes), images_used=len(images.labels) if images else 0,
-                        images_skipped=len(images.skipped) if images else 0, files=files)
+    # Prototypes and exemplars from the embeddings the device will compute (the exported graph).
+    with tempfile.TemporaryDirectory() as work:
+        infer = Path(work) / mf.INFERENCE_MODEL
+        _export_inference(model, list(recipe.input_size), dim, infer)
+        emb = embed_with_onnx(infer, images.pixels, recipe.mean, recipe.std, dim)
+    prototypes = class_prototypes(emb, images.labels, images.classes)
+    ship_images = opts.exemplars_per_class > 0 and (profile is None or profile.store_images)
+    exemplars = None
+    if ship_images:
+        # A few calibration images per class (herding on the embeddings) let the device replay the
+        # old classes and move their prototypes when it moves the backbone (docs/device.md).
+        exemplars = ExemplarMemory.empty(tuple(recipe.input_size)).update(
+            {name: (images.pixels[images.labels == i], emb[images.labels == i])
+             for i, name in enumerate(images.classes)},
+            budget_bytes=1 << 62, max_per_class=opts.exemplars_per_class)
+    spec = BundleSpec(recipe=recipe, model=model, mask=mask, head=head, prototypes=prototypes, options=opts,
+                      profile=profile, exemplars=exemplars)
+    report = write_bundle(spec, out_dir)
+    report.images_used, report.images_skipped = len(images.labels), len(images.skipped)
+    return report
 
 
-def _check_inference_names(model: onnx.ModelProto, mask: Mask, weights: dict[str, np.ndarray]) -> None:
-    """`apply` reads the base weights back from the inference graph by name: make sure it can."""
-    names = {i.name for i in model.graph.initializer}
-    missing = [n for n in weights if graph_weight_name(n, mask) not in names]
-    if missing:
-        raise ExportError(f"the inference graph lost the name of weight {missing[0]}", "report this with the recipe")
-
-
-def read_base_weights(inference_path: str | Path, mask: Mask, names: list[str]) -> dict[str, np.ndarray]:
-    """The base weights W0 stored in a bundle's inference graph, by parameter name."""
-    from onnx import numpy_helper
-
-    model = onnx.load(str(inference_path))
-    inits = {i.name: i for i in model.graph.initializer}
-    return {n: numpy_helper.to_array(inits[graph_weight_name(n, mask)]).astype(np.float32) for n in names}
-
-
-def graph_weight_name(name: str, mask: Mask) -> str:
-    """Initializer name of parameter ``name`` in the exported graphs (the backbone sits under `backbone.`)."""
-    return "backbone." + (original_name(name) if name in mask.indices else name)
-
-
-__all__ = ["ExportOptions", "ExportReport", "export_bundle", "read_base_weights", "base_weights_sha256",
-           "class_prototypes"]
+__all__ = ["BundleSpec", "ExportOptions", "ExportReport", "build_graphs", "class_prototypes", "embed_with_onnx",
+           "export_bundle", "select_for_policy", "write_bundle"]

@@ -1,0 +1,61 @@
+"""Do no harm: score an adaptation on images it never trained on before keeping it.
+
+A share of each task class's images (and of each old class's stored exemplars) is held out of
+training. After the loop, two candidate states are built from the same training rows with the
+same post-steps: the adapted one (new delta, statistics moved) and the prototypes-only one (old
+delta, the task's classes added from the old backbone: what `--epochs 0` gives). Both are scored on
+the held-out images with the head the device uses; the adaptation is kept only if it is not worse.
+``--select-lr`` scores its (lr, epochs) trials with the same function.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from .heads import LdaHead
+from .poststeps import Heads, Moved, run_post_steps
+
+
+def holdout_split(labels: np.ndarray, share: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per class, hold out round(share * n) rows (at least one when the class has two or more)."""
+    rng = np.random.default_rng(seed)
+    train, held = [], []
+    for label in np.unique(labels):
+        rows = rng.permutation(np.flatnonzero(labels == label))
+        k = max(1, int(round(share * len(rows)))) if len(rows) >= 2 else 0
+        held.extend(rows[:k])
+        train.extend(rows[k:])
+    return np.sort(np.asarray(train, np.int64)), np.sort(np.asarray(held, np.int64))
+
+
+@dataclass
+class HeldOut:
+    embeddings_of: Callable[[np.ndarray], np.ndarray]   # delta -> [M, D] held-out images embedded
+    names: list[str]                                     # true class of each held-out image
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+def accuracy(heads: Heads, embeddings: np.ndarray, names: list[str], head: str) -> float:
+    """Accuracy of ``heads`` on embedded images with true class ``names`` (cosine ncm or lda)."""
+    protos = heads.prototypes
+    if not len(names) or not len(protos):
+        return float("nan")
+    if head == "lda":
+        lda: LdaHead = heads.lda
+        scores = lda.logits(embeddings, lda.means_for(protos.classes, protos.means))
+    else:
+        e = embeddings / np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
+        p = protos.means / np.maximum(np.linalg.norm(protos.means, axis=1, keepdims=True), 1e-12)
+        scores = e @ p.T
+    predicted = [protos.classes[j] for j in np.argmax(scores, axis=1)]
+    return float(np.mean([a == b for a, b in zip(predicted, names, strict=True)]))
+
+
+def score(start: Heads, moved: Moved, held: HeldOut, delta: np.ndarray, head: str) -> float:
+    """Held-out accuracy of the state that ``moved`` (built on the training rows) leads to."""
+    return accuracy(run_post_steps(start, moved), held.embeddings_of(delta), held.names, head)

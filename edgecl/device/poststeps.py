@@ -1,0 +1,146 @@
+"""After the training loop: keep every class's statistics valid under the moved backbone.
+
+Each post-step is a function of the embeddings before and after the adaptation (``Moved``) and the
+device's class statistics (``Heads``), which it updates in order:
+
+1. ``shift_by_exemplars``: an old class with stored exemplars moves its prototype by its own
+   exemplars' drift, p += mean(after) - mean(before);
+2. ``compensate_drift``: an old class without exemplars moves by semantic drift compensation
+   (drift.py), estimated from the task's images;
+3. ``carry_lda``: the LDA head's pooled covariance and its own class means are carried through an
+   affine old->new drift map fitted on every image embedded before and after (LDC), then it takes
+   the task's within-class deviations;
+4. ``merge_task_classes``: the task's classes get the mean of their images. A class seen before
+   (the same product under a new camera) is MERGED by counts with its (moved) old prototype, so
+   its earlier cameras are not forgotten; a new class is added;
+5. ``update_memory``: the exemplar memory takes the task's classes (herding, within budget).
+
+Run with ``trained=False`` (the backbone did not move) they reduce to "prototypes only", the
+baseline the do-no-harm gate compares against.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from edgecl.formats.exemplars import ExemplarMemory
+from edgecl.formats.prototypes import Prototypes
+
+from . import drift as sdc
+from .heads import LdaHead, fit_linear_drift
+
+MAX_EXEMPLARS_PER_CLASS = 20          # cap even when the byte budget allows more
+
+
+@dataclass
+class Moved:
+    """What the adaptation did to the embeddings (``after is before`` when nothing trained)."""
+    trained: bool
+    task_pixels: np.ndarray               # uint8 [N, H, W, 3] the task images the statistics use
+    task_labels: np.ndarray               # [N] index into task_classes
+    task_classes: list[str]
+    before: np.ndarray                    # [N, D] task images, old backbone
+    after: np.ndarray                     # [N, D] task images, new backbone
+    exemplars_before: dict[str, np.ndarray] = field(default_factory=dict)  # old class -> [n, D]
+    exemplars_after: dict[str, np.ndarray] = field(default_factory=dict)
+    drift_sigma: float | None = None
+    drift_compensation: bool = True
+    use_exemplars: bool = True
+    exemplar_budget_bytes: int = 0
+
+
+@dataclass
+class Heads:
+    """The device's class statistics; post-steps update them in place."""
+    prototypes: Prototypes
+    lda: LdaHead
+    memory: ExemplarMemory
+    from_exemplars: list[str] = field(default_factory=list)
+    drift_compensated: list[str] = field(default_factory=list)
+    lda_moved: bool = False
+
+    def copy(self) -> Heads:
+        p = self.prototypes
+        return Heads(Prototypes(list(p.classes), p.means.copy(), p.counts.copy()), copy.deepcopy(self.lda),
+                     self.memory)
+
+
+def _class_means(embeddings: np.ndarray, labels: np.ndarray, classes: list[str]) -> dict[str, tuple[np.ndarray, int]]:
+    return {name: (embeddings[labels == i].mean(axis=0), int((labels == i).sum()))
+            for i, name in enumerate(classes) if (labels == i).any()}
+
+
+def shift_by_exemplars(heads: Heads, moved: Moved) -> None:
+    if not moved.trained:
+        return
+    for name, ex_after in moved.exemplars_after.items():
+        if name not in heads.prototypes.classes or not len(ex_after):
+            continue
+        # The class's own drift, measured on its exemplars, moves the prototype that was computed
+        # from all of its images (a mean over a few exemplars alone is noisier).
+        row = heads.prototypes.classes.index(name)
+        heads.prototypes.means[row] += ex_after.mean(axis=0) - moved.exemplars_before[name].mean(axis=0)
+        heads.from_exemplars.append(name)
+
+
+def compensate_drift(heads: Heads, moved: Moved) -> None:
+    if not (moved.trained and moved.drift_compensation and len(moved.before)):
+        return
+    drifting = [c for c in heads.prototypes.classes if c not in heads.from_exemplars]
+    if not drifting:
+        return
+    rows = [heads.prototypes.classes.index(c) for c in drifting]
+    sigma = moved.drift_sigma or sdc.default_sigma(moved.before, moved.task_labels)
+    heads.prototypes.means[rows] = sdc.compensate(heads.prototypes.means[rows], moved.before, moved.after, sigma)
+    heads.drift_compensated = drifting
+
+
+def carry_lda(heads: Heads, moved: Moved) -> None:
+    # A class the head has no mean of yet starts from its prototype before this adaptation.
+    for i, name in enumerate(heads.prototypes.classes):
+        heads.lda.means.setdefault(name, heads.prototypes.means[i].astype(np.float64))
+    if moved.trained and len(moved.after):
+        before = np.concatenate([moved.before, *moved.exemplars_before.values()])
+        after = np.concatenate([moved.after, *moved.exemplars_after.values()])
+        heads.lda.move(fit_linear_drift(before, after))
+        heads.lda_moved = True
+    if len(moved.after):
+        heads.lda.add(moved.after, moved.task_labels)
+
+
+def merge_task_classes(heads: Heads, moved: Moved) -> None:
+    protos = heads.prototypes
+    for name, (mean, count) in _class_means(moved.after, moved.task_labels, moved.task_classes).items():
+        if name in protos.classes:
+            row = protos.classes.index(name)
+            old_count = int(protos.counts[row])
+            merged = (protos.means[row] * old_count + mean * count) / (old_count + count)
+            lda_old = heads.lda.means.get(name, protos.means[row].astype(np.float64))
+            heads.lda.means[name] = (lda_old * old_count + mean.astype(np.float64) * count) / (old_count + count)
+            protos.upsert(name, merged, old_count + count)
+        else:
+            heads.lda.means[name] = mean.astype(np.float64)
+            protos.upsert(name, mean, count)
+
+
+def update_memory(heads: Heads, moved: Moved) -> None:
+    if not moved.use_exemplars:
+        return
+    per_class = {name: (moved.task_pixels[moved.task_labels == i], moved.after[moved.task_labels == i])
+                 for i, name in enumerate(moved.task_classes) if (moved.task_labels == i).any()}
+    heads.memory = heads.memory.update(per_class, moved.exemplar_budget_bytes, MAX_EXEMPLARS_PER_CLASS)
+
+
+POST_STEPS: tuple[Callable[[Heads, Moved], None], ...] = (
+    shift_by_exemplars, compensate_drift, carry_lda, merge_task_classes, update_memory)
+
+
+def run_post_steps(start: Heads, moved: Moved) -> Heads:
+    heads = start.copy()
+    for post_step in POST_STEPS:
+        post_step(heads, moved)
+    return heads
