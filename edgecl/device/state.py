@@ -14,6 +14,11 @@ Layout (docs/device.md):
         meta.json                 steps, epochs, seed, lr, classes, data, timings, peak memory, parent
         steps.jsonl               the step log of the adaptation that made it
     state/run/                an adaptation in progress (see RunDir); removed once committed
+    state/verified.json       sha256 verdicts of the bundle's files, by (name, size, mtime_ns)
+    state/lock                held (flock) by the one adapt / rollback / upgrade at work on the bundle
+
+Every generation's meta.json records the bundle it was made for (bundle_id, bundle_version,
+mask_sha256): a state/ folder left beside a replaced bundle is refused, not run with the wrong weights.
 
 Why not ORT checkpoints: onnxruntime's checkpoint holds every frozen weight too (the whole model,
 ~19 MB for EfficientNet-Lite0), while what training changes is K + the projection head; the
@@ -26,10 +31,13 @@ new one, and the previous generation is kept as it was for `edgecl rollback`.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
+import os
 import shutil
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,7 +46,7 @@ import numpy as np
 from safetensors.numpy import load as _st_load
 from safetensors.numpy import save as _st_save
 
-from edgecl.errors import BundleError, DeviceError
+from edgecl.errors import BundleError, DeviceError, EdgeclError
 from edgecl.formats import manifest as mf
 from edgecl.formats.atomic import atomic_dir, atomic_write_bytes, atomic_write_json
 from edgecl.formats.hashing import sha256_file
@@ -54,6 +62,8 @@ EXEMPLARS = "exemplars.safetensors"
 LDA = "lda.safetensors"
 META = "meta.json"
 STEP_LOG = "steps.jsonl"
+VERIFIED = "verified.json"
+LOCK = "lock"
 
 
 @dataclass
@@ -61,6 +71,8 @@ class Bundle:
     root: Path
     manifest: mf.BundleManifest
     mask: Mask
+    verified: dict[str, dict[str, Any]] = field(default_factory=dict)  # VERIFIED's entries, new ones included
+    verified_changed: bool = False                                      # entries to write back
 
     def path(self, name: str) -> Path:
         return self.root / name
@@ -70,19 +82,133 @@ class Bundle:
         return self.root / STATE_DIR
 
 
-def open_bundle(bundle_dir: str | Path, verify_mask: bool = True) -> Bundle:
-    """Validate a bundle folder and load its manifest and mask (cheap: no graph is loaded)."""
+def open_bundle(bundle_dir: str | Path, verify: bool = True) -> Bundle:
+    """Validate a bundle folder and load its manifest and mask (no graph is loaded).
+
+    ``verify`` checks every file the manifest lists against its sha256 (a flipped byte in an ONNX file
+    is one BundleError naming the file, not an onnxruntime crash); verdicts are cached by (name,
+    size, mtime_ns) in state/verified.json, so predict hashes the bundle once, not on every call."""
     root = Path(bundle_dir)
-    manifest = mf.load_manifest(root)  # format version check lives there
+    manifest = mf.load_manifest(root)  # type and range checks live there
+    if manifest.format_version < mf.FORMAT_VERSION:
+        raise BundleError(f"bundle {root} has format version {manifest.format_version}; this edgecl runs "
+                          f"format {mf.FORMAT_VERSION} (one train_step.onnx for plain onnxruntime)",
+                          "re-export the bundle with this edgecl version on the host")
     mf.check_bundle_files(root)
-    mask = Mask.load_file(root / mf.MASK)
-    if verify_mask and manifest.mask_sha256 and sha256_file(root / mf.MASK) != manifest.mask_sha256:
+    verified, changed = verify_files(root, manifest) if verify else ({}, False)
+    # mask_sha256 is the bundle's identity for deltas; when files[] lists the mask under the same digest
+    # it was just checked, else (a hand-edited manifest) it is checked here.
+    if verify and manifest.mask_sha256 and manifest.files.get(mf.MASK) != manifest.mask_sha256 \
+            and sha256_file(root / mf.MASK) != manifest.mask_sha256:
         raise BundleError(f"{root / mf.MASK} does not match the manifest's mask_sha256",
                           "re-copy the whole bundle folder from the host")
+    mask = Mask.load_file(root / mf.MASK)
     if mask.total_selected != manifest.selected:
         raise BundleError(f"mask selects {mask.total_selected} elements, the manifest says {manifest.selected}",
                           "re-copy the whole bundle folder from the host")
-    return Bundle(root, manifest, mask)
+    bundle = Bundle(root, manifest, mask, verified, changed)
+    if bundle.state_dir.is_dir():
+        save_verified(bundle)  # else at the first commit or successful predict (a failed command writes nothing)
+    return bundle
+
+
+# -- file verification -----------------------------------------------------------------------------
+
+def _read_verified(root: Path) -> dict[str, dict[str, Any]]:
+    try:
+        data = json.loads((root / STATE_DIR / VERIFIED).read_text())
+        entries = data.get("files", {}) if isinstance(data, dict) else {}
+        return {k: v for k, v in entries.items() if isinstance(v, dict)}
+    except (OSError, ValueError, AttributeError):
+        return {}  # no cache or a damaged one: hash again
+
+
+def verify_files(root: Path, manifest: mf.BundleManifest) -> tuple[dict[str, dict[str, Any]], bool]:
+    """Check every file in manifest.files exists and has its sha256 -> (verdicts, any newly hashed).
+
+    Files unchanged since a cached verdict (same size, mtime_ns and expected digest) are not hashed
+    again. The cache catches copy errors and edits, not an attacker who can write the bundle folder."""
+    cache = _read_verified(root)
+    verified: dict[str, dict[str, Any]] = {}
+    changed = False
+    for name, expected in sorted(manifest.files.items()):
+        try:
+            st = (root / name).stat()
+        except FileNotFoundError:
+            raise BundleError(f"bundle file {name} listed in manifest.json is missing from {root}",
+                              "re-copy the whole bundle folder from the host") from None
+        key = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": expected}
+        if cache.get(name) != key:
+            if sha256_file(root / name) != expected:
+                raise BundleError(f"bundle file {name} does not match its sha256 in manifest.json",
+                                  "re-copy the bundle from the host")
+            changed = True
+        verified[name] = key
+    return verified, changed
+
+
+def save_verified(bundle: Bundle) -> None:
+    """Write the verdicts to state/verified.json; a read-only state folder just goes uncached."""
+    if not bundle.verified_changed:
+        return
+    with contextlib.suppress(EdgeclError, OSError):
+        atomic_write_json(bundle.state_dir / VERIFIED, {"format": 1, "files": bundle.verified})
+        bundle.verified_changed = False
+
+
+# -- one writer at a time ----------------------------------------------------------------------------
+
+@contextlib.contextmanager
+def bundle_lock(bundle: Bundle, what: str) -> Iterator[None]:
+    """Hold state/lock (flock, exclusive) while ``what`` ("adapt", "rollback", "upgrade") changes the state.
+
+    A second writer fails at once with a DeviceError naming the holder's command and pid (read from the
+    file); the kernel drops the lock when the holder dies, so a killed adapt never leaves it stuck.
+    The file is removed on release (state/ too, if that leaves it empty): a failed command leaves nothing."""
+    state_dir = bundle.state_dir
+    created = not state_dir.exists()
+    path = state_dir / LOCK
+    for _ in range(10):
+        try:
+            state_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise DeviceError(f"cannot lock {bundle.root}'s device state ({exc.strerror})",
+                              "run edgecl where the bundle folder is writable") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = _lock_holder(fd)
+            os.close(fd)
+            raise DeviceError(f"another edgecl {holder} is using {bundle.root}", "wait for it to finish") from None
+        try:
+            same = os.fstat(fd).st_ino == os.stat(path).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)  # the previous holder removed the file between our open and our flock: retry
+    else:
+        raise DeviceError(f"cannot lock {bundle.root}'s device state (it keeps changing)", "try again")
+    try:
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"pid": os.getpid(), "command": what}).encode())
+        yield
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(path)  # while still holding it; see the inode check above
+        if created:
+            with contextlib.suppress(OSError):
+                state_dir.rmdir()  # only if empty
+        os.close(fd)
+
+
+def _lock_holder(fd: int) -> str:
+    try:
+        info = json.loads(os.pread(fd, 4096, 0))
+        return f"{info['command']} (pid {int(info['pid'])})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "command"
 
 
 # -- trainable values file -----------------------------------------------------------------------
@@ -133,10 +259,34 @@ def read_head(state_dir: Path) -> dict[str, Any]:
 
 
 def bundle_prototypes(bundle: Bundle) -> Prototypes:
+    """The bundle's own prototypes (its calibration classes); a missing file is an error, not zero classes."""
     path = bundle.path(mf.PROTOTYPES)
-    if path.exists():
-        return Prototypes.load_file(path)
-    return Prototypes.empty(bundle.manifest.embedding_dim)
+    if not path.exists():
+        raise BundleError(f"bundle file {mf.PROTOTYPES} is missing from {bundle.root}",
+                          "re-copy the whole bundle folder from the host")
+    return Prototypes.load_file(path)
+
+
+def bundle_identity(bundle: Bundle) -> dict[str, Any]:
+    """What a generation's meta.json records of the bundle it was made for."""
+    m = bundle.manifest
+    return {"bundle_id": m.bundle_id, "bundle_version": m.version, "mask_sha256": m.mask_sha256}
+
+
+def check_state_owner(bundle: Bundle, meta: dict[str, Any], generation: str) -> None:
+    """Refuse a generation written for another bundle (or version, or mask) than the one beside it."""
+    if "bundle_id" not in meta:
+        return  # generations from before identities were recorded: the delta length check still applies
+    if {k: meta.get(k) for k in bundle_identity(bundle)} == bundle_identity(bundle):
+        return
+    m = bundle.manifest
+    raise DeviceError(f"{bundle.state_dir} ({generation}) belongs to bundle {meta.get('bundle_id')} "
+                      f"v{meta.get('bundle_version')}, not {m.bundle_id} v{m.version}"
+                      + (" (another mask)" if meta.get("bundle_id") == m.bundle_id
+                         and meta.get("bundle_version") == m.version else ""),
+                      "the bundle files were replaced under their device state: run `edgecl rollback` if the "
+                      f"previous state is this bundle's, or move {bundle.state_dir} away (then `edgecl upgrade "
+                      "OLD NEW` carries it to a new version)")
 
 
 def load_current(bundle: Bundle) -> DeviceState:
@@ -146,14 +296,21 @@ def load_current(bundle: Bundle) -> DeviceState:
         return DeviceState(None, np.zeros(bundle.mask.total_selected, np.float32), bundle_prototypes(bundle), {}, None, {})
     gen_dir = bundle.state_dir / generation
     try:
-        # A generation without trainable values (`edgecl upgrade`) runs the bundle's own weights.
-        trainable = (load_trainable(gen_dir / TRAINABLE, bundle.mask.total_selected)
-                     if (gen_dir / TRAINABLE).exists() or not (gen_dir / META).exists()
-                     else {mf.DELTA_PARAM: np.zeros(bundle.mask.total_selected, np.float32)})
-        prototypes = Prototypes.load_file(gen_dir / PROTOTYPES)
         meta = json.loads((gen_dir / META).read_text())
+        if not isinstance(meta, dict):
+            raise ValueError("meta.json is not an object")
     except (OSError, ValueError) as exc:
         raise DeviceError(f"device state {gen_dir} is damaged ({exc})",
+                          "run `edgecl rollback` or delete BUNDLE/state") from exc
+    check_state_owner(bundle, meta, generation)
+    try:
+        # A generation without trainable values (`edgecl upgrade`) runs the bundle's own weights.
+        trainable = (load_trainable(gen_dir / TRAINABLE, bundle.mask.total_selected)
+                     if (gen_dir / TRAINABLE).exists()
+                     else {mf.DELTA_PARAM: np.zeros(bundle.mask.total_selected, np.float32)})
+        prototypes = Prototypes.load_file(gen_dir / PROTOTYPES)
+    except (OSError, ValueError, BundleError) as exc:
+        raise DeviceError(f"device state {gen_dir} is damaged ({getattr(exc, 'problem', exc)})",
                           "run `edgecl rollback` or delete BUNDLE/state") from exc
     exemplars, lda = gen_dir / EXEMPLARS, gen_dir / LDA
     return DeviceState(generation, trainable[mf.DELTA_PARAM].astype(np.float32), prototypes, trainable,
@@ -175,12 +332,13 @@ def commit_generation(bundle: Bundle, write: Callable[[Path], None], meta: dict[
     state_dir.mkdir(parents=True, exist_ok=True)
     head = read_head(state_dir)
     name = _next_generation(state_dir)
-    meta = {**meta, "parent": head.get("current"), "generation": name}
+    meta = {**meta, **bundle_identity(bundle), "parent": head.get("current"), "generation": name}
     with atomic_dir(state_dir / name) as tmp:
         write(tmp)
         atomic_write_json(tmp / META, meta)
     atomic_write_json(state_dir / HEAD, {"current": name, "previous": head.get("current"), "can_rollback": True})
     _collect_garbage(state_dir)
+    save_verified(bundle)
     return name
 
 
@@ -195,7 +353,12 @@ def _collect_garbage(state_dir: Path) -> None:
 
 def rollback(bundle_dir: str | Path) -> dict[str, Any]:
     """Return to the state before the last adaptation (one level; a second rollback is refused)."""
-    bundle = open_bundle(bundle_dir, verify_mask=False)
+    bundle = open_bundle(bundle_dir, verify=False)  # only HEAD changes: the model files are not read
+    with bundle_lock(bundle, "rollback"):
+        return _rollback(bundle)
+
+
+def _rollback(bundle: Bundle) -> dict[str, Any]:
     state_dir = bundle.state_dir
     head = read_head(state_dir)
     if not head.get("can_rollback"):

@@ -37,6 +37,8 @@ from .state import (
     EXEMPLARS,
     LDA,
     PROTOTYPES,
+    Bundle,
+    bundle_lock,
     bundle_prototypes,
     commit_generation,
     load_current,
@@ -47,6 +49,12 @@ from .state import (
 
 def upgrade(old_dir: str | Path, new_dir: str | Path, any_lineage: bool = False) -> dict[str, Any]:
     old, new = open_bundle(old_dir), open_bundle(new_dir)
+    # OLD is locked too: an adapt committing to it meanwhile would be left out of what is carried.
+    with bundle_lock(old, "upgrade"), bundle_lock(new, "upgrade"):
+        return _upgrade(old, new, any_lineage)
+
+
+def _upgrade(old: Bundle, new: Bundle, any_lineage: bool) -> dict[str, Any]:
     if not any_lineage and new.manifest.parent_sha256 != sha256_file(old.path(mf.MANIFEST)):
         raise DeviceError(f"{new.root} was not made from {old.root} (its parent_sha256 differs)",
                           "upgrade from the bundle this version was applied to, or pass --any-lineage")
