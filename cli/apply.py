@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from .options import JsonFlag, echo_json
+
 
 def apply(
     bundle: Annotated[Path, typer.Argument(help="The bundle the deltas were made for.")],
@@ -16,11 +18,17 @@ def apply(
                                                  "mask for the next round (default: keep the mask).")] = None,
     recipe: Annotated[Path | None, typer.Option(help="Recipe file, if not the one stamped in the bundle.")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+    as_json: JsonFlag = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Bake deltas into the base weights; write weights.safetensors, inference.onnx and a new bundle version."""
     from edgecl.host.apply import apply_deltas
 
-    report = apply_deltas(bundle, deltas, out, data_dir=data, recipe_path=recipe, overwrite=overwrite)
+    report = apply_deltas(bundle, deltas, out, data_dir=data, recipe_path=recipe, overwrite=overwrite,
+                          progress=not quiet)
+    if as_json:
+        echo_json(report)
+        return
     typer.echo(f"wrote {report.bundle_dir}: version {report.version}, {report.deltas} delta(s), "
                f"{report.changed_elements:,} elements changed, {len(report.classes)} classes, "
                f"{'new' if report.remasked else 'same'} mask; max |embedding diff| of the new version vs the old "

@@ -1,39 +1,52 @@
-"""`edgecl eval`: accuracy of the bundle's current state on a labelled image folder."""
+"""`edgecl eval`: accuracy of the bundle's current state on labelled image folders."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
+
+from .options import HEAD_HELP, Head, JsonFlag, echo_json
+
+
+def _print_report(report: dict[str, Any], indent: str) -> None:
+    for name, row in report["per_class"].items():
+        typer.echo(f"{indent}{name}: {100 * row['accuracy']:.2f}% of {row['images']}")
+    for c in report["most_confused"]:
+        typer.echo(f"{indent}confused {c['true']} -> {c['predicted']}: {c['count']}")
+    if report["skipped_unreadable"] or report["skipped_unknown_class"]:
+        typer.echo(f"{indent}skipped: {report['skipped_unreadable']} unreadable, {report['skipped_unknown_class']} "
+                   "of classes without a prototype")
 
 
 def evaluate(
     bundle: Annotated[Path, typer.Argument(help="Bundle folder.")],
-    data: Annotated[Path, typer.Option("--data", help="Image folder: DATA/<class name>/<images>.")],
-    device: Annotated[Path | None, typer.Option("--device", help="Device profile (.toml).")] = None,
-    head: Annotated[str, typer.Option(help="Classifier: ncm (cosine to prototypes), lda (prototypes + the "
-                                           "pooled covariance adapt accumulates), auto (lda when available).")]
-    = "auto",
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON (key `accuracy` overall).")] = False,
+    data: Annotated[list[Path], typer.Option("--data", help="Image folder DATA/<class name>/<images>; repeat "
+                                                            "--data to evaluate several (each is reported, "
+                                                            "then all together).")],
+    device: Annotated[Path | None, typer.Option("--device", help="Device profile (.toml); default: the "
+                                                                  "profile the bundle was exported for.")] = None,
+    head: Annotated[Head, typer.Option(help=HEAD_HELP)] = Head.auto,
+    as_json: JsonFlag = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Accuracy overall and per class, and the most confused class pairs."""
     from edgecl.device.infer import evaluate as run_evaluate
 
-    result = run_evaluate(bundle, data, profile=device, head=head)
+    result = run_evaluate(bundle, data, profile=device, head=head.value, progress=not quiet)
     if as_json:
-        typer.echo(json.dumps(result, indent=2))
+        echo_json(result)
         return
-    typer.echo(f"accuracy {100 * result['accuracy']:.2f}% ({result['correct']}/{result['images']}) "
-               f"with state {result['state']}, head {result['head']}")
-    for name, row in result["per_class"].items():
-        typer.echo(f"  {name}: {100 * row['accuracy']:.2f}% of {row['images']}")
-    for c in result["most_confused"]:
-        typer.echo(f"  confused {c['true']} -> {c['predicted']}: {c['count']}")
-    if result["skipped_unreadable"] or result["skipped_unknown_class"]:
-        typer.echo(f"skipped: {result['skipped_unreadable']} unreadable, {result['skipped_unknown_class']} "
-                   "of classes without a prototype")
+    folders = result["folders"]
+    if len(folders) > 1:
+        for report in folders:
+            typer.echo(f"{report['data']}: accuracy {100 * report['accuracy']:.2f}% "
+                       f"({report['correct']}/{report['images']})")
+            _print_report(report, "  ")
+    typer.echo(f"{'overall ' if len(folders) > 1 else ''}accuracy {100 * result['accuracy']:.2f}% "
+               f"({result['correct']}/{result['images']}) with state {result['state']}, head {result['head']}")
+    _print_report(result, "  ")
 
 
 def register(app: typer.Typer) -> None:

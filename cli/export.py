@@ -7,6 +7,8 @@ from typing import Annotated
 
 import typer
 
+from .options import JsonFlag, echo_json
+
 
 def export(
     recipe: Annotated[Path, typer.Argument(help="Model recipe (models/*.toml).")],
@@ -22,14 +24,19 @@ def export(
     exemplars_per_class: Annotated[int, typer.Option(help="Calibration images per class shipped in the bundle so "
                                                      "the device can refresh their prototypes (0 = none).")] = 20,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
+    as_json: JsonFlag = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Score weights by MI-Fisher information, keep the top few percent, export a trainable ONNX bundle."""
     from edgecl.host.export import ExportOptions, export_bundle
 
     opts = ExportOptions(select_rate=select_rate, drop_rate=drop_rate, seed=seed, lr_backbone=lr, epochs=epochs,
                          overwrite=overwrite, overlap_path=str(overlap) if overlap else None,
-                         exemplars_per_class=exemplars_per_class)
+                         exemplars_per_class=exemplars_per_class, progress=not quiet)
     report = export_bundle(recipe, data, out, profile=device, options=opts)
+    if as_json:
+        echo_json(report)
+        return
     total_bytes = sum(report.files.values())
     typer.echo(f"wrote {report.bundle_dir}: {report.model_name}, {report.total_params:,} parameters, "
                f"{report.selected:,} trainable ({100 * report.selected_fraction:.2f}%), "

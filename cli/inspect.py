@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from .options import JsonFlag, echo_json
+
 
 def inspect(
     path: Annotated[Path, typer.Argument(help="Bundle folder.")],
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    as_json: JsonFlag = False,
     layers: Annotated[bool, typer.Option("--layers", help="List every masked tensor.")] = False,
 ) -> None:
     """Model, parameters, selected elements, per-layer coverage, files, sizes and hashes."""
@@ -19,7 +20,7 @@ def inspect(
 
     info = inspect_bundle(path)
     if as_json:
-        typer.echo(json.dumps(info, indent=2))
+        echo_json(info)
         return
     typer.echo(f"bundle     {info['bundle']}  (id {info['bundle_id'][:12]}, version {info['version']})")
     typer.echo(f"model      {info['model']}  input {info['input_size'][0]}x{info['input_size'][1]}, "
@@ -35,6 +36,12 @@ def inspect(
         typer.echo("delta      all selected elements changed, no prototypes (the largest): "
                    + ", ".join(f"{k} {v / 1e3:,.1f} kB = {100 * v / base:.2f}%" for k, v in info["delta_bytes"].items())
                    + " of the fp32 base")
+    profile = info["device_profile"]
+    if profile:
+        typer.echo(f"device     {profile.get('name', '?')}: {profile.get('execution_provider', '?')}, "
+                   f"install {profile.get('ort_package', '?')}, exemplars "
+                   f"{'kept' if profile.get('store_images', True) else 'never stored'}"
+                   + (f"; {profile['notes']}" if profile.get("notes") else ""))
     typer.echo(f"base sha   {info['base_sha256']}")
     typer.echo(f"mask sha   {info['mask_sha256']}")
     rows = info["layers"] if layers else sorted(info["layers"], key=lambda r: -r["selected"])[:5]

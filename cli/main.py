@@ -8,13 +8,17 @@ from __future__ import annotations
 
 import functools
 import importlib
+import logging
 import sys
 import warnings
+from typing import Annotated
 
 import typer
 
 from edgecl import __version__
 from edgecl.errors import EdgeclError
+
+from .options import LogLevel
 
 # Each name is a module in this package exposing register(app).
 COMMAND_MODULES = (
@@ -52,8 +56,12 @@ def _version(value: bool) -> None:
 @app.callback()
 def _root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+    log_level: Annotated[LogLevel, typer.Option("--log-level", help="What is shown on stderr besides errors "
+                                                                    "(error: no warnings).")] = LogLevel.warning,
 ) -> None:
-    pass
+    logging.basicConfig(level=log_level.value.upper(), format="%(levelname)s %(name)s: %(message)s")
+    if log_level is LogLevel.error:
+        warnings.simplefilter("ignore")
 
 
 def _one_line_errors(callback):  # noqa: ANN001, ANN202

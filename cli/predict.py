@@ -2,36 +2,41 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from .options import HEAD_HELP, Head, JsonFlag, echo_json
+
+
+def _number(value: float | None, fmt: str) -> str:
+    return "n/a" if value is None else format(value, fmt)
+
 
 def predict(
     bundle: Annotated[Path, typer.Argument(help="Bundle folder.")],
     images: Annotated[list[Path], typer.Argument(help="Image files.")],
-    top_k: Annotated[int, typer.Option("--top-k", help="Classes listed per image.")] = 3,
-    device: Annotated[Path | None, typer.Option("--device", help="Device profile (.toml).")] = None,
-    head: Annotated[str, typer.Option(help="Classifier: ncm (cosine to prototypes), lda (prototypes + the "
-                                           "pooled covariance adapt accumulates), auto (lda when available).")]
-    = "auto",
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False,
+    top_k: Annotated[int, typer.Option("--top-k", min=1, help="Classes listed per image.")] = 3,
+    device: Annotated[Path | None, typer.Option("--device", help="Device profile (.toml); default: the "
+                                                                  "profile the bundle was exported for.")] = None,
+    head: Annotated[Head, typer.Option(help=HEAD_HELP)] = Head.auto,
+    as_json: JsonFlag = False,
 ) -> None:
-    """Class, score (cosine similarity, or the LDA score with the lda head) and top-k for each image."""
+    """Class, probability and score (cosine similarity, or the LDA score) and top-k for each image."""
     from edgecl.device.infer import predict as run_predict
 
-    results = run_predict(bundle, images, top_k=top_k, profile=device, head=head)
+    results = run_predict(bundle, images, top_k=top_k, profile=device, head=head.value)
     if as_json:
-        typer.echo(json.dumps(results, indent=2))
+        echo_json(results)
     else:
         for r in results:
             if "error" in r:
                 typer.echo(f"{r['path']}: unreadable ({r['error']})")
                 continue
-            others = ", ".join(f"{t['class']} {t['score']:.3f}" for t in r["top_k"][1:])
-            typer.echo(f"{r['path']}: {r['class']} {r['score']:.3f}" + (f"  ({others})" if others else ""))
+            ranked = "  ".join(f"{t['class']} p={_number(t['probability'], '.3f')} score={_number(t['score'], '.3f')}"
+                               for t in r["top_k"])
+            typer.echo(f"{r['path']}: {ranked}  [head {r['head']}, state {r['state']}]")
     if any("error" in r for r in results):
         raise typer.Exit(code=1)
 

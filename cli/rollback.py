@@ -7,12 +7,17 @@ from typing import Annotated
 
 import typer
 
+from .options import JsonFlag, echo_json
 
-def rollback(bundle: Annotated[Path, typer.Argument(help="Bundle folder.")]) -> None:
+
+def rollback(bundle: Annotated[Path, typer.Argument(help="Bundle folder.")], as_json: JsonFlag = False) -> None:
     """Undo the last `edgecl adapt` (once)."""
     from edgecl.device.state import rollback as run_rollback
 
     result = run_rollback(bundle)
+    if as_json:
+        echo_json(result)
+        return
     typer.echo(f"rolled back {result['undone']}; current state: {result['current']}")
 
 

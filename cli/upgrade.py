@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Annotated
 
 import typer
+
+from .options import JsonFlag, echo_json
 
 
 def upgrade(
@@ -14,14 +15,14 @@ def upgrade(
     new: Annotated[Path, typer.Argument(help="The next version of it (from `edgecl apply`); gets the state.")],
     any_lineage: Annotated[bool, typer.Option("--any-lineage", help="Allow a NEW that was not made from OLD.")]
     = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    as_json: JsonFlag = False,
 ) -> None:
     """Move the device's local memory (exemplars, classes NEW lacks) from OLD to NEW."""
     from edgecl.device.upgrade import upgrade as run_upgrade
 
     result = run_upgrade(old, new, any_lineage=any_lineage)
     if as_json:
-        typer.echo(json.dumps(result, indent=2))
+        echo_json(result)
         return
     typer.echo(f"upgraded {old} -> {new} (state {result['state']}): {result['exemplars']} exemplars of "
                f"{len(result['exemplar_classes'])} classes ({result['exemplar_bytes'] / 1e6:.1f} MB); classes "

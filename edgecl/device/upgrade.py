@@ -49,6 +49,9 @@ from .state import (
 
 def upgrade(old_dir: str | Path, new_dir: str | Path, any_lineage: bool = False) -> dict[str, Any]:
     old, new = open_bundle(old_dir), open_bundle(new_dir)
+    if old.root.resolve() == new.root.resolve():
+        raise DeviceError(f"OLD and NEW are the same folder ({old.root})",
+                          "pass the bundle this device used, then the next version's folder")
     # OLD is locked too: an adapt committing to it meanwhile would be left out of what is carried.
     with bundle_lock(old, "upgrade"), bundle_lock(new, "upgrade"):
         return _upgrade(old, new, any_lineage)

@@ -21,6 +21,10 @@ def inspect_bundle(bundle_dir: str | Path, verify: bool = True) -> dict[str, Any
     mf.check_bundle_files(bundle_dir)
     mask = Mask.load_file(bundle_dir / mf.MASK)
     files = {}
+    missing = sorted(n for n in manifest.files if not (bundle_dir / n).is_file())
+    if missing:
+        raise BundleError(f"bundle file(s) {', '.join(missing)} listed in manifest.json are missing from {bundle_dir}",
+                          "re-copy the whole bundle folder from the host")
     for path in sorted(bundle_dir.iterdir()):
         if path.is_file() and path.name != mf.MANIFEST:
             entry: dict[str, Any] = {"bytes": path.stat().st_size}
@@ -61,6 +65,7 @@ def inspect_bundle(bundle_dir: str | Path, verify: bool = True) -> dict[str, Any
         "base_sha256": manifest.base_sha256,
         "mask_sha256": manifest.mask_sha256,
         "files": files,
+        "device_profile": manifest.device_profile,   # the profile it was exported for (the device's default)
         "versions": manifest.versions,
         "created_utc": manifest.created_utc,
     }
