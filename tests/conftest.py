@@ -40,7 +40,7 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory, calib_dir: Path) -> Pa
 
     out = tmp_path_factory.mktemp("bundles") / "tiny_efficientnet"
     export_bundle(MODELS / "test_efficientnet.toml", calib_dir, out,
-                  options=ExportOptions(batch_size=8, progress=False))
+                  options=ExportOptions(batch_size=16, progress=False))
     return out
 
 

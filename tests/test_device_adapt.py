@@ -58,6 +58,7 @@ def _adapt(bundle: Path, data: Path, **kw):
     from edgecl.device.adapt import AdaptOptions, adapt
 
     kw.setdefault("progress", False)
+    kw.setdefault("gate", False)  # these tests check the loop on every image; the gate has its own tests
     profile = kw.pop("profile", None)
     with pytest.warns(UserWarning, match="unreadable"):  # the corrupt file is skipped and counted
         return adapt(bundle, data, AdaptOptions(**kw), profile=profile)
@@ -86,8 +87,9 @@ def test_adapt_eval_predict_rollback(bundle, task_data):
     report = _adapt(bundle, task_data, epochs=2, seed=7, batch_size=16)
     assert report.skipped_unreadable == 1 and report.images == 30
     assert report.classes_added == ["cat", "dog"] and report.classes_updated == ["class0"]
-    # class1/class2 are not in the data: refreshed from the bundle's calibration exemplars
-    assert report.from_exemplars == ["class1", "class2"] and report.drift_compensated == []
+    # every class with calibration exemplars is moved by its exemplars' drift (class0, seen again, before
+    # its new images are merged in by counts)
+    assert report.from_exemplars == ["class0", "class1", "class2"] and report.drift_compensated == []
     # replay: the bundle's 12 calibration exemplars of each of class1 and class2 join the 30 images
     assert report.replayed == 24
     assert report.steps == 2 * 4  # 54 images, batch 16
@@ -129,7 +131,7 @@ def test_drift_compensation_moves_only_old_prototypes_and_can_be_turned_off(bund
     assert np.array_equal(load_current(open_bundle(bundle)).prototypes.means[1], original)
     shutil.rmtree(bundle / "state")
     report = _adapt(bundle, task_data, epochs=1, lr=0.05, exemplars=False)
-    assert report.drift_compensated == ["class1", "class2"]
+    assert report.drift_compensated == ["class0", "class1", "class2"]
     assert not np.array_equal(load_current(open_bundle(bundle)).prototypes.means[1], original)
 
 
@@ -145,9 +147,13 @@ def test_exemplars_refresh_old_classes_in_a_later_round(bundle, task_data, tmp_p
 
 
 def test_without_bundle_exemplars_old_classes_are_drift_compensated(bundle, task_data):
+    # A bundle exported without exemplars (export --exemplars-per-class 0): no file, not in the manifest.
     (bundle / "exemplars.safetensors").unlink()
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    del manifest["files"]["exemplars.safetensors"]
+    (bundle / "manifest.json").write_text(json.dumps(manifest))
     report = _adapt(bundle, task_data, epochs=1, lr=0.05)
-    assert report.from_exemplars == [] and report.drift_compensated == ["class1", "class2"]
+    assert report.from_exemplars == [] and report.drift_compensated == ["class0", "class1", "class2"]
 
 
 def test_select_lr_logs_its_choice(bundle, task_data):
@@ -175,45 +181,33 @@ def test_changed_fraction_per_step_at_default_rates(bundle, task_data):
 
 
 def test_drop_rate_zero_moves_every_selected_element_with_a_gradient_and_nothing_else(bundle, task_data):
-    from edgecl.device.adapt import _new_rngs
-    from edgecl.device.ort import TrainingSession
+    from edgecl.device.ort import StepSession, patched_weights
     from edgecl.device.state import open_bundle
     from edgecl.device.update import draw_gate, sparse_sgd_step
     from edgecl.formats.images import load_image_folder, two_views
+    from edgecl.formats.weights import load_weights
 
     b = open_bundle(bundle)
     m = b.manifest
-    session = TrainingSession(bundle / "training_model.onnx", bundle / "eval_model.onnx", bundle / "checkpoint")
-    assert sorted(session.trainable_names()) == ["edgecl_delta", "proj.bias", "proj.weight"]
-    frozen_names = [n for n in session.parameter_names() if n not in session.trainable_names()]
-    frozen_before = {n: session.get_param(n) for n in frozen_names}
+    session = StepSession(bundle / "train_step.onnx")
+    head = load_weights(bundle / "head.safetensors")
     with pytest.warns(UserWarning):
         data = load_image_folder(task_data, m.input_size)
-    rng, gate_rng = _new_rngs(0)
+    rng, gate_rng = np.random.default_rng(0), np.random.default_rng(1)
     delta = np.zeros(b.mask.total_selected, np.float32)
     for _ in range(3):
         x = two_views(data.pixels[:8], rng, m.mean, m.std)
-        session.train_step(x, np.concatenate([data.labels[:8]] * 2))
-        grad = session.grad("edgecl_delta")
-        result = sparse_sgd_step(delta, grad, draw_gate(gate_rng, delta.size, 0.0), np.ones_like(delta), lr=0.1)
-        assert np.array_equal(result.delta != delta, grad != 0)  # drop 0: every element with a gradient
+        out = session.step(x, np.concatenate([data.labels[:8]] * 2), delta, head["proj.weight"], head["proj.bias"])
+        assert out.grad_delta.shape == delta.shape and np.count_nonzero(out.grad_delta) > 0
+        result = sparse_sgd_step(delta, out.grad_delta, draw_gate(gate_rng, delta.size, 0.0), np.ones_like(delta),
+                                 lr=0.1)
+        assert np.array_equal(result.delta != delta, out.grad_delta != 0)  # drop 0: every element with a gradient
         delta = result.delta
-        session.set_param("edgecl_delta", delta)
-        session.lazy_reset_grad()
-    # Elements outside the mask never change: ORT never writes the frozen base weights ...
-    for name in frozen_names:
-        assert np.array_equal(session.get_param(name).view(np.uint32), frozen_before[name].view(np.uint32)), name
-    # ... and the effective weights W0 + scatter(delta) differ from W0 only at mask positions.
-    base = {n: session.get_param(_graph_name(n)) for n in b.mask.order}
-    effective = b.mask.scatter(delta, base)
-    for name in b.mask.order:
-        moved = np.flatnonzero(effective[name].reshape(-1) != base[name].reshape(-1))
-        assert np.isin(moved, b.mask.indices[name]).all()
-
-
-def _graph_name(name: str) -> str:
-    module, _, attr = name.rpartition(".")
-    return f"backbone.{module}.parametrizations.{attr}.original"
+    # The weights the device runs, W0 + scatter(delta), differ from W0 only at mask positions.
+    base = load_weights(bundle / "weights.safetensors")
+    for name, weight in patched_weights(b.mask, base, delta).items():
+        moved = np.flatnonzero(weight.reshape(-1) != base[name].reshape(-1))
+        assert moved.size and np.isin(moved, b.mask.indices[name]).all()
 
 
 # -- crash safety ----------------------------------------------------------------------------------
@@ -221,7 +215,7 @@ def _graph_name(name: str) -> str:
 _ADAPT_SCRIPT = NO_TORCH + """
 from edgecl.device.adapt import AdaptOptions, adapt
 adapt(sys.argv[1], sys.argv[2], AdaptOptions(epochs=6, batch_size=4, seed=11, checkpoint_every=3,
-      resume=len(sys.argv) > 3, progress=False))
+      resume=len(sys.argv) > 3, progress=False, gate=False))
 assert sys.modules["torch"] is None
 """
 
@@ -291,8 +285,8 @@ def test_full_disk_at_commit_leaves_the_previous_state_intact(bundle, task_data,
     evaluate(bundle, task_data)
     # the finished run's final checkpoint survived: --resume commits it without training again
     report = _adapt(bundle, task_data, epochs=1, lr=0.05, resume=True)
-    # (30 images + 24 replayed) / batch 8 = 7 steps
-    assert report.resumed_from_step == report.steps == 7 and _head(bundle)["previous"] == first.state
+    # (30 images + 24 replayed) / batch 16 (the bundle's) = 4 steps
+    assert report.resumed_from_step == report.steps == 4 and _head(bundle)["previous"] == first.state
 
 
 # -- bad input ---------------------------------------------------------------------------------------
@@ -318,8 +312,12 @@ def test_bad_inputs_are_named_errors_and_write_nothing(bundle, task_data, tmp_pa
         adapt(bundle, task_data, AdaptOptions(progress=False))
     newer["format_version"] = 1
     (bundle / "manifest.json").write_text(json.dumps(newer))
+    with pytest.raises(BundleError, match="format version 1.*re-export"):
+        adapt(bundle, task_data, AdaptOptions(progress=False))
+    newer["format_version"] = 2
+    (bundle / "manifest.json").write_text(json.dumps(newer))
     (bundle / "inference.onnx").unlink()
-    with pytest.raises(BundleError, match="missing inference.onnx"):
+    with pytest.raises(BundleError, match="inference.onnx"):
         adapt(bundle, task_data, AdaptOptions(progress=False))
 
 

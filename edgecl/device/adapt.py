@@ -278,6 +278,7 @@ def _adapt(bundle: Bundle, data_dir: Path, opts: AdaptOptions, prof: DeviceProfi
             plan = plan.sub(lr=selection["chosen"]["lr"], epochs=selection["chosen"]["epochs"])
         run_dir.start({**config, "run_lr": plan.lr, "run_epochs": plan.epochs, "selection": selection},
                       {"before": before})
+    config = {**config, "run_lr": plan.lr, "run_epochs": plan.epochs, "selection": selection}
     state = TrainState.fresh(plan.seed, start)
     latest = run_dir.latest() if opts.resume else None
     if latest is not None:
