@@ -1,4 +1,4 @@
-"""Shared pieces of the benchmark scripts: data, the machine's description, metrics, `/usr/bin/time -v`.
+"""Shared pieces of the benchmark scripts: the B1 / B6 streams, the machine's description, `/usr/bin/time -v`.
 
 Benchmarks are run by hand or by `make bench`, never by the test suite (BENCHMARKS.md). Everything
 they write goes under benchmarks/out/ (git-ignored); RESULTS.md quotes it.
@@ -42,20 +42,6 @@ from edgecl.formats.images import load_image_folder  # noqa: E402
 
 
 # -- data ------------------------------------------------------------------------------------------
-def fashion_root(train_per_class: int, val_per_class: int, test_per_class: int, seed: int = SEED) -> Path:
-    return DATA / f"fashion-mnist-{train_per_class}-{val_per_class}-{test_per_class}-s{seed}"
-
-
-def prepare_data(train_per_class: int = 300, val_per_class: int = 100, test_per_class: int = 200,
-                 seed: int = SEED) -> tuple[Path, Path]:
-    """Write (or reuse) the B1 stream's image folders and the digits source proxy; return their roots."""
-    root = write_fashion_groups(fashion_root(train_per_class, val_per_class, test_per_class, seed),
-                                fashion_task_groups(), train_per_class=train_per_class,
-                                val_per_class=val_per_class, test_per_class=test_per_class, seed=seed)
-    digits = write_digits_proxy(DATA / f"digits-s{seed}", seed=seed)
-    return root, digits
-
-
 @dataclass
 class Split:
     pixels: np.ndarray   # [N, H, W, 3] uint8, resized to the model's input size
@@ -63,14 +49,21 @@ class Split:
 
 
 @dataclass
+class Task:
+    name: str                        # task-<t> (B1) or domain-<d>-<camera> (B6)
+    classes: list[int]               # the classes its images hold
+    train: Split
+    val: Split                       # held out from the train file, for hyper-parameters
+    test: Split
+    folder: Path                     # <folder>/{train,val,test}: the image folders the CLI path reads
+
+
+@dataclass
 class Stream:
-    tasks: list[list[int]]           # class ids per task
-    train: list[Split]               # per task
-    val: list[Split]                 # per task (held out from the train file, for hyper-parameters)
-    test: list[Split]                # per task
-    digits_train: Split
+    kind: str                        # "class" (B1: new classes per task) or "domain" (B6: new camera per task)
+    tasks: list[Task]
+    digits_train: Split              # the never-trained source proxy (retention)
     digits_test: Split
-    task_dirs: list[Path]            # <root>/task-<t>: the image folders the CLI path reads
 
 
 def _load(folder: Path, size: list[int], interpolation: str, names: tuple[str, ...] | None) -> Split:
@@ -82,64 +75,38 @@ def _load(folder: Path, size: list[int], interpolation: str, names: tuple[str, .
     return Split(loaded.pixels, np.asarray(ids, np.int64)[loaded.labels])
 
 
-def load_stream(fashion: Path, digits: Path, size: list[int], interpolation: str = "bilinear") -> Stream:
+def _task(name: str, folder: Path, size: list[int], interpolation: str) -> Task:
+    splits = {s: _load(folder / s, size, interpolation, FASHION_CLASSES) for s in ("train", "val", "test")}
+    return Task(name, sorted({int(c) for c in splits["train"].labels}), splits["train"], splits["val"],
+                splits["test"], folder)
+
+
+def _digits(size: list[int], interpolation: str, seed: int) -> tuple[Split, Split]:
+    root = write_digits_proxy(DATA / f"digits-s{seed}", seed=seed)
+    return _load(root / "train", size, interpolation, None), _load(root / "test", size, interpolation, None)
+
+
+def b1_stream(size: list[int], train: int, val: int, test: int, seed: int = SEED,
+              interpolation: str = "bilinear") -> Stream:
+    """B1: Fashion-MNIST 5 tasks x 2 classes (order 0..9), a fixed per-class subsample."""
     groups = fashion_task_groups()
-    task_dirs = [fashion / g for g in groups]
-    return Stream(
-        tasks=list(groups.values()),
-        train=[_load(d / "train", size, interpolation, FASHION_CLASSES) for d in task_dirs],
-        val=[_load(d / "val", size, interpolation, FASHION_CLASSES) for d in task_dirs],
-        test=[_load(d / "test", size, interpolation, FASHION_CLASSES) for d in task_dirs],
-        digits_train=_load(digits / "train", size, interpolation, None),
-        digits_test=_load(digits / "test", size, interpolation, None),
-        task_dirs=task_dirs,
-    )
+    root = write_fashion_groups(DATA / f"fashion-mnist-{train}-{val}-{test}-s{seed}", groups, train_per_class=train,
+                                val_per_class=val, test_per_class=test, seed=seed)
+    return Stream("class", [_task(g, root / g, size, interpolation) for g in groups], *_digits(size, interpolation, seed))
+
+
+def b6_stream(size: list[int], train: int, val: int, test: int, seed: int = SEED,
+              interpolation: str = "bilinear", domains: tuple[str, ...] | None = None) -> Stream:
+    """B6: the same 10 classes through one camera after another (benchmarks/domains.py)."""
+    from domains import DOMAINS, domain_dir, write_domain_stream
+    names = tuple(domains or DOMAINS)
+    root = write_domain_stream(DATA / f"fashion-domains-{train}-{val}-{test}-s{seed}", train, val, test, seed, names)
+    return Stream("domain", [_task(domain_dir(d, n), root / domain_dir(d, n), size, interpolation)
+                             for d, n in enumerate(names)], *_digits(size, interpolation, seed))
 
 
 def concat(splits: list[Split]) -> Split:
     return Split(np.concatenate([s.pixels for s in splits]), np.concatenate([s.labels for s in splits]))
-
-
-# -- SimpleCIL head and metrics --------------------------------------------------------------------
-def class_means(embeddings: np.ndarray, labels: np.ndarray) -> dict[int, np.ndarray]:
-    return {int(c): embeddings[labels == c].mean(axis=0) for c in np.unique(labels)}
-
-
-def cosine_predict(embeddings: np.ndarray, prototypes: dict[int, np.ndarray]) -> np.ndarray:
-    ids = sorted(prototypes)
-    protos = np.stack([prototypes[c] for c in ids]).astype(np.float64)
-    protos /= np.linalg.norm(protos, axis=1, keepdims=True) + 1e-12
-    emb = embeddings.astype(np.float64)
-    emb /= np.linalg.norm(emb, axis=1, keepdims=True) + 1e-12
-    return np.asarray(ids)[np.argmax(emb @ protos.T, axis=1)]
-
-
-def stream_metrics(acc: list[list[float]]) -> dict[str, Any]:
-    """acc[t][j]: accuracy (%) on task j's classes after task t (j <= t), classes seen so far as choices.
-
-    A_t is over all seen classes' images; it is passed in separately because tasks may differ in size.
-    Forgetting (Chaudhry et al. 2018): mean over old tasks j < T of max_{j<=t<T} acc[t][j] - acc[T][j].
-    """
-    last = len(acc) - 1
-    drops = [max(acc[t][j] for t in range(j, last)) - acc[last][j] for j in range(last)]
-    return {"forgetting": float(np.mean(drops)) if drops else 0.0, "per_task_drop": drops}
-
-
-def accumulate_overlap(overlap: dict[str, tuple[np.ndarray, np.ndarray]], mask: Any
-                       ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Overlap counts after one more round (METHOD.md step 2): each element of ``mask`` counts once more.
-
-    ``overlap``: tensor name -> (sorted flat indices, counts), the input of host.masking.select_mask.
-    """
-    out = dict(overlap)
-    for name in mask.order:
-        prev_idx, prev_cnt = overlap.get(name, (np.zeros(0, np.int32), np.zeros(0, np.int32)))
-        idx = np.union1d(prev_idx, mask.indices[name]).astype(np.int32)
-        cnt = np.zeros(idx.size, np.int32)
-        cnt[np.searchsorted(idx, prev_idx)] += prev_cnt.astype(np.int32)
-        cnt[np.searchsorted(idx, mask.indices[name])] += 1
-        out[name] = (idx, cnt)
-    return out
 
 
 # -- machine and provenance ------------------------------------------------------------------------

@@ -1,0 +1,93 @@
+"""Named experiments: every B1 / B6 result file comes from one of these, by `python benchmarks/run.py NAME`.
+
+An experiment is a stream (b1: Fashion-MNIST 5 x 2 classes; b6: the 10 classes through five cameras,
+benchmarks/domains.py), a per-class subsample, seeds, and arms. An arm is one method with its
+settings and a learning-rate grid; the lr and each head's parameter are chosen on the validation
+split's mean accuracy (averaged over seeds), the same rule for every arm; test numbers are reported.
+``lr_from`` runs an arm at another arm's chosen lr (the edgecl path at the torch reference's).
+
+Settings not named in an arm are the device's defaults: TrainConfig (torch_methods.py) and
+StreamRules (harness.py): 20 exemplars per class, replay share 0.5, old classes shifted by their
+exemplars' drift, every head (ncm, lda, lda-map, ranpac).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+SEEDS3 = (1993, 7, 42)
+
+
+@dataclass(frozen=True)
+class Arm:
+    label: str
+    method: str                                  # frozen | full_ft | mist | edgecl
+    lrs: tuple[float, ...] = ()
+    train: dict[str, Any] = field(default_factory=dict)   # TrainConfig overrides
+    rules: dict[str, Any] = field(default_factory=dict)   # StreamRules overrides
+    lr_from: str | None = None                   # run at this arm's chosen lr (when lrs is empty)
+
+
+@dataclass(frozen=True)
+class Experiment:
+    bench: str                                   # b1 | b6
+    per_class: tuple[int, int, int]              # train / val / test images per class (per domain in b6)
+    arms: tuple[Arm, ...]
+    seeds: tuple[int, ...] = (1993,)
+    size: int = 64
+    train: dict[str, Any] = field(default_factory=dict)   # TrainConfig overrides for every arm
+    rules: dict[str, Any] = field(default_factory=dict)   # StreamRules overrides for every arm
+    note: str = ""
+
+
+FROZEN = Arm("frozen", "frozen")
+
+
+def _mist(label: str, lrs: tuple[float, ...] = (1e-2,), **train: Any) -> Arm:
+    return Arm(label, "mist", lrs, train)
+
+
+def _levers(b6: bool) -> tuple[Arm, ...]:
+    """The lever ablation (issue 12): one lever moved at a time from the base (lr 1e-2, 2 epochs,
+    select 5%, drop 0.9, mask re-scored per task, SupCon), on the torch reference."""
+    arms = [
+        FROZEN,
+        _mist("mist base"),
+        _mist("mist lr 3e-3", (3e-3,)),
+        _mist("mist lr 3e-2", (3e-2,)),
+        _mist("mist 6 epochs", epochs=6),
+        _mist("mist 6 epochs lr 3e-3", (3e-3,), epochs=6),
+        _mist("mist 10 epochs", epochs=10),
+        _mist("mist select 2% drop 0.75", select_rate=0.02, drop_rate=0.75),
+        _mist("mist select 10% drop 0.95", select_rate=0.10, drop_rate=0.95),
+        _mist("mist mask of task 1 only", rescore=False),
+        _mist("mist supcon+proto", loss="supcon+proto"),
+        _mist("mist supcon+proto 6 epochs", loss="supcon+proto", epochs=6),
+        Arm("full FT lr 1e-2", "full_ft", (1e-2,)),
+        Arm("full FT lr 1e-3", "full_ft", (1e-3,)),
+    ]
+    if b6:
+        arms.append(Arm("mist replay earlier cameras", "mist", (1e-2,), rules={"replay_seen": True}))
+    else:
+        arms.append(Arm("mist no replay", "mist", (1e-2,), rules={"replay": False}))
+    return tuple(arms)
+
+
+EXPERIMENTS: dict[str, Experiment] = {
+    # a few minutes: does the whole harness run (CI-sized data, one task's worth of steps)
+    "smoke_b1": Experiment("b1", (20, 10, 20), (FROZEN, _mist("mist", (1e-2,), epochs=1),
+                                               Arm("full FT", "full_ft", (1e-2,), {"epochs": 1}))),
+    "smoke_b6": Experiment("b6", (6, 4, 6), (FROZEN, _mist("mist", (1e-2,), epochs=1, loss="supcon+proto"))),
+    # the lever ablation on small subsets (issue 12), one seed, torch reference
+    "ablation_b1": Experiment("b1", (100, 50, 100), _levers(b6=False),
+                              note="lever ablation, torch reference, small subset (100/50/100 per class)"),
+    "ablation_b6": Experiment("b6", (50, 30, 60), _levers(b6=True),
+                              note="lever ablation, torch reference, small subset (50/30/60 per class per camera)"),
+}
+
+
+def get(name: str) -> Experiment:
+    if name not in EXPERIMENTS:
+        raise SystemExit(f"unknown experiment {name!r}; known: {', '.join(EXPERIMENTS)}")
+    return EXPERIMENTS[name]
