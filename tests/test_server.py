@@ -180,9 +180,14 @@ def test_merge_endpoint_matches_the_pure_merge(env):
     merged = D.load(httpx.get(f"{server.url}/v1/deltas/{summary['sha256']}", headers=fleet.admin()).content,
                     fleet.store.merge_key())
     assert merged.device_id == "merge"
-    # The server merged every device delta of the bundle so far (not the merged ones).
-    rows = [r for r in fleet.store.list_deltas("line-a", 1) if r["device"] != "merge"]
-    assert summary["inputs"] == len(rows) >= 3
+    # The server merged each device's newest delta of the bundle so far (not the merged ones).
+    latest = {}
+    for r in fleet.store.list_deltas("line-a", 1):          # oldest first
+        if r["device"] != "merge":
+            latest[r["device"]] = r
+    rows = sorted(latest.values(), key=lambda r: r["received_ns"])
+    assert summary["inputs"] == len(rows) == 3 and summary["deltas"] == [r["sha256"] for r in rows]
+    assert [r["sha256"] for r in rows][-3:] == [hashlib.sha256(d).hexdigest() for d in pushed]
     expected = merge_deltas([D.load(fleet.store.get_blob(r["sha256"])) for r in rows], fleet.mask)
     np.testing.assert_array_equal(merged.to_dense(), expected.delta.to_dense())
     overlap = overlap_from_bytes(httpx.get(f"{server.url}/v1/overlaps/{summary['overlap_sha256']}",

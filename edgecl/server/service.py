@@ -15,7 +15,10 @@ from typing import Any
 
 from edgecl.errors import EdgeclError
 from edgecl.formats import delta as D
-from edgecl.server.store import Bundle, Device, Store, StoreError
+from edgecl.formats.merge import MAX_SAMPLES_SEEN
+from edgecl.server.store import MAX_DB_INT, Bundle, Device, Store, StoreError
+
+MAX_STEPS = 10**12                  # optimizer steps a delta may claim (bounded before the database)
 
 log = logging.getLogger("edgecl.server")
 
@@ -52,9 +55,12 @@ def authenticate(store: Store, authorization: str | None, admin: bool = False) -
     if device is None or device.role == "merge":
         raise Rejected("auth_invalid", 401, "unknown device token",
                        "use the token printed by `edgecl serve register-device`")
+    if device.revoked:
+        raise Rejected("device_revoked", 403, f"device {device.name} has been revoked",
+                       "ask the operator to re-provision it (`edgecl server device rotate NAME`)")
     if admin and device.role != "admin":
         raise Rejected("forbidden", 403, f"{device.name} is not an admin",
-                       "use a token from `edgecl serve register-device NAME --admin`")
+                       "use a token from `edgecl server device add NAME --admin`")
     return device
 
 
@@ -66,10 +72,13 @@ def check_header(store: Store, header: D.DeltaHeader, device: Device, max_upload
     if header.device_id != device.name:
         raise Rejected("device_mismatch", 403, f"the delta was made by {header.device_id!r}, the token is "
                        f"{device.name!r}'s", "push each delta with the token of the device that made it")
+    if header.bundle_version > MAX_DB_INT:
+        raise Rejected("metadata_invalid", 400, f"bundle_version {header.bundle_version} is out of range "
+                       f"(at most {MAX_DB_INT})", "make the delta from a real bundle version")
     bundle = store.get_bundle(header.bundle_id, header.bundle_version)
     if bundle is None:
         raise Rejected("bundle_unknown", 422, f"bundle {header.bundle_id} v{header.bundle_version} is not "
-                       "registered on this server", "register it first: `edgecl serve add-bundle BUNDLE_DIR`")
+                       "registered on this server", "register it first: `edgecl server bundle add BUNDLE_DIR`")
     if header.base_sha256 != bundle.base_sha256:
         raise Rejected("base_mismatch", 422, "the delta's base weights sha256 differs from the registered bundle's",
                        "adapt the bundle this server knows (re-copy it to the device)")
@@ -86,6 +95,14 @@ def check_header(store: Store, header: D.DeltaHeader, device: Device, max_upload
     if header.samples_seen < 1:
         raise Rejected("no_samples", 422, "the delta says it saw 0 training images (samples_seen)",
                        "adapt on some images before pushing")
+    # Counts are merge weights and database integers: bounded here, before either sees them.
+    if header.samples_seen > MAX_SAMPLES_SEEN:
+        raise Rejected("count_out_of_range", 422, f"samples_seen {header.samples_seen} is over {MAX_SAMPLES_SEEN} "
+                       "(no device sees a billion images per round; a weight that large would decide the merge)",
+                       "make the delta again with `edgecl delta`")
+    if header.steps > MAX_STEPS:
+        raise Rejected("count_out_of_range", 422, f"steps {header.steps} is over {MAX_STEPS}",
+                       "make the delta again with `edgecl delta`")
     return bundle
 
 
@@ -98,22 +115,41 @@ class Accepted:
         return {"status": "stored" if self.new else "already_have_it", "sha256": self.sha256}
 
 
-def accept_delta(store: Store, data: bytes, header: D.DeltaHeader, device: Device) -> Accepted:
+def accept_delta(store: Store, data: bytes, header: D.DeltaHeader, device: Device,
+                 bundle: Bundle | None = None) -> Accepted:
     """Full validation of the whole file, then a durable store. Nothing is written if any check fails."""
+    from edgecl.server.bounds import out_of_range
+
     sha256 = hashlib.sha256(data).hexdigest()
     try:
         D.check_length(header, len(data))
         D.verify_body(header, memoryview(data)[8 + header.header_bytes:])
         D.verify_hmac(header, device.hmac_key)
         if store.has_delta(sha256):
+            store.touch_device(device.name, "push", header.bundle_id, header.bundle_version)
             return Accepted(sha256, False)
-        D.decode(header, data)                # positions in range, finite values and prototypes
+        delta = D.decode(header, data)        # positions in range, finite values and prototypes
     except D.DeltaError as exc:
         raise Rejected.from_delta_error(exc) from exc
+    bundle = bundle or store.get_bundle(header.bundle_id, header.bundle_version)
+    assert bundle is not None                 # check_header found it
+    protos = delta.prototypes
+    if protos is not None and int(protos.counts.max()) > MAX_SAMPLES_SEEN:
+        raise Rejected("count_out_of_range", 422, f"a prototype count is over {MAX_SAMPLES_SEEN}",
+                       "make the delta again with `edgecl delta`")
+    try:
+        problem = out_of_range(store.value_limits(bundle), delta.positions, delta.values,
+                               protos.means if protos is not None else None)
+    except StoreError as exc:
+        raise Rejected("store_damaged", 500, exc.problem, exc.fix) from exc
+    if problem:
+        raise Rejected("values_out_of_range", 422, problem,
+                       "the adaptation diverged: adapt again with a lower lr (docs/server.md, value bounds)")
+    heldout = header.metadata.get("heldout", "")
     new = store.put_delta(data, sha256, {
         "bundle_id": header.bundle_id, "version": header.bundle_version, "device": device.name,
         "steps": header.steps, "samples_seen": header.samples_seen, "values_dtype": header.metadata["values_dtype"],
-        "created_utc": header.created_utc})
+        "created_utc": header.created_utc, "heldout": heldout})
     return Accepted(sha256, new)
 
 
@@ -126,11 +162,13 @@ def push_bytes(store: Store, data: bytes, device: Device, max_upload_bytes: int)
         header = D.read_header(data)
     except D.DeltaError as exc:
         raise Rejected.from_delta_error(exc) from exc
-    check_header(store, header, device, max_upload_bytes)
-    return accept_delta(store, data, header, device)
+    bundle = check_header(store, header, device, max_upload_bytes)
+    return accept_delta(store, data, header, device, bundle)
 
 
 def register_bundle_json(store: Store, manifest: Any, mask_bytes: bytes) -> tuple[Bundle, bool]:
+    """Register a bundle version from its manifest and mask only (devices may push for it; the
+    server cannot serve it nor check values against its weights: see register_bundle_files)."""
     from edgecl.server.store import bundle_from_files
 
     try:
@@ -141,31 +179,75 @@ def register_bundle_json(store: Store, manifest: Any, mask_bytes: bytes) -> tupl
         raise Rejected("bundle_invalid", 422, exc.problem, exc.fix) from exc
 
 
-def run_merge(store: Store, bundle_id: str, version: int | None = None,
-              strategy: str = "weighted-mean") -> dict[str, Any]:
-    """Merge every device delta of a bundle version into one delta (device "merge"), store it and
-    the updated overlap counts; returns their sha256s. Idempotent: same deltas, same bytes."""
-    from edgecl.formats.mask import Mask
-    from edgecl.server.merge import MergeError, merge_deltas
+def register_bundle_files(store: Store, files: Any) -> tuple[Bundle, bool]:
+    """Register a whole bundle version whose files were uploaded as blobs."""
+    from edgecl.server.store import add_bundle_blobs
 
+    if not isinstance(files, dict):
+        raise Rejected("bundle_invalid", 400, "files is not an object {name: sha256}", "send {\"files\": {...}}")
+    try:
+        return add_bundle_blobs(store, files)
+    except (StoreError, EdgeclError) as exc:
+        raise Rejected("bundle_invalid", 422, exc.problem, exc.fix) from exc
+
+
+@dataclass
+class MergeRequest:
+    strategy: str = "weighted-mean"          # formats.merge.STRATEGIES
+    trim: float | None = None                # trimmed-mean only
+    max_share: float | None = None           # None: formats.merge.DEFAULT_MAX_SHARE
+    exclude_devices: tuple[str, ...] = ()    # their deltas do not count
+    exclude_deltas: tuple[str, ...] = ()     # sha256s that do not count
+
+    def options_json(self) -> dict[str, Any]:
+        return {"strategy": self.strategy, "trim": self.trim, "max_share": self.max_share,
+                "exclude_devices": sorted(self.exclude_devices), "exclude_deltas": sorted(self.exclude_deltas)}
+
+
+def newest_version(store: Store, bundle_id: str) -> int:
+    versions = [b.version for b in store.list_bundles() if b.bundle_id == bundle_id]
+    if not versions:
+        raise Rejected("bundle_unknown", 404, f"bundle {bundle_id} is not registered",
+                       "register it first: `edgecl server bundle add BUNDLE_DIR`")
+    return max(versions)
+
+
+def counted_rows(store: Store, bundle_id: str, version: int, request: MergeRequest) -> list[dict[str, Any]]:
+    """The deltas a merge counts: device deltas of this version, minus the excluded ones, and of
+    each device only the last one that arrived (a device that pushed twice counts once)."""
+    latest: dict[str, dict[str, Any]] = {}
+    for row in store.list_deltas(bundle_id, version):          # oldest first
+        if row["device"] == D.MERGE_DEVICE_ID or row["device"] in request.exclude_devices:
+            continue
+        if row["sha256"] in request.exclude_deltas:
+            continue
+        latest[row["device"]] = row
+    return sorted(latest.values(), key=lambda r: (r["received_ns"], r["sha256"]))
+
+
+def run_merge(store: Store, bundle_id: str, version: int | None = None,
+              strategy: str | MergeRequest = "weighted-mean") -> dict[str, Any]:
+    """Merge the counted device deltas of a bundle version into one delta (device "merge"), store it
+    and the updated overlap counts; returns their sha256s. Idempotent: same deltas, same bytes."""
+    from edgecl.formats.mask import Mask
+    from edgecl.formats.merge import DEFAULT_MAX_SHARE, MergeError, MergeOptions, merge_deltas
+
+    request = strategy if isinstance(strategy, MergeRequest) else MergeRequest(strategy=strategy)
     if version is None:
-        versions = [b.version for b in store.list_bundles() if b.bundle_id == bundle_id]
-        if not versions:
-            raise Rejected("bundle_unknown", 404, f"bundle {bundle_id} is not registered",
-                           "register it first: `edgecl serve add-bundle BUNDLE_DIR`")
-        version = max(versions)
+        version = newest_version(store, bundle_id)
     bundle = store.get_bundle(bundle_id, version)
     if bundle is None:
         raise Rejected("bundle_unknown", 404, f"bundle {bundle_id} v{version} is not registered",
-                       "register it first: `edgecl serve add-bundle BUNDLE_DIR`")
-    rows = [r for r in store.list_deltas(bundle_id, version) if r["device"] != D.MERGE_DEVICE_ID]
+                       "register it first: `edgecl server bundle add BUNDLE_DIR`")
+    rows = counted_rows(store, bundle_id, version, request)
     if not rows:
-        raise Rejected("nothing_to_merge", 409, f"no device delta for bundle {bundle_id} v{version}",
+        raise Rejected("nothing_to_merge", 409, f"no device delta for bundle {bundle_id} v{version}"
+                       + (" after the exclusions" if request.exclude_devices or request.exclude_deltas else ""),
                        "wait for devices to push (`edgecl push`)")
     mask_bytes = store.get_blob(bundle.mask_sha256)
     if mask_bytes is None:
         raise Rejected("store_damaged", 500, f"the mask of bundle {bundle_id} v{version} is missing from the store",
-                       "register the bundle again (`edgecl serve add-bundle`)")
+                       "register the bundle again (`edgecl server bundle add`)")
     deltas = []
     for row in rows:
         blob = store.get_blob(row["sha256"])
@@ -173,8 +255,10 @@ def run_merge(store: Store, bundle_id: str, version: int | None = None,
             raise Rejected("store_damaged", 500, f"delta {row['sha256']} is listed but its file is missing",
                            "restore the store folder from backup")
         deltas.append(D.load(blob))
+    options = MergeOptions(strategy=request.strategy, trim=request.trim,
+                           max_share=DEFAULT_MAX_SHARE if request.max_share is None else request.max_share)
     try:
-        out = merge_deltas(deltas, Mask.from_bytes(mask_bytes), strategy)
+        out = merge_deltas(deltas, Mask.from_bytes(mask_bytes), options=options)
     except MergeError as exc:
         raise Rejected("merge_failed", 422, exc.problem, exc.fix) from exc
     data = D.save(out.delta, store.merge_key())
@@ -183,15 +267,104 @@ def run_merge(store: Store, bundle_id: str, version: int | None = None,
                                    "steps": out.delta.steps, "samples_seen": out.delta.samples_seen,
                                    "values_dtype": "fp32", "created_utc": out.delta.created_utc})
     overlap_sha256 = store.put_blob(out.overlap_bytes())
-    store.record_merge(sha256, bundle_id, version, overlap_sha256, len(deltas), strategy)
+    store.record_merge(sha256, bundle_id, version, overlap_sha256, len(deltas), request.strategy,
+                       out.devices, request.options_json())
     log.info("merged %d deltas of %s v%d -> %s", len(deltas), bundle_id, version, sha256)
     return {"sha256": sha256, "overlap_sha256": overlap_sha256, "bundle_id": bundle_id, "version": version,
             "inputs": len(deltas), "changed": int(out.delta.positions.size), "shared": out.shared_elements,
-            "strategy": strategy}
+            "strategy": request.strategy, "devices": out.devices, "deltas": [r["sha256"] for r in rows]}
 
 
-def merge_to_files(store_dir: str | Path, db: str | None, bundle_id: str, version: int | None, strategy: str,
-                   out: str | Path, overlap_out: str | Path | None = None) -> dict[str, Any]:
+# -- releases (the downlink) -------------------------------------------------------------------------
+def release_version(store: Store, bundle_id: str, version: int, canary: list[str] | None = None,
+                    report: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Sign a stored bundle version's manifest with the server's key and make it pullable (by the
+    ``canary`` devices only, when given). Releasing the same version again changes nothing."""
+    from edgecl.formats.signing import manifest_object, sign_manifest
+
+    bundle = store.get_bundle(bundle_id, version)
+    files = store.bundle_files(bundle_id, version) if bundle is not None else {}
+    if bundle is None or not files:
+        raise Rejected("bundle_unknown", 404, f"bundle {bundle_id} v{version} is not stored whole on this server",
+                       "store it first: `edgecl server bundle add BUNDLE_DIR` (or `edgecl release` uploads it)")
+    for name in canary or []:
+        if not D.NAME_RE.fullmatch(str(name)):
+            raise Rejected("bad_request", 400, f"canary device {str(name)[:80]!r} is not a name", "name devices")
+    manifest_bytes = store.get_blob(bundle.manifest_sha256)
+    if manifest_bytes is None:
+        raise Rejected("store_damaged", 500, "the bundle's manifest is missing", "store the bundle again")
+    signature = sign_manifest(store.release_private_key(), manifest_object(manifest_bytes))
+    new = store.add_release(bundle_id, version, bundle.manifest_sha256, signature, list(canary or []), report or {})
+    row = next(r for r in store.list_releases(bundle_id) if r["version"] == version)
+    log.info("release %s v%d %s%s", bundle_id, version, "signed" if new else "already released",
+             f" (canary: {', '.join(row['canary'])})" if row["canary"] else "")
+    return {"status": "released" if new else "already_released", **release_json(store, row)}
+
+
+def release_json(store: Store, row: dict[str, Any]) -> dict[str, Any]:
+    return {"bundle_id": row["bundle_id"], "version": row["version"], "manifest_sha256": row["manifest_sha256"],
+            "signature": row["signature"], "canary": row["canary"], "released_utc": row["released_utc"],
+            "public_key": store.release_public_key(), "report": row["report"],
+            "files": store.bundle_files(row["bundle_id"], row["version"])}
+
+
+def visible(row: dict[str, Any], who: Device) -> bool:
+    return who.role == "admin" or not row["canary"] or who.name in row["canary"]
+
+
+def latest_release(store: Store, who: Device, bundle_id: str) -> dict[str, Any]:
+    """The newest release of a lineage this device may pull (a canary release only for its devices)."""
+    rows = [r for r in store.list_releases(bundle_id) if visible(r, who)]
+    if not rows:
+        raise Rejected("not_found", 404, f"no release of bundle {bundle_id} for {who.name}",
+                       "release a version first (`edgecl release` or `edgecl server bundle add`)")
+    if who.role != "admin":
+        store.touch_device(who.name, "check")
+    return release_json(store, max(rows, key=lambda r: r["version"]))
+
+
+def bundle_file_path(store: Store, who: Device, bundle_id: str, version: int, name: str) -> Path:
+    """Where a file of a stored bundle version is, if this caller may download it."""
+    files = store.bundle_files(bundle_id, version)
+    released = [r for r in store.list_releases(bundle_id) if r["version"] == version]
+    allowed = who.role == "admin" or (released and visible(released[0], who))
+    if name not in files or not allowed:
+        raise Rejected("not_found", 404, f"no file {name[:80]} in a release of {bundle_id} v{version} for you",
+                       "pull the version GET /v1/releases/latest names")
+    return store.blob_path(files[name]["sha256"])
+
+
+def dashboard(store: Store) -> dict[str, Any]:
+    """Everything the dashboard page shows, in one read-only answer."""
+    deltas = [r for r in store.list_deltas() if r["device"] != D.MERGE_DEVICE_ID]
+    bundles = []
+    releases = {(r["bundle_id"], r["version"]): r for r in store.list_releases()}
+    for b in store.list_bundles():
+        rows = [r for r in deltas if (r["bundle_id"], r["version"]) == (b.bundle_id, b.version)]
+        latest: dict[str, dict[str, Any]] = {}
+        for r in rows:
+            latest[r["device"]] = r
+        after = [r["heldout"]["after"]["accuracy"] for r in latest.values() if r["heldout"] and "after" in r["heldout"]]
+        before = [r["heldout"]["before"]["accuracy"] for r in latest.values()
+                  if r["heldout"] and "before" in r["heldout"]]
+        release = releases.get((b.bundle_id, b.version))
+        gate = (release or {}).get("report", {}).get("candidate", {}) if release else {}
+        bundles.append({"bundle_id": b.bundle_id, "version": b.version, "deltas": len(rows), "devices": len(latest),
+                        "stored": bool(store.bundle_files(b.bundle_id, b.version)),
+                        "released": release is not None, "canary": (release or {}).get("canary", []),
+                        "device_accuracy_before": sum(before) / len(before) if before else None,
+                        "device_accuracy_after": sum(after) / len(after) if after else None,
+                        "release_accuracy": gate.get("accuracy") if isinstance(gate, dict) else None})
+    return {"devices": store.list_devices(), "bundles": bundles,
+            "merges": [{k: m[k] for k in ("sha256", "bundle_id", "version", "inputs", "strategy", "devices")}
+                       for m in store.list_merges()],
+            "releases": [{k: r[k] for k in ("bundle_id", "version", "canary", "released_utc", "report")}
+                         for r in store.list_releases()],
+            "deltas": len(deltas)}
+
+
+def merge_to_files(store_dir: str | Path, db: str | None, bundle_id: str, version: int | None,
+                   strategy: str | MergeRequest, out: str | Path, overlap_out: str | Path | None = None) -> dict[str, Any]:
     """``edgecl merge``: run the merge on the server's store and copy its two files out (atomically)."""
     from edgecl.formats.atomic import atomic_write_bytes
     from edgecl.server.store import Store

@@ -11,6 +11,12 @@
   dictionary to guess from); HMAC keys must be readable to verify signatures, so the database
   itself is a secret (file mode 0600 for SQLite).
 
+- Whole bundle versions (the downlink) are blobs too: ``bundle_files`` maps (bundle, version,
+  file name) to a sha256; a release row holds the server's Ed25519 signature of the manifest. The
+  signing key is ``STORE/release.key`` (mode 0600), made when the store is created.
+- An existing blob is trusted only after its bytes hash to its name (a file left by a crash, or
+  altered on disk, is rewritten).
+
 For several API processes (behind a load balancer) use PostgreSQL and a ``--store`` folder that
 every process mounts (NFS, a shared volume): the processes keep no state of their own.
 """
@@ -38,6 +44,9 @@ from edgecl.formats.atomic import atomic_write_bytes
 from edgecl.formats.delta import MERGE_DEVICE_ID, NAME_RE
 
 SHA_RE = re.compile(r"[0-9a-f]{64}")
+MAX_DB_INT = 2**31 - 1          # versions are SQL INTEGER (32-bit in PostgreSQL)
+RELEASE_KEY = "release.key"      # the server's Ed25519 private key (hex), mode 0600
+_CHUNK_BYTES = 1 << 20
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS devices (
@@ -80,7 +89,39 @@ CREATE TABLE IF NOT EXISTS merges (
     strategy TEXT NOT NULL,
     created_ns BIGINT NOT NULL
 );
+CREATE TABLE IF NOT EXISTS bundle_files (
+    bundle_id TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    name TEXT NOT NULL,
+    sha256 TEXT NOT NULL,
+    size_bytes BIGINT NOT NULL,
+    PRIMARY KEY (bundle_id, version, name)
+);
+CREATE TABLE IF NOT EXISTS releases (
+    bundle_id TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    manifest_sha256 TEXT NOT NULL,
+    signature TEXT NOT NULL,
+    canary TEXT NOT NULL,
+    report TEXT NOT NULL,
+    released_ns BIGINT NOT NULL,
+    PRIMARY KEY (bundle_id, version)
+);
 """
+
+# Columns added after the first release: created on an old store when it is opened.
+_ADDED_COLUMNS = {
+    "devices": {"revoked": "INTEGER NOT NULL DEFAULT 0", "last_seen_ns": "BIGINT NOT NULL DEFAULT 0",
+                "last_bundle": "TEXT NOT NULL DEFAULT ''", "last_version": "INTEGER NOT NULL DEFAULT 0",
+                "last_event": "TEXT NOT NULL DEFAULT ''", "last_heldout": "TEXT NOT NULL DEFAULT ''"},
+    "bundles": {"scales_sha256": "TEXT NOT NULL DEFAULT ''"},
+    "deltas": {"heldout": "TEXT NOT NULL DEFAULT ''"},
+    "merges": {"devices": "TEXT NOT NULL DEFAULT ''", "options": "TEXT NOT NULL DEFAULT ''"},
+}
+_DEVICE_COLUMNS = ("name", "role", "created_utc", "revoked", "last_seen_ns", "last_bundle", "last_version",
+                   "last_event", "last_heldout")
+_DELTA_COLUMNS = ("sha256", "bundle_id", "version", "device", "size_bytes", "steps", "samples_seen",
+                  "values_dtype", "created_utc", "received_ns", "heldout")
 
 
 class StoreError(EdgeclError):
@@ -92,6 +133,7 @@ class Device:
     name: str
     role: str            # "device" (may push) or "admin" (may also add bundles and merge)
     hmac_key: bytes
+    revoked: bool = False
 
 
 @dataclass
@@ -104,6 +146,7 @@ class Bundle:
     delta_k: int
     embedding_dim: int
     created_utc: str
+    scales_sha256: str = ""      # per-tensor max |W0| table (JSON blob); "" = registered without weights
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -141,12 +184,20 @@ class Store:
         self._lock = threading.Lock()
         self._pending: queue.Queue = queue.Queue()
         self._writer: threading.Thread | None = None
+        self._limits: dict[tuple[str, int], Any] = {}     # per-process cache of value bounds per bundle
         with self._cursor() as cur:
             for statement in filter(str.strip, _SCHEMA.split(";")):
                 cur.execute(statement)
+            for table, columns in _ADDED_COLUMNS.items():
+                cur.execute(f"SELECT * FROM {table} LIMIT 0")
+                have = {d[0] for d in cur.description}
+                for column, ddl in columns.items():
+                    if column not in have:
+                        cur.execute(f"ALTER TABLE {table} ADD COLUMN {column} {ddl}")
         if self.dialect == "sqlite":
             with contextlib.suppress(OSError):
                 os.chmod(self._sqlite_path, 0o600)     # it holds the devices' HMAC keys
+        self._ensure_release_key()
 
     # -- connections ---------------------------------------------------------------------------------
     def _connect(self) -> Any:
@@ -198,8 +249,61 @@ class Store:
     def put_blob(self, data: bytes, sha256: str | None = None) -> str:
         sha256 = sha256 or hashlib.sha256(data).hexdigest()
         path = self.blob_path(sha256)
-        if not (path.exists() and path.stat().st_size == len(data)):
+        if not self.blob_ok(sha256):
             atomic_write_bytes(path, data)
+        return sha256
+
+    def blob_ok(self, sha256: str) -> bool:
+        """The blob exists AND its bytes hash to its name: a file of the right size left by a
+        crash, a bad disk or a hand edit is never trusted unread."""
+        path = self.blob_path(sha256)
+        try:
+            digest = hashlib.sha256()
+            with open(path, "rb") as f:
+                while chunk := f.read(_CHUNK_BYTES):
+                    digest.update(chunk)
+        except OSError:
+            return False
+        return digest.hexdigest() == sha256
+
+    def put_blob_file(self, source: str | Path) -> tuple[str, int]:
+        """Copy a file into the blob store (streamed, hashed on the way); (sha256, size)."""
+        digest = hashlib.sha256()
+        tmp_dir = self.root / "blobs" / "tmp"
+        tmp_dir.mkdir(parents=True, exist_ok=True)
+        tmp = tmp_dir / f"{os.getpid()}-{threading.get_ident()}-{secrets.token_hex(4)}"
+        size = 0
+        try:
+            with open(source, "rb") as src, open(tmp, "wb") as dst:
+                while chunk := src.read(_CHUNK_BYTES):
+                    digest.update(chunk)
+                    dst.write(chunk)
+                    size += len(chunk)
+                dst.flush()
+                os.fsync(dst.fileno())
+            return self.adopt_blob(tmp, digest.hexdigest()), size
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def blob_tmp_path(self) -> Path:
+        """A fresh temp file path inside the store (same file system as the blobs: rename is atomic)."""
+        tmp_dir = self.root / "blobs" / "tmp"
+        tmp_dir.mkdir(parents=True, exist_ok=True)
+        return tmp_dir / f"{os.getpid()}-{threading.get_ident()}-{secrets.token_hex(8)}"
+
+    def adopt_blob(self, tmp: Path, sha256: str) -> str:
+        """Move a complete, fsynced temp file whose sha256 the caller computed into place."""
+        path = self.blob_path(sha256)
+        if not self.blob_ok(sha256):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            os.chmod(tmp, 0o644)
+            os.replace(tmp, path)
+            with contextlib.suppress(OSError):
+                fd = os.open(path.parent, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
         return sha256
 
     def get_blob(self, sha256: str) -> bytes | None:
@@ -226,9 +330,60 @@ class Store:
 
     def device_for_token(self, token: str) -> Device | None:
         with self._cursor() as cur:
-            cur.execute("SELECT name, role, hmac_key FROM devices WHERE token_sha256 = ?", (token_sha256(token),))
+            cur.execute("SELECT name, role, hmac_key, revoked FROM devices WHERE token_sha256 = ?",
+                        (token_sha256(token),))
             row = cur.fetchone()
-        return Device(row[0], row[1], bytes.fromhex(row[2])) if row else None
+        return Device(row[0], row[1], bytes.fromhex(row[2]), bool(row[3])) if row else None
+
+    def _known_device(self, name: str) -> None:
+        with self._cursor() as cur:
+            cur.execute("SELECT role FROM devices WHERE name = ?", (name,))
+            row = cur.fetchone()
+        if row is None or row[0] == "merge":
+            raise StoreError(f"no device named {name!r}", "list them with `edgecl server device list`")
+
+    def revoke_device(self, name: str) -> None:
+        """Refuse the device's token from now on (its stored deltas stay, and still count unless excluded)."""
+        self._known_device(name)
+        with self._cursor() as cur:
+            cur.execute("UPDATE devices SET revoked = 1 WHERE name = ?", (name,))
+
+    def rotate_device(self, name: str) -> tuple[str, str]:
+        """New token and key for a device (the old ones stop working at once); also lifts a revocation."""
+        self._known_device(name)
+        token, key = "ecl_" + secrets.token_urlsafe(32), secrets.token_hex(32)
+        with self._cursor() as cur:
+            cur.execute("UPDATE devices SET token_sha256 = ?, hmac_key = ?, revoked = 0 WHERE name = ?",
+                        (token_sha256(token), key, name))
+        return token, key
+
+    def list_devices(self) -> list[dict[str, Any]]:
+        with self._cursor() as cur:
+            cur.execute(f"SELECT {', '.join(_DEVICE_COLUMNS)} FROM devices WHERE role != 'merge' ORDER BY name")
+            rows = [dict(zip(_DEVICE_COLUMNS, r, strict=True)) for r in cur.fetchall()]
+        for row in rows:
+            row["revoked"] = bool(row["revoked"])
+            row["last_seen_utc"] = (time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(row["last_seen_ns"] / 1e9))
+                                    if row["last_seen_ns"] else "")
+            row["last_heldout"] = json.loads(row["last_heldout"]) if row["last_heldout"] else None
+        return rows
+
+    def _touch_sql(self, name: str, event: str, bundle_id: str = "", version: int = 0,
+                   heldout: str = "") -> tuple[str, tuple]:
+        # A heartbeat keeps the last report it had when this one carries none.
+        return ("UPDATE devices SET last_seen_ns = ?, last_event = ?, last_bundle = CASE WHEN ? = '' THEN "
+                "last_bundle ELSE ? END, last_version = CASE WHEN ? = 0 THEN last_version ELSE ? END, "
+                "last_heldout = CASE WHEN ? = '' THEN last_heldout ELSE ? END WHERE name = ?",
+                (time.time_ns(), event, bundle_id, bundle_id, version, version, heldout, heldout, name))
+
+    def touch_device(self, name: str, event: str, bundle_id: str = "", version: int = 0, heldout: str = "") -> None:
+        """Heartbeat: the device was seen now (push, pull, upgrade), at this bundle version."""
+        sql, args = self._touch_sql(name, event, bundle_id, version, heldout)
+        if self.dialect == "sqlite":
+            self._group_commit([(sql, args)])
+            return
+        with self._cursor() as cur:
+            cur.execute(sql, args)
 
     def merge_key(self) -> bytes:
         """The server's own signing key for merged deltas (device id "merge"), made on first use."""
@@ -239,60 +394,176 @@ class Store:
             cur.execute("SELECT hmac_key FROM devices WHERE name = ?", (MERGE_DEVICE_ID,))
             return bytes.fromhex(cur.fetchone()[0])
 
+    # -- the release signing key ----------------------------------------------------------------------
+    def _ensure_release_key(self) -> None:
+        """Made once per store; a link from a complete temp file, so two processes opening a new
+        store at once agree on one key and nobody ever reads half of one."""
+        path = self.root / RELEASE_KEY
+        if path.exists():
+            return
+        from edgecl.formats.signing import generate_private_key, write_secret
+
+        tmp = self.root / f".{RELEASE_KEY}.{os.getpid()}.{secrets.token_hex(4)}"
+        write_secret(tmp, generate_private_key().hex().encode() + b"\n")
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def release_private_key(self) -> bytes:
+        try:
+            text = (self.root / RELEASE_KEY).read_text().strip()
+            return bytes.fromhex(text)
+        except (OSError, ValueError) as exc:
+            raise StoreError(f"the release key {self.root / RELEASE_KEY} is missing or damaged",
+                             "restore it from the store's backup (devices pinned its public key)") from exc
+
+    def release_public_key(self) -> str:
+        from edgecl.formats.signing import public_key
+
+        return public_key(self.release_private_key()).hex()
+
     # -- bundles ---------------------------------------------------------------------------------------
-    def add_bundle(self, bundle: Bundle, manifest_bytes: bytes, mask_bytes: bytes) -> bool:
-        """Register a bundle version; False if it was already there with the same hashes."""
+    def add_bundle(self, bundle: Bundle, manifest_bytes: bytes, mask_bytes: bytes,
+                   files: dict[str, tuple[str, int]] | None = None) -> bool:
+        """Register a bundle version; False if it was already there with the same hashes.
+
+        ``files`` (name -> (sha256, size), blobs already stored) makes it a whole bundle the
+        server can serve; a version first registered without files gets them added later."""
         self.put_blob(manifest_bytes, bundle.manifest_sha256)
         self.put_blob(mask_bytes, bundle.mask_sha256)
         with self._cursor() as cur:
             cur.execute("INSERT INTO bundles (bundle_id, version, base_sha256, mask_sha256, manifest_sha256, delta_k, "
-                        "embedding_dim, created_utc) VALUES (?, ?, ?, ?, ?, ?, ?, ?) "
+                        "embedding_dim, created_utc, scales_sha256) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) "
                         "ON CONFLICT (bundle_id, version) DO NOTHING",
                         (bundle.bundle_id, bundle.version, bundle.base_sha256, bundle.mask_sha256,
-                         bundle.manifest_sha256, bundle.delta_k, bundle.embedding_dim, bundle.created_utc))
-            if cur.rowcount == 1:
-                return True
-        known = self.get_bundle(bundle.bundle_id, bundle.version)
-        assert known is not None
-        if (known.base_sha256, known.mask_sha256) != (bundle.base_sha256, bundle.mask_sha256):
-            raise StoreError(f"bundle {bundle.bundle_id} v{bundle.version} is already registered with other "
-                             "weights or mask", "export the changed bundle as a new version")
-        return False
+                         bundle.manifest_sha256, bundle.delta_k, bundle.embedding_dim, bundle.created_utc,
+                         bundle.scales_sha256))
+            new = cur.rowcount == 1
+        if not new:
+            known = self.get_bundle(bundle.bundle_id, bundle.version)
+            assert known is not None
+            if (known.base_sha256, known.mask_sha256) != (bundle.base_sha256, bundle.mask_sha256):
+                raise StoreError(f"bundle {bundle.bundle_id} v{bundle.version} is already registered with other "
+                                 "weights or mask", "export the changed bundle as a new version")
+            if files and known.manifest_sha256 != bundle.manifest_sha256 and self.bundle_files(
+                    bundle.bundle_id, bundle.version):
+                raise StoreError(f"bundle {bundle.bundle_id} v{bundle.version} is already stored with another "
+                                 "manifest.json", "export the changed bundle as a new version")
+        if files:
+            with self._cursor() as cur:
+                for name, (sha256, size) in sorted(files.items()):
+                    cur.execute("INSERT INTO bundle_files (bundle_id, version, name, sha256, size_bytes) "
+                                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (bundle_id, version, name) DO NOTHING",
+                                (bundle.bundle_id, bundle.version, name, sha256, size))
+                # A version registered earlier from its manifest + mask only gains its files and scales.
+                cur.execute("UPDATE bundles SET manifest_sha256 = ?, scales_sha256 = ? WHERE bundle_id = ? AND "
+                            "version = ? AND scales_sha256 = ''", (bundle.manifest_sha256, bundle.scales_sha256,
+                                                                   bundle.bundle_id, bundle.version))
+            self._limits.pop((bundle.bundle_id, bundle.version), None)
+        return new
+
+    _BUNDLE_COLUMNS = ("bundle_id, version, base_sha256, mask_sha256, manifest_sha256, delta_k, embedding_dim, "
+                       "created_utc, scales_sha256")
 
     def get_bundle(self, bundle_id: str, version: int) -> Bundle | None:
+        if not 1 <= version <= MAX_DB_INT:
+            return None
         with self._cursor() as cur:
-            cur.execute("SELECT bundle_id, version, base_sha256, mask_sha256, manifest_sha256, delta_k, embedding_dim, "
-                        "created_utc FROM bundles WHERE bundle_id = ? AND version = ?", (bundle_id, version))
+            cur.execute(f"SELECT {self._BUNDLE_COLUMNS} FROM bundles WHERE bundle_id = ? AND version = ?",
+                        (bundle_id, version))
             row = cur.fetchone()
         return Bundle(*row) if row else None
 
     def list_bundles(self) -> list[Bundle]:
         with self._cursor() as cur:
-            cur.execute("SELECT bundle_id, version, base_sha256, mask_sha256, manifest_sha256, delta_k, embedding_dim, "
-                        "created_utc FROM bundles ORDER BY bundle_id, version")
+            cur.execute(f"SELECT {self._BUNDLE_COLUMNS} FROM bundles ORDER BY bundle_id, version")
             return [Bundle(*row) for row in cur.fetchall()]
+
+    def bundle_files(self, bundle_id: str, version: int) -> dict[str, dict[str, Any]]:
+        """name -> {sha256, size_bytes} of a whole stored bundle version ({} when only registered)."""
+        with self._cursor() as cur:
+            cur.execute("SELECT name, sha256, size_bytes FROM bundle_files WHERE bundle_id = ? AND version = ? "
+                        "ORDER BY name", (bundle_id, version))
+            return {r[0]: {"sha256": r[1], "size_bytes": int(r[2])} for r in cur.fetchall()}
+
+    def value_limits(self, bundle: Bundle) -> Any:
+        """Cached per process: (per-element bound [K] on |delta|, bound on |prototype|) (service.py)."""
+        key = (bundle.bundle_id, bundle.version)
+        if key not in self._limits:
+            from edgecl.server.bounds import limits_for
+
+            scales = None
+            if bundle.scales_sha256:
+                raw = self.get_blob(bundle.scales_sha256)
+                scales = json.loads(raw) if raw else None
+            mask_bytes = self.get_blob(bundle.mask_sha256)
+            if mask_bytes is None:
+                raise StoreError(f"the mask of bundle {bundle.bundle_id} v{bundle.version} is missing",
+                                 "register the bundle again (`edgecl server bundle add`)")
+            self._limits[key] = limits_for(mask_bytes, scales)
+        return self._limits[key]
+
+    # -- releases --------------------------------------------------------------------------------------
+    def add_release(self, bundle_id: str, version: int, manifest_sha256: str, signature: str,
+                    canary: list[str], report: dict[str, Any]) -> bool:
+        with self._cursor() as cur:
+            cur.execute("INSERT INTO releases (bundle_id, version, manifest_sha256, signature, canary, report, "
+                        "released_ns) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (bundle_id, version) DO NOTHING",
+                        (bundle_id, version, manifest_sha256, signature, json.dumps(sorted(canary)),
+                         json.dumps(report, sort_keys=True), time.time_ns()))
+            return cur.rowcount == 1
+
+    def promote_release(self, bundle_id: str, version: int) -> None:
+        """A canary release becomes a release for every device."""
+        with self._cursor() as cur:
+            cur.execute("UPDATE releases SET canary = '[]' WHERE bundle_id = ? AND version = ?", (bundle_id, version))
+            if cur.rowcount != 1:
+                raise StoreError(f"bundle {bundle_id} v{version} is not released", "release it first (`edgecl release`)")
+
+    def list_releases(self, bundle_id: str | None = None) -> list[dict[str, Any]]:
+        names = ("bundle_id", "version", "manifest_sha256", "signature", "canary", "report", "released_ns")
+        where, args = ("WHERE bundle_id = ? ", (bundle_id,)) if bundle_id is not None else ("", ())
+        with self._cursor() as cur:
+            cur.execute(f"SELECT {', '.join(names)} FROM releases {where}ORDER BY bundle_id, version", args)
+            rows = [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
+        for row in rows:
+            row["canary"] = json.loads(row["canary"])
+            row["report"] = json.loads(row["report"])
+            row["released_utc"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(row["released_ns"] / 1e9))
+        return rows
 
     # -- deltas ----------------------------------------------------------------------------------------
     def put_delta(self, data: bytes, sha256: str, row: dict[str, Any]) -> bool:
         """Store an accepted delta durably; False when these exact bytes were already stored."""
         self.put_blob(data, sha256)
         sql = ("INSERT INTO deltas (sha256, bundle_id, version, device, size_bytes, steps, samples_seen, "
-               "values_dtype, created_utc, received_ns) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
+               "values_dtype, created_utc, received_ns, heldout) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
                "ON CONFLICT (sha256) DO NOTHING")
+        heldout = row.get("heldout") or ""
         args = (sha256, row["bundle_id"], row["version"], row["device"], len(data), row["steps"],
-                row["samples_seen"], row["values_dtype"], row["created_utc"], time.time_ns())
+                row["samples_seen"], row["values_dtype"], row["created_utc"], time.time_ns(), heldout)
+        statements = [(sql, args)]
+        if row["device"] != MERGE_DEVICE_ID:    # the push is the device's heartbeat, in the same commit
+            statements.append(self._touch_sql(row["device"], "push", row["bundle_id"], row["version"], heldout))
         if self.dialect == "sqlite":
-            return self._group_commit(sql, args) == 1
+            return self._group_commit(statements) == 1
         with self._cursor() as cur:     # PostgreSQL batches concurrent commits' WAL flushes itself
             cur.execute(sql, args)
-            return cur.rowcount == 1
+            count = cur.rowcount
+            for extra_sql, extra_args in statements[1:]:
+                cur.execute(extra_sql, extra_args)
+            return count == 1
 
-    def _group_commit(self, sql: str, args: tuple) -> int:
-        """Run one INSERT inside a transaction shared with the other inserts waiting right now.
+    def _group_commit(self, statements: list[tuple[str, tuple]]) -> int:
+        """Run a caller's statements (an INSERT and its heartbeat) inside one transaction shared with
+        the other callers waiting right now; returns the first statement's rowcount.
 
         SQLite serializes commits and each one costs an fsync (synchronous=FULL, ~5 ms here): one
         commit per push would cap the server near 200 pushes/s. One writer thread commits whatever
-        has queued up in one transaction, and every caller waits until ITS row is committed, so the
+        has queued up in one transaction, and every caller waits until ITS rows are committed, so the
         "acknowledged = on disk" promise is unchanged.
         """
         future: Future[int] = Future()
@@ -300,7 +571,7 @@ class Store:
             if self._writer is None or not self._writer.is_alive():
                 self._writer = threading.Thread(target=self._writer_loop, name="edgecl-sqlite-writer", daemon=True)
                 self._writer.start()
-            self._pending.put((sql, args, future))
+            self._pending.put((statements, future))
         return future.result()
 
     def _writer_loop(self) -> None:
@@ -314,18 +585,24 @@ class Store:
                     break
             try:
                 conn.execute("BEGIN IMMEDIATE")
-                counts = [conn.execute(sql, args).rowcount for sql, args, _ in batch]
+                counts = [[conn.execute(sql, args).rowcount for sql, args in statements][0]
+                          for statements, _ in batch]
                 conn.execute("COMMIT")
-            except Exception:  # one bad statement must not fail the others: retry them one by one
+            except Exception:  # one bad statement must not fail the others: retry them one caller at a time
                 with contextlib.suppress(Exception):
                     conn.execute("ROLLBACK")
-                for sql, args, future in batch:
+                for statements, future in batch:
                     try:
-                        future.set_result(conn.execute(sql, args).rowcount)
+                        conn.execute("BEGIN IMMEDIATE")
+                        count = [conn.execute(sql, args).rowcount for sql, args in statements][0]
+                        conn.execute("COMMIT")
+                        future.set_result(count)
                     except Exception as exc:
+                        with contextlib.suppress(Exception):
+                            conn.execute("ROLLBACK")
                         future.set_exception(exc)
                 continue
-            for (_, _, future), count in zip(batch, counts, strict=True):
+            for (_, future), count in zip(batch, counts, strict=True):
                 future.set_result(count)
 
     def has_delta(self, sha256: str) -> bool:
@@ -347,11 +624,12 @@ class Store:
         return self._select_deltas((" WHERE " + " AND ".join(where)) if where else "", tuple(args))
 
     def _select_deltas(self, where: str, args: tuple) -> list[dict[str, Any]]:
-        names = ("sha256", "bundle_id", "version", "device", "size_bytes", "steps", "samples_seen",
-                 "values_dtype", "created_utc", "received_ns")
         with self._cursor() as cur:
-            cur.execute(f"SELECT {', '.join(names)} FROM deltas{where} ORDER BY received_ns, sha256", args)
-            return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+            cur.execute(f"SELECT {', '.join(_DELTA_COLUMNS)} FROM deltas{where} ORDER BY received_ns, sha256", args)
+            rows = [dict(zip(_DELTA_COLUMNS, row, strict=True)) for row in cur.fetchall()]
+        for row in rows:
+            row["heldout"] = json.loads(row["heldout"]) if row["heldout"] else None
+        return rows
 
     def count_deltas(self) -> int:
         with self._cursor() as cur:
@@ -360,17 +638,29 @@ class Store:
 
     # -- merges ----------------------------------------------------------------------------------------
     def record_merge(self, sha256: str, bundle_id: str, version: int, overlap_sha256: str, inputs: int,
-                     strategy: str) -> None:
+                     strategy: str, devices: list[str] | None = None, options: dict[str, Any] | None = None) -> None:
         with self._cursor() as cur:
-            cur.execute("INSERT INTO merges (sha256, bundle_id, version, overlap_sha256, inputs, strategy, created_ns) "
-                        "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (sha256) DO NOTHING",
-                        (sha256, bundle_id, version, overlap_sha256, inputs, strategy, time.time_ns()))
+            cur.execute("INSERT INTO merges (sha256, bundle_id, version, overlap_sha256, inputs, strategy, created_ns, "
+                        "devices, options) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (sha256) DO NOTHING",
+                        (sha256, bundle_id, version, overlap_sha256, inputs, strategy, time.time_ns(),
+                         json.dumps(devices or []), json.dumps(options or {}, sort_keys=True)))
 
-    def list_merges(self, bundle_id: str, version: int) -> list[dict[str, Any]]:
+    def list_merges(self, bundle_id: str | None = None, version: int | None = None) -> list[dict[str, Any]]:
+        names = ("sha256", "bundle_id", "version", "overlap_sha256", "inputs", "strategy", "created_ns", "devices",
+                 "options")
+        where, args = [], []
+        for column, value in (("bundle_id", bundle_id), ("version", version)):
+            if value is not None:
+                where.append(f"{column} = ?")
+                args.append(value)
         with self._cursor() as cur:
-            cur.execute("SELECT sha256, overlap_sha256, inputs, strategy FROM merges WHERE bundle_id = ? "
-                        "AND version = ? ORDER BY created_ns", (bundle_id, version))
-            return [dict(zip(("sha256", "overlap_sha256", "inputs", "strategy"), r, strict=True)) for r in cur.fetchall()]
+            cur.execute(f"SELECT {', '.join(names)} FROM merges{' WHERE ' + ' AND '.join(where) if where else ''} "
+                        "ORDER BY created_ns", tuple(args))
+            rows = [dict(zip(names, r, strict=True)) for r in cur.fetchall()]
+        for row in rows:
+            row["devices"] = json.loads(row["devices"]) if row["devices"] else []
+            row["options"] = json.loads(row["options"]) if row["options"] else {}
+        return rows
 
 
 class _Cursor:
@@ -386,6 +676,10 @@ class _Cursor:
     @property
     def rowcount(self) -> int:
         return self._cur.rowcount
+
+    @property
+    def description(self) -> Any:
+        return self._cur.description
 
     def fetchone(self) -> Any:
         return self._cur.fetchone()
@@ -422,7 +716,9 @@ def bundle_from_files(manifest_bytes: bytes, mask_bytes: bytes) -> Bundle:
 
 
 def add_bundle_dir(store: Store, bundle_dir: str | Path) -> tuple[Bundle, bool]:
-    """``edgecl serve add-bundle BUNDLE_DIR``: register the bundle's manifest + mask."""
+    """``edgecl server bundle add BUNDLE_DIR``: store the whole bundle version (manifest.json and
+    every file its manifest lists, each by sha256, each checked against the manifest) so the server
+    can serve it, and register it (with the per-tensor weight scales the push checks use)."""
     from edgecl.formats.manifest import MANIFEST, MASK
 
     folder = Path(bundle_dir)
@@ -432,4 +728,62 @@ def add_bundle_dir(store: Store, bundle_dir: str | Path) -> tuple[Bundle, bool]:
         raise StoreError(f"cannot read {exc.filename} ({exc.strerror})",
                          "pass a bundle folder written by `edgecl export`") from exc
     bundle = bundle_from_files(manifest_bytes, mask_bytes)
-    return bundle, store.add_bundle(bundle, manifest_bytes, mask_bytes)
+    listed = json.loads(manifest_bytes).get("files") or {}
+    if not listed:      # a hand-made or pre-0.2 bundle: registered for pushes, not served
+        return bundle, store.add_bundle(bundle, manifest_bytes, mask_bytes)
+    files: dict[str, tuple[str, int]] = {MANIFEST: (bundle.manifest_sha256, len(manifest_bytes))}
+    for name, expected in sorted(listed.items()):
+        if not NAME_RE.fullmatch(name):
+            raise StoreError(f"the manifest lists a file named {name[:80]!r}", "re-export the bundle")
+        try:
+            sha256, size = store.put_blob_file(folder / name)
+        except OSError as exc:
+            raise StoreError(f"cannot read {folder / name} ({exc.strerror})",
+                             "copy the whole bundle folder (every file its manifest lists)") from exc
+        if sha256 != expected:
+            raise StoreError(f"{folder / name} does not match the manifest's sha256",
+                             "the bundle is damaged or was changed after export: export it again")
+        files[name] = (sha256, size)
+    bundle.scales_sha256 = store.put_blob(scales_json(store, files, mask_bytes))
+    return bundle, store.add_bundle(bundle, manifest_bytes, mask_bytes, files)
+
+
+def scales_json(store: Store, files: dict[str, tuple[str, int]], mask_bytes: bytes) -> bytes:
+    """The bundle's value scales (server/bounds.py), read from its stored blobs, as a JSON blob."""
+    from edgecl.formats.manifest import PROTOTYPES, WEIGHTS
+    from edgecl.server.bounds import scale_table
+
+    def blob(name: str) -> Path | None:
+        return store.blob_path(files[name][0]) if name in files else None
+
+    table = scale_table(blob(WEIGHTS), mask_bytes, blob(PROTOTYPES))
+    return (json.dumps(table, sort_keys=True, separators=(",", ":")) + "\n").encode()
+
+
+def add_bundle_blobs(store: Store, files: dict[str, str]) -> tuple[Bundle, bool]:
+    """``POST /v1/bundles {"files": {name: sha256}}``: register a whole bundle whose files were
+    uploaded as blobs first (``PUT /v1/blobs/{sha256}``); every file the manifest lists must be there."""
+    from edgecl.formats.manifest import MANIFEST, MASK
+
+    if MANIFEST not in files or MASK not in files:
+        raise StoreError("the file list lacks manifest.json or mask.safetensors", "send every file of the bundle")
+    blobs: dict[str, tuple[str, int]] = {}
+    for name, sha256 in files.items():
+        if not (isinstance(name, str) and NAME_RE.fullmatch(name) and isinstance(sha256, str)
+                and SHA_RE.fullmatch(sha256)):
+            raise StoreError(f"file entry {str(name)[:80]!r} is not name -> sha256", "send {name: sha256}")
+        if not store.blob_ok(sha256):
+            raise StoreError(f"{name} ({sha256[:12]}) has not been uploaded", "PUT /v1/blobs/{sha256} first")
+        blobs[name] = (sha256, store.blob_path(sha256).stat().st_size)
+    manifest_bytes = store.get_blob(files[MANIFEST]) or b""
+    mask_bytes = store.get_blob(files[MASK]) or b""
+    bundle = bundle_from_files(manifest_bytes, mask_bytes)
+    listed = json.loads(manifest_bytes).get("files") or {}
+    if set(listed) | {MANIFEST} != set(files):
+        raise StoreError(f"the files sent ({', '.join(sorted(files))}) are not the manifest's "
+                         f"({', '.join(sorted(listed))} + manifest.json)", "send exactly the bundle's files")
+    for name, expected in listed.items():
+        if files[name] != expected:
+            raise StoreError(f"{name} does not match the manifest's sha256", "upload the bundle's own files")
+    bundle.scales_sha256 = store.put_blob(scales_json(store, blobs, mask_bytes))
+    return bundle, store.add_bundle(bundle, manifest_bytes, mask_bytes, blobs)
