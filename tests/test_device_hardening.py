@@ -1,0 +1,561 @@
+"""Device hardening (issue 10): what a user or a bad disk can do to a bundle, and the one line they get.
+
+Most tests run on a hand-made bundle: real files in tmp_path with the exact layout, hashes and mask of
+an exported one, but placeholder graphs (no torch needed to build it); these exercise open_bundle, the
+state folder, the lock and the config checks. The tests that run a graph use the exported tiny_bundle.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from edgecl.errors import BundleError, ConfigError, DataError, DeviceError
+from edgecl.formats import manifest as mf
+from edgecl.formats.hashing import sha256_bytes, sha256_file
+from edgecl.formats.mask import Mask
+from edgecl.formats.prototypes import Prototypes
+
+REPO = Path(__file__).resolve().parents[1]
+EMBED_DIM = 4
+
+
+# -- a hand-made bundle ------------------------------------------------------------------------------
+
+def make_bundle(root: Path, version: int = 1, bundle_id: str = "line-a", device_profile: dict | None = None) -> Path:
+    """manifest.json + every required file; the graphs are placeholder bytes (nothing here runs them)."""
+    root.mkdir(parents=True)
+    mask = Mask(order=["conv.weight", "fc.bias"], shapes={"conv.weight": (2, 1, 2, 2), "fc.bias": (3,)},
+                indices={"conv.weight": np.array([1, 6], np.int32), "fc.bias": np.array([0, 2], np.int32)},
+                total_params=11)
+    (root / mf.MASK).write_bytes(mask.to_bytes())
+    protos = Prototypes(["bolt", "nut"], np.eye(2, EMBED_DIM, dtype=np.float32), np.array([3, 4], np.int64))
+    (root / mf.PROTOTYPES).write_bytes(protos.to_bytes())
+    for name in (mf.TRAIN_STEP, mf.INFERENCE_MODEL, mf.WEIGHTS, mf.HEAD_INIT):
+        (root / name).write_bytes(f"placeholder {name} of {bundle_id} v{version}".encode() * 50)
+    files = {p.name: sha256_file(p) for p in sorted(root.iterdir())}
+    manifest = mf.BundleManifest(
+        bundle_id=bundle_id, version=version, model_name="hand-made", input_size=[8, 8], mean=[0.5] * 3,
+        std=[0.5] * 3, embedding_dim=EMBED_DIM, proj_dim=2, total_params=11, selected=mask.total_selected,
+        select_rate=0.4, drop_rate=0.9, base_sha256=sha256_bytes(b"base"), mask_sha256=files[mf.MASK],
+        classes=["bolt", "nut"], files=files, device_profile=device_profile or {})
+    manifest.save(root)
+    return root
+
+
+def commit(bundle_dir: Path, tag: str = "x") -> str:
+    from edgecl.device.state import PROTOTYPES, TRAINABLE, commit_generation, open_bundle, save_trainable
+
+    bundle = open_bundle(bundle_dir)
+
+    def write(tmp: Path) -> None:
+        save_trainable(tmp / TRAINABLE, {mf.DELTA_PARAM: np.full(bundle.mask.total_selected, 0.5, np.float32)})
+        Prototypes(["bolt", "nut", tag], np.eye(3, EMBED_DIM, dtype=np.float32),
+                   np.array([1, 1, 1], np.int64)).save_file(tmp / PROTOTYPES)
+
+    return commit_generation(bundle, write, {"tag": tag})
+
+
+def rewrite_manifest(bundle_dir: Path, **changes) -> None:
+    obj = json.loads((bundle_dir / mf.MANIFEST).read_text())
+    obj.update(changes)
+    (bundle_dir / mf.MANIFEST).write_text(json.dumps(obj))
+
+
+def edgecl(*args: object, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "edgecl.cli.main", *map(str, args)], cwd=REPO,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def one_error_line(done: subprocess.CompletedProcess) -> str:
+    lines = [x for x in done.stderr.splitlines() if x.strip()]
+    assert done.returncode == 1 and len(lines) == 1 and lines[0].startswith("error: "), done.stderr
+    return lines[0]
+
+
+@pytest.fixture
+def hand_bundle(tmp_path: Path) -> Path:
+    return make_bundle(tmp_path / "bundle")
+
+
+# -- 1. files verified against the manifest -----------------------------------------------------------
+
+def test_a_changed_file_is_refused_naming_it(hand_bundle: Path) -> None:
+    from edgecl.device.state import open_bundle
+
+    open_bundle(hand_bundle)
+    path = hand_bundle / mf.INFERENCE_MODEL
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(BundleError) as info:
+        open_bundle(hand_bundle)
+    assert str(info.value) == ("bundle file inference.onnx does not match its sha256 in manifest.json: "
+                               "re-copy the bundle from the host")
+
+
+def test_listed_optional_file_missing_is_an_error(tmp_path: Path) -> None:
+    from edgecl.device.state import open_bundle
+
+    bundle = make_bundle(tmp_path / "b")
+    (bundle / mf.EXEMPLARS).write_bytes(b"exemplar bytes")
+    rewrite_manifest(bundle, files={**mf.load_manifest(bundle).files, mf.EXEMPLARS: sha256_file(bundle / mf.EXEMPLARS)})
+    open_bundle(bundle)
+    (bundle / mf.EXEMPLARS).unlink()
+    with pytest.raises(BundleError, match="bundle file exemplars.safetensors listed in manifest.json is missing"):
+        open_bundle(bundle)
+
+
+def test_prototypes_deleted_after_opening_is_an_error_not_zero_classes(hand_bundle: Path) -> None:
+    from edgecl.device.state import load_current, open_bundle
+
+    bundle = open_bundle(hand_bundle)
+    (hand_bundle / mf.PROTOTYPES).unlink()
+    with pytest.raises(BundleError, match="prototypes.safetensors is missing"):
+        load_current(bundle)
+
+
+def test_verdicts_are_cached_by_size_and_mtime(hand_bundle: Path) -> None:
+    """Once hashed, a file is trusted while its size and mtime_ns are unchanged (so predict does not
+    re-hash a 20 MB bundle per call); touching it makes it hashed, and refused, again."""
+    from edgecl.device.state import VERIFIED, open_bundle
+
+    assert not (hand_bundle / "state").exists()
+    open_bundle(hand_bundle)
+    assert not (hand_bundle / "state").exists(), "opening alone writes nothing into a bundle without state"
+    commit(hand_bundle)
+    cache = json.loads((hand_bundle / "state" / VERIFIED).read_text())["files"]
+    assert set(cache) == set(mf.load_manifest(hand_bundle).files)
+    path = hand_bundle / mf.WEIGHTS
+    st = path.stat()
+    data = bytearray(path.read_bytes())
+    data[0] ^= 0xFF  # same size, mtime put back: the cache answers
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    open_bundle(hand_bundle)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    with pytest.raises(BundleError, match="weights.safetensors does not match its sha256"):
+        open_bundle(hand_bundle)
+
+
+def test_a_read_only_bundle_opens_without_caching(tmp_path: Path) -> None:
+    from edgecl.device.state import VERIFIED, load_current, open_bundle
+
+    if os.geteuid() != 0:
+        bundle = make_bundle(tmp_path / "b")
+        commit(bundle)
+        (bundle / "state" / VERIFIED).unlink()
+        (bundle / "state").chmod(0o500)
+    else:  # root ignores permission bits: a real read-only file system
+        mnt = tmp_path / "ro"
+        mnt.mkdir()
+        if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mnt)]).returncode != 0:
+            pytest.skip("cannot mount a tmpfs here")
+        bundle = make_bundle(mnt / "b")
+        commit(bundle)
+        (bundle / "state" / VERIFIED).unlink()
+        subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
+    try:
+        state = load_current(open_bundle(bundle))
+        assert state.prototypes.classes == ["bolt", "nut", "x"]
+        assert not (bundle / "state" / VERIFIED).exists()
+    finally:
+        if os.geteuid() == 0:
+            subprocess.run(["umount", str(mnt)], check=False)
+        else:
+            (bundle / "state").chmod(0o755)
+
+
+def test_an_older_bundle_format_is_refused_clearly(hand_bundle: Path) -> None:
+    from edgecl.device.state import open_bundle
+
+    rewrite_manifest(hand_bundle, format_version=1)
+    with pytest.raises(BundleError, match="format version 1; this edgecl runs format 2"):
+        open_bundle(hand_bundle)
+
+
+# -- 1b. the state belongs to its bundle ------------------------------------------------------------------
+
+def test_generations_record_their_bundle_and_a_foreign_state_is_refused(hand_bundle: Path) -> None:
+    from edgecl.device.state import load_current, open_bundle
+
+    name = commit(hand_bundle)
+    meta = json.loads((hand_bundle / "state" / name / "meta.json").read_text())
+    assert {k: meta[k] for k in ("bundle_id", "bundle_version", "mask_sha256", "tag")} == {
+        "bundle_id": "line-a", "bundle_version": 1, "mask_sha256": sha256_file(hand_bundle / mf.MASK), "tag": "x"}
+    # The next version's files copied over the folder, its old state/ left in place:
+    rewrite_manifest(hand_bundle, version=2)
+    with pytest.raises(DeviceError, match=r"belongs to bundle line-a v1, not line-a v2"):
+        load_current(open_bundle(hand_bundle))
+    rewrite_manifest(hand_bundle, version=1, bundle_id="line-b")
+    with pytest.raises(DeviceError, match=r"belongs to bundle line-a v1, not line-b v1"):
+        load_current(open_bundle(hand_bundle))
+    rewrite_manifest(hand_bundle, bundle_id="line-a")
+    assert load_current(open_bundle(hand_bundle)).prototypes.classes == ["bolt", "nut", "x"]
+
+
+# -- 2. one writer at a time -------------------------------------------------------------------------------
+
+_HOLDER = """
+import sys, time
+from pathlib import Path
+from edgecl.device.state import bundle_lock, open_bundle
+with bundle_lock(open_bundle(sys.argv[1]), "adapt"):
+    print("locked", flush=True)
+    while not Path(sys.argv[2]).exists():
+        time.sleep(0.05)
+"""
+
+
+def _hold_lock(bundle: Path, release: Path) -> subprocess.Popen:
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, str(bundle), str(release)], cwd=REPO,
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    return holder
+
+
+def test_a_second_writer_gets_one_line_naming_the_first(tmp_path: Path) -> None:
+    old = make_bundle(tmp_path / "v1")
+    new = make_bundle(tmp_path / "v2", version=2)
+    rewrite_manifest(new, parent_sha256=sha256_file(old / mf.MANIFEST))
+    commit(old)
+    release = tmp_path / "release"
+    holder = _hold_lock(old, release)
+    try:
+        rolled = edgecl("rollback", old)
+        assert one_error_line(rolled) == (f"error: another edgecl adapt (pid {holder.pid}) is using {old}: "
+                                          "wait for it to finish")
+        upgraded = edgecl("upgrade", old, new)
+        assert f"another edgecl adapt (pid {holder.pid}) is using {old}" in one_error_line(upgraded)
+        assert not (new / "state").exists(), "the refused upgrade wrote nothing"
+    finally:
+        release.write_text("")
+        holder.wait(timeout=30)
+    assert sorted(p.name for p in (old / "state").iterdir()) == ["HEAD.json", "gen-000001", "verified.json"], \
+        "the lock file is removed on release"
+    rolled = edgecl("rollback", old, "--json")
+    assert rolled.returncode == 0, rolled.stderr
+    assert json.loads(rolled.stdout) == {"undone": "gen-000001", "current": "bundle"}
+
+
+def test_a_killed_holder_does_not_leave_the_bundle_locked(hand_bundle: Path, tmp_path: Path) -> None:
+    commit(hand_bundle)
+    holder = _hold_lock(hand_bundle, tmp_path / "never")
+    assert "another edgecl adapt" in one_error_line(edgecl("rollback", hand_bundle))
+    holder.send_signal(signal.SIGKILL)
+    holder.wait(timeout=30)
+    rolled = edgecl("rollback", hand_bundle)
+    assert rolled.returncode == 0 and "current state: bundle" in rolled.stdout, rolled.stderr
+
+
+def test_a_failed_locked_command_leaves_no_state_folder(hand_bundle: Path) -> None:
+    done = edgecl("rollback", hand_bundle)
+    assert "no earlier state" in one_error_line(done)
+    assert not (hand_bundle / "state").exists()
+
+
+# -- 3. values type- and range-checked on load --------------------------------------------------------------
+
+@pytest.mark.parametrize("key,value,expect", [
+    ("epochs", "x", "epochs must be an integer (got 'x')"),
+    ("input_size", 64, "input_size must be a list of integers (got 64)"),
+    ("batch_size", -4, "batch_size must be >= 1 (got -4)"),
+    ("drop_rate", 2, "drop_rate must be < 1 (got 2.0)"),
+    ("select_rate", 0.0, "select_rate must be > 0 (got 0.0)"),
+    ("std", [0.5, 0.0, 0.5], "std must be > 0 (got 0.0)"),
+    ("lr_backbone", "fast", "lr_backbone must be a number (got 'fast')"),
+    ("classes", ["a", 3], "classes must be a list of strings"),
+    ("files", {"inference.onnx": "not-a-digest"}, "files must map plain file names to sha256 hex digests"),
+    ("device_profile", {"name": "pi", "threads": "two"}, "threads must be an integer (got 'two')"),
+    ("interpolation", "lanczos", "interpolation must be one of bilinear, bicubic, nearest"),
+    ("epochs", True, "epochs must be an integer (got True)"),
+])
+def test_manifest_values_are_checked(hand_bundle: Path, key: str, value: object, expect: str) -> None:
+    rewrite_manifest(hand_bundle, **{key: value})
+    with pytest.raises(BundleError) as info:
+        mf.load_manifest(hand_bundle)
+    message = str(info.value)
+    assert message.startswith(str(hand_bundle / mf.MANIFEST)) and expect in message, message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("body,expect", [
+    ('name = "pi"\nthreads = "two"\n', "threads must be an integer (got 'two')"),
+    ('name = "pi"\nbatch_size = -1\n', "batch_size must be >= 1 (got -1)"),
+    ('name = "pi"\nstore_images = "no"\n', "store_images must be true or false (got 'no')"),
+    ('name = "pi"\nimage_size = [64]\n', "image_size must be [] or [H, W]"),
+    ('name = "pi"\nexecution_provider = "GPU"\n', "execution_provider must be one of CPUExecutionProvider"),
+    ('name = "pi"\nthreads = 1.5\n', "threads must be an integer (got 1.5)"),
+])
+def test_profile_values_are_checked(tmp_path: Path, body: str, expect: str) -> None:
+    from edgecl.formats.config import load_profile
+
+    path = tmp_path / "pi.toml"
+    path.write_text(body)
+    with pytest.raises(ConfigError) as info:
+        load_profile(path)
+    assert str(info.value).startswith(f"device profile {path}: ") and expect in str(info.value), str(info.value)
+
+
+@pytest.mark.parametrize("body,expect", [
+    ('name = "r"\ntimm_model = "test_vit"\ninput_size = 64\n', "input_size must be a list of integers (got 64)"),
+    ('name = "r"\ntimm_model = "test_vit"\nproj_dim = "x"\n', "proj_dim must be an integer (got 'x')"),
+    ('name = "r"\ntimm_model = "test_vit"\nmean = [0.5, 0.5]\n', "mean must have 3 values (got 2)"),
+    ('name = "r"\ntimm_model = "test_vit"\nproj_dim = 0\nstd = [0, 1, 1]\n', "std must be > 0 (got 0.0); proj_dim must be >= 1 (got 0)"),
+    ('name = "r"\n', "set exactly one of timm_model or factory"),
+])
+def test_recipe_values_are_checked(tmp_path: Path, body: str, expect: str) -> None:
+    from edgecl.formats.config import load_recipe
+
+    path = tmp_path / "r.toml"
+    path.write_text(body)
+    with pytest.raises(ConfigError) as info:
+        load_recipe(path)
+    assert str(info.value).startswith(f"recipe {path}: ") and expect in str(info.value), str(info.value)
+
+
+def test_a_bad_profile_is_one_line_from_the_cli(hand_bundle: Path, tmp_path: Path) -> None:
+    profile = tmp_path / "pi.toml"
+    profile.write_text('name = "pi"\nthreads = "two"\n')
+    line = one_error_line(edgecl("eval", hand_bundle, "--data", tmp_path, "--device", profile))
+    assert line == f"error: device profile {profile}: threads must be an integer (got 'two'): fix the file"
+
+
+# -- 4. the bundle's own profile is the default ---------------------------------------------------------------
+
+def test_the_bundle_profile_is_the_default_and_an_explicit_one_wins(tmp_path: Path) -> None:
+    from edgecl.device.infer import resolve_profile
+    from edgecl.device.state import open_bundle
+    from edgecl.formats.config import DeviceProfile, load_profile
+
+    pi = load_profile(REPO / "devices" / "raspberry_pi5.toml")
+    bundle = open_bundle(make_bundle(tmp_path / "b", device_profile={**vars(pi), "future_key": 1}))
+    chosen = resolve_profile(None, bundle)
+    assert (chosen.name, chosen.store_images, chosen.threads) == ("raspberry_pi5", False, 4)
+    explicit = resolve_profile(REPO / "devices" / "x86_cpu.toml", bundle)
+    assert (explicit.name, explicit.store_images) == ("x86_cpu", True)
+    assert resolve_profile(DeviceProfile(name="given"), bundle).name == "given"
+    plain = open_bundle(make_bundle(tmp_path / "plain"))
+    assert resolve_profile(None, plain).name == "default" and resolve_profile(None).name == "default"
+
+
+# -- 5. predict: no hang on a FIFO, strict JSON, probabilities ---------------------------------------------
+
+def test_a_fifo_is_refused_not_waited_on(tmp_path: Path) -> None:
+    fifo = tmp_path / "camera.png"
+    os.mkfifo(fifo)
+    code = (f"from edgecl.formats.images import load_rgb\nfrom edgecl.errors import DataError\n"
+            f"try:\n    load_rgb({str(fifo)!r}, (8, 8))\nexcept DataError as e:\n    print(e)\n")
+    done = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=30)
+    assert done.stdout.strip() == f"{fifo} is a FIFO, not an image file: pass regular image files", done.stderr
+    with pytest.raises(DataError, match="is a folder"):
+        from edgecl.formats.images import load_rgb
+        load_rgb(tmp_path, (8, 8))
+
+
+def test_a_fifo_in_a_class_folder_is_not_scanned(tmp_path: Path) -> None:
+    from PIL import Image
+
+    from edgecl.formats.images import load_image_folder
+
+    (tmp_path / "a").mkdir()
+    Image.new("RGB", (4, 4)).save(tmp_path / "a" / "ok.png")
+    os.mkfifo(tmp_path / "a" / "pipe.png")
+    assert load_image_folder(tmp_path, (4, 4)).pixels.shape == (1, 4, 4, 3)
+
+
+def test_ncm_probability_is_the_tempered_softmax_of_the_cosines() -> None:
+    from edgecl.device.infer import NCM_TEMPERATURE, probabilities
+
+    cosines = np.array([[0.9, 0.8, 0.1], [0.2, 0.2, 0.2]])
+    p = probabilities(cosines, "ncm")
+    assert np.allclose(p.sum(axis=1), 1.0) and np.allclose(p[1], 1 / 3)
+    assert p[0, 0] / p[0, 1] == pytest.approx(np.exp(0.1 / NCM_TEMPERATURE))
+    assert list(np.argsort(-p[0])) == [0, 1, 2]
+
+
+def test_lda_probability_is_the_gaussian_posterior() -> None:
+    """softmax of the discriminant scores = p(class | x) for Gaussians with the head's shared covariance
+    and equal priors, computed here from the densities directly."""
+    from edgecl.device.heads import LdaHead
+    from edgecl.device.infer import probabilities
+
+    rng = np.random.default_rng(0)
+    means = np.array([[0.0, 0.0, 1.0], [1.0, 0.5, 0.0], [0.0, 1.5, 0.5]])
+    y = np.repeat([0, 1, 2], 200)
+    x = means[y] + rng.normal(size=(600, 3)) @ np.array([[1.0, 0.3, 0.0], [0.0, 0.5, 0.2], [0.0, 0.0, 0.7]])
+    head = LdaHead(3, shrinkage=0.0)
+    head.add(x, y)
+    probe = rng.normal(size=(5, 3))
+    p = probabilities(head.logits(probe, means), "lda")
+    inv = np.linalg.inv(head.covariance())
+    d = probe[:, None, :] - means[None]
+    density = np.exp(-0.5 * np.einsum("ncd,de,nce->nc", d, inv, d))
+    assert np.allclose(p, density / density.sum(axis=1, keepdims=True), atol=1e-9)
+
+
+def test_json_output_never_holds_a_bare_nan() -> None:
+    from edgecl.cli.options import jsonable
+    from edgecl.device.infer import finite_or_none, probabilities
+
+    p = probabilities(np.array([[np.nan, 0.3]]), "ncm")
+    row = {"score": finite_or_none(np.float32("nan")), "probability": finite_or_none(p[0, 1]),
+           "inf": float("inf"), "n": np.int64(3), "x": np.float32(0.25), "path": Path("a/b")}
+    text = json.dumps(jsonable(row), allow_nan=False)
+    assert json.loads(text) == {"score": None, "probability": None, "inf": None, "n": 3, "x": 0.25, "path": "a/b"}
+
+
+# -- 7. progress bars only on a terminal --------------------------------------------------------------------
+
+_BAR = """
+import sys, time
+from edgecl.progress import progress_bar
+with progress_bar(3, "decode", enabled=sys.argv[1] == "on") as bar:
+    for _ in range(3):
+        bar.update(1)
+print("done")
+"""
+
+
+@pytest.mark.parametrize("terminal,enabled,shown", [(True, "on", True), (True, "off", False), (False, "on", False)])
+def test_progress_bar_only_on_a_terminal(terminal: bool, enabled: str, shown: bool) -> None:
+    import pty
+
+    if terminal:
+        import fcntl
+        import struct
+        import termios
+
+        parent, child = pty.openpty()
+        fcntl.ioctl(child, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a 100-column terminal
+        proc = subprocess.Popen([sys.executable, "-c", _BAR, enabled], cwd=REPO, stdout=subprocess.PIPE,
+                                stderr=child, text=True)
+        os.close(child)
+        out = proc.communicate(timeout=60)[0]
+        err = b""
+        while True:
+            try:
+                chunk = os.read(parent, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            err += chunk
+        os.close(parent)
+        err_text = err.decode(errors="replace")
+    else:
+        done = subprocess.run([sys.executable, "-c", _BAR, enabled], cwd=REPO, capture_output=True, text=True,
+                              timeout=60)
+        out, err_text = done.stdout, done.stderr
+    assert out == "done\n", "the bar never writes to stdout"
+    assert ("decode:" in err_text and "/3 [" in err_text) is shown, err_text
+
+
+# -- 8. one CLI vocabulary ------------------------------------------------------------------------------------
+
+def test_every_command_of_the_device_and_host_cli_takes_json() -> None:
+    import typer.main
+
+    from edgecl.cli.main import app
+    from edgecl.cli.options import Head
+    from edgecl.device.infer import HEADS
+
+    command = typer.main.get_command(app)
+    for name in ("export", "apply", "rollback", "upgrade", "inspect", "predict", "eval"):
+        options = {opt for param in command.commands[name].params for opt in param.opts}
+        assert "--json" in options, name
+    assert tuple(h.value for h in Head) == HEADS
+
+
+def test_head_choices_reach_the_library_and_others_are_usage_errors(hand_bundle: Path, tmp_path: Path) -> None:
+    line = one_error_line(edgecl("eval", hand_bundle, "--data", tmp_path, "--head", "lda"))
+    assert "this state has no LDA statistics" in line
+    done = edgecl("eval", hand_bundle, "--data", tmp_path, "--head", "knn")
+    flat = " ".join(done.stderr.replace("│", " ").split())
+    assert done.returncode == 2 and "Invalid value for '--head'" in flat, done.stderr
+    assert "'knn' is not one of 'auto', 'ncm', 'lda'" in flat and "Traceback" not in done.stderr
+    done = edgecl("--log-level", "loud", "inspect", hand_bundle)
+    assert done.returncode == 2 and "'loud' is not one of 'debug', 'info', 'warning', 'error'" in " ".join(
+        done.stderr.replace("│", " ").split())
+
+
+# -- on a real exported bundle (tiny_bundle: needs the host export and the device runtime) -------------------
+
+def _image_folders(root: Path) -> tuple[Path, Path]:
+    from conftest import write_image_folder
+
+    first = write_image_folder(root / "task1", classes=3, per_class=4, seed=11)
+    second = write_image_folder(root / "task2", classes=3, per_class=2, seed=12)
+    return first, second
+
+
+def test_predict_and_eval_on_a_real_bundle(bundle_copy: Path, tmp_path: Path) -> None:
+    first, second = _image_folders(tmp_path)
+    image = first / "class1" / "000.png"
+    done = edgecl("predict", bundle_copy, image, "--json", "--top-k", 3)
+    assert done.returncode == 0, done.stderr
+    (result,) = json.loads(done.stdout, parse_constant=lambda c: pytest.fail(f"bare {c} in JSON"))
+    assert result["head"] == "ncm" and result["state"] == "bundle"
+    probs = [t["probability"] for t in result["top_k"]]
+    assert probs == sorted(probs, reverse=True) and 0 < sum(probs) <= 1 + 1e-6
+    assert len(result["top_k"]) == 3 and sum(probs) == pytest.approx(1.0, abs=1e-5), "3 classes: all listed"
+    scores = np.array([t["score"] for t in result["top_k"]])
+    from edgecl.device.infer import NCM_TEMPERATURE
+    expect = np.exp(scores / NCM_TEMPERATURE) / np.exp(scores / NCM_TEMPERATURE).sum()
+    assert np.allclose(probs, expect, atol=1e-5)
+    text = edgecl("predict", bundle_copy, image)
+    assert text.returncode == 0 and text.stdout.startswith(f"{image}: {result['class']} p=")
+    assert "[head ncm, state bundle]" in text.stdout
+
+    evaluated = edgecl("eval", bundle_copy, "--data", first, "--data", second, "--json")
+    assert evaluated.returncode == 0, evaluated.stderr
+    report = json.loads(evaluated.stdout)
+    folders = report["folders"]
+    assert [f["data"] for f in folders] == [str(first), str(second)]
+    assert [f["images"] for f in folders] == [12, 6] and report["images"] == 18
+    assert report["correct"] == sum(f["correct"] for f in folders)
+    assert report["accuracy"] == pytest.approx(report["correct"] / 18)
+    text = edgecl("eval", bundle_copy, "--data", first, "--data", second)
+    assert f"{first}: accuracy" in text.stdout and "overall accuracy" in text.stdout
+
+
+def test_a_fifo_given_to_predict_is_reported_not_waited_on(bundle_copy: Path, tmp_path: Path) -> None:
+    first, _ = _image_folders(tmp_path)
+    fifo = tmp_path / "cam.png"
+    os.mkfifo(fifo)
+    started = time.monotonic()
+    done = edgecl("predict", bundle_copy, first / "class0" / "000.png", fifo, "--json", timeout=60)
+    assert time.monotonic() - started < 60
+    assert done.returncode == 1
+    results = json.loads(done.stdout)
+    assert results[1] == {"path": str(fifo), "error": f"{fifo} is a FIFO, not an image file"}
+    assert "class" in results[0]
+
+
+def test_a_flipped_byte_in_the_graph_is_one_line(bundle_copy: Path, tmp_path: Path) -> None:
+    first, _ = _image_folders(tmp_path)
+    path = bundle_copy / mf.INFERENCE_MODEL
+    data = bytearray(path.read_bytes())
+    data[len(data) // 3] ^= 0x04
+    path.write_bytes(bytes(data))
+    line = one_error_line(edgecl("predict", bundle_copy, first / "class0" / "000.png"))
+    assert line == ("error: bundle file inference.onnx does not match its sha256 in manifest.json: "
+                    "re-copy the bundle from the host")
+
+
+def test_a_broken_graph_with_a_matching_hash_is_one_line(bundle_copy: Path, tmp_path: Path) -> None:
+    """Past the hash check (a manifest re-hashed by hand), onnxruntime's own failure is still one line."""
+    first, _ = _image_folders(tmp_path)
+    path = bundle_copy / mf.INFERENCE_MODEL
+    path.write_bytes(path.read_bytes()[: 2000])
+    rewrite_manifest(bundle_copy, files={**mf.load_manifest(bundle_copy).files, mf.INFERENCE_MODEL: sha256_file(path)})
+    line = one_error_line(edgecl("eval", bundle_copy, "--data", first))
+    assert "inference.onnx" in line and "Traceback" not in line, line
