@@ -1,19 +1,16 @@
-"""The real edgecl path of B1, one task after another:
+"""The real edgecl path as a harness learner, one task after another:
 
-  host:   task 1: `edgecl export RECIPE --data task-1/train` (MI-Fisher mask on task 1's images);
-          task t > 1: `edgecl apply BUNDLE_{t-1} DELTA_{t-1} --data task-t/train` (bake the delta into
-          the weights, re-score a fresh mask on task t's images, overlap counts carried)
-  device: `edgecl adapt BUNDLE_t --data task-t/train` in its own process (onnxruntime, no torch)
+  host:   task 1: `edgecl export RECIPE --data TASK/train` (MI-Fisher mask on the task's images);
+          task t > 1: `edgecl apply BUNDLE_{t-1} DELTA_{t-1} --data TASK/train` (bake the delta into the
+          weights, re-score a fresh mask, overlap counts carried), then `edgecl upgrade BUNDLE_{t-1}
+          BUNDLE_t` (the device carries its prototypes, LDA head and exemplars to the new version)
+  device: `edgecl adapt BUNDLE_t --data TASK/train` in its own process (onnxruntime, no torch), with
+          the device's own rules: exemplars (profile store_images = true), replay at the share given,
+          old classes moved by their exemplars' drift, the LDA head carried by the drift map,
+          prototypes of a class seen again merged by counts
   device: `edgecl delta BUNDLE_t -o DELTA_t`
-  eval:   embeddings from BUNDLE_t's inference graph + DELTA_t, in onnxruntime (the device's runtime)
-
-Paper protocol (keep_old=False): old classes' prototypes are kept by this harness, never
-recomputed (SimpleCIL), like the torch methods; the device's drift compensation and exemplars are
-switched off so the edgecl path runs the same method as the torch reference.
-
-Issue 6 (keep_old=True): the device keeps exemplars (profile store_images = true), replays them and
-moves old prototypes by their drift; between versions `edgecl upgrade BUNDLE_{t-1} BUNDLE_t` carries
-its memory to the new bundle. The prototypes scored are then the device's own (its committed state).
+  eval:   embeddings from BUNDLE_t's inference graph with DELTA_t, in onnxruntime; the heads scored are
+          the device's own (its committed prototypes and LDA head), see ``heads()``.
 """
 
 from __future__ import annotations
@@ -27,7 +24,8 @@ from typing import Any
 
 import common
 import numpy as np
-from torch_methods import AdaptLog, TrainConfig
+from harness import AdaptInput, AdaptLog, OwnHeads, StreamRules
+from torch_methods import TrainConfig
 
 from edgecl.formats import delta as delta_format
 from edgecl.formats import manifest as mf
@@ -36,105 +34,103 @@ from edgecl.formats.mask import Mask
 
 
 class EdgeclLearner:
-    def __init__(self, recipe: Recipe, cfg: TrainConfig, threads: int = 2, task_dirs: list[Path] | None = None,
-                 work: Path | None = None, recipe_path: Path = common.RECIPE, keep_old: bool = False,
-                 replay: bool = True, replay_share: float = 0.0) -> None:
+    name = "edgecl"
 
-        self.recipe, self.cfg, self.threads = recipe, cfg, threads
-        self.task_dirs = task_dirs or []
-        size = recipe.input_size[0]
-        self.keep_old, self.replay, self.replay_share = keep_old, replay, replay_share
-        self.work = work or common.OUT / f"b1-edgecl{'-keep' if keep_old else ''}-{size}px-lr{cfg.lr:g}-s{cfg.seed}"
+    def __init__(self, recipe: Recipe, cfg: TrainConfig, rules: StreamRules, threads: int, work: Path,
+                 recipe_path: Path = common.RECIPE) -> None:
+        if cfg.loss != "supcon" or not cfg.rescore:
+            raise SystemExit("the edgecl path trains SupCon with a mask re-scored per task; this arm asks for "
+                             f"loss={cfg.loss}, rescore={cfg.rescore}")
+        self.recipe, self.cfg, self.rules, self.threads = recipe, cfg, rules, threads
+        self.work = work
         common.clean(self.work)
         self.work.mkdir(parents=True)
         self.profile = self.work / "device.toml"
-        # A device profile with the benchmark's thread count; exemplars only for issue 6.
         self.profile.write_text(f'name = "bench"\nthreads = {threads}\nbatch_size = {cfg.batch_size}\n'
-                                f"store_images = {'true' if keep_old else 'false'}\nexemplar_budget_mb = 32\n")
+                                f"store_images = {'true' if rules.exemplars else 'false'}\n"
+                                "exemplar_budget_mb = 32\n")
+        self.recipe_path = recipe_path
         self.bundle: Path | None = None
         self.delta: np.ndarray | None = None
         self.delta_path: Path | None = None
-        self.recipe_path = recipe_path
         self.records: list[dict[str, Any]] = []
         self._runner = None
+        self._frozen = None
 
-    # -- one task ---------------------------------------------------------------------------------
-    def adapt(self, pixels: np.ndarray, labels: np.ndarray, task: int) -> AdaptLog:
+    def adapt(self, inp: AdaptInput) -> AdaptLog:
         t0 = time.perf_counter()
-        cfg = self.cfg
-        data = self.task_dirs[task] / "train"
+        cfg, task = self.cfg, inp.index
+        data = inp.task.folder / "train"
         bundle = self.work / f"bundle-{task + 1}"
-        t_host = time.perf_counter()
         if self.bundle is None:
-            # Host, first task: MI-Fisher mask on this task's images, bundle v1.
             host_out = self._edgecl("export", str(self.recipe_path), "--data", str(data), "-o", str(bundle),
-                                    "--lr", str(cfg.lr), "--epochs", str(cfg.epochs), "--seed", str(cfg.seed),
-                                    "--select-rate", str(cfg.select_rate), "--drop-rate", str(cfg.drop_rate),
-                                    "--overwrite")
+                                    "--device", str(self.profile), "--lr", str(cfg.lr), "--epochs", str(cfg.epochs),
+                                    "--seed", str(cfg.seed), "--select-rate", str(cfg.select_rate),
+                                    "--drop-rate", str(cfg.drop_rate), "--overwrite", "--quiet")
         else:
-            # Host, later tasks: bake the previous delta into the weights and re-score a fresh mask on
-            # this task's images (overlap counts carried), i.e. the next bundle version.
             host_out = self._edgecl("apply", str(self.bundle), str(self.delta_path), "-o", str(bundle),
-                                    "--data", str(data), "--overwrite")
-            if self.keep_old:  # the device moves to the new version with its exemplars
-                self._edgecl("upgrade", str(self.bundle), str(bundle))
-        host_s = time.perf_counter() - t_host
-
-        # The device: its own process, onnxruntime only.
+                                    "--data", str(data), "--overwrite", "--quiet")
+            self._edgecl("upgrade", str(self.bundle), str(bundle))
+        host_s = time.perf_counter() - t0
         cmd = [*common.edgecl_cmd(), "adapt", str(bundle), "--data", str(data), "--device", str(self.profile),
                "--epochs", str(cfg.epochs), "--lr", str(cfg.lr), "--lr-head", str(cfg.lr_head),
                "--batch-size", str(cfg.batch_size), "--seed", str(cfg.seed + task),
-               *(["--replay" if self.replay else "--no-replay", "--replay-share", str(self.replay_share)]
-                 if self.keep_old else ["--no-drift-compensation", "--no-exemplars"]), "--json", "--quiet"]
+               "--max-step-fraction", str(cfg.max_step_fraction),
+               *(["--replay", "--replay-share", str(self.rules.replay_share)] if self.rules.replay else ["--no-replay"]),
+               *(["--drift-compensation"] if self.rules.old_update in ("shift", "sdc") else ["--no-drift-compensation"]),
+               "--json", "--quiet"]
         timed = common.run_timed(cmd, env=common.thread_env(self.threads))
         report = json.loads(timed.stdout[timed.stdout.index("{"):])
         delta_path = self.work / f"delta-{task + 1}.safetensors"
         self._edgecl("delta", str(bundle), "-o", str(delta_path), "--device-id", "bench")
-
         mask = Mask.load_file(bundle / mf.MASK)
         self.bundle, self.delta_path, self._runner = bundle, delta_path, None
         # What the device runs after this task: the bundle's graph with the delta it sent home.
         self.delta = delta_format.load_file(delta_path).to_dense(mask.total_selected)
-
-        steps = [json.loads(line) for line in
-                 (self._state_dir(bundle) / "steps.jsonl").read_text().splitlines() if line.strip()]
-        losses_by_epoch: dict[int, list[float]] = {}
+        steps = self._steps(bundle)
+        by_epoch: dict[int, list[float]] = {}
         for s in steps:
-            losses_by_epoch.setdefault(s["epoch"], []).append(s["loss"])
-        log = AdaptLog(steps=report["steps"], seconds=time.perf_counter() - t0,
-                       losses=[float(np.mean(v)) for _, v in sorted(losses_by_epoch.items())],
-                       changed_fraction=[s["changed_fraction"] for s in steps])
-        self.records.append({"task": task + 1, "host_step": "export" if task == 0 else "apply --data",
-                             "host_s": host_s, "host_output": host_out.strip()[-400:],
-                             "adapt_process_s": timed.wall_s,
-                             "adapt_peak_rss_mib": timed.max_rss_mib, "step_s_median": report["step_seconds_median"],
-                             "changed_fraction_mean": report["changed_fraction_mean"],
-                             "changed_fraction_max": report["changed_fraction_max"],
-                             "replayed": report.get("replayed", 0), "from_exemplars": report.get("from_exemplars"),
-                             "delta_bytes": delta_path.stat().st_size, "selected": mask.total_selected,
-                             "total_params": mask.total_params})
-        return log
+            by_epoch.setdefault(s["epoch"], []).append(s["loss"])
+        self.records.append({"task": task + 1, "host_s": round(host_s, 1), "host_output": host_out.strip()[-300:],
+                             "adapt_process_s": round(timed.wall_s, 1), "adapt_peak_rss_mib": timed.max_rss_mib,
+                             "report": report, "delta_bytes": delta_path.stat().st_size,
+                             "selected": mask.total_selected, "total_params": mask.total_params})
+        return AdaptLog(steps=report["steps"], seconds=time.perf_counter() - t0,
+                        losses=[float(np.mean(v)) for _, v in sorted(by_epoch.items())],
+                        changed_fraction=[s["changed_fraction"] for s in steps])
 
-    def prototypes(self) -> dict[int, np.ndarray] | None:
-        """The device's own prototypes (issue 6 runs), by Fashion-MNIST class id; None = the harness keeps them."""
-        if not self.keep_old or self.bundle is None:
-            return None
-        from edgecl.device.state import load_current, open_bundle
-        protos = load_current(open_bundle(self.bundle)).prototypes
-        return {common.FASHION_CLASSES.index(c): protos.means[i].astype(np.float32)
-                for i, c in enumerate(protos.classes)}
-
-    def lda_head(self) -> tuple[Any, dict[int, np.ndarray]] | None:
-        """The device's LDA head (statistics and its own class means, by class id), if it has one."""
-        if not self.keep_old or self.bundle is None:
+    def heads(self) -> OwnHeads | None:
+        """The device's committed prototypes and LDA head, keyed by Fashion-MNIST class id."""
+        if self.bundle is None:
             return None
         from edgecl.device.heads import LdaHead
         from edgecl.device.state import load_current, open_bundle
         state = load_current(open_bundle(self.bundle))
-        if state.lda_path is None:
-            return None
-        head = LdaHead.load_file(state.lda_path)
-        return head, {common.FASHION_CLASSES.index(c): m for c, m in head.means.items()}
+        ids = {c: common.FASHION_CLASSES.index(c) for c in state.prototypes.classes}
+        protos = {ids[c]: state.prototypes.means[i].astype(np.float64) for i, c in enumerate(state.prototypes.classes)}
+        lda = None
+        if state.lda_path is not None:
+            lda = LdaHead.load_file(state.lda_path)
+            lda.means = {common.FASHION_CLASSES.index(c): m for c, m in lda.means.items()}
+        return OwnHeads(protos, lda)
+
+    def embed(self, pixels: np.ndarray) -> np.ndarray:
+        if self.bundle is None:
+            # Before any task: the pretrained backbone, which a zero-delta bundle reproduces (export checks
+            # parity); the torch model is that network and costs no export.
+            if self._frozen is None:
+                from torch_methods import TorchLearner
+                self._frozen = TorchLearner(self.recipe, "frozen", self.cfg, self.threads)
+            return self._frozen.embed(pixels)
+        from edgecl.device.infer import create_runner, embed_and_score, resolve_profile
+        from edgecl.device.state import open_bundle
+        b = open_bundle(self.bundle)
+        if self._runner is None:
+            self._runner = create_runner(b, resolve_profile(self.profile))
+        return embed_and_score(self._runner, b, pixels, self.delta)[0]
+
+    def device_summary(self) -> list[dict[str, Any]]:
+        return self.records
 
     def _edgecl(self, *args: str) -> str:
         proc = subprocess.run([*common.edgecl_cmd(), *args], capture_output=True, text=True,
@@ -143,28 +139,7 @@ class EdgeclLearner:
             raise RuntimeError(f"edgecl {' '.join(args)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
         return proc.stdout
 
-    def _state_dir(self, bundle: Path) -> Path:
+    def _steps(self, bundle: Path) -> list[dict[str, Any]]:
         head = json.loads((bundle / "state" / "HEAD.json").read_text())
-        return bundle / "state" / head["current"]
-
-    # -- embeddings on the "device" runtime ----------------------------------------------------------
-    def embed(self, pixels: np.ndarray) -> np.ndarray:
-        if self.bundle is None:
-            # Before any task: the pretrained backbone. A zero-delta bundle gives exactly it, but
-            # exporting one costs a minute; the torch model is the same network (export checks parity).
-            return self._torch_embed(pixels)
-        from edgecl.device.infer import create_runner, embed_and_score, resolve_profile
-        from edgecl.device.state import open_bundle
-        b = open_bundle(self.bundle)
-        if self._runner is None:
-            self._runner = create_runner(b, resolve_profile(self.profile))
-        return embed_and_score(self._runner, b, pixels, self.delta)[0]
-
-    def _torch_embed(self, pixels: np.ndarray) -> np.ndarray:
-        from torch_methods import TorchLearner
-        if not hasattr(self, "_frozen"):
-            self._frozen = TorchLearner(self.recipe, "frozen", self.cfg, self.threads)
-        return self._frozen.embed(pixels)
-
-    def device_summary(self) -> list[dict[str, Any]]:
-        return self.records
+        log = bundle / "state" / head["current"] / "steps.jsonl"
+        return [json.loads(line) for line in log.read_text().splitlines() if line.strip()]

@@ -52,13 +52,14 @@ def load_runs(name: str) -> list[dict[str, Any]]:
     return [json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))] if folder.is_dir() else []
 
 
-def make_learner(arm: experiments.Arm, train: dict[str, Any], stream: common.Stream, recipe: Any, threads: int,
+def make_learner(arm: experiments.Arm, train: dict[str, Any], rules: StreamRules, recipe: Any, threads: int,
                  work: Path) -> Any:
     from torch_methods import TorchLearner, TrainConfig
     cfg = TrainConfig(**train)
     if arm.method == "edgecl":
+        from b4_export import recipe_for_size
         from edgecl_path import EdgeclLearner
-        return EdgeclLearner(recipe, cfg, threads=threads, work=work)
+        return EdgeclLearner(recipe, cfg, rules, threads, work, recipe_for_size(recipe.input_size[0]))
     return TorchLearner(recipe, arm.method, cfg, threads=threads)
 
 
@@ -112,7 +113,7 @@ def main() -> None:
                     print(f"== {arm.label} lr={lr} seed={seed}", flush=True)
                     train, rules = arm_settings(exp, arm)
                     train = train | {"lr": lr or 0.0, "seed": seed}
-                    learner = make_learner(arm, train, stream, recipe, args.threads,
+                    learner = make_learner(arm, train, rules, recipe, args.threads,
                                            common.OUT / args.name / "work" / path.stem)
                     record = run_stream(learner, stream, rules, arm.label)
                     record |= {"arm": arm.label, "method": arm.method, "lr": lr, "seed": seed, "key": key,

@@ -1,0 +1,165 @@
+"""The benchmark harness's own logic (benchmarks/harness.py, domains.py, experiments.py), fast, no model.
+
+The learner here is a numpy embedding with a known shift after each adaptation, so the expected
+prototypes, merges and metrics can be computed by hand; the head statistics go through the device's
+real code (edgecl.device.heads, drift, exemplars), as in the benchmark runs.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+
+import domains  # noqa: E402
+import experiments  # noqa: E402
+import harness  # noqa: E402
+from common import Split, Stream, Task  # noqa: E402
+
+
+class ShiftLearner:
+    """embed = mean colour of the image (3 dims, scaled) + a per-adaptation offset."""
+
+    name = "shift"
+
+    def __init__(self, shift: np.ndarray) -> None:
+        self.offset = np.zeros(3)
+        self.shift = shift
+        self.inputs: list[harness.AdaptInput] = []
+
+    def embed(self, pixels: np.ndarray) -> np.ndarray:
+        return pixels.reshape(len(pixels), -1, 3).mean(axis=1) / 255.0 + self.offset
+
+    def adapt(self, inp: harness.AdaptInput) -> harness.AdaptLog:
+        self.inputs.append(inp)
+        self.offset = self.offset + self.shift
+        return harness.AdaptLog(steps=1)
+
+    def heads(self) -> None:
+        return None
+
+
+def _split(rng: np.random.Generator, classes: list[int], n: int, colour_of) -> Split:  # noqa: ANN001
+    labels = np.repeat(np.asarray(classes, np.int64), n)
+    base = np.stack([colour_of(c) for c in labels]).astype(np.float64)
+    pixels = np.clip(base[:, None, None, :] + rng.normal(0, 8, (len(labels), 2, 2, 3)), 0, 255).astype(np.uint8)
+    return Split(pixels, labels)
+
+
+def _stream(kind: str) -> Stream:
+    rng = np.random.default_rng(0)
+    colours = {c: np.array([40 + 50 * c, 200 - 40 * c, 100 + 30 * (c % 2)]) for c in range(4)}
+    tasks = []
+    for t in range(2):
+        classes = [2 * t, 2 * t + 1] if kind == "class" else [0, 1, 2, 3]
+        colour = (lambda c, t=t: colours[c] + 10 * t)  # a new "camera" brightens domain 2
+        tasks.append(Task(f"t{t}", classes, *[_split(rng, classes, n, colour) for n in (12, 6, 6)], Path(".")))
+    digits = _split(rng, [0, 1], 5, lambda c: colours[c])
+    return Stream(kind, tasks, digits, digits)
+
+
+def test_merge_mean_weights_by_counts() -> None:
+    assert np.allclose(harness.merge_mean(None, 0, np.array([1.0, 2.0]), 5), [1.0, 2.0])
+    assert np.allclose(harness.merge_mean(np.array([0.0, 0.0]), 30, np.array([4.0, 8.0]), 10), [1.0, 2.0])
+
+
+def test_domain_stream_merges_a_class_over_cameras() -> None:
+    stream = _stream("domain")
+    learner = ShiftLearner(np.zeros(3))  # never moves: merged prototype = mean over both cameras' images
+    rules = harness.StreamRules(exemplars=0, heads=("ncm", "lda"))
+    record = harness.run_stream(learner, stream, rules, "frozen")
+    keeper = harness.HeadKeeper(rules)
+    for task in stream.tasks:
+        keeper.snapshot_before(learner, task)
+        emb = learner.embed(task.train.pixels)
+        keeper.update(learner, task, emb, emb, {})
+    both = np.concatenate([learner.embed(t.train.pixels) for t in stream.tasks])
+    labels = np.concatenate([t.train.labels for t in stream.tasks])
+    for c in range(4):
+        assert np.allclose(keeper.protos[c], both[labels == c].mean(axis=0))
+        assert keeper.counts[c] == 24
+    # every camera is scored after every step, seen or not; A_t pools the cameras seen so far
+    ncm = record["heads"]["ncm"]
+    assert [len(row) for row in ncm["acc_test"]] == [2, 2]
+    assert ncm["A_test"][0] == pytest.approx(ncm["acc_test"][0][0])
+
+
+def test_class_stream_shifts_old_prototypes_by_their_exemplars_drift() -> None:
+    stream = _stream("class")
+    shift = np.array([0.5, -0.25, 0.1])
+    learner = ShiftLearner(shift)
+    rules = harness.StreamRules(exemplars=4, replay_share=0.5, old_update="shift", heads=("ncm", "lda-map"))
+    keeper = harness.HeadKeeper(rules)
+    first = None
+    for t, task in enumerate(stream.tasks):
+        ex_before = keeper.snapshot_before(learner, task)
+        before = learner.embed(task.train.pixels)
+        inp = keeper.adapt_input(t, task, before)
+        learner.adapt(inp)
+        after = learner.embed(task.train.pixels)
+        keeper.update(learner, task, before, after, ex_before)
+        if t == 0:
+            first = {c: keeper.protos[c].copy() for c in task.classes}
+            assert len(inp.labels) == len(task.train.labels)  # nothing to replay yet
+        else:
+            # replay: 4 exemplars x 2 old classes, repeated to about half of the training data
+            from edgecl.device.adapt import replay_repeats
+            k = replay_repeats(len(task.train.labels), 8, 0.5)
+            assert len(inp.labels) == len(task.train.labels) + 8 * k
+            assert set(inp.labels[len(task.train.labels):].tolist()) == {0, 1}
+            assert set(inp.targets) == {0, 1, 2, 3}  # the prototype loss sees every class the head holds
+    for c in (0, 1):  # a pure shift moves the exemplars exactly as it moves the class
+        assert np.allclose(keeper.protos[c], first[c] + shift)
+    # the drift map fitted on (before, after) carries the lda-map head's means the same way
+    for c in (0, 1):
+        assert np.allclose(keeper.lda_map.means[c], first[c] + shift, atol=1e-6)
+
+
+def test_derived_metrics_by_hand() -> None:
+    h = {f"A_{s}": [90.0, 80.0, 70.0] for s in ("val", "test")}
+    acc = [[90.0], [85.0, 75.0], [60.0, 70.0, 80.0]]
+    h |= {f"acc_{s}": acc for s in ("val", "test")}
+    d = harness.derived(h)
+    assert d["last_test"] == 70.0 and d["mean_test"] == pytest.approx(80.0)
+    assert d["forgetting_test"] == pytest.approx(((90 - 60) + (75 - 70)) / 2)
+    assert d["first_group_test"] == 60.0 and d["last_group_test"] == 80.0
+
+
+def test_choose_uses_validation_and_prefers_the_smaller_lr_on_ties() -> None:
+    def run(lr: float, val: float, test: float) -> dict:
+        return {"lr": lr, "heads": {"ncm": {"mean_val": val, "mean_test": test}}}
+    runs = [run(1e-3, 80.0, 99.0), run(1e-2, 82.0, 70.0)]
+    assert harness.choose(runs, "ncm") == (1e-2, "ncm")  # test numbers never choose
+    assert harness.choose([run(1e-3, 80.0, 0.0), run(1e-2, 80.0, 0.0)], "ncm") == (1e-3, "ncm")
+
+
+def test_cameras_are_fixed_and_differ() -> None:
+    gray = (np.arange(28 * 28, dtype=np.int64).reshape(1, 28, 28) % 256).astype(np.uint8)
+    clean = domains.render("clean", gray, [0], seed=1)
+    assert clean.shape == (1, 64, 64, 3) and np.array_equal(clean[..., 0], clean[..., 2])
+    for name in domains.DOMAINS[1:]:
+        a = domains.render(name, gray, [0], seed=1)
+        assert np.array_equal(a, domains.render(name, gray, [0], seed=1))  # seeded: same pixels every time
+        assert np.abs(a.astype(int) - clean.astype(int)).mean() > 5, name  # a visible camera change
+    noisy = [domains.render("blur-noise", gray, [0], seed=s) for s in (1, 2)]
+    assert not np.array_equal(*noisy)  # sensor noise is drawn per seed
+    inv = domains.render("inverted", gray, [0], seed=1).astype(int)
+    assert np.corrcoef(inv[0, ..., 0].ravel(), clean[0, ..., 0].ravel())[0, 1] < -0.9
+
+
+def test_every_experiment_names_known_methods_and_settings() -> None:
+    from torch_methods import TrainConfig
+    fields = set(TrainConfig.__dataclass_fields__)
+    rule_fields = set(harness.StreamRules.__dataclass_fields__)
+    for name, exp in experiments.EXPERIMENTS.items():
+        labels = [a.label for a in exp.arms]
+        assert len(labels) == len(set(labels)), name
+        for arm in exp.arms:
+            assert arm.method in ("frozen", "full_ft", "mist", "edgecl"), (name, arm.label)
+            assert set(arm.train) | set(exp.train) <= fields, (name, arm.label)
+            assert set(arm.rules) | set(exp.rules) <= rule_fields, (name, arm.label)
+            assert arm.lr_from is None or arm.lr_from in labels, (name, arm.label)
