@@ -56,7 +56,8 @@ def _stream(kind: str) -> Stream:
     tasks = []
     for t in range(2):
         classes = [2 * t, 2 * t + 1] if kind == "class" else [0, 1, 2, 3]
-        colour = (lambda c, t=t: colours[c] + 10 * t)  # a new "camera" brightens domain 2
+        def colour(c: int, t: int = t) -> np.ndarray:
+            return colours[c] + 10 * t  # a new "camera" brightens domain 2
         tasks.append(Task(f"t{t}", classes, *[_split(rng, classes, n, colour) for n in (12, 6, 6)], Path(".")))
     digits = _split(rng, [0, 1], 5, lambda c: colours[c])
     return Stream(kind, tasks, digits, digits)
