@@ -7,21 +7,27 @@ from typing import Annotated
 
 import typer
 
+from .device import ConfigOpt
+
 
 def delta(
     bundle: Annotated[Path, typer.Argument(help="The adapted bundle folder.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Delta file to write (.safetensors).")],
     values: Annotated[str, typer.Option(help="Value encoding: fp32 (exact), fp16, int8 or int4 (smallest).")] = "fp32",
-    device_id: Annotated[str | None, typer.Option(help="Device name (default: $EDGECL_DEVICE_ID or hostname).")] = None,
+    device_id: Annotated[str | None, typer.Option(help="Device name (default: $EDGECL_DEVICE_ID, else the "
+                                                      "device config's name).")] = None,
     prototypes: Annotated[str | None, typer.Option(help="Prototype encoding: fp32 or fp16 (default: fp32 "
                                                       "with fp32 values, else fp16).")] = None,
-    key: Annotated[str | None, typer.Option(help="Device key, 64 hex digits (default: $EDGECL_DEVICE_KEY); "
-                                               "signs the delta with HMAC-SHA256.")] = None,
+    key: Annotated[str | None, typer.Option(help="Device key, 64 hex digits (default: $EDGECL_DEVICE_KEY, else "
+                                               "the device config's); signs the delta with HMAC-SHA256.")] = None,
+    config: ConfigOpt = None,
 ) -> None:
     """Write the changed delta entries, prototypes and provenance as a delta file."""
     from edgecl.device.deltafile import make_delta
+    from edgecl.device.provision import load_device_config
 
-    report = make_delta(bundle, out, values=values, device_id=device_id, key_hex=key, prototypes_dtype=prototypes)
+    report = make_delta(bundle, out, values=values, device_id=device_id, key_hex=key, prototypes_dtype=prototypes,
+                        config=load_device_config(config))
     typer.echo(f"wrote {report.path}: {report.bytes:,} B ({100 * report.bytes / report.base_fp32_bytes:.2f}% of the "
                f"{report.base_fp32_bytes / 1e6:.1f} MB fp32 model), {report.changed:,} of {report.selected:,} "
                f"selected elements changed after encoding, {report.values}, {'signed' if report.signed else 'UNSIGNED (no --key)'}")

@@ -32,8 +32,12 @@ COMMAND_MODULES = (
     "rollback",
     "upgrade",
     "serve",
+    "server",
+    "device",
     "push",
+    "pull",
     "merge",
+    "release",
     "demo",
 )
 

@@ -1,4 +1,8 @@
-"""`edgecl serve`: the fleet server, and its admin commands (register a device, add a bundle)."""
+"""`edgecl serve` (deprecated, removed in 0.3): the old spellings of `edgecl server ...`.
+
+`edgecl serve [options]` = `edgecl server start`, `serve register-device` = `server device add`,
+`serve add-bundle` = `server bundle add`. Each prints a one-line note on stderr and runs the new one.
+"""
 
 from __future__ import annotations
 
@@ -7,66 +11,56 @@ from typing import Annotated
 
 import typer
 
-serve_app = typer.Typer(help="Run the fleet server (HTTP) or administer its store.", no_args_is_help=False)
+from . import server as new
 
-StoreOpt = Annotated[Path, typer.Option("--store", envvar="EDGECL_SERVER_STORE",
-                                        help="Folder for the stored files (and the SQLite database).")]
-DbOpt = Annotated[str | None, typer.Option("--db", envvar="EDGECL_SERVER_DB",
-                                              help="Database URL: sqlite:///PATH (default: STORE/edgecl.sqlite3) "
-                                                   "or postgresql://USER@HOST:PORT/DB.")]
-DEFAULT_STORE = Path("~/.edgecl/server")
+serve_app = typer.Typer(help="Deprecated: use `edgecl server start` / `edgecl server device add` / "
+                             "`edgecl server bundle add`.", no_args_is_help=False)
+
+
+def _note(old: str, replacement: str) -> None:
+    typer.echo(f"warning: `edgecl {old}` is deprecated and goes away in 0.3: use `edgecl {replacement}`", err=True)
 
 
 @serve_app.callback(invoke_without_command=True)
 def serve(
     ctx: typer.Context,
-    host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0 for every interface).")] = "127.0.0.1",
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8750,
-    db: DbOpt = None,
-    store: StoreOpt = DEFAULT_STORE,
+    db: new.DbOpt = None,
+    store: new.StoreOpt = new.DEFAULT_STORE,
     max_upload_mb: Annotated[float, typer.Option(help="Largest accepted delta upload, in MiB.")] = 16.0,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
     workers: Annotated[int, typer.Option(help="API processes sharing the port and the store.")] = 1,
 ) -> None:
-    """Serve the HTTP API (docs/server.md) until interrupted."""
+    """Deprecated: `edgecl server start`."""
     if ctx.invoked_subcommand is not None:
         return
-    from edgecl.server.app import serve as run_server
-
-    run_server(host=host, port=port, db=db, store_dir=str(store), max_upload_mb=max_upload_mb, log_level=log_level,
-               workers=workers)
+    _note("serve", "server start")
+    new.start(host=host, port=port, db=db, store=store, max_upload_mb=max_upload_mb, log_level=log_level,
+              workers=workers)
 
 
 @serve_app.command("register-device")
 def register_device(
-    name: Annotated[str, typer.Argument(help="Device name (letters, digits, '.', '_', '-').")],
+    name: Annotated[str, typer.Argument(help="Device name.")],
     admin: Annotated[bool, typer.Option("--admin", help="May also add bundles and merge.")] = False,
-    db: DbOpt = None,
-    store: StoreOpt = DEFAULT_STORE,
+    db: new.DbOpt = None,
+    store: new.StoreOpt = new.DEFAULT_STORE,
 ) -> None:
-    """Register a device; prints its token (for push) and key (signs its deltas), shown only once."""
-    from edgecl.server.store import Store
-
-    token, key = Store(store, db).register_device(name, admin=admin)
-    typer.echo(f"device {name}{' (admin)' if admin else ''}")
-    typer.echo(f"token  {token}")
-    typer.echo(f"key    {key}")
-    typer.echo("Keep both secret: the server keeps only the token's hash and cannot show them again.")
+    """Deprecated: `edgecl server device add`."""
+    _note("serve register-device", "server device add")
+    new.device_add(name=name, admin=admin, db=db, store=store)
 
 
 @serve_app.command("add-bundle")
 def add_bundle(
-    bundle: Annotated[Path, typer.Argument(help="Bundle folder written by `edgecl export` (manifest.json, "
-                                                "mask.safetensors).")],
-    db: DbOpt = None,
-    store: StoreOpt = DEFAULT_STORE,
+    bundle: Annotated[Path, typer.Argument(help="Bundle folder.")],
+    db: new.DbOpt = None,
+    store: new.StoreOpt = new.DEFAULT_STORE,
 ) -> None:
-    """Make a bundle version known to the server, so devices can push deltas for it."""
-    from edgecl.server.store import Store, add_bundle_dir
-
-    info, new = add_bundle_dir(Store(store, db), bundle)
-    typer.echo(f"{'added' if new else 'already registered'}: bundle {info.bundle_id} v{info.version} "
-               f"(K={info.delta_k}, mask {info.mask_sha256[:12]})")
+    """Deprecated: `edgecl server bundle add`."""
+    _note("serve add-bundle", "server bundle add")
+    new.bundle_add(bundle=bundle, release=False, db=db, store=store)
 
 
 def register(app: typer.Typer) -> None:

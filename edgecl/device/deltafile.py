@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import os
 import socket
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from edgecl.device.state import load_current, open_bundle
 from edgecl.errors import DeviceError
 from edgecl.formats import delta as delta_format
+
+from .provision import DeviceConfig
 
 KEY_ENV = "EDGECL_DEVICE_KEY"
 DEVICE_ID_ENV = "EDGECL_DEVICE_ID"
@@ -26,9 +30,42 @@ class DeltaReport:
     signed: bool
 
 
+def heldout_from_gate(gate: Any) -> dict[str, Any] | None:
+    """The delta's ``heldout`` report from adapt's ``report.gate`` (its held-out evaluation before and
+    after the adaptation, in ``edgecl.device.infer.evaluate``'s shape); None when there is none."""
+    if not isinstance(gate, dict):
+        return None
+    out: dict[str, Any] = {}
+    for when in ("before", "after"):
+        part = gate.get(when)
+        if not isinstance(part, dict) or not isinstance(part.get("accuracy"), (int, float)):
+            continue
+        report: dict[str, Any] = {"accuracy": float(part["accuracy"])}
+        if isinstance(part.get("images"), int):
+            report["images"] = int(part["images"])
+        per_class = part.get("per_class")
+        if isinstance(per_class, dict):
+            report["per_class"] = {str(name): float(v["accuracy"] if isinstance(v, dict) else v)
+                                   for name, v in per_class.items()
+                                   if isinstance(v, (int, float)) or (isinstance(v, dict) and "accuracy" in v)}
+        out[when] = report
+    if not out:
+        return None
+    try:
+        return delta_format.check_heldout(out)
+    except delta_format.DeltaError as exc:   # a report we cannot carry must not cost the device its delta
+        warnings.warn(f"the adaptation's held-out report is not carried in the delta ({exc.problem})", stacklevel=3)
+        return None
+
+
 def make_delta(bundle_dir: str | Path, out: str | Path, values: str = "fp32", device_id: str | None = None,
-               key_hex: str | None = None, prototypes_dtype: str | None = None) -> DeltaReport:
+               key_hex: str | None = None, prototypes_dtype: str | None = None,
+               config: DeviceConfig | None = None) -> DeltaReport:
     """Write the current device state of ``bundle_dir`` as a delta file (atomically).
+
+    Device name and key: the arguments, else $EDGECL_DEVICE_ID / $EDGECL_DEVICE_KEY, else the
+    device config (``edgecl device init``), else (name only) the hostname with a warning: the
+    server accepts a delta only under the name the device was registered with.
 
     ``prototypes_dtype`` None: fp32 with fp32 values, else fp16 (2^-11 relative error, far below what
     a quantised delta already costs, and it halves the prototypes' share of the file).
@@ -38,17 +75,22 @@ def make_delta(bundle_dir: str | Path, out: str | Path, values: str = "fp32", de
     if state.generation is None:
         raise DeviceError(f"{bundle_dir} has not been adapted on this device yet",
                           "run `edgecl adapt BUNDLE --data DIR` first")
-    key_text = key_hex if key_hex is not None else os.environ.get(KEY_ENV)
+    key_text = key_hex if key_hex is not None else (os.environ.get(KEY_ENV) or (config.key if config else ""))
     key = delta_format.parse_key(key_text) if key_text else None
+    name = device_id or os.environ.get(DEVICE_ID_ENV) or (config.name if config else "")
+    if not name:
+        name = socket.gethostname()
+        warnings.warn(f"no device name configured: the delta says {name!r} (the hostname); the server refuses it "
+                      "unless that is the registered name (run `edgecl device init`)", stacklevel=2)
     report = state.meta.get("report", {})
     metrics = {k: float(v) for k, v in report.items()
                if isinstance(v, (int, float)) and not isinstance(v, bool) and k in ("final_loss", "seconds_per_step")}
     d = delta_format.Delta.from_dense(
         state.delta, bundle_id=bundle.manifest.bundle_id, bundle_version=bundle.manifest.version,
         base_sha256=bundle.manifest.base_sha256, mask_sha256=bundle.manifest.mask_sha256,
-        device_id=device_id or os.environ.get(DEVICE_ID_ENV) or socket.gethostname(),
-        steps=int(state.meta.get("steps_total", 0)), samples_seen=int(state.meta.get("samples_seen", 0)),
-        metrics=metrics, prototypes=state.prototypes)
+        device_id=name, steps=int(state.meta.get("steps_total", 0)),
+        samples_seen=int(state.meta.get("samples_seen", 0)), metrics=metrics, prototypes=state.prototypes,
+        heldout=heldout_from_gate(report.get("gate") if isinstance(report, dict) else None))
     protos = prototypes_dtype or ("fp32" if values == "fp32" else "fp16")
     data = delta_format.save_file(d, out, key, values=values, prototypes_dtype=protos)
     # Count what the file says changed: int8/int4 round the smallest entries to 0 (= unchanged).

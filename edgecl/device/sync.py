@@ -9,12 +9,15 @@ stdlib only (urllib): a device installs nothing for this beyond edgecl's core.
   ``$EDGECL_OUTBOX``), named by its sha256, atomically; ``flush_outbox`` (``edgecl push --outbox``)
   sends them later and removes each one the server has acknowledged. Rejected outbox files are
   moved to ``outbox/rejected/`` with the reason beside them, never retried forever.
-- Exit codes (``exit_code``): 0 sent, 4 already on the server (nothing new), 2 rejected, 3 unreachable.
+- Exit codes (``exit_code``): 0 sent or already on the server, 2 rejected, 3 unreachable.
+- ``api_json`` / ``download``: the same retry rules for the JSON API and for file downloads
+  (``edgecl pull``, ``edgecl release``).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import os
@@ -26,6 +29,7 @@ import urllib.request
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from edgecl.errors import EdgeclError
 from edgecl.formats import delta as D
@@ -34,7 +38,7 @@ from edgecl.formats.atomic import atomic_write_bytes
 EXIT_SENT = 0
 EXIT_REJECTED = 2
 EXIT_UNREACHABLE = 3
-EXIT_ALREADY = 4
+EXIT_ALREADY = 0     # a delta the server already has is a success (it was 4 before 0.2)
 
 SENT, ALREADY, REJECTED, UNREACHABLE = "sent", "already_have_it", "rejected", "unreachable"
 _RETRY_STATUS = {408, 429, 500, 502, 503, 504}
@@ -181,13 +185,117 @@ def flush_outbox(server: str, token: str, outbox: Path | None = None, policy: Re
 
 
 def exit_code(results: list[PushResult]) -> int:
-    """2 if anything was rejected, else 3 if anything is still waiting, else 0 if anything was
-    sent, else 4 (everything was already on the server)."""
+    """2 if anything was rejected, else 3 if anything is still waiting, else 0 (every delta is on
+    the server now, sent by this run or already there)."""
     statuses = {r.status for r in results}
     if REJECTED in statuses:
         return EXIT_REJECTED
     if UNREACHABLE in statuses:
         return EXIT_UNREACHABLE
-    if SENT in statuses or not results:
-        return EXIT_SENT
-    return EXIT_ALREADY
+    return EXIT_SENT
+
+
+# -- the JSON API and downloads (pull, release) ----------------------------------------------------------
+class ServerRejected(EdgeclError):
+    """The server answered with a 4xx (its JSON error code is ``code``)."""
+
+    def __init__(self, code: str, status: int, message: str) -> None:
+        problem, _, fix = message.partition(": ")
+        super().__init__(f"the server refused ({code}): {problem}", fix or "see docs/server.md")
+        self.code = code
+        self.status = status
+
+
+class ServerUnreachable(EdgeclError):
+    """No answer (network, timeout, 5xx) after the retries."""
+
+
+def _request(server: str, token: str, method: str, path: str, data: bytes | None, content_type: str,
+             policy: RetryPolicy, sleep: Callable[[float], None], sink: Callable[[bytes], None] | None = None,
+             ) -> bytes:
+    url = server.rstrip("/") + path
+    reason = ""
+    for attempt in range(policy.retries + 1):
+        if attempt:
+            sleep(policy.delay(attempt - 1))
+        headers = {"Authorization": f"Bearer {token}"}
+        if data is not None:
+            headers["Content-Type"] = content_type
+        request = urllib.request.Request(url, data=data, method=method, headers=headers)
+        try:
+            with urllib.request.urlopen(request, timeout=policy.timeout_s) as response:
+                if sink is None:
+                    return response.read()
+                while chunk := response.read(1 << 20):
+                    sink(chunk)
+                return b""
+        except urllib.error.HTTPError as exc:
+            body = _json(exc.read())
+            code, message = body.get("error", f"http_{exc.code}"), body.get("message", str(exc.reason))
+            if exc.code not in _RETRY_STATUS:
+                raise ServerRejected(code, exc.code, message) from None
+            reason = f"server answered {exc.code} ({code})"
+        except (TimeoutError, urllib.error.URLError, OSError) as exc:
+            reason = str(getattr(exc, "reason", exc)) or type(exc).__name__
+    raise ServerUnreachable(f"{url}: {reason} after {policy.retries + 1} attempts",
+                            "check the server URL and the network, then run the command again")
+
+
+def api_json(server: str, token: str, method: str, path: str, body: object = None,
+             policy: RetryPolicy | None = None, sleep: Callable[[float], None] = time.sleep) -> dict:
+    """One JSON API call with the push's retry rules; ServerRejected on a 4xx."""
+    data = json.dumps(body).encode() if body is not None else (b"" if method in ("POST", "PUT") else None)
+    raw = _request(server, token, method, path, data, "application/json", policy or RetryPolicy(), sleep)
+    answer = _json(raw)
+    if not answer and raw.strip() not in (b"{}",):
+        raise ServerUnreachable(f"{server}{path} did not answer JSON", "check the server URL (an edgecl server?)")
+    return answer
+
+
+def upload(server: str, token: str, path: str, data_path: Path, policy: RetryPolicy | None = None,
+           sleep: Callable[[float], None] = time.sleep) -> dict:
+    """PUT a file's bytes (a bundle file to ``/v1/blobs/{sha256}``)."""
+    raw = _request(server, token, "PUT", path, data_path.read_bytes(), "application/octet-stream",
+                   policy or RetryPolicy(), sleep)
+    return _json(raw)
+
+
+class _Sink:
+    """Writes a download to a file and hashes it on the way."""
+
+    def __init__(self, f: Any) -> None:
+        self.f, self.digest, self.size = f, hashlib.sha256(), 0
+
+    def __call__(self, chunk: bytes) -> None:
+        self.digest.update(chunk)
+        self.f.write(chunk)
+        self.size += len(chunk)
+
+
+def download(server: str, token: str, path: str, dest: Path, expected_sha256: str,
+             policy: RetryPolicy | None = None, sleep: Callable[[float], None] = time.sleep) -> int:
+    """GET ``path`` into ``dest`` (streamed, fsynced), checking its sha256; returns the bytes read.
+    A file whose bytes do not hash to ``expected_sha256`` is deleted and refused. A broken
+    transfer starts again from the first byte (retry rules of the push)."""
+    policy = policy or RetryPolicy()
+    once = dataclasses.replace(policy, retries=0)
+    for attempt in range(policy.retries + 1):
+        if attempt:
+            sleep(policy.delay(attempt - 1))
+        try:
+            with open(dest, "wb") as f:
+                sink = _Sink(f)
+                _request(server, token, "GET", path, None, "", once, sleep, sink)
+                f.flush()
+                os.fsync(f.fileno())
+            break
+        except ServerUnreachable:
+            dest.unlink(missing_ok=True)
+            if attempt == policy.retries:
+                raise
+    if sink.digest.hexdigest() != expected_sha256:
+        dest.unlink(missing_ok=True)
+        raise EdgeclError(f"{path.rsplit('/', 1)[-1]} from the server hashes to {sink.digest.hexdigest()[:16]}..., "
+                          f"the signed manifest says {expected_sha256[:16]}... (altered or damaged on the way)",
+                          "refused, nothing changed: run the command again; if it persists, check the server's store")
+    return sink.size
