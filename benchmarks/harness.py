@@ -34,6 +34,8 @@ from typing import Any, Protocol
 import numpy as np
 from common import Stream, Task, concat
 
+from edgecl.device.heads import LdaHead, RanpacHead, fit_linear_drift
+
 LDA_SHRINKAGE = (0.03, 0.1, 0.3)      # the lda heads' grid, chosen on val like the lr
 RANPAC_RIDGE = (1e4, 1e5, 1e6)        # the ranpac head's grid
 RANPAC_M = 2000
@@ -117,7 +119,6 @@ class HeadKeeper:
     def update(self, learner: Learner, task: Task, before: np.ndarray, after: np.ndarray,
                ex_before: dict[int, np.ndarray]) -> None:
         from edgecl.device import drift as sdc
-        from edgecl.device.heads import LdaHead, RanpacHead, fit_linear_drift
         from edgecl.formats.exemplars import herding_order
         labels = task.train.labels
         moved = bool(np.any(before != after))
@@ -147,7 +148,7 @@ class HeadKeeper:
             self.lda = self.lda or LdaHead(dim)
             self.lda.add(after, labels)
         if "ranpac" in self.p.heads:
-            self.ranpac = self.ranpac or RanpacHead(dim, RANPAC_M)
+            self.ranpac = self.ranpac or CachedRanpac(dim, RANPAC_M)
             self.ranpac.add(after, labels)
         for c in task.classes:
             rows = labels == c
@@ -188,9 +189,23 @@ class HeadKeeper:
                 head.shrinkage = s
                 out[f"{key}:{s:g}"] = ids[head.logits(emb, m).argmax(axis=1)]
         if self.ranpac is not None:
+            emb = np.asarray(emb, np.float64)  # one array object: the features are projected once
             for r in RANPAC_RIDGE:
                 out[f"ranpac:{r:g}"] = ids[self.ranpac.logits(emb, list(ids), ridge=r).argmax(axis=1)]
         return out
+
+
+class CachedRanpac(RanpacHead):
+    """The device's RanpacHead; the random features of the last array scored are kept, so the ridge
+    grid (one ``logits`` call per ridge) projects the embeddings once."""
+
+    def features(self, embeddings: np.ndarray) -> np.ndarray:
+        cache = getattr(self, "_cache", None)
+        if cache is not None and cache[0] is embeddings:
+            return cache[1]
+        h = super().features(embeddings)
+        self._cache = (embeddings, h)
+        return h
 
 
 def merge_mean(prev: np.ndarray | None, prev_count: int, mean: np.ndarray, count: int) -> np.ndarray:
@@ -219,19 +234,20 @@ def digits_accuracy(learner: Learner, stream: Stream) -> float:
 def _score(keeper: HeadKeeper, learner: Learner, stream: Stream, t: int) -> dict[str, dict[str, Any]]:
     """Per head key and split: A_t over the seen groups, and the accuracy of every scored group."""
     scored = range(len(stream.tasks)) if stream.kind == "domain" else range(t + 1)
+    groups = [getattr(stream.tasks[j], split) for split in ("val", "test") for j in scored]
+    pooled = concat(groups)  # one embedding and one head solve for both splits
+    preds = keeper.predict(learner.embed(pooled.pixels))
+    bounds = np.cumsum([0] + [len(g.labels) for g in groups])
+    n = len(scored)
     out: dict[str, dict[str, Any]] = {}
-    for split in ("val", "test"):
-        groups = [getattr(stream.tasks[j], split) for j in scored]
-        pooled = concat(groups)
-        preds = keeper.predict(learner.embed(pooled.pixels))
-        bounds = np.cumsum([0] + [len(g.labels) for g in groups])
-        for key, pred in preds.items():
-            correct = pred == pooled.labels
-            per = [100.0 * float(np.mean(correct[bounds[i]:bounds[i + 1]])) for i in range(len(groups))]
-            seen = correct[:bounds[t + 1]]
-            h = out.setdefault(key, {})
+    for key, pred in preds.items():
+        correct = pred == pooled.labels
+        per = [100.0 * float(np.mean(correct[bounds[i]:bounds[i + 1]])) for i in range(len(groups))]
+        h = out.setdefault(key, {})
+        for s, split in enumerate(("val", "test")):
+            seen = correct[bounds[s * n]:bounds[s * n + t + 1]]
             h[f"A_{split}"] = 100.0 * float(np.mean(seen))
-            h[f"acc_{split}"] = per
+            h[f"acc_{split}"] = per[s * n:(s + 1) * n]
     return out
 
 

@@ -16,14 +16,28 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
-import common
-import experiments
-import numpy as np
-from harness import FAMILIES, StreamRules, run_stream, split_data, summarize_arms
+
+def _pin_threads() -> None:
+    """--threads N also holds numpy's BLAS to N threads: it must be set before numpy is imported."""
+    n = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--threads=")), None)
+    if "--threads" in sys.argv[:-1]:
+        n = sys.argv[sys.argv.index("--threads") + 1]
+    for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ.setdefault(var, n or "1")
+
+
+_pin_threads()
+
+import common  # noqa: E402
+import experiments  # noqa: E402
+import numpy as np  # noqa: E402
+from harness import FAMILIES, StreamRules, run_stream, split_data, summarize_arms  # noqa: E402
 
 CRITERION = "mean_val"
 
