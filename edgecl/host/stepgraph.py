@@ -59,24 +59,53 @@ def _is_pointwise(weight_shape: Sequence[int], stride: tuple, padding: tuple, di
             and groups == 1)
 
 
-def _zero_insert_pad(dy: torch.Tensor, stride: tuple, before: tuple, after: tuple) -> torch.Tensor:
+# Layouts chosen per layer by measurement (onnxruntime 1.32 CPU, 1 thread, Lite0 shapes, 64 images):
+# below this many output pixels a 1x1 convolution is fastest as one GEMM over all images
+# (channels-first blocks), above it as a batched MatMul / Conv; a stride-2 depthwise input gradient
+# is fastest as ConvTranspose on maps of at least this size and as a conv of the spread gradient
+# on smaller ones (ConvTranspose there is up to 8x slower).
+_SMALL_MAP_PIXELS = 64
+_CONVT_MIN_PIXELS = 256
+
+
+def _spread(dy: torch.Tensor, stride: tuple, before: tuple, after: tuple) -> tuple[torch.Tensor, tuple[int, int]]:
     """dy with stride-1 zeros between its elements (a strided conv's output spread back over its
-    input grid), then ``before``/``after`` zeros at the borders (negative = cropped)."""
+    input grid) and ``before``/``after`` zeros at the borders (negative = cropped). Returns the
+    tensor and the symmetric part of the border, left to the convolution's own padding."""
     n, c, ho, wo = dy.shape
     sh, sw = stride
     if sh > 1 or sw > 1:
-        # Pad/Reshape instead of a strided scatter: both are plain, cheap ONNX ops.
-        t = F.pad(dy.reshape(n, c, ho, 1, wo, 1), (0, sw - 1, 0, 0, 0, sh - 1))
-        dy = t.reshape(n, c, ho * sh, wo * sw)
+        # Nearest upsampling times a constant checkerboard: a Resize and a Mul are far faster in
+        # onnxruntime than a Pad/Concat/DepthToSpace spreading with 1-element strides.
+        keep = torch.zeros(sh, sw)
+        keep[0, 0] = 1.0
+        checker = keep.repeat(ho, wo).to(dy.dtype).reshape(1, 1, ho * sh, wo * sw)
+        dy = F.interpolate(dy, size=(ho * sh, wo * sw), mode="nearest") * checker
         # The spreading leaves stride-1 trailing zeros past the last element.
         after = (after[0] - (sh - 1), after[1] - (sw - 1))
-    pads = (max(before[1], 0), max(after[1], 0), max(before[0], 0), max(after[0], 0))
+    common = tuple(max(min(before[i], after[i]), 0) for i in range(2))
+    extra_before = [before[i] - common[i] for i in range(2)]
+    extra_after = [after[i] - common[i] for i in range(2)]
+    pads = (max(extra_before[1], 0), max(extra_after[1], 0), max(extra_before[0], 0), max(extra_after[0], 0))
     if any(pads):
         dy = F.pad(dy, pads)
-    if min(before + after) < 0:
+    if min(extra_before + extra_after) < 0:
         h, w = dy.shape[2], dy.shape[3]
-        dy = dy[:, :, max(-before[0], 0):h - max(-after[0], 0), max(-before[1], 0):w - max(-after[1], 0)]
-    return dy
+        dy = dy[:, :, max(-extra_before[0], 0):h - max(-extra_after[0], 0),
+                max(-extra_before[1], 0):w - max(-extra_after[1], 0)]
+    return dy, common
+
+
+def _channels_first(t: torch.Tensor) -> torch.Tensor:
+    """[N, C, H, W] -> [C, N*H*W] (moves whole H*W blocks: cheap)."""
+    n, c = t.shape[0], t.shape[1]
+    return t.reshape(n, c, -1).transpose(0, 1).reshape(c, -1)
+
+
+def _images_first(t: torch.Tensor, n: int, hw: tuple[int, int]) -> torch.Tensor:
+    """[C, N*H*W] -> [N, C, H, W]."""
+    # contiguous(): a copy, not a view (a custom Function's output may then be modified in place).
+    return t.reshape(t.shape[0], n, *hw).transpose(0, 1).contiguous()
 
 
 def conv2d_input_grad(dy: torch.Tensor, weight: torch.Tensor, input_hw: tuple[int, int], stride: tuple,
@@ -87,19 +116,22 @@ def conv2d_input_grad(dy: torch.Tensor, weight: torch.Tensor, input_hw: tuple[in
     ci = weight.shape[1] * groups
     if _is_pointwise(weight.shape, stride, padding, dilation, groups):
         w2 = weight.reshape(co, ci)
-        return torch.matmul(w2.t(), dy.reshape(n, co, ho * wo)).reshape(n, ci, ho, wo)
+        if ho * wo < _SMALL_MAP_PIXELS:
+            return _images_first(torch.mm(w2.t(), _channels_first(dy)), n, (ho, wo))
+        return F.conv2d(dy, w2.t().reshape(ci, co, 1, 1))
     kh, kw = weight.shape[2], weight.shape[3]
-    out_pad = [input_hw[i] - ((dy.shape[2 + i] - 1) * stride[i] - 2 * padding[i] + dilation[i] *
-                              ((kh, kw)[i] - 1) + 1) for i in range(2)]
-    if _is_depthwise(weight, groups, ci):
-        # Transposed conv == stride-1 conv of the zero-inserted, padded dy with the flipped kernel;
-        # onnxruntime's depthwise Conv kernels are far faster than its ConvTranspose (PORTABLE).
+    out_pad = tuple(input_hw[i] - ((dy.shape[2 + i] - 1) * stride[i] - 2 * padding[i] + dilation[i] *
+                                   ((kh, kw)[i] - 1) + 1) for i in range(2))
+    strided = tuple(stride) != (1, 1)
+    if _is_depthwise(weight, groups, ci) and not (strided and ho * wo >= _CONVT_MIN_PIXELS):
+        # Transposed conv == stride-1 conv of the spread, padded dy with the flipped kernel;
+        # onnxruntime's depthwise Conv kernels (NCHWc, constant kernel) beat its ConvTranspose.
         before = tuple(dilation[i] * ((kh, kw)[i] - 1) - padding[i] for i in range(2))
         after = tuple(before[i] + out_pad[i] for i in range(2))
-        spread = _zero_insert_pad(dy, stride, before, after)
         kernel = flipped if flipped is not None else torch.flip(weight, (2, 3))
-        return F.conv2d(spread, kernel, None, 1, 0, dilation, groups)
-    return F.conv_transpose2d(dy, weight, None, stride, padding, tuple(out_pad), groups, dilation)
+        spread, conv_pad = _spread(dy, stride, before, after)
+        return F.conv2d(spread, kernel, None, 1, conv_pad, dilation, groups)
+    return F.conv_transpose2d(dy, weight, None, stride, padding, out_pad, groups, dilation)
 
 
 def conv2d_weight_grad(x: torch.Tensor, dy: torch.Tensor, weight_shape: Sequence[int], stride: tuple,
@@ -109,10 +141,12 @@ def conv2d_weight_grad(x: torch.Tensor, dy: torch.Tensor, weight_shape: Sequence
     co, ci_g, kh, kw = weight_shape
     ho, wo = dy.shape[2], dy.shape[3]
     if _is_pointwise(weight_shape, stride, padding, dilation, groups):
-        # One GEMM: dW[co, ci] = sum over images and pixels of dy[co, p] * x[ci, p].
-        dyt = dy.reshape(n, co, ho * wo).transpose(0, 1).reshape(co, n * ho * wo)
-        xt = x.reshape(n, ci, h * w).transpose(1, 2).reshape(n * h * w, ci)
-        return torch.matmul(dyt, xt).reshape(co, ci, 1, 1)
+        # dW[co, ci] = sum over images and pixels of dy[co, p] * x[ci, p].
+        if ho * wo < _SMALL_MAP_PIXELS:
+            xt = x.reshape(n, ci, h * w).transpose(1, 2).reshape(n * h * w, ci)
+            return torch.mm(_channels_first(dy), xt).reshape(co, ci, 1, 1)
+        per_image = torch.bmm(dy.reshape(n, co, ho * wo), x.reshape(n, ci, h * w).transpose(1, 2))
+        return per_image.sum(0).reshape(co, ci, 1, 1)
     if groups == 1:
         # Channels of x as the batch, images as the channels, dy as the kernel; stride and
         # dilation swap roles.
@@ -131,26 +165,82 @@ def conv2d_weight_grad(x: torch.Tensor, dy: torch.Tensor, weight_shape: Sequence
 
 
 class _Conv2dFn(torch.autograd.Function):
-    """conv2d (with an optional frozen bias) whose backward make_fx traces into exportable ops."""
+    """conv2d whose backward make_fx traces into exportable forward ops (module docstring)."""
 
     @staticmethod
-    def forward(ctx, x, weight, frozen_bias, stride, padding, dilation, groups, flipped):  # noqa: ANN001, ANN205
-        ctx.save_for_backward(x, weight)
+    def forward(ctx, x, weight, bias, stride, padding, dilation, groups, flipped):  # noqa: ANN001, ANN205
         ctx.conf = (stride, padding, dilation, groups)
         ctx.flipped = flipped
-        return F.conv2d(x, weight, frozen_bias, stride, padding, dilation, groups)
+        n, _, h, w = x.shape
+        ctx.small_pointwise = (_is_pointwise(weight.shape, stride, padding, dilation, groups)
+                               and h * w < _SMALL_MAP_PIXELS)
+        if ctx.small_pointwise:
+            # Small maps (the late, wide layers): one GEMM over all images beats a per-image Conv.
+            x2 = _channels_first(x)
+            y2 = torch.mm(weight.reshape(weight.shape[0], -1), x2)
+            if bias is not None:
+                y2 = y2 + bias.reshape(-1, 1)
+            ctx.save_for_backward(x2, weight)
+            ctx.hw = (h, w)
+            return _images_first(y2, n, (h, w))
+        ctx.save_for_backward(x, weight)
+        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
 
     @staticmethod
     def backward(ctx, dy):  # noqa: ANN001, ANN205
-        x, weight = ctx.saved_tensors
+        saved, weight = ctx.saved_tensors
         stride, padding, dilation, groups = ctx.conf
-        dx = dw = None
+        dx = dw = db = None
+        if ctx.small_pointwise:
+            dy2 = _channels_first(dy)
+            w2 = weight.reshape(weight.shape[0], -1)
+            if ctx.needs_input_grad[0]:
+                dx = _images_first(torch.mm(w2.t(), dy2), dy.shape[0], ctx.hw)
+            if ctx.needs_input_grad[1]:
+                dw = torch.mm(dy2, saved.t()).reshape(weight.shape)
+            if ctx.needs_input_grad[2]:
+                db = dy2.sum(1)
+            return dx, dw, db, None, None, None, None, None
+        x = saved
         if ctx.needs_input_grad[0]:
             dx = conv2d_input_grad(dy, weight, (x.shape[2], x.shape[3]), stride, padding, dilation, groups,
                                    ctx.flipped)
         if ctx.needs_input_grad[1]:
             dw = conv2d_weight_grad(x, dy, weight.shape, stride, padding, dilation, groups)
-        return dx, dw, None, None, None, None, None, None
+        if ctx.needs_input_grad[2]:
+            db = dy.sum((0, 2, 3))
+        return dx, dw, db, None, None, None, None, None
+
+
+class _ClampFn(torch.autograd.Function):
+    """ReLU / ReLU6 / hardtanh whose backward is grad * (lo < y < hi): torch's decomposition uses
+    Where, which runs about 5x slower in onnxruntime than a Cast and a Mul."""
+
+    @staticmethod
+    def forward(ctx, x, lo, hi):  # noqa: ANN001, ANN205
+        y = torch.relu(x) if (lo, hi) == (0.0, None) else torch.clamp(x, lo, hi)
+        ctx.save_for_backward(y)  # the output: the next layer keeps it anyway
+        ctx.bounds = (lo, hi)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad):  # noqa: ANN001, ANN205
+        (y,) = ctx.saved_tensors
+        lo, hi = ctx.bounds
+        inside = y > lo if hi is None else (y > lo) & (y < hi)
+        return grad * inside.to(grad.dtype), None, None
+
+
+def _clamp_bounds(func, args, kwargs) -> tuple[float, float | None] | None:  # noqa: ANN001
+    if func is F.relu or func is torch.relu:
+        return 0.0, None
+    if func is F.relu6:
+        return 0.0, 6.0
+    if func is F.hardtanh:
+        lo = args[1] if len(args) > 1 else kwargs.get("min_val", -1.0)
+        hi = args[2] if len(args) > 2 else kwargs.get("max_val", 1.0)
+        return float(lo), float(hi)
+    return None
 
 
 def _conv_args(x, weight, bias=None, stride=1, padding=0, dilation=1, groups=1):  # noqa: ANN001, ANN202
@@ -202,22 +292,25 @@ class _ConvRouter(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is F.scaled_dot_product_attention:
             return _attention(*args, **kwargs)
+        bounds = _clamp_bounds(func, args, kwargs)
+        if bounds is not None:
+            # In-place variants return a new tensor here; timm uses the return value.
+            return _ClampFn.apply(args[0], *bounds) if args[0].requires_grad else func(*args, **kwargs)
         if func is not F.conv2d and func is not torch.conv2d:
             return func(*args, **kwargs)
         x, weight, bias, stride, padding, dilation, groups = _conv_args(*args, **kwargs)
         padding = _numeric_padding(padding, weight, stride, dilation)
-        trainable_bias = bias is not None and bias.requires_grad
-        frozen_bias = None if trainable_bias else bias
-        if x.requires_grad or weight.requires_grad:
-            y = _Conv2dFn.apply(x, weight, frozen_bias, stride, padding, dilation, groups,
-                                self.flipped.get(id(weight)))
-        else:
-            y = F.conv2d(x, weight, frozen_bias, stride, padding, dilation, groups)
-        if trainable_bias:
-            # A trainable bias added after the conv keeps the conv's inputs constant (onnxruntime's
-            # fast path needs a constant weight and bias); its gradient is a plain sum.
-            y = y + bias.reshape(1, -1, 1, 1)
-        return y
+        if bias is not None and bias.requires_grad and not weight.requires_grad:
+            # A constant weight with a trainable bias: the bias is added after the conv, so the
+            # conv's inputs stay constant (onnxruntime's fast path needs a constant weight and bias).
+            y = self._conv(x, weight, None, stride, padding, dilation, groups)
+            return y + bias.reshape(1, -1, 1, 1)
+        return self._conv(x, weight, bias, stride, padding, dilation, groups)
+
+    def _conv(self, x, weight, bias, stride, padding, dilation, groups):  # noqa: ANN001, ANN202
+        if x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad):
+            return _Conv2dFn.apply(x, weight, bias, stride, padding, dilation, groups, self.flipped.get(id(weight)))
+        return F.conv2d(x, weight, bias, stride, padding, dilation, groups)
 
 
 def _convolution_backward(grad_output, input, weight, bias_sizes, stride, padding, dilation,  # noqa: A002, ANN001, ANN202
