@@ -11,7 +11,8 @@ Per task t, in the device's order (edgecl.device.adapt, post-steps):
 3. embed again; old classes (not in this task) move by their exemplars' drift (``shift``), by
    semantic drift compensation (``sdc``) or not at all (``none``);
 4. the ``lda-map`` head's statistics and own class means are carried through the affine drift map
-   fitted on (before, after) of the task's images and exemplars; the ``lda`` head's are not;
+   fitted on (before, after) of the task's images and old classes' exemplars (``ncm-map``: cosine to
+   those carried means); the ``lda`` head's are not (its means are the ncm prototypes);
 5. the task's classes: prototypes (and lda-map means) merged with the new images' mean by counts, so a
    class seen again under a new camera keeps its old cameras (B6); covariance and Gram matrices get
    the new images; exemplars of the task's classes re-chosen by herding.
@@ -39,7 +40,7 @@ from edgecl.device.heads import LdaHead, RanpacHead, fit_linear_drift
 LDA_SHRINKAGE = (0.03, 0.1, 0.3)      # the lda heads' grid, chosen on val like the lr
 RANPAC_RIDGE = (1e4, 1e5, 1e6)        # the ranpac head's grid
 RANPAC_M = 2000
-FAMILIES = ("ncm", "lda", "lda-map", "ranpac")
+FAMILIES = ("ncm", "ncm-map", "lda", "lda-map", "ranpac")
 
 
 # -- the learner protocol --------------------------------------------------------------------------
@@ -179,6 +180,9 @@ class HeadKeeper:
         means = np.stack([protos[c] for c in ids]).astype(np.float64)
         out = {"ncm": ids[np.argmax(_unit(emb) @ _unit(means).T, axis=1)]}
         lda_map = self.own.lda if (self.own is not None and self.own.lda is not None) else self.lda_map
+        if lda_map is not None:  # cosine to the class means the drift map carried (the lda-map head's)
+            mapped = np.stack([lda_map.means.get(c, protos[c]) for c in ids]).astype(np.float64)
+            out["ncm-map"] = ids[np.argmax(_unit(emb) @ _unit(mapped).T, axis=1)]
         for key, head, m in (("lda", self.lda, means),
                              ("lda-map", lda_map, None)):
             if head is None:
