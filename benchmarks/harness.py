@@ -8,8 +8,8 @@ Per task t, in the device's order (edgecl.device.adapt, post-steps):
 1. embed the task's images (and the stored exemplars) with the backbone before adapting;
 2. ``learner.adapt``: the task's images plus replayed exemplars of old classes (repeated to the replay
    share), and the head's current class prototypes (the targets of the optional prototype loss term);
-3. embed again; old classes (not in this task) move by their exemplars' drift (``shift``), by
-   semantic drift compensation (``sdc``) or not at all (``none``);
+3. embed again; every class with stored exemplars moves by their drift (``shift``), the others by
+   semantic drift compensation (``sdc``), or nothing moves (``none``);
 4. the ``lda-map`` head's statistics and own class means are carried through the affine drift map
    fitted on (before, after) of the task's images and old classes' exemplars (``ncm-map``: cosine to
    those carried means); the ``lda`` head's are not (its means are the ncm prototypes);
@@ -123,24 +123,22 @@ class HeadKeeper:
         from edgecl.formats.exemplars import herding_order
         labels = task.train.labels
         moved = bool(np.any(before != after))
-        old = [c for c in self.protos if c not in task.classes]
-        ex_before = {c: e for c, e in ex_before.items() if c in old}  # the device: old classes' exemplars
+        # As the device (poststeps.py): every class with stored exemplars moves by its exemplars' drift,
+        # a class seen again (B6) included, before it is merged; the rest by SDC.
         ex_after = {c: learner.embed(self.memory[c]) for c in ex_before} if moved else ex_before
-        if moved and old:
-            shifted = [c for c in old if self.p.old_update == "shift" and c in ex_before]
+        if moved:
+            shifted = [c for c in ex_before if self.p.old_update == "shift" and c in self.protos]
             for c in shifted:
                 self.protos[c] = self.protos[c] + ex_after[c].mean(axis=0) - ex_before[c].mean(axis=0)
-            rest = [c for c in old if c not in shifted]
-            if self.p.old_update in ("shift", "sdc") and rest:  # the device: SDC where no exemplars
+            rest = [c for c in self.protos if c not in shifted]
+            if self.p.old_update in ("shift", "sdc") and rest:
                 moved_rows = sdc.compensate(np.stack([self.protos[c] for c in rest]), before, after,
                                             sdc.default_sigma(before, labels))
                 self.protos.update({c: moved_rows[i] for i, c in enumerate(rest)})
         dim = after.shape[1]
         if "lda-map" in self.p.heads:
             self.lda_map = self.lda_map or LdaHead(dim)
-            if moved and self.protos:
-                for c, mu in self.protos_before.items():
-                    self.lda_map.means.setdefault(c, mu.astype(np.float64))
+            if moved and self.lda_map.means:
                 fit_b = np.concatenate([before, *ex_before.values()])
                 fit_a = np.concatenate([after, *ex_after.values()])
                 self.lda_map.move(fit_linear_drift(fit_b, fit_a))
@@ -165,13 +163,12 @@ class HeadKeeper:
         self.own = learner.heads()
 
     def snapshot_before(self, learner: Learner, task: Task) -> dict[int, np.ndarray]:
-        """Call before adapting: the prototypes now, and the old classes' exemplars embedded (old space).
+        """Call before adapting: the stored exemplars embedded with the backbone before (old space).
 
         A learner with its own heads moves its own statistics: nothing to embed for it."""
-        self.protos_before = dict(self.protos)
         if self.own is not None:
             return {}
-        return {c: learner.embed(px) for c, px in self.memory.items() if c not in task.classes}
+        return {c: learner.embed(px) for c, px in self.memory.items() if c in self.protos}
 
     # scoring
     def predict(self, emb: np.ndarray) -> dict[str, np.ndarray]:
