@@ -109,3 +109,34 @@ def bundle_payload(manifest: dict, mask_bytes: bytes) -> dict:
 
 def stored_files(store_dir: Path) -> set[str]:
     return {p.name for p in (store_dir / "blobs").rglob("*") if p.is_file()}
+
+
+def make_bundle_dir(root: Path, bundle_id: str = "line-s", version: int = 1, weight_scale: float = 0.05,
+                    seed: int = 0, parent: Path | None = None) -> Path:
+    """A hand-made bundle folder the server can store whole: manifest.json (listing every file's
+    sha256), mask, base weights, prototypes. Not runnable by a device (no graphs): for server tests."""
+    import hashlib
+    import json
+
+    import numpy as np
+    from edgecl_test_deltas import CLASSES, EMBED_DIM
+    from safetensors.numpy import save as st_save
+
+    from edgecl.formats.prototypes import Prototypes
+
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    mask = make_mask()
+    mask_bytes = mask.to_bytes()
+    (root / "mask.safetensors").write_bytes(mask_bytes)
+    weights = {name: (rng.normal(0, weight_scale, mask.shapes[name])).astype(np.float32) for name in mask.order}
+    (root / "weights.safetensors").write_bytes(st_save(weights))
+    protos = Prototypes(list(CLASSES), rng.normal(size=(len(CLASSES), EMBED_DIM)).astype(np.float32),
+                        np.full(len(CLASSES), 5, np.int64))
+    (root / "prototypes.safetensors").write_bytes(protos.to_bytes())
+    manifest = make_manifest(mask_bytes, mask.total_selected, bundle_id=bundle_id, version=version)
+    manifest["files"] = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.iterdir())}
+    if parent is not None:
+        manifest["parent_sha256"] = hashlib.sha256((parent / "manifest.json").read_bytes()).hexdigest()
+    (root / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return root

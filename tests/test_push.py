@@ -42,7 +42,8 @@ def test_sent_then_already_there(env, tmp_path):
     assert [r.status for r in first] == ["sent"] and sync.exit_code(first) == 0
     assert first[0].sha256 == hashlib.sha256(path.read_bytes()).hexdigest()
     again = sync.push_files([path], server.url, token, tmp_path / "outbox", FAST)
-    assert [r.status for r in again] == ["already_have_it"] and sync.exit_code(again) == sync.EXIT_ALREADY
+    assert [r.status for r in again] == ["already_have_it"] and sync.exit_code(again) == 0   # a success
+    assert "already there" in again[0].line()
     assert sync.exit_code(first + again) == 0
     assert not (tmp_path / "outbox").exists()
 
@@ -136,7 +137,8 @@ def test_push_cli_exit_codes(env, tmp_path, monkeypatch):
     args = ["--server", server.url, "--token", token, "--retries", "1"]
     sent = runner.invoke(app, ["push", str(path), *args])
     assert sent.exit_code == 0 and "sent" in sent.output, sent.output
-    assert runner.invoke(app, ["push", str(path), *args]).exit_code == 4
+    again = runner.invoke(app, ["push", str(path), *args])
+    assert again.exit_code == 0 and "already there" in again.output
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(path.read_bytes()[:-1] + bytes([path.read_bytes()[-1] ^ 1]))
     rejected = runner.invoke(app, ["push", str(bad), *args])

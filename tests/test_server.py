@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 
 from edgecl.formats import delta as D
 from edgecl.formats.mask import overlap_from_bytes
-from edgecl.server.merge import merge_deltas
+from edgecl.formats.merge import merge_deltas
 
 
 @pytest.fixture(scope="module")
@@ -200,7 +200,7 @@ def test_merge_endpoint_matches_the_pure_merge(env):
     assert httpx.post(server.url + "/v1/bundles/nope/1/merge", headers=fleet.admin()).json()["error"] == "bundle_unknown"
 
 
-# -- the admin CLI (`edgecl serve register-device / add-bundle`, `edgecl merge`) ----------------------
+# -- the admin CLI (`edgecl server device add / bundle add`, `edgecl merge`) ----------------------
 def _cli(args):
     from edgecl.cli.main import app
 
@@ -209,13 +209,23 @@ def _cli(args):
 
 def test_admin_cli(tmp_path):
     store = tmp_path / "store"
-    result = _cli(["serve", "register-device", "cam-7", "--store", str(store)])
+    result = _cli(["server", "device", "add", "cam-7", "--store", str(store)])
     assert result.exit_code == 0, result.output
-    lines = dict(line.split(None, 1) for line in result.output.splitlines()[1:3])
+    lines = dict(line.split(None, 1) for line in result.stdout.splitlines()[1:3])
     assert lines["token"].startswith("ecl_") and len(bytes.fromhex(lines["key"])) == 32
-    again = _cli(["serve", "register-device", "cam-7", "--store", str(store)])
+    again = _cli(["server", "device", "add", "cam-7", "--store", str(store)])
     assert again.exit_code == 1 and "already registered" in again.output
-    assert _cli(["serve", "register-device", "../x", "--store", str(store)]).exit_code == 1
+    assert _cli(["server", "device", "add", "../x", "--store", str(store)]).exit_code == 1
+    # the old spelling still works for one version, with a one-line note on stderr
+    old = _cli(["serve", "register-device", "cam-8", "--store", str(store)])
+    assert old.exit_code == 0 and old.stdout.splitlines()[1].startswith("token  ecl_")
+    assert old.stderr.strip() == ("warning: `edgecl serve register-device` is deprecated and goes away in 0.3: "
+                                  "use `edgecl server device add`")
+    listed = _cli(["server", "device", "list", "--json", "--store", str(store)])
+    assert [d["name"] for d in json.loads(listed.stdout)] == ["cam-7", "cam-8"]
+    assert _cli(["server", "device", "revoke", "cam-8", "--store", str(store)]).exit_code == 0
+    rotated = _cli(["server", "device", "rotate", "cam-8", "--store", str(store)])
+    assert rotated.exit_code == 0 and "token  ecl_" in rotated.stdout
     # add-bundle from a bundle folder (manifest.json + mask.safetensors).
     bundle = tmp_path / "bundle"
     bundle.mkdir()
@@ -224,10 +234,10 @@ def test_admin_cli(tmp_path):
     (bundle / "mask.safetensors").write_bytes(mask_bytes)
     manifest = make_manifest(mask_bytes, mask.total_selected)
     (bundle / "manifest.json").write_text(json.dumps(manifest))
-    result = _cli(["serve", "add-bundle", str(bundle), "--store", str(store)])
+    result = _cli(["server", "bundle", "add", str(bundle), "--store", str(store)])
     assert result.exit_code == 0 and "added: bundle line-a v1" in result.output, result.output
     assert "already registered" in _cli(["serve", "add-bundle", str(bundle), "--store", str(store)]).output
-    missing = _cli(["serve", "add-bundle", str(tmp_path / "nope"), "--store", str(store)])
+    missing = _cli(["server", "bundle", "add", str(tmp_path / "nope"), "--store", str(store)])
     assert missing.exit_code == 1 and "cannot read" in missing.output
     # merge from the CLI on the store: nothing yet, then after one push (through the library).
     empty = _cli(["merge", "line-a", "--store", str(store), "-o", str(tmp_path / "m.safetensors")])
@@ -254,3 +264,241 @@ def test_server_and_sync_never_import_torch():
             "edgecl.device.sync\n"
             "assert 'torch' not in {m for m, v in sys.modules.items() if v is not None}")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# -- issue 13: red-team cases, devices, whole bundles, releases, JSON errors ---------------------------------
+def _push(server, fleet, device, data):
+    return httpx.post(server.url + "/v1/deltas", content=data, headers=fleet.headers(device))
+
+
+def test_absurd_counts_and_values_are_refused_with_a_reason(env):
+    fleet, server = env
+    key = fleet.devices["dev-0"][1]
+    good = _delta_bytes(fleet, "dev-0", seed=301)
+    before = fleet.store.count_deltas()
+    cases = [
+        ("9e18 samples", forge(good, key, meta={"samples_seen": "9000000000000000000"}), 422, "count_out_of_range"),
+        ("samples just over 1e9", forge(good, key, meta={"samples_seen": "1000000001"}), 422, "count_out_of_range"),
+        ("steps over 1e12", forge(good, key, meta={"steps": "9999999999999"}), 422, "count_out_of_range"),
+        ("version past int32", forge(good, key, meta={"bundle_version": "99999999999"}), 400, "metadata_invalid"),
+    ]
+    header = D.read_header(good)
+    values = header.tensors["delta.values"]
+    body = bytearray(good[8 + header.header_bytes:])
+    body[values.begin:values.begin + 4] = np.array([3e38], "<f4").tobytes()
+    cases.append(("3e38 value", forge(good, key, body=bytes(body)), 422, "values_out_of_range"))
+    counts = header.tensors["prototypes.counts"]
+    body = bytearray(good[8 + header.header_bytes:])
+    body[counts.begin:counts.begin + 8] = np.array([10**12], "<i8").tobytes()
+    cases.append(("prototype count 1e12", forge(good, key, body=bytes(body)), 422, "count_out_of_range"))
+    means = header.tensors["prototypes.means"]
+    body = bytearray(good[8 + header.header_bytes:])
+    body[means.begin:means.begin + 4] = np.array([1e30], "<f4").tobytes()
+    cases.append(("1e30 prototype", forge(good, key, body=bytes(body)), 422, "values_out_of_range"))
+    for name, data, status, code in cases:
+        response = _push(server, fleet, "dev-0", data)
+        assert (response.status_code, response.json()["error"]) == (status, code), (name, response.text)
+        assert ": " in response.json()["message"]
+    assert fleet.store.count_deltas() == before
+    assert _push(server, fleet, "dev-0", good).status_code == 201        # the honest one still goes in
+
+
+def test_values_bounded_by_the_bundles_own_weights(env, tmp_path):
+    """A stored bundle's weights set the bound: 10 x max|W0| of the tensor (floor 1e-3)."""
+    from edgecl_test_server import make_bundle_dir
+
+    from edgecl.server.store import add_bundle_dir
+
+    fleet, server = env
+    folder = make_bundle_dir(tmp_path / "b", bundle_id="line-w", weight_scale=0.01)
+    add_bundle_dir(fleet.store, folder)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    from safetensors.numpy import load_file
+
+    w0 = load_file(folder / "weights.safetensors")
+    bound0 = 10 * max(float(np.abs(w0["layer0.weight"]).max()), 1e-3)
+    key = fleet.devices["dev-1"][1]
+    base = make_delta(manifest, "dev-1", 7, changed=1.0)
+    k0 = fleet.mask.counts[0]
+    ok_values, bad_values = base.to_dense(), base.to_dense()
+    ok_values[0], bad_values[0] = 0.9 * bound0, 1.1 * bound0
+    for vector, status in ((ok_values, 201), (bad_values, 422)):
+        d = D.Delta.from_dense(vector, **{f: getattr(base, f) for f in (
+            "bundle_id", "bundle_version", "base_sha256", "mask_sha256", "device_id", "steps", "samples_seen",
+            "metrics", "created_utc", "prototypes")})
+        response = _push(server, fleet, "dev-1", D.save(d, key))
+        assert response.status_code == status, response.text
+    assert "layer0.weight" in response.json()["message"] and response.json()["error"] == "values_out_of_range"
+    assert k0 > 0
+
+
+def test_revoked_device_is_refused_and_rotate_gives_new_credentials(env):
+    fleet, server = env
+    token, _ = fleet.store.register_device("cam-revoke")
+    key = fleet.store.rotate_device("cam-revoke")[1]          # rotate once: the first token stops working
+    assert httpx.get(server.url + "/v1/bundles", headers={"Authorization": f"Bearer {token}"}).status_code == 401
+    token, key = fleet.store.rotate_device("cam-revoke")
+    h = {"Authorization": f"Bearer {token}"}
+    data = D.save(make_delta(fleet.manifest, "cam-revoke", 1), bytes.fromhex(key))
+    assert httpx.post(server.url + "/v1/deltas", content=data, headers=h).status_code == 201
+    fleet.store.revoke_device("cam-revoke")
+    for response in (httpx.post(server.url + "/v1/deltas", content=data, headers=h),
+                     httpx.get(server.url + "/v1/bundles", headers=h)):
+        assert response.status_code == 403 and response.json()["error"] == "device_revoked", response.text
+    listed = {d["name"]: d for d in httpx.get(server.url + "/v1/devices", headers=fleet.admin()).json()["devices"]}
+    assert listed["cam-revoke"]["revoked"] is True
+    assert httpx.get(server.url + "/v1/devices", headers=fleet.headers("dev-0")).json()["error"] == "forbidden"
+    with pytest.raises(Exception, match="no device named"):
+        fleet.store.revoke_device("nobody")
+
+
+def test_devices_list_last_seen_version_and_accuracy(env):
+    fleet, server = env
+    d = make_delta(fleet.manifest, "dev-2", 77)
+    d.heldout = {"before": {"accuracy": 0.5, "images": 10}, "after": {"accuracy": 0.8, "images": 10,
+                                                                     "per_class": {"bolt": 0.9}}}
+    assert _push(server, fleet, "dev-2", D.save(d, fleet.devices["dev-2"][1])).status_code == 201
+    row = next(r for r in httpx.get(server.url + "/v1/devices", headers=fleet.admin()).json()["devices"]
+               if r["name"] == "dev-2")
+    assert (row["last_bundle"], row["last_version"], row["last_event"]) == ("line-a", 1, "push")
+    assert row["last_seen_utc"] and row["last_heldout"]["after"]["per_class"] == {"bolt": 0.9}
+    stored = [r for r in fleet.store.list_deltas(device="dev-2") if r["heldout"]]
+    assert stored[-1]["heldout"]["before"]["accuracy"] == 0.5
+    # A push of a delta without a report keeps the last report (the heartbeat only moves last_seen).
+    assert _push(server, fleet, "dev-2", _delta_bytes(fleet, "dev-2", seed=78)).status_code == 201
+    row2 = next(r for r in fleet.store.list_devices() if r["name"] == "dev-2")
+    assert row2["last_heldout"] == row["last_heldout"] and row2["last_seen_ns"] >= row["last_seen_ns"]
+
+
+def test_double_push_counts_once_and_exclusions(env):
+    fleet, server = env
+    name = "twice"
+    token, key = fleet.store.register_device(name)
+    h = {"Authorization": f"Bearer {token}"}
+    mask = make_mask(sizes=(30,), select=(5,), seed=3)
+    manifest = make_manifest(mask.to_bytes(), mask.total_selected, bundle_id="line-2x")
+    register_bundle = httpx.post(server.url + "/v1/bundles", json=bundle_payload(manifest, mask.to_bytes()),
+                                 headers=fleet.admin())
+    assert register_bundle.status_code in (200, 201)
+    first = D.save(make_delta(manifest, name, 1, changed=1.0), bytes.fromhex(key))
+    second = D.save(make_delta(manifest, name, 2, changed=1.0), bytes.fromhex(key))
+    other = D.save(make_delta(manifest, "dev-0", 3, changed=1.0), fleet.devices["dev-0"][1])
+    for data, headers in ((first, h), (second, h), (other, fleet.headers("dev-0"))):
+        assert httpx.post(server.url + "/v1/deltas", content=data, headers=headers).status_code == 201
+    merge = httpx.post(server.url + "/v1/bundles/line-2x/1/merge", headers=fleet.admin()).json()
+    assert merge["inputs"] == 2 and merge["deltas"] == [hashlib.sha256(second).hexdigest(),
+                                                        hashlib.sha256(other).hexdigest()]
+    one = httpx.post(server.url + "/v1/bundles/line-2x/1/merge", params={"exclude_device": "dev-0"},
+                     headers=fleet.admin()).json()
+    merged = D.load(fleet.store.get_blob(one["sha256"]))
+    np.testing.assert_array_equal(merged.to_dense(), D.load(second).to_dense())
+    back = httpx.post(server.url + "/v1/bundles/line-2x/1/merge", headers=fleet.admin(),
+                      params={"exclude_delta": hashlib.sha256(second).hexdigest(), "exclude_device": "dev-0"}).json()
+    assert back["deltas"] == [hashlib.sha256(first).hexdigest()], "an excluded delta falls back to the older one"
+    median = httpx.post(server.url + "/v1/bundles/line-2x/1/merge", params={"strategy": "median"},
+                        headers=fleet.admin())
+    assert median.status_code == 200 and median.json()["strategy"] == "median"
+    nothing = httpx.post(server.url + "/v1/bundles/line-2x/1/merge", headers=fleet.admin(),
+                         params={"exclude_device": [name, "dev-0"]})
+    assert nothing.status_code == 409 and nothing.json()["error"] == "nothing_to_merge"
+
+
+def test_no_plain_text_errors(env):
+    fleet, server = env
+    h = fleet.admin()
+    answers = [httpx.get(server.url + "/nope"), httpx.delete(server.url + "/v1/deltas", headers=h),
+               httpx.get(server.url + "/v1/deltas", params={"version": "abc"}, headers=h),
+               httpx.get(server.url + "/v1/deltas", params={"version": str(10**30)}, headers=h),
+               httpx.post(server.url + "/v1/bundles/line-a/99999999999/merge", headers=h),
+               httpx.post(server.url + "/v1/releases", content=b"not json", headers=h),
+               httpx.post(server.url + "/v1/bundles", content=b"[1,2]", headers=h),
+               httpx.post(server.url + "/v1/heartbeat", json={"version": "x"}, headers=fleet.headers("dev-0"))]
+    for response in answers:
+        assert response.headers["content-type"].startswith("application/json"), (response.url, response.text)
+        body = response.json()
+        assert set(body) == {"error", "message"} and response.status_code >= 400, body
+
+
+def test_damaged_store_gives_a_json_500(tmp_path):
+    """A bug or a damaged store must still answer the documented JSON shape (the catch-all handler)."""
+    fleet = make_fleet(tmp_path / "store", n_devices=1)
+    server = ServerProcess(tmp_path / "store").start()
+    try:
+        mask_blob = fleet.store.blob_path(fleet.manifest["mask_sha256"])
+        mask_blob.write_bytes(b"garbage instead of a mask")
+        response = _push(server, fleet, "dev-0", _delta_bytes(fleet, "dev-0", seed=5))
+        assert response.status_code == 500 and response.json()["error"] == "internal", response.text
+        assert httpx.get(server.url + "/health").status_code == 200
+    finally:
+        server.stop()
+        fleet.store.close()
+
+
+def test_blob_store_rewrites_a_wrong_file_of_the_right_size(env):
+    fleet, server = env
+    data = _delta_bytes(fleet, "dev-1", seed=404)
+    sha = hashlib.sha256(data).hexdigest()
+    path = fleet.store.blob_path(sha)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"\0" * len(data))            # an orphan of the right size, wrong bytes
+    assert _push(server, fleet, "dev-1", data).status_code == 201
+    assert path.read_bytes() == data
+    assert httpx.get(f"{server.url}/v1/deltas/{sha}", headers=fleet.admin()).content == data
+
+
+def test_docs_work_offline_and_declare_bearer_auth(env):
+    fleet, server = env
+    page = httpx.get(server.url + "/docs").text
+    assert "cdn" not in page.lower() and "/docs/assets/swagger-ui-bundle.js" in page
+    js = httpx.get(server.url + "/docs/assets/swagger-ui-bundle.js")
+    assert js.status_code == 200 and len(js.content) > 100_000 and b"SwaggerUIBundle" in js.content
+    assert httpx.get(server.url + "/docs/assets/..%2Fedgecl.sqlite3").status_code == 404
+    schema = httpx.get(server.url + "/openapi.json").json()
+    assert schema["components"]["securitySchemes"]["HTTPBearer"]["scheme"] == "bearer"
+    assert schema["paths"]["/v1/deltas"]["post"]["security"] == [{"HTTPBearer": []}]
+    assert "security" not in schema["paths"]["/health"]["get"]
+
+
+def test_whole_bundle_release_and_download(env, tmp_path):
+    from edgecl_test_server import make_bundle_dir
+
+    from edgecl.formats.signing import manifest_object, parse_public_key, verify_manifest
+
+    fleet, server = env
+    result = _cli(["server", "bundle", "add", str(make_bundle_dir(tmp_path / "b", bundle_id="line-r")),
+                   "--store", str(fleet.store.root)])
+    assert result.exit_code == 0 and "4 files" in result.output, result.output
+    # not released yet: a device cannot see it, an admin can download its files
+    latest = httpx.get(server.url + "/v1/releases/latest", params={"bundle_id": "line-r"}, headers=fleet.headers("dev-0"))
+    assert latest.status_code == 404 and latest.json()["error"] == "not_found"
+    url = server.url + "/v1/bundles/line-r/1/files/weights.safetensors"
+    assert httpx.get(url, headers=fleet.headers("dev-0")).status_code == 404
+    assert httpx.get(url, headers=fleet.admin()).content == (tmp_path / "b" / "weights.safetensors").read_bytes()
+    # canary release: only dev-1 sees it
+    r = httpx.post(server.url + "/v1/releases", json={"bundle_id": "line-r", "version": 1, "canary": ["dev-1"]},
+                   headers=fleet.admin())
+    assert r.status_code == 201, r.text
+    assert httpx.get(server.url + "/v1/releases/latest", params={"bundle_id": "line-r"},
+                     headers=fleet.headers("dev-0")).status_code == 404
+    info = httpx.get(server.url + "/v1/releases/latest", params={"bundle_id": "line-r"},
+                     headers=fleet.headers("dev-1")).json()
+    key = _cli(["server", "key", "--store", str(fleet.store.root)]).output.strip()
+    assert info["public_key"] == key and set(info["files"]) == {"manifest.json", "mask.safetensors",
+                                                                "weights.safetensors", "prototypes.safetensors"}
+    manifest_bytes = httpx.get(server.url + "/v1/bundles/line-r/1/files/manifest.json",
+                               headers=fleet.headers("dev-1")).content
+    assert manifest_bytes == (tmp_path / "b" / "manifest.json").read_bytes()
+    verify_manifest(parse_public_key(key), manifest_object(manifest_bytes), info["signature"])
+    assert _cli(["server", "release", "promote", "line-r", "1", "--store", str(fleet.store.root)]).exit_code == 0
+    assert httpx.get(server.url + "/v1/releases/latest", params={"bundle_id": "line-r"},
+                     headers=fleet.headers("dev-0")).json()["version"] == 1
+    assert (fleet.store.root / "release.key").stat().st_mode & 0o777 == 0o600
+    # upload over HTTP: a blob that does not hash to its name is refused; list what is missing
+    bad = httpx.put(server.url + "/v1/blobs/" + "0" * 64, content=b"hello", headers=fleet.admin())
+    assert bad.status_code == 400 and bad.json()["error"] == "body_hash_mismatch"
+    sha = hashlib.sha256(b"hello").hexdigest()
+    missing = httpx.post(server.url + "/v1/blobs/missing", json={"sha256": [sha, info["files"]["manifest.json"]["sha256"]]},
+                         headers=fleet.admin()).json()["missing"]
+    assert missing == [sha]
+    assert httpx.put(server.url + "/v1/blobs/" + sha, content=b"hello", headers=fleet.admin()).status_code == 201
+    assert httpx.put(server.url + "/v1/blobs/" + sha, content=b"hello", headers=fleet.headers("dev-0")).status_code == 403
