@@ -30,8 +30,9 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, store_dir: Path, db: str | None = None, max_upload_mb: float = 1.0) -> None:
+    def __init__(self, store_dir: Path, db: str | None = None, max_upload_mb: float = 1.0, **options) -> None:
         self.store_dir, self.db, self.max_upload_mb = store_dir, db, max_upload_mb
+        self.options = options          # more keyword arguments of edgecl.server.app.serve
         self.proc: subprocess.Popen | None = None
         self.port = 0
         self.log = store_dir.parent / f"{store_dir.name}-server.log"
@@ -42,8 +43,9 @@ class ServerProcess:
 
     def start(self, timeout_s: float = 20.0, port: int | None = None) -> ServerProcess:
         self.port = port or free_port()
+        extra = "".join(f", {k}={v!r}" for k, v in self.options.items())
         code = (f"from edgecl.server.app import serve; serve(port={self.port}, store_dir={str(self.store_dir)!r}, "
-                f"db={self.db!r}, max_upload_mb={self.max_upload_mb}, log_level='warning')")
+                f"db={self.db!r}, max_upload_mb={self.max_upload_mb}, log_level='warning'{extra})")
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO, stdout=log, stderr=log,
                                          env={**os.environ, "PYTHONUNBUFFERED": "1"})
