@@ -7,22 +7,29 @@ from typing import Annotated
 
 import typer
 
-from .options import JsonFlag, echo_json
+from .options import JsonFlag, MaskPolicy, echo_json
 
 
 def export(
     recipe: Annotated[Path, typer.Argument(help="Model recipe (models/*.toml).")],
     data: Annotated[Path, typer.Option("--data", help="Calibration image folder: DIR/<class>/<images>.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Bundle folder to write.")],
-    device: Annotated[Path | None, typer.Option("--device", help="Device profile (devices/*.toml).")] = None,
-    select_rate: Annotated[float, typer.Option(help="Share of ALL parameters made trainable, in (0, 1].")] = 0.05,
-    drop_rate: Annotated[float, typer.Option(help="Per-step probability a selected gradient is dropped.")] = 0.9,
-    overlap: Annotated[Path | None, typer.Option(help="Overlap counts from `edgecl merge` (earlier rounds).")] = None,
-    lr: Annotated[float, typer.Option(help="Default device learning rate on the sparse delta.")] = 1e-3,
-    epochs: Annotated[int, typer.Option(help="Default device epochs.")] = 5,
-    seed: Annotated[int, typer.Option(help="Seed for shuffling, augmentation and head init.")] = 1993,
-    exemplars_per_class: Annotated[int, typer.Option(help="Calibration images per class shipped in the bundle so "
-                                                     "the device can refresh their prototypes (0 = none).")] = 20,
+    device: Annotated[Path | None, typer.Option("--device", help="Device profile (devices/*.toml); it becomes "
+                                                                  "the bundle's default on the device.")] = None,
+    select_rate: Annotated[float | None, typer.Option(help="Share of ALL parameters made trainable, in (0, 1] "
+                                                           "(default 0.05).")] = None,
+    drop_rate: Annotated[float | None, typer.Option(help="Per-step probability a selected gradient is dropped "
+                                                         "(default 0.9).")] = None,
+    mask_policy: Annotated[MaskPolicy | None, typer.Option(help="Tensors the mask may select: all, or no-depthwise "
+                                                                "(depthwise conv weights stay constant: a faster "
+                                                                "step; the default).")] = None,
+    lr: Annotated[float | None, typer.Option(help="Default device learning rate on the sparse delta.")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Default device epochs (default 5).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed for shuffling, augmentation and head init.")] = None,
+    exemplars_per_class: Annotated[int | None, typer.Option(help="Calibration images per class shipped in the "
+                                                                 "bundle so the device can refresh their prototypes "
+                                                                 "(0 = none; default 20; none with a profile that "
+                                                                 "has store_images = false).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
     as_json: JsonFlag = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
@@ -30,9 +37,12 @@ def export(
     """Score weights by MI-Fisher information, keep the top few percent, export a trainable ONNX bundle."""
     from edgecl.host.export import ExportOptions, export_bundle
 
-    opts = ExportOptions(select_rate=select_rate, drop_rate=drop_rate, seed=seed, lr_backbone=lr, epochs=epochs,
-                         overwrite=overwrite, overlap_path=str(overlap) if overlap else None,
-                         exemplars_per_class=exemplars_per_class, progress=not quiet)
+    # Unset flags take ExportOptions' defaults: the library holds each default once.
+    given = {"select_rate": select_rate, "drop_rate": drop_rate, "lr_backbone": lr, "epochs": epochs, "seed": seed,
+             "exemplars_per_class": exemplars_per_class,
+             "mask_policy": mask_policy.value if mask_policy is not None else None}
+    opts = ExportOptions(**{k: v for k, v in given.items() if v is not None}, overwrite=overwrite,
+                         progress=not quiet)
     report = export_bundle(recipe, data, out, profile=device, options=opts)
     if as_json:
         echo_json(report)

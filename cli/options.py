@@ -30,6 +30,12 @@ class LogLevel(str, Enum):
     error = "error"   # errors only: warnings are not shown
 
 
+class MaskPolicy(str, Enum):
+    """``--mask-policy`` of export (edgecl.host.export.MASK_POLICIES)."""
+    no_depthwise = "no-depthwise"   # depthwise conv weights stay constant (a faster device step)
+    all = "all"                     # every tensor may be selected
+
+
 HEAD_HELP = ("Classifier: ncm (cosine to prototypes), lda (prototypes + the pooled covariance adapt "
              "accumulates), auto (lda when available).")
 

@@ -12,6 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from edgecl.cli.main import app
+from edgecl.formats import manifest as mf
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = REPO / "models"
@@ -29,7 +30,8 @@ def test_inspect_reports_selected_fraction_and_verifies_hashes(tiny_bundle: Path
     assert abs(info["selected_fraction"] - 0.05) < 0.005
     assert info["selected"] > 0 and info["parameters"] > info["selected"]
     assert all(entry["ok"] for entry in info["files"].values() if "ok" in entry)
-    assert {"training_model.onnx", "eval_model.onnx", "checkpoint", "inference.onnx"} <= set(info["files"])
+    assert set(mf.REQUIRED_FILES) - {mf.MANIFEST} <= set(info["files"])
+    assert all("sha256" in info["files"][name] for name in mf.load_manifest(tiny_bundle).files)
     text = run("inspect", str(tiny_bundle))
     assert text.exit_code == 0 and "selected" in text.output and "sha256 ok" in text.output
 
@@ -42,6 +44,30 @@ def test_inspect_detects_tampered_file(bundle_copy: Path) -> None:
     result = run("inspect", str(bundle_copy))
     assert result.exit_code == 1
     assert "do not match the manifest" in result.output
+
+
+def test_inspect_detects_a_listed_file_that_is_missing(bundle_copy: Path) -> None:
+    (bundle_copy / mf.HEAD_INIT).unlink()
+    result = run("inspect", str(bundle_copy))
+    assert result.exit_code == 1
+    assert "head.safetensors" in result.output and "missing" in result.output
+
+
+def test_export_json_and_flag_choices(calib_dir: Path, tmp_path: Path) -> None:
+    from edgecl.cli.options import MaskPolicy
+    from edgecl.host.export import MASK_POLICIES, ExportOptions
+
+    assert sorted(p.value for p in MaskPolicy) == sorted(MASK_POLICIES)
+    out = tmp_path / "b"
+    result = run("export", str(MODELS / "test_vit.toml"), "--data", str(calib_dir), "-o", str(out),
+                 "--mask-policy", "all", "--select-rate", "0.1", "--json", "-q")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    manifest = mf.load_manifest(out)
+    assert report["bundle_dir"] == str(out) and report["selected"] == manifest.selected
+    assert manifest.mask_policy == "all" and manifest.select_rate == 0.1
+    assert manifest.lr_backbone == ExportOptions().lr_backbone, "an unset flag keeps the library's default"
+    assert sorted(report["files"]) == sorted(p.name for p in out.iterdir() if p.is_file())
 
 
 @pytest.mark.parametrize("rate", ["0", "1.5", "-0.1"])
