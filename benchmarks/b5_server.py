@@ -10,7 +10,10 @@ prototypes of 10 classes), made before the clock starts: only the server's work 
 
     .venv/bin/python benchmarks/b5_server.py [--clients 32] [--per-client 20] [--db URL]
 
-Writes benchmarks/out/b5_server.json and benchmarks/out/b5_server.png. No torch anywhere.
+Then (``--kill9-clients``) a kill -9 of the server while 8 clients push, a restart on the same
+store, and a check that every acknowledged delta is still there, byte-identical.
+
+Writes benchmarks/out/b5_server.json and .png (b5_server_postgresql.* with --db). No torch anywhere.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -41,8 +45,8 @@ import httpx  # noqa: E402
 
 from edgecl.formats import delta as D  # noqa: E402
 from edgecl.formats.mask import Mask  # noqa: E402
+from edgecl.formats.merge import merge_deltas  # noqa: E402
 from edgecl.formats.prototypes import Prototypes  # noqa: E402
-from edgecl.server.merge import merge_deltas  # noqa: E402
 from edgecl.server.service import register_bundle_json  # noqa: E402
 from edgecl.server.store import Store  # noqa: E402
 
@@ -171,6 +175,7 @@ def main() -> None:
     parser.add_argument("--db", default=None, help="postgresql://... (default: SQLite in the store folder)")
     parser.add_argument("--workers", type=int, default=1, help="server processes (edgecl serve --workers)")
     parser.add_argument("--max-seconds", type=float, default=300.0, help="bound on the load phase")
+    parser.add_argument("--kill9-clients", type=int, default=8, help="clients of the kill -9 phase (0: skip it)")
     args = parser.parse_args()
 
     work = OUT / "b5"
@@ -250,26 +255,32 @@ def main() -> None:
 
             # Merge of 100 deltas: through the endpoint (load from the store + merge + save + store),
             # and the pure numpy merge alone.
-            n_merge = min(args.merge_deltas, len(accepted))
+            # One delta per device counts in a merge (each device's newest), so 100 devices push one each.
+            n_merge = args.merge_deltas
             merge_mask, merge_mask_bytes, merge_manifest = make_bundle(args.k, 40, seed=6)
             register_bundle_json(store, merge_manifest, merge_mask_bytes)
             merge_inputs = []
             for i in range(n_merge):
-                device = list(devices)[i % len(devices)]
-                data = make_delta_bytes(merge_manifest, device, devices[device][1], seed=10_000 + i,
+                device = f"merge-{i:03d}"
+                token, key = store.register_device(device)
+                data = make_delta_bytes(merge_manifest, device, bytes.fromhex(key), seed=10_000 + i,
                                         changed=args.changed, values=args.values)
-                admin_http.post("/v1/deltas", content=data, headers={"Authorization": f"Bearer {devices[device][0]}"})
+                pushed = admin_http.post("/v1/deltas", content=data, headers={"Authorization": f"Bearer {token}"})
+                assert pushed.status_code == 201, pushed.text
                 merge_inputs.append(D.load(data))
             t0 = time.perf_counter()
             merge_response = admin_http.post(f"/v1/bundles/{merge_manifest['bundle_id']}/1/merge")
             merge_endpoint_s = time.perf_counter() - t0
             assert merge_response.status_code == 200, merge_response.text
+            assert merge_response.json()["inputs"] == n_merge, merge_response.text
             t0 = time.perf_counter()
             merge_deltas(merge_inputs, merge_mask)
             merge_pure_s = time.perf_counter() - t0
+        kill9 = kill9_phase(args, work, manifest, devices, admin, proc, port) if args.kill9_clients else {}
     finally:
-        proc.terminate()
-        proc.wait(30)
+        if proc.poll() is None:
+            proc.terminate()
+            proc.wait(30)
         store.close()
 
     latencies = np.array([r["latency_s"] for r in valid])
@@ -298,9 +309,11 @@ def main() -> None:
         "merge_deltas": n_merge,
         "merge_endpoint_s": merge_endpoint_s,
         "merge_pure_numpy_s": merge_pure_s,
+        "kill9": kill9,
     }
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "b5_server.json").write_text(json.dumps(result, indent=2) + "\n")
+    stem = "b5_server_postgresql" if args.db else "b5_server"
+    (OUT / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     rows = [
         ("clients", args.clients), ("storage", result["storage"]),
         ("delta size (median bytes)", result["delta_bytes_median"]),
@@ -312,17 +325,73 @@ def main() -> None:
         ("lost / not byte-identical", f"{len(lost)} / {len(different)}"),
         (f"merge {n_merge} deltas: endpoint / pure numpy (s)", f"{merge_endpoint_s:.2f} / {merge_pure_s:.2f}"),
     ]
+    if kill9:
+        rows.append(("kill -9 mid-run: acknowledged / lost after restart",
+                     f"{kill9['acknowledged']} / {kill9['lost']} (+{kill9['not_byte_identical']} altered)"))
     width = max(len(r[0]) for r in rows)
     print("\n| B5 | value |\n|---|---|")
     for name, value in rows:
         print(f"| {name.ljust(width)} | {value} |")
-    _plot(latencies, result)
-    print(f"\nwrote {OUT / 'b5_server.json'} and {OUT / 'b5_server.png'}")
-    if lost or different or failed_valid or wrong_reason:
+    _plot(latencies, result, OUT / f"{stem}.png")
+    print(f"\nwrote {OUT / (stem + '.json')} and {OUT / (stem + '.png')}")
+    if lost or different or failed_valid or wrong_reason or kill9.get("lost") or kill9.get("not_byte_identical"):
         sys.exit(1)
 
 
-def _plot(latencies: np.ndarray, result: dict[str, Any]) -> None:
+def kill9_phase(args: argparse.Namespace, work: Path, manifest: dict, devices: dict, admin: str,
+                proc: subprocess.Popen, port: int) -> dict[str, Any]:
+    """Clients push continuously; the server is killed with SIGKILL while requests are in flight,
+    restarted on the same store, and every delta it acknowledged must be listed and byte-identical."""
+    import threading
+
+    names = list(devices)[: args.kill9_clients]
+    acked: dict[str, bytes] = {}
+    lock, stop = threading.Lock(), threading.Event()
+
+    def pusher(c: int) -> None:
+        device = names[c]
+        token, key = devices[device]
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        seed = 500_000 + c * 10_000
+        while not stop.is_set():
+            seed += 1
+            data = make_delta_bytes(manifest, device, key, seed=seed, changed=args.changed, values=args.values)
+            try:
+                conn.request("POST", "/v1/deltas", body=data, headers={"Authorization": f"Bearer {token}"})
+                response = conn.getresponse()
+                body = json.loads(response.read())
+            except (OSError, http.client.HTTPException, ValueError):
+                return                  # the server died: what was not acknowledged may be lost
+            if response.status in (200, 201):
+                with lock:
+                    acked[body["sha256"]] = data
+
+    threads = [threading.Thread(target=pusher, args=(c,)) for c in range(len(names))]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 60
+    while len(acked) < 100 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(10)
+    stop.set()
+    for t in threads:
+        t.join(30)
+    restarted = start_server(work / "store", args.db, port, args.workers)
+    try:
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {admin}"},
+                          timeout=60) as client:
+            listed = {r["sha256"] for r in client.get("/v1/deltas").json()["deltas"]}
+            lost = [sha for sha in acked if sha not in listed]
+            different = [sha for sha, data in acked.items() if sha in listed
+                         and client.get(f"/v1/deltas/{sha}").content != data]
+    finally:
+        restarted.terminate()
+        restarted.wait(30)
+    return {"clients": len(names), "acknowledged": len(acked), "lost": len(lost), "not_byte_identical": len(different)}
+
+
+def _plot(latencies: np.ndarray, result: dict[str, Any], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -339,7 +408,7 @@ def _plot(latencies: np.ndarray, result: dict[str, Any]) -> None:
                  f"({result['storage']})")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(OUT / "b5_server.png", dpi=120)
+    fig.savefig(path, dpi=120)
 
 
 if __name__ == "__main__":
