@@ -37,6 +37,12 @@ def adapt(
                                                                "of DATA first.")] = False,
     max_step_fraction: Annotated[float, typer.Option(help="Cap on the share of ALL weights changed in one "
                                                           "step (0 = no cap).")] = 0.005,
+    gate: Annotated[bool, typer.Option("--gate/--no-gate", help="Do no harm: hold out a share of each class and "
+                                                                "keep the backbone move only if it is not worse "
+                                                                "there than prototypes only.")] = True,
+    holdout_share: Annotated[float, typer.Option(help="Share of each class held out for the gate and "
+                                                      "--select-lr.")] = 0.2,
+    head: Annotated[str, typer.Option(help="Head the gate scores with: auto (= lda), ncm or lda.")] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
@@ -47,7 +53,8 @@ def adapt(
     report = run_adapt(bundle, data, AdaptOptions(
         epochs=epochs, lr=lr, lr_head=lr_head, batch_size=batch_size, seed=seed, checkpoint_every=checkpoint_every,
         drift_compensation=drift_compensation, exemplars=exemplars, replay=replay, replay_share=replay_share, select_lr=select_lr,
-        resume=resume, max_step_fraction=max_step_fraction, progress=not quiet), profile=device)
+        resume=resume, max_step_fraction=max_step_fraction, gate=gate, holdout_share=holdout_share, head=head,
+        progress=not quiet), profile=device)
     if as_json:
         typer.echo(json.dumps(report.to_json(), indent=2))
         return
@@ -65,6 +72,11 @@ def adapt(
     if r.selection:
         c = r.selection["chosen"]
         typer.echo(f"--select-lr chose lr {c['lr']:g}, {c['epochs']} epochs (held-out accuracy {c['accuracy']:.3f})")
+    if r.gate:
+        g = r.gate
+        typer.echo(f"do-no-harm gate ({g['head']} head, {g['held_out_images']} held-out images): adapted "
+                   f"{g['adapted_accuracy']:.3f} vs prototypes only {g['prototypes_only_accuracy']:.3f} -> kept "
+                   f"{g['kept']}")
     budget = f" (budget {r.memory_budget_mb} MB)" if r.memory_budget_mb else ""
     typer.echo(f"peak memory {r.peak_rss_mb:.0f} MB{budget}")
 

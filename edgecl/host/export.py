@@ -61,6 +61,7 @@ class ExportOptions:
     lr_head: float = 1e-2                # device default lr on the projection head
     epochs: int = 5                      # device default epochs
     overwrite: bool = False              # replace an existing output folder
+    overlap_path: str | None = None      # overlap history from earlier rounds (overlap.safetensors / `edgecl merge`)
     exemplars_per_class: int = 20        # calibration images shipped per class (herding); 0 = ship no images
     progress: bool = True
 
@@ -298,7 +299,17 @@ def export_bundle(recipe: Recipe | str | Path, data_dir: str | Path, out_dir: st
     scores = mi_fisher_scores(model, scorer, images.pixels, images.labels, recipe.mean, recipe.std,
                               batch_size=opts.batch_size, temperature=opts.temperature, seed=opts.seed,
                               interpolation=recipe.interpolation, progress=opts.progress)
-    mask = select_for_policy(model, scores, opts)
+    history = None
+    if opts.overlap_path:
+        from edgecl.formats.overlap import OverlapHistory
+        try:
+            history = OverlapHistory.from_bytes(Path(opts.overlap_path).read_bytes())
+        except Exception as exc:
+            raise ConfigError(f"cannot read overlap counts {opts.overlap_path} ({type(exc).__name__}: {exc})",
+                              "pass the overlap file written by `edgecl merge` or a bundle's overlap.safetensors") from exc
+    mask = select_for_policy(model, scores, opts, history.counts if history else None)
+    if history:
+        mask = history.with_counts(mask)
 
     # Prototypes and exemplars from the embeddings the device will compute (the exported graph).
     with tempfile.TemporaryDirectory() as work:
@@ -316,7 +327,7 @@ def export_bundle(recipe: Recipe | str | Path, data_dir: str | Path, out_dir: st
              for i, name in enumerate(images.classes)},
             budget_bytes=1 << 62, max_per_class=opts.exemplars_per_class)
     spec = BundleSpec(recipe=recipe, model=model, mask=mask, head=head, prototypes=prototypes, options=opts,
-                      profile=profile, exemplars=exemplars)
+                      profile=profile, exemplars=exemplars, overlap=history.counts if history else None)
     report = write_bundle(spec, out_dir)
     report.images_used, report.images_skipped = len(images.labels), len(images.skipped)
     return report

@@ -1,0 +1,81 @@
+"""Do no harm (device/gate.py) and classes seen again (poststeps.merge_task_classes), on a real bundle."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import write_image_folder
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def task(tmp_path_factory) -> Path:
+    return write_image_folder(tmp_path_factory.mktemp("gate") / "task", classes=2, names=["cat", "dog"],
+                              per_class=12, seed=2)
+
+
+def test_harmful_training_is_refused_and_the_prototypes_only_state_committed(bundle_copy, task):
+    from edgecl.device.adapt import AdaptOptions, adapt
+    from edgecl.device.state import load_current, open_bundle
+
+    # lr 100 wrecks the tiny backbone (held-out accuracy 0.4 vs 0.8 with prototypes only, measured).
+    with pytest.warns(UserWarning, match="worse on 10 held-out images"):
+        report = adapt(bundle_copy, task, AdaptOptions(epochs=2, lr=100.0, seed=1, progress=False))
+    assert report.kept == "prototypes-only" and report.steps > 0
+    gate = report.gate
+    assert gate["kept"] == "prototypes-only" and gate["held_out_images"] == 10
+    assert gate["adapted_accuracy"] < gate["prototypes_only_accuracy"]
+    state = load_current(open_bundle(bundle_copy))
+    assert not state.delta.any()  # the backbone was not moved
+    assert {"cat", "dog"} <= set(state.prototypes.classes)  # the task's classes were still added
+    meta = json.loads((bundle_copy / "state" / state.generation / "meta.json").read_text())
+    assert meta["samples_seen"] == 0 and meta["report"]["gate"] == gate  # a refused run ships no weight
+
+
+def test_the_gate_can_be_turned_off(bundle_copy, task):
+    from edgecl.device.adapt import AdaptOptions, adapt
+    from edgecl.device.state import load_current, open_bundle
+
+    report = adapt(bundle_copy, task, AdaptOptions(epochs=2, lr=100.0, seed=1, gate=False, progress=False))
+    assert report.kept == "adapted" and report.gate is None
+    assert load_current(open_bundle(bundle_copy)).delta.any()
+
+
+def test_cli_reports_both_accuracies_as_json(bundle_copy, task):
+    out = subprocess.run([sys.executable, "-W", "ignore", "-m", "edgecl.cli.main", "adapt", str(bundle_copy),
+                          "--data", str(task), "--epochs", "1", "--lr", "100", "--seed", "1", "--json"],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    report = json.loads(out.stdout)
+    assert set(report["gate"]) >= {"adapted_accuracy", "prototypes_only_accuracy", "kept", "head"}
+    assert report["kept"] == report["gate"]["kept"]
+
+
+def test_a_class_seen_again_is_merged_by_counts_not_replaced():
+    from edgecl.device.heads import LdaHead
+    from edgecl.device.poststeps import Heads, Moved, run_post_steps
+    from edgecl.formats.exemplars import ExemplarMemory
+    from edgecl.formats.prototypes import Prototypes
+
+    # "shirt" was learned from 30 images of camera A (mean [1, 0]); 10 images of camera B arrive (mean [0, 1]).
+    old = Prototypes(["shirt", "shoe"], np.array([[1.0, 0.0], [-1.0, 0.0]], np.float32), np.array([30, 5]))
+    new = np.tile(np.array([[0.0, 1.0]], np.float32), (10, 1))
+    moved = Moved(trained=False, task_pixels=np.zeros((10, 2, 2, 3), np.uint8), task_labels=np.zeros(10, np.int64),
+                  task_classes=["shirt"], before=new, after=new, use_exemplars=False)
+    heads = run_post_steps(Heads(old, LdaHead(2), ExemplarMemory.empty((2, 2))), moved)
+    row = heads.prototypes.classes.index("shirt")
+    np.testing.assert_allclose(heads.prototypes.means[row], [0.75, 0.25])  # (30 x A + 10 x B) / 40
+    assert heads.prototypes.counts[row] == 40
+    np.testing.assert_allclose(heads.lda.means["shirt"], [0.75, 0.25])
+    np.testing.assert_array_equal(heads.prototypes.means[1], [-1.0, 0.0])  # other classes untouched
+    # a new class is added with its own mean
+    moved.task_classes = ["sock"]
+    heads = run_post_steps(heads, moved)
+    np.testing.assert_allclose(heads.prototypes.means[heads.prototypes.classes.index("sock")], [0.0, 1.0])
