@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 
-from tqdm import tqdm
+from tqdm import tqdm  # type: ignore[import-untyped]
 
 
 def progress_enabled(enabled: bool = True) -> bool:

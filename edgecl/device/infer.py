@@ -132,6 +132,7 @@ def classify(runner, bundle: Bundle, state: DeviceState, pixels: np.ndarray, hea
     used = resolve_head(state, head)
     embeddings, logits = embed_and_score(runner, bundle, pixels, state.delta, state.prototypes.means, on_batch)
     if used == "lda":
+        assert state.lda_path is not None  # resolve_head returns lda only when the state has the file
         lda = LdaHead.load_file(state.lda_path) if shrinkage is None else LdaHead.load_file(state.lda_path, shrinkage)
         means = lda.means_for(state.prototypes.classes, state.prototypes.means)
         logits = lda.logits(embeddings, means).astype(np.float32)

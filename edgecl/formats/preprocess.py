@@ -47,6 +47,6 @@ def resize_rgb(image: Image.Image, size: Iterable[int], interpolation: str = "bi
 
 def normalize(pixels: np.ndarray, mean: Iterable[float], std: Iterable[float]) -> np.ndarray:
     """uint8 [N, H, W, 3] -> float32 [N, 3, H, W], scaled to [0, 1] then (x - mean) / std."""
-    x = pixels.astype(np.float32) * (1.0 / 255.0)
-    x = (x - np.asarray(list(mean), np.float32)) / np.asarray(list(std), np.float32)
-    return np.ascontiguousarray(x.transpose(0, 3, 1, 2))
+    scaled = pixels.astype(np.float32) * np.float32(1.0 / 255.0)
+    normalized = (scaled - np.asarray(list(mean), np.float32)) / np.asarray(list(std), np.float32)
+    return np.ascontiguousarray(normalized.transpose(0, 3, 1, 2), dtype=np.float32)
