@@ -32,7 +32,7 @@ from edgecl.formats.hashing import sha256_file
 from edgecl.formats.signing import manifest_object, parse_public_key, verify_manifest
 
 from .state import open_bundle
-from .sync import RetryPolicy, api_json, download
+from .sync import RetryPolicy, ServerRejected, api_json, download
 
 
 @dataclass
@@ -85,7 +85,12 @@ def pull(bundle_dir: str | Path, server: str, token: str, server_key: str, out: 
     old = open_bundle(bundle_dir)
     old_dir = old.root
     bundle_id, old_version = old.manifest.bundle_id, old.manifest.version
-    release = api_json(server, token, "GET", f"/v1/releases/latest?bundle_id={bundle_id}", policy=policy)
+    try:
+        release = api_json(server, token, "GET", f"/v1/releases/latest?bundle_id={bundle_id}", policy=policy)
+    except ServerRejected as exc:
+        if exc.code != "not_found":
+            raise
+        release = {}            # nothing released to this device yet
     version = int(release.get("version", 0))
     report = PullReport("up_to_date", bundle_id, str(old_dir), old_version, max(version, old_version))
     if version <= old_version:
