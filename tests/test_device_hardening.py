@@ -559,3 +559,16 @@ def test_a_broken_graph_with_a_matching_hash_is_one_line(bundle_copy: Path, tmp_
     rewrite_manifest(bundle_copy, files={**mf.load_manifest(bundle_copy).files, mf.INFERENCE_MODEL: sha256_file(path)})
     line = one_error_line(edgecl("eval", bundle_copy, "--data", first))
     assert "inference.onnx" in line and "Traceback" not in line, line
+
+
+def test_log_level_error_hides_warnings(hand_bundle: Path, tmp_path: Path) -> None:
+    profile = tmp_path / "pi.toml"
+    profile.write_text('name = "pi"\ncolour = "blue"\n')
+    (tmp_path / "data" / "bolt").mkdir(parents=True)
+    args = ("eval", hand_bundle, "--data", tmp_path / "data", "--device", profile, "--head", "lda")
+    shown = edgecl(*args)
+    assert f"warning: device profile {profile}: unknown keys ignored: colour" in shown.stderr.splitlines()
+    hidden = edgecl("--log-level", "error", *args)
+    assert hidden.returncode == 1 and [line for line in hidden.stderr.splitlines() if line.strip()] == [
+        "error: this state has no LDA statistics (they are made by `edgecl adapt`): run `edgecl adapt BUNDLE "
+        "--data DIR` (--epochs 0 is enough), or use --head ncm"]
