@@ -12,7 +12,8 @@ EXIT_REFUSED = 2
 
 
 def release(
-    bundle_id: Annotated[str, typer.Argument(help="Bundle lineage id (manifest.bundle_id).")],
+    bundle_id: Annotated[str, typer.Argument(help="Bundle lineage id (manifest.bundle_id), or a bundle folder of "
+                                                  "that lineage (its id is read from its manifest).")],
     heldout: Annotated[Path, typer.Option(help="Held-out images, one folder per class (never trained on).")],
     server: Annotated[str, typer.Option(envvar="EDGECL_SERVER", help="Fleet server URL.")] = "",
     token: Annotated[str, typer.Option(envvar="EDGECL_ADMIN_TOKEN", help="An admin token.")] = "",
@@ -34,9 +35,12 @@ def release(
     """Publish the next version only if no class group is worse than in the current version or the frozen baseline.
 
     Exit 0 published, 2 refused (nothing published), 1 error."""
+    from edgecl.formats.manifest import MANIFEST, load_manifest
     from edgecl.release import ReleaseOptions
     from edgecl.release import release as run_release
 
+    if (Path(bundle_id) / MANIFEST).is_file():
+        bundle_id = load_manifest(bundle_id).bundle_id
     report = run_release(bundle_id, server, token, ReleaseOptions(
         heldout=heldout, current_dir=bundle, bundle_version=bundle_version, canary=list(canary or []),
         strategy=strategy, trim=trim, exclude_devices=list(exclude_device or []),

@@ -94,3 +94,19 @@ def test_cli_init_then_push_uses_the_config(tmp_path):
     finally:
         server.stop()
         fleet.store.close()
+
+
+def test_held_out_report_from_adapts_gate():
+    """What `edgecl delta` carries from adapt's gate (report.gate in the generation's meta.json)."""
+    from edgecl.device.deltafile import heldout_from_gate
+
+    kept = {"head": "lda", "held_out_images": 8, "adapted_accuracy": 0.75, "prototypes_only_accuracy": 0.5,
+            "kept": "adapted"}
+    assert heldout_from_gate(kept) == {"before": {"accuracy": 0.5, "images": 8}, "after": {"accuracy": 0.75, "images": 8}}
+    refused = {**kept, "adapted_accuracy": 0.25, "kept": "prototypes-only"}
+    assert heldout_from_gate(refused)["after"] == {"accuracy": 0.5, "images": 8}, "after = what the device kept"
+    evaluated = {"after": {"accuracy": 0.9, "images": 10, "per_class": {"bolt": {"accuracy": 1.0, "images": 5}}}}
+    assert heldout_from_gate(evaluated) == {"after": {"accuracy": 0.9, "images": 10, "per_class": {"bolt": 1.0}}}
+    assert heldout_from_gate(None) is None and heldout_from_gate({"kept": "adapted"}) is None
+    with pytest.warns(UserWarning, match="not carried"):
+        assert heldout_from_gate({"after": {"accuracy": 7.0}}) is None

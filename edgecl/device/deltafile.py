@@ -35,6 +35,15 @@ def heldout_from_gate(gate: Any) -> dict[str, Any] | None:
     after the adaptation, in ``edgecl.device.infer.evaluate``'s shape); None when there is none."""
     if not isinstance(gate, dict):
         return None
+    if "adapted_accuracy" in gate:
+        # adapt's gate: "before" = the classes' prototypes on the backbone as it was, "after" = what the
+        # device kept (the adapted backbone, or the old one when the gate refused the adaptation).
+        images = gate.get("held_out_images")
+        before = gate.get("prototypes_only_accuracy")
+        after = gate["adapted_accuracy"] if gate.get("kept", "adapted") == "adapted" else before
+        gate = {when: {"accuracy": value, **({"images": images} if isinstance(images, int) else {}),
+                       **({"per_class": gate[f"{when}_per_class"]} if f"{when}_per_class" in gate else {})}
+                for when, value in (("before", before), ("after", after)) if isinstance(value, (int, float))}
     out: dict[str, Any] = {}
     for when in ("before", "after"):
         part = gate.get(when)
