@@ -105,7 +105,13 @@ def test_fleet_on_postgresql(postgres, tmp_path):
         listed = httpx.get(server.url + "/v1/deltas", headers=fleet.admin()).json()["deltas"]
         assert {r["sha256"] for r in listed} == set(accepted)
         merge = httpx.post(server.url + "/v1/bundles/line-a/1/merge", headers=fleet.admin()).json()
-        assert merge["inputs"] == 64
+        assert merge["inputs"] == 16, "each device's newest delta counts once"
+        newest = {}
+        for row in listed:
+            newest[row["device"]] = row["sha256"]
+        assert sorted(merge["deltas"]) == sorted(newest.values())
+        devices = httpx.get(server.url + "/v1/devices", headers=fleet.admin()).json()["devices"]
+        assert all(d["last_version"] == 1 and d["last_event"] == "push" for d in devices if d["role"] == "device")
         # kill -9, restart: every acknowledged delta (and the merge) is still there, byte-identical.
         server.kill9()
         server.start()
