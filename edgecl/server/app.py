@@ -515,7 +515,7 @@ def serve(host: str = "127.0.0.1", port: int = 8750, db: str | None = None, stor
     # h11_max_incomplete_event_size caps a request head at 64 kB when the h11 parser is used.
     options = dict(host=host, port=port, log_level=log_level, access_log=False, timeout_keep_alive=keep_alive_s,
                    limit_concurrency=max_connections, h11_max_incomplete_event_size=64 << 10,
-                   http=protocol.LimitedHttpToolsProtocol)
+                   http=protocol.protocol_class())
     if workers <= 1:
         uvicorn.run(create_app(store, max_upload_bytes, body_idle_s), **options)
         return

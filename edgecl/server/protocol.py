@@ -22,7 +22,10 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+try:
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+except ImportError:  # pragma: no cover - httptools is in the server extra; without it: uvicorn's defaults
+    HttpToolsProtocol = None  # type: ignore[assignment,misc]
 
 
 @dataclass
@@ -39,7 +42,18 @@ _BUSY = json.dumps({"error": "too_many_connections",
                                "raise the server's --max-connections-per-client"}).encode()
 
 
-class LimitedHttpToolsProtocol(HttpToolsProtocol):
+def protocol_class() -> Any:
+    """The limited protocol, or uvicorn's choice ("auto") when httptools is not installed."""
+    if HttpToolsProtocol is None:
+        import warnings
+
+        warnings.warn("httptools is not installed: no header deadline and no per-client connection cap "
+                      "(pip install 'edgecl[server]')", stacklevel=2)
+        return "auto"
+    return LimitedHttpToolsProtocol
+
+
+class LimitedHttpToolsProtocol(HttpToolsProtocol or object):  # type: ignore[misc]
     _deadline: asyncio.TimerHandle | None = None
     _counted: str | None = None
 
