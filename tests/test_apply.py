@@ -19,12 +19,12 @@ runner = CliRunner()
 
 
 def _embed(bundle: Path, delta: np.ndarray, images: np.ndarray) -> np.ndarray:
-    import onnxruntime as ort
+    """What the device computes: inference.onnx with the masked weights patched to W0 + scatter(delta)."""
+    from edgecl.device.ort import InferenceRunner
 
-    sess = ort.InferenceSession(str(bundle / mf.INFERENCE_MODEL), providers=["CPUExecutionProvider"])
+    runner = InferenceRunner(bundle / mf.INFERENCE_MODEL, bundle / mf.WEIGHTS, Mask.load_file(bundle / mf.MASK))
     dim = mf.load_manifest(bundle).embedding_dim
-    return sess.run(["embeddings"], {"images": images, "delta": delta.astype(np.float32),
-                                     "prototypes": np.ones((1, dim), np.float32)})[0]
+    return runner.run(images, delta.astype(np.float32), np.ones((1, dim), np.float32))[0]
 
 
 @pytest.fixture(scope="module")
@@ -33,12 +33,12 @@ def adapted(tmp_path_factory: pytest.TempPathFactory, tiny_bundle: Path, calib_d
 
     bundle = tmp_path_factory.mktemp("adapted") / "bundle"
     shutil.copytree(tiny_bundle, bundle)
-    result = runner.invoke(app, ["adapt", str(bundle), "--data", str(calib_dir), "--epochs", "2"])
+    result = runner.invoke(app, ["adapt", str(bundle), "--data", str(calib_dir), "--epochs", "2", "--no-gate"])
     assert result.exit_code == 0, result.output
     return bundle
 
 
-@pytest.mark.parametrize("values,tol", [("fp32", 1e-5), ("fp16", 1e-2), ("int8", 5e-2), ("int4", 2e-1)])
+@pytest.mark.parametrize("values,tol", [("fp32", 1e-4), ("fp16", 1e-2), ("int8", 5e-2), ("int4", 2e-1)])
 def test_apply_reproduces_the_device_model(adapted: Path, calib_dir: Path, tmp_path: Path, values: str,
                                            tol: float) -> None:
     delta_path = tmp_path / f"d-{values}.safetensors"
@@ -69,6 +69,8 @@ def test_apply_reproduces_the_device_model(adapted: Path, calib_dir: Path, tmp_p
     device_delta = load_current(open_bundle(adapted)).delta
     on_device = _embed(adapted, device_delta, images)
     patched = _embed(out, np.zeros(new.selected, np.float32), images)
+    # fp32: not bit-identical: the device session runs the patched weights handed in as initializers,
+    # the new bundle's graph holds them in the file, and onnxruntime picks other CPU kernels for each.
     scale = float(np.abs(on_device).max())
     assert np.abs(patched - on_device).max() <= tol * max(scale, 1.0)
 
@@ -96,7 +98,7 @@ def test_delta_before_any_adaptation_is_a_clear_error(bundle_copy: Path, tmp_pat
 
 
 def test_overlap_history_accumulates_over_rounds(adapted: Path, calib_dir: Path, tmp_path: Path) -> None:
-    """METHOD.md step 2: each element's count of rounds that updated it survives every apply."""
+    """docs/method.md#overlap: each element's count of rounds that updated it survives every apply."""
     from edgecl.formats.mask import overlap_from_bytes
 
     d1 = tmp_path / "d1.safetensors"
@@ -104,7 +106,7 @@ def test_overlap_history_accumulates_over_rounds(adapted: Path, calib_dir: Path,
     v2 = tmp_path / "v2"
     assert runner.invoke(app, ["apply", str(adapted), str(d1), "-o", str(v2)]).exit_code == 0
     changed1 = delta_format.load_file(d1).to_dense() != 0
-    assert runner.invoke(app, ["adapt", str(v2), "--data", str(calib_dir), "--epochs", "1"]).exit_code == 0
+    assert runner.invoke(app, ["adapt", str(v2), "--data", str(calib_dir), "--epochs", "1", "--no-gate"]).exit_code == 0
     d2 = tmp_path / "d2.safetensors"
     assert runner.invoke(app, ["delta", str(v2), "-o", str(d2)]).exit_code == 0
     changed2 = delta_format.load_file(d2).to_dense() != 0

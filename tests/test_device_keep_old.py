@@ -34,6 +34,7 @@ def _adapt(bundle: Path, data: Path, **kw):
     kw.setdefault("progress", False)
     kw.setdefault("epochs", 1)
     kw.setdefault("lr", 0.05)
+    kw.setdefault("gate", False)  # replay counts below are of every exemplar; the gate has its own tests
     return adapt(bundle, data, AdaptOptions(**kw))
 
 
