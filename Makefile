@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.edgecl-installed
 
-.PHONY: demo test lint bench clean-venv data
+.PHONY: demo test lint bench clean-venv data system-deps
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -11,8 +11,9 @@ $(STAMP): pyproject.toml Makefile
 	# torch/torchvision come from local disk on this machine kind (see README "Install").
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
 	$(PY) -m pip install -q -e '.[host,device,server,dev]'
-	# The plain `onnxruntime` wheel must never sit beside onnxruntime-training: both own the module.
-	! $(PY) -m pip show -q onnxruntime 2>/dev/null
+	# The device trains on plain onnxruntime; onnxruntime-training (deprecated after 1.19.2) owns the
+	# same `onnxruntime` module and would silently replace it: refuse an environment that has it.
+	! $(PY) -m pip show -q onnxruntime-training onnxruntime-training-cpu 2>/dev/null
 	touch $(STAMP)
 
 # Fashion-MNIST comes from Debian's package (offline data); installed when missing and root.
@@ -21,10 +22,17 @@ data:
 	  { if [ "$$(id -u)" = 0 ]; then apt-get update -q && apt-get install -y -q dataset-fashion-mnist; \
 	    else echo "Fashion-MNIST missing: run 'sudo apt-get install dataset-fashion-mnist'"; exit 1; fi; }
 
+# Real parts the tests use: headless Chromium (the dashboard test) and a PostgreSQL server (the fleet
+# on PostgreSQL), from Debian; installed when missing and root.
+system-deps:
+	@{ test -x /usr/bin/chromium && ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1; } || \
+	  { if [ "$$(id -u)" = 0 ]; then apt-get update -q && apt-get install -y -q chromium postgresql; \
+	    else echo "missing chromium/postgresql: run 'sudo apt-get install chromium postgresql'"; exit 1; fi; }
+
 demo: $(STAMP) data
 	$(VENV)/bin/edgecl demo --out demo-out
 
-test: $(STAMP) data
+test: $(STAMP) data system-deps
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
