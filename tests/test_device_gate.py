@@ -9,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import write_image_folder
 
 REPO = Path(__file__).resolve().parents[1]
