@@ -370,17 +370,14 @@ class _TrainStep:
             proj_weight = proj_weight.detach().requires_grad_(True)
             proj_bias = proj_bias.detach().requires_grad_(True)
             # One piece per tensor: the backward of the split is a single Concat of the pieces' gradients.
-            pieces = torch.split(delta, self.counts) if self.masked else ()
+            pieces = torch.split(delta, self.counts)
             weights = {n: self.base[n].scatter_add(0, self.indices[n], piece).reshape(self.shapes[n])
                        for n, piece in zip(self.masked, pieces, strict=True)}
             with _ConvRouter(self.flipped):
                 emb = torch.func.functional_call(self.model, weights, (images,), strict=False)
             z = l2_normalize(F.linear(emb, proj_weight, proj_bias))
             loss = supcon_loss(z, labels, self.temperature, row_weight)
-            wrt = [delta, proj_weight, proj_bias] if self.masked else [proj_weight, proj_bias]
-            grads = list(torch.autograd.grad(loss, wrt))
-        if not self.masked:
-            grads.insert(0, torch.zeros_like(delta))
+            grads = torch.autograd.grad(loss, [delta, proj_weight, proj_bias])
         return (loss.detach(), *[g.detach() for g in grads])
 
 
@@ -515,6 +512,9 @@ def export_train_step(model: nn.Module, mask: Mask, proj: nn.Linear, temperature
     """Write ``train_step.onnx`` (see the module docstring) to ``path`` atomically."""
     if rows < 2:
         raise ExportError(f"the training step needs at least 2 rows, got {rows}", "use a batch of 2 or more")
+    if mask.total_selected == 0:
+        raise ExportError("the mask selects no element, so the step has nothing to train",
+                          "raise the select rate or exclude fewer tensors")
     proto = build_step_onnx(model, mask, proj, temperature, rows, tuple(input_size))
     data = proto.SerializeToString()
     try:
