@@ -150,3 +150,26 @@ def test_apply_refreshes_calibration_prototypes_from_the_bundle_exemplars(adapte
     for i, name in enumerate(exemplars.classes):
         expected = emb[exemplars.labels == i].mean(0)
         assert np.allclose(protos.means[protos.classes.index(name)], expected, atol=1e-5)
+
+
+def test_apply_writes_stock_timm_weights_that_load_strict(adapted: Path, calib_dir: Path, tmp_path: Path) -> None:
+    """recipe_weights.safetensors loads into the recipe's own timm model (strict) and embeds like the bundle."""
+    import timm
+    import torch
+    from safetensors.torch import load_file
+
+    d = tmp_path / "d.safetensors"
+    assert runner.invoke(app, ["delta", str(adapted), "-o", str(d)]).exit_code == 0
+    out = tmp_path / "v2"
+    assert runner.invoke(app, ["apply", str(adapted), str(d), "-o", str(out)]).exit_code == 0
+    manifest = mf.load_manifest(out)
+    assert "recipe_weights.safetensors" in manifest.files  # listed, so verified and signed like the rest
+    model = timm.create_model(manifest.recipe["timm_model"], pretrained=False, num_classes=0,
+                              **manifest.recipe.get("model_kwargs", {}))
+    model.load_state_dict(load_file(str(out / "recipe_weights.safetensors")), strict=True)
+    model.eval()
+    images = normalize(load_image_folder(calib_dir, manifest.input_size).pixels[:6], manifest.mean, manifest.std)
+    with torch.no_grad():
+        stock = model(torch.from_numpy(images)).numpy()
+    bundle = _embed(out, np.zeros(manifest.selected, np.float32), images)
+    assert np.abs(stock - bundle).max() <= 1e-4 * max(1.0, float(np.abs(bundle).max()))

@@ -189,7 +189,7 @@ def adapt(bundle_dir: str | Path, data_dir: str | Path, options: AdaptOptions | 
           profile: str | Path | DeviceProfile | None = None) -> AdaptReport:
     opts = options or AdaptOptions()
     bundle = open_bundle(bundle_dir)
-    prof = resolve_profile(profile)  # TODO(H2): bundle default
+    prof = resolve_profile(profile, bundle)  # --device > the bundle's export profile > built-in default
     check_provider(prof.execution_provider)  # before any work: a clear error, nothing written
     with bundle_lock(bundle, "adapt"):
         return _adapt(bundle, Path(data_dir), opts, prof)

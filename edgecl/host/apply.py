@@ -2,8 +2,9 @@
 
 load -> merge -> scatter -> write_bundle. The output folder is a complete bundle (same bundle id,
 version + 1) whose base weights (weights.safetensors) are W0 + delta, plus
-``recipe_weights.safetensors``: the same weights in the recipe's own timm layout (BatchNorm set to
-identity), loadable with ``load_state_dict(strict=True)`` by anything that runs the stock model.
+``recipe_weights.safetensors``: the same weights in the recipe's own timm layout (host/unfold.py: each
+BatchNorm keeps the recipe's statistics, the change goes into the conv weight and the BN shift),
+loadable with ``load_state_dict(strict=True)`` by anything that runs the stock model.
 Its inference graph gives the device's adapted model (checked here on seeded images).
 """
 
@@ -28,6 +29,7 @@ from edgecl.formats.overlap import OverlapHistory
 from edgecl.formats.prototypes import Prototypes
 from edgecl.formats.weights import load_weights, weights_sha256
 from edgecl.host.export import (
+    RECIPE_WEIGHTS,
     BundleSpec,
     ExportOptions,
     embed_with_onnx,
@@ -35,8 +37,6 @@ from edgecl.host.export import (
     write_bundle,
 )
 from edgecl.host.model import build_embedding_model
-
-RECIPE_WEIGHTS = "recipe_weights.safetensors"
 
 
 @dataclass
@@ -173,29 +173,18 @@ def apply_deltas(bundle_dir: str | Path, delta_paths: list[str | Path], out_dir:
     # 4. write_bundle
     spec = BundleSpec(recipe=recipe, model=model, mask=next_mask, head=proj, prototypes=prototypes, options=options,
                       profile=None, exemplars=exemplars, overlap=history.counts, bundle_id=manifest.bundle_id,
-                      version=manifest.version + 1, parent_sha256=sha256_file(bundle_dir / mf.MANIFEST))
+                      version=manifest.version + 1, parent_sha256=sha256_file(bundle_dir / mf.MANIFEST),
+                      recipe_weights=True)
     if manifest.device_profile:
         from edgecl.formats.config import DeviceProfile
         known = {f.name for f in dataclasses.fields(DeviceProfile)}
         spec.profile = DeviceProfile(**{k: v for k, v in manifest.device_profile.items() if k in known})
     write_bundle(spec, out_dir)
-    recipe_weights = _write_recipe_weights(patched, recipe, out_dir)
+    recipe_weights = str(out_dir / RECIPE_WEIGHTS) if (out_dir / RECIPE_WEIGHTS).exists() else ""
     diff = _output_diff(out_dir, model, manifest)
     return ApplyReport(bundle_dir=str(out_dir), version=manifest.version + 1, deltas=len(deltas),
                        changed_elements=int(np.count_nonzero(vector)), classes=list(prototypes.classes),
                        max_abs_output_diff=diff, remasked=data_dir is not None, recipe_weights=recipe_weights)
-
-
-def _write_recipe_weights(patched: dict[str, np.ndarray], recipe: Recipe, out_dir: Path) -> str:
-    if not recipe.timm_model:
-        return ""
-    try:
-        from edgecl.host.unfold import write_recipe_weights
-    except ImportError:  # pragma: no cover - unfold ships with the host side
-        return ""
-    path = out_dir / RECIPE_WEIGHTS
-    write_recipe_weights(patched, recipe, path)
-    return str(path)
 
 
 def _output_diff(new_dir: Path, model: torch.nn.Module, manifest: mf.BundleManifest) -> float:

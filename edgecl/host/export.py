@@ -94,6 +94,10 @@ class BundleSpec:
     bundle_id: str = ""
     version: int = 1
     parent_sha256: str = ""
+    recipe_weights: bool = False         # also write recipe_weights.safetensors (stock timm layout; `apply`)
+
+
+RECIPE_WEIGHTS = "recipe_weights.safetensors"
 
 
 # -- graphs ----------------------------------------------------------------------------------------
@@ -221,6 +225,10 @@ def write_bundle(spec: BundleSpec, out_dir: str | Path) -> ExportReport:
             spec.exemplars.save_file(tmp / mf.EXEMPLARS)
         if spec.overlap:
             (tmp / mf.OVERLAP).write_bytes(overlap_to_bytes(spec.overlap))
+        if spec.recipe_weights and recipe.timm_model:
+            # Inside the temp folder, before the manifest: listed in `files` (verified, signed) like the rest.
+            from edgecl.host.unfold import write_recipe_weights
+            write_recipe_weights(weights, recipe, tmp / RECIPE_WEIGHTS)
         manifest = mf.BundleManifest(
             bundle_id=spec.bundle_id or uuid.uuid4().hex, version=spec.version, model_name=recipe.name,
             input_size=list(recipe.input_size), mean=list(recipe.mean), std=list(recipe.std),
