@@ -215,3 +215,12 @@ def test_efficientnet_lite0_parity(tmp_path: Path) -> None:
     ref = reference(model, mask, proj, images, labels, delta)
     errors = [rel_l2(a, b) for a, b in zip(out, ref, strict=True)]
     assert all(e < TOL for e in errors), f"loss/grad_delta/grad_proj_weight/grad_proj_bias rel L2 {errors}"
+
+
+def test_unsupported_layer_is_an_export_error(tmp_path: Path) -> None:
+    model = torch.nn.Sequential(torch.nn.ConvTranspose2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.Flatten()).eval()
+    mask = select_mask({n: np.ones(p.shape, np.float32) for n, p in model.named_parameters()}, 0.5)
+    with pytest.raises(ExportError, match="transposed"):
+        export_train_step(model, mask, torch.nn.Linear(4, 3), TEMPERATURE, 4, (8, 8), tmp_path / "s.onnx")
+    assert not list(tmp_path.iterdir())

@@ -27,6 +27,7 @@ import copy
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -43,6 +44,9 @@ from edgecl.host.loss import l2_normalize, supcon_loss
 OPSET = 18
 IR_VERSION = 10          # onnxruntime 1.19 refuses newer IR versions
 ONNX_DOMAINS = ("", "ai.onnx")
+
+if TYPE_CHECKING:
+    import onnx
 
 _pair = nn.modules.utils._pair
 
@@ -465,11 +469,21 @@ def _tidy(model) -> None:  # noqa: ANN001 (onnx_ir.Model)
         step(model)
 
 
-def build_step_onnx(model: nn.Module, mask: Mask, proj: nn.Linear, temperature: float, rows: int,
-                    input_size: tuple[int, int]):  # noqa: ANN201 (onnx.ModelProto; onnx imported lazily)
-    """The step graph as an in-memory ONNX model (checked: ai.onnx ops only, IR version 10)."""
-    import onnx
+def _root_cause(exc: BaseException) -> str:
+    """The innermost exception's first line, without terminal colours (the exporter wraps the
+    useful message, e.g. "No ONNX function found for aten.x", in generic ones)."""
+    import re
 
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    lines = str(exc).strip().splitlines()
+    first = re.sub(r"\x1b\[[0-9;]*m", "", lines[0]) if lines else ""
+    return f"{type(exc).__name__}: {first}"
+
+
+def build_step_onnx(model: nn.Module, mask: Mask, proj: nn.Linear, temperature: float, rows: int,
+                    input_size: tuple[int, int]) -> onnx.ModelProto:
+    """The step graph as an in-memory ONNX model (checked: ai.onnx ops only, IR version 10)."""
     gm = trace_train_step(model, mask, proj, temperature, rows, input_size)
     example = example_inputs(mask, proj, rows, input_size)
     try:
@@ -477,19 +491,19 @@ def build_step_onnx(model: nn.Module, mask: Mask, proj: nn.Linear, temperature: 
             program = torch.onnx.export(_GraphModule(gm).eval(), example, dynamo=True, opset_version=OPSET,
                                         input_names=list(mf.STEP_INPUTS), output_names=list(mf.STEP_OUTPUTS),
                                         external_data=False, optimize=False, verify=False)
+            if program is None:
+                raise RuntimeError("torch.onnx.export returned no program")
             _tidy(program.model)
+            proto = program.model_proto
     except Exception as exc:
-        raise ExportError(f"the ONNX exporter failed on the training step ({type(exc).__name__}: "
-                          f"{str(exc).splitlines()[0] if str(exc) else ''})",
+        raise ExportError(f"the ONNX exporter failed on the training step ({_root_cause(exc)})",
                           "report this with the recipe") from exc
-    proto = program.model_proto
     proto.ir_version = IR_VERSION
     check_step_graph(proto, mask, rows, input_size)
-    del onnx
     return proto
 
 
-def check_step_graph(proto, mask: Mask, rows: int, input_size: tuple[int, int]) -> None:  # noqa: ANN001
+def check_step_graph(proto: onnx.ModelProto, mask: Mask, rows: int, input_size: tuple[int, int]) -> None:
     """Raise ExportError unless the graph is one plain onnxruntime can run as the step contract says."""
     domains = {n.domain for n in proto.graph.node} | {o.domain for o in proto.opset_import if o.domain}
     foreign = sorted(d for d in domains if d not in ONNX_DOMAINS)
@@ -515,7 +529,7 @@ def export_train_step(model: nn.Module, mask: Mask, proj: nn.Linear, temperature
     if mask.total_selected == 0:
         raise ExportError("the mask selects no element, so the step has nothing to train",
                           "raise the select rate or exclude fewer tensors")
-    proto = build_step_onnx(model, mask, proj, temperature, rows, tuple(input_size))
+    proto = build_step_onnx(model, mask, proj, temperature, rows, (int(input_size[0]), int(input_size[1])))
     data = proto.SerializeToString()
     try:
         atomic_write_bytes(path, data)
