@@ -170,8 +170,8 @@ def run_demo(options: DemoOptions, echo: Callable[[str], None] = print) -> DemoR
     profile.write_text(f'name = "demo-device"\nthreads = {opts.threads}\nbatch_size = 32\n')
 
     # 2. export --------------------------------------------------------------------------------------
-    t = stage("2/6 host: edgecl export (MI-Fisher scores on the calibration images, 5% mask, ONNX training "
-              "artifacts)")
+    t = stage("2/6 host: edgecl export (MI-Fisher scores on the calibration images, 5% mask, train_step.onnx + "
+              "inference.onnx)")
     bundle_v1 = out / "bundle-v1"
     run("export", str(opts.recipe), "--data", str(data / "calib" / "train"), "-o", str(bundle_v1), "--overwrite",
         "--epochs", str(opts.epochs), show_stdout=True)
@@ -241,6 +241,16 @@ def run_demo(options: DemoOptions, echo: Callable[[str], None] = print) -> DemoR
     run("merge", manifest["bundle_id"], "--store", str(store), "-o", str(merged), show_stdout=True)
     report.bundle["merged_delta_bytes"] = merged.stat().st_size
     run("apply", str(bundle_v1), str(merged), "-o", str(out / "bundle-v2"), "--overwrite", show_stdout=True)
+    # The like-for-like baseline: bundle v1, no training at all, prototypes of every class known now.
+    baseline = out / "baseline" / "bundle"
+    shutil.rmtree(baseline.parent, ignore_errors=True)
+    shutil.copytree(bundle_v1, baseline)
+    for device in DEVICES:
+        run.json("adapt", str(baseline), "--data", str(data / device / "train"), "--epochs", "0", "--device",
+                 str(profile), "--json")
+    accuracy_base = {g: _accuracy(run, baseline, f)[0] for g, f in groups.items()}
+    report.stages.append(Stage("frozen baseline (v1)", "all", accuracy_base,
+                               "no training; prototypes of all 10 classes"))
     accuracy_v2 = {g: _accuracy(run, out / "bundle-v2", f)[0] for g, f in groups.items()}
     report.stages.append(Stage("merged fleet (v2)", "all", accuracy_v2, "edgecl apply -> bundle v2"))
     report.timings_s["merge+apply"] = time.perf_counter() - t
