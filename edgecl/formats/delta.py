@@ -250,11 +250,11 @@ def compute_hmac(key: bytes, signed_bytes: bytes) -> str:
 
 
 def parse_key(text: str) -> bytes:
-    """A device key as printed by ``edgecl serve register-device`` (64 hex digits) -> 32 bytes."""
+    """A device key as printed by ``edgecl server device add`` (64 hex digits) -> 32 bytes."""
     text = text.strip()
     if not re.fullmatch(r"[0-9a-fA-F]{64}", text):
         raise DeltaMetadataError("the device key is not 64 hex digits",
-                                 "copy the key printed by `edgecl serve register-device`")
+                                 "copy the key printed by `edgecl server device add`")
     return bytes.fromhex(text)
 
 

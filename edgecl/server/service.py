@@ -54,7 +54,7 @@ def authenticate(store: Store, authorization: str | None, admin: bool = False) -
     device = store.device_for_token(authorization[len("Bearer "):].strip())
     if device is None or device.role == "merge":
         raise Rejected("auth_invalid", 401, "unknown device token",
-                       "use the token printed by `edgecl serve register-device`")
+                       "use the token printed by `edgecl server device add`")
     if device.revoked:
         raise Rejected("device_revoked", 403, f"device {device.name} has been revoked",
                        "ask the operator to re-provision it (`edgecl server device rotate NAME`)")
