@@ -78,6 +78,8 @@ EXPERIMENTS: dict[str, Experiment] = {
     # a few minutes: does the whole harness run (CI-sized data, one task's worth of steps)
     "smoke_b1": Experiment("b1", (20, 10, 20), (FROZEN, _mist("mist", (1e-2,), epochs=1),
                                                Arm("full FT", "full_ft", (1e-2,), {"epochs": 1}))),
+    "smoke_edgecl": Experiment("b1", (20, 10, 20), (FROZEN, _mist("mist", (1e-2,), epochs=1),
+                                                   Arm("edgecl", "edgecl", (), {"epochs": 1}, lr_from="mist"))),
     "smoke_b6": Experiment("b6", (6, 4, 6), (FROZEN, _mist("mist", (1e-2,), epochs=1, loss="supcon+proto"))),
     # the lever ablation on small subsets (issue 12), one seed, torch reference
     "ablation_b1": Experiment("b1", (100, 50, 100), _levers(b6=False),

@@ -164,3 +164,8 @@ def test_every_experiment_names_known_methods_and_settings() -> None:
             assert set(arm.train) | set(exp.train) <= fields, (name, arm.label)
             assert set(arm.rules) | set(exp.rules) <= rule_fields, (name, arm.label)
             assert arm.lr_from is None or arm.lr_from in labels, (name, arm.label)
+
+
+def test_the_experiments_head_list_is_the_harness_families() -> None:
+    assert experiments.ALL_HEADS == harness.FAMILIES
+    assert harness.StreamRules().heads == harness.FAMILIES
