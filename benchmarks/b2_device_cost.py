@@ -3,7 +3,8 @@
 Same model (EfficientNet-Lite0, BN folded), images (Fashion-MNIST classes 6-7, device A's), batch
 (32 x 2 views), input size and thread count, each in its own process under `/usr/bin/time -v`:
 
-- ``edgecl adapt`` (onnxruntime-training, numpy gate; no torch in the process), one epoch;
+- ``edgecl adapt`` (the standard-ONNX step graph in plain onnxruntime, numpy gate; no torch in the
+  process), one epoch;
 - torch full fine-tuning (b2_torch_worker.py --mode full), as many steps;
 - torch with the bundle's mask applied by gradient hooks (--mode hooks).
 
