@@ -37,8 +37,8 @@ from common import Stream, Task, concat
 
 from edgecl.device.heads import LdaHead, RanpacHead, fit_linear_drift
 
-LDA_SHRINKAGE = (0.03, 0.1, 0.3)      # the lda heads' grid, chosen on val like the lr
-RANPAC_RIDGE = (1e4, 1e5, 1e6)        # the ranpac head's grid
+LDA_SHRINKAGE = (0.03, 0.1, 0.3, 0.6)   # the lda heads' grid, chosen on val like the lr
+RANPAC_RIDGE = (1e4, 1e5, 1e6, 1e7)      # the ranpac head's grid (small subsets pick the large ridges)
 RANPAC_M = 2000
 FAMILIES = ("ncm", "ncm-map", "lda", "lda-map", "ranpac")
 

@@ -37,7 +37,15 @@ _pin_threads()
 import common  # noqa: E402
 import experiments  # noqa: E402
 import numpy as np  # noqa: E402
-from harness import FAMILIES, StreamRules, run_stream, split_data, summarize_arms  # noqa: E402
+from harness import (  # noqa: E402
+    FAMILIES,
+    LDA_SHRINKAGE,
+    RANPAC_RIDGE,
+    StreamRules,
+    run_stream,
+    split_data,
+    summarize_arms,
+)
 
 CRITERION = "mean_val"
 
@@ -53,7 +61,8 @@ def run_key(exp: experiments.Experiment, arm: experiments.Arm, lr: float | None,
     train, rules = arm_settings(exp, arm)
     return {"bench": exp.bench, "per_class": list(exp.per_class), "size": exp.size, "method": arm.method,
             "lr": lr, "seed": seed, "train": train | {"lr": lr or 0.0, "seed": seed},
-            "rules": dataclasses.asdict(rules) | {"heads": list(rules.heads)}}
+            "rules": dataclasses.asdict(rules) | {"heads": list(rules.heads)},
+            "head_grid": {"lda": list(LDA_SHRINKAGE), "ranpac": list(RANPAC_RIDGE)}}
 
 
 def run_path(name: str, arm: str, lr: float | None, seed: int) -> Path:
