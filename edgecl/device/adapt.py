@@ -136,7 +136,8 @@ def _load_memory(current: DeviceState, bundle: Bundle, use: bool) -> ExemplarMem
     if use and bundle.path(mf.EXEMPLARS).exists():
         # First adaptation: start from the calibration exemplars the host shipped in the bundle.
         return ExemplarMemory.load_file(bundle.path(mf.EXEMPLARS))
-    return ExemplarMemory.empty(tuple(bundle.manifest.input_size))
+    h, w = bundle.manifest.input_size
+    return ExemplarMemory.empty((int(h), int(w)))
 
 
 def _start_trainable(current: DeviceState, bundle: Bundle) -> dict[str, np.ndarray]:
@@ -217,7 +218,7 @@ def _adapt(bundle: Bundle, data_dir: Path, opts: AdaptOptions, prof: DeviceProfi
         warnings.warn("too few images to hold any out: the do-no-harm gate is off for this run", stacklevel=3)
         hold, split = False, _split(task, memory, known, plan, False)
     data = _train_set(task, memory, split, replay_names, plan)
-    config = {"parent": current.generation, "data": _fingerprint(task, data_dir), "classes": task.classes,
+    config: dict[str, Any] = {"parent": current.generation, "data": _fingerprint(task, data_dir), "classes": task.classes,
               "plan": plan.fingerprint(), "replay": replay_names}
     runner = create_runner(bundle, prof)
 

@@ -22,7 +22,8 @@ from .poststeps import Heads, Moved, run_post_steps
 def holdout_split(labels: np.ndarray, share: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Per class, hold out round(share * n) rows (at least one when the class has two or more)."""
     rng = np.random.default_rng(seed)
-    train, held = [], []
+    train: list[int] = []
+    held: list[int] = []
     for label in np.unique(labels):
         rows = rng.permutation(np.flatnonzero(labels == label))
         k = max(1, int(round(share * len(rows)))) if len(rows) >= 2 else 0

@@ -33,7 +33,7 @@ from .update import cap_gate, draw_gate, sgd_step, sparse_sgd_step
 
 def _rng(state: dict[str, Any]) -> np.random.Generator:
     bit_generator = np.random.PCG64()
-    bit_generator.state = state
+    bit_generator.state = state  # type: ignore[assignment]
     return np.random.Generator(bit_generator)
 
 

@@ -168,7 +168,8 @@ def build_graphs(model: nn.Module, mask: Mask, head: nn.Linear, temperature: flo
     dim = int(head.in_features)
     bar = progress_bar(2, "export graphs", enabled=progress)
     try:
-        export_train_step(model, mask, head, temperature, rows, tuple(recipe.input_size), out / mf.TRAIN_STEP)
+        h, w = recipe.input_size
+        export_train_step(model, mask, head, temperature, rows, (int(h), int(w)), out / mf.TRAIN_STEP)
         bar.update(1)
         _export_inference(model, list(recipe.input_size), dim, out / mf.INFERENCE_MODEL)
         bar.update(1)
@@ -330,7 +331,7 @@ def export_bundle(recipe: Recipe | str | Path, data_dir: str | Path, out_dir: st
     if ship_images:
         # A few calibration images per class (herding on the embeddings) let the device replay the
         # old classes and move their prototypes when it moves the backbone (docs/device.md).
-        exemplars = ExemplarMemory.empty(tuple(recipe.input_size)).update(
+        exemplars = ExemplarMemory.empty((int(recipe.input_size[0]), int(recipe.input_size[1]))).update(
             {name: (images.pixels[images.labels == i], emb[images.labels == i])
              for i, name in enumerate(images.classes)},
             budget_bytes=1 << 62, max_per_class=opts.exemplars_per_class)
