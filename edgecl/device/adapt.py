@@ -86,7 +86,7 @@ class AdaptReport:
     exemplar_bytes: int = 0
     selection: dict[str, Any] | None = None
     gate: dict[str, Any] | None = None    # held-out accuracy: adapted vs prototypes only, and which was kept
-    kept: str = "adapted"                 # "adapted" | "prototypes-only" (the gate refused the backbone move)
+    kept: str = "adapted"                 # "adapted" | "prototypes-only" (no training, or the gate refused it)
     resumed_from_step: int | None = None
 
     def to_json(self) -> dict[str, Any]:
@@ -343,7 +343,7 @@ def _adapt(bundle: Bundle, data_dir: Path, opts: AdaptOptions, prof: DeviceProfi
         memory_budget_mb=prof.memory_budget_mb, drift_compensated=heads.drift_compensated,
         from_exemplars=heads.from_exemplars, replayed=len(data.pixels) - len(split.task_train),
         lda_moved=heads.lda_moved, exemplar_bytes=heads.memory.nbytes if plan.use_exemplars else 0,
-        selection=selection, gate=gate_report, kept="adapted" if keep or not trained else "prototypes-only",
+        selection=selection, gate=gate_report, kept="adapted" if keep else "prototypes-only",
         resumed_from_step=resumed_from)
     trainable = state.trainable() if keep else start
 
