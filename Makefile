@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.edgecl-installed
 
-.PHONY: demo test lint bench clean-venv data system-deps
+.PHONY: demo test lint bench clean-venv data system-deps test-aarch64
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -44,3 +44,10 @@ bench: $(STAMP) data
 	  { if [ "$$(id -u)" = 0 ]; then apt-get update -q && apt-get install -y -q time; \
 	    else echo "GNU time missing: run 'sudo apt-get install time'"; exit 1; fi; }
 	$(PY) benchmarks/run_all.py
+
+# The device path (adapt, predict, eval, delta) on an arm64 CPython under qemu-user emulation, compared with
+# the x86_64 run: not part of `make test` (minutes). The set-up (root, once) installs qemu-user-static and
+# downloads arm64 .debs and aarch64 wheels into .cache/aarch64; the check itself downloads nothing.
+test-aarch64: $(STAMP)
+	bash scripts/aarch64/setup.sh .cache/aarch64
+	$(PY) scripts/aarch64/check.py --cache .cache/aarch64
