@@ -508,3 +508,31 @@ def test_whole_bundle_release_and_download(env, tmp_path):
     assert missing == [sha]
     assert httpx.put(server.url + "/v1/blobs/" + sha, content=b"hello", headers=fleet.admin()).status_code == 201
     assert httpx.put(server.url + "/v1/blobs/" + sha, content=b"hello", headers=fleet.headers("dev-0")).status_code == 403
+
+
+def test_deprecated_serve_still_starts_the_server(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    from edgecl_test_server import REPO, free_port
+
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-c", "from edgecl.cli.main import main; main()", "serve", "--port",
+                             str(port), "--store", str(tmp_path / "store"), "--log-level", "warning"],
+                            cwd=REPO, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.1)
+        else:
+            raise AssertionError("edgecl serve did not start")
+    finally:
+        proc.terminate()
+        _, err = proc.communicate(timeout=10)
+    assert err.splitlines()[0] == ("warning: `edgecl serve` is deprecated and goes away in 0.3: use "
+                                   "`edgecl server start`")
