@@ -150,14 +150,14 @@ class _Coordinatewise:
 def merge_prototypes(tables: Sequence[Prototypes | None], max_share: float | None = None) -> Prototypes | None:
     """Per class name: count-weighted mean of the means (each device's share of a class capped at
     ``max_share`` when given), counts summed; class order = first seen."""
-    tables = [t for t in tables if t is not None and len(t)]
-    if not tables:
+    present: list[Prototypes] = [t for t in tables if t is not None and len(t)]
+    if not present:
         return None
-    dims = {int(t.means.shape[1]) for t in tables}
+    dims = {int(t.means.shape[1]) for t in present}
     if len(dims) != 1:
         raise MergeError(f"prototypes have different sizes {sorted(dims)}", "merge deltas of one bundle only")
     rows: dict[str, list[tuple[np.ndarray, int]]] = {}
-    for table in tables:
+    for table in present:
         for name, mean, count in zip(table.classes, np.asarray(table.means, np.float64), table.counts, strict=True):
             rows.setdefault(name, []).append((mean, int(count)))
     names = list(rows)
