@@ -46,7 +46,7 @@ _TIME_RE = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z")
 _MAX_CLASS_NAME = 256
 
 # safetensors dtype tag <-> little-endian numpy dtype
-_DTYPES = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "I8": np.dtype("i1"), "U8": np.dtype("u1"),
+_DTYPES: dict[str, np.dtype] = {"F32": np.dtype("<f4"), "F16": np.dtype("<f2"), "I8": np.dtype("i1"), "U8": np.dtype("u1"),
            "I32": np.dtype("<i4"), "I64": np.dtype("<i8")}
 _TAG_OF = {"fp32": "F32", "fp16": "F16", "int8": "I8", "int4": "U8"}
 _ENC_OF = {v: k for k, v in _TAG_OF.items()}
@@ -311,7 +311,7 @@ def unpack_int4(packed: np.ndarray, n: int) -> np.ndarray:
     return signed[:n]
 
 
-def _choose_layout(k: int, m: int, value_bytes: int) -> str:
+def _choose_layout(k: int, m: int, value_bytes: float) -> str:
     sizes = {"dense": k * value_bytes, "bitmap": -(-k // 8) + m * value_bytes, "indices": m * (4 + value_bytes)}
     return min(LAYOUTS, key=lambda name: (sizes[name], LAYOUTS.index(name)))
 
