@@ -220,17 +220,21 @@ class Store:
                              "check --db (postgresql://USER@HOST:PORT/DB) and that the server is running") from exc
 
     @contextlib.contextmanager
-    def _cursor(self) -> Iterator[Any]:
+    def _cursor(self, transaction: bool = False) -> Iterator[Any]:
+        """A cursor on this thread's connection; ``transaction``: its statements commit together
+        (PostgreSQL: one WAL flush instead of one per statement)."""
         conn = getattr(self._local, "conn", None)
         if conn is None:
             conn = self._local.conn = self._connect()
             with self._lock:
                 self._all.append(conn)
-        cur = conn.cursor()
-        try:
-            yield _Cursor(cur, self.dialect)
-        finally:
-            cur.close()
+        scope = conn.transaction() if transaction and self.dialect == "postgresql" else contextlib.nullcontext()
+        with scope:
+            cur = conn.cursor()
+            try:
+                yield _Cursor(cur, self.dialect)
+            finally:
+                cur.close()
 
     def close(self) -> None:
         with self._lock:
@@ -550,7 +554,7 @@ class Store:
             statements.append(self._touch_sql(row["device"], "push", row["bundle_id"], row["version"], heldout))
         if self.dialect == "sqlite":
             return self._group_commit(statements) == 1
-        with self._cursor() as cur:     # PostgreSQL batches concurrent commits' WAL flushes itself
+        with self._cursor(transaction=True) as cur:     # the row and the heartbeat: one commit
             cur.execute(sql, args)
             count = cur.rowcount
             for extra_sql, extra_args in statements[1:]:
