@@ -32,31 +32,33 @@ _HEX128 = re.compile(r"[0-9a-f]{128}")
 
 
 class SignatureError(EdgeclError):
-    """A release signature is missing, malformed or does not verify with the pinned key."""
+    """A release signature is missing, malformed or does not verify with the pinned key (or the
+    cryptography package that checks it is not installed)."""
 
 
-def _ed25519() -> Any:
+def _crypto() -> tuple[Any, Any, Any]:
+    """(ed25519, serialization, InvalidSignature) from the cryptography package."""
     try:
+        from cryptography.exceptions import InvalidSignature
+        from cryptography.hazmat.primitives import serialization
         from cryptography.hazmat.primitives.asymmetric import ed25519
     except ImportError as exc:  # pragma: no cover - the extras install it
-        raise EdgeclError("release signatures need the cryptography package",
-                          "pip install 'edgecl[device]' (or 'edgecl[server]')") from exc
-    return ed25519
+        raise SignatureError("release signatures need the cryptography package",
+                             "pip install 'edgecl[device]' (or 'edgecl[server]')") from exc
+    return ed25519, serialization, InvalidSignature
 
 
 def generate_private_key() -> bytes:
     """32 random bytes: an Ed25519 private key (its seed)."""
-    from cryptography.hazmat.primitives import serialization
-
-    key = _ed25519().Ed25519PrivateKey.generate()
+    ed25519, serialization, _ = _crypto()
+    key = ed25519.Ed25519PrivateKey.generate()
     return key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
                              serialization.NoEncryption())
 
 
 def public_key(private: bytes) -> bytes:
-    from cryptography.hazmat.primitives import serialization
-
-    key = _ed25519().Ed25519PrivateKey.from_private_bytes(private)
+    ed25519, serialization, _ = _crypto()
+    key = ed25519.Ed25519PrivateKey.from_private_bytes(private)
     return key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
 
 
@@ -75,20 +77,19 @@ def release_message(manifest: dict[str, Any]) -> bytes:
 
 def sign_manifest(private: bytes, manifest: dict[str, Any]) -> str:
     """Hex Ed25519 signature (128 hex digits) of the manifest object."""
-    key = _ed25519().Ed25519PrivateKey.from_private_bytes(private)
+    key = _crypto()[0].Ed25519PrivateKey.from_private_bytes(private)
     return key.sign(release_message(manifest)).hex()
 
 
 def verify_manifest(public: bytes, manifest: dict[str, Any], signature_hex: str) -> None:
     """Raise SignatureError unless ``signature_hex`` is the server's signature of ``manifest``."""
-    from cryptography.exceptions import InvalidSignature
-
+    ed25519, _, InvalidSignature = _crypto()  # noqa: N806 - an exception class
     if not isinstance(signature_hex, str) or not _HEX128.fullmatch(signature_hex):
         raise SignatureError("the release has no valid signature (128 hex digits)",
                              "pull from a server that signs its releases (edgecl >= 0.2)")
     try:
-        _ed25519().Ed25519PublicKey.from_public_bytes(public).verify(bytes.fromhex(signature_hex),
-                                                                     release_message(manifest))
+        ed25519.Ed25519PublicKey.from_public_bytes(public).verify(bytes.fromhex(signature_hex),
+                                                                  release_message(manifest))
     except InvalidSignature:
         raise SignatureError(f"the release signature of {manifest.get('bundle_id')} v{manifest.get('version')} "
                              "does not verify with the pinned server key",
