@@ -4,6 +4,7 @@ parent after kill -9 (no orphan keeps the port)."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -94,6 +95,29 @@ def test_per_client_connection_cap_and_body_timeout(tmp_path):
         s.close()
         assert reply.startswith(b"HTTP/1.1 408") and b'"error":"timeout"' in reply, reply[:300]
         assert 0.8 < time.monotonic() - started < 5
+        # a body that trickles (a few bytes every half second, never idle for body_idle_s): 408 too
+        s = socket.create_connection(("127.0.0.1", server.port), timeout=10)
+        s.sendall(b"POST /v1/deltas HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer " + fleet.devices["dev-0"][0].encode()
+                  + b"\r\nContent-Length: " + str(len(data)).encode() + b"\r\n\r\n" + data[:8])
+        reply = b""
+        for start in range(8, len(data), 50):
+            try:
+                s.sendall(data[start:start + 50])
+            except OSError:
+                break
+            s.settimeout(0.5)
+            try:
+                reply += s.recv(4096)
+            except TimeoutError:
+                continue
+            if reply:
+                break
+        s.settimeout(5)
+        with contextlib.suppress(OSError):
+            while chunk := s.recv(4096):
+                reply += chunk
+        s.close()
+        assert reply.startswith(b"HTTP/1.1 408") and b"B/s" in reply, reply[:300]
         assert fleet.store.count_deltas() == 0
     finally:
         for s in socks:

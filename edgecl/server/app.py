@@ -55,6 +55,7 @@ DEFAULT_MAX_UPLOAD_BYTES = 16 << 20    # a dense fp32 delta of a 5% EfficientNet
 DEFAULT_MAX_BLOB_BYTES = 1 << 30       # one bundle file (PUT /v1/blobs): the largest ONNX graph of a bundle
 BUNDLE_UPLOAD_FACTOR = 8               # a bundle upload (mask as base64 JSON) may be this many times larger
 DEFAULT_BODY_IDLE_S = 30.0             # longest wait for the next chunk of a request body
+MIN_BODY_RATE_BPS = 1024               # after the first body_idle_s, a body must average at least this
 DEFAULT_KEEP_ALIVE_S = 5               # an idle keep-alive connection is closed after this
 _JSON_LIMIT = 1 << 20                  # JSON bodies (releases, heartbeats, blob lists)
 
@@ -417,8 +418,12 @@ def _content_length(request: Request) -> int | None:
 
 
 async def _chunks(request: Request, idle_s: float):  # noqa: ANN201 - async iterator of bytes
-    """The request body, chunk by chunk; 408 when the client sends nothing for ``idle_s``."""
+    """The request body, chunk by chunk; 408 when the client sends nothing for ``idle_s``, or
+    trickles it (under MIN_BODY_RATE_BPS on average once ``idle_s`` has passed: a byte every few
+    seconds would otherwise hold a connection for days)."""
     stream = request.stream().__aiter__()
+    loop = asyncio.get_running_loop()
+    started, received = loop.time(), 0
     while True:
         try:
             chunk = await asyncio.wait_for(stream.__anext__(), idle_s)
@@ -427,6 +432,11 @@ async def _chunks(request: Request, idle_s: float):  # noqa: ANN201 - async iter
         except asyncio.TimeoutError:
             raise Rejected("timeout", 408, f"no request body bytes for {idle_s:g} s",
                            "send the body without pausing (check the network)") from None
+        received += len(chunk)
+        elapsed = loop.time() - started
+        if elapsed > idle_s and received < MIN_BODY_RATE_BPS * elapsed:
+            raise Rejected("timeout", 408, f"the body arrives at {received / elapsed:.0f} B/s, under "
+                           f"{MIN_BODY_RATE_BPS} B/s", "send the body at network speed (check the network)")
         yield chunk
 
 
