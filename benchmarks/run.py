@@ -170,8 +170,9 @@ def finalize(name: str, exp: experiments.Experiment, stream: common.Stream) -> N
     table = common.print_table(["arm (* best head on val)", "lr", "head", "last", "mean A_t", "forgetting",
                                 f"first {group}", f"last {group}", "val mean", "val last", "digits", "seeds"], rows)
     headline = _headline(summary)
-    head_table = common.print_table(["arm [best head]", "last", "x frozen", "val mean", "x frozen (val)",
-                                     f"first {group}", f"last {group}"], headline) if headline else ""
+    head_table = common.print_table(["arm [best head on val]", "val mean", "x frozen", "val last", "x frozen",
+                                     "test last", "x frozen", "forgetting", f"first {group}", f"last {group}",
+                                     "digits after"], headline) if headline else ""
     matrix = _matrix(summary, stream) if exp.bench == "b6" else ""
     result = {"name": name, "command": f"python benchmarks/run.py {name}", "experiment": dataclasses.asdict(exp),
               "data": split_data(stream), "machine": common.machine(), "criterion": CRITERION,
@@ -182,15 +183,17 @@ def finalize(name: str, exp: experiments.Experiment, stream: common.Stream) -> N
 
 
 def _headline(summary: dict[str, Any]) -> list[list[Any]]:
+    """Each arm's best head (chosen on val) against frozen's best head."""
     if "frozen" not in summary:
         return []
     fz = summary["frozen"]["families"][summary["frozen"]["best"]]
     rows = []
     for arm, s in summary.items():
         c = s["families"][s["best"]]
-        rows.append([f"{arm} [{c['head']}]", _pm(c, "last_test"), f"{c['last_test'] - fz['last_test']:+.1f}",
-                     f"{c['mean_val']:.1f}", f"{c['mean_val'] - fz['mean_val']:+.1f}", _pm(c, "first_group_test"),
-                     _pm(c, "last_group_test")])
+        rows.append([f"{arm} [{c['head']}]", f"{c['mean_val']:.1f}", f"{c['mean_val'] - fz['mean_val']:+.1f}",
+                     f"{c['last_val']:.1f}", f"{c['last_val'] - fz['last_val']:+.1f}", _pm(c, "last_test"),
+                     f"{c['last_test'] - fz['last_test']:+.1f}", _pm(c, "forgetting_test"),
+                     _pm(c, "first_group_test"), _pm(c, "last_group_test"), f"{c['digits_after']:.1f}"])
     return rows
 
 
