@@ -38,7 +38,7 @@ def adapted(tmp_path_factory: pytest.TempPathFactory, tiny_bundle: Path, calib_d
     return bundle
 
 
-@pytest.mark.parametrize("values,tol", [("fp32", 1e-4), ("fp16", 1e-2), ("int8", 5e-2), ("int4", 2e-1)])
+@pytest.mark.parametrize("values,tol", [("fp32", 1e-5), ("fp16", 1e-2), ("int8", 5e-2), ("int4", 2e-1)])
 def test_apply_reproduces_the_device_model(adapted: Path, calib_dir: Path, tmp_path: Path, values: str,
                                            tol: float) -> None:
     delta_path = tmp_path / f"d-{values}.safetensors"
@@ -69,8 +69,6 @@ def test_apply_reproduces_the_device_model(adapted: Path, calib_dir: Path, tmp_p
     device_delta = load_current(open_bundle(adapted)).delta
     on_device = _embed(adapted, device_delta, images)
     patched = _embed(out, np.zeros(new.selected, np.float32), images)
-    # fp32: not bit-identical: the device session runs the patched weights handed in as initializers,
-    # the new bundle's graph holds them in the file, and onnxruntime picks other CPU kernels for each.
     scale = float(np.abs(on_device).max())
     assert np.abs(patched - on_device).max() <= tol * max(scale, 1.0)
 

@@ -32,6 +32,21 @@ def save_weights(path: str | Path, weights: dict[str, np.ndarray]) -> None:
     atomic_write_bytes(Path(path), weights_to_bytes(weights))
 
 
+def tensor_offsets(data: bytes) -> dict[str, tuple[int, int]]:
+    """name -> (byte offset in the file, byte length) of every tensor of safetensors bytes (header only).
+
+    `inference.onnx` stores its weights as ONNX external data pointing INTO weights.safetensors at these
+    offsets (one copy of W0 on disk), so the device can patch them in memory (device/ort.py).
+    """
+    import json
+
+    header_len = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8:8 + header_len])
+    start = 8 + header_len
+    return {name: (start + info["data_offsets"][0], info["data_offsets"][1] - info["data_offsets"][0])
+            for name, info in header.items() if name != "__metadata__"}
+
+
 def load_weights(path: str | Path, names: Iterable[str] | None = None) -> dict[str, np.ndarray]:
     """All tensors, or only ``names`` (a missing one is a BundleError)."""
     try:

@@ -115,12 +115,23 @@ class _InferenceGraph(nn.Module):
 
 
 def _export_inference(model: nn.Module, input_size: list[int], dim: int, path: Path) -> None:
-    """TorchScript export (names survive it), initializers renamed to the model's parameter names."""
+    """TorchScript export (names survive it); the parameters become external data in weights.safetensors.
+
+    The file beside ``path`` named weights.safetensors must already hold the model's weights
+    (formats/weights.py). Each parameter initializer points into it at its tensor's offset, so the
+    bundle holds W0 once and the device patches the masked tensors in memory: onnxruntime's
+    ``add_external_initializers_from_files_in_memory`` then feeds the patched bytes to every
+    optimizer, NCHWc included (overriding initializers with ``add_initializer`` is ignored by the
+    x86 NCHWc transformer: measured, most patched convolutions silently ran W0).
+    """
+    from onnx import TensorProto
+
+    from edgecl.formats.weights import tensor_offsets
+
     h, w = input_size
     work = path.with_name(path.name + ".raw")
     # keep_initializers_as_inputs + no constant folding: every parameter stays its own named
-    # initializer (the exporter would otherwise merge equal-valued ones, e.g. LayerNorm weights at
-    # init), so the device can override exactly the masked ones by name.
+    # initializer (the exporter would otherwise merge equal-valued ones, e.g. LayerNorm weights at init).
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(_InferenceGraph(model).eval(), (torch.randn(2, 3, h, w), torch.randn(3, dim)), str(work),
@@ -133,16 +144,31 @@ def _export_inference(model: nn.Module, input_size: list[int], dim: int, path: P
     work.unlink()
     renames = {i.name: i.name[len("backbone."):] for i in graph_model.graph.initializer
                if i.name.startswith("backbone.")}
-    for init in graph_model.graph.initializer:
-        init.name = renames.get(init.name, init.name)
     for node in graph_model.graph.node:
         node.input[:] = [renames.get(x, x) for x in node.input]
     kept = [i for i in graph_model.graph.input if i.name in ("images", "prototypes")]
     del graph_model.graph.input[:]
     graph_model.graph.input.extend(kept)
     graph_model.ir_version = min(graph_model.ir_version, ORT_MAX_IR_VERSION)
-    names = {i.name for i in graph_model.graph.initializer}
-    missing = [n for n, _ in model.named_parameters() if n not in names]
+    params = dict(model.named_parameters())
+    offsets = tensor_offsets((path.parent / mf.WEIGHTS).read_bytes())
+    seen = set()
+    for init in graph_model.graph.initializer:
+        init.name = renames.get(init.name, init.name)
+        if init.name not in params:
+            continue  # buffers and constants stay inside the graph
+        if init.data_type != TensorProto.FLOAT or tuple(init.dims) != tuple(params[init.name].shape):
+            raise ExportError(f"the inference graph's {init.name} is not the float32 parameter it names",
+                              "report this with the recipe")
+        offset, length = offsets[init.name]
+        init.ClearField("raw_data")
+        init.data_location = TensorProto.EXTERNAL
+        del init.external_data[:]
+        for key, value in (("location", mf.WEIGHTS), ("offset", str(offset)), ("length", str(length))):
+            entry = init.external_data.add()
+            entry.key, entry.value = key, value
+        seen.add(init.name)
+    missing = [n for n in params if n not in seen]
     if missing:
         raise ExportError(f"the inference graph lost the name of weight {missing[0]}", "report this with the recipe")
     onnx.save(graph_model, str(path))
@@ -216,8 +242,8 @@ def write_bundle(spec: BundleSpec, out_dir: str | Path) -> ExportReport:
     weights = base_weights(spec.model)
     batch = spec.profile.batch_size if spec.profile else opts.batch_size
     with atomic_dir(out_dir, overwrite=opts.overwrite) as tmp:
+        save_weights(tmp / mf.WEIGHTS, weights)  # first: inference.onnx points into it
         build_graphs(spec.model, mask, spec.head, opts.temperature, 2 * batch, recipe, tmp, opts.progress)
-        save_weights(tmp / mf.WEIGHTS, weights)
         save_weights(tmp / mf.HEAD_INIT, {mf.PROJ_WEIGHT: spec.head.weight.detach().numpy(),
                                    mf.PROJ_BIAS: spec.head.bias.detach().numpy()})
         mask.save_file(tmp / mf.MASK)
@@ -323,6 +349,7 @@ def export_bundle(recipe: Recipe | str | Path, data_dir: str | Path, out_dir: st
     # Prototypes and exemplars from the embeddings the device will compute (the exported graph).
     with tempfile.TemporaryDirectory() as work:
         infer = Path(work) / mf.INFERENCE_MODEL
+        save_weights(Path(work) / mf.WEIGHTS, base_weights(model))
         _export_inference(model, list(recipe.input_size), dim, infer)
         emb = embed_with_onnx(infer, images.pixels, recipe.mean, recipe.std, dim)
     prototypes = class_prototypes(emb, images.labels, images.classes)
