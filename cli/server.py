@@ -113,6 +113,9 @@ def bundle_add(
     bundle: Annotated[Path, typer.Argument(help="Bundle folder written by `edgecl export` or `edgecl apply`.")],
     release: Annotated[bool, typer.Option("--release", help="Also release it (signed): devices may pull it.")]
     = False,
+    server: Annotated[str, typer.Option(help="Upload to this server over HTTP instead of writing the store "
+                                             "(needs --token).")] = "",
+    token: Annotated[str, typer.Option(envvar="EDGECL_ADMIN_TOKEN", help="An admin token (with --server).")] = "",
     db: DbOpt = None,
     store: StoreOpt = DEFAULT_STORE,
 ) -> None:
@@ -120,6 +123,17 @@ def bundle_add(
     from edgecl.server.service import release_version
     from edgecl.server.store import add_bundle_dir
 
+    if server:
+        from edgecl.device.sync import api_json
+        from edgecl.release import upload_bundle
+
+        row, sent = upload_bundle(server, token, bundle)
+        typer.echo(f"stored on {server}: bundle {row['bundle_id']} v{row['version']} (K={row['delta_k']}); "
+                   f"uploaded {sent:,} B")
+        if release:
+            api_json(server, token, "POST", "/v1/releases", {"bundle_id": row["bundle_id"], "version": row["version"]})
+            typer.echo(f"released: {row['bundle_id']} v{row['version']}")
+        return
     s = _store(store, db)
     info, new = add_bundle_dir(s, bundle)
     files = s.bundle_files(info.bundle_id, info.version)

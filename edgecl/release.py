@@ -133,8 +133,13 @@ def _fetch_bundle(server: str, token: str, bundle: dict[str, Any], dest: Path, p
     return dest
 
 
-def _publish(server: str, token: str, bundle_dir: Path, canary: list[str], report: dict[str, Any],
-             policy: RetryPolicy) -> int:
+def upload_bundle(server: str, token: str, bundle_dir: str | Path, policy: RetryPolicy | None = None
+                  ) -> tuple[dict[str, Any], int]:
+    """Store a whole bundle version on the server over HTTP (admin token): only the files it lacks
+    are sent (each checked by its sha256 there), then the version is registered. Returns the
+    server's bundle row and the bytes sent. ``edgecl server bundle add DIR --server URL``."""
+    policy = policy or RetryPolicy()
+    bundle_dir = Path(bundle_dir)
     manifest = mf.load_manifest(bundle_dir)
     files = {mf.MANIFEST: sha256_file(bundle_dir / mf.MANIFEST), **manifest.files}
     missing = set(api_json(server, token, "POST", "/v1/blobs/missing", {"sha256": sorted(set(files.values()))},
@@ -142,11 +147,20 @@ def _publish(server: str, token: str, bundle_dir: Path, canary: list[str], repor
     sent = 0
     for name, sha in sorted(files.items()):
         if sha in missing:
+            if sha256_file(bundle_dir / name) != sha:
+                raise EdgeclError(f"{bundle_dir / name} does not match its manifest's sha256",
+                                  "the bundle folder was changed after export: export it again")
             upload(server, token, f"/v1/blobs/{sha}", bundle_dir / name, policy)
             sent += (bundle_dir / name).stat().st_size
             missing.discard(sha)
-    api_json(server, token, "POST", "/v1/bundles", {"files": files}, policy=policy)
-    api_json(server, token, "POST", "/v1/releases", {"bundle_id": manifest.bundle_id, "version": manifest.version,
+    answer = api_json(server, token, "POST", "/v1/bundles", {"files": files}, policy=policy)
+    return answer["bundle"], sent
+
+
+def _publish(server: str, token: str, bundle_dir: Path, canary: list[str], report: dict[str, Any],
+             policy: RetryPolicy) -> int:
+    bundle, sent = upload_bundle(server, token, bundle_dir, policy)
+    api_json(server, token, "POST", "/v1/releases", {"bundle_id": bundle["bundle_id"], "version": bundle["version"],
                                                      "canary": canary, "report": report}, policy=policy)
     return sent
 

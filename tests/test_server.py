@@ -537,3 +537,25 @@ def test_deprecated_serve_still_starts_the_server(tmp_path):
         _, err = proc.communicate(timeout=10)
     assert err.splitlines()[0] == ("warning: `edgecl serve` is deprecated and goes away in 0.3: use "
                                    "`edgecl server start`")
+
+
+def test_bundle_add_over_http_sends_only_missing_files(env, tmp_path):
+    from edgecl_test_server import make_bundle_dir
+
+    fleet, server = env
+    folder = make_bundle_dir(tmp_path / "h", bundle_id="line-h")
+    args = ["server", "bundle", "add", str(folder), "--server", server.url, "--token", fleet.admin_token]
+    first = _cli([*args, "--release"])
+    assert first.exit_code == 0 and "stored on" in first.output and "released: line-h v1" in first.output, first.output
+    assert fleet.store.bundle_files("line-h", 1)["weights.safetensors"]["size_bytes"] == \
+        (folder / "weights.safetensors").stat().st_size
+    again = _cli(args)
+    assert again.exit_code == 0 and "uploaded 0 B" in again.output
+    # a file changed after export is refused before anything is sent
+    v2 = make_bundle_dir(tmp_path / "h2", bundle_id="line-h", version=2, seed=5)
+    (v2 / "weights.safetensors").write_bytes(b"changed")
+    bad = _cli(["server", "bundle", "add", str(v2), "--server", server.url, "--token", fleet.admin_token])
+    assert bad.exit_code == 1 and "does not match its manifest" in bad.output
+    assert fleet.store.get_bundle("line-h", 2) is None
+    denied = _cli(["server", "bundle", "add", str(folder), "--server", server.url, "--token", fleet.devices["dev-0"][0]])
+    assert denied.exit_code == 1 and "forbidden" in denied.output
