@@ -1,8 +1,10 @@
 """B2's torch side, one process per measurement (so `/usr/bin/time -v` sees only it).
 
---mode full : every weight trained (SGD, no momentum), SupCon on two views, BN folded, eval mode;
---mode hooks: the bundle's mask applied by gradient hooks (grad * selected * fresh Bernoulli gate *
-              0.9^overlap), SGD without momentum, so only gated elements move, as on the device.
+--mode full         : every weight trained (SGD, no momentum), SupCon on two views, BN folded, eval mode;
+--mode channels_last: the same with the model and the images in channels_last memory format (torch's
+                      fastest CPU convolution layout on this machine);
+--mode hooks        : the bundle's mask applied by gradient hooks (grad * selected * fresh Bernoulli gate *
+                      0.9^overlap), SGD without momentum, so only gated elements move, as on the device.
 Same images, augmentation, batch, size and thread count as `edgecl adapt`. Prints one JSON line.
 """
 
@@ -25,7 +27,7 @@ from edgecl.host.model import build_embedding_model
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--mode", choices=("full", "hooks"), required=True)
+    ap.add_argument("--mode", choices=("full", "channels_last", "hooks"), required=True)
     ap.add_argument("--data", required=True)
     ap.add_argument("--recipe", default=str(common.RECIPE))
     ap.add_argument("--mask", default="", help="mask.safetensors of the bundle (hooks mode)")
@@ -65,6 +67,8 @@ def main() -> None:
     else:
         for p in params.values():
             p.requires_grad_(True)
+    memory_format = torch.channels_last if args.mode == "channels_last" else torch.contiguous_format
+    model = model.to(memory_format=memory_format)  # in place: `params` and the optimizer see the same tensors
     opt = torch.optim.SGD([{"params": [p for p in params.values() if p.requires_grad], "lr": args.lr},
                            {"params": head.parameters(), "lr": 1e-2}], momentum=0.0)
     rng = np.random.default_rng(args.seed)
@@ -77,6 +81,7 @@ def main() -> None:
         start = (step * args.batch_size) % n
         rows = perm[start:start + args.batch_size]
         views = torch.from_numpy(two_views(images.pixels[rows], rng, recipe.mean, recipe.std, recipe.interpolation))
+        views = views.contiguous(memory_format=memory_format)
         y = torch.from_numpy(np.concatenate([images.labels[rows], images.labels[rows]]))
         opt.zero_grad(set_to_none=True)
         loss = supcon_loss(head(model(views)), y, 0.07)
