@@ -35,7 +35,8 @@ def test_harmful_training_is_refused_and_the_prototypes_only_state_committed(bun
     assert not state.delta.any()  # the backbone was not moved
     assert {"cat", "dog"} <= set(state.prototypes.classes)  # the task's classes were still added
     meta = json.loads((bundle_copy / "state" / state.generation / "meta.json").read_text())
-    assert meta["samples_seen"] == 0 and meta["report"]["gate"] == gate  # a refused run ships no weight
+    # a refused run weighs in with the images its prototypes came from, not with training samples
+    assert meta["samples_seen"] == 24 and meta["steps_total"] == 0 and meta["report"]["gate"] == gate
 
 
 def test_the_gate_can_be_turned_off(bundle_copy, task):

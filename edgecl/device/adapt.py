@@ -355,11 +355,14 @@ def _adapt(bundle: Bundle, data_dir: Path, opts: AdaptOptions, prof: DeviceProfi
             heads.memory.save_file(tmp / EXEMPLARS)
         (tmp / STEP_LOG).write_bytes(run_dir.log_path.read_bytes())
 
+    # samples_seen (the delta's merge weight): the images the committed state learned from: every
+    # training sample of a kept adaptation, else the task's images its new prototypes came from.
     steps_kept = report.steps if keep else 0
+    learned = steps_kept * plan.batch_size if keep else len(task.pixels)
     meta = {"data_dir": str(data_dir), "config": config, "report": report.to_json(),
             "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "steps_total": int(current.meta.get("steps_total", 0)) + steps_kept,
-            "samples_seen": int(current.meta.get("samples_seen", 0)) + steps_kept * plan.batch_size}
+            "samples_seen": int(current.meta.get("samples_seen", 0)) + learned}
     report.state = commit_generation(bundle, write, meta)
     run_dir.remove()
     if prof.memory_budget_mb and peak > prof.memory_budget_mb:
