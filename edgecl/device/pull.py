@@ -6,7 +6,9 @@
        at ``edgecl device init``) BEFORE anything else: the signed manifest lists every other
        file's sha256, so nothing unsigned is ever trusted;
     3. build the new bundle in a temp folder beside the old one: each file whose sha256 the old
-       bundle already has (checked on disk) is copied locally, the rest is downloaded and hashed;
+       bundle already has (checked on disk) is copied locally; the rest is downloaded compressed,
+       as a patch against the old file of the same name when the sizes match (zlib of old XOR new:
+       a version moves a few percent of the weights), and the result is hashed;
     4. run ``edgecl.device.upgrade.upgrade(old, new)`` (the device's exemplars, local classes, LDA
        statistics) inside that temp folder, then rename it into place.
 
@@ -43,10 +45,11 @@ class PullReport:
     old_version: int
     version: int                     # the version the device now has
     bundle_dir: str = ""             # the new bundle folder ("" when up to date)
-    downloaded_bytes: int = 0        # bytes fetched over the network (the downlink)
+    downloaded_bytes: int = 0        # bytes that crossed the network (the downlink; compressed / patches)
     copied_bytes: int = 0            # bytes reused from the old bundle (same sha256)
     total_bytes: int = 0             # the new bundle's size
     downloaded: list[str] = field(default_factory=list)
+    wire_bytes: dict[str, int] = field(default_factory=dict)   # per downloaded file: bytes on the network
     copied: list[str] = field(default_factory=list)
     upgrade: dict[str, Any] = field(default_factory=dict)
 
@@ -103,12 +106,18 @@ def pull(bundle_dir: str | Path, server: str, token: str, server_key: str, out: 
         raise DeviceError(f"{target} already exists", "remove it (a pull that did not finish?) or pass --out DIR")
 
     def fetch(name: str, sha256: str, dest: Path) -> int:
-        return download(server, token, f"/v1/bundles/{bundle_id}/{version}/files/{name}", dest, sha256, policy)
+        # Compressed; and for a file the old bundle has under the same name and size, a patch
+        # against it (zlib of old XOR new: a version moves a few percent of the weights).
+        size = (files.get(name) or {}).get("size_bytes")
+        old_file = old_dir / name
+        return download(server, token, f"/v1/bundles/{bundle_id}/{version}/files/{name}", dest, sha256, policy,
+                        old=old_file if old_file.is_file() else None, size=size, compressed=True)
 
     # The signature first: nothing of this release is trusted (or written beside the bundle) before it.
     scratch = old_dir.parent / f".{target.name}.manifest.tmp"
     try:
-        report.downloaded_bytes += fetch(mf.MANIFEST, files[mf.MANIFEST]["sha256"], scratch)
+        report.wire_bytes[mf.MANIFEST] = fetch(mf.MANIFEST, files[mf.MANIFEST]["sha256"], scratch)
+        report.downloaded_bytes += report.wire_bytes[mf.MANIFEST]
         manifest_bytes = scratch.read_bytes()
     finally:
         scratch.unlink(missing_ok=True)
@@ -134,7 +143,8 @@ def pull(bundle_dir: str | Path, server: str, token: str, server_key: str, out: 
                 report.copied.append(name)
                 report.copied_bytes += dest.stat().st_size
             else:
-                report.downloaded_bytes += fetch(name, sha, dest)
+                report.wire_bytes[name] = fetch(name, sha, dest)
+                report.downloaded_bytes += report.wire_bytes[name]
                 report.downloaded.append(name)
         from .upgrade import upgrade
 

@@ -212,7 +212,7 @@ class ServerUnreachable(EdgeclError):
 
 def _request(server: str, token: str, method: str, path: str, data: bytes | None, content_type: str,
              policy: RetryPolicy, sleep: Callable[[float], None], sink: Callable[[bytes], None] | None = None,
-             ) -> bytes:
+             on_headers: Callable[[Any], None] | None = None) -> bytes:
     url = server.rstrip("/") + path
     reason = ""
     for attempt in range(policy.retries + 1):
@@ -224,6 +224,8 @@ def _request(server: str, token: str, method: str, path: str, data: bytes | None
         request = urllib.request.Request(url, data=data, method=method, headers=headers)
         try:
             with urllib.request.urlopen(request, timeout=policy.timeout_s) as response:
+                if on_headers is not None:
+                    on_headers(response.headers)
                 if sink is None:
                     return response.read()
                 while chunk := response.read(1 << 20):
@@ -260,32 +262,80 @@ def upload(server: str, token: str, path: str, data_path: Path, policy: RetryPol
     return _json(raw)
 
 
-class _Sink:
-    """Writes a download to a file and hashes it on the way."""
+ENCODING_HEADER = "X-Edgecl-Encoding"
 
-    def __init__(self, f: Any) -> None:
-        self.f, self.digest, self.size = f, hashlib.sha256(), 0
+
+class _Sink:
+    """Writes a download to a file, decoding it (zlib, or zlib of old XOR new against ``old``) and
+    hashing the decoded bytes on the way; never writes more than ``limit`` bytes (a zlib bomb is
+    refused, not expanded)."""
+
+    def __init__(self, f: Any, old: bytes | None = None, limit: int | None = None) -> None:
+        self.f, self.digest, self.size, self.wire = f, hashlib.sha256(), 0, 0
+        self.old, self.limit, self.mode, self.z = old, limit, "identity", None
+
+    def headers(self, headers: Any) -> None:
+        import zlib
+
+        self.mode = headers.get(ENCODING_HEADER, "identity") or "identity"
+        if self.mode not in ("identity", "zlib", "xor-zlib") or (self.mode == "xor-zlib" and self.old is None):
+            raise EdgeclError(f"the server sent an unknown encoding {self.mode[:40]!r}", "update edgecl on the device")
+        if self.mode != "identity":
+            self.z = zlib.decompressobj()
+
+    def _write(self, data: bytes) -> None:
+        if self.limit is not None and self.size + len(data) > self.limit:
+            raise EdgeclError(f"a download decodes to more than its {self.limit:,} bytes", "refused: run the command again")
+        if self.mode == "xor-zlib":
+            assert self.old is not None
+            old = self.old[self.size:self.size + len(data)]
+            if len(old) != len(data):
+                raise EdgeclError("a patch is longer than the file it patches", "refused: run the command again")
+            data = (int.from_bytes(data, "little") ^ int.from_bytes(old, "little")).to_bytes(len(data), "little")
+        self.digest.update(data)
+        self.f.write(data)
+        self.size += len(data)
 
     def __call__(self, chunk: bytes) -> None:
-        self.digest.update(chunk)
-        self.f.write(chunk)
-        self.size += len(chunk)
+        self.wire += len(chunk)
+        if self.z is None:
+            self._write(chunk)
+            return
+        data = self.z.decompress(chunk, (self.limit or (1 << 40)) - self.size + 1)
+        self._write(data)
+        while self.z.unconsumed_tail:
+            self._write(self.z.decompress(self.z.unconsumed_tail, (self.limit or (1 << 40)) - self.size + 1))
+
+    def finish(self) -> None:
+        if self.z is not None:
+            self._write(self.z.flush())
 
 
 def download(server: str, token: str, path: str, dest: Path, expected_sha256: str,
-             policy: RetryPolicy | None = None, sleep: Callable[[float], None] = time.sleep) -> int:
-    """GET ``path`` into ``dest`` (streamed, fsynced), checking its sha256; returns the bytes read.
-    A file whose bytes do not hash to ``expected_sha256`` is deleted and refused. A broken
-    transfer starts again from the first byte (retry rules of the push)."""
+             policy: RetryPolicy | None = None, sleep: Callable[[float], None] = time.sleep,
+             old: Path | None = None, size: int | None = None, compressed: bool = False) -> int:
+    """GET ``path`` into ``dest`` (streamed, fsynced), checking the sha256 of what was written;
+    returns the bytes that crossed the network. A file whose bytes do not hash to
+    ``expected_sha256`` is deleted and refused. ``compressed``: ask for zlib; ``old`` (a local file
+    of the same ``size``): ask for a patch against it (``from_sha256``). A broken transfer starts
+    again from the first byte (retry rules of the push)."""
     policy = policy or RetryPolicy()
     once = dataclasses.replace(policy, retries=0)
+    old_bytes = old.read_bytes() if old is not None and size is not None and old.stat().st_size == size else None
+    query = []
+    if compressed:
+        query.append("encoding=zlib")
+    if old_bytes is not None:
+        query.append(f"from_sha256={hashlib.sha256(old_bytes).hexdigest()}")
+    url_path = path + ("?" + "&".join(query) if query else "")
     for attempt in range(policy.retries + 1):
         if attempt:
             sleep(policy.delay(attempt - 1))
         try:
             with open(dest, "wb") as f:
-                sink = _Sink(f)
-                _request(server, token, "GET", path, None, "", once, sleep, sink)
+                sink = _Sink(f, old_bytes, size)
+                _request(server, token, "GET", url_path, None, "", once, sleep, sink, sink.headers)
+                sink.finish()
                 f.flush()
                 os.fsync(f.fileno())
             break
@@ -293,9 +343,12 @@ def download(server: str, token: str, path: str, dest: Path, expected_sha256: st
             dest.unlink(missing_ok=True)
             if attempt == policy.retries:
                 raise
+        except Exception:
+            dest.unlink(missing_ok=True)
+            raise
     if sink.digest.hexdigest() != expected_sha256:
         dest.unlink(missing_ok=True)
         raise EdgeclError(f"{path.rsplit('/', 1)[-1]} from the server hashes to {sink.digest.hexdigest()[:16]}..., "
                           f"the signed manifest says {expected_sha256[:16]}... (altered or damaged on the way)",
                           "refused, nothing changed: run the command again; if it persists, check the server's store")
-    return sink.size
+    return sink.wire

@@ -40,6 +40,7 @@ from edgecl.server.service import (
     bundle_file_path,
     check_header,
     dashboard,
+    encoded_file,
     latest_release,
     register_bundle_files,
     register_bundle_json,
@@ -269,14 +270,22 @@ def create_app(store: Store, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
         return JSONResponse({"status": "stored", "sha256": sha256, "size_bytes": size}, status_code=201)
 
     @app.get("/v1/bundles/{bundle_id}/{version}/files/{name}", dependencies=_AUTH)
-    async def get_bundle_file(request: Request, bundle_id: str, version: int, name: str) -> FileResponse:
-        """A file of a released bundle version (a device) or of any stored one (an admin)."""
+    async def get_bundle_file(request: Request, bundle_id: str, version: int, name: str,
+                              encoding: str | None = None, from_sha256: str | None = None) -> FileResponse:
+        """A file of a released bundle version (a device) or of any stored one (an admin).
+        ``encoding=zlib`` and/or ``from_sha256=`` (a file the caller has, same size): the answer's
+        ``X-Edgecl-Encoding`` header says how it is encoded (identity, zlib, xor-zlib)."""
         who = await _auth(request)
         _name(bundle_id, "bundle id")
         _name(name, "file name")
         _version(version)
-        path = await run_in_threadpool(bundle_file_path, store, who, bundle_id, version, name)
-        return FileResponse(path, media_type="application/octet-stream")
+        if encoding not in (None, "identity", "zlib"):
+            raise Rejected("bad_request", 400, f"unknown encoding {encoding[:40]!r}", "use identity or zlib")
+        if encoding is None and from_sha256 is None:
+            path = await run_in_threadpool(bundle_file_path, store, who, bundle_id, version, name)
+            return FileResponse(path, media_type="application/octet-stream")
+        path, used = await run_in_threadpool(encoded_file, store, who, bundle_id, version, name, encoding, from_sha256)
+        return FileResponse(path, media_type="application/octet-stream", headers={"X-Edgecl-Encoding": used})
 
     @app.post("/v1/bundles/{bundle_id}/{version}/merge", dependencies=_AUTH)
     async def merge(request: Request, bundle_id: str, version: int,

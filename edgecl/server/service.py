@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from edgecl.errors import EdgeclError
 from edgecl.formats import delta as D
 from edgecl.formats.merge import MAX_SAMPLES_SEEN
@@ -332,6 +334,55 @@ def bundle_file_path(store: Store, who: Device, bundle_id: str, version: int, na
         raise Rejected("not_found", 404, f"no file {name[:80]} in a release of {bundle_id} v{version} for you",
                        "pull the version GET /v1/releases/latest names")
     return store.blob_path(files[name]["sha256"])
+
+
+ENCODINGS = ("identity", "zlib", "xor-zlib")
+
+
+def encoded_file(store: Store, who: Device, bundle_id: str, version: int, name: str, encoding: str | None,
+                 from_sha256: str | None) -> tuple[Path, str]:
+    """(file to send, its encoding) for a download. ``from_sha256``: a file the device already has
+    (of a release of this lineage it may pull) of the same size: the answer is zlib(old XOR new),
+    mostly zeros when a version changed a few percent of the weights. ``encoding=zlib``: the file
+    zlib-compressed. Either is made once, from blobs whose bytes still hash to their names, and
+    kept in ``STORE/encoded/`` (a damaged blob is sent as it is, for the device to refuse, and never
+    cached); an encoding that is not smaller than the file is not used (identity)."""
+    import zlib
+
+    from edgecl.formats.atomic import atomic_write_bytes
+    from edgecl.server.store import SHA_RE
+
+    path = bundle_file_path(store, who, bundle_id, version, name)
+    target = path.name
+    if from_sha256 is not None and not SHA_RE.fullmatch(from_sha256):
+        raise Rejected("bad_id", 400, "from_sha256 is not a sha256", "name a file of the bundle you have")
+    if from_sha256 and from_sha256 != target:
+        # The patch reveals old XOR new to a caller who gets new: only files it may know may be the
+        # base: those of the releases it may pull, and of the lineage's older versions (it upgrades
+        # from one of them; a canary or unreleased newer version never leaks this way).
+        allowed = {f["sha256"] for r in store.list_releases(bundle_id) if visible(r, who)
+                   for f in store.bundle_files(bundle_id, r["version"]).values()}
+        allowed |= {f["sha256"] for b in store.list_bundles() if b.bundle_id == bundle_id and b.version < version
+                    for f in store.bundle_files(bundle_id, b.version).values()}
+        old = store.blob_path(from_sha256)
+        if from_sha256 in allowed and old.exists() and old.stat().st_size == path.stat().st_size:
+            cached = store.root / "encoded" / f"xor-{from_sha256}-{target}"
+            if not cached.exists():
+                if not (store.blob_ok(target) and store.blob_ok(from_sha256)):
+                    return path, "identity"
+                a, b = np.frombuffer(old.read_bytes(), np.uint8), np.frombuffer(path.read_bytes(), np.uint8)
+                atomic_write_bytes(cached, zlib.compress(np.bitwise_xor(a, b).tobytes(), 6))
+            if cached.stat().st_size < path.stat().st_size:
+                return cached, "xor-zlib"
+    if encoding == "zlib":
+        cached = store.root / "encoded" / f"zlib-{target}"
+        if not cached.exists():
+            if not store.blob_ok(target):
+                return path, "identity"
+            atomic_write_bytes(cached, zlib.compress(path.read_bytes(), 6))
+        if cached.stat().st_size < path.stat().st_size:
+            return cached, "zlib"
+    return path, "identity"
 
 
 def dashboard(store: Store) -> dict[str, Any]:
