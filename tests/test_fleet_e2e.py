@@ -210,7 +210,7 @@ def test_provision_adapt_push_release_pull(tmp_path: Path, tiny_bundle: Path, fl
         new = Path(report["bundle_dir"])
         assert mf.load_manifest(new).version == 2 and (new / "state" / "HEAD.json").exists()
         print(f"{name}: downlink {report['downloaded_bytes']:,} B of {report['total_bytes']:,} B "
-              f"(reused {report['copied']})")
+              f"(per file {report['wire_bytes']}; reused {report['copied']})")
         got = json.loads(_cli("eval", str(new), "--data", str(data[name]), "--head", "ncm", "--json"))
         print(f"{name}: device {own[name]['accuracy']:.3f}  v2 {got['accuracy']:.3f}")
         assert got["accuracy"] >= own[name]["accuracy"] - ACCURACY_TOLERANCE, (name, own[name], got)
