@@ -215,6 +215,16 @@ def test_provision_adapt_push_release_pull(tmp_path: Path, tiny_bundle: Path, fl
         print(f"{name}: device {own[name]['accuracy']:.3f}  v2 {got['accuracy']:.3f}")
         assert got["accuracy"] >= own[name]["accuracy"] - ACCURACY_TOLERANCE, (name, own[name], got)
         assert _cli("pull", "--config", str(configs[name])).startswith("up to date")
+    # A device on v2 goes on: the server knows v2 (the gate stored it), so its next delta is accepted.
+    from edgecl.device.provision import load_device_config
+
+    v2_device = Path(load_device_config(configs["line-a"]).bundle)      # pull moved the config on
+    assert v2_device.name == "bundle.v2"
+    _cli("adapt", str(v2_device), "--data", str(data["line-a"]), "--epochs", "0", "-q")
+    path = tmp_path / "line-a" / "delta-v2.safetensors"
+    _cli("delta", str(v2_device), "-o", str(path), "--config", str(configs["line-a"]))
+    assert delta_format.read_header(path).bundle_version == 2
+    assert "sent" in _cli("push", str(path), "--config", str(configs["line-a"]))
     listed = {d["name"]: d for d in httpx.get(server.url + "/v1/devices",
                                              headers={"Authorization": f"Bearer {admin}"}).json()["devices"]}
     assert all(listed[n]["last_version"] == 2 and listed[n]["last_heldout"]["after"] for n in DEVICES)
