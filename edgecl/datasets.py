@@ -257,3 +257,23 @@ def fashion_task_groups(num_tasks: int = 5, classes_per_task: int = 2) -> dict[s
 
 # The demo's fleet (and B2-B4's data): the classes the model "had before" and two devices' new ones.
 DEMO_GROUPS = {"calib": [0, 1, 2, 3, 4, 5], "device-a": [6, 7], "device-b": [8, 9]}
+
+
+def write_synthetic_classes(root: str | Path, names: Sequence[str], per_class: int, seed: int = 0,
+                            size: int = 40) -> Path:
+    """PNG folders ROOT/<name>/NNN.png whose class is visible: a dominant colour channel plus a stripe.
+
+    Real image files for tests and checks (tests/conftest.py, scripts/aarch64/check.py) that need
+    learnable classes without a data set.
+    """
+    root = Path(root)
+    rng = np.random.default_rng(seed)
+    for c, name in enumerate(names):
+        folder = root / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            img = rng.integers(0, 60, (size, size, 3)).astype(np.uint8)
+            img[..., c % 3] += 150
+            img[(c * 7) % size:(c * 7) % size + 5, :, :] = 255 - 40 * c
+            Image.fromarray(img).save(folder / f"{i:03d}.png")
+    return root

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = REPO / "models"
@@ -15,17 +13,9 @@ MODELS = REPO / "models"
 def write_image_folder(root: Path, classes: int = 3, per_class: int = 12, size: int = 40, seed: int = 0,
                        names: list[str] | None = None) -> Path:
     """PNG files whose class is visible (a dominant colour channel plus a class-specific stripe)."""
-    rng = np.random.default_rng(seed)
-    names = names or [f"class{c}" for c in range(classes)]
-    for c, name in enumerate(names):
-        folder = root / name
-        folder.mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            img = rng.integers(0, 60, (size, size, 3)).astype(np.uint8)
-            img[..., c % 3] += 150
-            img[(c * 7) % size:(c * 7) % size + 5, :, :] = 255 - 40 * c
-            Image.fromarray(img).save(folder / f"{i:03d}.png")
-    return root
+    from edgecl.datasets import write_synthetic_classes
+
+    return write_synthetic_classes(root, names or [f"class{c}" for c in range(classes)], per_class, seed, size)
 
 
 @pytest.fixture(scope="session")

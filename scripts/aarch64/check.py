@@ -53,7 +53,6 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))  # this tree's edgecl, whatever the interpreter has installed
 
 import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from safetensors.numpy import load_file  # noqa: E402
 
@@ -69,17 +68,10 @@ EXPORT_BATCH = 8
 
 
 def write_images(root: Path, names: list[str], per_class: int, seed: int, size: int = 40) -> Path:
-    """PNGs whose class is visible (a dominant colour channel + a class stripe); tests/conftest.py's recipe."""
-    rng = np.random.default_rng(seed)
-    for c, name in enumerate(names):
-        folder = root / name
-        folder.mkdir(parents=True, exist_ok=True)
-        for i in range(per_class):
-            img = rng.integers(0, 60, (size, size, 3)).astype(np.uint8)
-            img[..., c % 3] += 150
-            img[(c * 7) % size:(c * 7) % size + 5, :, :] = 255 - 40 * c
-            Image.fromarray(img).save(folder / f"{i:03d}.png")
-    return root
+    """PNGs whose class is visible (edgecl.datasets.write_synthetic_classes, as tests/conftest.py)."""
+    from edgecl.datasets import write_synthetic_classes
+
+    return write_synthetic_classes(root, names, per_class, seed, size)
 
 
 @dataclass
