@@ -258,7 +258,9 @@ def _adapt(bundle: Bundle, data_dir: Path, opts: AdaptOptions, prof: DeviceProfi
 
     # 3. state: a fresh run embeds the task before training; a resumed one reads what it stored
     start = _start_trainable(current, bundle)
-    session = StepSession(bundle.path(mf.TRAIN_STEP), threads=prof.threads, provider=prof.execution_provider)
+    def step_session() -> StepSession:
+        return StepSession(bundle.path(mf.TRAIN_STEP), threads=prof.threads, provider=prof.execution_provider)
+
     scale = overlap_scale(bundle.mask.overlap_vector(), plan.overlap_decay)
     selection = None
     resumed_from = None
@@ -273,7 +275,7 @@ def _adapt(bundle: Bundle, data_dir: Path, opts: AdaptOptions, prof: DeviceProfi
             warnings.warn("discarding an interrupted adaptation (pass --resume to continue it)", stacklevel=3)
         before = embed(task.pixels, current.delta)
         if plan.select_lr:
-            selection = _select_lr(plan, data, session, start, scale, m, start_heads, held, split,
+            selection = _select_lr(plan, data, step_session(), start, scale, m, start_heads, held, split,
                                    lambda d: moved_on(split.task_train, split.exemplar_train,
                                                       before[split.task_train], d))
             plan = plan.sub(lr=selection["chosen"]["lr"], epochs=selection["chosen"]["epochs"])
@@ -287,7 +289,10 @@ def _adapt(bundle: Bundle, data_dir: Path, opts: AdaptOptions, prof: DeviceProfi
         resumed_from = state.step
     run_dir.truncate_log(state.step)
 
-    # 4. loop
+    # 4. loop. Peak memory: never hold the inference session and the step session at once.
+    held_embeddings(current.delta)  # the gate's baseline, embedded before the inference session goes
+    runner.release()
+    session = step_session()
     bar = None
     total = plan.epochs * steps_per_epoch(len(data.pixels), plan.batch_size)
     if plan.progress and total:
@@ -304,6 +309,7 @@ def _adapt(bundle: Bundle, data_dir: Path, opts: AdaptOptions, prof: DeviceProfi
             if bar is not None:
                 bar.close()
     trained = bool(np.any(state.delta != current.delta))
+    del session
 
     # 5. gate: adapted vs prototypes only, both built on the training rows, scored held out
     gate_report = None

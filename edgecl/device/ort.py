@@ -200,6 +200,10 @@ class InferenceRunner:
         self._session, self._key, self._keepalive = session, key, keep
         return session
 
+    def release(self) -> None:
+        """Free the session (its arena and weights); the next ``run`` builds one again."""
+        self._session, self._key, self._keepalive = None, None, None
+
     def run(self, images: np.ndarray, delta: np.ndarray, prototypes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         session = self._session_for(delta)
         embeddings, logits = session.run(["embeddings", "logits"], {
