@@ -86,21 +86,28 @@ def _merge_prototypes(prototypes: Prototypes, merged: delta_format.Delta) -> Pro
     return out
 
 
-def _refresh_from_exemplars(prototypes: Prototypes, exemplars: ExemplarMemory, model: torch.nn.Module,
-                            manifest: mf.BundleManifest) -> Prototypes:
-    """The devices computed these classes' prototypes under their own backbones; the host holds
-    their exemplars (pixels stay valid), so re-embed them under the patched backbone."""
+def _embed_torch(model: torch.nn.Module, pixels: np.ndarray, manifest: mf.BundleManifest) -> np.ndarray:
     from edgecl.formats.images import normalize
-    out = Prototypes(list(prototypes.classes), prototypes.means.copy(), prototypes.counts.copy())
     with torch.no_grad():
-        emb = np.concatenate([model(torch.from_numpy(normalize(exemplars.pixels[i:i + 64], manifest.mean,
-                                                                manifest.std))).numpy()
-                              for i in range(0, len(exemplars.pixels), 64)])
+        return np.concatenate([model(torch.from_numpy(normalize(pixels[i:i + 64], manifest.mean, manifest.std))).numpy()
+                               for i in range(0, len(pixels), 64)])
+
+
+def _shift_by_exemplars(prototypes: Prototypes, exemplars: ExemplarMemory, before: torch.nn.Module,
+                        after: torch.nn.Module, manifest: mf.BundleManifest, skip: set[str]) -> Prototypes:
+    """The device's rule (device/poststeps.py shift_by_exemplars), on the host, for the classes no
+    delta brought a prototype of (``skip`` holds those that one did: the devices computed them under
+    their adapted backbones already): each class the bundle holds exemplars of moves its prototype by
+    its exemplars' drift from the old to the patched backbone, p += mean(after) - mean(before). A
+    prototype computed from all of a class's images stays that (a mean over 20 exemplars alone is
+    noisier); a zero merged delta moves nothing."""
+    out = Prototypes(list(prototypes.classes), prototypes.means.copy(), prototypes.counts.copy())
+    emb_before = _embed_torch(before, exemplars.pixels, manifest)
+    emb_after = _embed_torch(after, exemplars.pixels, manifest)
     for i, name in enumerate(exemplars.classes):
-        rows = emb[exemplars.labels == i]
-        if len(rows):
-            count = int(out.counts[out.classes.index(name)]) if name in out.classes else len(rows)
-            out.upsert(name, rows.mean(0), count)
+        rows = exemplars.labels == i
+        if rows.any() and name in out.classes and name not in skip:
+            out.means[out.classes.index(name)] += (emb_after[rows].mean(0) - emb_before[rows].mean(0)).astype(np.float32)
     return out
 
 
@@ -167,8 +174,15 @@ def apply_deltas(bundle_dir: str | Path, delta_paths: list[str | Path], out_dir:
     prototypes = _merge_prototypes(Prototypes.load_file(bundle_dir / mf.PROTOTYPES), merged)
     exemplars = (ExemplarMemory.load_file(bundle_dir / mf.EXEMPLARS) if (bundle_dir / mf.EXEMPLARS).exists()
                  else None)
-    if exemplars is not None and len(exemplars.classes):
-        prototypes = _refresh_from_exemplars(prototypes, exemplars, model, manifest)
+    in_deltas = set(merged.prototypes.classes) if merged.prototypes is not None else set()
+    if exemplars is not None and set(exemplars.classes) - in_deltas and np.any(vector):
+        # The calibration classes' prototypes were computed under the old backbone; their exemplars
+        # (pixels stay valid) measure how the merged delta moved them.
+        old_model = build_embedding_model(recipe)
+        with torch.no_grad():
+            for name, p in old_model.named_parameters():
+                p.copy_(torch.from_numpy(np.asarray(base[name], np.float32)).reshape(p.shape))
+        prototypes = _shift_by_exemplars(prototypes, exemplars, old_model, model, manifest, skip=in_deltas)
 
     # 4. write_bundle
     spec = BundleSpec(recipe=recipe, model=model, mask=next_mask, head=proj, prototypes=prototypes, options=options,
