@@ -3,7 +3,7 @@
 1. data    Fashion-MNIST written as image folders: classes 0-5 are what the model "had before"
            (calibration), classes 6-7 are new on device A, 8-9 new on device B (edgecl.datasets).
 2. export  `edgecl export` of the ImageNet-pretrained EfficientNet-Lite0 recipe on the calibration images.
-3. server  `edgecl serve` on a free loopback port; each device registered (token + signing key); the
+3. server  `edgecl server start` on a free loopback port; each device registered (token + signing key); the
            bundle added.
 4. devices each device gets its own copy of the bundle and runs, as a device would, `edgecl adapt
            --epochs 0` (the frozen backbone + its new classes' prototypes: the "before" row), `edgecl
@@ -115,7 +115,7 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float = 60.0) -> N
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise EdgeclError(f"`edgecl serve` exited with {proc.returncode}", "see its log in OUT/server.log")
+            raise EdgeclError(f"`edgecl server start` exited with {proc.returncode}", "see its log in OUT/server.log")
         try:
             with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
                 if r.status == 200:
@@ -184,20 +184,20 @@ def run_demo(options: DemoOptions, echo: Callable[[str], None] = print) -> DemoR
     report.stages.append(Stage("exported", "-", base, "bundle v1: calibration prototypes only"))
 
     # 3. server --------------------------------------------------------------------------------------
-    t = stage("3/6 fleet: edgecl serve on loopback; register the devices; add the bundle")
+    t = stage("3/6 fleet: edgecl server start on loopback; register the devices; add the bundle")
     store = out / "server"
     shutil.rmtree(store, ignore_errors=True)
     shutil.rmtree(out / "outbox", ignore_errors=True)
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = open(out / "server.log", "w")  # noqa: SIM115 - lives as long as the server process
-    server = subprocess.Popen([*edgecl_cmd(), "serve", "--host", "127.0.0.1", "--port", str(port), "--store",
+    server = subprocess.Popen([*edgecl_cmd(), "server", "start", "--host", "127.0.0.1", "--port", str(port), "--store",
                                str(store), "--log-level", "warning"], stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
         wait_healthy(url, server)
         echo(f"  server up at {url} (store {store})")
-        creds = {d: _parse_registration(run("serve", "register-device", d, "--store", str(store))) for d in DEVICES}
-        run("serve", "add-bundle", str(bundle_v1), "--store", str(store), show_stdout=True)
+        creds = {d: _parse_registration(run("server", "device", "add", d, "--store", str(store))) for d in DEVICES}
+        run("server", "bundle", "add", str(bundle_v1), "--store", str(store), show_stdout=True)
         report.timings_s["server"] = time.perf_counter() - t
 
         # 4. devices ---------------------------------------------------------------------------------

@@ -316,13 +316,16 @@ def _adapt(bundle: Bundle, data_dir: Path, opts: AdaptOptions, prof: DeviceProfi
     keep = trained
     if trained and hold and plan.gate:
         train_before = before[split.task_train]
-        adapted = score(start_heads, moved_on(split.task_train, split.exemplar_train, train_before, state.delta),
-                        held, state.delta, plan.head)
-        frozen = score(start_heads, moved_on(split.task_train, split.exemplar_train, train_before, None),
-                       held, current.delta, plan.head)
+        adapted, adapted_per_class = score(start_heads, moved_on(split.task_train, split.exemplar_train,
+                                                                 train_before, state.delta), held, state.delta, plan.head)
+        frozen, frozen_per_class = score(start_heads, moved_on(split.task_train, split.exemplar_train, train_before,
+                                                               None), held, current.delta, plan.head)
         keep = not adapted < frozen  # "never keeps an adaptation that made it worse"; ties keep it
+        # before = prototypes only (the backbone as it was), after = what is kept: the delta's held-out report
         gate_report = {"head": plan.head, "held_out_images": len(held), "adapted_accuracy": adapted,
-                       "prototypes_only_accuracy": frozen, "kept": "adapted" if keep else "prototypes-only"}
+                       "prototypes_only_accuracy": frozen, "kept": "adapted" if keep else "prototypes-only",
+                       "before_per_class": frozen_per_class,
+                       "after_per_class": adapted_per_class if keep else frozen_per_class}
         if not keep:
             warnings.warn(f"the adaptation was worse on {len(held)} held-out images ({adapted:.3f} vs "
                           f"{frozen:.3f} with prototypes only): kept the backbone as it was, added the task's "
@@ -386,13 +389,13 @@ def _select_lr(plan: Plan, data: TrainSet, session: StepSession, start: dict[str
     split. Ties go to fewer epochs, then the smaller lr: less movement, less forgetting.
     """
     delta0 = start[mf.DELTA_PARAM]
-    trials = [{"lr": 0.0, "epochs": 0, "accuracy": score(heads, moved_at(None), held, delta0, plan.head)}]
+    trials = [{"lr": 0.0, "epochs": 0, "accuracy": score(heads, moved_at(None), held, delta0, plan.head)[0]}]
     for factor in SELECT_LR_FACTORS:
         sub = plan.sub(lr=plan.lr * factor)
         state = TrainState.fresh(plan.seed, start)
         for epoch in range(plan.epochs):
             train(sub.sub(epochs=epoch + 1), data, session, state, scale, manifest)
             trials.append({"lr": sub.lr, "epochs": epoch + 1,
-                           "accuracy": score(heads, moved_at(state.delta), held, state.delta, plan.head)})
+                           "accuracy": score(heads, moved_at(state.delta), held, state.delta, plan.head)[0]})
     best = max(trials, key=lambda t: (t["accuracy"], -t["epochs"], -t["lr"]))
     return {"chosen": best, "trials": trials, "held_out_images": len(held)}

@@ -41,11 +41,11 @@ class HeldOut:
         return len(self.names)
 
 
-def accuracy(heads: Heads, embeddings: np.ndarray, names: list[str], head: str) -> float:
-    """Accuracy of ``heads`` on embedded images with true class ``names`` (cosine ncm or lda)."""
+def accuracy(heads: Heads, embeddings: np.ndarray, names: list[str], head: str) -> tuple[float, dict[str, float]]:
+    """(accuracy, accuracy per true class) of ``heads`` on embedded images with true class ``names``."""
     protos = heads.prototypes
     if not len(names) or not len(protos):
-        return float("nan")
+        return float("nan"), {}
     if head == "lda":
         lda: LdaHead = heads.lda
         scores = lda.logits(embeddings, lda.means_for(protos.classes, protos.means))
@@ -53,10 +53,11 @@ def accuracy(heads: Heads, embeddings: np.ndarray, names: list[str], head: str) 
         e = embeddings / np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
         p = protos.means / np.maximum(np.linalg.norm(protos.means, axis=1, keepdims=True), 1e-12)
         scores = e @ p.T
-    predicted = [protos.classes[j] for j in np.argmax(scores, axis=1)]
-    return float(np.mean([a == b for a, b in zip(predicted, names, strict=True)]))
+    right = np.array([protos.classes[j] == name for j, name in zip(np.argmax(scores, axis=1), names, strict=True)])
+    true = np.asarray(names)
+    return float(right.mean()), {c: float(right[true == c].mean()) for c in sorted(set(names))}
 
 
-def score(start: Heads, moved: Moved, held: HeldOut, delta: np.ndarray, head: str) -> float:
-    """Held-out accuracy of the state that ``moved`` (built on the training rows) leads to."""
+def score(start: Heads, moved: Moved, held: HeldOut, delta: np.ndarray, head: str) -> tuple[float, dict[str, float]]:
+    """Held-out accuracy (overall, per class) of the state that ``moved`` (built on the training rows) leads to."""
     return accuracy(run_post_steps(start, moved), held.embeddings_of(delta), held.names, head)
