@@ -31,6 +31,8 @@ def test_harmful_training_is_refused_and_the_prototypes_only_state_committed(bun
     gate = report.gate
     assert gate["kept"] == "prototypes-only" and gate["held_out_images"] == 10
     assert gate["adapted_accuracy"] < gate["prototypes_only_accuracy"]
+    # per class, held out: the task's classes and the old classes' held-out exemplars; refused -> after == before
+    assert {"cat", "dog", "class0"} <= set(gate["before_per_class"]) and gate["after_per_class"] == gate["before_per_class"]
     state = load_current(open_bundle(bundle_copy))
     assert not state.delta.any()  # the backbone was not moved
     assert {"cat", "dog"} <= set(state.prototypes.classes)  # the task's classes were still added
