@@ -36,7 +36,8 @@ test: $(STAMP) data system-deps
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check edgecl cli tests benchmarks
+	$(VENV)/bin/ruff check edgecl cli tests benchmarks scripts
+	$(VENV)/bin/mypy
 
 # B2/B4 measure whole-process peak RSS with GNU time (`/usr/bin/time -v`): installed when missing and root.
 bench: $(STAMP) data

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -38,7 +38,7 @@ def export(
     from edgecl.host.export import ExportOptions, export_bundle
 
     # Unset flags take ExportOptions' defaults: the library holds each default once.
-    given = {"select_rate": select_rate, "drop_rate": drop_rate, "lr_backbone": lr, "epochs": epochs, "seed": seed,
+    given: dict[str, Any] = {"select_rate": select_rate, "drop_rate": drop_rate, "lr_backbone": lr, "epochs": epochs, "seed": seed,
              "exemplars_per_class": exemplars_per_class,
              "mask_policy": mask_policy.value if mask_policy is not None else None}
     opts = ExportOptions(**{k: v for k, v in given.items() if v is not None}, overwrite=overwrite,

@@ -57,7 +57,7 @@ class LdaHead:
 
     dim: int
     shrinkage: float = DEFAULT_SHRINKAGE      # S <- (1 - s) S + s * trace(S)/D * I
-    scatter: np.ndarray = field(default=None)  # type: ignore[assignment]  # sum of outer products [D, D]
+    scatter: np.ndarray = field(default=None)  # type: ignore[assignment,arg-type]  # sum of outer products [D, D]
     count: int = 0                            # samples in the scatter
     groups: int = 0                           # (task, class) groups the deviations were taken from
     means: dict[str, np.ndarray] = field(default_factory=dict)  # the head's own class means (moved by drift)
@@ -169,7 +169,7 @@ class RanpacHead:
     projection_dim: int = 2000
     ridge: float = 1e4
     seed: int = 0
-    gram: np.ndarray = field(default=None)  # type: ignore[assignment]  # [M, M]
+    gram: np.ndarray = field(default=None)  # type: ignore[assignment,arg-type]  # [M, M]
     targets: dict[int, np.ndarray] = field(default_factory=dict)  # label -> Q column [M]
 
     def __post_init__(self) -> None:

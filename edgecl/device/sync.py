@@ -281,7 +281,7 @@ class _Sink:
         if self.mode not in ("identity", "zlib", "xor-zlib") or (self.mode == "xor-zlib" and self.old is None):
             raise EdgeclError(f"the server sent an unknown encoding {self.mode[:40]!r}", "update edgecl on the device")
         if self.mode != "identity":
-            self.z = zlib.decompressobj()
+            self.z = zlib.decompressobj()  # type: ignore[assignment]
 
     def _write(self, data: bytes) -> None:
         if self.limit is not None and self.size + len(data) > self.limit:

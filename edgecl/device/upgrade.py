@@ -72,7 +72,7 @@ def _upgrade(old: Bundle, new: Bundle, any_lineage: bool) -> dict[str, Any]:
                           f"{new.state_dir}, then upgrade again")
     current = load_current(old)
     memory = (ExemplarMemory.load_file(current.exemplars_path) if current.exemplars_path
-              else ExemplarMemory.empty(tuple(old.manifest.input_size)))
+              else ExemplarMemory.empty((int(old.manifest.input_size[0]), int(old.manifest.input_size[1]))))
     if new.path(mf.EXEMPLARS).exists():
         shipped = ExemplarMemory.load_file(new.path(mf.EXEMPLARS))
         missing = [c for c in shipped.classes if c not in memory.classes]

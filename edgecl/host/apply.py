@@ -11,6 +11,7 @@ Its inference graph gives the device's adapted model (checked here on seeded ima
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -56,7 +57,7 @@ def _recipe_from_manifest(manifest: mf.BundleManifest) -> Recipe:
     return Recipe(**{k: v for k, v in manifest.recipe.items() if k in fields})
 
 
-def load_deltas(bundle_dir: Path, manifest: mf.BundleManifest, delta_paths: list[str | Path]) -> list[delta_format.Delta]:
+def load_deltas(bundle_dir: Path, manifest: mf.BundleManifest, delta_paths: Sequence[str | Path]) -> list[delta_format.Delta]:
     if not delta_paths:
         raise ConfigError("no delta given", "pass one or more delta files (from `edgecl delta` or `edgecl merge`)")
     deltas = [delta_format.load_file(p) for p in delta_paths]
@@ -111,7 +112,7 @@ def _shift_by_exemplars(prototypes: Prototypes, exemplars: ExemplarMemory, befor
     return out
 
 
-def apply_deltas(bundle_dir: str | Path, delta_paths: list[str | Path], out_dir: str | Path,
+def apply_deltas(bundle_dir: str | Path, delta_paths: Sequence[str | Path], out_dir: str | Path,
                  data_dir: str | Path | None = None, recipe_path: str | Path | None = None,
                  overwrite: bool = False, progress: bool = True) -> ApplyReport:
     # 1. load

@@ -1,10 +1,10 @@
 """The sparse reparameterisation: W = W0 + scatter_add(mask indices, delta[slice]).
 
-onnxruntime-training decides trainability per whole initializer, so element-level sparsity lives
-in the graph: one trainable vector ``edgecl_delta`` (K values) and, for each masked weight, a
-parametrization that adds its slice of the delta at the mask's flat positions (DESIGN.md).
-The delta the parametrizations read is whatever ``DeltaSource.current`` holds: the trainable
-parameter in the training graph, a graph input in the inference graph.
+The torch reference of the weights the device runs (docs/design-notes.md#sparse-weights): one
+vector ``delta`` (K values) and, for each masked weight, a parametrization that adds its slice of
+the delta at the mask's flat positions. Used by the step-graph parity tests and the benchmarks'
+torch reference; the exported graphs do the same scatter themselves (host/stepgraph.py).
+The delta the parametrizations read is whatever ``DeltaSource.current`` holds.
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ class SparseAdd(nn.Module):
 
     def forward(self, w0: torch.Tensor) -> torch.Tensor:
         delta = self._source[0].current[self.offset:self.offset + self.count]
-        return w0.reshape(-1).scatter_add(0, self.indices, delta).reshape(w0.shape)
+        indices: torch.Tensor = self.indices  # type: ignore[assignment]  # a registered buffer
+        return w0.reshape(-1).scatter_add(0, indices, delta).reshape(w0.shape)
 
 
 def attach_sparse_delta(model: nn.Module, mask: Mask) -> DeltaSource:
