@@ -13,7 +13,7 @@ exemplars' drift, every head (ncm, lda, lda-map, ranpac).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 SEEDS3 = (1993, 7, 42)
@@ -40,6 +40,7 @@ class Experiment:
     train: dict[str, Any] = field(default_factory=dict)   # TrainConfig overrides for every arm
     rules: dict[str, Any] = field(default_factory=dict)   # StreamRules overrides for every arm
     note: str = ""
+    folder: str | None = None                    # share another experiment's run files (out/FOLDER/runs)
 
 
 FROZEN = Arm("frozen", "frozen")
@@ -91,6 +92,19 @@ EXPERIMENTS: dict[str, Experiment] = {
                               rules={"heads": ("ncm", "ncm-map", "lda", "lda-map")},
                               note="lever ablation, torch reference, small subset (50/30/60 per class per camera)"),
 }
+
+
+def _confirm(name: str, labels: tuple[str, ...]) -> Experiment:
+    """The ablation's leading arms over three seeds, in the ablation's run folder (seed 1993 reused)."""
+    base = EXPERIMENTS[name]
+    return replace(base, arms=tuple(a for a in base.arms if a.label in labels), seeds=SEEDS3, folder=name,
+                   note=base.note + "; leading arms over three seeds")
+
+
+CONFIRM = ("frozen", "mist base", "mist 6 epochs", "mist 10 epochs", "mist lr 3e-3", "mist supcon+proto",
+           "mist select 2% drop 0.75")
+EXPERIMENTS["confirm_b1"] = _confirm("ablation_b1", CONFIRM)
+EXPERIMENTS["confirm_b6"] = _confirm("ablation_b6", CONFIRM)
 
 
 def get(name: str) -> Experiment:

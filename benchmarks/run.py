@@ -122,22 +122,23 @@ def main() -> None:
         for arm in arms:
             lrs: list[float | None] = list(arm.lrs) if arm.lrs else [None]
             if arm.lr_from:
-                lr = chosen_lr(load_runs(args.name), arm.lr_from)
+                lr = chosen_lr(load_runs(exp.folder or args.name), arm.lr_from)
                 if lr is None:
                     print(f"== {arm.label}: {arm.lr_from} has no runs yet; skipped", flush=True)
                     continue
                 lrs = [lr]
             for lr in lrs:
-                for seed in seeds:
+                # frozen does not train: the seed changes nothing (the image subsample is fixed), one run
+                for seed in (seeds[:1] if arm.method == "frozen" else seeds):
                     key = run_key(exp, arm, lr, seed)
-                    path = run_path(args.name, arm.label, lr, seed)
+                    path = run_path(exp.folder or args.name, arm.label, lr, seed)
                     if path.is_file() and json.loads(path.read_text()).get("key") == key:
                         continue
                     print(f"== {arm.label} lr={lr} seed={seed}", flush=True)
                     train, rules = arm_settings(exp, arm)
                     train = train | {"lr": lr or 0.0, "seed": seed}
                     learner = make_learner(arm, train, rules, recipe, args.threads,
-                                           common.OUT / args.name / "work" / path.stem)
+                                           common.OUT / (exp.folder or args.name) / "work" / path.stem)
                     record = run_stream(learner, stream, rules, arm.label)
                     record |= {"arm": arm.label, "method": arm.method, "lr": lr, "seed": seed, "key": key,
                                "threads": args.threads, "date_utc": common.machine()["date_utc"]}
@@ -151,7 +152,7 @@ def main() -> None:
 
 def finalize(name: str, exp: experiments.Experiment, stream: common.Stream) -> None:
     labels = [a.label for a in exp.arms]
-    runs = [r for r in load_runs(name) if r["arm"] in labels
+    runs = [r for r in load_runs(exp.folder or name) if r["arm"] in labels
             and r["key"] == run_key(exp, next(a for a in exp.arms if a.label == r["arm"]), r["lr"], r["seed"])]
     summary = summarize_arms(runs, labels, CRITERION)
     group = "camera" if exp.bench == "b6" else "task"
