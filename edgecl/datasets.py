@@ -5,7 +5,7 @@ numpy + Pillow + stdlib only (no torch, no scikit-learn import), so a device-lik
 Sources (both install offline):
 - Fashion-MNIST (Xiao et al. 2017), idx-format ``*-ubyte.gz`` files from Debian's
   ``dataset-fashion-mnist`` package (``/usr/share/datasets/fashion-mnist``).
-- The source-proxy task for retention (BENCHMARKS.md B1): the 8x8 handwritten digits that ship
+- The source-proxy task for retention (docs/benchmarks.md#b1): the 8x8 handwritten digits that ship
   inside scikit-learn (``sklearn/datasets/data/digits.csv.gz``), read as a file, never imported.
 
 Layout written by :func:`write_fashion_groups` (the torchvision ImageFolder convention that
@@ -42,7 +42,7 @@ FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_CLASSES = ("0-tshirt", "1-trouser", "2-pullover", "3-dress", "4-coat",
                    "5-sandal", "6-shirt", "7-sneaker", "8-bag", "9-ankle-boot")
 DIGIT_CLASSES = tuple(f"digit-{d}" for d in range(10))
-SEED = 1993                      # the seed of the reference configs (BENCHMARKS.md B1)
+SEED = 1993                      # the seed of the reference configs (docs/benchmarks.md#b1)
 SPLITS = ("train", "val", "test")
 _FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
           "test": ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")}
@@ -114,7 +114,7 @@ def load_digits() -> tuple[np.ndarray, np.ndarray]:
 # -- splits ----------------------------------------------------------------------------------------
 def class_incremental_tasks(num_classes: int = 10, classes_per_task: int = 2,
                             order: Sequence[int] | None = None) -> list[list[int]]:
-    """Class ids per task: the fixed order 0..C-1 cut into tasks (BENCHMARKS.md B1: 5 x 2, order 0..9)."""
+    """Class ids per task: the fixed order 0..C-1 cut into tasks (docs/benchmarks.md#b1: 5 x 2, order 0..9)."""
     order = list(range(num_classes)) if order is None else [int(c) for c in order]
     if sorted(order) != list(range(num_classes)) or num_classes % classes_per_task:
         raise DataError(f"class order {order} does not split into tasks of {classes_per_task}",

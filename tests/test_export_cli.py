@@ -168,7 +168,7 @@ def test_corrupt_calibration_images_are_skipped_and_counted(calib_dir: Path, tmp
 
 @pytest.mark.slow
 def test_real_efficientnet_lite0_export(tmp_path: Path) -> None:
-    """The real ImageNet-pretrained model on real Fashion-MNIST images (DESIGN.md), on this CPU."""
+    """The real ImageNet-pretrained model on real Fashion-MNIST images (docs/design-notes.md#real-model-and-data), on this CPU."""
     from edgecl.datasets import FASHION_MNIST_DIR, write_fashion_groups
 
     if not (Path(FASHION_MNIST_DIR) / "train-images-idx3-ubyte.gz").exists():

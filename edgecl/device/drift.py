@@ -1,7 +1,7 @@
 """Semantic Drift Compensation for old-class prototypes (Yu et al., CVPR 2020, eq. 7-8).
 
-When the backbone moves, the prototypes of classes whose images are gone go stale (BENCHMARKS.md
-B1 lesson 2). SDC estimates how an old prototype moved from how the current task's embeddings
+When the backbone moves, the prototypes of classes whose images are gone go stale
+(docs/benchmarks.md#b1-lesson-2). SDC estimates how an old prototype moved from how the current task's embeddings
 moved: the drift of each current sample, delta_i = after_i - before_i, averaged with Gaussian
 weights w_i = exp(-||before_i - p||^2 / (2 sigma^2)) centred on the old prototype p. Samples near
 p in the old embedding space say most about how that region moved.

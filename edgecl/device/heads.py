@@ -1,4 +1,4 @@
-"""Classifier heads on top of the backbone's embeddings (METHOD.md step 4), numpy only.
+"""Classifier heads on top of the backbone's embeddings (docs/method.md#step-4), numpy only.
 
 SimpleCIL's cosine prototypes (`edgecl.formats.prototypes`, the default) treat every embedding
 dimension as independent and equally scaled. Two second-stage heads use the embeddings' correlations,

@@ -1,6 +1,6 @@
 """Inference on the device: embeddings, `edgecl predict` and `edgecl eval` (onnxruntime only).
 
-Two heads (METHOD.md step 4; ``--head``):
+Two heads (docs/method.md#step-4; ``--head``):
 - ``ncm`` (SimpleCIL): cosine similarity between an image's raw pooled embedding and each class
   prototype, computed inside ``inference.onnx`` (output ``logits``);
 - ``lda``: linear discriminant scores from the pooled within-class covariance and class means that

@@ -1,9 +1,9 @@
-"""The drop-gated sparse update step, in numpy (METHOD.md step 3).
+"""The drop-gated sparse update step, in numpy (docs/method.md#step-3).
 
 Why numpy and not an ORT optimizer graph: the gate must be a fresh Bernoulli draw per element per
 step from a stream we can checkpoint and resume exactly, and the optimizer must not move elements
 whose gradient was dropped. Plain SGD without momentum has that property; momentum and AdamW do
-not (an element with zero gradient keeps moving by its running average; BENCHMARKS.md B1 lesson 1:
+not (an element with zero gradient keeps moving by its running average; docs/benchmarks.md#b1-lesson-1:
 the reference optimiser changes ~99% of the weights every step).
 
 What "updated" means (docs/device.md): an element is updated in a step iff its value changes.
@@ -46,7 +46,7 @@ def cap_gate(gate: np.ndarray, max_gated: int, rng: np.random.Generator) -> np.n
 
 
 def overlap_scale(overlap: np.ndarray, decay: float) -> np.ndarray:
-    """Gradient scale ``decay ** overlap`` (METHOD.md step 2: less interference with earlier rounds)."""
+    """Gradient scale ``decay ** overlap`` (docs/method.md#overlap: less interference with earlier rounds)."""
     return np.power(np.float32(decay), overlap.astype(np.float32)).astype(np.float32)
 
 

@@ -45,7 +45,7 @@ class Recipe:
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
     interpolation: str = "bilinear"            # "bilinear" | "bicubic" | "nearest"
     embedding: str = "pooled"                  # "pooled": model(x) with num_classes=0 is the embedding
-    proj_dim: int = 128                        # MI projection head size (METHOD.md step 1)
+    proj_dim: int = 128                        # MI projection head size (docs/method.md#step-1)
     model_kwargs: dict[str, Any] = field(default_factory=dict)  # extra kwargs for timm.create_model / factory
     source: str = ""                           # the file this came from (set by the loader)
 

@@ -4,7 +4,7 @@ One implementation for host and device so both see exactly the same pixels. Layo
 torchvision ImageFolder convention, ``ROOT/<class name>/<image file>``. Unreadable or corrupt
 files are skipped and counted, never fatal; a folder with no readable image is a DataError.
 
-Augmentations (METHOD.md step 1, as in the reference): random resized crop (scale 0.3-1.0,
+Augmentations (docs/method.md#step-1, as in the reference): random resized crop (scale 0.3-1.0,
 ratio 3/4-4/3), horizontal flip (p=0.5), random grayscale (p=0.25), each drawn from a numpy
 Generator so a seed fixes the stream.
 """

@@ -58,11 +58,11 @@ class BundleManifest:
     drop_rate: float                     # probability that a selected element's gradient is dropped per step
     base_sha256: str                     # sha256 of the base weights (canonical safetensors bytes)
     mask_sha256: str                     # sha256 of mask.safetensors
-    loss_temperature: float = 0.07       # SupCon temperature (METHOD.md step 1)
+    loss_temperature: float = 0.07       # SupCon temperature (docs/method.md#step-1)
     lr_backbone: float = 1e-3            # SGD lr on the delta (truly sparse: no momentum)
     lr_head: float = 1e-2                # SGD lr on the projection head
     weight_decay: float = 0.0            # applied only to gated elements (never moves others)
-    overlap_decay: float = 0.9           # gradient scale 0.9 ** overlap (METHOD.md step 2)
+    overlap_decay: float = 0.9           # gradient scale 0.9 ** overlap (docs/method.md#overlap)
     batch_size: int = 32                 # images per step (each gives two views); the step graph's
                                          # fixed row count is 2 * batch_size, a smaller batch is padded
     epochs: int = 5                      # default epochs for `edgecl adapt`

@@ -3,7 +3,7 @@
 Format (safetensors, no pickle):
 - for each masked tensor NAME (an exported parameter name, e.g. ``blocks.0.0.conv_dw.weight``):
   ``NAME.indices`` int32 [k] - flat positions into the tensor, strictly increasing;
-  ``NAME.overlap``  int32 [k] - how many earlier rounds updated that element (METHOD.md step 2).
+  ``NAME.overlap``  int32 [k] - how many earlier rounds updated that element (docs/method.md#overlap).
 - ``__metadata__``: ``format`` = "edgecl-mask", ``format_version`` = "1", ``order`` = JSON list of
   names in delta order, ``shapes`` = JSON object name -> shape, ``total_params`` = number of
   parameters of the whole exported model (the denominator of ``selected_fraction``).
@@ -167,7 +167,7 @@ Overlap = dict[str, tuple[np.ndarray, np.ndarray]]  # tensor name -> (flat indic
 
 
 def overlap_add(history: Overlap, update: Overlap) -> Overlap:
-    """Per element, history counts + update counts (METHOD.md step 2 tracks every element ever updated)."""
+    """Per element, history counts + update counts (docs/method.md#overlap tracks every element ever updated)."""
     out: Overlap = {}
     for name in list(history) + [n for n in update if n not in history]:
         idx = np.concatenate([history.get(name, (np.zeros(0, np.int32),) * 2)[0],

@@ -24,7 +24,7 @@ The robust strategies bound what a minority of devices can do to any element, at
 damping elements that only a few devices changed (their median is 0 once most devices did not).
 
 Prototypes of a class held by several devices: the count-weighted mean of their means, with the
-same share cap per class; counts summed. Overlap counts (METHOD.md step 2) go up by one wherever
+same share cap per class; counts summed. Overlap counts (docs/method.md#overlap) go up by one wherever
 any counted device changed the element.
 
 Like Flower's ``aggregate.py``: the strategy only sees arrays; consistency (same bundle, same K) is

@@ -1,4 +1,4 @@
-"""The MI loss: supervised contrastive (InfoNCE / NT-Xent with label positives), METHOD.md step 1.
+"""The MI loss: supervised contrastive (InfoNCE / NT-Xent with label positives), docs/method.md#step-1.
 
 Written with ops that export at opset 17 and have gradients in onnxruntime-training 1.19.2:
 no F.normalize (Clip), no masked_fill(-inf) (an inf in the graph poisons 0 * inf in the backward).
@@ -48,7 +48,7 @@ def supcon_loss(z: torch.Tensor, labels: torch.Tensor, temperature: float = 0.07
 
 
 class ProjectionHead(nn.Module):
-    """g: feature_dim -> proj_dim Linear, then L2 normalisation (METHOD.md step 1)."""
+    """g: feature_dim -> proj_dim Linear, then L2 normalisation (docs/method.md#step-1)."""
 
     def __init__(self, feature_dim: int, proj_dim: int = 128) -> None:
         super().__init__()

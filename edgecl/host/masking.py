@@ -7,13 +7,13 @@ Policy (documented in README "Mask policy"):
   fully trainable, as in the reference code, when together they fit in a quarter of the budget;
   otherwise they are ranked like the weights.
 - The rest of the budget is spread over the remaining tensors at one rate r; each tensor keeps
-  its top round(r * numel) elements by score (a per-tensor quantile threshold, METHOD.md step 2),
+  its top round(r * numel) elements by score (a per-tensor quantile threshold, docs/method.md#overlap),
   at least one. Ties break towards the lower flat index, so masks are reproducible.
 - ``exclude`` keeps whole tensors out of the mask (no element is selected; they stay frozen).
   The budget is still ``select_rate`` of all parameters, spread over the tensors left. Default
   export policy "no-depthwise": depthwise conv weights are excluded (``depthwise_weight_names``)
   because a constant depthwise weight lets onnxruntime run its fast convolution kernels and the
-  step graph take the cheap input-gradient path (PORTABLE.md); their biases stay trainable.
+  step graph take the cheap input-gradient path (docs/design-notes.md#fast-path-layout); their biases stay trainable.
 - The ImageNet classifier is not part of an embedding model, so it is never in the mask; the MI
   projection head is trained in full on the device but is not part of the deployed model.
 """

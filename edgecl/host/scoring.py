@@ -1,6 +1,6 @@
 """MI-Fisher scores: the empirical Fisher information of the MI loss per weight element.
 
-METHOD.md step 1: a projection head g on the pooled embedding, two augmented views per image,
+docs/method.md#step-1: a projection head g on the pooled embedding, two augmented views per image,
 supervised contrastive loss (temperature 0.07); the score of a weight element is the mean over
 batches of (dL/dw)^2, over one pass of the calibration data.
 """

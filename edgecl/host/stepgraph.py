@@ -5,7 +5,7 @@ Inputs  images [rows,3,H,W], labels [rows] int64, row_weight [rows] (1 real, 0 p
 Outputs loss (SupCon), grad_delta [K], grad_proj_weight [P,D], grad_proj_bias [P]
 
 Plain onnxruntime (no training build) runs it as an InferenceSession. How it is built (the
-measured technique of docs/training-graph.md):
+measured technique of docs/design-notes.md#training-step-graph):
 1. the step is a torch function: W = W0 + scatter_add(idx, delta piece) for every masked tensor,
    SupCon on the projected embeddings, then ``torch.autograd.grad`` of the loss wrt the delta and
    the projection head;

@@ -21,7 +21,7 @@ Tolerances (why):
   summation order differs), float32 throughout: per-element results agree to a few float32 ulps, so
   - loss per step: |a - b| <= 1e-4 * |b| (float32 eps is 1.2e-7; the step graph reduces ~10^5 terms);
   - delta, head, prototypes: relative L2 ||a - b|| / ||b|| <= 1e-4. The delta is lr x the sum of a few
-    gated gradients: its error is the gradient's (PORTABLE.md measured 1.2e-6 relative L2 for one
+    gated gradients: its error is the gradient's (docs/design-notes.md#aarch64 measured 1.2e-6 relative L2 for one
     EfficientNet-Lite0 step, 1.27.0 aarch64 vs 1.32.0 x86_64), and a few steps cannot compound it
     past 1e-4 unless a kernel is wrong. Element-wise relative error is not used: elements that are
     differences of near-equal gradients have no meaningful relative precision.
