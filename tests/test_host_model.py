@@ -18,9 +18,7 @@ def _recipe(tmp_path: Path, body: str, name: str = "r.toml") -> Recipe:
     path = tmp_path / name
     path.write_text(body)
     with warnings.catch_warnings():
-        # Until Recipe has a `preprocess` field, the loader warns that it ignores the key;
-        # resolve_preprocessing reads it from the file itself.
-        warnings.filterwarnings("ignore", message=".*unknown .*keys ignored: preprocess")
+        warnings.filterwarnings("ignore", message=".*unknown .*keys ignored: preprocess")  # older Recipe
         return load_recipe(path)
 
 
@@ -68,9 +66,8 @@ def test_explicit_fields_for_a_recipe_built_in_code() -> None:
 
 
 def test_bad_preprocess_value_and_non_timm_model(tmp_path: Path) -> None:
-    recipe = _recipe(tmp_path, 'name = "r"\ntimm_model = "test_resnet"\npreprocess = "auto"\n')
-    with pytest.raises(ConfigError, match="preprocess must be"):
-        resolve_preprocessing(recipe, create_model(recipe))
+    with pytest.raises(ConfigError, match="preprocess must be one of recipe, timm"):  # refused on load
+        _recipe(tmp_path, 'name = "r"\ntimm_model = "test_resnet"\npreprocess = "auto"\n')
     (tmp_path / "h5_plain_factory.py").write_text(
         "from torch import nn\n\ndef make():\n    return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())\n")
     recipe = _recipe(tmp_path, 'name = "f"\nfactory = "h5_plain_factory:make"\npreprocess = "timm"\n', "f.toml")
@@ -138,3 +135,25 @@ def test_factory_module_that_fails_to_import_or_lacks_the_function(tmp_path: Pat
         sys.modules.pop("h5_ok_factory", None)
     text = _one_line_error(Recipe(name="f", factory="h5_ok_factory"))
     assert "is not \"package.module:function\"" in text
+
+
+def test_export_takes_unset_preprocessing_from_timm(tmp_path: Path) -> None:
+    """`preprocess = "timm"`: the bundle's mean/std/interpolation are timm's, the recipe's input_size wins."""
+    import json
+
+    import timm
+    from conftest import write_image_folder
+
+    from edgecl.host.export import ExportOptions, export_bundle
+
+    recipe = tmp_path / "r.toml"
+    recipe.write_text('name = "timm_pre"\ntimm_model = "test_resnet"\npreprocess = "timm"\ninput_size = [32, 32]\n'
+                      "proj_dim = 16\n")
+    calib = write_image_folder(tmp_path / "calib", classes=2, per_class=6)
+    report = export_bundle(recipe, calib, tmp_path / "b", options=ExportOptions(batch_size=4, progress=False,
+                                                                                exemplars_per_class=0))
+    cfg = timm.data.resolve_data_config({}, model=timm.create_model("test_resnet", pretrained=False))
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert manifest["input_size"] == [32, 32] and report.preprocessing["input_size"] == "recipe"
+    assert manifest["mean"] == pytest.approx(list(cfg["mean"])) and report.preprocessing["mean"] == "timm"
+    assert manifest["interpolation"] == cfg["interpolation"] and report.preprocessing["std"] == "timm"

@@ -44,6 +44,8 @@ class Recipe:
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
     interpolation: str = "bilinear"            # "bilinear" | "bicubic" | "nearest"
+    preprocess: str = "recipe"                 # "timm": unset input_size/mean/std/interpolation from timm's
+                                               # resolve_data_config (host/model.py resolve_preprocessing)
     embedding: str = "pooled"                  # "pooled": model(x) with num_classes=0 is the embedding
     proj_dim: int = 128                        # MI projection head size (docs/method.md#step-1)
     model_kwargs: dict[str, Any] = field(default_factory=dict)  # extra kwargs for timm.create_model / factory
@@ -108,6 +110,7 @@ RECIPE_CHECKS: dict[str, Check] = {
     "std": Check(low=0, low_open=True, length=3),
     "interpolation": Check(choices=INTERPOLATIONS),
     "embedding": Check(choices=("pooled",)),
+    "preprocess": Check(choices=("recipe", "timm")),
     "proj_dim": Check(low=1),
 }
 

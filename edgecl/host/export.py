@@ -77,6 +77,7 @@ class ExportReport:
     images_used: int
     images_skipped: int
     files: dict[str, int] = field(default_factory=dict)  # name -> bytes
+    preprocessing: dict[str, str] = field(default_factory=dict)  # input_size/mean/std/interpolation -> recipe|timm|default
 
 
 @dataclass
@@ -313,8 +314,13 @@ def export_bundle(recipe: Recipe | str | Path, data_dir: str | Path, out_dir: st
         recipe = load_recipe(recipe)
     if profile is not None and not isinstance(profile, DeviceProfile):
         profile = load_profile(profile)
+    sources: dict[str, str] = {}
+    if recipe.preprocess == "timm":
+        from edgecl.host.model import create_model, resolve_preprocessing
+        recipe, sources = resolve_preprocessing(recipe, create_model(recipe))
     if profile is not None and profile.image_size:
         recipe.input_size = list(profile.image_size)
+        sources["input_size"] = "device profile"
     if Path(out_dir).exists() and not opts.overwrite:
         raise ExportError(f"{out_dir} already exists", "pass --overwrite or choose another output folder")
     scan_image_folder(data_dir)  # cheap layout checks before the slow decode
@@ -366,6 +372,7 @@ def export_bundle(recipe: Recipe | str | Path, data_dir: str | Path, out_dir: st
                       profile=profile, exemplars=exemplars, overlap=history.counts if history else None)
     report = write_bundle(spec, out_dir)
     report.images_used, report.images_skipped = len(images.labels), len(images.skipped)
+    report.preprocessing = sources
     return report
 
 
