@@ -261,7 +261,7 @@ def test_server_and_sync_never_import_torch():
 
     code = ("import sys; sys.modules['torch'] = None\n"      # any `import torch` now raises ImportError
             "import edgecl.formats.delta, edgecl.formats.merge, edgecl.formats.signing, edgecl.server.app, "
-            "edgecl.server.merge, edgecl.server.service, edgecl.server.bounds, edgecl.server.dashboard, "
+            "edgecl.server.service, edgecl.server.bounds, edgecl.server.dashboard, "
             "edgecl.device.sync, edgecl.device.pull, edgecl.device.provision, edgecl.cli.server, edgecl.cli.pull\n"
             "assert 'torch' not in {m for m, v in sys.modules.items() if v is not None}")
     subprocess.run([sys.executable, "-c", code], check=True)

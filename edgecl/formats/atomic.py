@@ -38,7 +38,7 @@ _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2     # linux/fs.h
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
     # Directory fsync makes the rename itself durable; not supported everywhere (ignore then).
     with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
@@ -128,7 +128,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             os.fsync(f.fileno())
         os.replace(tmp_name, target)
         tmp_name = None
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
     except OSError as exc:
         raise _disk_error(target, exc) from exc
     finally:
@@ -172,7 +172,7 @@ def _swap_into_place(tmp: Path, target: Path) -> None:
         os.replace(tmp, target)
         return
     if exchange_paths(tmp, target):
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
         shutil.rmtree(tmp, ignore_errors=True)  # tmp now holds the old folder
         return
     old = target.with_name(temp_prefix(target, "old") + secrets.token_hex(4))
@@ -182,7 +182,7 @@ def _swap_into_place(tmp: Path, target: Path) -> None:
     except OSError:
         os.replace(old, target)  # put the old one back before reporting
         raise
-    _fsync_dir(target.parent)
+    fsync_dir(target.parent)
     shutil.rmtree(old, ignore_errors=True)
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from edgecl.errors import EdgeclError
+from edgecl.formats.atomic import fsync_dir
 from edgecl.formats.delta import canonical_json
 
 RELEASE_CONTEXT = b"edgecl-release-v1\n"
@@ -121,12 +122,7 @@ def write_secret(path: str | Path, data: bytes) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, target)
         tmp = ""
-        with contextlib.suppress(OSError):
-            dir_fd = os.open(target.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+        fsync_dir(target.parent)
     except OSError as exc:
         raise EdgeclError(f"cannot write {target} ({exc.strerror})", "choose a writable location") from exc
     finally:

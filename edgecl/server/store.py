@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 from edgecl.errors import EdgeclError
-from edgecl.formats.atomic import atomic_write_bytes
+from edgecl.formats.atomic import atomic_write_bytes, fsync_dir
 from edgecl.formats.delta import MERGE_DEVICE_ID, NAME_RE
 
 SHA_RE = re.compile(r"[0-9a-f]{64}")
@@ -304,12 +304,7 @@ class Store:
             path.parent.mkdir(parents=True, exist_ok=True)
             os.chmod(tmp, 0o644)
             os.replace(tmp, path)
-            with contextlib.suppress(OSError):
-                fd = os.open(path.parent, os.O_RDONLY)
-                try:
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
+            fsync_dir(path.parent)
         return sha256
 
     def get_blob(self, sha256: str) -> bytes | None:
