@@ -216,7 +216,12 @@ def run_demo(options: DemoOptions, echo: Callable[[str], None] = print) -> DemoR
             echo(f"    {adapted['steps']} steps, {adapted['step_seconds_median']:.2f} s/step, changed "
                  f"{100 * adapted['changed_fraction_mean']:.3f}% of weights per step, peak {adapted['peak_rss_mb']:.0f} MB")
             after = {g: _accuracy(run, bundle, groups[g])[0] for g in ("old classes", own)}
-            report.stages.append(Stage("after MIST adapt", device, after, f"{opts.epochs} epochs on device"))
+            kept = adapted.get("kept", "adapted")
+            gate = adapted.get("gate") or {}
+            note = (f"{opts.epochs} epochs on device" if kept == "adapted" else
+                    f"gate kept prototypes only (held out {gate.get('adapted_accuracy', 0):.3f} adapted vs "
+                    f"{gate.get('prototypes_only_accuracy', 0):.3f})")
+            report.stages.append(Stage("after MIST adapt", device, after, note))
             delta_path = out / device / "delta.safetensors"
             token, key = creds[device]
             run("delta", str(bundle), "-o", str(delta_path), "--values", DELTA_VALUES, "--device-id", device,
