@@ -102,9 +102,22 @@ def _confirm(name: str, labels: tuple[str, ...]) -> Experiment:
 
 
 CONFIRM = ("frozen", "mist base", "mist 6 epochs", "mist 10 epochs", "mist lr 3e-3", "mist supcon+proto",
-           "mist select 2% drop 0.75")
+           "mist select 2% drop 0.75", "mist 6 epochs lr 3e-3", "full FT lr 1e-3")
 EXPERIMENTS["confirm_b1"] = _confirm("ablation_b1", CONFIRM)
 EXPERIMENTS["confirm_b6"] = _confirm("ablation_b6", CONFIRM)
+
+
+def _parity(name: str) -> Experiment:
+    """The real edgecl path beside the torch reference at the same settings (the ablation's base),
+    same seeds, in the ablation's run folder."""
+    base = EXPERIMENTS[name]
+    arms = tuple(a for a in base.arms if a.label in ("frozen", "mist base"))
+    return replace(base, arms=(*arms, Arm("edgecl base", "edgecl", lr_from="mist base")), seeds=SEEDS3,
+                   folder=name, note=base.note + "; the edgecl path at the torch base's settings")
+
+
+EXPERIMENTS["parity_b1"] = _parity("ablation_b1")
+EXPERIMENTS["parity_b6"] = _parity("ablation_b6")
 
 
 def get(name: str) -> Experiment:
