@@ -81,3 +81,26 @@ def test_a_class_seen_again_is_merged_by_counts_not_replaced():
     moved.task_classes = ["sock"]
     heads = run_post_steps(heads, moved)
     np.testing.assert_allclose(heads.prototypes.means[heads.prototypes.classes.index("sock")], [0.0, 1.0])
+
+
+def test_lda_means_of_old_classes_are_moved_once():
+    """A class the LDA head has no mean of starts from its prototype as it was, then moves with the
+    drift map once: after a pure translation t, both its prototype and its LDA mean are p + t."""
+    from edgecl.device.heads import LdaHead
+    from edgecl.device.poststeps import Heads, Moved, run_post_steps
+    from edgecl.formats.exemplars import ExemplarMemory
+    from edgecl.formats.prototypes import Prototypes
+
+    rng = np.random.default_rng(0)
+    t = np.array([3.0, -2.0, 1.0, 0.5], np.float32)
+    old = Prototypes(["shirt"], np.array([[1.0, 0.0, 0.0, 0.0]], np.float32), np.array([30]))
+    before = rng.normal(0, 1, (40, 4)).astype(np.float32)
+    ex_before = rng.normal(0, 1, (20, 4)).astype(np.float32) + old.means[0]
+    moved = Moved(trained=True, task_pixels=np.zeros((40, 2, 2, 3), np.uint8),
+                  task_labels=np.repeat([0, 1], 20), task_classes=["sock", "shoe"], before=before,
+                  after=before + t, exemplars_before={"shirt": ex_before}, exemplars_after={"shirt": ex_before + t},
+                  use_exemplars=False)
+    heads = run_post_steps(Heads(old, LdaHead(4), ExemplarMemory.empty((2, 2))), moved)
+    shirt = heads.prototypes.means[heads.prototypes.classes.index("shirt")]
+    np.testing.assert_allclose(shirt, old.means[0] + t, atol=1e-5)               # the exemplars' drift
+    np.testing.assert_allclose(heads.lda.means["shirt"], old.means[0] + t, atol=0.05 * np.linalg.norm(t))

@@ -3,13 +3,13 @@
 Each post-step is a function of the embeddings before and after the adaptation (``Moved``) and the
 device's class statistics (``Heads``), which it updates in order:
 
-1. ``shift_by_exemplars``: an old class with stored exemplars moves its prototype by its own
+1. ``carry_lda``: the LDA head's pooled covariance and its own class means (a class it has none of
+   starts from its prototype as it was) are carried through an affine old->new drift map fitted on
+   every image embedded before and after (LDC), then it takes the task's within-class deviations;
+2. ``shift_by_exemplars``: an old class with stored exemplars moves its prototype by its own
    exemplars' drift, p += mean(after) - mean(before);
-2. ``compensate_drift``: an old class without exemplars moves by semantic drift compensation
+3. ``compensate_drift``: an old class without exemplars moves by semantic drift compensation
    (drift.py), estimated from the task's images;
-3. ``carry_lda``: the LDA head's pooled covariance and its own class means are carried through an
-   affine old->new drift map fitted on every image embedded before and after (LDC), then it takes
-   the task's within-class deviations;
 4. ``merge_task_classes``: the task's classes get the mean of their images. A class seen before
    (the same product under a new camera) is MERGED by counts with its (moved) old prototype, so
    its earlier cameras are not forgotten; a new class is added;
@@ -135,8 +135,11 @@ def update_memory(heads: Heads, moved: Moved) -> None:
     heads.memory = heads.memory.update(per_class, moved.exemplar_budget_bytes, MAX_EXEMPLARS_PER_CLASS)
 
 
+# carry_lda runs first: a class the LDA head has no mean of yet starts from its prototype BEFORE this
+# adaptation and is then carried through the drift map once (after the prototype moves it would be
+# moved twice).
 POST_STEPS: tuple[Callable[[Heads, Moved], None], ...] = (
-    shift_by_exemplars, compensate_drift, carry_lda, merge_task_classes, update_memory)
+    carry_lda, shift_by_exemplars, compensate_drift, merge_task_classes, update_memory)
 
 
 def run_post_steps(start: Heads, moved: Moved) -> Heads:
