@@ -1,4 +1,4 @@
-"""B2: device adaptation cost (BENCHMARKS.md B2), all methods side by side in ONE run.
+"""B2: device adaptation cost (docs/benchmarks.md#b2), all methods side by side in ONE run.
 
 Same model (EfficientNet-Lite0, BN folded, the bundle's weights), images (Fashion-MNIST classes 6-7,
 device A's, cut to ``--steps`` full batches), batch (32 x 2 views), input size and thread count; each

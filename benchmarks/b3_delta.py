@@ -1,4 +1,4 @@
-"""B3: delta size and fidelity (BENCHMARKS.md B3).
+"""B3: delta size and fidelity (docs/benchmarks.md#b3).
 
 The B4 bundle (EfficientNet-Lite0, default 5% mask) is adapted on device A's images (classes 6-7)
 with `edgecl adapt`; then for each value encoding (fp32 / fp16 / int8 / int4):

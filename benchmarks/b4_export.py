@@ -1,4 +1,4 @@
-"""B4: host export cost (BENCHMARKS.md B4).
+"""B4: host export cost (docs/benchmarks.md#b4).
 
 `edgecl export` of the real EfficientNet-Lite0 recipe on calibration images (Fashion-MNIST classes
 0-5, the classes the model "had before" in the demo): wall time and whole-process peak RSS

@@ -1,4 +1,4 @@
-"""B5 (BENCHMARKS.md): the fleet server under load on loopback.
+"""B5 (docs/benchmarks.md#b5): the fleet server under load on loopback.
 
 N concurrent clients push valid deltas (and some invalid ones) to a real `edgecl serve` process
 (uvicorn, SQLite + folder by default, or --db postgresql://...). Reports deltas/s, p50/p99

@@ -1,6 +1,6 @@
 """Shared pieces of the benchmark scripts: the B1 / B6 streams, the machine's description, `/usr/bin/time -v`.
 
-Benchmarks are run by hand or by `make bench`, never by the test suite (BENCHMARKS.md). Everything
+Benchmarks are run by hand or by `make bench`, never by the test suite (docs/benchmarks.md#protocol). Everything
 they write goes under benchmarks/out/ (git-ignored); RESULTS.md quotes it.
 """
 

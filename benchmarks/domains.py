@@ -1,6 +1,6 @@
 """B6's cameras: fixed, seeded image-formation changes applied to Fashion-MNIST (numpy + Pillow only).
 
-The factory's commonest change (BENCHMARKS.md B6): the products stay, the camera, lighting or finish
+The factory's commonest change (docs/benchmarks.md#b6): the products stay, the camera, lighting or finish
 changes. Each domain is one camera: a fixed setting (the same blur, gamma, tilt or polarity for every
 image, as a real mount or lens change would be) plus what varies shot to shot on a real sensor
 (noise, a little jitter), drawn from a generator seeded by (seed, domain, image row): an image gets the

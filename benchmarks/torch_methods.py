@@ -5,7 +5,7 @@ the device's numpy update rule (drop gate, per-step cap, overlap scale, gated SG
 (edgecl.formats.overlap), so the reference and the edgecl path run the same method; only the runtime
 differs (torch here, onnxruntime on the device).
 
-Loss (``TrainConfig.loss``): ``supcon`` is the method's (METHOD.md step 1: two views, projection
+Loss (``TrainConfig.loss``): ``supcon`` is the method's (docs/method.md#step-1: two views, projection
 head, temperature 0.07). ``supcon+proto`` adds a term aligned with the head: cross-entropy of the
 cosine similarities between each view's embedding f(x) and the head's class prototypes (fixed during
 the task; a task class new to the head starts from its mean before adapting), temperature
@@ -40,7 +40,7 @@ LOSSES = ("supcon", "supcon+proto")
 @dataclass
 class TrainConfig:
     lr: float = 1e-2                 # backbone lr (the delta for MIST, every weight for full FT)
-    lr_head: float = 1e-2            # projection head lr (METHOD.md: head lr 0.01)
+    lr_head: float = 1e-2            # projection head lr (docs/method.md#step-3: head lr 0.01)
     epochs: int = 2                  # training epochs per task (MIST's scoring pass is extra)
     batch_size: int = 32             # images per step, two views each
     temperature: float = 0.07        # SupCon tau
@@ -52,7 +52,7 @@ class TrainConfig:
     select_rate: float = 0.05        # MIST mask: share of all parameters (paper: top 5%)
     drop_rate: float = 0.9           # MIST gate: per-step probability a selected gradient is dropped
     max_step_fraction: float = 0.005  # the device's cap: at most this share of ALL weights per step (0 = none)
-    overlap_decay: float = 0.9       # MIST: gradient scale 0.9 ** overlap (METHOD.md step 2)
+    overlap_decay: float = 0.9       # MIST: gradient scale 0.9 ** overlap (docs/method.md#overlap)
     small_tensors: str = "full"      # MIST mask: 1-D tensors fully trainable ("full") or ranked
     mask_policy: str = "no-depthwise"  # the export default: depthwise conv weights never selected; or "all"
     rescore: bool = True             # MIST: a fresh MI-Fisher mask per task (edgecl apply --data); False: task 1's
