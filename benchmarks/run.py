@@ -129,7 +129,7 @@ def main() -> None:
                 lrs = [lr]
             for lr in lrs:
                 # frozen does not train: the seed changes nothing (the image subsample is fixed), one run
-                for seed in (seeds[:1] if arm.method == "frozen" else seeds):
+                for seed in (exp.seeds[:1] if arm.method == "frozen" else seeds):
                     key = run_key(exp, arm, lr, seed)
                     path = run_path(exp.folder or args.name, arm.label, lr, seed)
                     if path.is_file() and json.loads(path.read_text()).get("key") == key:
