@@ -41,6 +41,9 @@ class EdgeclLearner:
         if cfg.loss != "supcon" or not cfg.rescore:
             raise SystemExit("the edgecl path trains SupCon with a mask re-scored per task; this arm asks for "
                              f"loss={cfg.loss}, rescore={cfg.rescore}")
+        if rules.replay and not rules.replay_seen:
+            raise SystemExit("the device replays every class its memory holds, a task's own classes included "
+                             "(their earlier cameras): give the edgecl arm rules={'replay_seen': True}")
         self.recipe, self.cfg, self.rules, self.threads = recipe, cfg, rules, threads
         self.work = work
         common.clean(self.work)

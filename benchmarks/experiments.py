@@ -120,6 +120,32 @@ EXPERIMENTS["parity_b1"] = _parity("ablation_b1")
 EXPERIMENTS["parity_b6"] = _parity("ablation_b6")
 
 
+# issue 11: the default mask policy (depthwise weights never selected) against the old one (every
+# tensor may be selected), torch reference at the ablation's base settings, three seeds
+EXPERIMENTS["mask_b1"] = replace(
+    EXPERIMENTS["ablation_b1"], seeds=SEEDS3, folder="ablation_b1",
+    arms=(FROZEN, _mist("mist base"), _mist("mist base mask policy all", mask_policy="all")),
+    note="mask policy no-depthwise (default) vs all, torch reference, small subset, three seeds")
+
+
+# issue 12: the shipped defaults (ExportOptions / AdaptOptions: lr 1e-2, 10 epochs, replay of every
+# class the memory holds, the do-no-harm gate on), chosen on validation from the lever ablation
+# (levers.py: "mist 10 epochs" leads the validation average over B1 and B6; replaying a class's
+# earlier camera leads B6's replay rules), on the real edgecl path beside its torch twin, three seeds
+DEFAULTS = {"epochs": 10}
+EXPERIMENTS["defaults_b1"] = replace(
+    EXPERIMENTS["ablation_b1"], seeds=SEEDS3, folder="ablation_b1",
+    arms=(FROZEN, _mist("mist 10 epochs", **DEFAULTS),
+          Arm("edgecl defaults", "edgecl", (1e-2,), DEFAULTS, rules={"replay_seen": True})),
+    note="the shipped defaults on the edgecl path and the torch reference, small subset, three seeds")
+EXPERIMENTS["defaults_b6"] = replace(
+    EXPERIMENTS["ablation_b6"], seeds=SEEDS3, folder="ablation_b6",
+    arms=(Arm("frozen", "frozen", rules={"heads": ALL_HEADS}), _mist("mist 10 epochs", **DEFAULTS),
+          Arm("mist 10 epochs replay earlier cameras", "mist", (1e-2,), DEFAULTS, rules={"replay_seen": True}),
+          Arm("edgecl defaults", "edgecl", (1e-2,), DEFAULTS, rules={"replay_seen": True})),
+    note="the shipped defaults on the edgecl path and the torch reference, small subset, three seeds")
+
+
 def get(name: str) -> Experiment:
     if name not in EXPERIMENTS:
         raise SystemExit(f"unknown experiment {name!r}; known: {', '.join(EXPERIMENTS)}")

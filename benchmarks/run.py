@@ -2,7 +2,7 @@
 
   .venv/bin/python benchmarks/run.py --list
   .venv/bin/python benchmarks/run.py ablation_b1 --threads 1
-  .venv/bin/python benchmarks/run.py b6_main --arms frozen,mist --seeds 7   # a part; rerun without to finish
+  .venv/bin/python benchmarks/run.py defaults_b6 --arms frozen,"mist 10 epochs" --seeds 7   # a part; rerun without to finish
 
 Each (arm, lr, seed) run is written to benchmarks/out/NAME/runs/ as it finishes, with the settings it
 ran under; a rerun skips the runs already there with the same settings (so a stopped experiment

@@ -23,8 +23,8 @@ SCRIPTS = {
     "b2": ["b2_device_cost.py"],
     "b3": ["b3_delta.py"],
     "b5": ["b5_server.py"],  # the fleet helper's
-    "b1": ["run.py", "b1_main"],
-    "b6": ["run.py", "b6_main"],
+    "b1": ["run.py", "defaults_b1"],
+    "b6": ["run.py", "defaults_b6"],
 }
 QUICK = {"b1": ["run.py", "smoke_b1"], "b6": ["run.py", "smoke_b6"], "b2": ["b2_device_cost.py", "--repeats", "1"]}
 

@@ -12,7 +12,7 @@ def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for data, bundles, server store and report.")]
     = Path("demo-out"),
     fast: Annotated[bool, typer.Option("--fast", help="Fewer images and one epoch: a quick smoke run.")] = False,
-    epochs: Annotated[int, typer.Option(help="Device epochs (0 = preset: 3, or 1 with --fast).")] = 0,
+    epochs: Annotated[int, typer.Option(help="Device epochs (0 = the bundle's default, or 1 with --fast).")] = 0,
     threads: Annotated[int, typer.Option(help="onnxruntime threads per device process (0 = default).")] = 0,
     fresh: Annotated[bool, typer.Option("--fresh", help="Delete OUT first.")] = False,
 ) -> None:

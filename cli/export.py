@@ -24,7 +24,7 @@ def export(
                                                                 "(depthwise conv weights stay constant: a faster "
                                                                 "step; the default).")] = None,
     lr: Annotated[float | None, typer.Option(help="Default device learning rate on the sparse delta.")] = None,
-    epochs: Annotated[int | None, typer.Option(help="Default device epochs (default 5).")] = None,
+    epochs: Annotated[int | None, typer.Option(help="Default device epochs (default 10).")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed for shuffling, augmentation and head init.")] = None,
     exemplars_per_class: Annotated[int | None, typer.Option(help="Calibration images per class shipped in the "
                                                                  "bundle so the device can refresh their prototypes "

@@ -45,7 +45,7 @@ class DemoOptions:
     fast: bool = False                  # fewer images and one epoch: a smoke run in ~3-4 minutes
     train_per_class: int = 0            # 0 = preset (300 full / 100 fast)
     test_per_class: int = 0             # 0 = preset (200 full / 60 fast)
-    epochs: int = 0                     # device epochs; 0 = preset (3 full / 1 fast)
+    epochs: int = 0                     # device epochs; 0 = the bundle's default (1 with --fast)
     threads: int = 0                    # onnxruntime threads per device process; 0 = its default
     recipe: Path = RECIPE               # the embedded default: ImageNet-pretrained EfficientNet-Lite0
     fresh: bool = False                 # remove OUT first (else the data folders are reused)
@@ -54,7 +54,7 @@ class DemoOptions:
         d = asdict(self)
         d["train_per_class"] = self.train_per_class or (100 if self.fast else 300)
         d["test_per_class"] = self.test_per_class or (60 if self.fast else 200)
-        d["epochs"] = self.epochs or (1 if self.fast else 3)
+        d["epochs"] = self.epochs or (1 if self.fast else 0)  # 0: `edgecl adapt` takes the bundle's default
         return DemoOptions(**d)
 
 
@@ -174,7 +174,7 @@ def run_demo(options: DemoOptions, echo: Callable[[str], None] = print) -> DemoR
               "inference.onnx)")
     bundle_v1 = out / "bundle-v1"
     run("export", str(opts.recipe), "--data", str(data / "calib" / "train"), "-o", str(bundle_v1), "--overwrite",
-        "--epochs", str(opts.epochs), show_stdout=True)
+        *(["--epochs", str(opts.epochs)] if opts.epochs else []), show_stdout=True)
     manifest = json.loads((bundle_v1 / "manifest.json").read_text())
     report.bundle = {"bundle_id": manifest["bundle_id"], "total_params": manifest["total_params"],
                      "selected": manifest["selected"], "base_fp32_bytes": 4 * manifest["total_params"]}
@@ -212,13 +212,13 @@ def run_demo(options: DemoOptions, echo: Callable[[str], None] = print) -> DemoR
             frozen = {g: _accuracy(run, bundle, groups[g])[0] for g in ("old classes", own)}
             report.stages.append(Stage("frozen + new prototypes", device, frozen, "adapt --epochs 0"))
             adapted = run.json("adapt", str(bundle), "--data", str(train), "--device", str(profile),
-                               "--epochs", str(opts.epochs), "--json")
+                               *(["--epochs", str(opts.epochs)] if opts.epochs else []), "--json")
             echo(f"    {adapted['steps']} steps, {adapted['step_seconds_median']:.2f} s/step, changed "
                  f"{100 * adapted['changed_fraction_mean']:.3f}% of weights per step, peak {adapted['peak_rss_mb']:.0f} MB")
             after = {g: _accuracy(run, bundle, groups[g])[0] for g in ("old classes", own)}
             kept = adapted.get("kept", "adapted")
             gate = adapted.get("gate") or {}
-            note = (f"{opts.epochs} epochs on device" if kept == "adapted" else
+            note = (f"{adapted['epochs']} epochs on device" if kept == "adapted" else
                     f"gate kept prototypes only (held out {gate.get('adapted_accuracy', 0):.3f} adapted vs "
                     f"{gate.get('prototypes_only_accuracy', 0):.3f})")
             report.stages.append(Stage("after MIST adapt", device, after, note))

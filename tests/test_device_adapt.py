@@ -90,9 +90,10 @@ def test_adapt_eval_predict_rollback(bundle, task_data):
     # every class with calibration exemplars is moved by its exemplars' drift (class0, seen again, before
     # its new images are merged in by counts)
     assert report.from_exemplars == ["class0", "class1", "class2"] and report.drift_compensated == []
-    # replay: the bundle's 12 calibration exemplars of each of class1 and class2 join the 30 images
-    assert report.replayed == 24
-    assert report.steps == 2 * 4  # 54 images, batch 16
+    # replay: the bundle's 12 calibration exemplars of each of class1 and class2 join the 30 images, and
+    # those of class0 too (seen again: its earlier camera), under class0's label
+    assert report.replayed == 36
+    assert report.steps == 2 * 5  # 66 images, batch 16
     assert report.peak_rss_mb > 0 and report.step_seconds_median > 0
     after = evaluate(bundle, task_data)
     assert after["state"] == report.state and set(after["per_class"]) == {"cat", "dog", "class0"}
@@ -101,7 +102,7 @@ def test_adapt_eval_predict_rollback(bundle, task_data):
     assert preds[0]["class"] in {"cat", "dog", "class0", "class1", "class2"} and len(preds[0]["top_k"]) == 2
     assert "error" in preds[1]
     log = [json.loads(x) for x in (bundle / "state" / report.state / "steps.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log] == list(range(1, 9)) and {"loss", "changed_fraction", "seconds", "epoch"} <= set(log[0])
+    assert [r["step"] for r in log] == list(range(1, 11)) and {"loss", "changed_fraction", "seconds", "epoch"} <= set(log[0])
     assert rollback(bundle)["current"] == "bundle"
     with pytest.warns(UserWarning, match="without a prototype"):
         assert evaluate(bundle, task_data)["accuracy"] == frozen["accuracy"]
@@ -176,7 +177,7 @@ def test_changed_fraction_per_step_at_default_rates(bundle, task_data):
     log = [json.loads(x) for x in (bundle / "state" / report.state / "steps.jsonl").read_text().splitlines()]
     fractions = np.array([r["changed_fraction"] for r in log])
     expected = b.mask.selected_fraction * (1 - b.manifest.drop_rate)
-    assert len(fractions) == 8 * 7 and fractions.max() <= 0.005  # (30 images + 24 replayed) / 8 = 7 steps
+    assert len(fractions) == 8 * 9 and fractions.max() <= 0.005  # (30 images + 36 replayed) / 8 = 9 steps
     assert fractions.mean() == pytest.approx(expected, rel=0.05)
 
 
@@ -241,9 +242,9 @@ def test_resume_after_kill_9_ends_in_the_same_state(tiny_bundle, task_data, tmp_
         if latest.exists() and log.exists():
             ckpt_step = int(json.loads(latest.read_text())["ckpt"].split("-")[1])
             logged = log.read_text().count("\n")
-            # (30 images + 24 replayed exemplars) / batch 4 = 14 steps per epoch; checkpoints every
+            # (30 images + 36 replayed exemplars) / batch 4 = 17 steps per epoch; checkpoints every
             # 3 steps fall mid-epoch.
-            if ckpt_step >= 6 and logged > ckpt_step and ckpt_step % 14:
+            if ckpt_step >= 6 and logged > ckpt_step and ckpt_step % 17:
                 os.kill(proc.pid, signal.SIGKILL)
                 killed_at = (ckpt_step, logged)
                 break
@@ -258,7 +259,7 @@ def test_resume_after_kill_9_ends_in_the_same_state(tiny_bundle, task_data, tmp_
     for name in ref:
         assert np.array_equal(ref[name], res[name]), name
     meta = json.loads((crashed / "state" / _head(crashed)["current"] / "meta.json").read_text())
-    assert meta["report"]["resumed_from_step"] == killed_at[0] and meta["report"]["steps"] == 6 * 14
+    assert meta["report"]["resumed_from_step"] == killed_at[0] and meta["report"]["steps"] == 6 * 17
     assert not (crashed / "state" / "run").exists()
 
 
@@ -285,8 +286,8 @@ def test_full_disk_at_commit_leaves_the_previous_state_intact(bundle, task_data,
     evaluate(bundle, task_data)
     # the finished run's final checkpoint survived: --resume commits it without training again
     report = _adapt(bundle, task_data, epochs=1, lr=0.05, resume=True)
-    # (30 images + 24 replayed) / batch 16 (the bundle's) = 4 steps
-    assert report.resumed_from_step == report.steps == 4 and _head(bundle)["previous"] == first.state
+    # (30 images + 54 replayed: the memory now holds cat and dog too) / batch 16 (the bundle's) = 6 steps
+    assert report.resumed_from_step == report.steps == 6 and _head(bundle)["previous"] == first.state
 
 
 # -- bad input ---------------------------------------------------------------------------------------

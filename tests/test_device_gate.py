@@ -104,3 +104,44 @@ def test_lda_means_of_old_classes_are_moved_once():
     shirt = heads.prototypes.means[heads.prototypes.classes.index("shirt")]
     np.testing.assert_allclose(shirt, old.means[0] + t, atol=1e-5)               # the exemplars' drift
     np.testing.assert_allclose(heads.lda.means["shirt"], old.means[0] + t, atol=0.05 * np.linalg.norm(t))
+
+
+def test_an_image_shown_again_is_counted_once():
+    """The mean of a class counts each image once: 10 images it already counts come back (with 10 new
+    ones) after the backbone moved by t; the class's mean is the new mean of the 20, count 20."""
+    from edgecl.device.heads import LdaHead
+    from edgecl.device.poststeps import Heads, Moved, run_post_steps
+    from edgecl.formats.exemplars import ExemplarMemory
+    from edgecl.formats.prototypes import Prototypes, image_fingerprints
+
+    rng = np.random.default_rng(1)
+    pixels = rng.integers(0, 256, (20, 4, 4, 3), dtype=np.uint8)
+    before = rng.normal(0, 1, (20, 3)).astype(np.float32)
+    t = np.array([2.0, 0.0, -1.0], np.float32)
+    old = Prototypes(["shirt"], before[:10].mean(0, keepdims=True), np.array([10]))
+    old.mark_seen("shirt", image_fingerprints(pixels[:10]))
+    ex = before[:5]
+    moved = Moved(trained=True, task_pixels=pixels, task_labels=np.zeros(20, np.int64), task_classes=["shirt"],
+                  before=before, after=before + t, exemplars_before={"shirt": ex}, exemplars_after={"shirt": ex + t},
+                  use_exemplars=False)
+    heads = run_post_steps(Heads(old, LdaHead(3), ExemplarMemory.empty((4, 4))), moved)
+    np.testing.assert_allclose(heads.prototypes.means[0], (before + t).mean(0), atol=1e-5)
+    assert heads.prototypes.counts[0] == 20 and len(heads.prototypes.seen["shirt"]) == 20
+    np.testing.assert_allclose(heads.lda.means["shirt"], (before + t).mean(0), atol=1e-5)
+    # the record survives the file
+    again = Prototypes.from_bytes(heads.prototypes.to_bytes())
+    np.testing.assert_array_equal(again.seen["shirt"], heads.prototypes.seen["shirt"])
+
+
+def test_export_then_adapt_on_the_same_images_counts_them_once(bundle_copy, calib_dir):
+    """export --data X, then adapt --data X (twice): each class still counts its 12 images, at their mean."""
+    from edgecl.device.adapt import AdaptOptions, adapt
+    from edgecl.device.state import bundle_prototypes, load_current, open_bundle
+
+    exported = bundle_prototypes(open_bundle(bundle_copy))
+    assert exported.counts.tolist() == [12, 12, 12] and all(len(v) == 12 for v in exported.seen.values())
+    for _ in range(2):
+        adapt(bundle_copy, calib_dir, AdaptOptions(epochs=0, progress=False))
+        state = load_current(open_bundle(bundle_copy))
+        assert state.prototypes.counts.tolist() == [12, 12, 12]
+        np.testing.assert_allclose(state.prototypes.means, exported.means, rtol=1e-4, atol=1e-4)

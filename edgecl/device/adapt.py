@@ -176,12 +176,14 @@ def _train_set(task: LoadedImages, memory: ExemplarMemory, split: Split, replay_
     # Replay: the old classes' exemplars join the task's images (labels after the task's), so the
     # contrastive loss also pushes the new classes away from the old ones instead of only apart
     # from each other; the backbone then moves where it helps every class seen so far.
+    # A replayed class the task also holds keeps the task's label (the same product, another camera).
+    names = list(task.classes) + [c for c in replay_names if c not in task.classes]
     replayed = [memory.of_class(c)[split.exemplar_train[c]] for c in replay_names]
     k = replay_repeats(len(pixels), sum(len(px) for px in replayed), plan.replay_share)
     return TrainSet(np.concatenate([pixels, *[px for px in replayed for _ in range(k)]]),
-                    np.concatenate([labels, *[np.full(len(px), len(task.classes) + j, labels.dtype)
-                                              for j, px in enumerate(replayed) for _ in range(k)]]),
-                    list(task.classes) + replay_names)
+                    np.concatenate([labels, *[np.full(len(px), names.index(c), labels.dtype)
+                                              for c, px in zip(replay_names, replayed, strict=True) for _ in range(k)]]),
+                    names)
 
 
 # -- the adaptation --------------------------------------------------------------------------------
@@ -209,7 +211,9 @@ def _adapt(bundle: Bundle, data_dir: Path, opts: AdaptOptions, prof: DeviceProfi
     current = load_current(bundle)
     memory = _load_memory(current, bundle, plan.use_exemplars)
     known = [c for c in memory.classes if c in current.prototypes.classes and len(memory.of_class(c))]
-    replay_names = [c for c in known if c not in task.classes] if plan.replay and plan.epochs > 0 else []
+    # Replay every class the memory holds: old classes, and a task class seen before (its earlier
+    # camera's exemplars: B6 measured +1.5 points on the last camera, docs/benchmarks.md#b6).
+    replay_names = list(known) if plan.replay and plan.epochs > 0 else []
     hold = plan.epochs > 0 and (plan.gate or plan.select_lr)
     split = _split(task, memory, known, plan, hold)
     if hold and not len(split.task_held):

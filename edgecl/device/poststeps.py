@@ -12,7 +12,9 @@ device's class statistics (``Heads``), which it updates in order:
    (drift.py), estimated from the task's images;
 4. ``merge_task_classes``: the task's classes get the mean of their images. A class seen before
    (the same product under a new camera) is MERGED by counts with its (moved) old prototype, so
-   its earlier cameras are not forgotten; a new class is added;
+   its earlier cameras are not forgotten; a new class is added. An image the mean already counts
+   (its fingerprint is in ``Prototypes.seen``: the bundle's calibration set, an earlier adapt) is
+   counted once: its old embedding is taken out before its new one goes in;
 5. ``update_memory``: the exemplar memory takes the task's classes (herding, within budget).
 
 Run with ``trained=False`` (the backbone did not move) they reduce to "prototypes only", the
@@ -28,7 +30,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edgecl.formats.exemplars import ExemplarMemory
-from edgecl.formats.prototypes import Prototypes
+from edgecl.formats.prototypes import Prototypes, image_fingerprints
 
 from . import drift as sdc
 from .heads import LdaHead, fit_linear_drift
@@ -62,11 +64,10 @@ class Heads:
     from_exemplars: list[str] = field(default_factory=list)
     drift_compensated: list[str] = field(default_factory=list)
     lda_moved: bool = False
+    start_means: dict[str, np.ndarray] = field(default_factory=dict)  # prototypes before the post-steps
 
     def copy(self) -> Heads:
-        p = self.prototypes
-        return Heads(Prototypes(list(p.classes), p.means.copy(), p.counts.copy()), copy.deepcopy(self.lda),
-                     self.memory)
+        return Heads(self.prototypes.copy(), copy.deepcopy(self.lda), self.memory)
 
 
 def _class_means(embeddings: np.ndarray, labels: np.ndarray, classes: list[str]) -> dict[str, tuple[np.ndarray, int]]:
@@ -114,17 +115,42 @@ def carry_lda(heads: Heads, moved: Moved) -> None:
 
 def merge_task_classes(heads: Heads, moved: Moved) -> None:
     protos = heads.prototypes
-    for name, (mean, count) in _class_means(moved.after, moved.task_labels, moved.task_classes).items():
-        if name in protos.classes:
-            row = protos.classes.index(name)
-            old_count = int(protos.counts[row])
-            merged = (protos.means[row] * old_count + mean * count) / (old_count + count)
-            lda_old = heads.lda.means.get(name, protos.means[row].astype(np.float64))
-            heads.lda.means[name] = (lda_old * old_count + mean.astype(np.float64) * count) / (old_count + count)
-            protos.upsert(name, merged, old_count + count)
+    fingerprints = image_fingerprints(moved.task_pixels)
+    for i, name in enumerate(moved.task_classes):
+        rows = moved.task_labels == i
+        if not rows.any():
+            continue
+        after, count = moved.after[rows].astype(np.float64), int(rows.sum())
+        fps = fingerprints[rows]
+        if name not in protos.classes:
+            heads.lda.means[name] = after.mean(0)
+            protos.upsert(name, after.mean(0), count)
+            protos.mark_seen(name, fps)
+            continue
+        row = protos.classes.index(name)
+        old_count, old_mean = int(protos.counts[row]), protos.means[row].astype(np.float64)
+        lda_old = heads.lda.means.get(name, old_mean)
+        # Images the mean already counts (shown before: the bundle's calibration set, an earlier adapt)
+        # are taken out with their old embeddings, moved the way the class moved, and counted once,
+        # with their new ones.
+        again = protos.seen_mask(name, fps)
+        n_again = min(int(again.sum()), old_count)
+        shift = old_mean - heads.start_means.get(name, old_mean)
+        rest = old_count - n_again
+        if n_again:
+            taken = moved.before[rows][again].astype(np.float64)[:n_again]
+            old_sum = old_mean * old_count - (taken + shift).sum(0)
+            lda_sum = lda_old * old_count - moved.after[rows][again].astype(np.float64)[:n_again].sum(0)
         else:
-            heads.lda.means[name] = mean.astype(np.float64)
-            protos.upsert(name, mean, count)
+            old_sum, lda_sum = old_mean * old_count, lda_old * old_count
+        new_sum = after.sum(0)
+        if rest <= 0:  # every image the mean counted is in this task: its fresh mean
+            merged, lda_merged = new_sum / count, new_sum / count
+        else:
+            merged, lda_merged = (old_sum + new_sum) / (rest + count), (lda_sum + new_sum) / (rest + count)
+        heads.lda.means[name] = lda_merged
+        protos.upsert(name, merged, rest + count)
+        protos.mark_seen(name, fps)
 
 
 def update_memory(heads: Heads, moved: Moved) -> None:
@@ -144,6 +170,7 @@ POST_STEPS: tuple[Callable[[Heads, Moved], None], ...] = (
 
 def run_post_steps(start: Heads, moved: Moved) -> Heads:
     heads = start.copy()
+    heads.start_means = {c: start.prototypes.means[i].astype(np.float64) for i, c in enumerate(start.prototypes.classes)}
     for post_step in POST_STEPS:
         post_step(heads, moved)
     return heads

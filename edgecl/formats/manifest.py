@@ -65,7 +65,7 @@ class BundleManifest:
     overlap_decay: float = 0.9           # gradient scale 0.9 ** overlap (docs/method.md#overlap)
     batch_size: int = 32                 # images per step (each gives two views); the step graph's
                                          # fixed row count is 2 * batch_size, a smaller batch is padded
-    epochs: int = 5                      # default epochs for `edgecl adapt`
+    epochs: int = 10                     # default epochs for `edgecl adapt`
     seed: int = 1993
     mask_policy: str = "no-depthwise"    # which tensors the mask may select: "all" or "no-depthwise"
     interpolation: str = "bilinear"

@@ -80,10 +80,11 @@ def merged_delta(deltas: list[delta_format.Delta], mask: Mask) -> delta_format.D
 
 
 def _merge_prototypes(prototypes: Prototypes, merged: delta_format.Delta) -> Prototypes:
-    out = Prototypes(list(prototypes.classes), prototypes.means.copy(), prototypes.counts.copy())
+    out = prototypes.copy()
     if merged.prototypes is not None:
         for i, name in enumerate(merged.prototypes.classes):
             out.upsert(name, merged.prototypes.means[i], int(merged.prototypes.counts[i]))
+            out.seen.pop(name, None)  # the fleet's mean: which images it counts is not known here
     return out
 
 
@@ -102,7 +103,7 @@ def _shift_by_exemplars(prototypes: Prototypes, exemplars: ExemplarMemory, befor
     its exemplars' drift from the old to the patched backbone, p += mean(after) - mean(before). A
     prototype computed from all of a class's images stays that (a mean over 20 exemplars alone is
     noisier); a zero merged delta moves nothing."""
-    out = Prototypes(list(prototypes.classes), prototypes.means.copy(), prototypes.counts.copy())
+    out = prototypes.copy()
     emb_before = _embed_torch(before, exemplars.pixels, manifest)
     emb_after = _embed_torch(after, exemplars.pixels, manifest)
     for i, name in enumerate(exemplars.classes):

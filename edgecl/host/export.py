@@ -37,7 +37,7 @@ from edgecl.formats.exemplars import ExemplarMemory
 from edgecl.formats.hashing import sha256_file
 from edgecl.formats.images import load_image_folder, normalize, scan_image_folder
 from edgecl.formats.mask import Mask, Overlap, overlap_to_bytes
-from edgecl.formats.prototypes import Prototypes
+from edgecl.formats.prototypes import Prototypes, image_fingerprints
 from edgecl.formats.weights import save_weights, weights_sha256
 from edgecl.host.loss import l2_normalize
 from edgecl.host.masking import depthwise_weight_names, select_mask
@@ -59,7 +59,7 @@ class ExportOptions:
     temperature: float = 0.07            # SupCon temperature
     lr_backbone: float = 1e-2            # device default lr on the delta (validated on B1, docs/benchmarks.md)
     lr_head: float = 1e-2                # device default lr on the projection head
-    epochs: int = 5                      # device default epochs
+    epochs: int = 10                     # device default epochs (validated on B1 + B6, docs/benchmarks.md)
     overwrite: bool = False              # replace an existing output folder
     overlap_path: str | None = None      # overlap history from earlier rounds (overlap.safetensors / `edgecl merge`)
     exemplars_per_class: int = 20        # calibration images shipped per class (herding); 0 = ship no images
@@ -280,12 +280,16 @@ def write_bundle(spec: BundleSpec, out_dir: str | Path) -> ExportReport:
                         classes=list(spec.prototypes.classes), images_used=0, images_skipped=0, files=files)
 
 
-def class_prototypes(embeddings: np.ndarray, labels: np.ndarray, classes: list[str]) -> Prototypes:
+def class_prototypes(embeddings: np.ndarray, labels: np.ndarray, classes: list[str],
+                     pixels: np.ndarray | None = None) -> Prototypes:
+    """Mean embedding per class; with ``pixels``, the images are also recorded as counted (seen)."""
     protos = Prototypes.empty(embeddings.shape[1])
     for i, name in enumerate(classes):
         rows = embeddings[labels == i]
         if len(rows):
             protos.upsert(name, rows.mean(0), len(rows))
+            if pixels is not None:
+                protos.mark_seen(name, image_fingerprints(pixels[labels == i]))
     return protos
 
 
@@ -358,7 +362,7 @@ def export_bundle(recipe: Recipe | str | Path, data_dir: str | Path, out_dir: st
         save_weights(Path(work) / mf.WEIGHTS, base_weights(model))
         _export_inference(model, list(recipe.input_size), dim, infer)
         emb = embed_with_onnx(infer, images.pixels, recipe.mean, recipe.std, dim)
-    prototypes = class_prototypes(emb, images.labels, images.classes)
+    prototypes = class_prototypes(emb, images.labels, images.classes, images.pixels)
     ship_images = opts.exemplars_per_class > 0 and (profile is None or profile.store_images)
     exemplars = None
     if ship_images:
