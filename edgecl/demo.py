@@ -5,10 +5,10 @@
 2. export  `edgecl export` of the ImageNet-pretrained EfficientNet-Lite0 recipe on the calibration images.
 3. server  `edgecl server start` on a free loopback port; each device registered (token + signing key); the
            bundle added.
-4. devices each device gets its own copy of the bundle and runs, as a device would, `edgecl adapt
-           --epochs 0` (the frozen backbone + its new classes' prototypes: the "before" row), `edgecl
-           eval`, `edgecl adapt` (MIST: drop-gated sparse tuning), `edgecl eval`, `edgecl delta`, `edgecl
-           push`.
+4. devices the "before" row: a copy of the bundle given the device's new classes by `edgecl adapt
+           --epochs 0` (the frozen backbone + their prototypes), `edgecl eval`; then each device's own
+           copy of the bundle runs, as a device would, `edgecl adapt` (MIST: drop-gated sparse tuning
+           with the bundle's defaults and the do-no-harm gate), `edgecl eval`, `edgecl delta`, `edgecl push`.
 5. fleet   `edgecl merge` (weighted by samples seen) -> `edgecl apply` -> bundle v2 -> `edgecl eval`.
 6. report  a table of accuracy per stage on the old classes and each device's classes, delta sizes,
            step time and peak memory; a PNG plot; summary.json.
@@ -208,9 +208,13 @@ def run_demo(options: DemoOptions, echo: Callable[[str], None] = print) -> DemoR
             shutil.rmtree(bundle.parent, ignore_errors=True)
             shutil.copytree(bundle_v1, bundle)
             train = data / device / "train"
-            run.json("adapt", str(bundle), "--data", str(train), "--epochs", "0", "--device", str(profile), "--json")
-            frozen = {g: _accuracy(run, bundle, groups[g])[0] for g in ("old classes", own)}
-            report.stages.append(Stage("frozen + new prototypes", device, frozen, "adapt --epochs 0"))
+            # "before": a copy of v1 given the new classes without training. A copy, so that the adapt
+            # below starts from v1 and its gate judges on images no statistics count yet.
+            before = out / device / "frozen"
+            shutil.copytree(bundle_v1, before)
+            run.json("adapt", str(before), "--data", str(train), "--epochs", "0", "--device", str(profile), "--json")
+            frozen = {g: _accuracy(run, before, groups[g])[0] for g in ("old classes", own)}
+            report.stages.append(Stage("frozen + new prototypes", device, frozen, "adapt --epochs 0 (a copy of v1)"))
             adapted = run.json("adapt", str(bundle), "--data", str(train), "--device", str(profile),
                                *(["--epochs", str(opts.epochs)] if opts.epochs else []), "--json")
             echo(f"    {adapted['steps']} steps, {adapted['step_seconds_median']:.2f} s/step, changed "

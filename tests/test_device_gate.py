@@ -145,3 +145,32 @@ def test_export_then_adapt_on_the_same_images_counts_them_once(bundle_copy, cali
         state = load_current(open_bundle(bundle_copy))
         assert state.prototypes.counts.tolist() == [12, 12, 12]
         np.testing.assert_allclose(state.prototypes.means, exported.means, rtol=1e-4, atol=1e-4)
+
+
+def test_the_gate_judges_only_on_images_no_statistics_count(bundle_copy, task):
+    """After `adapt --epochs 0` on a folder, its images are in the prototypes and LDA means: held out,
+    they would favour the state that holds them. They train; the gate judges on uncounted images only,
+    and with none left it is off, saying so."""
+    from edgecl.device.adapt import AdaptOptions, _split, adapt
+    from edgecl.device.infer import resolve_profile
+    from edgecl.device.plan import resolve_plan
+    from edgecl.device.state import open_bundle
+    from edgecl.formats.exemplars import ExemplarMemory
+    from edgecl.formats.images import load_image_folder
+    from edgecl.formats.prototypes import Prototypes, image_fingerprints
+
+    b = open_bundle(bundle_copy)
+    images = load_image_folder(task, b.manifest.input_size, b.manifest.interpolation)
+    plan = resolve_plan(AdaptOptions(progress=False), resolve_profile(None, b), b.manifest, b.mask.total_selected)
+    counted = Prototypes.empty(4)
+    cat = np.flatnonzero(images.labels == images.classes.index("cat"))
+    counted.mark_seen("cat", image_fingerprints(images.pixels[cat[:8]]))  # 8 of the 12 cats already counted
+    split = _split(images, ExemplarMemory.empty((2, 2)), [], plan, True, counted)
+    assert set(split.task_held).isdisjoint(cat[:8]) and set(cat[:8]) <= set(split.task_train)
+    assert len(split.task_held) + len(split.task_train) == len(images.labels)
+    assert {images.labels[r] for r in split.task_held} == {0, 1}  # both classes still judged
+
+    adapt(bundle_copy, task, AdaptOptions(epochs=0, progress=False))
+    with pytest.warns(UserWarning, match="gate is off"):
+        report = adapt(bundle_copy, task, AdaptOptions(epochs=1, seed=1, progress=False))
+    assert report.gate is None and report.kept == "adapted"

@@ -31,6 +31,7 @@ from edgecl.formats.config import DeviceProfile
 from edgecl.formats.exemplars import ExemplarMemory
 from edgecl.formats.hashing import sha256_bytes
 from edgecl.formats.images import LoadedImages, load_image_folder
+from edgecl.formats.prototypes import Prototypes, image_fingerprints
 from edgecl.formats.weights import load_weights
 
 from .gate import HeldOut, holdout_split, score
@@ -156,11 +157,22 @@ class Split:
     exemplar_held: dict[str, np.ndarray]
 
 
-def _split(task: LoadedImages, memory: ExemplarMemory, classes: list[str], plan: Plan, hold: bool) -> Split:
+def _split(task: LoadedImages, memory: ExemplarMemory, classes: list[str], plan: Plan, hold: bool,
+           counted: Prototypes | None = None) -> Split:
     all_rows = {c: np.arange(len(memory.of_class(c))) for c in classes}
     if not hold:
         return Split(np.arange(len(task.labels)), np.zeros(0, np.int64), all_rows, {c: all_rows[c][:0] for c in classes})
-    train_rows, held_rows = holdout_split(task.labels, plan.holdout_share, plan.seed)
+    # Only images no class mean counts yet can judge: one the statistics already hold (the same folder
+    # adapted again, after `--epochs 0` or export --data) would favour the state that holds it as it was.
+    fresh = np.ones(len(task.labels), bool)
+    if counted is not None and counted.seen:
+        fps = image_fingerprints(task.pixels)
+        for i, name in enumerate(task.classes):
+            rows = task.labels == i
+            fresh[rows] = ~counted.seen_mask(name, fps[rows])
+    candidates = np.flatnonzero(fresh)
+    train_rows, held_rows = holdout_split(task.labels[candidates], plan.holdout_share, plan.seed)
+    train_rows, held_rows = np.sort(np.concatenate([candidates[train_rows], np.flatnonzero(~fresh)])), candidates[held_rows]
     ex_train, ex_held = {}, {}
     for c in classes:
         n = len(all_rows[c])
@@ -215,11 +227,13 @@ def _adapt(bundle: Bundle, data_dir: Path, opts: AdaptOptions, prof: DeviceProfi
     # camera's exemplars: B6 measured +1.5 points on the last camera, docs/benchmarks.md#b6).
     replay_names = list(known) if plan.replay and plan.epochs > 0 else []
     hold = plan.epochs > 0 and (plan.gate or plan.select_lr)
-    split = _split(task, memory, known, plan, hold)
+    split = _split(task, memory, known, plan, hold, current.prototypes)
     if hold and not len(split.task_held):
         if plan.select_lr:
             raise DataError("--select-lr needs at least two images per class", "add images or drop --select-lr")
-        warnings.warn("too few images to hold any out: the do-no-harm gate is off for this run", stacklevel=3)
+        warnings.warn("too few images the class statistics do not already count to hold any out: the do-no-harm "
+                      "gate is off for this run (show the device new images of the task's classes to judge)",
+                      stacklevel=3)
         hold, split = False, _split(task, memory, known, plan, False)
     data = _train_set(task, memory, split, replay_names, plan)
     config: dict[str, Any] = {"parent": current.generation, "data": _fingerprint(task, data_dir), "classes": task.classes,
