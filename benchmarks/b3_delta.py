@@ -1,7 +1,7 @@
 """B3: delta size and fidelity (docs/benchmarks.md#b3).
 
 The B4 bundle (EfficientNet-Lite0, default 5% mask) is adapted on device A's images (classes 6-7)
-with `edgecl adapt`; then for each value encoding (fp32 / fp16 / int8 / int4):
+with `edgecl adapt --no-gate` (B3 measures what a delta keeps, so the adaptation is always kept); then for each value encoding (fp32 / fp16 / int8 / int4):
 
   `edgecl delta --values V` -> bytes vs the base model's fp32 bytes (whole file, and the weight part
   without the class prototypes it also carries) -> `edgecl apply` -> `edgecl eval` of the new bundle,
@@ -20,8 +20,7 @@ import shutil
 from pathlib import Path
 
 import common
-from b2_device_cost import ensure_bundle
-from b4_export import device_profile, fleet_data
+from b4_export import device_profile, ensure_bundle, fleet_data
 
 from edgecl.formats import delta as delta_format
 
@@ -35,7 +34,9 @@ def edgecl(*args: str) -> str:
 def accuracy(bundle: Path, folders: list[Path]) -> float:
     correct = images = 0
     for folder in folders:
-        out = edgecl("eval", str(bundle), "--data", str(folder), "--json")
+        # ncm on both sides: a delta carries the prototypes, not the device's LDA statistics, so a new
+        # version starts with cosine prototypes (the device's default head would be lda, v2's ncm)
+        out = edgecl("eval", str(bundle), "--data", str(folder), "--head", "ncm", "--json")
         r = json.loads(out[out.index("{"):])
         correct += int(r["correct"])
         images += int(r["images"])
@@ -59,7 +60,7 @@ def main() -> None:
     shutil.copytree(base_bundle, bundle, ignore=shutil.ignore_patterns("state"))
     print(f"adapting {bundle} on device A's images ({args.epochs} epochs)", flush=True)
     edgecl("adapt", str(bundle), "--data", str(data / "device-a" / "train"), "--epochs", str(args.epochs),
-           "--device", str(device_profile(args.threads)), "--quiet")
+           "--device", str(device_profile(args.threads)), "--no-gate", "--quiet")
     folders = [data / "calib" / "test", data / "device-a" / "test"]
     on_device = accuracy(bundle, folders)
     manifest = json.loads((bundle / "manifest.json").read_text())

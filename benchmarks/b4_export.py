@@ -30,6 +30,16 @@ def bundle_path(size: int) -> Path:
     return common.OUT / f"b4-bundle-{size}px"
 
 
+def ensure_bundle(size: int, train_per_class: int, test_per_class: int) -> Path:
+    """The B4 bundle (`edgecl export` with its defaults on the calibration images), exported if absent."""
+    out = bundle_path(size)
+    if not (out / "manifest.json").exists():
+        data = fleet_data(train_per_class, test_per_class)
+        common.run_timed([*common.edgecl_cmd(), "export", str(recipe_for_size(size)), "--data",
+                          str(data / "calib" / "train"), "-o", str(out), "--overwrite", "--quiet"])
+    return out
+
+
 def device_profile(threads: int, batch_size: int = 32) -> Path:
     """A device profile with a fixed thread count (what B2 compares at)."""
     path = common.OUT / f"device-{threads}t.toml"

@@ -119,7 +119,7 @@ class HeadKeeper:
 
     def update(self, learner: Learner, task: Task, before: np.ndarray, after: np.ndarray,
                ex_before: dict[int, np.ndarray]) -> None:
-        from edgecl.device import drift as sdc
+        from edgecl.formats import drift as sdc
         from edgecl.formats.exemplars import herding_order
         labels = task.train.labels
         moved = bool(np.any(before != after))

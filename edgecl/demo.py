@@ -9,7 +9,9 @@
            --epochs 0` (the frozen backbone + their prototypes), `edgecl eval`; then each device's own
            copy of the bundle runs, as a device would, `edgecl adapt` (MIST: drop-gated sparse tuning
            with the bundle's defaults and the do-no-harm gate), `edgecl eval`, `edgecl delta`, `edgecl push`.
-5. fleet   `edgecl merge` (weighted by samples seen) -> `edgecl apply` -> bundle v2 -> `edgecl eval`.
+5. fleet   `edgecl merge` on the server (weighted by samples seen), then `edgecl apply` of the devices'
+           deltas (the same merge on the host, each device's prototypes moved into v2's space) -> bundle
+           v2 -> `edgecl eval`.
 6. report  a table of accuracy per stage on the old classes and each device's classes, delta sizes,
            step time and peak memory; a PNG plot; summary.json.
 
@@ -245,11 +247,14 @@ def run_demo(options: DemoOptions, echo: Callable[[str], None] = print) -> DemoR
         log.close()
 
     # 5. merge + apply ---------------------------------------------------------------------------------
-    t = stage("5/6 fleet: edgecl merge (weighted by samples seen) -> edgecl apply -> bundle v2")
+    t = stage("5/6 fleet: edgecl merge (weighted by samples seen) -> edgecl apply of the devices' deltas -> bundle v2")
     merged = out / "merged.safetensors"
     run("merge", manifest["bundle_id"], "--store", str(store), "-o", str(merged), show_stdout=True)
     report.bundle["merged_delta_bytes"] = merged.stat().st_size
-    run("apply", str(bundle_v1), str(merged), "-o", str(out / "bundle-v2"), "--overwrite", show_stdout=True)
+    # apply gets the devices' own deltas (the host merges them exactly as the server just did): only
+    # with each device's delta can it move that device's prototypes into v2's embedding space.
+    run("apply", str(bundle_v1), *[str(out / d / "delta.safetensors") for d in DEVICES], "-o", str(out / "bundle-v2"),
+        "--overwrite", show_stdout=True)
     # The like-for-like baseline: bundle v1, no training at all, prototypes of every class known now.
     baseline = out / "baseline" / "bundle"
     shutil.rmtree(baseline.parent, ignore_errors=True)

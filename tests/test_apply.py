@@ -185,3 +185,38 @@ def test_apply_writes_stock_timm_weights_that_load_strict(adapted: Path, calib_d
         stock = model(torch.from_numpy(images)).numpy()
     bundle = _embed(out, np.zeros(manifest.selected, np.float32), images)
     assert np.abs(stock - bundle).max() <= 1e-4 * max(1.0, float(np.abs(bundle).max()))
+
+
+def test_apply_moves_each_devices_prototypes_into_the_new_versions_space(adapted: Path, tmp_path: Path) -> None:
+    """Device A adapted (its prototypes are in A's space, which v2 becomes); device B's gate refused, so
+    its delta moves no weight and its new class "bolt" was computed under the base backbone. v2 must
+    score B's class in v2's space: apply moves B's table by the drift the bundle's exemplars show."""
+    import dataclasses
+
+    from conftest import write_image_folder
+
+    from edgecl.formats.prototypes import Prototypes
+
+    a_path = tmp_path / "a.safetensors"
+    assert runner.invoke(app, ["delta", str(adapted), "-o", str(a_path), "--device-id", "dev-a"]).exit_code == 0
+    a = delta_format.load_file(a_path)
+    manifest = mf.load_manifest(adapted)
+    folder = write_image_folder(tmp_path / "bolts", names=["bolt"], per_class=16, seed=5)
+    pixels = normalize(load_image_folder(folder, manifest.input_size, manifest.interpolation).pixels,
+                       manifest.mean, manifest.std)
+    zero = np.zeros(manifest.selected, np.float32)
+    base_mean = _embed(adapted, zero, pixels).mean(0)
+    b = dataclasses.replace(a, device_id="dev-b", positions=a.positions[:0], values=a.values[:0], steps=0,
+                            samples_seen=16, prototypes=Prototypes(["bolt"], base_mean[None], np.array([16])))
+    b_path = tmp_path / "b.safetensors"
+    delta_format.save_file(b, b_path)
+
+    out = tmp_path / "v2"
+    result = runner.invoke(app, ["apply", str(adapted), str(a_path), str(b_path), "-o", str(out)])
+    assert result.exit_code == 0, result.output
+    protos = Prototypes.load_file(out / mf.PROTOTYPES)
+    true = _embed(out, zero, pixels).mean(0)           # bolt's mean under v2 (= base + A's delta)
+    got = protos.means[protos.classes.index("bolt")]
+    stale = np.linalg.norm(base_mean - true)
+    assert stale > 1e-3 * np.linalg.norm(true)           # A's delta moved the backbone: the test means something
+    assert np.linalg.norm(got - true) < 0.5 * stale      # moved most of the way into v2's space

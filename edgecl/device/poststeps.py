@@ -29,10 +29,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from edgecl.formats import drift as sdc
 from edgecl.formats.exemplars import ExemplarMemory
 from edgecl.formats.prototypes import Prototypes, image_fingerprints
 
-from . import drift as sdc
 from .heads import LdaHead, fit_linear_drift
 
 MAX_EXEMPLARS_PER_CLASS = 20          # cap even when the byte budget allows more

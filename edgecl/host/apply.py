@@ -95,6 +95,45 @@ def _embed_torch(model: torch.nn.Module, pixels: np.ndarray, manifest: mf.Bundle
                                for i in range(0, len(pixels), 64)])
 
 
+def _model_with(recipe: Recipe, weights: dict[str, np.ndarray]) -> torch.nn.Module:
+    model = build_embedding_model(recipe)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.copy_(torch.from_numpy(np.asarray(weights[name], np.float32)).reshape(p.shape))
+    return model
+
+
+def _prototypes_in_new_space(deltas: list[delta_format.Delta], merged: delta_format.Delta, mask: Mask,
+                             base: dict[str, np.ndarray], recipe: Recipe, new_model: torch.nn.Module,
+                             exemplars: ExemplarMemory, manifest: mf.BundleManifest) -> delta_format.Delta:
+    """Each device's prototypes live in ITS embedding space (base + its own delta); the merged version's
+    backbone is another one. Before they are merged, each device's table is moved into the new space by
+    semantic drift compensation (formats/drift.py) measured on the bundle's exemplars, embedded under
+    the device's backbone and under the new one. A device whose delta is the merged one moves by 0; a
+    device whose gate refused its adaptation (zero delta) sent base-space prototypes, which move as the
+    calibration classes do. Measured in `make demo`: without this, device B's classes fell from 88.8
+    (frozen baseline) to 50.2 in v2 once device A's delta moved the backbone."""
+    from edgecl.formats import drift as sdc
+    from edgecl.formats.merge import DEFAULT_MAX_SHARE, latest_per_device, merge_prototypes
+
+    counted, _ = latest_per_device(deltas)
+    labels = exemplars.labels
+    after = _embed_torch(new_model, exemplars.pixels, manifest)
+    tables: list[Prototypes | None] = []
+    for d in counted:
+        if d.prototypes is None or not len(d.prototypes):
+            tables.append(None)
+            continue
+        own = dict(base)
+        own.update(mask.scatter(d.to_dense(mask.total_selected), base))
+        before = _embed_torch(_model_with(recipe, own), exemplars.pixels, manifest)
+        table = d.prototypes.copy()
+        table.means = sdc.compensate(table.means.astype(np.float64), before, after,
+                                     sdc.default_sigma(before, labels)).astype(np.float32)
+        tables.append(table)
+    return dataclasses.replace(merged, prototypes=merge_prototypes(tables, DEFAULT_MAX_SHARE))
+
+
 def _shift_by_exemplars(prototypes: Prototypes, exemplars: ExemplarMemory, before: torch.nn.Module,
                         after: torch.nn.Module, manifest: mf.BundleManifest, skip: set[str]) -> Prototypes:
     """The device's rule (device/poststeps.py shift_by_exemplars), on the host, for the classes no
@@ -173,18 +212,17 @@ def apply_deltas(bundle_dir: str | Path, delta_paths: Sequence[str | Path], out_
     with torch.no_grad():
         proj.weight.copy_(torch.from_numpy(head[mf.PROJ_WEIGHT].copy()))
         proj.bias.copy_(torch.from_numpy(head[mf.PROJ_BIAS].copy()))
-    prototypes = _merge_prototypes(Prototypes.load_file(bundle_dir / mf.PROTOTYPES), merged)
     exemplars = (ExemplarMemory.load_file(bundle_dir / mf.EXEMPLARS) if (bundle_dir / mf.EXEMPLARS).exists()
                  else None)
+    if len(deltas) > 1 and exemplars is not None and len(exemplars.pixels) and np.any(vector):
+        merged = _prototypes_in_new_space(deltas, merged, mask, base, recipe, model, exemplars, manifest)
+    prototypes = _merge_prototypes(Prototypes.load_file(bundle_dir / mf.PROTOTYPES), merged)
     in_deltas = set(merged.prototypes.classes) if merged.prototypes is not None else set()
     if exemplars is not None and set(exemplars.classes) - in_deltas and np.any(vector):
         # The calibration classes' prototypes were computed under the old backbone; their exemplars
         # (pixels stay valid) measure how the merged delta moved them.
-        old_model = build_embedding_model(recipe)
-        with torch.no_grad():
-            for name, p in old_model.named_parameters():
-                p.copy_(torch.from_numpy(np.asarray(base[name], np.float32)).reshape(p.shape))
-        prototypes = _shift_by_exemplars(prototypes, exemplars, old_model, model, manifest, skip=in_deltas)
+        prototypes = _shift_by_exemplars(prototypes, exemplars, _model_with(recipe, base), model, manifest,
+                                         skip=in_deltas)
 
     # 4. write_bundle
     spec = BundleSpec(recipe=recipe, model=model, mask=next_mask, head=proj, prototypes=prototypes, options=options,

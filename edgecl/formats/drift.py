@@ -1,4 +1,5 @@
-"""Semantic Drift Compensation for old-class prototypes (Yu et al., CVPR 2020, eq. 7-8).
+"""Semantic Drift Compensation for prototypes (Yu et al., CVPR 2020, eq. 7-8): the device moves old
+classes with it (device/poststeps.py), `edgecl apply` moves a device's prototypes into the merged version.
 
 When the backbone moves, the prototypes of classes whose images are gone go stale
 (docs/benchmarks.md#b1-lesson-2). SDC estimates how an old prototype moved from how the current task's embeddings
