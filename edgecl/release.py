@@ -33,6 +33,7 @@ from edgecl.errors import DataError, EdgeclError
 from edgecl.formats import delta as delta_format
 from edgecl.formats import manifest as mf
 from edgecl.formats.hashing import sha256_file
+from edgecl.formats.merge import MergeOptions
 from edgecl.formats.prototypes import Prototypes
 
 CALIBRATION = "calibration"
@@ -208,14 +209,21 @@ def release(bundle_id: str, server: str, token: str, options: ReleaseOptions) ->
         download(server, token, f"/v1/deltas/{merge['sha256']}", merged_path, merge["sha256"], policy)
         merged = delta_format.load_file(merged_path)
         device_classes: dict[str, list[str]] = {}
+        counted: list[Path] = []
         for sha, device in zip(merge["deltas"], merge["devices"], strict=True):
             path = work / f"delta-{sha[:16]}.safetensors"
             download(server, token, f"/v1/deltas/{sha}", path, sha, policy)
             d = delta_format.load_file(path)
             device_classes[device] = list(d.prototypes.classes) if d.prototypes is not None else []
+            counted.append(path)
 
+        # The candidate from the counted deltas themselves, merged on the host as the server merged them
+        # (same function, same options): apply then moves each device's prototypes into the candidate's
+        # embedding space, which the merged file alone cannot tell it how to do.
         candidate_dir = work / "candidate"
-        apply_deltas(current_dir, [merged_path], candidate_dir, progress=False)
+        apply_deltas(current_dir, counted or [merged_path], candidate_dir, progress=False,
+                     merge_options=MergeOptions(strategy=options.strategy, trim=options.trim,
+                                                **({"max_share": options.max_share} if options.max_share is not None else {})))
         frozen = delta_format.Delta(
             bundle_id=merged.bundle_id, bundle_version=merged.bundle_version, base_sha256=merged.base_sha256,
             mask_sha256=merged.mask_sha256, device_id=delta_format.MERGE_DEVICE_ID, delta_k=merged.delta_k,

@@ -26,6 +26,7 @@ from edgecl.formats.exemplars import ExemplarMemory
 from edgecl.formats.hashing import sha256_file
 from edgecl.formats.images import load_image_folder
 from edgecl.formats.mask import Mask
+from edgecl.formats.merge import MergeOptions, latest_per_device, merge_deltas, merge_prototypes
 from edgecl.formats.overlap import OverlapHistory
 from edgecl.formats.prototypes import Prototypes
 from edgecl.formats.weights import load_weights, weights_sha256
@@ -70,13 +71,11 @@ def load_deltas(bundle_dir: Path, manifest: mf.BundleManifest, delta_paths: Sequ
     return deltas
 
 
-def merged_delta(deltas: list[delta_format.Delta], mask: Mask) -> delta_format.Delta:
+def merged_delta(deltas: list[delta_format.Delta], mask: Mask, options: MergeOptions | None = None) -> delta_format.Delta:
     if len(deltas) == 1:
         return deltas[0]
     # Several deltas: the same pure merge the fleet server runs (numpy only, formats side).
-    from edgecl.formats.merge import merge_deltas
-
-    return merge_deltas(deltas, mask).delta
+    return merge_deltas(deltas, mask, options=options).delta
 
 
 def _merge_prototypes(prototypes: Prototypes, merged: delta_format.Delta) -> Prototypes:
@@ -105,7 +104,8 @@ def _model_with(recipe: Recipe, weights: dict[str, np.ndarray]) -> torch.nn.Modu
 
 def _prototypes_in_new_space(deltas: list[delta_format.Delta], merged: delta_format.Delta, mask: Mask,
                              base: dict[str, np.ndarray], recipe: Recipe, new_model: torch.nn.Module,
-                             exemplars: ExemplarMemory, manifest: mf.BundleManifest) -> delta_format.Delta:
+                             exemplars: ExemplarMemory, manifest: mf.BundleManifest,
+                             max_share: float) -> delta_format.Delta:
     """Each device's prototypes live in ITS embedding space (base + its own delta); the merged version's
     backbone is another one. Before they are merged, each device's table is moved into the new space by
     semantic drift compensation (formats/drift.py) measured on the bundle's exemplars, embedded under
@@ -114,7 +114,6 @@ def _prototypes_in_new_space(deltas: list[delta_format.Delta], merged: delta_for
     calibration classes do. Measured in `make demo`: without this, device B's classes fell from 88.8
     (frozen baseline) to 50.2 in v2 once device A's delta moved the backbone."""
     from edgecl.formats import drift as sdc
-    from edgecl.formats.merge import DEFAULT_MAX_SHARE, latest_per_device, merge_prototypes
 
     counted, _ = latest_per_device(deltas)
     labels = exemplars.labels
@@ -131,7 +130,7 @@ def _prototypes_in_new_space(deltas: list[delta_format.Delta], merged: delta_for
         table.means = sdc.compensate(table.means.astype(np.float64), before, after,
                                      sdc.default_sigma(before, labels)).astype(np.float32)
         tables.append(table)
-    return dataclasses.replace(merged, prototypes=merge_prototypes(tables, DEFAULT_MAX_SHARE))
+    return dataclasses.replace(merged, prototypes=merge_prototypes(tables, max_share))
 
 
 def _shift_by_exemplars(prototypes: Prototypes, exemplars: ExemplarMemory, before: torch.nn.Module,
@@ -154,7 +153,8 @@ def _shift_by_exemplars(prototypes: Prototypes, exemplars: ExemplarMemory, befor
 
 def apply_deltas(bundle_dir: str | Path, delta_paths: Sequence[str | Path], out_dir: str | Path,
                  data_dir: str | Path | None = None, recipe_path: str | Path | None = None,
-                 overwrite: bool = False, progress: bool = True) -> ApplyReport:
+                 overwrite: bool = False, progress: bool = True,
+                 merge_options: MergeOptions | None = None) -> ApplyReport:
     # 1. load
     bundle_dir, out_dir = Path(bundle_dir), Path(out_dir)
     manifest = mf.load_manifest(bundle_dir)
@@ -168,7 +168,7 @@ def apply_deltas(bundle_dir: str | Path, delta_paths: Sequence[str | Path], out_
     head = load_weights(bundle_dir / mf.HEAD_INIT, [mf.PROJ_WEIGHT, mf.PROJ_BIAS])
 
     # 2. merge
-    merged = merged_delta(deltas, mask)
+    merged = merged_delta(deltas, mask, merge_options)
     vector = merged.to_dense(mask.total_selected)
     overlap_path = bundle_dir / mf.OVERLAP
     history = (OverlapHistory.from_bytes(overlap_path.read_bytes()) if overlap_path.exists()
@@ -215,7 +215,8 @@ def apply_deltas(bundle_dir: str | Path, delta_paths: Sequence[str | Path], out_
     exemplars = (ExemplarMemory.load_file(bundle_dir / mf.EXEMPLARS) if (bundle_dir / mf.EXEMPLARS).exists()
                  else None)
     if len(deltas) > 1 and exemplars is not None and len(exemplars.pixels) and np.any(vector):
-        merged = _prototypes_in_new_space(deltas, merged, mask, base, recipe, model, exemplars, manifest)
+        merged = _prototypes_in_new_space(deltas, merged, mask, base, recipe, model, exemplars, manifest,
+                                          (merge_options or MergeOptions()).max_share)
     prototypes = _merge_prototypes(Prototypes.load_file(bundle_dir / mf.PROTOTYPES), merged)
     in_deltas = set(merged.prototypes.classes) if merged.prototypes is not None else set()
     if exemplars is not None and set(exemplars.classes) - in_deltas and np.any(vector):
