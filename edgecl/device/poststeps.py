@@ -132,7 +132,8 @@ def merge_task_classes(heads: Heads, moved: Moved) -> None:
         lda_old = heads.lda.means.get(name, old_mean)
         # Images the mean already counts (shown before: the bundle's calibration set, an earlier adapt)
         # are taken out with their old embeddings, moved the way the class moved, and counted once,
-        # with their new ones.
+        # with their new ones. The LDA mean moved by the drift map, which was fitted on these very
+        # images: their new embeddings stand in for their mapped old ones.
         again = protos.seen_mask(name, fps)
         n_again = min(int(again.sum()), old_count)
         shift = old_mean - heads.start_means.get(name, old_mean)

@@ -20,6 +20,7 @@ import torch
 
 from edgecl.errors import BundleError, ConfigError
 from edgecl.formats import delta as delta_format
+from edgecl.formats import drift as sdc
 from edgecl.formats import manifest as mf
 from edgecl.formats.config import Recipe, load_recipe
 from edgecl.formats.exemplars import ExemplarMemory
@@ -95,9 +96,14 @@ def _embed_torch(model: torch.nn.Module, pixels: np.ndarray, manifest: mf.Bundle
 
 
 def _model_with(recipe: Recipe, weights: dict[str, np.ndarray]) -> torch.nn.Module:
+    """The recipe's embedding model holding ``weights`` (the bundle's layout: BN folded)."""
     model = build_embedding_model(recipe)
+    params = dict(model.named_parameters())
+    if set(params) != set(weights):
+        raise BundleError(f"the bundle's weights do not fit recipe {recipe.name}",
+                          "apply deltas with the recipe the bundle was exported from")
     with torch.no_grad():
-        for name, p in model.named_parameters():
+        for name, p in params.items():
             p.copy_(torch.from_numpy(np.asarray(weights[name], np.float32)).reshape(p.shape))
     return model
 
@@ -113,8 +119,6 @@ def _prototypes_in_new_space(deltas: list[delta_format.Delta], merged: delta_for
     device whose gate refused its adaptation (zero delta) sent base-space prototypes, which move as the
     calibration classes do. Measured in `make demo`: without this, device B's classes fell from 88.8
     (frozen baseline) to 50.2 in v2 once device A's delta moved the backbone."""
-    from edgecl.formats import drift as sdc
-
     counted, _ = latest_per_device(deltas)
     labels = exemplars.labels
     after = _embed_torch(new_model, exemplars.pixels, manifest)
@@ -178,14 +182,7 @@ def apply_deltas(bundle_dir: str | Path, delta_paths: Sequence[str | Path], out_
     patched = dict(base)
     patched.update(mask.scatter(vector, base))
     recipe = load_recipe(recipe_path) if recipe_path else _recipe_from_manifest(manifest)
-    model = build_embedding_model(recipe)
-    params = dict(model.named_parameters())
-    if set(params) != set(patched):
-        raise BundleError(f"the bundle's weights do not fit recipe {recipe.name}",
-                          "apply deltas with the recipe the bundle was exported from")
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(torch.from_numpy(np.asarray(patched[name], np.float32)).reshape(p.shape))
+    model = _model_with(recipe, patched)
 
     options = ExportOptions(select_rate=manifest.select_rate, drop_rate=manifest.drop_rate,
                             mask_policy=manifest.mask_policy, seed=manifest.seed, batch_size=manifest.batch_size,
