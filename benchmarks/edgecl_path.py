@@ -37,14 +37,14 @@ class EdgeclLearner:
     name = "edgecl"
 
     def __init__(self, recipe: Recipe, cfg: TrainConfig, rules: StreamRules, threads: int, work: Path,
-                 recipe_path: Path = common.RECIPE) -> None:
+                 recipe_path: Path = common.RECIPE, gate: bool = True) -> None:
         if cfg.loss != "supcon" or not cfg.rescore:
             raise SystemExit("the edgecl path trains SupCon with a mask re-scored per task; this arm asks for "
                              f"loss={cfg.loss}, rescore={cfg.rescore}")
         if rules.replay and not rules.replay_seen:
             raise SystemExit("the device replays every class its memory holds, a task's own classes included "
                              "(their earlier cameras): give the edgecl arm rules={'replay_seen': True}")
-        self.recipe, self.cfg, self.rules, self.threads = recipe, cfg, rules, threads
+        self.recipe, self.cfg, self.rules, self.threads, self.gate = recipe, cfg, rules, threads, gate
         self.work = work
         common.clean(self.work)
         self.work.mkdir(parents=True)
@@ -78,7 +78,7 @@ class EdgeclLearner:
         cmd = [*common.edgecl_cmd(), "adapt", str(bundle), "--data", str(data), "--device", str(self.profile),
                "--epochs", str(cfg.epochs), "--lr", str(cfg.lr), "--lr-head", str(cfg.lr_head),
                "--batch-size", str(cfg.batch_size), "--seed", str(cfg.seed + task),
-               "--max-step-fraction", str(cfg.max_step_fraction),
+               "--max-step-fraction", str(cfg.max_step_fraction), *([] if self.gate else ["--no-gate"]),
                *(["--replay", "--replay-share", str(self.rules.replay_share)] if self.rules.replay else ["--no-replay"]),
                *(["--drift-compensation"] if self.rules.old_update in ("shift", "sdc") else ["--no-drift-compensation"]),
                "--json", "--quiet"]

@@ -23,7 +23,7 @@ ALL_HEADS = ("ncm", "ncm-map", "lda", "lda-map", "ranpac")
 @dataclass(frozen=True)
 class Arm:
     label: str
-    method: str                                  # frozen | full_ft | mist | edgecl
+    method: str                                  # frozen | full_ft | mist | edgecl | edgecl-nogate
     lrs: tuple[float, ...] = ()
     train: dict[str, Any] = field(default_factory=dict)   # TrainConfig overrides
     rules: dict[str, Any] = field(default_factory=dict)   # StreamRules overrides
@@ -142,7 +142,9 @@ EXPERIMENTS["defaults_b6"] = replace(
     EXPERIMENTS["ablation_b6"], seeds=SEEDS3, folder="ablation_b6",
     arms=(Arm("frozen", "frozen", rules={"heads": ALL_HEADS}), _mist("mist 10 epochs", **DEFAULTS),
           Arm("mist 10 epochs replay earlier cameras", "mist", (1e-2,), DEFAULTS, rules={"replay_seen": True}),
-          Arm("edgecl defaults", "edgecl", (1e-2,), DEFAULTS, rules={"replay_seen": True})),
+          Arm("edgecl defaults", "edgecl", (1e-2,), DEFAULTS, rules={"replay_seen": True}),
+          # what the do-no-harm gate costs (its 20% hold-out and its refusals): the same path with --no-gate
+          Arm("edgecl defaults no gate", "edgecl-nogate", (1e-2,), DEFAULTS, rules={"replay_seen": True})),
     note="the shipped defaults on the edgecl path and the torch reference, small subset, three seeds")
 
 

@@ -79,10 +79,11 @@ def make_learner(arm: experiments.Arm, train: dict[str, Any], rules: StreamRules
                  work: Path) -> Any:
     from torch_methods import TorchLearner, TrainConfig
     cfg = TrainConfig(**train)
-    if arm.method == "edgecl":
+    if arm.method in ("edgecl", "edgecl-nogate"):
         from b4_export import recipe_for_size
         from edgecl_path import EdgeclLearner
-        return EdgeclLearner(recipe, cfg, rules, threads, work, recipe_for_size(recipe.input_size[0]))
+        return EdgeclLearner(recipe, cfg, rules, threads, work, recipe_for_size(recipe.input_size[0]),
+                             gate=arm.method == "edgecl")
     return TorchLearner(recipe, arm.method, cfg, threads=threads)
 
 

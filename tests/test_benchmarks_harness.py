@@ -160,7 +160,7 @@ def test_every_experiment_names_known_methods_and_settings() -> None:
         labels = [a.label for a in exp.arms]
         assert len(labels) == len(set(labels)), name
         for arm in exp.arms:
-            assert arm.method in ("frozen", "full_ft", "mist", "edgecl"), (name, arm.label)
+            assert arm.method in ("frozen", "full_ft", "mist", "edgecl", "edgecl-nogate"), (name, arm.label)
             assert set(arm.train) | set(exp.train) <= fields, (name, arm.label)
             assert set(arm.rules) | set(exp.rules) <= rule_fields, (name, arm.label)
             assert arm.lr_from is None or arm.lr_from in labels, (name, arm.label)
