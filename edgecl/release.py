@@ -33,7 +33,7 @@ from edgecl.errors import DataError, EdgeclError
 from edgecl.formats import delta as delta_format
 from edgecl.formats import manifest as mf
 from edgecl.formats.hashing import sha256_file
-from edgecl.formats.merge import MergeOptions
+from edgecl.formats.merge import DEFAULT_MAX_SHARE, MergeOptions
 from edgecl.formats.prototypes import Prototypes
 
 CALIBRATION = "calibration"
@@ -223,7 +223,8 @@ def release(bundle_id: str, server: str, token: str, options: ReleaseOptions) ->
         candidate_dir = work / "candidate"
         apply_deltas(current_dir, counted or [merged_path], candidate_dir, progress=False,
                      merge_options=MergeOptions(strategy=options.strategy, trim=options.trim,
-                                                **({"max_share": options.max_share} if options.max_share is not None else {})))
+                                                max_share=DEFAULT_MAX_SHARE if options.max_share is None
+                                                else options.max_share))
         frozen = delta_format.Delta(
             bundle_id=merged.bundle_id, bundle_version=merged.bundle_version, base_sha256=merged.base_sha256,
             mask_sha256=merged.mask_sha256, device_id=delta_format.MERGE_DEVICE_ID, delta_k=merged.delta_k,

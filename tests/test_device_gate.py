@@ -165,7 +165,7 @@ def test_the_gate_judges_only_on_images_no_statistics_count(bundle_copy, task):
     counted = Prototypes.empty(4)
     cat = np.flatnonzero(images.labels == images.classes.index("cat"))
     counted.mark_seen("cat", image_fingerprints(images.pixels[cat[:8]]))  # 8 of the 12 cats already counted
-    split = _split(images, ExemplarMemory.empty((2, 2)), [], plan, True, counted)
+    split = _split(images, ExemplarMemory.empty((2, 2)), [], plan, True, counted, image_fingerprints(images.pixels))
     assert set(split.task_held).isdisjoint(cat[:8]) and set(cat[:8]) <= set(split.task_train)
     assert len(split.task_held) + len(split.task_train) == len(images.labels)
     assert {images.labels[r] for r in split.task_held} == {0, 1}  # both classes still judged

@@ -158,7 +158,7 @@ class Split:
 
 
 def _split(task: LoadedImages, memory: ExemplarMemory, classes: list[str], plan: Plan, hold: bool,
-           counted: Prototypes | None = None) -> Split:
+           counted: Prototypes | None = None, fingerprints: np.ndarray | None = None) -> Split:
     all_rows = {c: np.arange(len(memory.of_class(c))) for c in classes}
     if not hold:
         return Split(np.arange(len(task.labels)), np.zeros(0, np.int64), all_rows, {c: all_rows[c][:0] for c in classes})
@@ -166,10 +166,10 @@ def _split(task: LoadedImages, memory: ExemplarMemory, classes: list[str], plan:
     # adapted again, after `--epochs 0` or export --data) would favour the state that holds it as it was.
     fresh = np.ones(len(task.labels), bool)
     if counted is not None and counted.seen:
-        fps = image_fingerprints(task.pixels)
+        assert fingerprints is not None, "pass the task's image_fingerprints with the counted prototypes"
         for i, name in enumerate(task.classes):
             rows = task.labels == i
-            fresh[rows] = ~counted.seen_mask(name, fps[rows])
+            fresh[rows] = ~counted.seen_mask(name, fingerprints[rows])
     candidates = np.flatnonzero(fresh)
     train_rows, held_rows = holdout_split(task.labels[candidates], plan.holdout_share, plan.seed)
     train_rows, held_rows = np.sort(np.concatenate([candidates[train_rows], np.flatnonzero(~fresh)])), candidates[held_rows]
@@ -227,7 +227,8 @@ def _adapt(bundle: Bundle, data_dir: Path, opts: AdaptOptions, prof: DeviceProfi
     # camera's exemplars: B6 measured +1.5 points on the last camera, docs/benchmarks.md#b6).
     replay_names = list(known) if plan.replay and plan.epochs > 0 else []
     hold = plan.epochs > 0 and (plan.gate or plan.select_lr)
-    split = _split(task, memory, known, plan, hold, current.prototypes)
+    fingerprints = image_fingerprints(task.pixels)  # once: the split and every post-step run use them
+    split = _split(task, memory, known, plan, hold, current.prototypes, fingerprints)
     if hold and not len(split.task_held):
         if plan.select_lr:
             raise DataError("--select-lr needs at least two images per class", "add images or drop --select-lr")
@@ -267,6 +268,7 @@ def _adapt(bundle: Bundle, data_dir: Path, opts: AdaptOptions, prof: DeviceProfi
         after_all = before_all if delta is None else embed(task.pixels[rows], delta)
         ex_after = ex_before if delta is None else {c: embed(memory.of_class(c), delta) for c in known}
         return Moved(trained=delta is not None, task_pixels=task.pixels[rows], task_labels=task.labels[rows],
+                     task_fingerprints=fingerprints[rows],
                      task_classes=list(task.classes), before=before_all if delta is None else before_all,
                      after=after_all,
                      exemplars_before={c: ex_before[c][ex_rows[c]] for c in known},

@@ -53,6 +53,11 @@ class Moved:
     drift_compensation: bool = True
     use_exemplars: bool = True
     exemplar_budget_bytes: int = 0
+    task_fingerprints: np.ndarray | None = None  # [N] image_fingerprints(task_pixels); computed if not given
+
+    def __post_init__(self) -> None:
+        if self.task_fingerprints is None:
+            self.task_fingerprints = image_fingerprints(self.task_pixels)
 
 
 @dataclass
@@ -115,7 +120,8 @@ def carry_lda(heads: Heads, moved: Moved) -> None:
 
 def merge_task_classes(heads: Heads, moved: Moved) -> None:
     protos = heads.prototypes
-    fingerprints = image_fingerprints(moved.task_pixels)
+    fingerprints = moved.task_fingerprints
+    assert fingerprints is not None  # set by Moved.__post_init__
     for i, name in enumerate(moved.task_classes):
         rows = moved.task_labels == i
         if not rows.any():
