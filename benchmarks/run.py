@@ -57,12 +57,17 @@ def arm_settings(exp: experiments.Experiment, arm: experiments.Arm) -> tuple[dic
     return train, rules
 
 
+EDGECL_GATE = "best epoch"  # since 2026-12-02 (before: the last epoch or nothing)
+
+
 def run_key(exp: experiments.Experiment, arm: experiments.Arm, lr: float | None, seed: int) -> dict[str, Any]:
     train, rules = arm_settings(exp, arm)
     return {"bench": exp.bench, "per_class": list(exp.per_class), "size": exp.size, "method": arm.method,
             "lr": lr, "seed": seed, "train": train | {"lr": lr or 0.0, "seed": seed},
             "rules": dataclasses.asdict(rules) | {"heads": list(rules.heads)},
-            "head_grid": {"lda": list(LDA_SHRINKAGE), "ranpac": list(RANPAC_RIDGE)}}
+            "head_grid": {"lda": list(LDA_SHRINKAGE), "ranpac": list(RANPAC_RIDGE)},
+            # the device's do-no-harm gate rule: runs made under an earlier rule are not reused
+            **({"gate": EDGECL_GATE} if arm.method == "edgecl" else {})}
 
 
 def run_path(name: str, arm: str, lr: float | None, seed: int) -> Path:

@@ -75,8 +75,8 @@ def adapt(
     if r.gate:
         g = r.gate
         typer.echo(f"do-no-harm gate ({g['head']} head, {g['held_out_images']} held-out images): adapted "
-                   f"{g['adapted_accuracy']:.3f} vs prototypes only {g['prototypes_only_accuracy']:.3f} -> kept "
-                   f"{g['kept']}")
+                   f"{g['adapted_accuracy']:.3f} (its best epoch, {g['adapted_epochs']} of {r.epochs}) vs prototypes "
+                   f"only {g['prototypes_only_accuracy']:.3f} -> kept {g['kept']}")
     budget = f" (budget {r.memory_budget_mb} MB)" if r.memory_budget_mb else ""
     typer.echo(f"peak memory {r.peak_rss_mb:.0f} MB{budget}")
 

@@ -216,7 +216,7 @@ def test_drop_rate_zero_moves_every_selected_element_with_a_gradient_and_nothing
 _ADAPT_SCRIPT = NO_TORCH + """
 from edgecl.device.adapt import AdaptOptions, adapt
 adapt(sys.argv[1], sys.argv[2], AdaptOptions(epochs=6, batch_size=4, seed=11, checkpoint_every=3,
-      resume=len(sys.argv) > 3, progress=False, gate=False))
+      resume="--resume" in sys.argv, progress=False, gate="--gate" in sys.argv))
 assert sys.modules["torch"] is None
 """
 
@@ -226,13 +226,19 @@ def _run_adapt(bundle: Path, data: Path, *extra: str) -> subprocess.Popen:
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
-def test_resume_after_kill_9_ends_in_the_same_state(tiny_bundle, task_data, tmp_path):
+@pytest.mark.parametrize("gate", [False, True], ids=["no-gate", "gate"])
+def test_resume_after_kill_9_ends_in_the_same_state(tiny_bundle, task_data, tmp_path, gate):
+    flags = ["--gate"] if gate else []
     reference, crashed = tmp_path / "reference", tmp_path / "crashed"
     shutil.copytree(tiny_bundle, reference)
     shutil.copytree(tiny_bundle, crashed)
-    assert _run_adapt(reference, task_data).wait(timeout=120) == 0
+    assert _run_adapt(reference, task_data, *flags).wait(timeout=120) == 0
+    ref_meta = json.loads((reference / "state" / _head(reference)["current"] / "meta.json").read_text())
+    # (30 images + 36 replayed exemplars) / batch 4 = 17 steps per epoch without the gate's held-out share
+    per_epoch = ref_meta["report"]["steps"] // 6
+    assert gate or per_epoch == 17
 
-    proc = _run_adapt(crashed, task_data)
+    proc = _run_adapt(crashed, task_data, *flags)
     run = crashed / "state" / "run"
     killed_at = None
     deadline = time.monotonic() + 120
@@ -242,9 +248,8 @@ def test_resume_after_kill_9_ends_in_the_same_state(tiny_bundle, task_data, tmp_
         if latest.exists() and log.exists():
             ckpt_step = int(json.loads(latest.read_text())["ckpt"].split("-")[1])
             logged = log.read_text().count("\n")
-            # (30 images + 36 replayed exemplars) / batch 4 = 17 steps per epoch; checkpoints every
-            # 3 steps fall mid-epoch.
-            if ckpt_step >= 6 and logged > ckpt_step and ckpt_step % 17:
+            # Mid-epoch (checkpoints every 3 steps), after at least one epoch (the gate's saved candidates).
+            if ckpt_step > per_epoch and logged > ckpt_step and ckpt_step % per_epoch:
                 os.kill(proc.pid, signal.SIGKILL)
                 killed_at = (ckpt_step, logged)
                 break
@@ -254,12 +259,14 @@ def test_resume_after_kill_9_ends_in_the_same_state(tiny_bundle, task_data, tmp_
     assert proc.returncode == -signal.SIGKILL
     assert not (crashed / "state" / "HEAD.json").exists()  # nothing committed by the killed run
 
-    assert _run_adapt(crashed, task_data, "--resume").wait(timeout=120) == 0
+    assert _run_adapt(crashed, task_data, "--resume", *flags).wait(timeout=120) == 0
     ref, res = _trainable(reference), _trainable(crashed)
     for name in ref:
         assert np.array_equal(ref[name], res[name]), name
     meta = json.loads((crashed / "state" / _head(crashed)["current"] / "meta.json").read_text())
-    assert meta["report"]["resumed_from_step"] == killed_at[0] and meta["report"]["steps"] == 6 * 17
+    assert meta["report"]["resumed_from_step"] == killed_at[0] and meta["report"]["steps"] == 6 * per_epoch
+    # the gate judged the same six epochs and kept the same one
+    assert meta["report"]["gate"] == ref_meta["report"]["gate"] and (meta["report"]["gate"] is not None) == gate
     assert not (crashed / "state" / "run").exists()
 
 

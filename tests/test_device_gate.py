@@ -30,6 +30,7 @@ def test_harmful_training_is_refused_and_the_prototypes_only_state_committed(bun
     assert report.kept == "prototypes-only" and report.steps > 0
     gate = report.gate
     assert gate["kept"] == "prototypes-only" and gate["held_out_images"] == 10
+    assert [c["epochs"] for c in gate["epochs"]] == [1, 2] and report.kept_epochs == 0
     assert gate["adapted_accuracy"] < gate["prototypes_only_accuracy"]
     # per class, held out: the task's classes and the old classes' held-out exemplars; refused -> after == before
     assert {"cat", "dog", "class0"} <= set(gate["before_per_class"]) and gate["after_per_class"] == gate["before_per_class"]
@@ -39,6 +40,33 @@ def test_harmful_training_is_refused_and_the_prototypes_only_state_committed(bun
     meta = json.loads((bundle_copy / "state" / state.generation / "meta.json").read_text())
     # a refused run weighs in with the images its prototypes came from, not with training samples
     assert meta["samples_seen"] == 24 and meta["steps_total"] == 0 and meta["report"]["gate"] == gate
+
+
+def test_the_gate_keeps_the_best_epoch_held_out(bundle_copy, task, tmp_path):
+    import shutil
+
+    from edgecl.device.adapt import AdaptOptions, adapt
+    from edgecl.device.state import load_current, open_bundle
+
+    shorter = tmp_path / "shorter"
+    shutil.copytree(bundle_copy, shorter)
+    report = adapt(bundle_copy, task, AdaptOptions(epochs=3, lr=0.05, seed=1, progress=False))
+    gate = report.gate
+    accuracies = [c["accuracy"] for c in gate["epochs"]]
+    assert [c["epochs"] for c in gate["epochs"]] == [1, 2, 3]
+    best = accuracies.index(max(accuracies)) + 1  # ties: the earliest
+    assert gate["adapted_epochs"] == best and gate["adapted_accuracy"] == max(accuracies)
+    assert report.kept == "adapted", gate  # measured: every epoch beats prototypes only on this task
+    assert report.kept_epochs == best
+    # The committed state is the one `best` epochs of the same run give: a run of `best` epochs (same
+    # seed, split and stream) commits the same values, and its gate saw the same first epochs.
+    short = adapt(shorter, task, AdaptOptions(epochs=best, lr=0.05, seed=1, progress=False))
+    assert short.gate["epochs"] == gate["epochs"][:best] and short.kept_epochs == best
+    kept, again = load_current(open_bundle(bundle_copy)), load_current(open_bundle(shorter))
+    for name in kept.trainable:
+        assert np.array_equal(kept.trainable[name], again.trainable[name]), name
+    meta = json.loads((bundle_copy / "state" / kept.generation / "meta.json").read_text())
+    assert meta["steps_total"] == short.steps  # the steps the kept state holds, not all that ran
 
 
 def test_the_gate_can_be_turned_off(bundle_copy, task):

@@ -6,7 +6,7 @@ Reads top to bottom:
             class for the do-no-harm gate; the training set (task rows + replayed exemplars);
 3. state  : a fresh TrainState, or the interrupted run's last checkpoint (--resume);
 4. loop   : trainloop.train (step graph on plain onnxruntime, numpy gate + sparse SGD);
-5. gate   : adapted vs prototypes-only on the held-out images; the better one is kept (gate.py);
+5. gate   : every epoch's state vs prototypes-only on the held-out images; the best is kept (gate.py);
 6. post-steps on every task image (poststeps.py): prototypes, exemplar shift, SDC, LDA drift map,
             memory;
 7. commit : a new generation, atomically; the previous state stays for `edgecl rollback`.
@@ -53,6 +53,7 @@ from .state import (
     check_resumable,
     commit_generation,
     load_current,
+    load_trainable,
     open_bundle,
     save_trainable,
 )
@@ -88,6 +89,7 @@ class AdaptReport:
     selection: dict[str, Any] | None = None
     gate: dict[str, Any] | None = None    # held-out accuracy: adapted vs prototypes only, and which was kept
     kept: str = "adapted"                 # "adapted" | "prototypes-only" (no training, or the gate refused it)
+    kept_epochs: int = 0                  # the epochs of training the committed state holds (the gate's best)
     resumed_from_step: int | None = None
 
     def to_json(self) -> dict[str, Any]:
@@ -319,42 +321,67 @@ def _adapt(bundle: Bundle, data_dir: Path, opts: AdaptOptions, prof: DeviceProfi
         from edgecl.progress import progress_bar
         bar = progress_bar(total, "adapt", unit="step")
         bar.update(state.step)
+    judge = hold and plan.gate
+
+    def checkpoint(s: TrainState) -> None:
+        if judge and s.batch == 0:  # an epoch just ended: its state is one of the gate's candidates
+            run_dir.save_epoch(s.epoch, s.trainable())  # before the checkpoint, so a resume never lacks it
+        s.save(run_dir)
+
     with open(run_dir.log_path, "a") as log_file:
         def log(record: dict[str, Any]) -> None:
             log_file.write(json.dumps(record) + "\n")
             log_file.flush()
         try:
-            train(plan, data, session, state, scale, m, log=log, checkpoint=lambda s: s.save(run_dir), bar=bar)
+            train(plan, data, session, state, scale, m, log=log, checkpoint=checkpoint, bar=bar)
         finally:
             if bar is not None:
                 bar.close()
     trained = bool(np.any(state.delta != current.delta))
     del session
 
-    # 5. gate: adapted vs prototypes only, both built on the training rows, scored held out
+    # 5. gate: the state at the end of every epoch vs prototypes only, each built on the training rows
+    # with the same post-steps, scored on the held-out images. The best epoch is kept unless it is worse
+    # than prototypes only (early stopping on the device's own data: an adaptation that overfits late
+    # keeps its better earlier epoch instead of being refused whole).
     gate_report = None
-    keep = trained
-    if trained and hold and plan.gate:
+    keep, kept_trainable, kept_epochs = trained, state.trainable(), plan.epochs if trained else 0
+    if trained and judge:
         train_before = before[split.task_train]
-        adapted, adapted_per_class = score(start_heads, moved_on(split.task_train, split.exemplar_train,
-                                                                 train_before, state.delta), held, state.delta, plan.head)
-        frozen, frozen_per_class = score(start_heads, moved_on(split.task_train, split.exemplar_train, train_before,
-                                                               None), held, current.delta, plan.head)
+
+        def held_out(delta: np.ndarray | None) -> tuple[float, dict[str, float]]:
+            moved = moved_on(split.task_train, split.exemplar_train, train_before, delta)
+            return score(start_heads, moved, held, current.delta if delta is None else delta, plan.head)
+
+        frozen, frozen_per_class = held_out(None)
+        candidates = []
+        best: tuple[float, int, dict[str, float], dict[str, np.ndarray]] | None = None
+        for epoch, path in run_dir.epoch_states().items():
+            values = load_trainable(path, bundle.mask.total_selected)
+            accuracy, per_class = held_out(values[mf.DELTA_PARAM])
+            candidates.append({"epochs": epoch, "accuracy": accuracy})
+            if best is None or accuracy > best[0]:  # ties: the earlier epoch (the backbone moved less)
+                best = (accuracy, epoch, per_class, values)
+        assert best is not None, "the last epoch's state is always saved"
+        adapted, kept_epochs, adapted_per_class, kept_trainable = best
         keep = not adapted < frozen  # "never keeps an adaptation that made it worse"; ties keep it
         # before = prototypes only (the backbone as it was), after = what is kept: the delta's held-out report
         gate_report = {"head": plan.head, "held_out_images": len(held), "adapted_accuracy": adapted,
-                       "prototypes_only_accuracy": frozen, "kept": "adapted" if keep else "prototypes-only",
+                       "adapted_epochs": kept_epochs, "prototypes_only_accuracy": frozen,
+                       "kept": "adapted" if keep else "prototypes-only", "epochs": candidates,
                        "before_per_class": frozen_per_class,
                        "after_per_class": adapted_per_class if keep else frozen_per_class}
         if not keep:
-            warnings.warn(f"the adaptation was worse on {len(held)} held-out images ({adapted:.3f} vs "
-                          f"{frozen:.3f} with prototypes only): kept the backbone as it was, added the task's "
-                          "classes from it", stacklevel=3)
+            kept_epochs = 0
+            warnings.warn(f"the adaptation was worse on {len(held)} held-out images at every epoch (best "
+                          f"{adapted:.3f} after epoch {best[1]} vs {frozen:.3f} with prototypes only): kept the "
+                          "backbone as it was, added the task's classes from it", stacklevel=3)
+    kept_delta = kept_trainable[mf.DELTA_PARAM] if keep else None
 
     # 6. post-steps on every task image with the kept backbone
     all_rows = np.arange(len(task.labels))
     all_ex = {c: np.arange(len(memory.of_class(c))) for c in known}
-    heads = run_post_steps(start_heads, moved_on(all_rows, all_ex, before, state.delta if keep else None))
+    heads = run_post_steps(start_heads, moved_on(all_rows, all_ex, before, kept_delta))
 
     # 7. commit: a new generation, then HEAD; the previous state stays for rollback
     records = [json.loads(line) for line in run_dir.log_path.read_text().splitlines() if line.strip()]
@@ -373,8 +400,8 @@ def _adapt(bundle: Bundle, data_dir: Path, opts: AdaptOptions, prof: DeviceProfi
         from_exemplars=heads.from_exemplars, replayed=len(data.pixels) - len(split.task_train),
         lda_moved=heads.lda_moved, exemplar_bytes=heads.memory.nbytes if plan.use_exemplars else 0,
         selection=selection, gate=gate_report, kept="adapted" if keep else "prototypes-only",
-        resumed_from_step=resumed_from)
-    trainable = state.trainable() if keep else start
+        kept_epochs=kept_epochs, resumed_from_step=resumed_from)
+    trainable = kept_trainable if keep else start
 
     def write(tmp: Path) -> None:
         save_trainable(tmp / TRAINABLE, trainable)
@@ -386,7 +413,7 @@ def _adapt(bundle: Bundle, data_dir: Path, opts: AdaptOptions, prof: DeviceProfi
 
     # samples_seen (the delta's merge weight): the images the committed state learned from: every
     # training sample of a kept adaptation, else the task's images its new prototypes came from.
-    steps_kept = report.steps if keep else 0
+    steps_kept = sum(1 for r in records if r["epoch"] <= kept_epochs)
     learned = steps_kept * plan.batch_size if keep else len(task.pixels)
     meta = {"data_dir": str(data_dir), "config": config, "report": report.to_json(),
             "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),

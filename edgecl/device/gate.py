@@ -1,10 +1,11 @@
 """Do no harm: score an adaptation on images it never trained on before keeping it.
 
 A share of each task class's images (and of each old class's stored exemplars) is held out of
-training. After the loop, two candidate states are built from the same training rows with the
-same post-steps: the adapted one (new delta, statistics moved) and the prototypes-only one (old
-delta, the task's classes added from the old backbone: what `--epochs 0` gives). Both are scored on
-the held-out images with the head the device uses; the adaptation is kept only if it is not worse.
+training. After the loop, candidate states are built from the same training rows with the same
+post-steps: the adapted state at the end of each epoch (its delta, statistics moved) and the
+prototypes-only one (old delta, the task's classes added from the old backbone: what `--epochs 0`
+gives). All are scored on the held-out images with the head the device uses; the best epoch is kept
+(ties: the earlier one), and only if it is not worse than prototypes only.
 ``--select-lr`` scores its (lr, epochs) trials with the same function.
 """
 

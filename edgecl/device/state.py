@@ -389,6 +389,8 @@ class RunDir:
                              resume.json (step, epoch, permutation, RNG states)
         run/LATEST.json      {"ckpt": "ckpt-NNNNNNNN"}: the last complete checkpoint
         run/steps.jsonl      step log, appended; cut back to the checkpoint's step on resume
+        run/epoch-NNNN.safetensors  the trainable values at the end of epoch NNNN (the gate's
+                             candidates: it keeps the best epoch held out, or none)
     """
 
     def __init__(self, bundle: Bundle) -> None:
@@ -419,6 +421,14 @@ class RunDir:
         atomic_write_json(self.path / "LATEST.json", {"ckpt": name})
         if latest and latest != name:
             shutil.rmtree(self.path / latest, ignore_errors=True)
+
+    def save_epoch(self, epoch: int, values: dict[str, np.ndarray]) -> None:
+        save_trainable(self.path / f"epoch-{epoch:04d}.safetensors", values)
+
+    def epoch_states(self) -> dict[int, Path]:
+        """epoch -> its saved trainable values, ascending."""
+        found = {int(p.stem.split("-")[1]): p for p in self.path.glob("epoch-*.safetensors")}
+        return dict(sorted(found.items()))
 
     def latest_name(self) -> str | None:
         path = self.path / "LATEST.json"
