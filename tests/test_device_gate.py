@@ -54,7 +54,7 @@ def test_the_gate_keeps_the_best_epoch_held_out(bundle_copy, task, tmp_path):
     gate = report.gate
     accuracies = [c["accuracy"] for c in gate["epochs"]]
     assert [c["epochs"] for c in gate["epochs"]] == [1, 2, 3]
-    best = accuracies.index(max(accuracies)) + 1  # ties: the earliest
+    best = len(accuracies) - accuracies[::-1].index(max(accuracies))  # ties: the latest
     assert gate["adapted_epochs"] == best and gate["adapted_accuracy"] == max(accuracies)
     assert report.kept == "adapted", gate  # measured: every epoch beats prototypes only on this task
     assert report.kept_epochs == best

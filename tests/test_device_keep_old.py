@@ -118,9 +118,18 @@ def test_upgrade_carries_exemplars_and_local_classes_to_the_next_version(bundle_
     assert carried.classes == device_memory.classes
     assert np.array_equal(carried.pixels, device_memory.pixels)
     assert not state.delta.any()  # the new version's own weights
-    assert state.lda_path is not None and state.lda_path.read_bytes() == \
-        load_current(open_bundle(bundle_copy)).lda_path.read_bytes()
+    # v2 is this device's own delta baked in: the drift its exemplars measure is ~0, so its classes and
+    # its LDA statistics arrive as they were (moved by float noise only)
+    from edgecl.device.heads import LdaHead
+    device = load_current(open_bundle(bundle_copy))
+    lda_old, lda_new = LdaHead.load_file(device.lda_path), LdaHead.load_file(state.lda_path)
+    assert set(lda_new.means) == set(lda_old.means)
+    assert all(np.allclose(lda_new.means[c], lda_old.means[c], atol=1e-3) for c in lda_old.means)
     assert {"cat", "dog", "class0"} <= set(state.prototypes.classes)
+    for name in ("cat", "dog"):  # the device's new classes: the bundle ships no exemplars of them
+        i, j = state.prototypes.classes.index(name), device.prototypes.classes.index(name)
+        assert np.allclose(state.prototypes.means[i], device.prototypes.means[j], atol=1e-3)
+        assert np.array_equal(state.prototypes.seen[name], device.prototypes.seen[name])
 
     # a second upgrade would overwrite the device's state on v2: refused
     result = runner.invoke(app, ["upgrade", str(bundle_copy), str(v2)])
@@ -133,6 +142,42 @@ def test_upgrade_carries_exemplars_and_local_classes_to_the_next_version(bundle_
     assert runner.invoke(app, ["rollback", str(v2)]).exit_code != 0  # one level only
     shutil.rmtree(v2 / "state")
     assert runner.invoke(app, ["upgrade", str(bundle_copy), str(v2), "--json"]).exit_code == 0
+
+
+def test_upgrade_moves_the_devices_own_classes_into_a_fleet_version_by_their_exemplars(
+        bundle_copy, first_task, second_task, tmp_path):
+    """Device B added fox without training; v2 carries device A's trained delta. The host could move
+    fox's prototype only by the calibration exemplars' drift; the upgrade moves it by fox's own."""
+    from edgecl.device.state import load_current, open_bundle
+    from edgecl.formats.images import load_image_folder
+
+    device_a, device_b = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(bundle_copy, device_a)
+    shutil.copytree(bundle_copy, device_b)
+    _adapt(device_a, first_task, epochs=3, lr=0.5)
+    _adapt(device_b, second_task, epochs=0)
+    deltas = []
+    for name, bundle in (("a", device_a), ("b", device_b)):
+        deltas.append(str(tmp_path / f"{name}.safetensors"))
+        assert runner.invoke(app, ["delta", str(bundle), "-o", deltas[-1], "--device-id", f"line-{name}"]).exit_code == 0
+    v2 = tmp_path / "v2"
+    assert runner.invoke(app, ["apply", str(bundle_copy), *deltas, "-o", str(v2)]).exit_code == 0
+    fleet = load_current(open_bundle(v2)).prototypes
+    result = runner.invoke(app, ["upgrade", str(device_b), str(v2), "--json"])
+    assert result.exit_code == 0, result.output
+    assert '"moved_by_own_exemplars": [\n    "fox"\n  ]' in result.output and '"lda_moved": true' in result.output
+    upgraded = load_current(open_bundle(v2)).prototypes
+
+    m = open_bundle(v2).manifest
+    fox = load_image_folder(second_task, m.input_size, m.interpolation)
+    truth = _embed_mean(v2, fox.pixels, np.zeros(open_bundle(v2).mask.total_selected, np.float32))
+    moved = upgraded.means[upgraded.classes.index("fox")]
+    hosts = fleet.means[fleet.classes.index("fox")]
+    # the host's SDC estimate (from the calibration classes' drift) is more than twice as far from fox's mean
+    assert np.linalg.norm(moved - truth) < 0.5 * np.linalg.norm(hosts - truth), \
+        (np.linalg.norm(moved - truth), np.linalg.norm(hosts - truth))
+    # a class the device has no exemplars of keeps the fleet's prototype
+    assert np.array_equal(upgraded.means[upgraded.classes.index("cat")], fleet.means[fleet.classes.index("cat")])
 
 
 def test_lda_head_statistics_are_kept_by_adapt_and_used_by_eval_and_predict(bundle_copy, first_task,

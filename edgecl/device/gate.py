@@ -5,7 +5,7 @@ training. After the loop, candidate states are built from the same training rows
 post-steps: the adapted state at the end of each epoch (its delta, statistics moved) and the
 prototypes-only one (old delta, the task's classes added from the old backbone: what `--epochs 0`
 gives). All are scored on the held-out images with the head the device uses; the best epoch is kept
-(ties: the earlier one), and only if it is not worse than prototypes only.
+(ties: the later one), and only if it is not worse than prototypes only.
 ``--select-lr`` scores its (lr, epochs) trials with the same function.
 """
 

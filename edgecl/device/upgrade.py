@@ -8,11 +8,14 @@ them into the new bundle's state as its first generation:
 
 - exemplars: the device's memory, plus the new bundle's calibration exemplars for classes the
   device has none of (pixels stay valid under any backbone);
-- prototypes: the new bundle's (made by the fleet's merge, so they fit the new weights), plus the
-  device's own for classes the new version lacks (computed with the old weights; the next
-  `edgecl adapt` moves them by their exemplars' drift);
-- the LDA head's statistics (pooled covariance and class means, computed with the old weights; for a
-  version made from this device's own delta they are the new weights' too).
+- prototypes: the new bundle's (made by the fleet's merge, so they fit the new weights), except
+  for the classes this device holds exemplars of and the new bundle ships none of: the host could
+  move those (this device's new classes) only by the drift of other classes' exemplars, so they
+  are the device's own prototypes moved by their own exemplars' drift, measured by embedding the
+  device's exemplars with OLD (its delta) and with NEW: p + mean(new) - mean(old). A class NEW does
+  not know at all is carried the same way (without exemplars: as it was);
+- the LDA head's statistics (pooled covariance and class means), carried through the affine drift
+  map fitted on the same exemplars (identity when the device holds none).
 
 The new bundle must descend from the old one (its manifest's parent_sha256), take images of the
 same size, and have no device state yet; nothing is written when a check fails, and the new state
@@ -21,7 +24,6 @@ is one atomic generation, so `edgecl rollback` on NEW undoes the upgrade.
 
 from __future__ import annotations
 
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,8 @@ from edgecl.formats import manifest as mf
 from edgecl.formats.exemplars import ExemplarMemory
 from edgecl.formats.hashing import sha256_file
 
+from .heads import LdaHead, fit_linear_drift
+from .infer import create_runner, embed_and_score, resolve_profile
 from .state import (
     EXEMPLARS,
     LDA,
@@ -79,26 +83,55 @@ def _upgrade(old: Bundle, new: Bundle, any_lineage: bool) -> dict[str, Any]:
         if missing:
             memory = _union(memory, shipped, missing)
     prototypes = bundle_prototypes(new)
-    carried_protos = [c for c in current.prototypes.classes if c not in prototypes.classes]
+    own = ExemplarMemory.load_file(current.exemplars_path) if current.exemplars_path else None
+    shipped_classes = set(ExemplarMemory.load_file(new.path(mf.EXEMPLARS)).classes) \
+        if new.path(mf.EXEMPLARS).exists() else set()
+    carried_protos = [c for c in current.prototypes.classes if c not in prototypes.classes
+                      or (own is not None and c in own.classes and c not in shipped_classes)]
+    before, after = _embed_both(old, new, own, current.delta) if own is not None else ({}, {})
+    moved = []
     for name in carried_protos:
         i = current.prototypes.classes.index(name)
-        prototypes.upsert(name, current.prototypes.means[i], int(current.prototypes.counts[i]))
+        mean = current.prototypes.means[i].astype(np.float64)
+        if name in before:
+            mean = mean + after[name].mean(axis=0) - before[name].mean(axis=0)
+            moved.append(name)
+        prototypes.upsert(name, mean, int(current.prototypes.counts[i]))
+        prototypes.seen[name] = current.prototypes.seen.get(name, np.zeros(0, np.uint64)).copy()
+    lda = LdaHead.load_file(current.lda_path) if current.lda_path is not None else None
+    if lda is not None and before:
+        lda.move(fit_linear_drift(np.concatenate(list(before.values())), np.concatenate(list(after.values()))))
 
     def write(tmp: Path) -> None:
         prototypes.save_file(tmp / PROTOTYPES)
         if len(memory.classes):
             memory.save_file(tmp / EXEMPLARS)
-        if current.lda_path is not None:
-            shutil.copyfile(current.lda_path, tmp / LDA)
+        if lda is not None:
+            lda.save_file(tmp / LDA)
 
     meta = {"upgraded_from": str(old.root), "upgraded_from_manifest_sha256": sha256_file(old.path(mf.MANIFEST)),
             "old_generation": current.generation, "exemplar_classes": list(memory.classes),
-            "carried_prototypes": carried_protos,
+            "carried_prototypes": carried_protos, "moved_by_own_exemplars": moved,
             "created_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     generation = commit_generation(new, write, meta)
     return {"state": generation, "exemplar_classes": list(memory.classes), "exemplars": int(len(memory.labels)),
             "exemplar_bytes": memory.nbytes, "carried_prototypes": carried_protos,
+            "moved_by_own_exemplars": moved, "lda_moved": lda is not None and bool(before),
             "classes": list(prototypes.classes)}
+
+
+def _embed_both(old: Bundle, new: Bundle, memory: ExemplarMemory, delta: np.ndarray
+                ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """The device's exemplars embedded by OLD (with its delta) and by NEW (its own weights), per class."""
+    out = []
+    for bundle, d in ((old, delta), (new, np.zeros(new.mask.total_selected, np.float32))):
+        runner = create_runner(bundle, resolve_profile(None, bundle))
+        try:
+            out.append({c: embed_and_score(runner, bundle, memory.of_class(c), d)[0].astype(np.float64)
+                        for c in memory.classes if len(memory.of_class(c))})
+        finally:
+            runner.release()
+    return out[0], out[1]
 
 
 def _union(a: ExemplarMemory, b: ExemplarMemory, take: list[str]) -> ExemplarMemory:
