@@ -57,7 +57,7 @@ def arm_settings(exp: experiments.Experiment, arm: experiments.Arm) -> tuple[dic
     return train, rules
 
 
-EDGECL_GATE = "best epoch, ties to the later"  # since 2026-12-02 (before: the last epoch or nothing)
+EDGECL_GATE = "last epoch, else the best earlier one not worse"  # since 2026-12-02 (before: last epoch or nothing)
 
 
 def run_key(exp: experiments.Experiment, arm: experiments.Arm, lr: float | None, seed: int) -> dict[str, Any]:

@@ -6,7 +6,8 @@ Reads top to bottom:
             class for the do-no-harm gate; the training set (task rows + replayed exemplars);
 3. state  : a fresh TrainState, or the interrupted run's last checkpoint (--resume);
 4. loop   : trainloop.train (step graph on plain onnxruntime, numpy gate + sparse SGD);
-5. gate   : every epoch's state vs prototypes-only on the held-out images; the best is kept (gate.py);
+5. gate   : adapted vs prototypes-only on the held-out images; the last epoch, else the best earlier
+            one that is not worse, else prototypes only (gate.py);
 6. post-steps on every task image (poststeps.py): prototypes, exemplar shift, SDC, LDA drift map,
             memory;
 7. commit : a new generation, atomically; the previous state stays for `edgecl rollback`.
@@ -34,7 +35,7 @@ from edgecl.formats.images import LoadedImages, load_image_folder
 from edgecl.formats.prototypes import Prototypes, image_fingerprints
 from edgecl.formats.weights import load_weights
 
-from .gate import HeldOut, holdout_split, score
+from .gate import HeldOut, choose_epoch, holdout_split, score
 from .heads import LdaHead
 from .infer import create_runner, embed_and_score, resolve_profile
 from .ort import StepSession, check_provider
@@ -340,10 +341,9 @@ def _adapt(bundle: Bundle, data_dir: Path, opts: AdaptOptions, prof: DeviceProfi
     trained = bool(np.any(state.delta != current.delta))
     del session
 
-    # 5. gate: the state at the end of every epoch vs prototypes only, each built on the training rows
-    # with the same post-steps, scored on the held-out images. The best epoch is kept unless it is worse
-    # than prototypes only (early stopping on the device's own data: an adaptation that overfits late
-    # keeps its better earlier epoch instead of being refused whole).
+    # 5. gate: the adapted state vs prototypes only, each built on the training rows with the same
+    # post-steps, scored on the held-out images. The last epoch is kept unless it is worse; then the
+    # earlier epochs are judged too, and the best one that is not worse is kept (gate.choose_epoch).
     gate_report = None
     keep, kept_trainable, kept_epochs = trained, state.trainable(), plan.epochs if trained else 0
     if trained and judge:
@@ -354,31 +354,35 @@ def _adapt(bundle: Bundle, data_dir: Path, opts: AdaptOptions, prof: DeviceProfi
             return score(start_heads, moved, held, current.delta if delta is None else delta, plan.head)
 
         frozen, frozen_per_class = held_out(None)
-        candidates = []
-        best: tuple[float, int, dict[str, float], dict[str, np.ndarray]] | None = None
-        for epoch, path in run_dir.epoch_states().items():
-            values = load_trainable(path, bundle.mask.total_selected)
-            accuracy, per_class = held_out(values[mf.DELTA_PARAM])
-            candidates.append({"epochs": epoch, "accuracy": accuracy})
-            # Ties: the later epoch. Held-out sets are small (one image moves B1's by ~2 points), so a
-            # plateau is common; the validated schedule, not the noise, then decides (B1 seed 1993, task 3:
-            # epochs 1-9 tied, and "earliest" kept 1 of 10 epochs).
-            if best is None or accuracy >= best[0]:
-                best = (accuracy, epoch, per_class, values)
-        assert best is not None, "the last epoch's state is always saved"
-        adapted, kept_epochs, adapted_per_class, kept_trainable = best
-        keep = not adapted < frozen  # "never keeps an adaptation that made it worse"; ties keep it
+        saved = run_dir.epoch_states()
+        last = max(saved, default=plan.epochs)  # the loop saves every epoch's end; the last is state.trainable()
+        scored = {last: (*held_out(state.delta), state.trainable())}
+        if scored[last][0] < frozen:
+            for epoch in sorted(saved)[:-1]:
+                values = load_trainable(saved[epoch], bundle.mask.total_selected)
+                scored[epoch] = (*held_out(values[mf.DELTA_PARAM]), values)
+        chosen = choose_epoch(frozen, {e: acc for e, (acc, _, _) in scored.items()})
+        keep = chosen is not None
+        best = chosen if chosen is not None else max(scored, key=lambda e: (scored[e][0], e))
+        adapted, adapted_per_class, values = scored[best]
+        if keep:
+            kept_epochs, kept_trainable = best, values
         # before = prototypes only (the backbone as it was), after = what is kept: the delta's held-out report
         gate_report = {"head": plan.head, "held_out_images": len(held), "adapted_accuracy": adapted,
-                       "adapted_epochs": kept_epochs, "prototypes_only_accuracy": frozen,
-                       "kept": "adapted" if keep else "prototypes-only", "epochs": candidates,
+                       "adapted_epochs": best, "prototypes_only_accuracy": frozen,
+                       "kept": "adapted" if keep else "prototypes-only",
+                       "epochs": [{"epochs": e, "accuracy": scored[e][0]} for e in sorted(scored)],
                        "before_per_class": frozen_per_class,
                        "after_per_class": adapted_per_class if keep else frozen_per_class}
         if not keep:
             kept_epochs = 0
-            warnings.warn(f"the adaptation was worse on {len(held)} held-out images at every epoch (best "
-                          f"{adapted:.3f} after epoch {best[1]} vs {frozen:.3f} with prototypes only): kept the "
+            warnings.warn(f"the adaptation was worse on {len(held)} held-out images after every epoch (best "
+                          f"{adapted:.3f} after epoch {best} vs {frozen:.3f} with prototypes only): kept the "
                           "backbone as it was, added the task's classes from it", stacklevel=3)
+        elif best != last:
+            warnings.warn(f"the last epoch was worse on {len(held)} held-out images ({scored[last][0]:.3f} vs "
+                          f"{frozen:.3f} with prototypes only): kept epoch {best} of {last} ({adapted:.3f})",
+                          stacklevel=3)
     kept_delta = kept_trainable[mf.DELTA_PARAM] if keep else None
 
     # 6. post-steps on every task image with the kept backbone
