@@ -354,12 +354,12 @@ def _adapt(bundle: Bundle, data_dir: Path, opts: AdaptOptions, prof: DeviceProfi
             return score(start_heads, moved, held, current.delta if delta is None else delta, plan.head)
 
         frozen, frozen_per_class = held_out(None)
-        saved = run_dir.epoch_states()
-        last = max(saved, default=plan.epochs)  # the loop saves every epoch's end; the last is state.trainable()
+        epoch_files = run_dir.epoch_states()
+        last = max(epoch_files, default=plan.epochs)  # the loop saves every epoch's end; the last is state.trainable()
         scored = {last: (*held_out(state.delta), state.trainable())}
         if scored[last][0] < frozen:
-            for epoch in sorted(saved)[:-1]:
-                values = load_trainable(saved[epoch], bundle.mask.total_selected)
+            for epoch in sorted(epoch_files)[:-1]:
+                values = load_trainable(epoch_files[epoch], bundle.mask.total_selected)
                 scored[epoch] = (*held_out(values[mf.DELTA_PARAM]), values)
         chosen = choose_epoch(frozen, {e: acc for e, (acc, _, _) in scored.items()})
         keep = chosen is not None
