@@ -12,7 +12,11 @@
 5. fleet   `edgecl merge` on the server (weighted by samples seen), then `edgecl apply` of the devices'
            deltas (the same merge on the host, each device's prototypes moved into v2's space) -> bundle
            v2 -> `edgecl eval`.
-6. report  a table of accuracy per stage on the old classes and each device's classes, delta sizes,
+6. pull    each device takes v2 (a copy of it, as `edgecl pull` would download it once released) with
+           `edgecl upgrade`: its memory is carried over and its own classes are moved into v2's space
+           by its own exemplars' drift (the host could move them only by the calibration classes');
+           `edgecl eval` on the old classes and the device's own.
+7. report  a table of accuracy per stage on the old classes and each device's classes, delta sizes,
            step time and peak memory; a PNG plot; summary.json.
 
 Every device-side step is a subprocess of the `edgecl` CLI (no torch is imported in those processes).
@@ -158,7 +162,7 @@ def run_demo(options: DemoOptions, echo: Callable[[str], None] = print) -> DemoR
         return time.perf_counter()
 
     # 1. data ----------------------------------------------------------------------------------------
-    t = stage(f"1/6 data: Fashion-MNIST -> image folders ({opts.train_per_class} train / {opts.test_per_class} "
+    t = stage(f"1/7 data: Fashion-MNIST -> image folders ({opts.train_per_class} train / {opts.test_per_class} "
               "test per class)")
     from edgecl.datasets import DEMO_GROUPS, FASHION_CLASSES, write_fashion_groups
     data = write_fashion_groups(out / "data", DEMO_GROUPS, train_per_class=opts.train_per_class,
@@ -172,7 +176,7 @@ def run_demo(options: DemoOptions, echo: Callable[[str], None] = print) -> DemoR
     profile.write_text(f'name = "demo-device"\nthreads = {opts.threads}\nbatch_size = 32\n')
 
     # 2. export --------------------------------------------------------------------------------------
-    t = stage("2/6 host: edgecl export (MI-Fisher scores on the calibration images, 5% mask, train_step.onnx + "
+    t = stage("2/7 host: edgecl export (MI-Fisher scores on the calibration images, 5% mask, train_step.onnx + "
               "inference.onnx)")
     bundle_v1 = out / "bundle-v1"
     run("export", str(opts.recipe), "--data", str(data / "calib" / "train"), "-o", str(bundle_v1), "--overwrite",
@@ -186,7 +190,7 @@ def run_demo(options: DemoOptions, echo: Callable[[str], None] = print) -> DemoR
     report.stages.append(Stage("exported", "-", base, "bundle v1: calibration prototypes only"))
 
     # 3. server --------------------------------------------------------------------------------------
-    t = stage("3/6 fleet: edgecl server start on loopback; register the devices; add the bundle")
+    t = stage("3/7 fleet: edgecl server start on loopback; register the devices; add the bundle")
     store = out / "server"
     shutil.rmtree(store, ignore_errors=True)
     shutil.rmtree(out / "outbox", ignore_errors=True)
@@ -204,7 +208,7 @@ def run_demo(options: DemoOptions, echo: Callable[[str], None] = print) -> DemoR
 
         # 4. devices ---------------------------------------------------------------------------------
         for i, device in enumerate(DEVICES):
-            t = stage(f"4/6 {device} ({i + 1}/{len(DEVICES)}): frozen prototypes, MIST adapt, delta, push")
+            t = stage(f"4/7 {device} ({i + 1}/{len(DEVICES)}): frozen prototypes, MIST adapt, delta, push")
             own = f"{device} classes"
             bundle = out / device / "bundle"
             shutil.rmtree(bundle.parent, ignore_errors=True)
@@ -224,7 +228,10 @@ def run_demo(options: DemoOptions, echo: Callable[[str], None] = print) -> DemoR
             after = {g: _accuracy(run, bundle, groups[g])[0] for g in ("old classes", own)}
             kept = adapted.get("kept", "adapted")
             gate = adapted.get("gate") or {}
-            note = (f"{adapted['epochs']} epochs on device" if kept == "adapted" else
+            kept_epochs = adapted.get("kept_epochs", adapted["epochs"])
+            note = (f"{adapted['epochs']} epochs on device" + (f", gate kept epoch {kept_epochs}"
+                                                                if kept_epochs != adapted["epochs"] else "")
+                    if kept == "adapted" else
                     f"gate kept prototypes only (held out {gate.get('adapted_accuracy', 0):.3f} adapted vs "
                     f"{gate.get('prototypes_only_accuracy', 0):.3f})")
             report.stages.append(Stage("after MIST adapt", device, after, note))
@@ -247,7 +254,7 @@ def run_demo(options: DemoOptions, echo: Callable[[str], None] = print) -> DemoR
         log.close()
 
     # 5. merge + apply ---------------------------------------------------------------------------------
-    t = stage("5/6 fleet: edgecl merge (weighted by samples seen) -> edgecl apply of the devices' deltas -> bundle v2")
+    t = stage("5/7 fleet: edgecl merge (weighted by samples seen) -> edgecl apply of the devices' deltas -> bundle v2")
     merged = out / "merged.safetensors"
     run("merge", manifest["bundle_id"], "--store", str(store), "-o", str(merged), show_stdout=True)
     report.bundle["merged_delta_bytes"] = merged.stat().st_size
@@ -269,8 +276,22 @@ def run_demo(options: DemoOptions, echo: Callable[[str], None] = print) -> DemoR
     report.stages.append(Stage("merged fleet (v2)", "all", accuracy_v2, "edgecl apply -> bundle v2"))
     report.timings_s["merge+apply"] = time.perf_counter() - t
 
-    # 6. report ----------------------------------------------------------------------------------------
-    stage("6/6 report")
+    # 6. pull back ------------------------------------------------------------------------------------
+    t = stage("6/7 devices take v2: edgecl upgrade (the device's memory carried, its own classes moved into v2 "
+              "by its exemplars' drift)")
+    for device in DEVICES:
+        own = f"{device} classes"
+        mine = out / device / "bundle-v2"
+        shutil.rmtree(mine, ignore_errors=True)
+        shutil.copytree(out / "bundle-v2", mine)  # what `edgecl pull` downloads once v2 is released
+        moved = run.json("upgrade", str(out / device / "bundle"), str(mine), "--json")["moved_by_own_exemplars"]
+        accuracy = {g: _accuracy(run, mine, groups[g])[0] for g in ("old classes", own)}
+        report.stages.append(Stage("v2 on the device", device, accuracy,
+                                   f"edgecl upgrade; moved by own exemplars: {', '.join(moved) or '-'}"))
+    report.timings_s["upgrade"] = time.perf_counter() - t
+
+    # 7. report ----------------------------------------------------------------------------------------
+    stage("7/7 report")
     report.timings_s["total"] = time.perf_counter() - t_start
     echo(format_table(report))
     (out / "summary.json").write_text(json.dumps(asdict(report), indent=2) + "\n")
