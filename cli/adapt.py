@@ -74,9 +74,10 @@ def adapt(
         typer.echo(f"--select-lr chose lr {c['lr']:g}, {c['epochs']} epochs (held-out accuracy {c['accuracy']:.3f})")
     if r.gate:
         g = r.gate
+        kept = g["kept"] if g["kept"] != "adapted" else f"adapted (epoch {r.kept_epochs} of {r.epochs})"
         typer.echo(f"do-no-harm gate ({g['head']} head, {g['held_out_images']} held-out images): adapted "
-                   f"{g['adapted_accuracy']:.3f} (its best epoch, {g['adapted_epochs']} of {r.epochs}) vs prototypes "
-                   f"only {g['prototypes_only_accuracy']:.3f} -> kept {g['kept']}")
+                   f"{g['adapted_accuracy']:.3f} after epoch {g['adapted_epochs']} vs prototypes only "
+                   f"{g['prototypes_only_accuracy']:.3f} -> kept {kept}")
     budget = f" (budget {r.memory_budget_mb} MB)" if r.memory_budget_mb else ""
     typer.echo(f"peak memory {r.peak_rss_mb:.0f} MB{budget}")
 
