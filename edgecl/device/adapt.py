@@ -90,7 +90,7 @@ class AdaptReport:
     selection: dict[str, Any] | None = None
     gate: dict[str, Any] | None = None    # held-out accuracy: adapted vs prototypes only, and which was kept
     kept: str = "adapted"                 # "adapted" | "prototypes-only" (no training, or the gate refused it)
-    kept_epochs: int = 0                  # the epochs of training the committed state holds (the gate's best)
+    kept_epochs: int = 0                  # the epochs of training the committed state holds (0: none kept)
     resumed_from_step: int | None = None
 
     def to_json(self) -> dict[str, Any]:

@@ -389,8 +389,8 @@ class RunDir:
                              resume.json (step, epoch, permutation, RNG states)
         run/LATEST.json      {"ckpt": "ckpt-NNNNNNNN"}: the last complete checkpoint
         run/steps.jsonl      step log, appended; cut back to the checkpoint's step on resume
-        run/epoch-NNNN.safetensors  the trainable values at the end of epoch NNNN (the gate's
-                             candidates: it keeps the best epoch held out, or none)
+        run/epoch-NNNN.safetensors  the trainable values at the end of epoch NNNN (with the gate on:
+                             an earlier epoch it may keep when the last is worse held out)
     """
 
     def __init__(self, bundle: Bundle) -> None:

@@ -75,17 +75,16 @@ def _upgrade(old: Bundle, new: Bundle, any_lineage: bool) -> dict[str, Any]:
         raise DeviceError(f"{new.root} already has device state", "run `edgecl rollback` on it, or delete "
                           f"{new.state_dir}, then upgrade again")
     current = load_current(old)
-    memory = (ExemplarMemory.load_file(current.exemplars_path) if current.exemplars_path
-              else ExemplarMemory.empty((int(old.manifest.input_size[0]), int(old.manifest.input_size[1]))))
+    own = ExemplarMemory.load_file(current.exemplars_path) if current.exemplars_path else None
+    memory = own if own is not None else ExemplarMemory.empty((int(old.manifest.input_size[0]), int(old.manifest.input_size[1])))
+    shipped_classes: set[str] = set()
     if new.path(mf.EXEMPLARS).exists():
         shipped = ExemplarMemory.load_file(new.path(mf.EXEMPLARS))
+        shipped_classes = set(shipped.classes)
         missing = [c for c in shipped.classes if c not in memory.classes]
         if missing:
             memory = _union(memory, shipped, missing)
     prototypes = bundle_prototypes(new)
-    own = ExemplarMemory.load_file(current.exemplars_path) if current.exemplars_path else None
-    shipped_classes = set(ExemplarMemory.load_file(new.path(mf.EXEMPLARS)).classes) \
-        if new.path(mf.EXEMPLARS).exists() else set()
     carried_protos = [c for c in current.prototypes.classes if c not in prototypes.classes
                       or (own is not None and c in own.classes and c not in shipped_classes)]
     before, after = _embed_both(old, new, own, current.delta) if own is not None else ({}, {})
