@@ -147,6 +147,15 @@ EXPERIMENTS["defaults_b6"] = replace(
           Arm("edgecl defaults no gate", "edgecl-nogate", (1e-2,), DEFAULTS, rules={"replay_seen": True})),
     note="the shipped defaults on the edgecl path and the torch reference, small subset, three seeds")
 
+# issue 12, B1 forgetting (edgecl 11.8 vs frozen 10.4 at the defaults): does replaying more of the
+# stored exemplars (share 0.75 of the training data instead of 0.5) protect the first tasks?
+EXPERIMENTS["replay_b1"] = replace(
+    EXPERIMENTS["defaults_b1"],
+    arms=(*EXPERIMENTS["defaults_b1"].arms,
+          Arm("edgecl replay share 0.75", "edgecl", (1e-2,), DEFAULTS,
+              rules={"replay_seen": True, "replay_share": 0.75})),
+    note="the edgecl path at the defaults with more replay, beside the defaults, three seeds")
+
 
 def get(name: str) -> Experiment:
     if name not in EXPERIMENTS:
