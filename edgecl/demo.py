@@ -9,13 +9,17 @@
            --epochs 0` (the frozen backbone + their prototypes), `edgecl eval`; then each device's own
            copy of the bundle runs, as a device would, `edgecl adapt` (MIST: drop-gated sparse tuning
            with the bundle's defaults and the do-no-harm gate), `edgecl eval`, `edgecl delta`, `edgecl push`.
-5. fleet   `edgecl merge` on the server (weighted by samples seen), then `edgecl apply` of the devices'
-           deltas (the same merge on the host, each device's prototypes moved into v2's space) -> bundle
-           v2 -> `edgecl eval`.
-6. pull    each device takes v2 (a copy of it, as `edgecl pull` would download it once released) with
-           `edgecl upgrade`: its memory is carried over and its own classes are moved into v2's space
-           by its own exemplars' drift (the host could move them only by the calibration classes');
-           `edgecl eval` on the old classes and the device's own.
+5. release `edgecl release` with an operator's admin token: the server merges the devices' deltas
+           (weighted by samples seen), the host applies them -> candidate v2, and evaluates it, the
+           frozen baseline and v1 on the operator's release-check images (50 per class, never trained
+           on, not the report's test images); v2 is signed and published only if no class group is
+           worse than the frozen baseline. Then `edgecl eval` of v2 and of the exact like-for-like
+           baseline (v1 + every class's prototype from all its images) on the test images.
+6. pull    if v2 was released, each device runs `edgecl pull` (the signature checked against the
+           pinned server key): its memory is carried over and its own classes are moved into v2's
+           space by its own exemplars' drift; `edgecl eval` on the old classes and the device's own.
+           If it was refused, `edgecl pull` finds nothing newer and each device keeps v1 with its own
+           adaptation.
 7. report  a table of accuracy per stage on the old classes and each device's classes, delta sizes,
            step time and peak memory; a PNG plot; summary.json.
 
@@ -51,6 +55,7 @@ class DemoOptions:
     fast: bool = False                  # fewer images and one epoch: a smoke run in ~3-4 minutes
     train_per_class: int = 0            # 0 = preset (300 full / 100 fast)
     test_per_class: int = 0             # 0 = preset (200 full / 60 fast)
+    check_per_class: int = 0            # the operator's release-check images per class; 0 = preset (50 / 20)
     epochs: int = 0                     # device epochs; 0 = the bundle's default (1 with --fast)
     threads: int = 0                    # onnxruntime threads per device process; 0 = its default
     recipe: Path = RECIPE               # the embedded default: ImageNet-pretrained EfficientNet-Lite0
@@ -60,6 +65,7 @@ class DemoOptions:
         d = asdict(self)
         d["train_per_class"] = self.train_per_class or (100 if self.fast else 300)
         d["test_per_class"] = self.test_per_class or (60 if self.fast else 200)
+        d["check_per_class"] = self.check_per_class or (20 if self.fast else 50)
         d["epochs"] = self.epochs or (1 if self.fast else 0)  # 0: `edgecl adapt` takes the bundle's default
         return DemoOptions(**d)
 
@@ -79,6 +85,7 @@ class DemoReport:
     timings_s: dict[str, float] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     bundle: dict[str, Any] = field(default_factory=dict)
+    release: dict[str, Any] = field(default_factory=dict)   # edgecl release's verdict and group table
 
 
 # -- processes -------------------------------------------------------------------------------------
@@ -93,7 +100,7 @@ class Runner:
     def __init__(self, echo: Callable[[str], None], env: dict[str, str]) -> None:
         self.echo, self.env = echo, env
 
-    def __call__(self, *args: str, show_stdout: bool = False) -> str:
+    def __call__(self, *args: str, show_stdout: bool = False, ok: tuple[int, ...] = (0,)) -> str:
         cmd = [*edgecl_cmd(), *args]
         # Show the command a user would type, but never a device's token or signing key.
         shown = ["***" if i and args[i - 1] in ("--token", "--key") else a for i, a in enumerate(args)]
@@ -101,13 +108,13 @@ class Runner:
         proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=None, text=True, env=self.env)
         if show_stdout and proc.stdout.strip():
             self.echo("    " + proc.stdout.strip().replace("\n", "\n    "))
-        if proc.returncode != 0:
+        if proc.returncode not in ok:
             raise EdgeclError(f"`edgecl {args[0]}` failed (exit {proc.returncode}): {proc.stdout.strip()[-500:]}",
                               "see the message above; rerun `edgecl demo` once it is fixed")
         return proc.stdout
 
-    def json(self, *args: str) -> dict[str, Any]:
-        out = self(*args)
+    def json(self, *args: str, ok: tuple[int, ...] = (0,)) -> dict[str, Any]:
+        out = self(*args, ok=ok)
         return json.loads(out[out.index("{"):])
 
 
@@ -166,7 +173,15 @@ def run_demo(options: DemoOptions, echo: Callable[[str], None] = print) -> DemoR
               "test per class)")
     from edgecl.datasets import DEMO_GROUPS, FASHION_CLASSES, write_fashion_groups
     data = write_fashion_groups(out / "data", DEMO_GROUPS, train_per_class=opts.train_per_class,
-                                test_per_class=opts.test_per_class, overwrite=True)
+                                test_per_class=opts.test_per_class, val_per_class=opts.check_per_class,
+                                overwrite=True)
+    # The operator's release check: images of every class that no device trains on and the report's
+    # test images are not (the "val" split: other training-file images), one folder per class.
+    check = data / "release-check"
+    shutil.rmtree(check, ignore_errors=True)
+    for group in DEMO_GROUPS:
+        for folder in sorted((data / group / "val").iterdir()):
+            shutil.copytree(folder, check / folder.name)
     for group, classes in DEMO_GROUPS.items():
         echo(f"  {group}: {', '.join(FASHION_CLASSES[c] for c in classes)}")
     groups = {"old classes": data / "calib" / "test", "device-a classes": data / "device-a" / "test",
@@ -203,6 +218,8 @@ def run_demo(options: DemoOptions, echo: Callable[[str], None] = print) -> DemoR
         wait_healthy(url, server)
         echo(f"  server up at {url} (store {store})")
         creds = {d: _parse_registration(run("server", "device", "add", d, "--store", str(store))) for d in DEVICES}
+        operator, _ = _parse_registration(run("server", "device", "add", "operator", "--admin", "--store", str(store)))
+        server_key = run("server", "key", "--store", str(store)).strip()   # what devices pin to verify releases
         run("server", "bundle", "add", str(bundle_v1), "--store", str(store), show_stdout=True)
         report.timings_s["server"] = time.perf_counter() - t
 
@@ -245,6 +262,55 @@ def run_demo(options: DemoOptions, echo: Callable[[str], None] = print) -> DemoR
                 "peak_rss_mb": adapted["peak_rss_mb"], "changed_fraction_mean": adapted["changed_fraction_mean"],
                 "delta_bytes": delta_path.stat().st_size, "delta_values": DELTA_VALUES}
             report.timings_s[device] = time.perf_counter() - t
+        # 5. release gate -----------------------------------------------------------------------------
+        t = stage("5/7 fleet: edgecl release (the server merges the devices' deltas -> apply -> candidate v2, "
+                  "published only if no class group is worse than the frozen baseline)")
+        released = run.json("release", manifest["bundle_id"], "--heldout", str(check), "--server", url, "--token",
+                            operator, "--bundle", str(bundle_v1), "--work", str(out / "release"), "--json", ok=(0, 2))
+        shutil.rmtree(out / "bundle-v2", ignore_errors=True)
+        shutil.copytree(out / "release" / "candidate", out / "bundle-v2")
+        report.bundle["merged_delta_bytes"] = (out / "release" / "merged.safetensors").stat().st_size
+        report.release = {k: released[k] for k in ("passed", "published", "reasons", "groups")}
+        verdict = ("released: every class group at least the frozen baseline on the release-check images"
+                   if released["published"] else "refused: " + "; ".join(released["reasons"]))
+        echo(f"  v2 {verdict}")
+        # The like-for-like baseline, exact: bundle v1, no training, every class's prototype from all its
+        # images (what the devices would have computed without adapting).
+        baseline = out / "baseline" / "bundle"
+        shutil.rmtree(baseline.parent, ignore_errors=True)
+        shutil.copytree(bundle_v1, baseline)
+        for device in DEVICES:
+            run.json("adapt", str(baseline), "--data", str(data / device / "train"), "--epochs", "0", "--device",
+                     str(profile), "--json")
+        accuracy_base = {g: _accuracy(run, baseline, f)[0] for g, f in groups.items()}
+        report.stages.append(Stage("frozen baseline (v1)", "all", accuracy_base,
+                                   "no training; prototypes of all 10 classes"))
+        accuracy_v2 = {g: _accuracy(run, out / "bundle-v2", f)[0] for g, f in groups.items()}
+        report.stages.append(Stage("merged fleet (v2)", "all", accuracy_v2,
+                                   "edgecl release: " + ("released" if released["published"] else "refused")))
+        report.timings_s["release"] = time.perf_counter() - t
+
+        # 6. pull back ----------------------------------------------------------------------------------
+        if released["published"]:
+            t = stage("6/7 devices pull v2: edgecl pull (signature checked; the device's memory carried, its own "
+                      "classes moved into v2 by its exemplars' drift)")
+            for device in DEVICES:
+                own = f"{device} classes"
+                mine = out / device / "bundle-v2"
+                shutil.rmtree(mine, ignore_errors=True)
+                pulled = run.json("pull", str(out / device / "bundle"), "--out", str(mine), "--server", url,
+                                  "--token", creds[device][0], "--server-key", server_key, "--json")
+                moved = (pulled.get("upgrade") or {}).get("moved_by_own_exemplars", [])
+                accuracy = {g: _accuracy(run, mine, groups[g])[0] for g in ("old classes", own)}
+                report.stages.append(Stage("v2 on the device", device, accuracy,
+                                           f"edgecl pull; moved by own exemplars: {', '.join(moved) or '-'}"))
+            report.timings_s["pull"] = time.perf_counter() - t
+        else:
+            stage("6/7 devices pull: nothing released, each device keeps v1 with its own adaptation")
+            for device in DEVICES:
+                answer = run("pull", str(out / device / "bundle"), "--out", str(out / device / "bundle-v2"),
+                             "--server", url, "--token", creds[device][0], "--server-key", server_key)
+                echo("    " + answer.strip())
     finally:
         server.terminate()
         try:
@@ -252,43 +318,6 @@ def run_demo(options: DemoOptions, echo: Callable[[str], None] = print) -> DemoR
         except subprocess.TimeoutExpired:
             server.kill()
         log.close()
-
-    # 5. merge + apply ---------------------------------------------------------------------------------
-    t = stage("5/7 fleet: edgecl merge (weighted by samples seen) -> edgecl apply of the devices' deltas -> bundle v2")
-    merged = out / "merged.safetensors"
-    run("merge", manifest["bundle_id"], "--store", str(store), "-o", str(merged), show_stdout=True)
-    report.bundle["merged_delta_bytes"] = merged.stat().st_size
-    # apply gets the devices' own deltas (the host merges them exactly as the server just did): only
-    # with each device's delta can it move that device's prototypes into v2's embedding space.
-    run("apply", str(bundle_v1), *[str(out / d / "delta.safetensors") for d in DEVICES], "-o", str(out / "bundle-v2"),
-        "--overwrite", show_stdout=True)
-    # The like-for-like baseline: bundle v1, no training at all, prototypes of every class known now.
-    baseline = out / "baseline" / "bundle"
-    shutil.rmtree(baseline.parent, ignore_errors=True)
-    shutil.copytree(bundle_v1, baseline)
-    for device in DEVICES:
-        run.json("adapt", str(baseline), "--data", str(data / device / "train"), "--epochs", "0", "--device",
-                 str(profile), "--json")
-    accuracy_base = {g: _accuracy(run, baseline, f)[0] for g, f in groups.items()}
-    report.stages.append(Stage("frozen baseline (v1)", "all", accuracy_base,
-                               "no training; prototypes of all 10 classes"))
-    accuracy_v2 = {g: _accuracy(run, out / "bundle-v2", f)[0] for g, f in groups.items()}
-    report.stages.append(Stage("merged fleet (v2)", "all", accuracy_v2, "edgecl apply -> bundle v2"))
-    report.timings_s["merge+apply"] = time.perf_counter() - t
-
-    # 6. pull back ------------------------------------------------------------------------------------
-    t = stage("6/7 devices take v2: edgecl upgrade (the device's memory carried, its own classes moved into v2 "
-              "by its exemplars' drift)")
-    for device in DEVICES:
-        own = f"{device} classes"
-        mine = out / device / "bundle-v2"
-        shutil.rmtree(mine, ignore_errors=True)
-        shutil.copytree(out / "bundle-v2", mine)  # what `edgecl pull` downloads once v2 is released
-        moved = run.json("upgrade", str(out / device / "bundle"), str(mine), "--json")["moved_by_own_exemplars"]
-        accuracy = {g: _accuracy(run, mine, groups[g])[0] for g in ("old classes", own)}
-        report.stages.append(Stage("v2 on the device", device, accuracy,
-                                   f"edgecl upgrade; moved by own exemplars: {', '.join(moved) or '-'}"))
-    report.timings_s["upgrade"] = time.perf_counter() - t
 
     # 7. report ----------------------------------------------------------------------------------------
     stage("7/7 report")

@@ -8,13 +8,15 @@ token and never touches its store.
        its files come from --bundle DIR or are downloaded from the server;
     2. merge its counted deltas on the server (each device's newest; strategy and exclusions as
        asked) and download the merged delta and the counted deltas;
-    3. candidate = apply(current, merged delta); frozen baseline = apply(current, a delta with the
-       merged prototypes and no weight change): what the fleet would have without adapting the
-       backbone (SimpleCIL on the frozen model);
+    3. candidate = apply(current, the counted deltas); frozen baseline = apply(current, a delta with
+       no weight change and the devices' prototypes as the current backbone places them (a device
+       that adapted its backbone sends them in its delta's ``base_prototypes``)): what the fleet
+       would have without adapting the backbone (SimpleCIL on the frozen model);
     4. evaluate candidate, baseline and current on the held-out image folder (ncm head);
     5. per class group (the calibration classes = those the current version knows; then each
-       device's own new classes), the candidate must not be worse than the baseline, and on the
-       calibration classes not worse than the current version (``tolerance`` allowed, default 0);
+       device's own new classes), the candidate must not be worse than the baseline, and, when it
+       adds no class, on the calibration classes not worse than the current version (``tolerance``
+       allowed, default 0);
     6. if it passes: upload the candidate's files, register it, and release it (the server signs
        it); with ``canary`` only the named devices can pull it. Otherwise nothing is published.
 """
@@ -28,12 +30,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from edgecl.device.sync import RetryPolicy, api_json, download, upload
 from edgecl.errors import DataError, EdgeclError
 from edgecl.formats import delta as delta_format
 from edgecl.formats import manifest as mf
 from edgecl.formats.hashing import sha256_file
-from edgecl.formats.merge import DEFAULT_MAX_SHARE, MergeOptions
+from edgecl.formats.merge import DEFAULT_MAX_SHARE, MergeOptions, merge_prototypes
 from edgecl.formats.prototypes import Prototypes
 
 CALIBRATION = "calibration"
@@ -90,8 +94,11 @@ def _group_accuracy(evaluation: dict[str, Any] | None, classes: list[str]) -> tu
 
 
 def gate(groups: dict[str, list[str]], candidate: dict[str, Any], baseline: dict[str, Any],
-         current: dict[str, Any] | None, tolerance: float) -> tuple[dict[str, dict[str, Any]], list[str]]:
-    """Per group accuracies and the reasons to refuse (pure: evaluations in, verdict out)."""
+         current: dict[str, Any] | None, tolerance: float, compare_current: bool = True
+         ) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """Per group accuracies and the reasons to refuse (pure: evaluations in, verdict out).
+    ``compare_current`` False: the current version's accuracy is shown, not compared (it knows fewer
+    classes than the candidate, so its accuracy on the old classes is over fewer alternatives)."""
     table: dict[str, dict[str, Any]] = {}
     reasons: list[str] = []
     for name, classes in groups.items():
@@ -103,7 +110,7 @@ def gate(groups: dict[str, list[str]], candidate: dict[str, Any], baseline: dict
             continue            # no held-out image of this group: nothing to compare
         if base is not None and cand < base - tolerance:
             reasons.append(f"{name}: candidate {cand:.3f} < frozen baseline {base:.3f} - {tolerance:g}")
-        if cur is not None and cand < cur - tolerance:
+        if compare_current and cur is not None and cand < cur - tolerance:
             reasons.append(f"{name}: candidate {cand:.3f} < current version {cur:.3f} - {tolerance:g}")
     if not any(row["images"] for row in table.values()):
         reasons.append("the held-out folder has no image of any class group")
@@ -210,26 +217,32 @@ def release(bundle_id: str, server: str, token: str, options: ReleaseOptions) ->
         merged = delta_format.load_file(merged_path)
         device_classes: dict[str, list[str]] = {}
         counted: list[Path] = []
+        base_tables: list[Prototypes | None] = []
         for sha, device in zip(merge["deltas"], merge["devices"], strict=True):
             path = work / f"delta-{sha[:16]}.safetensors"
             download(server, token, f"/v1/deltas/{sha}", path, sha, policy)
             d = delta_format.load_file(path)
             device_classes[device] = list(d.prototypes.classes) if d.prototypes is not None else []
             counted.append(path)
+            # The frozen baseline needs each device's classes as the current backbone places them: an
+            # unchanged backbone sent them so; an adapted one sent them moved back (base_prototypes,
+            # which only the device, holding the images, can compute). Without them (a delta from an
+            # edgecl before format 3) that device's classes have no baseline, and the table says so.
+            base_tables.append(d.base_prototypes if np.any(d.values) else d.prototypes)
 
         # The candidate from the counted deltas themselves, merged on the host as the server merged them
         # (same function, same options): apply then moves each device's prototypes into the candidate's
         # embedding space, which the merged file alone cannot tell it how to do.
+        merge_options = MergeOptions(strategy=options.strategy, trim=options.trim,
+                                     max_share=DEFAULT_MAX_SHARE if options.max_share is None else options.max_share)
         candidate_dir = work / "candidate"
-        apply_deltas(current_dir, counted or [merged_path], candidate_dir, progress=False,
-                     merge_options=MergeOptions(strategy=options.strategy, trim=options.trim,
-                                                max_share=DEFAULT_MAX_SHARE if options.max_share is None
-                                                else options.max_share))
+        apply_deltas(current_dir, counted or [merged_path], candidate_dir, progress=False, merge_options=merge_options)
         frozen = delta_format.Delta(
             bundle_id=merged.bundle_id, bundle_version=merged.bundle_version, base_sha256=merged.base_sha256,
             mask_sha256=merged.mask_sha256, device_id=delta_format.MERGE_DEVICE_ID, delta_k=merged.delta_k,
             positions=merged.positions[:0], values=merged.values[:0], samples_seen=merged.samples_seen,
-            created_utc=merged.created_utc, prototypes=merged.prototypes)
+            created_utc=merged.created_utc,
+            prototypes=merge_prototypes(base_tables, merge_options.max_share) if counted else merged.prototypes)
         frozen_path = work / "frozen.safetensors"
         delta_format.save_file(frozen, frozen_path)
         baseline_dir = work / "baseline"
@@ -248,7 +261,11 @@ def release(bundle_id: str, server: str, token: str, options: ReleaseOptions) ->
                             "pass a held-out folder of the fleet's classes")
         base_eval = _evaluate(baseline_dir, heldout)
         cur_eval = _evaluate(current_dir, heldout)
-        table, reasons = gate(groups, cand_eval, base_eval or {"per_class": {}}, cur_eval, options.tolerance)
+        # The current version scores the calibration images among fewer classes when the candidate
+        # adds some: then the like-for-like check of the old classes is the frozen baseline's alone.
+        adds_classes = bool(set(Prototypes.load_file(candidate_dir / mf.PROTOTYPES).classes) - set(known))
+        table, reasons = gate(groups, cand_eval, base_eval or {"per_class": {}}, cur_eval, options.tolerance,
+                              compare_current=not adds_classes)
 
         def overall(e: dict[str, Any] | None) -> dict[str, Any]:
             return {"accuracy": e["accuracy"], "images": e["images"]} if e else {"accuracy": None, "images": 0}

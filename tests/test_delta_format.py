@@ -244,7 +244,7 @@ def test_bad_heldout(value):
 
 
 def test_unknown_version():
-    _expect(D.DeltaVersionError, forge(_bytes(), KEY, meta={"format_version": "3"}), match="version")
+    _expect(D.DeltaVersionError, forge(_bytes(), KEY, meta={"format_version": "4"}), match="version")
     _expect(D.DeltaVersionError, forge(_bytes(), KEY, meta={"format": "something-else"}))
 
 
@@ -335,3 +335,41 @@ def test_int4_damaged_values_are_rejected(damage: str) -> None:
     data = len(head + b" " * pad).to_bytes(8, "little") + head + b" " * pad + body
     with pytest.raises(D.DeltaError, match="-8" if damage == "minus_eight" else "padding nibble"):
         D.load(data)
+
+
+def _with_base(dtype: str = "fp32") -> bytes:
+    d = _golden_delta()
+    d.base_prototypes = Prototypes(["d\u00f6g"], np.array([[0.25, 0.5, 1.0]], np.float32), np.array([5]))
+    return D.save(d, KEY, prototypes_dtype=dtype)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16"])
+def test_base_prototypes_round_trip_as_version_3(dtype):
+    """The device's classes under the bundle's own backbone (the release gate's frozen baseline) ride
+    as version 3; a delta without them is still written as version 2, byte for byte as before."""
+    data = _with_base(dtype)
+    assert D.read_header(data).metadata["format_version"] == "3" and D.read_header(data).base_classes == ["d\u00f6g"]
+    back = D.load(data, KEY)
+    assert back.base_prototypes.classes == ["d\u00f6g"] and back.base_prototypes.counts.tolist() == [5]
+    np.testing.assert_array_equal(back.base_prototypes.means, [[0.25, 0.5, 1.0]])
+    assert back.prototypes.classes == ["cat", "d\u00f6g"]
+    assert D.read_header(_bytes()).metadata["format_version"] == "2" and D.load(_bytes(), KEY).base_prototypes is None
+
+
+def test_bad_base_prototypes_are_refused():
+    data = _with_base()
+    # version 2 cannot carry them, the names must be classes the delta has prototypes of
+    _expect(D.DeltaMetadataError, forge(data, KEY, meta={"format_version": "2"}), match="version 3")
+    _expect(D.DeltaMetadataError, forge(data, KEY, meta={"base_classes": '["cow"]'}), match="base_classes")
+    _expect(D.DeltaShapeError, forge(data, KEY, meta={"base_classes": D.canonical_json(["cat", "d\u00f6g"])}),
+            match="base_prototypes")
+    # the tensors without the key is a malformed file
+    import json
+
+    meta = {k: v for k, v in json.loads(data[8:8 + struct.unpack("<Q", data[:8])[0]])["__metadata__"].items()
+            if k != "base_classes"}
+    _expect(D.DeltaShapeError, forge(data, KEY, header_patch={"__metadata__": meta}), match="tensors are")
+    d = _golden_delta()
+    d.base_prototypes = Prototypes(["cat"], np.array([[np.nan, 0, 0]], np.float32), np.array([1]))
+    with pytest.raises(D.DeltaEncodeError, match="base-space"):
+        D.save(d, KEY)

@@ -107,7 +107,7 @@ def _rejections(fleet):
          "metadata_invalid"),
         ("path traversal in device id", forge(good, key, meta={"device_id": "../dev-0"}), h, 400,
          "metadata_invalid"),
-        ("unknown format version", forge(good, key, meta={"format_version": "3"}), h, 400, "format_unsupported"),
+        ("unknown format version", forge(good, key, meta={"format_version": "9"}), h, 400, "format_unsupported"),
     ]
 
 

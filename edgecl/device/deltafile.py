@@ -9,9 +9,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from edgecl.device.state import load_current, open_bundle
+import numpy as np
+
+from edgecl.device.state import Bundle, DeviceState, bundle_prototypes, load_current, open_bundle
 from edgecl.errors import DeviceError
 from edgecl.formats import delta as delta_format
+from edgecl.formats.exemplars import ExemplarMemory
+from edgecl.formats.prototypes import Prototypes
 
 from .provision import DeviceConfig
 
@@ -67,6 +71,30 @@ def heldout_from_gate(gate: Any) -> dict[str, Any] | None:
         return None
 
 
+def base_space_prototypes(bundle: Bundle, state: DeviceState) -> Prototypes | None:
+    """This device's prototypes as the bundle's own backbone (no delta) would place them: what the
+    fleet's release gate compares the merged version against (the frozen baseline), which the host
+    cannot compute without the device's images. Each class the device holds exemplars of moves by its
+    exemplars' drift from the adapted backbone back to the bundle's, p + mean(base) - mean(adapted)
+    (the rule `edgecl upgrade` moves classes forward by). Only the classes the bundle does not ship
+    (its own prototypes are base-space and exact): a few kB. None when the backbone is unchanged (the
+    prototypes are base-space already) or no exemplars are kept (``store_images`` off)."""
+    if not np.any(state.delta) or state.exemplars_path is None or not len(state.prototypes):
+        return None
+    from .upgrade import embed_both
+
+    memory = ExemplarMemory.load_file(state.exemplars_path)
+    adapted, base = embed_both(bundle, bundle, memory, state.delta)
+    shipped = set(bundle_prototypes(bundle).classes)   # the bundle's own are base-space already, and exact
+    names = [c for c in state.prototypes.classes if c in adapted and c not in shipped]
+    if not names:
+        return None
+    rows = [state.prototypes.classes.index(c) for c in names]
+    means = np.stack([state.prototypes.means[i].astype(np.float64) + base[c].mean(0) - adapted[c].mean(0)
+                      for i, c in zip(rows, names, strict=True)])
+    return Prototypes(names, means.astype(np.float32), np.asarray(state.prototypes.counts)[rows].copy())
+
+
 def make_delta(bundle_dir: str | Path, out: str | Path, values: str = "fp32", device_id: str | None = None,
                key_hex: str | None = None, prototypes_dtype: str | None = None,
                config: DeviceConfig | None = None) -> DeltaReport:
@@ -99,7 +127,8 @@ def make_delta(bundle_dir: str | Path, out: str | Path, values: str = "fp32", de
         base_sha256=bundle.manifest.base_sha256, mask_sha256=bundle.manifest.mask_sha256,
         device_id=name, steps=int(state.meta.get("steps_total", 0)),
         samples_seen=int(state.meta.get("samples_seen", 0)), metrics=metrics, prototypes=state.prototypes,
-        heldout=heldout_from_gate(report.get("gate") if isinstance(report, dict) else None))
+        heldout=heldout_from_gate(report.get("gate") if isinstance(report, dict) else None),
+        base_prototypes=base_space_prototypes(bundle, state))
     protos = prototypes_dtype or ("fp32" if values == "fp32" else "fp16")
     data = delta_format.save_file(d, out, key, values=values, prototypes_dtype=protos)
     # Count what the file says changed: int8/int4 round the smallest entries to 0 (= unchanged).

@@ -87,7 +87,7 @@ def _upgrade(old: Bundle, new: Bundle, any_lineage: bool) -> dict[str, Any]:
     prototypes = bundle_prototypes(new)
     carried_protos = [c for c in current.prototypes.classes if c not in prototypes.classes
                       or (own is not None and c in own.classes and c not in shipped_classes)]
-    before, after = _embed_both(old, new, own, current.delta) if own is not None else ({}, {})
+    before, after = embed_both(old, new, own, current.delta) if own is not None else ({}, {})
     moved = []
     for name in carried_protos:
         i = current.prototypes.classes.index(name)
@@ -119,7 +119,7 @@ def _upgrade(old: Bundle, new: Bundle, any_lineage: bool) -> dict[str, Any]:
             "classes": list(prototypes.classes)}
 
 
-def _embed_both(old: Bundle, new: Bundle, memory: ExemplarMemory, delta: np.ndarray
+def embed_both(old: Bundle, new: Bundle, memory: ExemplarMemory, delta: np.ndarray
                 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """The device's exemplars embedded by OLD (with its delta) and by NEW (its own weights), per class."""
     out = []

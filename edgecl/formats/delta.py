@@ -30,8 +30,8 @@ from edgecl.formats.canonical import canonical_parts
 from edgecl.formats.prototypes import Prototypes
 
 DELTA_FORMAT = "edgecl-delta"
-DELTA_FORMAT_VERSION = 2            # 2 added the optional ``heldout`` report; version 1 files stay readable
-READ_FORMAT_VERSIONS = (1, 2)
+DELTA_FORMAT_VERSION = 3            # 2 added the optional ``heldout`` report, 3 the optional base-space
+READ_FORMAT_VERSIONS = (1, 2, 3)    # prototypes (``base_classes``; written as 3 only when present)
 MAX_HEADER_BYTES = 1 << 20          # safetensors itself allows 100 MB; a delta header is < 10 kB
 DEFAULT_INT8_BLOCK = 1024           # values per int8 scale: 0.4% overhead, most blocks in one tensor
 DEFAULT_INT4_BLOCK = 64             # values per int4 scale: 4 bit + 0.5 bit of scale per value
@@ -53,11 +53,12 @@ _ENC_OF = {v: k for k, v in _TAG_OF.items()}
 
 T_POSITIONS, T_BITMAP, T_VALUES, T_SCALES = "delta.positions", "delta.bitmap", "delta.values", "delta.scales"
 T_MEANS, T_COUNTS = "prototypes.means", "prototypes.counts"
+T_BASE_MEANS, T_BASE_COUNTS = "base_prototypes.means", "base_prototypes.counts"
 
 _REQUIRED_KEYS = ("format", "format_version", "bundle_id", "bundle_version", "base_sha256", "mask_sha256",
                   "device_id", "delta_k", "layout", "values_dtype", "steps", "samples_seen", "metrics",
                   "created_utc", "body_sha256", "hmac_sha256")
-_OPTIONAL_KEYS = ("int8_block", "int4_block", "classes", "heldout")
+_OPTIONAL_KEYS = ("int8_block", "int4_block", "classes", "heldout", "base_classes")
 _MAX_REPORT_CLASSES = 1024          # per-class accuracies a held-out report may carry (bounds the header)
 _BLOCK_KEY = {"int8": "int8_block", "int4": "int4_block"}   # quantised encodings and their block-size key
 _QMAX = {"int8": 127, "int4": 7}
@@ -132,6 +133,9 @@ class Delta:
     created_utc: str = ""               # "YYYY-MM-DDTHH:MM:SSZ"; empty = now, at save time
     prototypes: Prototypes | None = None  # the device's class prototypes
     heldout: dict[str, Any] | None = None  # the device's held-out accuracy before/after adapting (spec)
+    # Its classes as the bundle's own backbone (no delta) sees them: what the release gate's frozen
+    # baseline needs, which only the device (holding the images) can compute. A subset of prototypes'.
+    base_prototypes: Prototypes | None = None
     # Filled in by load(): how the file stored the values, and its integrity fields.
     values_dtype: str = "fp32"
     body_sha256: str = ""
@@ -228,6 +232,10 @@ class DeltaHeader:
     @property
     def classes(self) -> list[str]:
         return json.loads(self.metadata["classes"]) if "classes" in self.metadata else []
+
+    @property
+    def base_classes(self) -> list[str]:
+        return json.loads(self.metadata["base_classes"]) if "base_classes" in self.metadata else []
 
     @property
     def heldout(self) -> dict[str, Any] | None:
@@ -405,6 +413,19 @@ def save(delta: Delta, key: bytes | None = None, *, values: str = "fp32", layout
         tensors[T_MEANS] = means.astype("<f2" if prototypes_dtype == "fp16" else "<f4")
         tensors[T_COUNTS] = counts.astype("<i8")
         metadata["classes"] = canonical_json(list(protos.classes))
+        base = delta.base_prototypes
+        if base is not None and len(base):
+            base_means = np.asarray(base.means, np.float32)
+            if not np.all(np.isfinite(base_means)):
+                raise DeltaEncodeError("a base-space prototype holds NaN or infinite values", "recompute the prototypes")
+            if prototypes_dtype == "fp16" and float(np.max(np.abs(base_means))) > 65504.0:
+                raise DeltaEncodeError("a base-space prototype exceeds the fp16 range", "save with prototypes_dtype='fp32'")
+            tensors[T_BASE_MEANS] = base_means.astype("<f2" if prototypes_dtype == "fp16" else "<f4")
+            tensors[T_BASE_COUNTS] = np.asarray(base.counts, np.int64).astype("<i8")
+            metadata["base_classes"] = canonical_json(list(base.classes))
+    # The lowest version that holds the content: a delta without base-space prototypes stays
+    # readable by version-2 readers (devices and servers are not upgraded at once).
+    metadata["format_version"] = str(3 if "base_classes" in metadata else 2)
 
     # The body does not depend on the metadata: hash it, then sign the header that holds the hash.
     _, body, _ = _serialize(tensors, metadata)
@@ -478,6 +499,9 @@ def read_header(source: bytes | bytearray | memoryview | str | Path) -> DeltaHea
                                 "use the same edgecl version on the device and here")
     if metadata.get("format_version") == "1" and "heldout" in metadata:
         raise DeltaMetadataError("a version 1 delta carries heldout (added in version 2)", _REMAKE)
+    if metadata.get("format_version") in ("1", "2") and "base_classes" in metadata:
+        raise DeltaMetadataError(f"a version {metadata['format_version']} delta carries base_classes (added in "
+                                 "version 3)", _REMAKE)
     _check_metadata(metadata, DeltaMetadataError)
     tensors = _check_tensors(header, metadata, DeltaShapeError)
     body_bytes = max((t.end for t in tensors.values()), default=0)
@@ -596,11 +620,21 @@ def decode(header: DeltaHeader, data: bytes) -> Delta:
         if np.any(counts < 1):
             raise DeltaShapeError("a prototype count is below 1", _REMAKE)
         prototypes = Prototypes(header.classes, means, counts)
+    base_prototypes = None
+    if T_BASE_MEANS in tensors:
+        means = tensors[T_BASE_MEANS].astype(np.float32)
+        counts = tensors[T_BASE_COUNTS].astype(np.int64)
+        if not np.all(np.isfinite(means)):
+            raise DeltaValueError("a base-space prototype holds NaN or infinite values", "recompute the prototypes")
+        if np.any(counts < 1):
+            raise DeltaShapeError("a base-space prototype count is below 1", _REMAKE)
+        base_prototypes = Prototypes(header.base_classes, means, counts)
     return Delta(bundle_id=header.bundle_id, bundle_version=header.bundle_version,
                  base_sha256=header.base_sha256, mask_sha256=header.mask_sha256, device_id=header.device_id,
                  delta_k=k, positions=positions, values=decoded, steps=header.steps,
                  samples_seen=header.samples_seen, metrics=json.loads(meta["metrics"]),
-                 created_utc=header.created_utc, prototypes=prototypes, heldout=header.heldout, values_dtype=encoding,
+                 created_utc=header.created_utc, prototypes=prototypes, heldout=header.heldout,
+                 base_prototypes=base_prototypes, values_dtype=encoding,
                  body_sha256=header.body_sha256, hmac_sha256=header.hmac_sha256)
 
 
@@ -649,7 +683,7 @@ def _check_metadata(meta: dict[str, Any], err: type[DeltaError]) -> None:
             raise err(f"{key} is not a non-negative decimal integer", fix)
     if not _TIME_RE.fullmatch(meta["created_utc"]):
         raise err(f"created_utc {meta['created_utc']!r} is not YYYY-MM-DDTHH:MM:SSZ", fix)
-    for name, kind in (("metrics", dict), ("classes", list), ("heldout", dict)):
+    for name, kind in (("metrics", dict), ("classes", list), ("heldout", dict), ("base_classes", list)):
         if name not in meta:
             continue
         try:
@@ -664,9 +698,11 @@ def _check_metadata(meta: dict[str, Any], err: type[DeltaError]) -> None:
             check_heldout(parsed, err)
         if canonical_json(parsed) != meta[name]:
             raise err(f"{name} is not in canonical JSON form", fix)
-        if name == "classes" and (not parsed or len(set(parsed)) != len(parsed)
+        if name in ("classes", "base_classes") and (not parsed or len(set(parsed)) != len(parsed)
               or not all(isinstance(c, str) and 0 < len(c) <= _MAX_CLASS_NAME for c in parsed)):
-            raise err("classes must be distinct non-empty names of at most 256 characters", fix)
+            raise err(f"{name} must be distinct non-empty names of at most 256 characters", fix)
+    if "base_classes" in meta and not set(json.loads(meta["base_classes"])) <= set(json.loads(meta.get("classes", "[]"))):
+        raise err("base_classes names a class the delta has no prototype of", fix)
 
 
 def _check_accuracy(value: Any) -> bool:
@@ -716,6 +752,8 @@ def _check_tensors(header: dict[str, Any], meta: dict[str, str], err: type[Delta
         expected.add(T_SCALES)
     if "classes" in meta:
         expected |= {T_MEANS, T_COUNTS}
+    if "base_classes" in meta:
+        expected |= {T_BASE_MEANS, T_BASE_COUNTS}
     if set(infos) != expected:
         raise err(f"tensors are {sorted(infos)}, expected {sorted(expected)} for layout {layout}, {enc}", fix)
 
@@ -755,6 +793,10 @@ def _check_tensors(header: dict[str, Any], meta: dict[str, str], err: type[Delta
             raise err(f"{T_MEANS} is {list(means.shape)}, expected [{c}, D]", fix)
         need(T_MEANS, ("F32", "F16"), means.shape)
         need(T_COUNTS, ("I64",), (c,))
+    if "base_classes" in meta:      # _check_metadata made it a subset of classes, so T_MEANS is there
+        c = len(json.loads(meta["base_classes"]))
+        need(T_BASE_MEANS, ("F32", "F16"), (c, infos[T_MEANS].shape[1]))
+        need(T_BASE_COUNTS, ("I64",), (c,))
     # Byte extents: each tensor's bytes match its shape, laid out back to back in canonical order.
     offset = 0
     for name in sorted(infos, key=lambda n: _layout_key(n, infos[n].dtype)):

@@ -1,0 +1,56 @@
+"""The delta's base-space prototypes (format 3): an adapted device's classes as the bundle's own
+backbone would place them, which the fleet's release gate needs for its frozen baseline and only the
+device (holding the images) can compute. Real tiny bundle, real onnxruntime training, real images."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+from test_device_adapt import make_image_folder
+
+from edgecl.device.adapt import AdaptOptions, adapt
+from edgecl.device.deltafile import make_delta
+from edgecl.device.state import load_current, open_bundle
+from edgecl.formats import delta as delta_format
+
+
+def _prototypes(bundle: Path) -> dict[str, np.ndarray]:
+    p = load_current(open_bundle(bundle)).prototypes
+    return {c: p.means[i].astype(np.float64) for i, c in enumerate(p.classes)}
+
+
+def test_an_adapted_device_sends_its_classes_moved_back_to_the_bundles_backbone(tiny_bundle, tmp_path):
+    data = make_image_folder(tmp_path / "data", {"bolt": 12, "nut": 12}, seed=21)
+    adapted, frozen = tmp_path / "adapted", tmp_path / "frozen"
+    shutil.copytree(tiny_bundle, adapted)
+    shutil.copytree(tiny_bundle, frozen)
+    adapt(adapted, data, AdaptOptions(epochs=2, lr=0.05, gate=False, progress=False))
+    # The truth the device approximates: the same images embedded by the bundle's backbone (no training).
+    adapt(frozen, data, AdaptOptions(epochs=0, progress=False))
+
+    make_delta(adapted, tmp_path / "adapted.safetensors", device_id="line-a")
+    d = delta_format.load_file(tmp_path / "adapted.safetensors")
+    assert np.any(d.values) and delta_format.read_header(
+        (tmp_path / "adapted.safetensors").read_bytes()).metadata["format_version"] == "3"
+    base, moved, truth = ({c: d.base_prototypes.means[i].astype(np.float64)
+                           for i, c in enumerate(d.base_prototypes.classes)}, _prototypes(adapted), _prototypes(frozen))
+    assert {"bolt", "nut"} <= set(base)
+    for c in ("bolt", "nut"):
+        assert d.base_prototypes.counts[d.base_prototypes.classes.index(c)] == 12
+        # Moved back by the exemplars' drift: much nearer the frozen backbone's prototype than the
+        # adapted one is (the baseline built from the adapted prototypes would be in the wrong space).
+        far, near = np.linalg.norm(moved[c] - truth[c]), np.linalg.norm(base[c] - truth[c])
+        assert far > 0 and near < 0.5 * far, (c, near, far)
+
+
+def test_a_device_whose_backbone_did_not_change_sends_none(tiny_bundle, tmp_path):
+    data = make_image_folder(tmp_path / "data", {"bolt": 6}, seed=22)
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bundle)
+    adapt(bundle, data, AdaptOptions(epochs=0, progress=False))       # its prototypes are base-space already
+    make_delta(bundle, tmp_path / "d.safetensors", device_id="line-b")
+    d = delta_format.load_file(tmp_path / "d.safetensors")
+    assert not np.any(d.values) and d.base_prototypes is None and "bolt" in d.prototypes.classes
+    assert delta_format.read_header((tmp_path / "d.safetensors").read_bytes()).metadata["format_version"] == "2"
