@@ -44,3 +44,15 @@ def test_groups_are_weighted_by_images_and_missing_groups_are_skipped():
     assert table["device:line-a"]["images"] == 0 and table["device:line-a"]["candidate"] is None
     _, reasons = gate({"device:x": ["nothing"]}, candidate, baseline, None, 0.0)
     assert reasons == ["the held-out folder has no image of any class group"]
+
+
+def test_the_current_version_is_shown_not_compared_when_the_candidate_adds_classes():
+    """With new classes the candidate chooses among more of them: its calibration accuracy is not
+    comparable with the current version's, and the frozen baseline (same classes) is the check."""
+    candidate = _eval({"bolt": (0.7, 10), "nut": (0.7, 10), "gear": (0.9, 10)})
+    baseline = _eval({"bolt": (0.6, 10), "nut": (0.7, 10), "gear": (0.8, 10)})
+    current = _eval({"bolt": (0.9, 10), "nut": (0.9, 10)})
+    table, reasons = gate(GROUPS, candidate, baseline, current, 0.0, compare_current=False)
+    assert reasons == [] and table[CALIBRATION]["current"] == 0.9
+    _, reasons = gate(GROUPS, candidate, baseline, current, 0.0)
+    assert reasons == ["calibration: candidate 0.700 < current version 0.900 - 0"]
