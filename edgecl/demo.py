@@ -286,8 +286,9 @@ def run_demo(options: DemoOptions, echo: Callable[[str], None] = print) -> DemoR
         report.stages.append(Stage("frozen baseline (v1)", "all", accuracy_base,
                                    "no training; prototypes of all 10 classes"))
         accuracy_v2 = {g: _accuracy(run, out / "bundle-v2", f)[0] for g, f in groups.items()}
-        report.stages.append(Stage("merged fleet (v2)", "all", accuracy_v2,
-                                   "edgecl release: " + ("released" if released["published"] else "refused")))
+        report.stages.append(Stage("merged v2 (" + ("released" if released["published"] else "refused") + ")", "all",
+                                   accuracy_v2, "edgecl release: " + ("published" if released["published"] else
+                                                                      "; ".join(released["reasons"]))))
         report.timings_s["release"] = time.perf_counter() - t
 
         # 6. pull back ----------------------------------------------------------------------------------
@@ -346,6 +347,15 @@ def format_table(report: DemoReport) -> str:
     if "merged_delta_bytes" in report.bundle:
         lines.append(f"merged delta: {report.bundle['merged_delta_bytes']:,} bytes "
                      f"({100 * report.bundle['merged_delta_bytes'] / base:.2f}% of the base model's {base:,} fp32 bytes)")
+    if report.release:
+        def pct(x: float | None) -> str:
+            return f"{100 * x:>9.1f}" if x is not None else f"{'-':>9}"
+
+        lines += ["", "edgecl release on the release-check images (ncm; " +
+                  ("published" if report.release["published"] else "refused, nothing published") + ")",
+                  f"{'group':<18} {'images':>6} {'v2':>9} {'frozen':>9} {'v1':>9}"]
+        for name, g in report.release["groups"].items():
+            lines.append(f"{name:<18} {g['images']:>6} {pct(g['candidate'])} {pct(g['baseline'])} {pct(g['current'])}")
     lines.append("time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in report.timings_s.items()))
     return "\n".join(lines)
 
