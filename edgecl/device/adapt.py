@@ -42,6 +42,7 @@ from .ort import StepSession, check_provider
 from .plan import AdaptOptions, Plan, resolve_plan
 from .poststeps import Heads, Moved, run_post_steps
 from .state import (
+    BASE_PROTOTYPES,
     EXEMPLARS,
     LDA,
     PROTOTYPES,
@@ -51,6 +52,7 @@ from .state import (
     DeviceState,
     RunDir,
     bundle_lock,
+    bundle_prototypes,
     check_resumable,
     commit_generation,
     load_current,
@@ -202,6 +204,32 @@ def _train_set(task: LoadedImages, memory: ExemplarMemory, split: Split, replay_
 
 
 # -- the adaptation --------------------------------------------------------------------------------
+
+def base_prototypes_after(current: DeviceState, bundle: Bundle, task: LoadedImages, base_embeddings: np.ndarray,
+                          fingerprints: np.ndarray) -> Prototypes:
+    """The state's base-space table after this task: each task class the bundle does not ship, its
+    previous base-space mean merged by counts with this task's images under the bundle's backbone,
+    each image counted once (the rule the prototypes follow: images the state already counts for a
+    class are skipped)."""
+    table = (Prototypes.load_file(current.base_prototypes_path) if current.base_prototypes_path is not None
+             else Prototypes.empty(int(base_embeddings.shape[1])))
+    shipped = set(bundle_prototypes(bundle).classes)
+    for i, name in enumerate(task.classes):
+        if name in shipped:
+            continue
+        rows = np.flatnonzero(task.labels == i)
+        rows = rows[~current.prototypes.seen_mask(name, fingerprints[rows])]
+        if not rows.size:
+            continue
+        new_sum, n_new = base_embeddings[rows].astype(np.float64).sum(0), int(rows.size)
+        if name in table.classes:
+            j = table.classes.index(name)
+            n_old = int(table.counts[j])
+            table.upsert(name, (table.means[j].astype(np.float64) * n_old + new_sum) / (n_old + n_new), n_old + n_new)
+        else:
+            table.upsert(name, new_sum / n_new, n_new)
+    return table
+
 
 def adapt(bundle_dir: str | Path, data_dir: str | Path, options: AdaptOptions | None = None,
           profile: str | Path | DeviceProfile | None = None) -> AdaptReport:
@@ -389,6 +417,11 @@ def _adapt(bundle: Bundle, data_dir: Path, opts: AdaptOptions, prof: DeviceProfi
     all_rows = np.arange(len(task.labels))
     all_ex = {c: np.arange(len(memory.of_class(c))) for c in known}
     heads = run_post_steps(start_heads, moved_on(all_rows, all_ex, before, kept_delta))
+    # The task's new classes as the bundle's own backbone places them, from every image: the release
+    # gate's frozen baseline, which only the device (holding the images) can compute. `before` is
+    # that already when this adaptation started from the bundle's weights.
+    base_embeddings = before if not np.any(current.delta) else embed(task.pixels, np.zeros_like(current.delta))
+    base_table = base_prototypes_after(current, bundle, task, base_embeddings, fingerprints)
 
     # 7. commit: a new generation, then HEAD; the previous state stays for rollback
     records = [json.loads(line) for line in run_dir.log_path.read_text().splitlines() if line.strip()]
@@ -414,6 +447,8 @@ def _adapt(bundle: Bundle, data_dir: Path, opts: AdaptOptions, prof: DeviceProfi
         save_trainable(tmp / TRAINABLE, trainable)
         heads.prototypes.save_file(tmp / PROTOTYPES)
         heads.lda.save_file(tmp / LDA)
+        if len(base_table):
+            base_table.save_file(tmp / BASE_PROTOTYPES)
         if plan.use_exemplars and len(heads.memory.classes):
             heads.memory.save_file(tmp / EXEMPLARS)
         (tmp / STEP_LOG).write_bytes(run_dir.log_path.read_bytes())

@@ -72,27 +72,41 @@ def heldout_from_gate(gate: Any) -> dict[str, Any] | None:
 
 
 def base_space_prototypes(bundle: Bundle, state: DeviceState) -> Prototypes | None:
-    """This device's prototypes as the bundle's own backbone (no delta) would place them: what the
-    fleet's release gate compares the merged version against (the frozen baseline), which the host
-    cannot compute without the device's images. Each class the device holds exemplars of moves by its
-    exemplars' drift from the adapted backbone back to the bundle's, p + mean(base) - mean(adapted)
-    (the rule `edgecl upgrade` moves classes forward by). Only the classes the bundle does not ship
-    (its own prototypes are base-space and exact): a few kB. None when the backbone is unchanged (the
-    prototypes are base-space already) or no exemplars are kept (``store_images`` off)."""
-    if not np.any(state.delta) or state.exemplars_path is None or not len(state.prototypes):
+    """This device's new classes as the bundle's own backbone (no delta) places them: what the fleet's
+    release gate compares the merged version against (the frozen baseline), which the host cannot
+    compute without the device's images. Only the classes the bundle does not ship (its own are
+    base-space and exact): a few kB. Exact where `edgecl adapt` recorded them (every task image
+    embedded by the bundle's backbone, ``base_prototypes.safetensors`` in the state); otherwise (a
+    state from before that, or carried by `edgecl upgrade`) moved back by the class's exemplars' drift
+    from the adapted backbone, p + mean(base) - mean(adapted). None when the backbone is unchanged
+    (the prototypes are base-space already)."""
+    if not np.any(state.delta) or not len(state.prototypes):
         return None
-    from .upgrade import embed_both
+    shipped = set(bundle_prototypes(bundle).classes)
+    wanted = [c for c in state.prototypes.classes if c not in shipped]
+    recorded = (Prototypes.load_file(state.base_prototypes_path) if state.base_prototypes_path is not None
+                else Prototypes.empty(int(state.prototypes.means.shape[1])))
+    rows: dict[str, tuple[np.ndarray, int]] = {}
+    for c in wanted:
+        if c in recorded.classes:
+            j = recorded.classes.index(c)
+            rows[c] = (recorded.means[j].astype(np.float64), int(recorded.counts[j]))
+    rest = [c for c in wanted if c not in rows]
+    if rest and state.exemplars_path is not None:
+        from .upgrade import embed_both
 
-    memory = ExemplarMemory.load_file(state.exemplars_path)
-    adapted, base = embed_both(bundle, bundle, memory, state.delta)
-    shipped = set(bundle_prototypes(bundle).classes)   # the bundle's own are base-space already, and exact
-    names = [c for c in state.prototypes.classes if c in adapted and c not in shipped]
+        memory = ExemplarMemory.load_file(state.exemplars_path)
+        adapted, base = embed_both(bundle, bundle, memory, state.delta)
+        for c in rest:
+            if c in adapted:
+                i = state.prototypes.classes.index(c)
+                rows[c] = (state.prototypes.means[i].astype(np.float64) + base[c].mean(0) - adapted[c].mean(0),
+                           int(state.prototypes.counts[i]))
+    names = [c for c in wanted if c in rows]
     if not names:
         return None
-    rows = [state.prototypes.classes.index(c) for c in names]
-    means = np.stack([state.prototypes.means[i].astype(np.float64) + base[c].mean(0) - adapted[c].mean(0)
-                      for i, c in zip(rows, names, strict=True)])
-    return Prototypes(names, means.astype(np.float32), np.asarray(state.prototypes.counts)[rows].copy())
+    return Prototypes(names, np.stack([rows[c][0] for c in names]).astype(np.float32),
+                      np.asarray([rows[c][1] for c in names], np.int64))
 
 
 def make_delta(bundle_dir: str | Path, out: str | Path, values: str = "fp32", device_id: str | None = None,

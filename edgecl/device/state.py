@@ -11,6 +11,8 @@ Layout (docs/device.md):
         prototypes.safetensors    Prototypes after the adaptation
         exemplars.safetensors     optional exemplar memory
         lda.safetensors           the LDA head: pooled within-class scatter + its class means (heads.py)
+        base_prototypes.safetensors  optional: the device's new classes as the bundle's own backbone
+                                  places them, from every image (the release gate's frozen baseline)
         meta.json                 steps, epochs, seed, lr, classes, data, timings, peak memory, parent
         steps.jsonl               the step log of the adaptation that made it
     state/run/                an adaptation in progress (see RunDir); removed once committed
@@ -60,6 +62,7 @@ TRAINABLE = "trainable.safetensors"
 PROTOTYPES = "prototypes.safetensors"
 EXEMPLARS = "exemplars.safetensors"
 LDA = "lda.safetensors"
+BASE_PROTOTYPES = "base_prototypes.safetensors"
 META = "meta.json"
 STEP_LOG = "steps.jsonl"
 VERIFIED = "verified.json"
@@ -242,6 +245,7 @@ class DeviceState:
     exemplars_path: Path | None        # exemplars.safetensors if any
     meta: dict[str, Any] = field(default_factory=dict)
     lda_path: Path | None = None       # lda.safetensors if any
+    base_prototypes_path: Path | None = None  # base_prototypes.safetensors if any
 
 
 def read_head(state_dir: Path) -> dict[str, Any]:
@@ -312,9 +316,10 @@ def load_current(bundle: Bundle) -> DeviceState:
     except (OSError, ValueError, BundleError) as exc:
         raise DeviceError(f"device state {gen_dir} is damaged ({getattr(exc, 'problem', exc)})",
                           "run `edgecl rollback` or delete BUNDLE/state") from exc
-    exemplars, lda = gen_dir / EXEMPLARS, gen_dir / LDA
+    exemplars, lda, base = gen_dir / EXEMPLARS, gen_dir / LDA, gen_dir / BASE_PROTOTYPES
     return DeviceState(generation, trainable[mf.DELTA_PARAM].astype(np.float32), prototypes, trainable,
-                       exemplars if exemplars.exists() else None, meta, lda if lda.exists() else None)
+                       exemplars if exemplars.exists() else None, meta, lda if lda.exists() else None,
+                       base if base.exists() else None)
 
 
 def _next_generation(state_dir: Path) -> str:
