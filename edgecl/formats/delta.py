@@ -328,6 +328,18 @@ def _layout_key(name: str, dtype_tag: str) -> tuple[int, str]:
     return (-_DTYPES[dtype_tag].itemsize, name)
 
 
+def _encode_table(tensors: dict[str, np.ndarray], metadata: dict[str, str], table: Prototypes, t_means: str,
+                  t_counts: str, key: str, what: str, dtype: str) -> None:
+    means = np.asarray(table.means, np.float32)
+    if not np.all(np.isfinite(means)):
+        raise DeltaEncodeError(f"a {what} holds NaN or infinite values", "recompute the prototypes")
+    if dtype == "fp16" and means.size and float(np.max(np.abs(means))) > 65504.0:
+        raise DeltaEncodeError(f"a {what} exceeds the fp16 range", "save with prototypes_dtype='fp32'")
+    tensors[t_means] = means.astype("<f2" if dtype == "fp16" else "<f4")
+    tensors[t_counts] = np.asarray(table.counts, np.int64).astype("<i8")
+    metadata[key] = canonical_json(list(table.classes))
+
+
 def _serialize(tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> tuple[bytes, bytes, dict]:
     """(header object without padding as bytes, body, header object) in the canonical layout."""
     for name, array in tensors.items():
@@ -402,27 +414,11 @@ def save(delta: Delta, key: bytes | None = None, *, values: str = "fp32", layout
         metadata[_BLOCK_KEY[values]] = str(int(block))
     if delta.heldout is not None:
         metadata["heldout"] = canonical_json(check_heldout(delta.heldout, DeltaEncodeError))
-    protos = delta.prototypes
-    if protos is not None and len(protos):
-        means = np.asarray(protos.means, np.float32)
-        counts = np.asarray(protos.counts, np.int64)
-        if not np.all(np.isfinite(means)):
-            raise DeltaEncodeError("a prototype holds NaN or infinite values", "recompute the prototypes")
-        if prototypes_dtype == "fp16" and means.size and float(np.max(np.abs(means))) > 65504.0:
-            raise DeltaEncodeError("a prototype exceeds the fp16 range", "save with prototypes_dtype='fp32'")
-        tensors[T_MEANS] = means.astype("<f2" if prototypes_dtype == "fp16" else "<f4")
-        tensors[T_COUNTS] = counts.astype("<i8")
-        metadata["classes"] = canonical_json(list(protos.classes))
-        base = delta.base_prototypes
-        if base is not None and len(base):
-            base_means = np.asarray(base.means, np.float32)
-            if not np.all(np.isfinite(base_means)):
-                raise DeltaEncodeError("a base-space prototype holds NaN or infinite values", "recompute the prototypes")
-            if prototypes_dtype == "fp16" and float(np.max(np.abs(base_means))) > 65504.0:
-                raise DeltaEncodeError("a base-space prototype exceeds the fp16 range", "save with prototypes_dtype='fp32'")
-            tensors[T_BASE_MEANS] = base_means.astype("<f2" if prototypes_dtype == "fp16" else "<f4")
-            tensors[T_BASE_COUNTS] = np.asarray(base.counts, np.int64).astype("<i8")
-            metadata["base_classes"] = canonical_json(list(base.classes))
+    if delta.prototypes is not None and len(delta.prototypes):
+        _encode_table(tensors, metadata, delta.prototypes, T_MEANS, T_COUNTS, "classes", "prototype", prototypes_dtype)
+        if delta.base_prototypes is not None and len(delta.base_prototypes):
+            _encode_table(tensors, metadata, delta.base_prototypes, T_BASE_MEANS, T_BASE_COUNTS, "base_classes",
+                          "base-space prototype", prototypes_dtype)
     # The lowest version that holds the content: a delta without base-space prototypes stays
     # readable by version-2 readers (devices and servers are not upgraded at once).
     metadata["format_version"] = str(3 if "base_classes" in metadata else 2)
@@ -563,6 +559,19 @@ def _int4_count(meta: dict[str, str], tensors: dict[str, np.ndarray], k: int) ->
     return int(np.unpackbits(tensors[T_BITMAP], bitorder="little")[:k].sum())
 
 
+def _decode_table(tensors: dict[str, np.ndarray], t_means: str, t_counts: str, classes: list[str],
+                  what: str) -> Prototypes | None:
+    if t_means not in tensors:
+        return None
+    means = tensors[t_means].astype(np.float32)
+    counts = tensors[t_counts].astype(np.int64)
+    if not np.all(np.isfinite(means)):
+        raise DeltaValueError(f"a {what} holds NaN or infinite values", "recompute the prototypes")
+    if np.any(counts < 1):
+        raise DeltaShapeError(f"a {what} count is below 1", _REMAKE)
+    return Prototypes(classes, means, counts)
+
+
 def decode(header: DeltaHeader, data: bytes) -> Delta:
     """Tensors -> ``Delta`` with every value check (finite, positions in range, no q=-128)."""
     tensors = _st_load(data)     # offsets were validated by read_header, so this cannot misread
@@ -611,24 +620,8 @@ def decode(header: DeltaHeader, data: bytes) -> Delta:
         if positions.size != decoded.size:
             raise DeltaShapeError(f"the bitmap marks {positions.size} entries but {decoded.size} values are stored",
                                   _REMAKE)
-    prototypes = None
-    if T_MEANS in tensors:
-        means = tensors[T_MEANS].astype(np.float32)
-        counts = tensors[T_COUNTS].astype(np.int64)
-        if not np.all(np.isfinite(means)):
-            raise DeltaValueError("a prototype holds NaN or infinite values", "recompute the prototypes")
-        if np.any(counts < 1):
-            raise DeltaShapeError("a prototype count is below 1", _REMAKE)
-        prototypes = Prototypes(header.classes, means, counts)
-    base_prototypes = None
-    if T_BASE_MEANS in tensors:
-        means = tensors[T_BASE_MEANS].astype(np.float32)
-        counts = tensors[T_BASE_COUNTS].astype(np.int64)
-        if not np.all(np.isfinite(means)):
-            raise DeltaValueError("a base-space prototype holds NaN or infinite values", "recompute the prototypes")
-        if np.any(counts < 1):
-            raise DeltaShapeError("a base-space prototype count is below 1", _REMAKE)
-        base_prototypes = Prototypes(header.base_classes, means, counts)
+    prototypes = _decode_table(tensors, T_MEANS, T_COUNTS, header.classes, "prototype")
+    base_prototypes = _decode_table(tensors, T_BASE_MEANS, T_BASE_COUNTS, header.base_classes, "base-space prototype")
     return Delta(bundle_id=header.bundle_id, bundle_version=header.bundle_version,
                  base_sha256=header.base_sha256, mask_sha256=header.mask_sha256, device_id=header.device_id,
                  delta_k=k, positions=positions, values=decoded, steps=header.steps,
