@@ -20,6 +20,7 @@ import resource
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -205,22 +206,25 @@ def _train_set(task: LoadedImages, memory: ExemplarMemory, split: Split, replay_
 
 # -- the adaptation --------------------------------------------------------------------------------
 
-def base_prototypes_after(current: DeviceState, bundle: Bundle, task: LoadedImages, base_embeddings: np.ndarray,
-                          fingerprints: np.ndarray) -> Prototypes:
+def base_prototypes_after(current: DeviceState, bundle: Bundle, task: LoadedImages, fingerprints: np.ndarray,
+                          embed_base: Callable[[np.ndarray], np.ndarray]) -> Prototypes:
     """The state's base-space table after this task: each task class the bundle does not ship, its
-    previous base-space mean merged by counts with this task's images under the bundle's backbone,
-    each image counted once (the rule the prototypes follow: images the state already counts for a
-    class are skipped)."""
+    previous base-space mean merged by counts with this task's images under the bundle's backbone
+    (``embed_base``, called only when some image is new), each image counted once (the rule the
+    prototypes follow: images the state already counts for a class are skipped)."""
     table = (Prototypes.load_file(current.base_prototypes_path) if current.base_prototypes_path is not None
-             else Prototypes.empty(int(base_embeddings.shape[1])))
+             else Prototypes.empty(int(current.prototypes.means.shape[1])))
     shipped = set(bundle_prototypes(bundle).classes)
+    new_rows: dict[str, np.ndarray] = {}
     for i, name in enumerate(task.classes):
-        if name in shipped:
-            continue
         rows = np.flatnonzero(task.labels == i)
         rows = rows[~current.prototypes.seen_mask(name, fingerprints[rows])]
-        if not rows.size:
-            continue
+        if name not in shipped and rows.size:
+            new_rows[name] = rows
+    if not new_rows:
+        return table
+    base_embeddings = embed_base(task.pixels)
+    for name, rows in new_rows.items():
         new_sum, n_new = base_embeddings[rows].astype(np.float64).sum(0), int(rows.size)
         if name in table.classes:
             j = table.classes.index(name)
@@ -420,8 +424,9 @@ def _adapt(bundle: Bundle, data_dir: Path, opts: AdaptOptions, prof: DeviceProfi
     # The task's new classes as the bundle's own backbone places them, from every image: the release
     # gate's frozen baseline, which only the device (holding the images) can compute. `before` is
     # that already when this adaptation started from the bundle's weights.
-    base_embeddings = before if not np.any(current.delta) else embed(task.pixels, np.zeros_like(current.delta))
-    base_table = base_prototypes_after(current, bundle, task, base_embeddings, fingerprints)
+    base_table = base_prototypes_after(
+        current, bundle, task, fingerprints,
+        lambda pixels: before if not np.any(current.delta) else embed(pixels, np.zeros_like(current.delta)))
 
     # 7. commit: a new generation, then HEAD; the previous state stays for rollback
     records = [json.loads(line) for line in run_dir.log_path.read_text().splitlines() if line.strip()]
