@@ -225,9 +225,9 @@ def release(bundle_id: str, server: str, token: str, options: ReleaseOptions) ->
             device_classes[device] = list(d.prototypes.classes) if d.prototypes is not None else []
             counted.append(path)
             # The frozen baseline needs each device's classes as the current backbone places them: an
-            # unchanged backbone sent them so; an adapted one sent them moved back (base_prototypes,
-            # which only the device, holding the images, can compute). Without them (a delta from an
-            # edgecl before format 3) that device's classes have no baseline, and the table says so.
+            # unchanged backbone sent them so; an adapted one sends them as base_prototypes (which only
+            # the device, holding the images, can compute). Without them (a delta from an edgecl
+            # before format 3) that device's classes have no baseline, and the table says so.
             base_tables.append(d.base_prototypes if np.any(d.values) else d.prototypes)
 
         # The candidate from the counted deltas themselves, merged on the host as the server merged them

@@ -394,7 +394,6 @@ def save(delta: Delta, key: bytes | None = None, *, values: str = "fp32", layout
 
     metadata = {
         "format": DELTA_FORMAT,
-        "format_version": str(DELTA_FORMAT_VERSION),
         "bundle_id": delta.bundle_id,
         "bundle_version": str(int(delta.bundle_version)),
         "base_sha256": delta.base_sha256,
@@ -421,7 +420,7 @@ def save(delta: Delta, key: bytes | None = None, *, values: str = "fp32", layout
                           "base-space prototype", prototypes_dtype)
     # The lowest version that holds the content: a delta without base-space prototypes stays
     # readable by version-2 readers (devices and servers are not upgraded at once).
-    metadata["format_version"] = str(3 if "base_classes" in metadata else 2)
+    metadata["format_version"] = str(DELTA_FORMAT_VERSION if "base_classes" in metadata else 2)
 
     # The body does not depend on the metadata: hash it, then sign the header that holds the hash.
     _, body, _ = _serialize(tensors, metadata)
