@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from edgecl.formats.drift import compensate, default_sigma, estimate_drift
+from edgecl.classstats import compensate_drift as compensate
+from edgecl.classstats import default_sigma, estimate_drift
 
 
 def _cloud(seed=0, n=50, d=8):

@@ -76,7 +76,7 @@ def test_bad_shapes_and_settings_are_errors():
 
 
 def test_linear_drift_is_the_identity_without_drift_and_recovers_an_affine_map():
-    from edgecl.device.heads import fit_linear_drift
+    from edgecl.classstats import fit_linear_drift
 
     rng = np.random.default_rng(6)
     before = rng.normal(size=(300, 4))

@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from edgecl import classstats
 from edgecl.errors import DataError, DeviceError
 from edgecl.formats import manifest as mf
 from edgecl.formats.config import DeviceProfile
@@ -225,13 +226,11 @@ def base_prototypes_after(current: DeviceState, bundle: Bundle, task: LoadedImag
         return table
     base_embeddings = embed_base(task.pixels)
     for name, rows in new_rows.items():
-        new_sum, n_new = base_embeddings[rows].astype(np.float64).sum(0), int(rows.size)
+        mean, count = base_embeddings[rows].astype(np.float64).mean(0), int(rows.size)
         if name in table.classes:
             j = table.classes.index(name)
-            n_old = int(table.counts[j])
-            table.upsert(name, (table.means[j].astype(np.float64) * n_old + new_sum) / (n_old + n_new), n_old + n_new)
-        else:
-            table.upsert(name, new_sum / n_new, n_new)
+            mean, count = classstats.merge_by_counts([table.means[j], mean], [int(table.counts[j]), count])
+        table.upsert(name, mean, count)
     return table
 
 

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from edgecl import classstats
 from edgecl.device.state import Bundle, DeviceState, bundle_prototypes, load_current, open_bundle
 from edgecl.errors import DeviceError
 from edgecl.formats import delta as delta_format
@@ -100,7 +101,8 @@ def base_space_prototypes(bundle: Bundle, state: DeviceState) -> Prototypes | No
         for c in rest:
             if c in adapted:
                 i = state.prototypes.classes.index(c)
-                rows[c] = (state.prototypes.means[i].astype(np.float64) + base[c].mean(0) - adapted[c].mean(0),
+                # moved back: before = the adapted backbone, after = the bundle's own
+                rows[c] = (classstats.shift_by_exemplars(state.prototypes.means[i], adapted[c], base[c]),
                            int(state.prototypes.counts[i]))
     names = [c for c in wanted if c in rows]
     if not names:

@@ -11,7 +11,7 @@ and both learn new classes without a gradient step, from statistics accumulated 
   embedding of a class by the same vector: old classes stay right with only their means moved
   (exemplar or semantic drift compensation), which is what makes it fit a moving backbone.
   Memory: D x D (Lite0: 1280^2 float64 = 13 MB).
-- ``fit_linear_drift`` / ``LdaHead.move`` (Learnable Drift Compensation, Gomez-Villa et al., ECCV
+- ``edgecl.classstats.fit_linear_drift`` / ``LdaHead.move`` (Learnable Drift Compensation, Gomez-Villa et al., ECCV
   2024, in closed form): when the backbone reshapes the classes, not only shifts them, the pooled
   covariance goes stale. An affine map old space -> new space, fitted by ridge regression towards the
   identity on the images embedded before and after an adaptation (the task's images and the stored
@@ -40,7 +40,6 @@ from edgecl.formats.canonical import canonical_safetensors, read_metadata
 
 LDA_FORMAT = "edgecl-lda"
 DEFAULT_SHRINKAGE = 0.3  # chosen on B1's validation split (grid 0.03 / 0.1 / 0.3), 64 and 96 px
-DRIFT_RIDGE = 1.0        # fit_linear_drift's ridge, x N x the mean per-dimension variance (B1: 0.1 and 1 equal)
 
 
 def _check(embeddings: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -140,25 +139,6 @@ class LdaHead:
     @classmethod
     def load_file(cls, path: Path, shrinkage: float = DEFAULT_SHRINKAGE) -> LdaHead:
         return cls.from_bytes(Path(path).read_bytes(), shrinkage)
-
-
-def fit_linear_drift(before: np.ndarray, after: np.ndarray, ridge: float = DRIFT_RIDGE) -> np.ndarray:
-    """Affine map W [(D + 1), D] with [before, 1] @ W ~ after, ridge-regularised towards the identity.
-
-    The penalty lam * ||L - I||^2 (lam = ridge * N * the mean per-dimension variance of ``before``; the
-    bias is not penalised) keeps the directions the samples do not span where they were. No drift
-    (after == before) gives exactly the identity.
-    """
-    b, a = np.asarray(before, np.float64), np.asarray(after, np.float64)
-    if b.shape != a.shape or b.ndim != 2:
-        raise ValueError(f"before {b.shape} and after {a.shape} must both be [N, D]")
-    n, d = b.shape
-    x = np.hstack([b, np.ones((n, 1))])
-    lam = ridge * n * max(float(np.mean(b.var(axis=0))), 1e-12)
-    reg = np.eye(d + 1) * lam
-    reg[d, d] = 0.0
-    identity = np.vstack([np.eye(d), np.zeros((1, d))])
-    return np.linalg.solve(x.T @ x + reg, x.T @ a + reg @ identity)
 
 
 @dataclass

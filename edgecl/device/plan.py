@@ -25,7 +25,7 @@ class AdaptOptions:
     batch_size: int | None = None         # images per step (2x views); None = profile's, else manifest's
     seed: int | None = None               # None = manifest.seed
     checkpoint_every: int = 50            # steps between checkpoints (and at each epoch end, and the end)
-    drift_compensation: bool = True       # move old prototypes without exemplars by SDC (drift.py)
+    drift_compensation: bool = True       # move old prototypes without exemplars by SDC (edgecl.classstats)
     drift_sigma: float | None = None      # None = data-driven (drift.default_sigma)
     exemplars: bool | None = None         # None = profile.store_images
     replay: bool = True                   # with exemplars: mix old classes' exemplars into the training data

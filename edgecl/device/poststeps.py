@@ -9,7 +9,7 @@ device's class statistics (``Heads``), which it updates in order:
 2. ``shift_by_exemplars``: an old class with stored exemplars moves its prototype by its own
    exemplars' drift, p += mean(after) - mean(before);
 3. ``compensate_drift``: an old class without exemplars moves by semantic drift compensation
-   (drift.py), estimated from the task's images;
+   (edgecl.classstats), estimated from the task's images;
 4. ``merge_task_classes``: the task's classes get the mean of their images. A class seen before
    (the same product under a new camera) is MERGED by counts with its (moved) old prototype, so
    its earlier cameras are not forgotten; a new class is added. An image the mean already counts
@@ -29,11 +29,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from edgecl.formats import drift as sdc
+from edgecl import classstats
 from edgecl.formats.exemplars import ExemplarMemory
 from edgecl.formats.prototypes import Prototypes, image_fingerprints
 
-from .heads import LdaHead, fit_linear_drift
+from .heads import LdaHead
 
 MAX_EXEMPLARS_PER_CLASS = 20          # cap even when the byte budget allows more
 
@@ -75,21 +75,15 @@ class Heads:
         return Heads(self.prototypes.copy(), copy.deepcopy(self.lda), self.memory)
 
 
-def _class_means(embeddings: np.ndarray, labels: np.ndarray, classes: list[str]) -> dict[str, tuple[np.ndarray, int]]:
-    return {name: (embeddings[labels == i].mean(axis=0), int((labels == i).sum()))
-            for i, name in enumerate(classes) if (labels == i).any()}
-
-
 def shift_by_exemplars(heads: Heads, moved: Moved) -> None:
     if not moved.trained:
         return
     for name, ex_after in moved.exemplars_after.items():
         if name not in heads.prototypes.classes or not len(ex_after):
             continue
-        # The class's own drift, measured on its exemplars, moves the prototype that was computed
-        # from all of its images (a mean over a few exemplars alone is noisier).
         row = heads.prototypes.classes.index(name)
-        heads.prototypes.means[row] += ex_after.mean(axis=0) - moved.exemplars_before[name].mean(axis=0)
+        heads.prototypes.means[row] = classstats.shift_by_exemplars(
+            heads.prototypes.means[row], moved.exemplars_before[name], ex_after)
         heads.from_exemplars.append(name)
 
 
@@ -100,8 +94,9 @@ def compensate_drift(heads: Heads, moved: Moved) -> None:
     if not drifting:
         return
     rows = [heads.prototypes.classes.index(c) for c in drifting]
-    sigma = moved.drift_sigma or sdc.default_sigma(moved.before, moved.task_labels)
-    heads.prototypes.means[rows] = sdc.compensate(heads.prototypes.means[rows], moved.before, moved.after, sigma)
+    sigma = moved.drift_sigma or classstats.default_sigma(moved.before, moved.task_labels)
+    heads.prototypes.means[rows] = classstats.compensate_drift(heads.prototypes.means[rows], moved.before,
+                                                               moved.after, sigma)
     heads.drift_compensated = drifting
 
 
@@ -112,7 +107,7 @@ def carry_lda(heads: Heads, moved: Moved) -> None:
     if moved.trained and len(moved.after):
         before = np.concatenate([moved.before, *moved.exemplars_before.values()])
         after = np.concatenate([moved.after, *moved.exemplars_after.values()])
-        heads.lda.move(fit_linear_drift(before, after))
+        heads.lda.move(classstats.fit_linear_drift(before, after))
         heads.lda_moved = True
     if len(moved.after):
         heads.lda.add(moved.after, moved.task_labels)
@@ -141,20 +136,14 @@ def merge_task_classes(heads: Heads, moved: Moved) -> None:
         # with their new ones. The LDA mean moved by the drift map, which was fitted on these very
         # images: their new embeddings stand in for their mapped old ones.
         again = protos.seen_mask(name, fps)
-        n_again = min(int(again.sum()), old_count)
         shift = old_mean - heads.start_means.get(name, old_mean)
-        rest = old_count - n_again
-        if n_again:
-            taken = moved.before[rows][again].astype(np.float64)[:n_again]
-            old_sum = old_mean * old_count - (taken + shift).sum(0)
-            lda_sum = lda_old * old_count - moved.after[rows][again].astype(np.float64)[:n_again].sum(0)
-        else:
-            old_sum, lda_sum = old_mean * old_count, lda_old * old_count
-        new_sum = after.sum(0)
+        old_sum, rest = classstats.remove_from_mean(old_mean, old_count, moved.before[rows][again] + shift)
+        lda_sum, _ = classstats.remove_from_mean(lda_old, old_count, moved.after[rows][again])
         if rest <= 0:  # every image the mean counted is in this task: its fresh mean
-            merged, lda_merged = new_sum / count, new_sum / count
+            merged, lda_merged = after.mean(0), after.mean(0)
         else:
-            merged, lda_merged = (old_sum + new_sum) / (rest + count), (lda_sum + new_sum) / (rest + count)
+            merged, _ = classstats.merge_by_counts([old_sum / rest, after.mean(0)], [rest, count])
+            lda_merged, _ = classstats.merge_by_counts([lda_sum / rest, after.mean(0)], [rest, count])
         heads.lda.means[name] = lda_merged
         protos.upsert(name, merged, rest + count)
         protos.mark_seen(name, fps)

@@ -30,12 +30,13 @@ from typing import Any
 
 import numpy as np
 
+from edgecl import classstats
 from edgecl.errors import DeviceError
 from edgecl.formats import manifest as mf
 from edgecl.formats.exemplars import ExemplarMemory
 from edgecl.formats.hashing import sha256_file
 
-from .heads import LdaHead, fit_linear_drift
+from .heads import LdaHead
 from .infer import create_runner, embed_and_score, resolve_profile
 from .state import (
     EXEMPLARS,
@@ -93,13 +94,13 @@ def _upgrade(old: Bundle, new: Bundle, any_lineage: bool) -> dict[str, Any]:
         i = current.prototypes.classes.index(name)
         mean = current.prototypes.means[i].astype(np.float64)
         if name in before:
-            mean = mean + after[name].mean(axis=0) - before[name].mean(axis=0)
+            mean = classstats.shift_by_exemplars(mean, before[name], after[name])
             moved.append(name)
         prototypes.upsert(name, mean, int(current.prototypes.counts[i]))
         prototypes.seen[name] = current.prototypes.seen.get(name, np.zeros(0, np.uint64)).copy()
     lda = LdaHead.load_file(current.lda_path) if current.lda_path is not None else None
     if lda is not None and before:
-        lda.move(fit_linear_drift(np.concatenate(list(before.values())), np.concatenate(list(after.values()))))
+        lda.move(classstats.fit_linear_drift(np.concatenate(list(before.values())), np.concatenate(list(after.values()))))
 
     def write(tmp: Path) -> None:
         prototypes.save_file(tmp / PROTOTYPES)

@@ -18,9 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from edgecl import classstats
 from edgecl.errors import BundleError, ConfigError
 from edgecl.formats import delta as delta_format
-from edgecl.formats import drift as sdc
 from edgecl.formats import manifest as mf
 from edgecl.formats.config import Recipe, load_recipe
 from edgecl.formats.exemplars import ExemplarMemory
@@ -114,7 +114,7 @@ def _prototypes_in_new_space(deltas: list[delta_format.Delta], merged: delta_for
                              max_share: float) -> delta_format.Delta:
     """Each device's prototypes live in ITS embedding space (base + its own delta); the merged version's
     backbone is another one. Before they are merged, each device's table is moved into the new space by
-    semantic drift compensation (formats/drift.py) measured on the bundle's exemplars, embedded under
+    semantic drift compensation (edgecl.classstats) measured on the bundle's exemplars, embedded under
     the device's backbone and under the new one. A device whose delta is the merged one moves by 0; a
     device whose gate refused its adaptation (zero delta) sent base-space prototypes, which move as the
     calibration classes do. Measured in `make demo`: without this, device B's classes fell from 88.8
@@ -131,8 +131,8 @@ def _prototypes_in_new_space(deltas: list[delta_format.Delta], merged: delta_for
         own.update(mask.scatter(d.to_dense(mask.total_selected), base))
         before = _embed_torch(_model_with(recipe, own), exemplars.pixels, manifest)
         table = d.prototypes.copy()
-        table.means = sdc.compensate(table.means.astype(np.float64), before, after,
-                                     sdc.default_sigma(before, labels)).astype(np.float32)
+        table.means = classstats.compensate_drift(table.means.astype(np.float64), before, after,
+                                                  classstats.default_sigma(before, labels)).astype(np.float32)
         tables.append(table)
     return dataclasses.replace(merged, prototypes=merge_prototypes(tables, max_share))
 
@@ -151,7 +151,8 @@ def _shift_by_exemplars(prototypes: Prototypes, exemplars: ExemplarMemory, befor
     for i, name in enumerate(exemplars.classes):
         rows = exemplars.labels == i
         if rows.any() and name in out.classes and name not in skip:
-            out.means[out.classes.index(name)] += (emb_after[rows].mean(0) - emb_before[rows].mean(0)).astype(np.float32)
+            j = out.classes.index(name)
+            out.means[j] = classstats.shift_by_exemplars(out.means[j], emb_before[rows], emb_after[rows])
     return out
 
 
