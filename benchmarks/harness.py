@@ -1,8 +1,9 @@
 """One harness for B1 (class-incremental) and B6 (domain-incremental): a learner protocol, the heads,
 the stream loop and the metrics. Every method (frozen, full fine-tuning, MIST in torch, the real edgecl
 path) is a ``Learner``; the heads and the old-class rules around it are the device's own algorithms,
-imported from ``edgecl`` (LdaHead, fit_linear_drift, drift.compensate, replay_repeats, herding,
-Prototypes.merge), never re-coded here.
+imported from ``edgecl`` (LdaHead, replay_repeats, herding, and every rule that merges or moves class
+statistics from ``edgecl.classstats``: merge_by_counts, shift_by_exemplars, compensate_drift,
+fit_linear_drift), never re-coded here.
 
 Per task t, in the device's order (edgecl.device.adapt, post-steps):
 1. embed the task's images (and the stored exemplars) with the backbone before adapting;
@@ -35,7 +36,8 @@ from typing import Any, Protocol
 import numpy as np
 from common import Stream, Task, concat
 
-from edgecl.device.heads import LdaHead, RanpacHead, fit_linear_drift
+from edgecl import classstats
+from edgecl.device.heads import LdaHead, RanpacHead
 
 LDA_SHRINKAGE = (0.03, 0.1, 0.3, 0.6)   # the lda heads' grid, chosen on val like the lr
 RANPAC_RIDGE = (1e4, 1e5, 1e6, 1e7)      # the ranpac head's grid (small subsets pick the large ridges)
@@ -119,7 +121,6 @@ class HeadKeeper:
 
     def update(self, learner: Learner, task: Task, before: np.ndarray, after: np.ndarray,
                ex_before: dict[int, np.ndarray]) -> None:
-        from edgecl.formats import drift as sdc
         from edgecl.formats.exemplars import herding_order
         labels = task.train.labels
         moved = bool(np.any(before != after))
@@ -129,11 +130,11 @@ class HeadKeeper:
         if moved:
             shifted = [c for c in ex_before if self.p.old_update == "shift" and c in self.protos]
             for c in shifted:
-                self.protos[c] = self.protos[c] + ex_after[c].mean(axis=0) - ex_before[c].mean(axis=0)
+                self.protos[c] = classstats.shift_by_exemplars(self.protos[c], ex_before[c], ex_after[c])
             rest = [c for c in self.protos if c not in shifted]
             if self.p.old_update in ("shift", "sdc") and rest:
-                moved_rows = sdc.compensate(np.stack([self.protos[c] for c in rest]), before, after,
-                                            sdc.default_sigma(before, labels))
+                moved_rows = classstats.compensate_drift(np.stack([self.protos[c] for c in rest]), before, after,
+                                                         classstats.default_sigma(before, labels))
                 self.protos.update({c: moved_rows[i] for i, c in enumerate(rest)})
         dim = after.shape[1]
         if "lda-map" in self.p.heads:
@@ -141,7 +142,7 @@ class HeadKeeper:
             if moved and self.lda_map.means:
                 fit_b = np.concatenate([before, *ex_before.values()])
                 fit_a = np.concatenate([after, *ex_after.values()])
-                self.lda_map.move(fit_linear_drift(fit_b, fit_a))
+                self.lda_map.move(classstats.fit_linear_drift(fit_b, fit_a))
             self.lda_map.add(after, labels)
         if "lda" in self.p.heads:
             self.lda = self.lda or LdaHead(dim)
@@ -210,10 +211,10 @@ class CachedRanpac(RanpacHead):
 
 
 def merge_mean(prev: np.ndarray | None, prev_count: int, mean: np.ndarray, count: int) -> np.ndarray:
-    """Count-weighted running mean, the device's rule for a class seen again (Prototypes.merge)."""
+    """Count-weighted running mean, the device's rule for a class seen again (classstats.merge_by_counts)."""
     if prev is None or prev_count <= 0:
         return np.asarray(mean, np.float64)
-    return (prev_count * np.asarray(prev, np.float64) + count * np.asarray(mean, np.float64)) / (prev_count + count)
+    return classstats.merge_by_counts([prev, mean], [prev_count, count])[0]
 
 
 def _unit(x: np.ndarray) -> np.ndarray:

@@ -1,4 +1,4 @@
-"""Do no harm (device/gate.py) and classes seen again (poststeps.merge_task_classes), on a real bundle."""
+"""The do-no-harm check (device/noharm.py) and classes seen again (poststeps.merge_task_classes), on a real bundle."""
 
 from __future__ import annotations
 
@@ -43,7 +43,7 @@ def test_harmful_training_is_refused_and_the_prototypes_only_state_committed(bun
 
 
 def test_choose_epoch_keeps_the_last_epoch_unless_it_is_worse():
-    from edgecl.device.gate import choose_epoch
+    from edgecl.device.noharm import choose_epoch
 
     assert choose_epoch(0.80, {1: 0.90, 2: 0.85, 3: 0.81}) == 3        # last not worse: kept, however noisy
     assert choose_epoch(0.80, {1: 0.90, 2: 0.85, 3: 0.80}) == 3        # a tie keeps the adaptation
@@ -176,7 +176,8 @@ def test_the_gate_judges_only_on_images_no_statistics_count(bundle_copy, task):
     """After `adapt --epochs 0` on a folder, its images are in the prototypes and LDA means: held out,
     they would favour the state that holds them. They train; the gate judges on uncounted images only,
     and with none left it is off, saying so."""
-    from edgecl.device.adapt import AdaptOptions, _split, adapt
+    from edgecl.device.adapt import AdaptOptions, adapt
+    from edgecl.device.episode import _split
     from edgecl.device.infer import resolve_profile
     from edgecl.device.plan import resolve_plan
     from edgecl.device.state import open_bundle
@@ -196,6 +197,6 @@ def test_the_gate_judges_only_on_images_no_statistics_count(bundle_copy, task):
     assert {images.labels[r] for r in split.task_held} == {0, 1}  # both classes still judged
 
     adapt(bundle_copy, task, AdaptOptions(epochs=0, progress=False))
-    with pytest.warns(UserWarning, match="gate is off"):
+    with pytest.warns(UserWarning, match="check is off"):
         report = adapt(bundle_copy, task, AdaptOptions(epochs=1, seed=1, progress=False))
     assert report.gate is None and report.kept == "adapted"

@@ -40,7 +40,7 @@ from .heads import LdaHead
 from .state import Bundle, DeviceState, load_current, open_bundle, save_verified
 
 # auto: lda when the state has its statistics, else ncm; ncm: cosine to the class prototypes;
-# lda: linear discriminant with the pooled within-class covariance. (cli/choices.py mirrors these.)
+# lda: linear discriminant with the pooled within-class covariance. (cli/options.py mirrors these.)
 HEADS = ("auto", "ncm", "lda")
 
 # Softmax temperature of the ncm head's cosine scores. A cosine gap of 0.1 between two classes is

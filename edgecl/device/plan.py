@@ -71,6 +71,12 @@ class Plan:
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("progress", "checkpoint_every")}
 
 
+def check_replay_share(share: float) -> None:
+    """The one check of a replay share (options, profile and benchmarks all pass through it)."""
+    if not (math.isfinite(share) and 0.0 <= share < 1.0):
+        raise DeviceError(f"the replay share must be in [0, 1), got {share}", "pass e.g. --replay-share 0.5")
+
+
 def resolve_plan(opts: AdaptOptions, profile: DeviceProfile, manifest: mf.BundleManifest, total_selected: int) -> Plan:
     epochs = manifest.epochs if opts.epochs is None else int(opts.epochs)
     if epochs < 0:
@@ -86,8 +92,7 @@ def resolve_plan(opts: AdaptOptions, profile: DeviceProfile, manifest: mf.Bundle
     lr = manifest.lr_backbone if opts.lr is None else float(opts.lr)
     if not (math.isfinite(lr) and lr >= 0):
         raise DeviceError(f"--lr must be a finite number >= 0, got {lr}", "pass e.g. --lr 0.01")
-    if not 0.0 <= opts.replay_share < 1.0:
-        raise DeviceError(f"the replay share must be in [0, 1), got {opts.replay_share}", "pass e.g. --replay-share 0.5")
+    check_replay_share(opts.replay_share)
     if not 0.0 < opts.holdout_share < 1.0:
         raise DeviceError(f"the held-out share must be in (0, 1), got {opts.holdout_share}",
                           "pass e.g. --holdout-share 0.2")

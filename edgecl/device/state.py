@@ -476,3 +476,23 @@ def check_resumable(run: RunDir, config: dict[str, Any], current_generation: str
         raise DeviceError(f"--resume with different settings than the interrupted run: {', '.join(differing)}",
                           "pass the same data and flags, or start again without --resume")
 
+
+
+def commit_adaptation(bundle: Bundle, run_dir: RunDir, trainable: dict[str, np.ndarray], prototypes: Prototypes,
+                      lda: Any, memory: Any | None, base_prototypes: Prototypes, meta: dict[str, Any]) -> str:
+    """`edgecl adapt`'s commit: the kept trainable values, the class statistics (prototypes, the LDA
+    head's, the base-space table of the device's own classes), the exemplar memory (None: the device
+    keeps no images) and the run's step log, as one new generation; then the run folder goes."""
+    def write(tmp: Path) -> None:
+        save_trainable(tmp / TRAINABLE, trainable)
+        prototypes.save_file(tmp / PROTOTYPES)
+        lda.save_file(tmp / LDA)
+        if len(base_prototypes):
+            base_prototypes.save_file(tmp / BASE_PROTOTYPES)
+        if memory is not None and len(memory.classes):
+            memory.save_file(tmp / EXEMPLARS)
+        (tmp / STEP_LOG).write_bytes(run_dir.log_path.read_bytes())
+
+    generation = commit_generation(bundle, write, meta)
+    run_dir.remove()
+    return generation

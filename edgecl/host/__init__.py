@@ -1,4 +1,4 @@
-"""Host side: torch, timm, onnx and onnxruntime.training.artifacts live only in this package."""
+"""Host side: torch, timm and onnx live only in this package (scoring, masking, the step graph, export, apply)."""
 
 import logging
 

@@ -1,0 +1,181 @@
+"""The do-no-harm check: score an adaptation on images it never trained on before keeping it.
+
+(Not to be confused with the drop gate of each training step, ``update.py``, or the fleet's release
+check, ``edgecl/release.py``.)
+
+A share of each task class's images (and of each old class's stored exemplars) is held out of
+training. After the loop, candidate states are built from the same training rows with the same
+post-steps: the adapted state (its delta, statistics moved) and the prototypes-only one (old delta,
+the task's classes added from the old backbone: what `--epochs 0` gives). Both are scored on the
+held-out images with the head the device uses. The last epoch is kept unless it is worse; then the
+state saved at the end of each earlier epoch is scored too, and the best of those that are not
+worse is kept (``choose_epoch``); with none, prototypes only.
+``--select-lr`` scores its (lr, epochs) trials with the same function.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from edgecl.formats import manifest as mf
+
+from .heads import LdaHead
+from .poststeps import Heads, Moved, run_post_steps
+from .state import RunDir, load_trainable
+from .trainloop import TrainState, train
+
+if TYPE_CHECKING:
+    from .episode import Episode
+    from .ort import StepSession
+    from .plan import Plan
+
+SELECT_LR_FACTORS = (0.1, 1.0, 10.0)  # --select-lr grid around the chosen lr
+
+
+def holdout_split(labels: np.ndarray, share: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per class, hold out round(share * n) rows (at least one when the class has two or more)."""
+    rng = np.random.default_rng(seed)
+    train: list[int] = []
+    held: list[int] = []
+    for label in np.unique(labels):
+        rows = rng.permutation(np.flatnonzero(labels == label))
+        k = max(1, int(round(share * len(rows)))) if len(rows) >= 2 else 0
+        held.extend(rows[:k])
+        train.extend(rows[k:])
+    return np.sort(np.asarray(train, np.int64)), np.sort(np.asarray(held, np.int64))
+
+
+@dataclass
+class HeldOut:
+    embeddings_of: Callable[[np.ndarray], np.ndarray]   # delta -> [M, D] held-out images embedded
+    names: list[str]                                     # true class of each held-out image
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+def accuracy(heads: Heads, embeddings: np.ndarray, names: list[str], head: str) -> tuple[float, dict[str, float]]:
+    """(accuracy, accuracy per true class) of ``heads`` on embedded images with true class ``names``."""
+    protos = heads.prototypes
+    if not len(names) or not len(protos):
+        return float("nan"), {}
+    if head == "lda":
+        lda: LdaHead = heads.lda
+        scores = lda.logits(embeddings, lda.means_for(protos.classes, protos.means))
+    else:
+        e = embeddings / np.maximum(np.linalg.norm(embeddings, axis=1, keepdims=True), 1e-12)
+        p = protos.means / np.maximum(np.linalg.norm(protos.means, axis=1, keepdims=True), 1e-12)
+        scores = e @ p.T
+    right = np.array([protos.classes[j] == name for j, name in zip(np.argmax(scores, axis=1), names, strict=True)])
+    true = np.asarray(names)
+    return float(right.mean()), {c: float(right[true == c].mean()) for c in sorted(set(names))}
+
+
+def choose_epoch(prototypes_only: float, epochs: dict[int, float]) -> int | None:
+    """The epoch whose state to keep, or None for prototypes only, from held-out accuracies.
+
+    The last epoch (the validated schedule) whenever it is not worse than prototypes only: choosing
+    among epochs on a few dozen held-out images would fit their noise (measured in `make demo`: the
+    held-out maximum, epoch 6 of 10, scored 67.8% on device A's test classes, the last epoch 74.2%).
+    Otherwise the best earlier epoch that is not worse (ties: the later one), so an adaptation that
+    went wrong late keeps what it gained before; none -> prototypes only. Ties keep the adaptation:
+    "never keeps an adaptation that made it worse".
+    """
+    last = max(epochs)
+    if epochs[last] >= prototypes_only:
+        return last
+    fine = [e for e, accuracy in epochs.items() if accuracy >= prototypes_only]
+    return max(fine, key=lambda e: (epochs[e], e)) if fine else None
+
+
+def score(start: Heads, moved: Moved, held: HeldOut, delta: np.ndarray, head: str) -> tuple[float, dict[str, float]]:
+    """Held-out accuracy (overall, per class) of the state that ``moved`` (built on the training rows) leads to."""
+    return accuracy(run_post_steps(start, moved), held.embeddings_of(delta), held.names, head)
+
+
+@dataclass
+class Verdict:
+    """What the check decided: which trainable values to commit and what it saw."""
+    keep: bool                                # the adaptation is kept (else prototypes only)
+    trainable: dict[str, np.ndarray]          # the values of the kept epoch (the loop's last when not judged)
+    kept_epochs: int                          # the epochs of training the committed state holds (0: none)
+    report: dict[str, Any] | None             # held-out accuracies (None when nothing was judged)
+
+    @property
+    def kept_delta(self) -> np.ndarray | None:
+        return self.trainable[mf.DELTA_PARAM] if self.keep else None
+
+
+def judge(episode: Episode, plan: Plan, state: TrainState, run_dir: RunDir) -> Verdict:
+    """The adapted state vs prototypes only, each built on the training rows with the same post-steps,
+    scored on the held-out images. The last epoch is kept unless it is worse; then the earlier epochs
+    (saved by the loop at each epoch's end) are judged too, and the best one that is not worse is kept."""
+    current_delta = episode.current.delta
+    trained = bool(np.any(state.delta != current_delta))
+    if not (trained and plan.gate and episode.judged):
+        return Verdict(trained, state.trainable(), plan.epochs if trained else 0, None)
+    held = episode.held_out()
+
+    def held_out(delta: np.ndarray | None) -> tuple[float, dict[str, float]]:
+        moved = episode.moved(delta, training_rows_only=True)
+        return score(episode.start_heads, moved, held, current_delta if delta is None else delta, plan.head)
+
+    frozen, frozen_per_class = held_out(None)
+    epoch_files = run_dir.epoch_states()
+    last = max(epoch_files, default=plan.epochs)  # the loop saves every epoch's end; the last is state.trainable()
+    scored = {last: (*held_out(state.delta), state.trainable())}
+    if scored[last][0] < frozen:
+        for epoch in sorted(epoch_files)[:-1]:
+            values = load_trainable(epoch_files[epoch], episode.bundle.mask.total_selected)
+            scored[epoch] = (*held_out(values[mf.DELTA_PARAM]), values)
+    chosen = choose_epoch(frozen, {e: acc for e, (acc, _, _) in scored.items()})
+    keep = chosen is not None
+    best = chosen if chosen is not None else max(scored, key=lambda e: (scored[e][0], e))
+    adapted, adapted_per_class, values = scored[best]
+    # before = prototypes only (the backbone as it was), after = what is kept: the delta's held-out report
+    report = {"head": plan.head, "held_out_images": len(held), "adapted_accuracy": adapted,
+              "adapted_epochs": best, "prototypes_only_accuracy": frozen,
+              "kept": "adapted" if keep else "prototypes-only",
+              "epochs": [{"epochs": e, "accuracy": scored[e][0]} for e in sorted(scored)],
+              "before_per_class": frozen_per_class,
+              "after_per_class": adapted_per_class if keep else frozen_per_class}
+    if not keep:
+        warnings.warn(f"the adaptation was worse on {len(held)} held-out images after every epoch (best "
+                      f"{adapted:.3f} after epoch {best} vs {frozen:.3f} with prototypes only): kept the "
+                      "backbone as it was, added the task's classes from it", stacklevel=3)
+        return Verdict(False, state.trainable(), 0, report)
+    if best != last:
+        warnings.warn(f"the last epoch was worse on {len(held)} held-out images ({scored[last][0]:.3f} vs "
+                      f"{frozen:.3f} with prototypes only): kept epoch {best} of {last} ({adapted:.3f})",
+                      stacklevel=3)
+    return Verdict(True, values, best, report)
+
+
+def select_lr(episode: Episode, plan: Plan, session: StepSession, start: dict[str, np.ndarray],
+              scale: np.ndarray) -> dict[str, Any]:
+    """``--select-lr``: a grid over lr x epochs, scored like the check: held-out accuracy over old + task classes.
+
+    Epoch 0 (no training) is a candidate, so the choice is never worse than prototypes only on the
+    split. Ties go to fewer epochs, then the smaller lr: less movement, less forgetting.
+    """
+    held = episode.held_out()
+    delta0 = start[mf.DELTA_PARAM]
+
+    def held_out(delta: np.ndarray | None) -> float:
+        moved = episode.moved(delta, training_rows_only=True)
+        return score(episode.start_heads, moved, held, delta0 if delta is None else delta, plan.head)[0]
+
+    trials = [{"lr": 0.0, "epochs": 0, "accuracy": held_out(None)}]
+    for factor in SELECT_LR_FACTORS:
+        sub = plan.sub(lr=plan.lr * factor)
+        state = TrainState.fresh(plan.seed, start)
+        for epoch in range(plan.epochs):
+            train(sub.sub(epochs=epoch + 1), episode.train_set, session, state, scale, episode.bundle.manifest)
+            trials.append({"lr": sub.lr, "epochs": epoch + 1, "accuracy": held_out(state.delta)})
+    best = max(trials, key=lambda t: (t["accuracy"], -t["epochs"], -t["lr"]))
+    return {"chosen": best, "trials": trials, "held_out_images": len(held)}
