@@ -43,6 +43,8 @@ def adapt(
     holdout_share: Annotated[float, typer.Option(help="Share of each class held out for the gate and "
                                                       "--select-lr.")] = 0.2,
     head: Annotated[str, typer.Option(help="Head the gate scores with: auto (= lda), ncm or lda.")] = "auto",
+    max_old_drop: Annotated[float | None, typer.Option(help="Points the old classes may lose on their held-out "
+                                                            "images; more refuses the epoch.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
@@ -54,6 +56,7 @@ def adapt(
         epochs=epochs, lr=lr, lr_head=lr_head, batch_size=batch_size, seed=seed, checkpoint_every=checkpoint_every,
         drift_compensation=drift_compensation, exemplars=exemplars, replay=replay, replay_share=replay_share, select_lr=select_lr,
         resume=resume, max_step_fraction=max_step_fraction, gate=gate, holdout_share=holdout_share, head=head,
+        max_old_drop=max_old_drop,
         progress=not quiet), profile=device)
     if as_json:
         typer.echo(json.dumps(report.to_json(), indent=2))
@@ -63,7 +66,8 @@ def adapt(
     typer.echo(f"adapted {bundle} -> state {r.state}: {r.steps} steps, {r.epochs} epochs, {r.images} images"
                f"{replayed} ({r.skipped_unreadable} unreadable skipped), lr {r.lr:g}")
     if r.steps:
-        typer.echo(f"final loss {r.final_loss:.4f}; changed per step {100 * r.changed_fraction_mean:.3f}% of all "
+        loss = f"loss of the kept epoch {r.final_loss:.4f}; " if r.final_loss is not None else ""
+        typer.echo(f"{loss}changed per step {100 * r.changed_fraction_mean:.3f}% of all "
                    f"weights (max {100 * r.changed_fraction_max:.3f}%); {r.step_seconds_median:.3f} s/step")
     typer.echo(f"classes updated: {', '.join(r.classes_updated) or '-'}; added: {', '.join(r.classes_added) or '-'}")
     if r.drift_compensated or r.from_exemplars:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +52,45 @@ def test_choose_epoch_keeps_the_last_epoch_unless_it_is_worse():
     assert choose_epoch(0.80, {1: 0.85, 2: 0.85, 3: 0.70}) == 2        # ...ties: the later epoch
     assert choose_epoch(0.80, {1: 0.79, 2: 0.70, 3: 0.75}) is None     # all worse: prototypes only
     assert choose_epoch(0.80, {1: 0.70}) is None
+
+
+def test_choose_epoch_honours_the_old_classes_guard():
+    from edgecl.device.noharm import HeldOut, choose_epoch, old_accuracy
+
+    # the last epoch is better overall but lost too much on the old classes: the best guarded earlier one
+    assert choose_epoch(0.80, {1: 0.82, 2: 0.90}, {1: True, 2: False}) == 1
+    assert choose_epoch(0.80, {1: 0.82, 2: 0.90}, {1: False, 2: False}) is None
+    held = HeldOut(lambda d: d, ["cat", "cat", "old", "old", "old", "older"],
+                   np.array([False, False, True, True, True, True]))
+    # old images: 3 of class "old" (accuracy 2/3), 1 of "older" (accuracy 0): weighted by images
+    assert old_accuracy({"cat": 1.0, "old": 2 / 3, "older": 0.0}, held) == pytest.approx(0.5)
+    assert old_accuracy({"cat": 1.0}, HeldOut(lambda d: d, ["cat"], np.array([False]))) is None
+
+
+def test_max_old_drop_zero_never_keeps_an_epoch_that_lost_old_classes(bundle_copy, task):
+    """--max-old-drop 0: whatever is kept scores the old classes' held-out exemplars no worse than
+    prototypes only (the same check that can refuse, on a real bundle)."""
+    from edgecl.device.adapt import AdaptOptions, adapt
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a refusal warns; either outcome is checked below
+        report = adapt(bundle_copy, task, AdaptOptions(epochs=3, lr=2.0, seed=1, progress=False, max_old_drop=0.0))
+    gate = report.gate
+    assert gate["max_old_drop"] == 0.0 and gate["prototypes_only_old_accuracy"] is not None
+    by_epoch = {e["epochs"]: e for e in gate["epochs"]}
+    if report.kept == "adapted":
+        assert by_epoch[report.kept_epochs]["old_accuracy"] >= gate["prototypes_only_old_accuracy"]
+    else:
+        assert all(e["old_accuracy"] < gate["prototypes_only_old_accuracy"] or
+                   e["accuracy"] < gate["prototypes_only_accuracy"] for e in gate["epochs"])
+
+
+def test_max_old_drop_must_be_a_number_of_points(bundle_copy, task):
+    from edgecl.device.adapt import AdaptOptions, adapt
+    from edgecl.errors import DeviceError
+
+    with pytest.raises(DeviceError, match="max-old-drop"):
+        adapt(bundle_copy, task, AdaptOptions(epochs=1, progress=False, max_old_drop=-1.0))
 
 
 def test_the_gate_keeps_the_last_epoch_when_it_is_not_worse(bundle_copy, task):

@@ -110,7 +110,9 @@ class Episode:
                 self._held_cache[key] = self.embed(pixels, delta)
             return self._held_cache[key]
 
-        return HeldOut(embeddings_of, names)
+        old = np.concatenate([np.zeros(len(self.split.task_held), bool),
+                              np.ones(len(names) - len(self.split.task_held), bool)])
+        return HeldOut(embeddings_of, names, old)
 
     # -- the statistics' inputs under a delta -----------------------------------------------------
     def moved(self, delta: np.ndarray | None, training_rows_only: bool) -> Moved:

@@ -54,9 +54,17 @@ def holdout_split(labels: np.ndarray, share: float, seed: int) -> tuple[np.ndarr
 class HeldOut:
     embeddings_of: Callable[[np.ndarray], np.ndarray]   # delta -> [M, D] held-out images embedded
     names: list[str]                                     # true class of each held-out image
+    old: np.ndarray | None = None                        # [M] bool: an image of what the device already knew
+                                                         # (an old class's held-out exemplar)
 
     def __len__(self) -> int:
         return len(self.names)
+
+    def old_names(self) -> list[str]:
+        return [n for n, o in zip(self.names, self._old(), strict=True) if o]
+
+    def _old(self) -> np.ndarray:
+        return self.old if self.old is not None else np.zeros(len(self.names), bool)
 
 
 def accuracy(heads: Heads, embeddings: np.ndarray, names: list[str], head: str) -> tuple[float, dict[str, float]]:
@@ -76,7 +84,7 @@ def accuracy(heads: Heads, embeddings: np.ndarray, names: list[str], head: str) 
     return float(right.mean()), {c: float(right[true == c].mean()) for c in sorted(set(names))}
 
 
-def choose_epoch(prototypes_only: float, epochs: dict[int, float]) -> int | None:
+def choose_epoch(prototypes_only: float, epochs: dict[int, float], guarded: dict[int, bool] | None = None) -> int | None:
     """The epoch whose state to keep, or None for prototypes only, from held-out accuracies.
 
     The last epoch (the validated schedule) whenever it is not worse than prototypes only: choosing
@@ -84,18 +92,30 @@ def choose_epoch(prototypes_only: float, epochs: dict[int, float]) -> int | None
     held-out maximum, epoch 6 of 10, scored 67.8% on device A's test classes, the last epoch 74.2%).
     Otherwise the best earlier epoch that is not worse (ties: the later one), so an adaptation that
     went wrong late keeps what it gained before; none -> prototypes only. Ties keep the adaptation:
-    "never keeps an adaptation that made it worse".
+    "never keeps an adaptation that made it worse". ``guarded[e]`` False (``--max-old-drop``: the old
+    classes lost more than allowed after epoch e) rules an epoch out whatever its overall accuracy.
     """
+    ok = guarded or {}
     last = max(epochs)
-    if epochs[last] >= prototypes_only:
+    if epochs[last] >= prototypes_only and ok.get(last, True):
         return last
-    fine = [e for e, accuracy in epochs.items() if accuracy >= prototypes_only]
+    fine = [e for e, accuracy in epochs.items() if accuracy >= prototypes_only and ok.get(e, True)]
     return max(fine, key=lambda e: (epochs[e], e)) if fine else None
 
 
 def score(start: Heads, moved: Moved, held: HeldOut, delta: np.ndarray, head: str) -> tuple[float, dict[str, float]]:
     """Held-out accuracy (overall, per class) of the state that ``moved`` (built on the training rows) leads to."""
     return accuracy(run_post_steps(start, moved), held.embeddings_of(delta), held.names, head)
+
+
+def old_accuracy(per_class: dict[str, float], held: HeldOut) -> float | None:
+    """Accuracy on the held-out images of what the device already knew (its old classes' exemplars),
+    from the per-class accuracies (each class weighted by its held-out images); None without any."""
+    names = held.old_names()
+    if not names:
+        return None
+    counts = {c: names.count(c) for c in set(names)}
+    return sum(per_class.get(c, 0.0) * n for c, n in counts.items()) / len(names)
 
 
 @dataclass
@@ -126,14 +146,23 @@ def judge(episode: Episode, plan: Plan, state: TrainState, run_dir: RunDir) -> V
         return score(episode.start_heads, moved, held, current_delta if delta is None else delta, plan.head)
 
     frozen, frozen_per_class = held_out(None)
+    frozen_old = old_accuracy(frozen_per_class, held)
+
+    def guarded(per_class: dict[str, float]) -> bool:
+        """--max-old-drop: the old classes lost no more than that many points on their held-out images."""
+        old = old_accuracy(per_class, held)
+        return plan.max_old_drop is None or old is None or frozen_old is None or \
+            old >= frozen_old - plan.max_old_drop / 100.0
+
     epoch_files = run_dir.epoch_states()
     last = max(epoch_files, default=plan.epochs)  # the loop saves every epoch's end; the last is state.trainable()
     scored = {last: (*held_out(state.delta), state.trainable())}
-    if scored[last][0] < frozen:
+    if scored[last][0] < frozen or not guarded(scored[last][1]):
         for epoch in sorted(epoch_files)[:-1]:
             values = load_trainable(epoch_files[epoch], episode.bundle.mask.total_selected)
             scored[epoch] = (*held_out(values[mf.DELTA_PARAM]), values)
-    chosen = choose_epoch(frozen, {e: acc for e, (acc, _, _) in scored.items()})
+    chosen = choose_epoch(frozen, {e: acc for e, (acc, _, _) in scored.items()},
+                          {e: guarded(per_class) for e, (_, per_class, _) in scored.items()})
     keep = chosen is not None
     best = chosen if chosen is not None else max(scored, key=lambda e: (scored[e][0], e))
     adapted, adapted_per_class, values = scored[best]
@@ -141,11 +170,15 @@ def judge(episode: Episode, plan: Plan, state: TrainState, run_dir: RunDir) -> V
     report = {"head": plan.head, "held_out_images": len(held), "adapted_accuracy": adapted,
               "adapted_epochs": best, "prototypes_only_accuracy": frozen,
               "kept": "adapted" if keep else "prototypes-only",
-              "epochs": [{"epochs": e, "accuracy": scored[e][0]} for e in sorted(scored)],
+              "epochs": [{"epochs": e, "accuracy": scored[e][0], "old_accuracy": old_accuracy(scored[e][1], held)}
+                         for e in sorted(scored)],
+              "prototypes_only_old_accuracy": frozen_old, "max_old_drop": plan.max_old_drop,
               "before_per_class": frozen_per_class,
               "after_per_class": adapted_per_class if keep else frozen_per_class}
     if not keep:
-        warnings.warn(f"the adaptation was worse on {len(held)} held-out images after every epoch (best "
+        guard = (f", or lost more than {plan.max_old_drop:g} points on the old classes"
+                 if plan.max_old_drop is not None else "")
+        warnings.warn(f"the adaptation was worse on {len(held)} held-out images after every epoch{guard} (best "
                       f"{adapted:.3f} after epoch {best} vs {frozen:.3f} with prototypes only): kept the "
                       "backbone as it was, added the task's classes from it", stacklevel=3)
         return Verdict(False, state.trainable(), 0, report)

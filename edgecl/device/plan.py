@@ -34,6 +34,7 @@ class AdaptOptions:
     gate: bool = True                     # do no harm: keep the adaptation only if it is not worse held out
     holdout_share: float = 0.2            # share of each class held out for the gate / --select-lr
     head: str = "auto"                    # head the gate scores with (auto = lda: adapt always collects it)
+    max_old_drop: float | None = None     # points the old classes' held-out exemplars may lose (None: judge overall only)
     max_step_fraction: float = 0.005      # never let more than this share of ALL weights change in a step
                                           # (docs/method.md#step-3: "under 0.5%"); 0 = no cap
     resume: bool = False                  # continue the interrupted run
@@ -60,6 +61,7 @@ class Plan:
     gate: bool
     holdout_share: float
     head: str
+    max_old_drop: float | None
     checkpoint_every: int
     progress: bool
 
@@ -96,6 +98,9 @@ def resolve_plan(opts: AdaptOptions, profile: DeviceProfile, manifest: mf.Bundle
     if not 0.0 < opts.holdout_share < 1.0:
         raise DeviceError(f"the held-out share must be in (0, 1), got {opts.holdout_share}",
                           "pass e.g. --holdout-share 0.2")
+    if opts.max_old_drop is not None and not (math.isfinite(opts.max_old_drop) and opts.max_old_drop >= 0):
+        raise DeviceError(f"--max-old-drop must be a number of points >= 0, got {opts.max_old_drop}",
+                          "pass e.g. --max-old-drop 1")
     if opts.head not in ("auto", "ncm", "lda"):
         raise DeviceError(f"unknown head {opts.head!r}", "pass auto, ncm or lda")
     max_gated = -1
@@ -114,4 +119,5 @@ def resolve_plan(opts: AdaptOptions, profile: DeviceProfile, manifest: mf.Bundle
                 replay=opts.replay, replay_share=opts.replay_share, drift_compensation=opts.drift_compensation,
                 drift_sigma=opts.drift_sigma, select_lr=opts.select_lr, gate=opts.gate,
                 holdout_share=opts.holdout_share, head="lda" if opts.head == "auto" else opts.head,
+                max_old_drop=opts.max_old_drop,
                 checkpoint_every=opts.checkpoint_every, progress=opts.progress)
