@@ -8,6 +8,8 @@ from typing import Annotated
 
 import typer
 
+from edgecl.server.limits import DEFAULT_BODY_IDLE_S, DEFAULT_MAX_UPLOAD_MB
+
 server_app = typer.Typer(help="Run the fleet server (start) or administer its store.", no_args_is_help=True)
 device_app = typer.Typer(help="Devices: add, list, revoke, rotate.", no_args_is_help=True)
 bundle_app = typer.Typer(help="Bundle versions: add (store whole), list.", no_args_is_help=True)
@@ -33,11 +35,11 @@ def start(
     port: Annotated[int, typer.Option(help="TCP port.")] = 8750,
     db: DbOpt = None,
     store: StoreOpt = DEFAULT_STORE,
-    max_upload_mb: Annotated[float, typer.Option(help="Largest accepted delta upload, in MiB.")] = 16.0,
+    max_upload_mb: Annotated[float, typer.Option(help="Largest accepted delta upload, in MiB.")] = DEFAULT_MAX_UPLOAD_MB,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
     workers: Annotated[int, typer.Option(help="API processes sharing the port and the store.")] = 1,
     header_timeout_s: Annotated[float, typer.Option(help="Seconds a client has to send a request head.")] = 10.0,
-    body_idle_s: Annotated[float, typer.Option(help="Longest pause inside a request body, in seconds.")] = 30.0,
+    body_idle_s: Annotated[float, typer.Option(help="Longest pause inside a request body, in seconds.")] = DEFAULT_BODY_IDLE_S,
     keep_alive_s: Annotated[int, typer.Option(help="Idle keep-alive connections close after this.")] = 5,
     max_connections_per_client: Annotated[int, typer.Option(help="Open connections per client address and "
                                                                  "process (0: no cap; behind a proxy).")] = 64,

@@ -20,13 +20,14 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from edgecl import __version__
 from edgecl.server import connlimits
-from edgecl.server.routes import ROUTERS
-from edgecl.server.routes.common import (
+from edgecl.server.limits import (
     DEFAULT_BODY_IDLE_S,
     DEFAULT_MAX_BLOB_BYTES,
     DEFAULT_MAX_UPLOAD_BYTES,
+    DEFAULT_MAX_UPLOAD_MB,
     UploadLimits,
 )
+from edgecl.server.routes import ROUTERS
 from edgecl.server.service import Rejected
 from edgecl.server.store import Store
 
@@ -119,7 +120,7 @@ def create_app_from_env() -> FastAPI:
 
 
 def serve(host: str = "127.0.0.1", port: int = 8750, db: str | None = None, store_dir: str = "~/.edgecl/server",
-          max_upload_mb: float = DEFAULT_MAX_UPLOAD_BYTES / (1 << 20), log_level: str = "info",
+          max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, log_level: str = "info",
           workers: int = 1, header_timeout_s: float = 10.0, body_idle_s: float = DEFAULT_BODY_IDLE_S,
           keep_alive_s: int = DEFAULT_KEEP_ALIVE_S, max_connections_per_client: int = 64,
           max_connections: int = 1024) -> None:

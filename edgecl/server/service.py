@@ -216,15 +216,13 @@ def newest_version(store: Store, bundle_id: str) -> int:
 
 def counted_rows(store: Store, bundle_id: str, version: int, request: MergeRequest) -> list[dict[str, Any]]:
     """The deltas a merge counts: device deltas of this version, minus the excluded ones, and of
-    each device only the last one that arrived (a device that pushed twice counts once)."""
-    latest: dict[str, dict[str, Any]] = {}
-    for row in store.list_deltas(bundle_id, version):          # oldest first
-        if row["device"] == D.MERGE_DEVICE_ID or row["device"] in request.exclude_devices:
-            continue
-        if row["sha256"] in request.exclude_deltas:
-            continue
-        latest[row["device"]] = row
-    return sorted(latest.values(), key=lambda r: (r["received_ns"], r["sha256"]))
+    each device only the last one that arrived (``formats.merge.newest_per_device``)."""
+    from edgecl.formats.merge import newest_per_device
+
+    rows = [row for row in store.list_deltas(bundle_id, version)          # arrival order, oldest first
+            if row["device"] != D.MERGE_DEVICE_ID and row["device"] not in request.exclude_devices
+            and row["sha256"] not in request.exclude_deltas]
+    return newest_per_device(rows, lambda row: row["device"])[0]
 
 
 def run_merge(store: Store, bundle_id: str, version: int | None = None,

@@ -12,9 +12,9 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse, JSONResponse
 from starlette.concurrency import run_in_threadpool
 
+from edgecl.server.limits import BUNDLE_UPLOAD_FACTOR
 from edgecl.server.routes.common import (
     AUTH,
-    BUNDLE_UPLOAD_FACTOR,
     BodyReader,
     auth,
     check_name,

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import Query, Request, Security
@@ -16,26 +15,13 @@ from fastapi.security import HTTPBearer
 from starlette.concurrency import run_in_threadpool
 
 from edgecl.formats import delta as D
+from edgecl.server.limits import DEFAULT_BODY_IDLE_S, JSON_LIMIT_BYTES, MIN_BODY_RATE_BPS, UploadLimits
 from edgecl.server.service import Rejected, authenticate
 from edgecl.server.store import MAX_DB_INT, SHA_RE, Store
-
-DEFAULT_MAX_UPLOAD_BYTES = 16 << 20    # a dense fp32 delta of a 5% EfficientNet-Lite0 mask is ~1 MB
-DEFAULT_MAX_BLOB_BYTES = 1 << 30       # one bundle file (PUT /v1/blobs): the largest ONNX graph of a bundle
-BUNDLE_UPLOAD_FACTOR = 8               # a bundle upload (mask as base64 JSON) may be this many times larger
-DEFAULT_BODY_IDLE_S = 30.0             # longest wait for the next chunk of a request body
-MIN_BODY_RATE_BPS = 1024               # after the first body_idle_s, a body must average at least this
-JSON_LIMIT_BYTES = 1 << 20             # JSON bodies (releases, heartbeats, blob lists)
 
 _bearer = HTTPBearer(auto_error=False, description="The device's or admin's token (edgecl server device add)")
 AUTH = [Security(_bearer)]             # documents the scheme in OpenAPI so /docs can send the token
 Version = Annotated[int, Query(ge=1, le=MAX_DB_INT)]
-
-
-@dataclass(frozen=True)
-class UploadLimits:
-    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES   # one delta push
-    body_idle_s: float = DEFAULT_BODY_IDLE_S           # longest pause inside a request body
-    max_blob_bytes: int = DEFAULT_MAX_BLOB_BYTES       # one bundle file (PUT /v1/blobs)
 
 
 def store_of(request: Request) -> Store:
