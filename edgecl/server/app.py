@@ -114,7 +114,8 @@ def create_app_from_env() -> FastAPI:
         _die_with_parent(int(os.environ["EDGECL_SERVER_PARENT_PID"]))
     connlimits.LIMITS.header_timeout_s = float(os.environ.get("EDGECL_SERVER_HEADER_TIMEOUT_S", "10"))
     connlimits.LIMITS.max_connections_per_client = int(os.environ.get("EDGECL_SERVER_MAX_CONN_PER_CLIENT", "64"))
-    store = Store(os.environ["EDGECL_SERVER_STORE"], os.environ.get("EDGECL_SERVER_DB") or None)
+    store = Store(os.environ["EDGECL_SERVER_STORE"], os.environ.get("EDGECL_SERVER_DB") or None,
+                  os.environ.get("EDGECL_SERVER_BLOBS") or None, os.environ.get("EDGECL_RELEASE_KEY_FILE") or None)
     return create_app(store, int(os.environ.get("EDGECL_SERVER_MAX_UPLOAD_BYTES", DEFAULT_MAX_UPLOAD_BYTES)),
                       float(os.environ.get("EDGECL_SERVER_BODY_IDLE_S", DEFAULT_BODY_IDLE_S)))
 
@@ -123,7 +124,7 @@ def serve(host: str = "127.0.0.1", port: int = 8750, db: str | None = None, stor
           max_upload_mb: float = DEFAULT_MAX_UPLOAD_MB, log_level: str = "info",
           workers: int = 1, header_timeout_s: float = 10.0, body_idle_s: float = DEFAULT_BODY_IDLE_S,
           keep_alive_s: int = DEFAULT_KEEP_ALIVE_S, max_connections_per_client: int = 64,
-          max_connections: int = 1024) -> None:
+          max_connections: int = 1024, blobs: str | None = None, release_key_file: str | None = None) -> None:
     """Run the server until interrupted (``edgecl server start``). ``workers`` > 1 runs that many API
     processes on the same port and store (each process is stateless; SQLite or PostgreSQL is shared).
 
@@ -135,10 +136,11 @@ def serve(host: str = "127.0.0.1", port: int = 8750, db: str | None = None, stor
     import uvicorn
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    store = Store(store_dir, db)         # creates the schema and the release key once, before any worker starts
+    # creates the schema and the release key once, before any worker starts
+    store = Store(store_dir, db, blobs, release_key_file)
     max_upload_bytes = int(max_upload_mb * (1 << 20))
-    log.info("edgecl server on http://%s:%d (storage %s at %s, %d worker(s))", host, port, store.dialect,
-             store.root, workers)
+    log.info("edgecl server on http://%s:%d (storage %s, blobs in %s, at %s, %d worker(s))", host, port,
+             store.dialect, store.blobs.kind, store.root, workers)
     connlimits.LIMITS.header_timeout_s = header_timeout_s
     connlimits.LIMITS.max_connections_per_client = max_connections_per_client
     # access_log off: one line per push at 200+ pushes/s is noise; the app logs rejections itself.
@@ -150,7 +152,8 @@ def serve(host: str = "127.0.0.1", port: int = 8750, db: str | None = None, stor
         uvicorn.run(create_app(store, max_upload_bytes, body_idle_s), **options)
         return
     store.close()
-    os.environ.update(EDGECL_SERVER_STORE=str(store.root), EDGECL_SERVER_DB=db or "",
+    os.environ.update(EDGECL_SERVER_STORE=str(store.root), EDGECL_SERVER_DB=db or "", EDGECL_SERVER_BLOBS=store.blobs.kind,
+                      EDGECL_RELEASE_KEY_FILE=release_key_file or os.environ.get("EDGECL_RELEASE_KEY_FILE", ""),
                       EDGECL_SERVER_MAX_UPLOAD_BYTES=str(max_upload_bytes), EDGECL_SERVER_PARENT_PID=str(os.getpid()),
                       EDGECL_SERVER_HEADER_TIMEOUT_S=str(header_timeout_s), EDGECL_SERVER_BODY_IDLE_S=str(body_idle_s),
                       EDGECL_SERVER_MAX_CONN_PER_CLIENT=str(max_connections_per_client))

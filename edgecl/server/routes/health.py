@@ -17,7 +17,8 @@ router = APIRouter()
 async def health(request: Request) -> dict[str, Any]:
     store = store_of(request)
     count = await run_in_threadpool(store.count_deltas)
-    return {"status": "ok", "version": __version__, "storage": store.dialect, "deltas": count,
+    return {"status": "ok", "version": __version__, "storage": store.dialect, "blobs": store.blobs.kind,
+            "deltas": count,
             "max_upload_bytes": limits_of(request).max_upload_bytes}
 
 
