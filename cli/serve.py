@@ -11,6 +11,8 @@ from typing import Annotated
 
 import typer
 
+from edgecl.server.limits import DEFAULT_MAX_UPLOAD_MB
+
 from . import server as new
 
 serve_app = typer.Typer(help="Deprecated: use `edgecl server start` / `edgecl server device add` / "
@@ -28,7 +30,7 @@ def serve(
     port: Annotated[int, typer.Option(help="TCP port.")] = 8750,
     db: new.DbOpt = None,
     store: new.StoreOpt = new.DEFAULT_STORE,
-    max_upload_mb: Annotated[float, typer.Option(help="Largest accepted delta upload, in MiB.")] = 16.0,
+    max_upload_mb: Annotated[float, typer.Option(help="Largest accepted delta upload, in MiB.")] = DEFAULT_MAX_UPLOAD_MB,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
     workers: Annotated[int, typer.Option(help="API processes sharing the port and the store.")] = 1,
 ) -> None:

@@ -8,6 +8,8 @@ from typing import Annotated
 
 import typer
 
+from edgecl.server.limits import DEFAULT_BODY_IDLE_S, DEFAULT_MAX_UPLOAD_MB
+
 server_app = typer.Typer(help="Run the fleet server (start) or administer its store.", no_args_is_help=True)
 device_app = typer.Typer(help="Devices: add, list, revoke, rotate.", no_args_is_help=True)
 bundle_app = typer.Typer(help="Bundle versions: add (store whole), list.", no_args_is_help=True)
@@ -18,13 +20,20 @@ StoreOpt = Annotated[Path, typer.Option("--store", envvar="EDGECL_SERVER_STORE",
 DbOpt = Annotated[str | None, typer.Option("--db", envvar="EDGECL_SERVER_DB",
                                               help="Database URL: sqlite:///PATH (default: STORE/edgecl.sqlite3) "
                                                    "or postgresql://USER@HOST:PORT/DB.")]
+BlobsOpt = Annotated[str | None, typer.Option("--blobs", envvar="EDGECL_SERVER_BLOBS",
+                                               help="Where bytes live: folder (STORE/blobs, default) or database "
+                                                    "(PostgreSQL: replicas share nothing but the database).")]
+KeyFileOpt = Annotated[Path | None, typer.Option("--release-key-file", envvar="EDGECL_RELEASE_KEY_FILE",
+                                                 help="The release signing key (64 hex digits) every replica "
+                                                      "reads; default STORE/release.key (or $EDGECL_RELEASE_KEY).")]
 DEFAULT_STORE = Path("~/.edgecl/server")
 
 
-def _store(store: Path, db: str | None):  # noqa: ANN202 - edgecl.server.store.Store
+def _store(store: Path, db: str | None, blobs: str | None = None,
+           release_key_file: Path | None = None):  # noqa: ANN202 - edgecl.server.store.Store
     from edgecl.server.store import Store
 
-    return Store(store, db)
+    return Store(store, db, blobs, release_key_file)
 
 
 @server_app.command("start")
@@ -33,11 +42,13 @@ def start(
     port: Annotated[int, typer.Option(help="TCP port.")] = 8750,
     db: DbOpt = None,
     store: StoreOpt = DEFAULT_STORE,
-    max_upload_mb: Annotated[float, typer.Option(help="Largest accepted delta upload, in MiB.")] = 16.0,
+    blobs: BlobsOpt = None,
+    release_key_file: KeyFileOpt = None,
+    max_upload_mb: Annotated[float, typer.Option(help="Largest accepted delta upload, in MiB.")] = DEFAULT_MAX_UPLOAD_MB,
     log_level: Annotated[str, typer.Option(help="debug, info, warning or error.")] = "info",
     workers: Annotated[int, typer.Option(help="API processes sharing the port and the store.")] = 1,
     header_timeout_s: Annotated[float, typer.Option(help="Seconds a client has to send a request head.")] = 10.0,
-    body_idle_s: Annotated[float, typer.Option(help="Longest pause inside a request body, in seconds.")] = 30.0,
+    body_idle_s: Annotated[float, typer.Option(help="Longest pause inside a request body, in seconds.")] = DEFAULT_BODY_IDLE_S,
     keep_alive_s: Annotated[int, typer.Option(help="Idle keep-alive connections close after this.")] = 5,
     max_connections_per_client: Annotated[int, typer.Option(help="Open connections per client address and "
                                                                  "process (0: no cap; behind a proxy).")] = 64,
@@ -49,13 +60,35 @@ def start(
 
     serve(host=host, port=port, db=db, store_dir=str(store), max_upload_mb=max_upload_mb, log_level=log_level,
           workers=workers, header_timeout_s=header_timeout_s, body_idle_s=body_idle_s, keep_alive_s=keep_alive_s,
-          max_connections_per_client=max_connections_per_client, max_connections=max_connections)
+          max_connections_per_client=max_connections_per_client, max_connections=max_connections, blobs=blobs,
+          release_key_file=str(release_key_file) if release_key_file else None)
 
 
 @server_app.command("key")
-def key(db: DbOpt = None, store: StoreOpt = DEFAULT_STORE) -> None:
+def key(db: DbOpt = None, store: StoreOpt = DEFAULT_STORE, blobs: BlobsOpt = None,
+        release_key_file: KeyFileOpt = None,
+        new: Annotated[Path | None, typer.Option("--new", help="Write a new release key to this file (mode 0600, "
+                                                                "refused if it exists) and print its public key: "
+                                                                "for --release-key-file (docs/server.md#release-key).")]
+        = None) -> None:
     """Print the public key releases are signed with (give it to `edgecl device init --server-key`)."""
-    typer.echo(_store(store, db).release_public_key())
+    from edgecl.errors import EdgeclError
+
+    if new is not None:
+        from edgecl.formats.signing import generate_private_key, public_key, write_secret
+
+        if new.exists():
+            typer.echo(f"error: {new} exists: a key file is never overwritten; pick a new path", err=True)
+            raise typer.Exit(1)
+        seed = generate_private_key()
+        write_secret(new, seed.hex().encode() + b"\n")
+        typer.echo(public_key(seed).hex())
+        return
+    try:
+        typer.echo(_store(store, db, blobs, release_key_file).release_public_key())
+    except EdgeclError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from exc
 
 
 @device_app.command("add")
@@ -118,6 +151,8 @@ def bundle_add(
     token: Annotated[str, typer.Option(envvar="EDGECL_ADMIN_TOKEN", help="An admin token (with --server).")] = "",
     db: DbOpt = None,
     store: StoreOpt = DEFAULT_STORE,
+    blobs: BlobsOpt = None,
+    release_key_file: KeyFileOpt = None,
 ) -> None:
     """Store a whole bundle version (every file by sha256) so devices can push deltas for it."""
     from edgecl.server.service import release_version
@@ -134,7 +169,7 @@ def bundle_add(
             api_json(server, token, "POST", "/v1/releases", {"bundle_id": row["bundle_id"], "version": row["version"]})
             typer.echo(f"released: {row['bundle_id']} v{row['version']}")
         return
-    s = _store(store, db)
+    s = _store(store, db, blobs, release_key_file)
     info, new = add_bundle_dir(s, bundle)
     files = s.bundle_files(info.bundle_id, info.version)
     typer.echo(f"{'added' if new else 'already registered'}: bundle {info.bundle_id} v{info.version} "

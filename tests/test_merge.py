@@ -11,6 +11,7 @@ from edgecl.formats import delta as D
 from edgecl.formats.mask import Mask, overlap_from_bytes
 from edgecl.formats.merge import (
     MAX_SAMPLES_SEEN,
+    STRATEGIES,
     MergeError,
     MergeInput,
     MergeOptions,
@@ -20,7 +21,9 @@ from edgecl.formats.merge import (
     latest_per_device,
     merge_deltas,
     merge_prototypes,
+    newest_per_device,
 )
+from edgecl.formats.overlap import OverlapHistory, round_increment
 from edgecl.formats.prototypes import Prototypes
 
 
@@ -200,18 +203,59 @@ def test_a_device_that_pushed_twice_counts_once():
     mask, manifest, _ = _setup()
     a_old = make_delta(manifest, "dev-0", seed=1)
     a_new = make_delta(manifest, "dev-0", seed=2)
-    a_new.created_utc = "2025-03-04T05:06:08Z"
     b = make_delta(manifest, "dev-1", seed=3)
-    kept, dropped = latest_per_device([a_new, b, a_old])
-    assert [d.device_id for d in kept] == ["dev-0", "dev-1"] and kept[0] is a_new and dropped == 1
+    kept, dropped = latest_per_device([a_old, b, a_new])
+    assert [d.device_id for d in kept] == ["dev-1", "dev-0"] and kept[1] is a_new and dropped == 1
     twice = merge_deltas([a_old, b, a_new], mask)
-    once = merge_deltas([a_new, b], mask)
+    once = merge_deltas([b, a_new], mask)
     assert twice.superseded == 1 and twice.devices == ["dev-1", "dev-0"]
     np.testing.assert_array_equal(twice.delta.to_dense(), once.delta.to_dense())
-    # same created_utc: the later one in the list (the later arrival on the server) wins
-    same = make_delta(manifest, "dev-0", seed=4)
-    kept, _ = latest_per_device([a_old, same])
-    assert kept == [same]
+
+
+def test_newest_delta_is_the_last_arrival_not_the_device_clock(tmp_path):
+    """One rule for the server's rows and the host's deltas: arrival order; a device's clock set
+    ahead (or back) does not make an older delta count."""
+    mask, manifest, _ = _setup()
+    early = make_delta(manifest, "dev-0", seed=1)
+    early.created_utc = "2099-01-01T00:00:00Z"          # a device clock far ahead, pushed first
+    late = make_delta(manifest, "dev-0", seed=2)
+    late.created_utc = "2000-01-01T00:00:00Z"
+    kept, dropped = latest_per_device([early, late])
+    assert kept == [late] and dropped == 1
+    # the server's rows go through the same function
+    from edgecl.server.service import MergeRequest, counted_rows
+    from edgecl.server.store import Store
+
+    store = Store(tmp_path / "store")
+    try:
+        for i, d in enumerate([early, late]):
+            store.put_delta(D.save(d, bytes(32)), f"{i:064x}", {
+                "bundle_id": d.bundle_id, "version": d.bundle_version, "device": d.device_id, "steps": 1,
+                "samples_seen": 1, "values_dtype": "fp32", "created_utc": d.created_utc})
+        rows = counted_rows(store, early.bundle_id, early.bundle_version, MergeRequest())
+        assert [r["sha256"] for r in rows] == [f"{1:064x}"]
+    finally:
+        store.close()
+    assert newest_per_device([("a", 1), ("b", 2), ("a", 3)], lambda x: x[0]) == ([("b", 2), ("a", 3)], 1)
+
+
+def test_overlap_rule_is_one_rule_for_server_and_host():
+    """The server's overlap file and the host's record_round agree under every strategy: +1 where
+    the merged value is non-zero (an element one device of five changed has median 0: no +1)."""
+    mask, manifest, deltas = _setup(5)
+    for strategy in STRATEGIES:
+        out = merge_deltas(deltas, mask, options=MergeOptions(strategy=strategy))
+        dense = out.delta.to_dense(mask.total_selected)
+        host = OverlapHistory.of_mask(mask).record_round(mask, dense).counts_for(mask)
+        for name, (_, counts) in out.overlap.items():
+            np.testing.assert_array_equal(counts, host[name], err_msg=strategy)
+        server = np.concatenate([out.overlap[n][1] for n in mask.order]) - mask.overlap_vector()
+        np.testing.assert_array_equal(server, round_increment(dense))
+        if strategy == "median":    # the case the two old rules disagreed on
+            changed_by_some = np.zeros(mask.total_selected, bool)
+            for d in deltas:
+                changed_by_some[d.changed_positions()] = True
+            assert (changed_by_some & (dense == 0)).any(), "the test must cover an element the median zeroes"
 
 
 def test_merge_deltas_robust_options():

@@ -421,14 +421,15 @@ def test_no_plain_text_errors(env):
 
 
 def test_damaged_store_gives_a_json_500(tmp_path):
-    """A bug or a damaged store must still answer the documented JSON shape (the catch-all handler)."""
+    """A damaged store answers the documented JSON shape and names the damage: the mask's bytes no
+    longer hash to its name, so they are never used (store_damaged, not a bug's traceback)."""
     fleet = make_fleet(tmp_path / "store", n_devices=1)
     server = ServerProcess(tmp_path / "store").start()
     try:
         mask_blob = fleet.store.blob_path(fleet.manifest["mask_sha256"])
         mask_blob.write_bytes(b"garbage instead of a mask")
         response = _push(server, fleet, "dev-0", _delta_bytes(fleet, "dev-0", seed=5))
-        assert response.status_code == 500 and response.json()["error"] == "internal", response.text
+        assert response.status_code == 500 and response.json()["error"] == "store_damaged", response.text
         assert httpx.get(server.url + "/health").status_code == 200
     finally:
         server.stop()

@@ -4,8 +4,10 @@ Shared by the server (``edgecl merge``, ``POST .../merge``) and the host (``edge
 deltas), so it lives in ``formats``: no side imports another. Spec: docs/server.md, "Merge".
 
 What counts, before any strategy sees a value (``merge_deltas``):
-- one delta per device: a device that pushed twice for a bundle version counts once, with its
-  newest delta (the server orders by arrival; files given to ``apply`` by ``created_utc``);
+- one delta per device (``newest_per_device``): a device that pushed twice for a bundle version
+  counts once, with the delta that arrived last (the server's arrival order; for files given to
+  ``apply``, the order given). A device's clock (``created_utc``) is not what decides: the server
+  can trust the order it received deltas in, not a device's clock;
 - weights are bounded: a device's weight is its ``samples_seen`` (at most ``MAX_SAMPLES_SEEN``,
   the server refuses more at push), and no device holds more than ``max_share`` of the total
   weight (the excess is spread over the others in proportion to theirs): one device claiming 9e18
@@ -25,7 +27,7 @@ damping elements that only a few devices changed (their median is 0 once most de
 
 Prototypes of a class held by several devices: the count-weighted mean of their means, with the
 same share cap per class; counts summed. Overlap counts (docs/method.md#overlap) go up by one wherever
-any counted device changed the element.
+the merged delta changed the element (``formats.overlap.round_increment``, the host's rule too).
 
 Like Flower's ``aggregate.py``: the strategy only sees arrays; consistency (same bundle, same K) is
 checked by ``merge_deltas`` before anything is aggregated.
@@ -33,21 +35,23 @@ checked by ``merge_deltas`` before anything is aggregated.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import numpy as np
 
 from edgecl.errors import EdgeclError
 from edgecl.formats.delta import MERGE_DEVICE_ID, Delta
 from edgecl.formats.mask import Mask, overlap_to_bytes
+from edgecl.formats.overlap import round_increment
 from edgecl.formats.prototypes import Prototypes
 
 MAX_SAMPLES_SEEN = 10**9        # a device's claimed images: the server refuses more at push
 DEFAULT_MAX_SHARE = 0.5         # no device holds more than half the merge weight (when there are 2+)
 DEFAULT_TRIM = 0.2              # trimmed-mean: share of votes dropped at each end, per element
 _COLUMNS_PER_CHUNK = 1 << 16    # robust strategies hold [devices, chunk] float32 at a time
+T = TypeVar("T")
 
 
 class MergeError(EdgeclError):
@@ -194,11 +198,6 @@ def capped_shares(weights: np.ndarray, max_share: float | None) -> np.ndarray:
     return shares
 
 
-def update_overlap(overlap: np.ndarray, contributors: np.ndarray) -> np.ndarray:
-    """Overlap counts [K] + 1 wherever at least one device changed the element."""
-    return (np.asarray(overlap, np.int32) + (np.asarray(contributors) > 0)).astype(np.int32)
-
-
 STRATEGIES: dict[str, MergeStrategy] = {
     WeightedMean.name: WeightedMean(),
     "trimmed-mean": _Coordinatewise("trimmed-mean", DEFAULT_TRIM),
@@ -235,16 +234,20 @@ class MergeOutput:
         return overlap_to_bytes(self.overlap)
 
 
+def newest_per_device(items: Sequence[T], device_of: Callable[[T], str]) -> tuple[list[T], int]:
+    """THE rule for "each device's newest delta": ``items`` in arrival order (oldest first), the
+    last one of each device counts; the kept ones stay in arrival order; and how many were dropped.
+    The server (rows by ``received_ns``) and ``merge_deltas`` (deltas in the order given) both call it."""
+    last: dict[str, int] = {}
+    for i, item in enumerate(items):
+        last[device_of(item)] = i
+    keep = sorted(last.values())
+    return [items[i] for i in keep], len(items) - len(keep)
+
+
 def latest_per_device(deltas: Sequence[Delta]) -> tuple[list[Delta], int]:
-    """Each device's newest delta (largest ``created_utc``; on a tie the later one in the list, so a
-    caller that passes them in arrival order gets the last arrival); and how many were dropped."""
-    newest: dict[str, int] = {}
-    for i, d in enumerate(deltas):
-        j = newest.get(d.device_id)
-        if j is None or d.created_utc >= deltas[j].created_utc:
-            newest[d.device_id] = i
-    keep = sorted(newest.values())
-    return [deltas[i] for i in keep], len(deltas) - len(keep)
+    """``newest_per_device`` over decoded deltas given in arrival order."""
+    return newest_per_device(deltas, lambda d: d.device_id)
 
 
 def merge_deltas(deltas: Sequence[Delta], mask: Mask, strategy: str = WeightedMean.name,
@@ -279,7 +282,9 @@ def merge_deltas(deltas: Sequence[Delta], mask: Mask, strategy: str = WeightedMe
     chosen = get_strategy(options.strategy, options.trim)
     result = chosen.merge(inputs, k)
     result.prototypes = merge_prototypes([x.prototypes for x in inputs], options.max_share)
-    counts = update_overlap(mask.overlap_vector(), result.contributors)
+    dense = np.zeros(k, np.float32)
+    dense[result.positions] = result.values
+    counts = mask.overlap_vector() + round_increment(dense)
     overlap = {name: (mask.indices[name], counts[sl]) for name, sl in mask.slices().items()}
     shared = int(np.count_nonzero(result.contributors > 1))
     merged = Delta(bundle_id=first.bundle_id, bundle_version=first.bundle_version, base_sha256=first.base_sha256,

@@ -1,7 +1,10 @@
 """The overlap history: how many adaptation rounds changed each weight element (one owner for the rule).
 
-The rule (docs/method.md#step-2): after a round, every element whose value the round changed (its
-entry of the merged delta is non-zero) gets +1. Selected-but-unchanged elements do not count: the
+The rule (docs/method.md#step-2), ``round_increment``: after a round, every element whose value the
+round changed (its entry of the merged delta is non-zero) gets +1. The server's merge (the overlap
+file it writes beside a merged delta) and the host's ``apply`` both call it, so they agree under every
+merge strategy: an element one device of five changed has a median of 0, the next version's weight
+there did not move, and its count stays. Selected-but-unchanged elements do not count: the
 drop gate and the per-step cap leave many selected elements untouched, and an element that never
 moved carries no earlier task's knowledge to protect. The device scales an element's gradient by
 ``overlap_decay ** count`` (device/update.py overlap_scale).
@@ -26,6 +29,11 @@ from edgecl.formats.mask import (
 )
 
 
+def round_increment(merged: np.ndarray) -> np.ndarray:
+    """THE overlap rule: 1 where the round's merged delta [K] changed the element (value != 0), else 0."""
+    return (np.asarray(merged) != 0).astype(np.int32)
+
+
 @dataclass
 class OverlapHistory:
     counts: Overlap = field(default_factory=dict)   # tensor name -> (flat indices int32 sorted, counts int32)
@@ -44,7 +52,7 @@ class OverlapHistory:
 
     def record_round(self, mask: Mask, delta: np.ndarray) -> OverlapHistory:
         """A new history: +1 for every element that ``delta`` (over ``mask``) changed."""
-        changed = np.asarray(delta) != 0
+        changed = round_increment(delta).astype(bool)
         this_round = {n: (mask.indices[n][changed[sl]].astype(np.int32), np.ones(int(changed[sl].sum()), np.int32))
                       for n, sl in mask.slices().items() if changed[sl].any()}
         return OverlapHistory(overlap_add(self.counts, this_round))

@@ -216,15 +216,13 @@ def newest_version(store: Store, bundle_id: str) -> int:
 
 def counted_rows(store: Store, bundle_id: str, version: int, request: MergeRequest) -> list[dict[str, Any]]:
     """The deltas a merge counts: device deltas of this version, minus the excluded ones, and of
-    each device only the last one that arrived (a device that pushed twice counts once)."""
-    latest: dict[str, dict[str, Any]] = {}
-    for row in store.list_deltas(bundle_id, version):          # oldest first
-        if row["device"] == D.MERGE_DEVICE_ID or row["device"] in request.exclude_devices:
-            continue
-        if row["sha256"] in request.exclude_deltas:
-            continue
-        latest[row["device"]] = row
-    return sorted(latest.values(), key=lambda r: (r["received_ns"], r["sha256"]))
+    each device only the last one that arrived (``formats.merge.newest_per_device``)."""
+    from edgecl.formats.merge import newest_per_device
+
+    rows = [row for row in store.list_deltas(bundle_id, version)          # arrival order, oldest first
+            if row["device"] != D.MERGE_DEVICE_ID and row["device"] not in request.exclude_devices
+            and row["sha256"] not in request.exclude_deltas]
+    return newest_per_device(rows, lambda row: row["device"])[0]
 
 
 def run_merge(store: Store, bundle_id: str, version: int | None = None,
@@ -325,18 +323,51 @@ def latest_release(store: Store, who: Device, bundle_id: str) -> dict[str, Any]:
     return release_json(store, max(rows, key=lambda r: r["version"]))
 
 
-def bundle_file_path(store: Store, who: Device, bundle_id: str, version: int, name: str) -> Path:
-    """Where a file of a stored bundle version is, if this caller may download it."""
+def _allowed_file(store: Store, who: Device, bundle_id: str, version: int, name: str) -> str:
+    """The sha256 of a file of a stored bundle version, if this caller may download it."""
     files = store.bundle_files(bundle_id, version)
     released = [r for r in store.list_releases(bundle_id) if r["version"] == version]
     allowed = who.role == "admin" or (released and visible(released[0], who))
     if name not in files or not allowed:
         raise Rejected("not_found", 404, f"no file {name[:80]} in a release of {bundle_id} v{version} for you",
                        "pull the version GET /v1/releases/latest names")
-    return store.blob_path(files[name]["sha256"])
+    return files[name]["sha256"]
+
+
+def _verified_file(store: Store, sha256: str, what: str) -> Path:
+    """The blob's local file, its bytes checked against its name now: a damaged blob is never served."""
+    path = store.blob_file(sha256)
+    if path is None:
+        raise Rejected("store_damaged", 500, f"{what} ({sha256[:12]}) is missing from the store or damaged",
+                       "restore the store from backup, or store the bundle again (`edgecl server bundle add`)")
+    return path
+
+
+def bundle_file_path(store: Store, who: Device, bundle_id: str, version: int, name: str) -> Path:
+    """Where a file of a stored bundle version is, if this caller may download it (checked now)."""
+    sha256 = _allowed_file(store, who, bundle_id, version, name)
+    return _verified_file(store, sha256, f"{bundle_id} v{version} {name}")
 
 
 ENCODINGS = ("identity", "zlib", "xor-zlib")
+
+
+def _cached_encoding(store: Store, kind: str, make: Any) -> Path:
+    """An encoded copy in ``STORE/encoded/``, named ``{kind}-{sha256 of its own bytes}``-style so
+    every use re-checks it: a damaged or truncated entry is removed and rebuilt, never served."""
+    from edgecl.formats.atomic import atomic_write_bytes
+    from edgecl.server.blobs import file_sha256
+
+    folder = store.root / "encoded"
+    for entry in sorted(folder.glob(f"{kind}-*")) if folder.exists() else []:
+        if file_sha256(entry) == entry.name[len(kind) + 1:]:
+            return entry
+        log.warning("encoded cache entry %s is damaged: rebuilt", entry.name)
+        entry.unlink(missing_ok=True)
+    data = make()
+    entry = folder / f"{kind}-{hashlib.sha256(data).hexdigest()}"
+    atomic_write_bytes(entry, data)
+    return entry
 
 
 def encoded_file(store: Store, who: Device, bundle_id: str, version: int, name: str, encoding: str | None,
@@ -344,16 +375,15 @@ def encoded_file(store: Store, who: Device, bundle_id: str, version: int, name: 
     """(file to send, its encoding) for a download. ``from_sha256``: a file the device already has
     (of a release of this lineage it may pull) of the same size: the answer is zlib(old XOR new),
     mostly zeros when a version changed a few percent of the weights. ``encoding=zlib``: the file
-    zlib-compressed. Either is made once, from blobs whose bytes still hash to their names, and
-    kept in ``STORE/encoded/`` (a damaged blob is sent as it is, for the device to refuse, and never
-    cached); an encoding that is not smaller than the file is not used (identity)."""
+    zlib-compressed. Either is made once, from blobs whose bytes hash to their names (a damaged
+    blob is a 500, never served nor encoded), and kept in ``STORE/encoded/`` under the sha256 of
+    its own bytes, checked on every use; an encoding that is not smaller than the file is not used."""
     import zlib
 
-    from edgecl.formats.atomic import atomic_write_bytes
     from edgecl.server.store import SHA_RE
 
-    path = bundle_file_path(store, who, bundle_id, version, name)
-    target = path.name
+    target = _allowed_file(store, who, bundle_id, version, name)
+    path = _verified_file(store, target, f"{bundle_id} v{version} {name}")
     if from_sha256 is not None and not SHA_RE.fullmatch(from_sha256):
         raise Rejected("bad_id", 400, "from_sha256 is not a sha256", "name a file of the bundle you have")
     if from_sha256 and from_sha256 != target:
@@ -364,22 +394,17 @@ def encoded_file(store: Store, who: Device, bundle_id: str, version: int, name: 
                    for f in store.bundle_files(bundle_id, r["version"]).values()}
         allowed |= {f["sha256"] for b in store.list_bundles() if b.bundle_id == bundle_id and b.version < version
                     for f in store.bundle_files(bundle_id, b.version).values()}
-        old = store.blob_path(from_sha256)
-        if from_sha256 in allowed and old.exists() and old.stat().st_size == path.stat().st_size:
-            cached = store.root / "encoded" / f"xor-{from_sha256}-{target}"
-            if not cached.exists():
-                if not (store.blob_ok(target) and store.blob_ok(from_sha256)):
-                    return path, "identity"
+        old = store.blob_file(from_sha256) if from_sha256 in allowed else None
+        if old is not None and old.stat().st_size == path.stat().st_size:
+            def xor() -> bytes:
                 a, b = np.frombuffer(old.read_bytes(), np.uint8), np.frombuffer(path.read_bytes(), np.uint8)
-                atomic_write_bytes(cached, zlib.compress(np.bitwise_xor(a, b).tobytes(), 6))
+                return zlib.compress(np.bitwise_xor(a, b).tobytes(), 6)
+
+            cached = _cached_encoding(store, f"xor-{from_sha256}-{target}", xor)
             if cached.stat().st_size < path.stat().st_size:
                 return cached, "xor-zlib"
     if encoding == "zlib":
-        cached = store.root / "encoded" / f"zlib-{target}"
-        if not cached.exists():
-            if not store.blob_ok(target):
-                return path, "identity"
-            atomic_write_bytes(cached, zlib.compress(path.read_bytes(), 6))
+        cached = _cached_encoding(store, f"zlib-{target}", lambda: zlib.compress(path.read_bytes(), 6))
         if cached.stat().st_size < path.stat().st_size:
             return cached, "zlib"
     return path, "identity"

@@ -1,10 +1,12 @@
 """Server storage: a SQL database (SQLite or PostgreSQL) for rows + a folder for bytes.
 
-- Bytes (deltas, masks, manifests, overlap files) live in ``STORE/blobs/ab/<sha256>``, named by
-  their sha256: the same bytes are stored once, and a name can never be a path chosen by a client.
-  Each blob is written atomically (temp file, fsync, rename, folder fsync) BEFORE its row is
-  committed, so a row never points at missing bytes; a crash in between leaves only an orphan
-  blob that the retried push reuses.
+- Bytes (deltas, masks, manifests, overlap files, bundle files) live behind one interface
+  (``edgecl/server/blobs.py``), named by their sha256: the same bytes are stored once, a name can
+  never be a path chosen by a client, and bytes are checked against their name before they are
+  served. ``--blobs folder`` (default): ``STORE/blobs/ab/<sha256>``; ``--blobs database``
+  (PostgreSQL): in the database, chunked, so API processes on several machines share nothing but
+  the database. A blob is stored durably BEFORE its row is committed, so a row never points at
+  missing bytes; a crash in between leaves only an orphan blob that the retried push reuses.
 - Rows are committed (SQLite: WAL + synchronous=FULL; PostgreSQL: autocommit) before the API
   answers 2xx, so an acknowledged delta survives kill -9 and power loss.
 - Device tokens are stored as sha256 (tokens are 256-bit random, so a plain hash is enough: no
@@ -13,12 +15,12 @@
 
 - Whole bundle versions (the downlink) are blobs too: ``bundle_files`` maps (bundle, version,
   file name) to a sha256; a release row holds the server's Ed25519 signature of the manifest. The
-  signing key is ``STORE/release.key`` (mode 0600), made when the store is created.
-- An existing blob is trusted only after its bytes hash to its name (a file left by a crash, or
-  altered on disk, is rewritten).
+  signing key comes from configuration (``--release-key-file`` / ``EDGECL_RELEASE_KEY_FILE``, or
+  the hex seed in ``EDGECL_RELEASE_KEY``), else ``STORE/release.key`` (mode 0600), made when a
+  folder-backed store is created.
 
-For several API processes (behind a load balancer) use PostgreSQL and a ``--store`` folder that
-every process mounts (NFS, a shared volume): the processes keep no state of their own.
+For several API processes on several machines use PostgreSQL, ``--blobs database`` and one release
+key file every process reads: each keeps only a cache in its own ``--store`` folder.
 """
 
 from __future__ import annotations
@@ -40,12 +42,22 @@ from pathlib import Path
 from typing import Any
 
 from edgecl.errors import EdgeclError
-from edgecl.formats.atomic import atomic_write_bytes, fsync_dir
 from edgecl.formats.delta import MERGE_DEVICE_ID, NAME_RE
+from edgecl.server.blobs import (
+    BLOB_BACKENDS,
+    BLOB_SCHEMA_POSTGRESQL,
+    BlobError,
+    BlobStore,
+    DatabaseBlobs,
+    FolderBlobs,
+)
 
 SHA_RE = re.compile(r"[0-9a-f]{64}")
 MAX_DB_INT = 2**31 - 1          # versions are SQL INTEGER (32-bit in PostgreSQL)
-RELEASE_KEY = "release.key"      # the server's Ed25519 private key (hex), mode 0600
+RELEASE_KEY = "release.key"      # the server's Ed25519 private key (hex), mode 0600 (folder default)
+RELEASE_KEY_ENV = "EDGECL_RELEASE_KEY"             # the key's 64 hex digits (a secret manager's variable)
+RELEASE_KEY_FILE_ENV = "EDGECL_RELEASE_KEY_FILE"   # a file holding them (a mounted secret)
+BLOBS_ENV = "EDGECL_SERVER_BLOBS"                  # folder | database
 _CHUNK_BYTES = 1 << 20
 BUNDLE_CACHE_S = 5.0             # how long a bundle row registered without its files is cached
 
@@ -129,6 +141,21 @@ class StoreError(EdgeclError):
     """The database or the blob folder cannot be used as asked."""
 
 
+def _release_key_source(root: Path, key_file: str | Path | None, shared: bool) -> tuple[str, str]:
+    """Where the release signing key is: ("env", "") or ("file", path). Every replica of a server
+    must sign with one key, so shared blob storage (several machines) refuses the per-folder default."""
+    if os.environ.get(RELEASE_KEY_ENV):
+        return "env", ""
+    chosen = key_file or os.environ.get(RELEASE_KEY_FILE_ENV)
+    if chosen:
+        return "file", str(Path(chosen).expanduser())
+    if shared:
+        raise StoreError("--blobs database needs a release key every replica reads",
+                         f"pass --release-key-file PATH (or set {RELEASE_KEY_FILE_ENV} / {RELEASE_KEY_ENV}); "
+                         "make one with `edgecl server key --new PATH`")
+    return "file", str(root / RELEASE_KEY)
+
+
 @dataclass
 class Device:
     name: str
@@ -164,7 +191,11 @@ def token_sha256(token: str) -> str:
 class Store:
     """One store = one database + one blob folder. Thread-safe: one DB connection per thread."""
 
-    def __init__(self, store_dir: str | Path, db_url: str | None = None) -> None:
+    def __init__(self, store_dir: str | Path, db_url: str | None = None, blobs: str | None = None,
+                 release_key_file: str | Path | None = None) -> None:
+        """``blobs``: "folder" or "database" (default: env EDGECL_SERVER_BLOBS, else folder);
+        ``release_key_file``: where the release signing key is (default: env EDGECL_RELEASE_KEY,
+        then EDGECL_RELEASE_KEY_FILE, then STORE/release.key)."""
         self.root = Path(store_dir).expanduser()
         try:
             (self.root / "blobs").mkdir(parents=True, exist_ok=True)
@@ -180,6 +211,12 @@ class Store:
         else:
             raise StoreError(f"unsupported database URL {self.db_url.split(':', 1)[0]}://...",
                              "use sqlite:///PATH or postgresql://USER@HOST:PORT/DB")
+        kind = blobs or os.environ.get(BLOBS_ENV) or "folder"
+        if kind not in BLOB_BACKENDS:
+            raise StoreError(f"unknown blob storage {kind!r}", f"use one of {', '.join(BLOB_BACKENDS)}")
+        if kind == "database" and self.dialect != "postgresql":
+            raise StoreError("--blobs database needs PostgreSQL", "pass --db postgresql://... (or --blobs folder)")
+        self._key_source = _release_key_source(self.root, release_key_file, shared=kind == "database")
         self._local = threading.local()
         self._all: list[Any] = []
         self._lock = threading.Lock()
@@ -196,6 +233,12 @@ class Store:
                 for column, ddl in columns.items():
                     if column not in have:
                         cur.execute(f"ALTER TABLE {table} ADD COLUMN {column} {ddl}")
+            if kind == "database":
+                for statement in filter(str.strip, BLOB_SCHEMA_POSTGRESQL.split(";")):
+                    cur.execute(statement)
+        folder = FolderBlobs(self.root)
+        self.blobs: BlobStore = DatabaseBlobs(self._cursor, folder) if kind == "database" else folder
+        self._folder = folder
         if self.dialect == "sqlite":
             with contextlib.suppress(OSError):
                 os.chmod(self._sqlite_path, 0o600)     # it holds the devices' HMAC keys
@@ -246,38 +289,37 @@ class Store:
             self._all.clear()
         self._local = threading.local()
 
-    # -- blobs -----------------------------------------------------------------------------------------
+    # -- blobs (edgecl/server/blobs.py) -----------------------------------------------------------------
     def blob_path(self, sha256: str) -> Path:
-        if not SHA_RE.fullmatch(sha256):     # never build a path from anything but a sha256
-            raise StoreError(f"{sha256[:80]!r} is not a sha256", "use the 64-hex-digit id the server returned")
-        return self.root / "blobs" / sha256[:2] / sha256
+        """Where this process keeps a blob's local copy (the blob itself with ``--blobs folder``)."""
+        try:
+            return self._folder.path(sha256)
+        except BlobError as exc:
+            raise StoreError(exc.problem, exc.fix) from exc
+
+    def blob_file(self, sha256: str) -> Path | None:
+        """A local file with the blob's bytes, checked against its name now; None if missing or damaged."""
+        return self.blobs.local_file(sha256)
+
+    def blob_size(self, sha256: str) -> int | None:
+        return self.blobs.size(sha256)
 
     def put_blob(self, data: bytes, sha256: str | None = None) -> str:
         sha256 = sha256 or hashlib.sha256(data).hexdigest()
-        path = self.blob_path(sha256)
-        if not self.blob_ok(sha256):
-            atomic_write_bytes(path, data)
+        self.blob_path(sha256)          # a sha256, or a StoreError
+        self.blobs.put(data, sha256)
         return sha256
 
     def blob_ok(self, sha256: str) -> bool:
         """The blob exists AND its bytes hash to its name: a file of the right size left by a
         crash, a bad disk or a hand edit is never trusted unread."""
-        path = self.blob_path(sha256)
-        try:
-            digest = hashlib.sha256()
-            with open(path, "rb") as f:
-                while chunk := f.read(_CHUNK_BYTES):
-                    digest.update(chunk)
-        except OSError:
-            return False
-        return digest.hexdigest() == sha256
+        self.blob_path(sha256)
+        return self.blobs.has(sha256)
 
     def put_blob_file(self, source: str | Path) -> tuple[str, int]:
         """Copy a file into the blob store (streamed, hashed on the way); (sha256, size)."""
         digest = hashlib.sha256()
-        tmp_dir = self.root / "blobs" / "tmp"
-        tmp_dir.mkdir(parents=True, exist_ok=True)
-        tmp = tmp_dir / f"{os.getpid()}-{threading.get_ident()}-{secrets.token_hex(4)}"
+        tmp = self.blob_tmp_path()
         size = 0
         try:
             with open(source, "rb") as src, open(tmp, "wb") as dst:
@@ -293,25 +335,17 @@ class Store:
 
     def blob_tmp_path(self) -> Path:
         """A fresh temp file path inside the store (same file system as the blobs: rename is atomic)."""
-        tmp_dir = self.root / "blobs" / "tmp"
-        tmp_dir.mkdir(parents=True, exist_ok=True)
-        return tmp_dir / f"{os.getpid()}-{threading.get_ident()}-{secrets.token_hex(8)}"
+        return self._folder.tmp_path()
 
     def adopt_blob(self, tmp: Path, sha256: str) -> str:
-        """Move a complete, fsynced temp file whose sha256 the caller computed into place."""
-        path = self.blob_path(sha256)
-        if not self.blob_ok(sha256):
-            path.parent.mkdir(parents=True, exist_ok=True)
-            os.chmod(tmp, 0o644)
-            os.replace(tmp, path)
-            fsync_dir(path.parent)
+        """Store a complete, fsynced temp file whose sha256 the caller computed."""
+        self.blob_path(sha256)
+        self.blobs.adopt(tmp, sha256)
         return sha256
 
     def get_blob(self, sha256: str) -> bytes | None:
-        try:
-            return self.blob_path(sha256).read_bytes()
-        except FileNotFoundError:
-            return None
+        """The blob's bytes, checked against its name; None when missing or damaged."""
+        return self.blobs.get(sha256)
 
     # -- devices ---------------------------------------------------------------------------------------
     def register_device(self, name: str, admin: bool = False) -> tuple[str, str]:
@@ -397,8 +431,11 @@ class Store:
 
     # -- the release signing key ----------------------------------------------------------------------
     def _ensure_release_key(self) -> None:
-        """Made once per store; a link from a complete temp file, so two processes opening a new
-        store at once agree on one key and nobody ever reads half of one."""
+        """STORE/release.key is made once per folder-backed store when no key is configured; a link
+        from a complete temp file, so two processes opening a new store at once agree on one key
+        and nobody ever reads half of one. A configured key (file or environment) is never made here."""
+        if self._key_source != ("file", str(self.root / RELEASE_KEY)):
+            return
         path = self.root / RELEASE_KEY
         if path.exists():
             return
@@ -421,12 +458,18 @@ class Store:
             tmp.unlink(missing_ok=True)
 
     def release_private_key(self) -> bytes:
+        kind, where = self._key_source
         try:
-            text = (self.root / RELEASE_KEY).read_text().strip()
-            return bytes.fromhex(text)
+            text = os.environ.get(RELEASE_KEY_ENV, "") if kind == "env" else Path(where).read_text()
+            seed = bytes.fromhex(text.strip())
+            if len(seed) != 32:
+                raise ValueError("not 32 bytes")
+            return seed
         except (OSError, ValueError) as exc:
-            raise StoreError(f"the release key {self.root / RELEASE_KEY} is missing or damaged",
-                             "restore it from the store's backup (devices pinned its public key)") from exc
+            place = f"${RELEASE_KEY_ENV}" if kind == "env" else where
+            raise StoreError(f"the release key {place} is missing or damaged",
+                             "restore it from backup (devices pinned its public key): docs/server.md#release-key"
+                             ) from exc
 
     def release_public_key(self) -> str:
         from edgecl.formats.signing import public_key
@@ -520,7 +563,7 @@ class Store:
                 scales = json.loads(raw) if raw else None
             mask_bytes = self.get_blob(bundle.mask_sha256)
             if mask_bytes is None:
-                raise StoreError(f"the mask of bundle {bundle.bundle_id} v{bundle.version} is missing",
+                raise StoreError(f"the mask of bundle {bundle.bundle_id} v{bundle.version} is missing or damaged",
                                  "register the bundle again (`edgecl server bundle add`)")
             self._limits[key] = limits_for(mask_bytes, scales)
         return self._limits[key]
@@ -778,7 +821,7 @@ def scales_json(store: Store, files: dict[str, tuple[str, int]], mask_bytes: byt
     from edgecl.server.bounds import scale_table
 
     def blob(name: str) -> Path | None:
-        return store.blob_path(files[name][0]) if name in files else None
+        return store.blob_file(files[name][0]) if name in files else None
 
     table = scale_table(blob(WEIGHTS), mask_bytes, blob(PROTOTYPES))
     return (json.dumps(table, sort_keys=True, separators=(",", ":")) + "\n").encode()
@@ -796,9 +839,10 @@ def add_bundle_blobs(store: Store, files: dict[str, str]) -> tuple[Bundle, bool]
         if not (isinstance(name, str) and NAME_RE.fullmatch(name) and isinstance(sha256, str)
                 and SHA_RE.fullmatch(sha256)):
             raise StoreError(f"file entry {str(name)[:80]!r} is not name -> sha256", "send {name: sha256}")
-        if not store.blob_ok(sha256):
+        size = store.blob_size(sha256) if store.blob_ok(sha256) else None
+        if size is None:
             raise StoreError(f"{name} ({sha256[:12]}) has not been uploaded", "PUT /v1/blobs/{sha256} first")
-        blobs[name] = (sha256, store.blob_path(sha256).stat().st_size)
+        blobs[name] = (sha256, size)
     manifest_bytes = store.get_blob(files[MANIFEST]) or b""
     mask_bytes = store.get_blob(files[MASK]) or b""
     bundle = bundle_from_files(manifest_bytes, mask_bytes)

@@ -12,7 +12,7 @@ subclass of uvicorn's httptools protocol adds:
   (per API process); the next one gets a JSON 503 and is closed. Behind a reverse proxy every
   client has the proxy's address: set the cap to 0 (off) there and let the proxy limit clients.
 
-Body reads have their own idle timeout in the app (``app._BodyReader``).
+Body reads have their own idle timeout in the app (``routes.common.BodyReader``).
 """
 
 from __future__ import annotations
