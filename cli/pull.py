@@ -27,7 +27,7 @@ def pull(
 ) -> None:
     """Pull the newest signed version; the old bundle is left as it was on any failure."""
     from edgecl.device.pull import pull_configured
-    from edgecl.device.sync import RetryPolicy
+    from edgecl.http_client import RetryPolicy
 
     report = pull_configured(bundle, config, server, token, server_key, out,
                              RetryPolicy(retries=retries, timeout_s=timeout_s))

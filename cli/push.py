@@ -28,7 +28,8 @@ def push(
 ) -> None:
     """Push DELTA files (and/or the outbox). Exit 0 sent or already there, 2 rejected, 3 unreachable."""
     from edgecl.device.provision import load_device_config
-    from edgecl.device.sync import RetryPolicy, exit_code, flush_outbox, push_files
+    from edgecl.device.push import exit_code, flush_outbox, push_files
+    from edgecl.http_client import RetryPolicy
 
     if not deltas and not outbox:
         raise EdgeclError("nothing to push", "name delta files or pass --outbox")

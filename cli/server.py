@@ -159,7 +159,7 @@ def bundle_add(
     from edgecl.server.store import add_bundle_dir
 
     if server:
-        from edgecl.device.sync import api_json
+        from edgecl.http_client import api_json
         from edgecl.release import upload_bundle
 
         row, sent = upload_bundle(server, token, bundle)

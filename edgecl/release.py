@@ -32,13 +32,13 @@ from typing import Any
 
 import numpy as np
 
-from edgecl.device.sync import RetryPolicy, api_json, download, upload
 from edgecl.errors import DataError, EdgeclError
 from edgecl.formats import delta as delta_format
 from edgecl.formats import manifest as mf
 from edgecl.formats.hashing import sha256_file
 from edgecl.formats.merge import DEFAULT_MAX_SHARE, MergeOptions, merge_prototypes
 from edgecl.formats.prototypes import Prototypes
+from edgecl.http_client import RetryPolicy, api_json, download, upload
 
 CALIBRATION = "calibration"
 

@@ -1,7 +1,7 @@
 """The import contract between the sides, read from the source (ast), not from what a run happens to load.
 
 host/ (torch) builds bundles, device/ runs them on plain onnxruntime, server/ merges deltas; they share
-only edgecl/formats (+ errors.py, progress.py). So: no side imports another, formats imports no side,
+only edgecl/formats (+ errors.py, progress.py, http_client.py). So: no side imports another, formats imports no side,
 and device/, server/ and formats/ never import the host's heavy stack, at module level or inside a
 function. Orchestrators that wire the sides together (the demo, the release script, the CLI in cli/)
 may import several sides.
@@ -48,7 +48,7 @@ def _forbidden(rel: str) -> tuple[tuple[str, ...], bool]:
     parts = rel.split("/")
     if rel in ORCHESTRATORS:
         return (), False
-    if len(parts) == 2:  # edgecl/errors.py, progress.py, datasets.py: shared helpers, like formats
+    if len(parts) == 2:  # edgecl/errors.py, progress.py, http_client.py: shared helpers, like formats
         return SIDES, True
     side = parts[1]
     if side == "formats":
@@ -98,3 +98,14 @@ def test_the_checker_sees_relative_function_level_and_package_imports(tmp_path: 
         ("edgecl/device/probe.py", "edgecl.host"), ("edgecl/device/probe.py", "edgecl.host.export"),
         ("edgecl/device/probe.py", "edgecl.server"), ("edgecl/device/probe.py", "torch.nn"),
         ("edgecl/formats/__init__.py", "edgecl.device"), ("edgecl/formats/__init__.py", "edgecl.device.infer")}
+
+
+def test_the_shared_http_client_needs_only_the_stdlib() -> None:
+    """device (push, pull), the release and the CLI all use edgecl/http_client.py: it may import no
+    side and nothing a device does not already install (stdlib + edgecl.errors)."""
+    import sys
+
+    names = {name.split(".")[0] if not name.startswith("edgecl.") else name
+             for name, _ in _imports(REPO / "edgecl" / "http_client.py")}
+    outside = {n for n in names if n not in sys.stdlib_module_names and n != "__future__"}
+    assert outside <= {"edgecl.errors", "edgecl.errors.EdgeclError"}, outside

@@ -194,7 +194,7 @@ def test_a_zlib_bomb_is_refused_not_expanded(tmp_path):
     import io
     import zlib
 
-    from edgecl.device.sync import _Sink
+    from edgecl.http_client import _Sink
 
     sink = _Sink(io.BytesIO(), limit=1000)
     sink.headers({"X-Edgecl-Encoding": "zlib"})

@@ -255,14 +255,14 @@ def test_admin_cli(tmp_path):
     assert set(overlap_from_bytes((tmp_path / "m.overlap.safetensors").read_bytes())) == set(mask.order)
 
 
-def test_server_and_sync_never_import_torch():
+def test_server_and_http_client_never_import_torch():
     import subprocess
     import sys
 
     code = ("import sys; sys.modules['torch'] = None\n"      # any `import torch` now raises ImportError
             "import edgecl.formats.delta, edgecl.formats.merge, edgecl.formats.signing, edgecl.server.app, "
             "edgecl.server.service, edgecl.server.bounds, edgecl.server.dashboard, "
-            "edgecl.device.sync, edgecl.device.pull, edgecl.device.provision, edgecl.cli.server, edgecl.cli.pull\n"
+            "edgecl.http_client, edgecl.device.push, edgecl.device.pull, edgecl.device.provision, edgecl.cli.server, edgecl.cli.pull\n"
             "assert 'torch' not in {m for m, v in sys.modules.items() if v is not None}")
     subprocess.run([sys.executable, "-c", code], check=True)
 

@@ -32,9 +32,9 @@ from edgecl.formats import manifest as mf
 from edgecl.formats.atomic import atomic_dir
 from edgecl.formats.hashing import sha256_file
 from edgecl.formats.signing import manifest_object, parse_public_key, verify_manifest
+from edgecl.http_client import RetryPolicy, ServerRejected, api_json, download
 
 from .state import open_bundle
-from .sync import RetryPolicy, ServerRejected, api_json, download
 
 
 @dataclass

@@ -1,17 +1,14 @@
-"""The device's side of sync: push deltas to the fleet server, keep them in an outbox when offline.
+"""The HTTP client every side shares with the fleet server: the JSON API, uploads, downloads.
 
-stdlib only (urllib): a device installs nothing for this beyond edgecl's core.
+stdlib only (urllib): a device installs nothing for this beyond edgecl's core. Used by the device
+(``edgecl push``, ``edgecl pull``), the host-side release (``edgecl release``) and the CLI's admin
+commands, so it belongs to no side (tests/test_import_contract.py).
 
-- ``push_files``: each delta is POSTed to ``SERVER/v1/deltas`` with the device token. Network
-  failures, timeouts, 5xx, 408 and 429 are retried with exponential backoff and jitter, a bounded
-  number of times; any other 4xx is a rejection (the file is wrong, retrying cannot help).
-- A delta that could not be sent is copied into the outbox (default ``~/.edgecl/outbox``, or
-  ``$EDGECL_OUTBOX``), named by its sha256, atomically; ``flush_outbox`` (``edgecl push --outbox``)
-  sends them later and removes each one the server has acknowledged. Rejected outbox files are
-  moved to ``outbox/rejected/`` with the reason beside them, never retried forever.
-- Exit codes (``exit_code``): 0 sent or already on the server, 2 rejected, 3 unreachable.
-- ``api_json`` / ``download``: the same retry rules for the JSON API and for file downloads
-  (``edgecl pull``, ``edgecl release``).
+- ``RetryPolicy``: network failures, timeouts, 5xx, 408 and 429 are retried with exponential
+  backoff and jitter, a bounded number of times; any other 4xx is a rejection (``ServerRejected``:
+  the request is wrong, retrying cannot help).
+- ``api_json`` / ``upload`` / ``download``: the JSON API, file uploads and streamed, hashed,
+  size-capped file downloads under those rules.
 """
 
 from __future__ import annotations
@@ -22,50 +19,17 @@ import hashlib
 import json
 import os
 import random
-import shutil
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from edgecl.errors import EdgeclError
-from edgecl.formats import delta as D
-from edgecl.formats.atomic import atomic_write_bytes
 
-EXIT_SENT = 0
-EXIT_REJECTED = 2
-EXIT_UNREACHABLE = 3
-EXIT_ALREADY = 0     # a delta the server already has is a success (it was 4 before 0.2)
-
-SENT, ALREADY, REJECTED, UNREACHABLE = "sent", "already_have_it", "rejected", "unreachable"
-_RETRY_STATUS = {408, 429, 500, 502, 503, 504}
-
-
-def default_outbox() -> Path:
-    return Path(os.environ.get("EDGECL_OUTBOX", "~/.edgecl/outbox")).expanduser()
-
-
-@dataclass
-class PushResult:
-    name: str              # file name (for messages)
-    sha256: str            # the delta's identity (sha256 of the file)
-    status: str            # sent | already_have_it | rejected | unreachable
-    code: str = ""         # server (or local) error code when rejected / unreachable
-    message: str = ""      # the reason, one line
-    attempts: int = 0
-
-    def line(self) -> str:
-        short = self.sha256[:12]
-        if self.status == SENT:
-            return f"sent {self.name} ({short})"
-        if self.status == ALREADY:
-            return f"already there {self.name} ({short})"
-        if self.status == REJECTED:
-            return f"rejected {self.name}: {self.code}: {self.message}"
-        return f"unreachable {self.name}: {self.message}"
+RETRY_STATUS = {408, 429, 500, 502, 503, 504}   # worth another try; any other 4xx is a rejection
 
 
 @dataclass
@@ -80,119 +44,12 @@ class RetryPolicy:
         return min(self.max_backoff_s, self.backoff_s * 2**attempt) * (0.5 + random.random() / 2)
 
 
-def push_bytes(data: bytes, server: str, token: str, policy: RetryPolicy | None = None, name: str = "delta",
-               sleep: Callable[[float], None] = time.sleep) -> PushResult:
-    """POST one delta; retry what may succeed later; never raises for network trouble."""
-    policy = policy or RetryPolicy()
-    sha256 = hashlib.sha256(data).hexdigest()
-    url = server.rstrip("/") + "/v1/deltas"
-    request = urllib.request.Request(url, data=data, method="POST", headers={
-        "Authorization": f"Bearer {token}", "Content-Type": "application/octet-stream"})
-    reason = ""
-    for attempt in range(policy.retries + 1):
-        if attempt:
-            sleep(policy.delay(attempt - 1))
-        try:
-            with urllib.request.urlopen(request, timeout=policy.timeout_s) as response:
-                body = _json(response.read())
-                status = ALREADY if body.get("status") == "already_have_it" else SENT
-                return PushResult(name, sha256, status, attempts=attempt + 1)
-        except urllib.error.HTTPError as exc:
-            body = _json(exc.read())
-            code, message = body.get("error", f"http_{exc.code}"), body.get("message", exc.reason)
-            if exc.code not in _RETRY_STATUS:
-                return PushResult(name, sha256, REJECTED, code, message, attempt + 1)
-            reason = f"server answered {exc.code} ({code})"
-        except (TimeoutError, urllib.error.URLError, OSError) as exc:
-            reason = str(getattr(exc, "reason", exc)) or type(exc).__name__
-    return PushResult(name, sha256, UNREACHABLE, "unreachable",
-                      f"{url}: {reason} after {policy.retries + 1} attempts", policy.retries + 1)
-
-
-def _json(raw: bytes) -> dict:
+def parse_json_object(raw: bytes) -> dict:
     with contextlib.suppress(ValueError):
         body = json.loads(raw)
         if isinstance(body, dict):
             return body
     return {}
-
-
-def _local_check(path: Path) -> tuple[bytes | None, PushResult | None]:
-    """Read a delta and check its header here, so a damaged file is reported, not queued."""
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise EdgeclError(f"cannot read {path} ({exc.strerror})", "check the delta's path") from exc
-    try:
-        D.check_length(D.read_header(data), len(data))
-    except D.DeltaError as exc:
-        return None, PushResult(path.name, hashlib.sha256(data).hexdigest(), REJECTED, exc.code, str(exc))
-    return data, None
-
-
-def queue(data: bytes, outbox: Path) -> Path:
-    """Put a delta in the outbox (atomic; named by sha256, so queueing twice keeps one copy)."""
-    target = outbox / f"{hashlib.sha256(data).hexdigest()}.safetensors"
-    if not target.exists():
-        atomic_write_bytes(target, data)
-    return target
-
-
-def push_files(paths: Iterable[str | Path], server: str, token: str, outbox: Path | None = None,
-               policy: RetryPolicy | None = None, sleep: Callable[[float], None] = time.sleep) -> list[PushResult]:
-    """``edgecl push DELTA...``: send each file; the ones that cannot be sent go to the outbox."""
-    outbox = outbox or default_outbox()
-    results: list[PushResult] = []
-    offline = False
-    for path in map(Path, paths):
-        data, local = _local_check(path)
-        if local is not None:
-            results.append(local)
-            continue
-        assert data is not None
-        if offline:   # the server was just unreachable: do not wait out the retries once per file
-            result = PushResult(path.name, hashlib.sha256(data).hexdigest(), UNREACHABLE, "unreachable",
-                                "server unreachable earlier in this run")
-        else:
-            result = push_bytes(data, server, token, policy, path.name, sleep)
-        if result.status == UNREACHABLE:
-            offline = True
-            result.message += f"; kept in {queue(data, outbox)}"
-        results.append(result)
-    return results
-
-
-def flush_outbox(server: str, token: str, outbox: Path | None = None, policy: RetryPolicy | None = None,
-                 sleep: Callable[[float], None] = time.sleep) -> list[PushResult]:
-    """``edgecl push --outbox``: send the queued deltas, oldest first; stop at the first unreachable."""
-    outbox = outbox or default_outbox()
-    files = sorted(outbox.glob("*.safetensors"), key=lambda p: (p.stat().st_mtime, p.name)) if outbox.is_dir() else []
-    results: list[PushResult] = []
-    for path in files:
-        data, local = _local_check(path)
-        result = local or push_bytes(data or b"", server, token, policy, path.name, sleep)
-        results.append(result)
-        if result.status in (SENT, ALREADY):
-            path.unlink()
-        elif result.status == REJECTED:
-            rejected = outbox / "rejected"
-            rejected.mkdir(exist_ok=True)
-            (rejected / f"{path.name}.reason.txt").write_text(f"{result.code}: {result.message}\n")
-            shutil.move(str(path), rejected / path.name)
-        else:
-            break
-    return results
-
-
-def exit_code(results: list[PushResult]) -> int:
-    """2 if anything was rejected, else 3 if anything is still waiting, else 0 (every delta is on
-    the server now, sent by this run or already there)."""
-    statuses = {r.status for r in results}
-    if REJECTED in statuses:
-        return EXIT_REJECTED
-    if UNREACHABLE in statuses:
-        return EXIT_UNREACHABLE
-    return EXIT_SENT
 
 
 # -- the JSON API and downloads (pull, release) ----------------------------------------------------------
@@ -232,9 +89,9 @@ def _request(server: str, token: str, method: str, path: str, data: bytes | None
                     sink(chunk)
                 return b""
         except urllib.error.HTTPError as exc:
-            body = _json(exc.read())
+            body = parse_json_object(exc.read())
             code, message = body.get("error", f"http_{exc.code}"), body.get("message", str(exc.reason))
-            if exc.code not in _RETRY_STATUS:
+            if exc.code not in RETRY_STATUS:
                 raise ServerRejected(code, exc.code, message) from None
             reason = f"server answered {exc.code} ({code})"
         except (TimeoutError, urllib.error.URLError, OSError) as exc:
@@ -248,7 +105,7 @@ def api_json(server: str, token: str, method: str, path: str, body: object = Non
     """One JSON API call with the push's retry rules; ServerRejected on a 4xx."""
     data = json.dumps(body).encode() if body is not None else (b"" if method in ("POST", "PUT") else None)
     raw = _request(server, token, method, path, data, "application/json", policy or RetryPolicy(), sleep)
-    answer = _json(raw)
+    answer = parse_json_object(raw)
     if not answer and raw.strip() not in (b"{}",):
         raise ServerUnreachable(f"{server}{path} did not answer JSON", "check the server URL (an edgecl server?)")
     return answer
@@ -259,7 +116,7 @@ def upload(server: str, token: str, path: str, data_path: Path, policy: RetryPol
     """PUT a file's bytes (a bundle file to ``/v1/blobs/{sha256}``)."""
     raw = _request(server, token, "PUT", path, data_path.read_bytes(), "application/octet-stream",
                    policy or RetryPolicy(), sleep)
-    return _json(raw)
+    return parse_json_object(raw)
 
 
 ENCODING_HEADER = "X-Edgecl-Encoding"
