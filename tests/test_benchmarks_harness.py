@@ -1,4 +1,4 @@
-"""The benchmark harness's own logic (benchmarks/harness.py, domains.py, experiments.py), fast, no model.
+"""The benchmark harness's own logic (benchmarks/b1_b6_accuracy/: harness, domains, experiments), fast, no model.
 
 The learner here is a numpy embedding with a known shift after each adaptation, so the expected
 prototypes, merges and metrics can be computed by hand; the head statistics go through the device's
@@ -13,12 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+# The benchmarks are a package at the checkout's root (benchmarks/__init__.py), not installed with edgecl.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import domains  # noqa: E402
-import experiments  # noqa: E402
-import harness  # noqa: E402
-from common import Split, Stream, Task  # noqa: E402
+from benchmarks.b1_b6_accuracy import domains, experiments, harness
+from benchmarks.b1_b6_accuracy.streams import Split, Stream, Task
 
 
 class ShiftLearner:
@@ -153,7 +152,7 @@ def test_cameras_are_fixed_and_differ() -> None:
 
 
 def test_every_experiment_names_known_methods_and_settings() -> None:
-    from torch_methods import TrainConfig
+    from benchmarks.b1_b6_accuracy.torch_methods import TrainConfig
     fields = set(TrainConfig.__dataclass_fields__)
     rule_fields = set(harness.StreamRules.__dataclass_fields__)
     for name, exp in experiments.EXPERIMENTS.items():

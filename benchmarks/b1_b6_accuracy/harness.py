@@ -33,8 +33,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
-from common import Stream, Task, concat
 
+from benchmarks.b1_b6_accuracy.streams import Stream, Task, concat
 from edgecl.device.heads import LdaHead, RanpacHead, fit_linear_drift
 
 LDA_SHRINKAGE = (0.03, 0.1, 0.3, 0.6)   # the lda heads' grid, chosen on val like the lr

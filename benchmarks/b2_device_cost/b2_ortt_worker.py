@@ -36,7 +36,9 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
+# Run as `python benchmarks/b2_device_cost/b2_ortt_worker.py`, also by the onnxruntime-training venv, where edgecl
+# is not installed: the checkout's root on the path, for `edgecl.*` and `benchmarks.*`.
+REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
