@@ -34,8 +34,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from benchmarks.b1_b6_accuracy.ranpac import RanpacHead
 from benchmarks.b1_b6_accuracy.streams import Stream, Task, concat
-from edgecl.device.heads import LdaHead, RanpacHead, fit_linear_drift
+from edgecl.device.heads import LdaHead, fit_linear_drift
 
 LDA_SHRINKAGE = (0.03, 0.1, 0.3, 0.6)   # the lda heads' grid, chosen on val like the lr
 RANPAC_RIDGE = (1e4, 1e5, 1e6, 1e7)      # the ranpac head's grid (small subsets pick the large ridges)
@@ -197,7 +198,7 @@ class HeadKeeper:
 
 
 class CachedRanpac(RanpacHead):
-    """The device's RanpacHead; the random features of the last array scored are kept, so the ridge
+    """RanpacHead (ranpac.py); the random features of the last array scored are kept, so the ridge
     grid (one ``logits`` call per ridge) projects the embeddings once."""
 
     def features(self, embeddings: np.ndarray) -> np.ndarray:

@@ -7,21 +7,35 @@ learner reads the folders) and loaded back resized to the model's input size.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from benchmarks.b1_b6_accuracy.digits import write_digits_proxy
 from benchmarks.b1_b6_accuracy.domains import DOMAINS, domain_dir, write_domain_stream
 from benchmarks.shared import common
-from edgecl.datasets import (
-    FASHION_CLASSES,
-    SEED,
-    fashion_task_groups,
-    write_digits_proxy,
-    write_fashion_groups,
-)
+from edgecl.datasets import FASHION_CLASSES, SEED, write_fashion_groups
+from edgecl.errors import DataError
 from edgecl.formats.images import load_image_folder
+
+
+# -- B1's task groups -----------------------------------------------------------------------------
+def class_incremental_tasks(num_classes: int = 10, classes_per_task: int = 2,
+                            order: Sequence[int] | None = None) -> list[list[int]]:
+    """Class ids per task: the fixed order 0..C-1 cut into tasks (docs/benchmarks.md#b1: 5 x 2, order 0..9)."""
+    order = list(range(num_classes)) if order is None else [int(c) for c in order]
+    if sorted(order) != list(range(num_classes)) or num_classes % classes_per_task:
+        raise DataError(f"class order {order} does not split into tasks of {classes_per_task}",
+                        "give a permutation of 0..C-1 and a task size that divides C")
+    return [order[i:i + classes_per_task] for i in range(0, num_classes, classes_per_task)]
+
+
+def fashion_task_groups(num_tasks: int = 5, classes_per_task: int = 2) -> dict[str, list[int]]:
+    """The B1 stream as groups: ``task-1`` = [0, 1], ..., ``task-5`` = [8, 9]."""
+    tasks = class_incremental_tasks(num_tasks * classes_per_task, classes_per_task)
+    return {f"task-{t + 1}": classes for t, classes in enumerate(tasks)}
 
 
 # -- splits and streams ----------------------------------------------------------------------------

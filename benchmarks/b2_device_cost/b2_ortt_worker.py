@@ -55,11 +55,11 @@ def export_forward(bundle: Path, out: Path) -> None:
     from safetensors.numpy import load_file
     from torch import nn
 
+    from benchmarks.shared.sparse import attach_sparse_delta
     from edgecl.formats.config import load_recipe
     from edgecl.formats.mask import Mask
     from edgecl.host.loss import l2_normalize, supcon_loss
     from edgecl.host.model import build_embedding_model
-    from edgecl.host.sparse import attach_sparse_delta
 
     manifest = json.loads((bundle / "manifest.json").read_text())
     recipe_file = REPO / "models" / f"{manifest['model_name']}.toml"
