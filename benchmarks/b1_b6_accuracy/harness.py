@@ -1,8 +1,13 @@
 """One harness for B1 (class-incremental) and B6 (domain-incremental): a learner protocol, the heads,
 the stream loop and the metrics. Every method (frozen, full fine-tuning, MIST in torch, the real edgecl
-path) is a ``Learner``; the heads and the old-class rules around it are the device's own algorithms,
-imported from ``edgecl`` (LdaHead, fit_linear_drift, drift.compensate, replay_repeats, herding,
-Prototypes.merge), never re-coded here.
+path) is a ``Learner``; the heads and the old-class rules around it follow the device's (post-steps,
+edgecl/device/poststeps.py). Imported from ``edgecl``: LdaHead (add, move, logits), fit_linear_drift,
+drift.compensate / default_sigma, replay_repeats, herding_order. Re-coded here, until one module owns
+moving class statistics across a backbone change (issue 20): the shift of a prototype by its
+exemplars' drift and the merge of a class's means by counts (``HeadKeeper.update``, ``merge_mean``).
+The copies skip what the benchmark streams never need: the device's merge first takes out images the
+mean already counts (their fingerprints), and no image is shown twice here. The edgecl learner keeps
+its own heads (``heads()``), so its rows use the device's code itself.
 
 Per task t, in the device's order (edgecl.device.adapt, post-steps):
 1. embed the task's images (and the stored exemplars) with the backbone before adapting;
@@ -124,8 +129,9 @@ class HeadKeeper:
         from edgecl.formats.exemplars import herding_order
         labels = task.train.labels
         moved = bool(np.any(before != after))
-        # As the device (poststeps.py): every class with stored exemplars moves by its exemplars' drift,
-        # a class seen again (B6) included, before it is merged; the rest by SDC.
+        # A copy of the device's rule (poststeps.shift_by_exemplars, compensate_drift): every class with
+        # stored exemplars moves by its exemplars' drift, a class seen again (B6) included, before it is
+        # merged; the rest by SDC.
         ex_after = {c: learner.embed(self.memory[c]) for c in ex_before} if moved else ex_before
         if moved:
             shifted = [c for c in ex_before if self.p.old_update == "shift" and c in self.protos]
@@ -211,7 +217,8 @@ class CachedRanpac(RanpacHead):
 
 
 def merge_mean(prev: np.ndarray | None, prev_count: int, mean: np.ndarray, count: int) -> np.ndarray:
-    """Count-weighted running mean, the device's rule for a class seen again (Prototypes.merge)."""
+    """Count-weighted running mean: a copy of the device's rule for a class seen again
+    (poststeps.merge_task_classes, without its taking out of images already counted)."""
     if prev is None or prev_count <= 0:
         return np.asarray(mean, np.float64)
     return (prev_count * np.asarray(prev, np.float64) + count * np.asarray(mean, np.float64)) / (prev_count + count)
