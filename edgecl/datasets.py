@@ -1,12 +1,11 @@
 """Real image data for the demo and the benchmarks, written out as class-incremental image folders.
 
-numpy + Pillow + stdlib only (no torch, no scikit-learn import), so a device-like process can run it.
+numpy + Pillow + stdlib only (no torch), so a device-like process can run it.
 
-Sources (both install offline):
-- Fashion-MNIST (Xiao et al. 2017), idx-format ``*-ubyte.gz`` files from Debian's
-  ``dataset-fashion-mnist`` package (``/usr/share/datasets/fashion-mnist``).
-- The source-proxy task for retention (docs/benchmarks.md#b1): the 8x8 handwritten digits that ship
-  inside scikit-learn (``sklearn/datasets/data/digits.csv.gz``), read as a file, never imported.
+Source (installs offline): Fashion-MNIST (Xiao et al. 2017), idx-format ``*-ubyte.gz`` files from
+Debian's ``dataset-fashion-mnist`` package (``/usr/share/datasets/fashion-mnist``). The benchmarks'
+own data (B1's task groups, the scikit-learn digits that measure retention) is built in
+benchmarks/b1_b6_accuracy/ from these writers.
 
 Layout written by :func:`write_fashion_groups` (the torchvision ImageFolder convention that
 ``edgecl.formats.images`` reads)::
@@ -14,16 +13,14 @@ Layout written by :func:`write_fashion_groups` (the torchvision ImageFolder conv
     ROOT/<group>/<split>/<class name>/<n>.png     split in {train, val, test}; class names like 0-tshirt
     ROOT/dataset.json                              what was written (the request and counts)
 
-A group is a set of classes: ``task-1`` .. ``task-5`` for the 5 x 2 class-incremental stream, or
-``calib`` / ``device-a`` / ``device-b`` for the demo. Each class's subsample is drawn from a
+A group is a set of classes: ``calib`` / ``device-a`` / ``device-b`` for the demo, or ``task-1`` ..
+``task-5`` for B1's 5 x 2 class-incremental stream. Each class's subsample is drawn from a
 generator seeded by (seed, class id), so a class gets the same images whichever group holds it.
 """
 
 from __future__ import annotations
 
-import csv
 import gzip
-import importlib.util
 import io
 import json
 import struct
@@ -41,7 +38,6 @@ FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 # Class folder names: "<label>-<name>", so sorted folder order equals label order.
 FASHION_CLASSES = ("0-tshirt", "1-trouser", "2-pullover", "3-dress", "4-coat",
                    "5-sandal", "6-shirt", "7-sneaker", "8-bag", "9-ankle-boot")
-DIGIT_CLASSES = tuple(f"digit-{d}" for d in range(10))
 SEED = 1993                      # the seed of the reference configs (docs/benchmarks.md#b1)
 SPLITS = ("train", "val", "test")
 _FILES = {"train": ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"),
@@ -90,38 +86,7 @@ def load_fashion_mnist(split: str, root: str | Path = FASHION_MNIST_DIR) -> tupl
     return images, labels
 
 
-def _sklearn_digits_file() -> Path:
-    # Located, not imported: importing scikit-learn costs seconds and pulls scipy.
-    spec = importlib.util.find_spec("sklearn")
-    if spec is None or not spec.submodule_search_locations:
-        raise DataError("scikit-learn is not installed (its digits are the source-proxy task)",
-                        "pip install scikit-learn (or pip install -e '.[dev]')")
-    path = Path(next(iter(spec.submodule_search_locations))) / "datasets" / "data" / "digits.csv.gz"
-    if not path.is_file():
-        raise DataError(f"scikit-learn's digits file {path} is missing", "re-install scikit-learn")
-    return path
-
-
-def load_digits() -> tuple[np.ndarray, np.ndarray]:
-    """scikit-learn's 1797 handwritten digits: (images uint8 [N, 8, 8] scaled 0..16 -> 0..255, labels [N])."""
-    with gzip.open(_sklearn_digits_file(), "rt") as f:
-        rows = np.array([[int(v) for v in row] for row in csv.reader(f) if row], dtype=np.int64)
-    values, labels = rows[:, :64], rows[:, 64]
-    images = np.round(values * (255.0 / 16.0)).clip(0, 255).astype(np.uint8).reshape(-1, 8, 8)
-    return images, labels
-
-
 # -- splits ----------------------------------------------------------------------------------------
-def class_incremental_tasks(num_classes: int = 10, classes_per_task: int = 2,
-                            order: Sequence[int] | None = None) -> list[list[int]]:
-    """Class ids per task: the fixed order 0..C-1 cut into tasks (docs/benchmarks.md#b1: 5 x 2, order 0..9)."""
-    order = list(range(num_classes)) if order is None else [int(c) for c in order]
-    if sorted(order) != list(range(num_classes)) or num_classes % classes_per_task:
-        raise DataError(f"class order {order} does not split into tasks of {classes_per_task}",
-                        "give a permutation of 0..C-1 and a task size that divides C")
-    return [order[i:i + classes_per_task] for i in range(0, num_classes, classes_per_task)]
-
-
 def per_class_subsample(labels: np.ndarray, class_id: int, counts: Sequence[int], seed: int = SEED) -> list[np.ndarray]:
     """Disjoint index sets of sizes ``counts`` among the rows of ``class_id``, fixed by (seed, class_id)."""
     rows = np.flatnonzero(labels == class_id)
@@ -218,41 +183,6 @@ def write_fashion_groups(out: str | Path, groups: Mapping[str, Sequence[int]], t
                                                          overwrite=True)
     atomic_write_json(stamp, {"dataset": "fashion-mnist", "request": asdict(request), "written": written})
     return out
-
-
-def write_digits_proxy(out: str | Path, train_fraction: float = 0.5, seed: int = SEED,
-                       overwrite: bool = False) -> Path:
-    """The never-trained source-proxy task: ``out/{train,test}/digit-<d>/<n>.png`` (8x8 grayscale PNGs).
-
-    Prototypes come from ``train``, accuracy from ``test``; a per-class seeded split.
-    """
-    out = Path(out)
-    request = {"train_fraction": train_fraction, "seed": seed}
-    stamp = out / "dataset.json"
-    if stamp.is_file() and json.loads(stamp.read_text()).get("request") == request:
-        return out
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise DataError(f"{out} exists and holds a different dataset", "pass overwrite=True or another folder")
-    images, labels = load_digits()
-    train_rows, test_rows = [], []
-    for c in range(10):
-        n = int(np.sum(labels == c))
-        n_train = int(round(n * train_fraction))
-        tr, te = per_class_subsample(labels, c, [n_train, n - n_train], seed)
-        train_rows.append(tr)
-        test_rows.append(te)
-    written = {
-        "train": write_image_folder(out / "train", images, labels, DIGIT_CLASSES, np.concatenate(train_rows), True),
-        "test": write_image_folder(out / "test", images, labels, DIGIT_CLASSES, np.concatenate(test_rows), True),
-    }
-    atomic_write_json(stamp, {"dataset": "sklearn-digits", "request": request, "written": written})
-    return out
-
-
-def fashion_task_groups(num_tasks: int = 5, classes_per_task: int = 2) -> dict[str, list[int]]:
-    """The B1 stream as groups: ``task-1`` = [0, 1], ..., ``task-5`` = [8, 9]."""
-    tasks = class_incremental_tasks(num_tasks * classes_per_task, classes_per_task)
-    return {f"task-{t + 1}": classes for t, classes in enumerate(tasks)}
 
 
 # The demo's fleet (and B2-B4's data): the classes the model "had before" and two devices' new ones.

@@ -1,4 +1,5 @@
-"""The benchmark harness's own logic (benchmarks/harness.py, domains.py, experiments.py), fast, no model.
+"""The benchmarks' own code (benchmarks/b1_b6_accuracy/: harness, domains, experiments, streams, digits,
+ranpac), fast, no model; and that the product never imports it.
 
 The learner here is a numpy embedding with a known shift after each adaptation, so the expected
 prototypes, merges and metrics can be computed by hand; the head statistics go through the device's
@@ -7,18 +8,30 @@ real code (edgecl.device.heads, drift, exemplars), as in the benchmark runs.
 
 from __future__ import annotations
 
+import ast
+import importlib.util
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+# The benchmarks are a package at the checkout's root (benchmarks/__init__.py), not installed with edgecl.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import domains  # noqa: E402
-import experiments  # noqa: E402
-import harness  # noqa: E402
-from common import Split, Stream, Task  # noqa: E402
+from benchmarks.b1_b6_accuracy import digits, domains, experiments, harness
+from benchmarks.b1_b6_accuracy.ranpac import RanpacHead
+from benchmarks.b1_b6_accuracy.streams import (
+    Split,
+    Stream,
+    Task,
+    class_incremental_tasks,
+    fashion_task_groups,
+)
+from edgecl.errors import DataError
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 class ShiftLearner:
@@ -153,7 +166,7 @@ def test_cameras_are_fixed_and_differ() -> None:
 
 
 def test_every_experiment_names_known_methods_and_settings() -> None:
-    from torch_methods import TrainConfig
+    from benchmarks.b1_b6_accuracy.torch_methods import TrainConfig
     fields = set(TrainConfig.__dataclass_fields__)
     rule_fields = set(harness.StreamRules.__dataclass_fields__)
     for name, exp in experiments.EXPERIMENTS.items():
@@ -169,3 +182,62 @@ def test_every_experiment_names_known_methods_and_settings() -> None:
 def test_the_experiments_head_list_is_the_harness_families() -> None:
     assert experiments.ALL_HEADS == harness.FAMILIES
     assert harness.StreamRules().heads == harness.FAMILIES
+
+
+def test_task_split_is_order_0_to_9_in_pairs() -> None:
+    assert class_incremental_tasks() == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]]
+    assert fashion_task_groups()["task-3"] == [4, 5]
+    with pytest.raises(DataError):
+        class_incremental_tasks(10, 3)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("sklearn") is None, reason="scikit-learn not installed")
+def test_digits_proxy(tmp_path: Path) -> None:
+    images, labels = digits.load_digits()
+    assert images.shape == (1797, 8, 8) and images.dtype == np.uint8
+    assert images.max() == 255 and sorted(set(labels.tolist())) == list(range(10))
+    out = digits.write_digits_proxy(tmp_path / "digits")
+    train = {p.stem for p in (out / "train").rglob("*.png")}
+    test = {p.stem for p in (out / "test").rglob("*.png")}
+    assert len(train) + len(test) == 1797 and not train & test
+    assert sorted(p.name for p in (out / "test").iterdir()) == list(digits.DIGIT_CLASSES)
+    png = next((out / "test" / "digit-3").glob("*.png"))
+    np.testing.assert_array_equal(np.asarray(Image.open(png)), images[int(png.stem)])
+
+
+def test_ranpac_fits_and_is_reproducible_from_its_seed() -> None:
+    def two_classes(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+        # Class means differ across a strong shared nuisance direction, far from the origin.
+        rng = np.random.default_rng(seed)
+        y = np.repeat([0, 1], n)
+        x = rng.normal(size=(2 * n, 5)) * 0.2
+        nuisance = rng.normal(size=2 * n) * 5.0
+        x[:, 0] += nuisance
+        x[:, 1] += nuisance + np.where(y == 0, -0.5, 0.5)
+        x[:, 2:] += 3.0
+        return x, y
+
+    x, y = two_classes(200, 4)
+    xt, yt = two_classes(200, 5)
+    head = RanpacHead(5, projection_dim=256, ridge=1.0, seed=7)
+    head.add(x[y == 0], y[y == 0])
+    head.add(x[y == 1], y[y == 1])
+    assert (head.logits(xt, [0, 1]).argmax(1) == yt).mean() > 0.95
+    again = RanpacHead(5, projection_dim=256, ridge=1.0, seed=7)
+    again.add(x, y)
+    assert np.allclose(again.logits(xt, [0, 1]), head.logits(xt, [0, 1]))
+    with pytest.raises(ValueError, match=r"\[N, D\]"):
+        head.add(np.zeros(5), np.zeros(5))
+
+
+def test_the_product_never_imports_the_benchmarks_or_the_tests() -> None:
+    """Test-only helpers (the torch sparse reference, RanPAC, the digits proxy) live in benchmarks/ or
+    tests/; nothing under edgecl/ or cli/ may import them, at module level or inside a function."""
+    offenders = []
+    for path in sorted([*(REPO / "edgecl").rglob("*.py"), *(REPO / "cli").rglob("*.py")]):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            offenders += [f"{path.relative_to(REPO)}:{node.lineno} {n}" for n in names
+                          if n.split(".")[0] in ("benchmarks", "tests", "conftest")]
+    assert not offenders

@@ -6,7 +6,6 @@ Fast: hand-made idx files in tmp_path, plus read-only checks on the installed re
 from __future__ import annotations
 
 import gzip
-import importlib.util
 import json
 import struct
 from pathlib import Path
@@ -60,13 +59,6 @@ def test_missing_fashion_mnist_names_the_debian_package(tmp_path: Path) -> None:
         datasets.load_fashion_mnist("train", tmp_path / "nowhere")
     with pytest.raises(DataError, match="apt-get install dataset-fashion-mnist"):
         datasets.load_fashion_mnist("train", tmp_path)  # folder exists, files do not
-
-
-def test_task_split_is_order_0_to_9_in_pairs() -> None:
-    assert datasets.class_incremental_tasks() == [[0, 1], [2, 3], [4, 5], [6, 7], [8, 9]]
-    assert datasets.fashion_task_groups()["task-3"] == [4, 5]
-    with pytest.raises(DataError):
-        datasets.class_incremental_tasks(10, 3)
 
 
 def test_subsample_is_seeded_disjoint_and_per_class() -> None:
@@ -138,17 +130,3 @@ def test_real_fashion_mnist_labels() -> None:
     labels = datasets.read_idx(datasets.FASHION_MNIST_DIR / "t10k-labels-idx1-ubyte.gz")
     assert labels.shape == (10000,)
     assert np.bincount(labels).tolist() == [1000] * 10
-
-
-@pytest.mark.skipif(importlib.util.find_spec("sklearn") is None, reason="scikit-learn not installed")
-def test_digits_proxy(tmp_path: Path) -> None:
-    images, labels = datasets.load_digits()
-    assert images.shape == (1797, 8, 8) and images.dtype == np.uint8
-    assert images.max() == 255 and sorted(set(labels.tolist())) == list(range(10))
-    out = datasets.write_digits_proxy(tmp_path / "digits")
-    train = {p.stem for p in (out / "train").rglob("*.png")}
-    test = {p.stem for p in (out / "test").rglob("*.png")}
-    assert len(train) + len(test) == 1797 and not train & test
-    assert sorted(p.name for p in (out / "test").iterdir()) == list(datasets.DIGIT_CLASSES)
-    png = next((out / "test" / "digit-3").glob("*.png"))
-    np.testing.assert_array_equal(np.asarray(Image.open(png)), images[int(png.stem)])

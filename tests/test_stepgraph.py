@@ -1,14 +1,15 @@
 """train_step.onnx: the training step as one standard-ONNX graph, run by plain onnxruntime.
 
 Every check compares the real exported graph, run in a real onnxruntime InferenceSession, with
-torch autograd in float64 on the same model (the sparse delta attached by host/sparse.py, the
-reference parametrization), so a wrong gradient formula, a dropped term or a wrong delta layout
+torch autograd in float64 on the same model (the sparse delta attached by benchmarks/shared/sparse.py,
+the reference parametrization), so a wrong gradient formula, a dropped term or a wrong delta layout
 fails.
 """
 
 from __future__ import annotations
 
 import copy
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +23,11 @@ from edgecl.formats.config import load_recipe
 from edgecl.host.loss import l2_normalize, supcon_loss
 from edgecl.host.masking import depthwise_weight_names, select_mask
 from edgecl.host.model import build_embedding_model
-from edgecl.host.sparse import attach_sparse_delta
 from edgecl.host.stepgraph import conv2d_input_grad, conv2d_weight_grad, export_train_step
+
+# The torch reference parametrization lives with the benchmarks (a package at the checkout's root).
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.shared.sparse import attach_sparse_delta
 
 onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")

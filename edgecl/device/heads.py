@@ -1,8 +1,10 @@
 """Classifier heads on top of the backbone's embeddings (docs/method.md#step-4), numpy only.
 
 SimpleCIL's cosine prototypes (`edgecl.formats.prototypes`, the default) treat every embedding
-dimension as independent and equally scaled. Two second-stage heads use the embeddings' correlations,
-and both learn new classes without a gradient step, from statistics accumulated once per task:
+dimension as independent and equally scaled. The second-stage head here uses the embeddings'
+correlations and, like them, learns new classes without a gradient step, from statistics accumulated
+once per task (RanPAC, measured in B1 and not offered, lives with the benchmarks:
+benchmarks/b1_b6_accuracy/ranpac.py):
 
 - ``LdaHead`` (streaming linear discriminant analysis, Hayes & Kanan 2020): the class means (the
   prototypes) and one within-class covariance pooled over every task. Logits
@@ -19,10 +21,6 @@ and both learn new classes without a gradient step, from statistics accumulated 
   (torch, seeds 1993 / 7) LDA went from 79.8 / 78.2 to 83.7 / 82.7, through the edgecl path to
   83.4 / 83.2; moving the covariance alone, with the exemplar-shifted prototypes as means, gave only
   80.2 (seed 7): the means must move with it.
-- ``RanpacHead`` (RanPAC, McDonnell et al. 2023): a fixed random projection to M dims + ReLU, then
-  ridge regression from the accumulated Gram matrix G = H^T H and Q = H^T Y. Memory: M x M; the
-  projection is regenerated from its seed, never stored. Its statistics are of ReLU features, so a
-  moving backbone cannot be compensated in them: they stay as computed when each task was seen.
 """
 
 from __future__ import annotations
@@ -139,39 +137,3 @@ class LdaHead:
     @classmethod
     def load_file(cls, path: Path, shrinkage: float = DEFAULT_SHRINKAGE) -> LdaHead:
         return cls.from_bytes(Path(path).read_bytes(), shrinkage)
-
-
-@dataclass
-class RanpacHead:
-    """Random projection + ReLU, then ridge regression on accumulated G and Q."""
-
-    dim: int
-    projection_dim: int = 2000
-    ridge: float = 1e4
-    seed: int = 0
-    gram: np.ndarray = field(default=None)  # type: ignore[assignment,arg-type]  # [M, M]
-    targets: dict[int, np.ndarray] = field(default_factory=dict)  # label -> Q column [M]
-
-    def __post_init__(self) -> None:
-        if self.gram is None:
-            self.gram = np.zeros((self.projection_dim, self.projection_dim), np.float64)
-        self._projection = np.random.default_rng(self.seed).standard_normal((self.dim, self.projection_dim))
-
-    def features(self, embeddings: np.ndarray) -> np.ndarray:
-        return np.maximum(np.asarray(embeddings, np.float64) @ self._projection, 0.0)
-
-    def add(self, embeddings: np.ndarray, labels: np.ndarray) -> None:
-        x, y = _check(embeddings, labels)
-        h = self.features(x)
-        self.gram += h.T @ h
-        for label in np.unique(y):
-            column = h[y == label].sum(axis=0)
-            key = int(label)
-            self.targets[key] = self.targets.get(key, 0.0) + column
-
-    def logits(self, embeddings: np.ndarray, labels: list[int], ridge: float | None = None) -> np.ndarray:
-        """[N, C] ridge-regression scores for ``labels`` (in that column order)."""
-        q = np.stack([self.targets[int(c)] for c in labels], axis=1)
-        lam = self.ridge if ridge is None else ridge
-        w = np.linalg.solve(self.gram + lam * np.eye(self.projection_dim), q)
-        return self.features(embeddings) @ w

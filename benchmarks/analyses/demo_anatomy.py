@@ -12,7 +12,7 @@ and measures, each number from real bundles through onnxruntime:
    and B's deltas merged (`edgecl apply` of both, weighted mean), each with the prototypes it ships and
    with exact ones.
 
-Run: .venv/bin/python benchmarks/demo_anatomy.py demo-out   (about 10 minutes on 2 cores)
+Run: .venv/bin/python benchmarks/analyses/demo_anatomy.py demo-out   (about 10 minutes on 2 cores)
 Writes benchmarks/out/demo_anatomy.json.
 """
 
@@ -21,10 +21,15 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 from pathlib import Path
 
-import common
+# Run as `python benchmarks/analyses/demo_anatomy.py`: the checkout's root on the path, for `benchmarks.*`.
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
 import numpy as np
+
+from benchmarks.shared import common
 
 GROUPS = ("calib", "device-a", "device-b")
 KEY = "ab" * 32  # any 64-hex key: the delta is only applied here, never pushed
@@ -112,7 +117,7 @@ def main() -> None:
     versions = {"v1 (frozen baseline)": demo / "baseline" / "bundle", "v2 (demo: A's delta, B refused)": v2,
                 "v1 + B's no-gate delta": b_alone, "v1 + A's and B's no-gate deltas": merged}
     table = {name: {"shipped": shipped(path, data), "exact": exact(path, data)} for name, path in versions.items()}
-    result = {"command": f"benchmarks/demo_anatomy.py {args.demo_out}", "machine": common.machine(),
+    result = {"command": f"benchmarks/analyses/demo_anatomy.py {args.demo_out}", "machine": common.machine(),
               "device_b_no_gate": {"eval": b_eval, "steps": b_report["steps"], "epochs": b_report["epochs"]},
               "versions": table}
     path = common.write_json("demo_anatomy.json", result)

@@ -1,8 +1,8 @@
-"""Run a named B1 / B6 experiment (benchmarks/experiments.py) and write its result file.
+"""Run a named B1 / B6 experiment (experiments.py) and write its result file.
 
-  .venv/bin/python benchmarks/run.py --list
-  .venv/bin/python benchmarks/run.py ablation_b1 --threads 1
-  .venv/bin/python benchmarks/run.py defaults_b6 --arms frozen,"mist 10 epochs" --seeds 7   # a part; rerun without to finish
+  .venv/bin/python benchmarks/b1_b6_accuracy/run.py --list
+  .venv/bin/python benchmarks/b1_b6_accuracy/run.py ablation_b1 --threads 1
+  .venv/bin/python benchmarks/b1_b6_accuracy/run.py defaults_b6 --arms frozen,"mist 10 epochs" --seeds 7   # a part; rerun without to finish
 
 Each (arm, lr, seed) run is written to benchmarks/out/NAME/runs/ as it finishes, with the settings it
 ran under; a rerun skips the runs already there with the same settings (so a stopped experiment
@@ -33,11 +33,13 @@ def _pin_threads() -> None:
 
 
 _pin_threads()
+# Run as `python benchmarks/b1_b6_accuracy/run.py`: the checkout's root on the path, for `benchmarks.*`.
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-import common  # noqa: E402
-import experiments  # noqa: E402
 import numpy as np  # noqa: E402
-from harness import (  # noqa: E402
+
+from benchmarks.b1_b6_accuracy import experiments, streams  # noqa: E402
+from benchmarks.b1_b6_accuracy.harness import (  # noqa: E402
     FAMILIES,
     LDA_SHRINKAGE,
     RANPAC_RIDGE,
@@ -46,12 +48,13 @@ from harness import (  # noqa: E402
     split_data,
     summarize_arms,
 )
+from benchmarks.shared import common  # noqa: E402
 
 CRITERION = "mean_val"
 
 
 def arm_settings(exp: experiments.Experiment, arm: experiments.Arm) -> tuple[dict[str, Any], StreamRules]:
-    from torch_methods import TrainConfig
+    from benchmarks.b1_b6_accuracy.torch_methods import TrainConfig
     train = dataclasses.asdict(TrainConfig()) | exp.train | arm.train
     rules = StreamRules(**(exp.rules | arm.rules))
     return train, rules
@@ -82,11 +85,11 @@ def load_runs(name: str) -> list[dict[str, Any]]:
 
 def make_learner(arm: experiments.Arm, train: dict[str, Any], rules: StreamRules, recipe: Any, threads: int,
                  work: Path) -> Any:
-    from torch_methods import TorchLearner, TrainConfig
+    from benchmarks.b1_b6_accuracy.torch_methods import TorchLearner, TrainConfig
     cfg = TrainConfig(**train)
     if arm.method in ("edgecl", "edgecl-nogate"):
-        from b4_export import recipe_for_size
-        from edgecl_path import EdgeclLearner
+        from benchmarks.b1_b6_accuracy.edgecl_path import EdgeclLearner
+        from benchmarks.shared.bundles import recipe_for_size
         return EdgeclLearner(recipe, cfg, rules, threads, work, recipe_for_size(recipe.input_size[0]),
                              gate=arm.method == "edgecl")
     return TorchLearner(recipe, arm.method, cfg, threads=threads)
@@ -118,7 +121,7 @@ def main() -> None:
     from edgecl.formats.config import load_recipe
     recipe = load_recipe(common.RECIPE)
     recipe.input_size = [exp.size, exp.size]
-    build = common.b1_stream if exp.bench == "b1" else common.b6_stream
+    build = streams.b1_stream if exp.bench == "b1" else streams.b6_stream
     stream = build(recipe.input_size, *exp.per_class)
     print(f"{args.name}: {exp.bench} stream, {sum(len(t.train.labels) for t in stream.tasks)} train images "
           f"in {len(stream.tasks)} tasks, loaded in {time.perf_counter() - t0:.0f}s", flush=True)
@@ -156,7 +159,7 @@ def main() -> None:
     print(f"total {time.perf_counter() - t0:.0f}s")
 
 
-def finalize(name: str, exp: experiments.Experiment, stream: common.Stream) -> None:
+def finalize(name: str, exp: experiments.Experiment, stream: streams.Stream) -> None:
     labels = [a.label for a in exp.arms]
     runs = [r for r in load_runs(exp.folder or name) if r["arm"] in labels
             and r["key"] == run_key(exp, next(a for a in exp.arms if a.label == r["arm"]), r["lr"], r["seed"])]
@@ -181,7 +184,7 @@ def finalize(name: str, exp: experiments.Experiment, stream: common.Stream) -> N
                                      "test last", "x frozen", "forgetting", f"first {group}", f"last {group}",
                                      "digits after"], headline) if headline else ""
     matrix = _matrix(summary, stream) if exp.bench == "b6" else ""
-    result = {"name": name, "command": f"python benchmarks/run.py {name}", "experiment": dataclasses.asdict(exp),
+    result = {"name": name, "command": f"python benchmarks/b1_b6_accuracy/run.py {name}", "experiment": dataclasses.asdict(exp),
               "data": split_data(stream), "machine": common.machine(), "criterion": CRITERION,
               "summary": summary, "table": table, "headline": head_table, "matrix": matrix, "runs": runs}
     common.write_json(f"{name}.json", result)
@@ -204,7 +207,7 @@ def _headline(summary: dict[str, Any]) -> list[list[Any]]:
     return rows
 
 
-def _matrix(summary: dict[str, Any], stream: common.Stream) -> str:
+def _matrix(summary: dict[str, Any], stream: streams.Stream) -> str:
     """B6: per-camera test accuracy after each step, best head of every arm."""
     names = [t.name.split("-", 2)[2] for t in stream.tasks]
     rows = []

@@ -36,7 +36,9 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
+# Run as `python benchmarks/b2_device_cost/b2_ortt_worker.py`, also by the onnxruntime-training venv, where edgecl
+# is not installed: the checkout's root on the path, for `edgecl.*` and `benchmarks.*`.
+REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
@@ -53,11 +55,11 @@ def export_forward(bundle: Path, out: Path) -> None:
     from safetensors.numpy import load_file
     from torch import nn
 
+    from benchmarks.shared.sparse import attach_sparse_delta
     from edgecl.formats.config import load_recipe
     from edgecl.formats.mask import Mask
     from edgecl.host.loss import l2_normalize, supcon_loss
     from edgecl.host.model import build_embedding_model
-    from edgecl.host.sparse import attach_sparse_delta
 
     manifest = json.loads((bundle / "manifest.json").read_text())
     recipe_file = REPO / "models" / f"{manifest['model_name']}.toml"

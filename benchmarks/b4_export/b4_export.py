@@ -5,7 +5,7 @@
 (`/usr/bin/time -v`), MI-Fisher scoring included, and each artifact's bytes vs the base model's
 fp32 bytes. The bundle it writes is reused by B2 and B3.
 
-Run: .venv/bin/python benchmarks/b4_export.py [--size 64] [--train-per-class 200] [--repeats 1]
+Run: .venv/bin/python benchmarks/b4_export/b4_export.py [--size 64] [--train-per-class 200] [--repeats 1]
 """
 
 from __future__ import annotations
@@ -13,52 +13,14 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 from pathlib import Path
 
-import common
+# Run as `python benchmarks/b4_export/b4_export.py`: the checkout's root on the path, for `benchmarks.*`.
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from edgecl.datasets import DEMO_GROUPS, write_fashion_groups
-
-
-def fleet_data(train_per_class: int, test_per_class: int) -> Path:
-    """calib / device-a / device-b image folders (edgecl.datasets.DEMO_GROUPS), written once."""
-    return write_fashion_groups(common.DATA / f"fleet-{train_per_class}-{test_per_class}", DEMO_GROUPS,
-                                train_per_class=train_per_class, test_per_class=test_per_class)
-
-
-def bundle_path(size: int) -> Path:
-    return common.OUT / f"b4-bundle-{size}px"
-
-
-def ensure_bundle(size: int, train_per_class: int, test_per_class: int) -> Path:
-    """The B4 bundle (`edgecl export` with its defaults on the calibration images), exported if absent."""
-    out = bundle_path(size)
-    if not (out / "manifest.json").exists():
-        data = fleet_data(train_per_class, test_per_class)
-        common.run_timed([*common.edgecl_cmd(), "export", str(recipe_for_size(size)), "--data",
-                          str(data / "calib" / "train"), "-o", str(out), "--overwrite", "--quiet"])
-    return out
-
-
-def device_profile(threads: int, batch_size: int = 32) -> Path:
-    """A device profile with a fixed thread count (what B2 compares at)."""
-    path = common.OUT / f"device-{threads}t.toml"
-    common.OUT.mkdir(parents=True, exist_ok=True)
-    path.write_text(f'name = "bench-{threads}-threads"\nthreads = {threads}\nbatch_size = {batch_size}\n'
-                    "store_images = false\n")
-    return path
-
-
-def recipe_for_size(size: int) -> Path:
-    """The real recipe at another input size (a copy with input_size changed; comments kept)."""
-    text = common.RECIPE.read_text()
-    if size == 64:
-        return common.RECIPE
-    out = common.OUT / f"efficientnet_lite0_{size}.toml"
-    lines = [f"input_size = [{size}, {size}]" if ln.startswith("input_size") else ln for ln in text.splitlines()]
-    # weights_package resolves the weights inside the installed package, so the copy can live anywhere.
-    out.write_text("\n".join(lines) + "\n")
-    return out
+from benchmarks.shared import common
+from benchmarks.shared.bundles import bundle_path, fleet_data, recipe_for_size
 
 
 def main() -> None:

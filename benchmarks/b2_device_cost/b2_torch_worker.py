@@ -12,12 +12,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
+from pathlib import Path
 
-import common
+# Run as `python benchmarks/b2_device_cost/b2_torch_worker.py`: the checkout's root on the path, for `benchmarks.*`.
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
 import numpy as np
 import torch
 
+from benchmarks.shared import common
 from edgecl.formats.config import load_recipe
 from edgecl.formats.images import load_image_folder, two_views
 from edgecl.formats.mask import Mask

@@ -7,17 +7,21 @@ the test numbers, each minus frozen's best head's: last accuracy (every task / d
 step), the first and the last task / domain (B6's goal is on its first and last camera). Nothing is
 trained here; the table is written to out/levers.json.
 
-Run: .venv/bin/python benchmarks/levers.py [out/ablation_b1.json out/ablation_b6.json]
+Run: .venv/bin/python benchmarks/b1_b6_accuracy/levers.py [benchmarks/out/ablation_b1.json benchmarks/out/ablation_b6.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
-import common
+# Run as `python benchmarks/b1_b6_accuracy/levers.py`: the checkout's root on the path, for `benchmarks.*`.
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from benchmarks.shared import common
 
 
 def best(summary: dict[str, Any], arm: str) -> dict[str, Any]:

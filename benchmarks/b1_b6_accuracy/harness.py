@@ -1,9 +1,12 @@
 """One harness for B1 (class-incremental) and B6 (domain-incremental): a learner protocol, the heads,
 the stream loop and the metrics. Every method (frozen, full fine-tuning, MIST in torch, the real edgecl
-path) is a ``Learner``; the heads and the old-class rules around it are the device's own algorithms,
-imported from ``edgecl`` (LdaHead, replay_repeats, herding, and every rule that merges or moves class
-statistics from ``edgecl.classstats``: merge_by_counts, shift_by_exemplars, compensate_drift,
-fit_linear_drift), never re-coded here.
+path) is a ``Learner``; the heads and the old-class rules around it are the device's own (post-steps,
+edgecl/device/poststeps.py), imported from ``edgecl``: LdaHead (add, move, logits), replay_repeats,
+herding_order, and every rule that merges or moves class statistics from ``edgecl.classstats``
+(merge_by_counts, shift_by_exemplars, compensate_drift / default_sigma, fit_linear_drift), never
+re-coded here. The stream loop skips what the benchmark streams never need: the device's merge first
+takes out images the mean already counts (their fingerprints), and no image is shown twice here. The
+edgecl learner keeps its own heads (``heads()``), so its rows use the device's code itself.
 
 Per task t, in the device's order (edgecl.device.adapt, post-steps):
 1. embed the task's images (and the stored exemplars) with the backbone before adapting;
@@ -34,10 +37,11 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
-from common import Stream, Task, concat
 
+from benchmarks.b1_b6_accuracy.ranpac import RanpacHead
+from benchmarks.b1_b6_accuracy.streams import Stream, Task, concat
 from edgecl import classstats
-from edgecl.device.heads import LdaHead, RanpacHead
+from edgecl.device.heads import LdaHead
 
 LDA_SHRINKAGE = (0.03, 0.1, 0.3, 0.6)   # the lda heads' grid, chosen on val like the lr
 RANPAC_RIDGE = (1e4, 1e5, 1e6, 1e7)      # the ranpac head's grid (small subsets pick the large ridges)
@@ -124,8 +128,9 @@ class HeadKeeper:
         from edgecl.formats.exemplars import herding_order
         labels = task.train.labels
         moved = bool(np.any(before != after))
-        # As the device (poststeps.py): every class with stored exemplars moves by its exemplars' drift,
-        # a class seen again (B6) included, before it is merged; the rest by SDC.
+        # A copy of the device's rule (poststeps.shift_by_exemplars, compensate_drift): every class with
+        # stored exemplars moves by its exemplars' drift, a class seen again (B6) included, before it is
+        # merged; the rest by SDC.
         ex_after = {c: learner.embed(self.memory[c]) for c in ex_before} if moved else ex_before
         if moved:
             shifted = [c for c in ex_before if self.p.old_update == "shift" and c in self.protos]
@@ -198,7 +203,7 @@ class HeadKeeper:
 
 
 class CachedRanpac(RanpacHead):
-    """The device's RanpacHead; the random features of the last array scored are kept, so the ridge
+    """RanpacHead (ranpac.py); the random features of the last array scored are kept, so the ridge
     grid (one ``logits`` call per ridge) projects the embeddings once."""
 
     def features(self, embeddings: np.ndarray) -> np.ndarray:

@@ -1,7 +1,9 @@
-"""Shared pieces of the benchmark scripts: the B1 / B6 streams, the machine's description, `/usr/bin/time -v`.
+"""Helpers every benchmark script shares: where results go, the machine's description, tables, JSON,
+and whole-process timing under `/usr/bin/time -v`.
 
 Benchmarks are run by hand or by `make bench`, never by the test suite (docs/benchmarks.md#protocol). Everything
-they write goes under benchmarks/out/ (git-ignored); RESULTS.md quotes it.
+they write goes under benchmarks/out/ (git-ignored); RESULTS.md quotes it, and the files it quotes are
+copied to benchmarks/results/.
 """
 
 from __future__ import annotations
@@ -21,92 +23,12 @@ from typing import Any
 
 import numpy as np
 
-BENCH_DIR = Path(__file__).resolve().parent
+BENCH_DIR = Path(__file__).resolve().parents[1]   # benchmarks/
 REPO = BENCH_DIR.parent
 OUT = BENCH_DIR / "out"
 DATA = OUT / "data"
 RECIPE = REPO / "models" / "efficientnet_lite0.toml"
 TIME_BIN = Path("/usr/bin/time")
-
-if str(REPO) not in sys.path:  # scripts run as `python benchmarks/x.py` from a checkout
-    sys.path.insert(0, str(REPO))
-
-from edgecl.datasets import (  # noqa: E402
-    FASHION_CLASSES,
-    SEED,
-    fashion_task_groups,
-    write_digits_proxy,
-    write_fashion_groups,
-)
-from edgecl.formats.images import load_image_folder  # noqa: E402
-
-
-# -- data ------------------------------------------------------------------------------------------
-@dataclass
-class Split:
-    pixels: np.ndarray   # [N, H, W, 3] uint8, resized to the model's input size
-    labels: np.ndarray   # [N] int64 global class ids (Fashion-MNIST label, or digit)
-
-
-@dataclass
-class Task:
-    name: str                        # task-<t> (B1) or domain-<d>-<camera> (B6)
-    classes: list[int]               # the classes its images hold
-    train: Split
-    val: Split                       # held out from the train file, for hyper-parameters
-    test: Split
-    folder: Path                     # <folder>/{train,val,test}: the image folders the CLI path reads
-
-
-@dataclass
-class Stream:
-    kind: str                        # "class" (B1: new classes per task) or "domain" (B6: new camera per task)
-    tasks: list[Task]
-    digits_train: Split              # the never-trained source proxy (retention)
-    digits_test: Split
-
-
-def _load(folder: Path, size: list[int], interpolation: str, names: tuple[str, ...] | None) -> Split:
-    loaded = load_image_folder(folder, size, interpolation)
-    if names is None:  # digits: class folder "digit-<d>"
-        ids = [int(c.rsplit("-", 1)[1]) for c in loaded.classes]
-    else:
-        ids = [names.index(c) for c in loaded.classes]
-    return Split(loaded.pixels, np.asarray(ids, np.int64)[loaded.labels])
-
-
-def _task(name: str, folder: Path, size: list[int], interpolation: str) -> Task:
-    splits = {s: _load(folder / s, size, interpolation, FASHION_CLASSES) for s in ("train", "val", "test")}
-    return Task(name, sorted({int(c) for c in splits["train"].labels}), splits["train"], splits["val"],
-                splits["test"], folder)
-
-
-def _digits(size: list[int], interpolation: str, seed: int) -> tuple[Split, Split]:
-    root = write_digits_proxy(DATA / f"digits-s{seed}", seed=seed)
-    return _load(root / "train", size, interpolation, None), _load(root / "test", size, interpolation, None)
-
-
-def b1_stream(size: list[int], train: int, val: int, test: int, seed: int = SEED,
-              interpolation: str = "bilinear") -> Stream:
-    """B1: Fashion-MNIST 5 tasks x 2 classes (order 0..9), a fixed per-class subsample."""
-    groups = fashion_task_groups()
-    root = write_fashion_groups(DATA / f"fashion-mnist-{train}-{val}-{test}-s{seed}", groups, train_per_class=train,
-                                val_per_class=val, test_per_class=test, seed=seed)
-    return Stream("class", [_task(g, root / g, size, interpolation) for g in groups], *_digits(size, interpolation, seed))
-
-
-def b6_stream(size: list[int], train: int, val: int, test: int, seed: int = SEED,
-              interpolation: str = "bilinear", domains: tuple[str, ...] | None = None) -> Stream:
-    """B6: the same 10 classes through one camera after another (benchmarks/domains.py)."""
-    from domains import DOMAINS, domain_dir, write_domain_stream
-    names = tuple(domains or DOMAINS)
-    root = write_domain_stream(DATA / f"fashion-domains-{train}-{val}-{test}-s{seed}", train, val, test, seed, names)
-    return Stream("domain", [_task(domain_dir(d, n), root / domain_dir(d, n), size, interpolation)
-                             for d, n in enumerate(names)], *_digits(size, interpolation, seed))
-
-
-def concat(splits: list[Split]) -> Split:
-    return Split(np.concatenate([s.pixels for s in splits]), np.concatenate([s.labels for s in splits]))
 
 
 # -- machine and provenance ------------------------------------------------------------------------

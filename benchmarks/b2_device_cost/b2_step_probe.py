@@ -8,7 +8,7 @@ optimizer.step on every weight and the head). The mask is a ``--select-rate`` ma
 random scores (the speed depends on how many elements each tensor keeps, which the policy fixes,
 not on which ones). Prints and writes one JSON object.
 
-    .venv/bin/python benchmarks/b2_step_probe.py --threads 1 --rounds 5
+    .venv/bin/python benchmarks/b2_device_cost/b2_step_probe.py --threads 1 --rounds 5
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parents[1]
+# Run as `python benchmarks/b2_device_cost/b2_step_probe.py`: the checkout's root, for its recipe and `edgecl.*`.
+REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 

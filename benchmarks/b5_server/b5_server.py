@@ -8,7 +8,7 @@ one was rejected with its reason, and the time to merge 100 deltas. Bounded in c
 Deltas are shaped like EfficientNet-Lite0's at the default 5% mask (K = 232 000 entries, 1280-dim
 prototypes of 10 classes), made before the clock starts: only the server's work is timed.
 
-    .venv/bin/python benchmarks/b5_server.py [--clients 32] [--per-client 20] [--db URL]
+    .venv/bin/python benchmarks/b5_server/b5_server.py [--clients 32] [--per-client 20] [--db URL]
 
 Then (``--kill9-clients``) a kill -9 of the server while 8 clients push, a restart on the same
 store, and a check that every acknowledged delta is still there, byte-identical.
@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-BENCH_DIR = Path(__file__).resolve().parent
+BENCH_DIR = Path(__file__).resolve().parents[1]  # benchmarks/ (results go to benchmarks/out/)
 REPO = BENCH_DIR.parent
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))

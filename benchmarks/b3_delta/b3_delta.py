@@ -9,7 +9,7 @@ with `edgecl adapt --no-gate` (B3 measures what a delta keeps, so the adaptation
 against `edgecl eval` of the adapted device state itself, on the test images of the old classes
 (0-5) and device A's classes (6-7). Goal: <= 1% of the base model's bytes, <= 0.2 points lost.
 
-Run: .venv/bin/python benchmarks/b3_delta.py [--epochs 2]
+Run: .venv/bin/python benchmarks/b3_delta/b3_delta.py [--epochs 2]
 """
 
 from __future__ import annotations
@@ -17,11 +17,14 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
+import sys
 from pathlib import Path
 
-import common
-from b4_export import device_profile, ensure_bundle, fleet_data
+# Run as `python benchmarks/b3_delta/b3_delta.py`: the checkout's root on the path, for `benchmarks.*`.
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from benchmarks.shared import common
+from benchmarks.shared.bundles import device_profile, ensure_bundle, fleet_data
 from edgecl.formats import delta as delta_format
 
 ENCODINGS = ("fp32", "fp16", "int8", "int4")

@@ -1,7 +1,8 @@
-"""Named experiments: every B1 / B6 result file comes from one of these, by `python benchmarks/run.py NAME`.
+"""Named experiments: every B1 / B6 result file comes from one of these, by
+`python benchmarks/b1_b6_accuracy/run.py NAME`.
 
 An experiment is a stream (b1: Fashion-MNIST 5 x 2 classes; b6: the 10 classes through five cameras,
-benchmarks/domains.py), a per-class subsample, seeds, and arms. An arm is one method with its
+domains.py), a per-class subsample, seeds, and arms. An arm is one method with its
 settings and a learning-rate grid; the lr and each head's parameter are chosen on the validation
 split's mean accuracy (averaged over seeds), the same rule for every arm; test numbers are reported.
 ``lr_from`` runs an arm at another arm's chosen lr (the edgecl path at the torch reference's).

@@ -2,9 +2,11 @@
 
 The torch reference of the weights the device runs (docs/design-notes.md#sparse-weights): one
 vector ``delta`` (K values) and, for each masked weight, a parametrization that adds its slice of
-the delta at the mask's flat positions. Used by the step-graph parity tests and the benchmarks'
-torch reference; the exported graphs do the same scatter themselves (host/stepgraph.py).
-The delta the parametrizations read is whatever ``DeltaSource.current`` holds.
+the delta at the mask's flat positions. The exported graphs do the same scatter themselves
+(edgecl/host/stepgraph.py); this torch version is their reference, for the step-graph parity test
+(tests/test_stepgraph.py) and B2's onnxruntime-training row (b2_device_cost/b2_ortt_worker.py), so it
+lives with the benchmarks, not in the product. The delta the parametrizations read is whatever
+``DeltaSource.current`` holds.
 """
 
 from __future__ import annotations
@@ -46,10 +48,3 @@ def attach_sparse_delta(model: nn.Module, mask: Mask) -> DeltaSource:
         indices = torch.from_numpy(mask.indices[name].astype("int64"))
         parametrize.register_parametrization(module, attr, SparseAdd(source, indices, offset, count), unsafe=True)
     return source
-
-
-def original_name(name: str) -> str:
-    """The initializer name torch gives a parametrized tensor: a.b.weight -> a.b.parametrizations.weight.original."""
-    module_name, _, attr = name.rpartition(".")
-    prefix = f"{module_name}." if module_name else ""
-    return f"{prefix}parametrizations.{attr}.original"

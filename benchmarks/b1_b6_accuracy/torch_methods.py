@@ -21,9 +21,9 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from harness import AdaptInput, AdaptLog, OwnHeads
 from torch import nn
 
+from benchmarks.b1_b6_accuracy.harness import AdaptInput, AdaptLog, OwnHeads
 from edgecl.device.update import cap_gate, draw_gate, overlap_scale, sparse_sgd_step
 from edgecl.formats.config import Recipe
 from edgecl.formats.images import normalize, two_views

@@ -22,11 +22,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import common
 import numpy as np
-from harness import AdaptInput, AdaptLog, OwnHeads, StreamRules
-from torch_methods import TrainConfig
 
+from benchmarks.b1_b6_accuracy.harness import AdaptInput, AdaptLog, OwnHeads, StreamRules
+from benchmarks.b1_b6_accuracy.torch_methods import TrainConfig
+from benchmarks.shared import common
+from edgecl.datasets import FASHION_CLASSES
 from edgecl.formats import delta as delta_format
 from edgecl.formats import manifest as mf
 from edgecl.formats.config import Recipe
@@ -109,12 +110,12 @@ class EdgeclLearner:
         from edgecl.device.heads import LdaHead
         from edgecl.device.state import load_current, open_bundle
         state = load_current(open_bundle(self.bundle))
-        ids = {c: common.FASHION_CLASSES.index(c) for c in state.prototypes.classes}
+        ids = {c: FASHION_CLASSES.index(c) for c in state.prototypes.classes}
         protos = {ids[c]: state.prototypes.means[i].astype(np.float64) for i, c in enumerate(state.prototypes.classes)}
         lda = None
         if state.lda_path is not None:
             lda = LdaHead.load_file(state.lda_path)
-            lda.means = {common.FASHION_CLASSES.index(c): m for c, m in lda.means.items()}
+            lda.means = {FASHION_CLASSES.index(c): m for c, m in lda.means.items()}
         return OwnHeads(protos, lda)
 
     def embed(self, pixels: np.ndarray) -> np.ndarray:
@@ -122,7 +123,7 @@ class EdgeclLearner:
             # Before any task: the pretrained backbone, which a zero-delta bundle reproduces (export checks
             # parity); the torch model is that network and costs no export.
             if self._frozen is None:
-                from torch_methods import TorchLearner
+                from benchmarks.b1_b6_accuracy.torch_methods import TorchLearner
                 self._frozen = TorchLearner(self.recipe, "frozen", self.cfg, self.threads)
             return self._frozen.embed(pixels)
         from edgecl.device.infer import create_runner, embed_and_score, resolve_profile

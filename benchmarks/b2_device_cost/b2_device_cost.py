@@ -18,7 +18,7 @@ does every thread count, each thread count every method in a rotated order; the 
 over repeats. The 1-minute load average is logged before each process (this machine is shared).
 Goals: edgecl s/step <= 0.8x torch full FT and <= 1.0x torch channels_last; peak RSS <= 0.5x torch's.
 
-Run: .venv/bin/python benchmarks/b2_device_cost.py [--threads 1,2] [--steps 10] [--repeats 3]
+Run: .venv/bin/python benchmarks/b2_device_cost/b2_device_cost.py [--threads 1,2] [--steps 10] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -31,9 +31,13 @@ import statistics
 import sys
 from pathlib import Path
 
-import common
-from b4_export import fleet_data
+# Run as `python benchmarks/b2_device_cost/b2_device_cost.py`: the checkout's root on the path, for `benchmarks.*`.
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from benchmarks.shared import common
+from benchmarks.shared.bundles import fleet_data, recipe_for_size
+
+HERE = Path(__file__).resolve().parent  # the workers run as scripts beside this one
 WORK = common.OUT / "b2"
 LABELS = {
     "edgecl": "edgecl adapt (train_step.onnx, plain onnxruntime)",
@@ -57,7 +61,6 @@ def source_bundle(size: int, calib: Path) -> tuple[Path, dict]:
     if not manifest.exists():
         recipe = common.RECIPE
         if size != 64:
-            from b4_export import recipe_for_size
             recipe = recipe_for_size(size)
         print(f"exporting {out}", flush=True)
         timed = common.run_timed([*common.edgecl_cmd(), "export", str(recipe), "--data", str(calib), "-o", str(out),
@@ -104,7 +107,7 @@ def prepare_ortt(ortt_python: Path, bundle: Path) -> tuple[Path | None, str]:
     if stamp.exists() and stamp.read_text() == mask_sha:
         return art, "reused"
     common.clean(art)
-    worker = str(common.BENCH_DIR / "b2_ortt_worker.py")
+    worker = str(HERE / "b2_ortt_worker.py")
     forward = WORK / "ortt-forward.onnx"
     common.run_timed([sys.executable, worker, "export", "--bundle", str(bundle), "--out", str(forward)])
     common.run_timed([str(ortt_python), worker, "artifacts", "--forward", str(forward), "--out", str(art)])
@@ -143,10 +146,10 @@ def measure(method: str, threads: int, ctx: dict) -> dict:
                  "report_step_s_median": report["step_seconds_median"], "report_peak_rss_mb": report["peak_rss_mb"]}
     else:
         if method == "ortt":
-            cmd = [str(ctx["ortt_python"]), str(common.BENCH_DIR / "b2_ortt_worker.py"), "run", "--bundle",
+            cmd = [str(ctx["ortt_python"]), str(HERE / "b2_ortt_worker.py"), "run", "--bundle",
                    str(ctx["bundle"]), "--artifacts", str(ctx["ortt_artifacts"])]
         else:
-            cmd = [sys.executable, str(common.BENCH_DIR / "b2_torch_worker.py"), "--mode", method,
+            cmd = [sys.executable, str(HERE / "b2_torch_worker.py"), "--mode", method,
                    "--recipe", str(ctx["recipe"])]
             if method == "hooks":
                 cmd += ["--mask", str(ctx["bundle"] / "mask.safetensors")]
@@ -193,7 +196,6 @@ def main() -> None:
     task = task_subset(data / "device-a" / "train", args.steps * args.batch_size)
     recipe = common.RECIPE
     if args.size != 64:
-        from b4_export import recipe_for_size
         recipe = recipe_for_size(args.size)
     ortt_artifacts, ortt_note = prepare_ortt(Path(args.ortt_python), bundle)
     methods = ["edgecl", *TORCH] + (["ortt"] if ortt_artifacts else [])
