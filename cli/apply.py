@@ -29,10 +29,13 @@ def apply(
     if as_json:
         echo_json(report)
         return
-    typer.echo(f"wrote {report.bundle_dir}: version {report.version}, {report.deltas} delta(s), "
+    typer.echo(f"wrote {report.bundle_dir}: version {report.version}, {report.deltas} "
+               f"{'delta' if report.deltas == 1 else 'deltas'}, "
                f"{report.changed_elements:,} elements changed, {len(report.classes)} classes, "
                f"{'new' if report.remasked else 'same'} mask; max |embedding diff| of the new version vs the old "
                f"bundle + delta: {report.max_abs_output_diff:.2e}")
+    typer.echo(f"next: edgecl eval {report.bundle_dir} --data HELDOUT   (or `edgecl release`, which checks it on "
+               "held-out images before publishing)")
 
 
 def register(app: typer.Typer) -> None:

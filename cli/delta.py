@@ -7,12 +7,12 @@ from typing import Annotated
 
 import typer
 
-from .device import ConfigOpt
+from .device import BundleArg, ConfigOpt, resolve_bundle
 
 
 def delta(
-    bundle: Annotated[Path, typer.Argument(help="The adapted bundle folder.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Delta file to write (.safetensors).")],
+    bundle: BundleArg = None,
     values: Annotated[str, typer.Option(help="Value encoding: fp32 (exact), fp16, int8 or int4 (smallest).")] = "fp32",
     device_id: Annotated[str | None, typer.Option(help="Device name (default: $EDGECL_DEVICE_ID, else the "
                                                       "device config's name).")] = None,
@@ -26,11 +26,14 @@ def delta(
     from edgecl.device.deltafile import make_delta
     from edgecl.device.provision import load_device_config
 
+    bundle, _ = resolve_bundle(bundle, config)
     report = make_delta(bundle, out, values=values, device_id=device_id, key_hex=key, prototypes_dtype=prototypes,
                         config=load_device_config(config))
     typer.echo(f"wrote {report.path}: {report.bytes:,} B ({100 * report.bytes / report.base_fp32_bytes:.2f}% of the "
-               f"{report.base_fp32_bytes / 1e6:.1f} MB fp32 model), {report.changed:,} of {report.selected:,} "
-               f"selected elements changed after encoding, {report.values}, {'signed' if report.signed else 'UNSIGNED (no --key)'}")
+               f"{report.base_fp32_bytes / 1e6:.1f} MB fp32 model), {report.changed:,} of the {report.selected:,} "
+               f"trainable weights changed (values {report.values}), "
+               f"{'signed' if report.signed else 'UNSIGNED (no --key)'}")
+    typer.echo(f"next: edgecl push {report.path}")
 
 
 def register(app: typer.Typer) -> None:

@@ -7,6 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
+from .device import BundleArg, ConfigOpt, DeviceOpt, resolve_bundle, resolve_profile
 from .options import HEAD_HELP, Head, JsonFlag, echo_json
 
 
@@ -21,20 +22,21 @@ def _print_report(report: dict[str, Any], indent: str) -> None:
 
 
 def evaluate(
-    bundle: Annotated[Path, typer.Argument(help="Bundle folder.")],
     data: Annotated[list[Path], typer.Option("--data", help="Image folder DATA/<class name>/<images>; repeat "
                                                             "--data to evaluate several (each is reported, "
                                                             "then all together).")],
-    device: Annotated[Path | None, typer.Option("--device", help="Device profile (.toml); default: the "
-                                                                  "profile the bundle was exported for.")] = None,
+    bundle: BundleArg = None,
+    device: DeviceOpt = None,
     head: Annotated[Head, typer.Option(help=HEAD_HELP)] = Head.auto,
     as_json: JsonFlag = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    config: ConfigOpt = None,
 ) -> None:
     """Accuracy overall and per class, and the most confused class pairs."""
     from edgecl.device.infer import evaluate as run_evaluate
 
-    result = run_evaluate(bundle, data, profile=device, head=head.value, progress=not quiet)
+    bundle, cfg = resolve_bundle(bundle, config)
+    result = run_evaluate(bundle, data, profile=resolve_profile(device, cfg), head=head.value, progress=not quiet)
     if as_json:
         echo_json(result)
         return
@@ -44,8 +46,9 @@ def evaluate(
             typer.echo(f"{report['data']}: accuracy {100 * report['accuracy']:.2f}% "
                        f"({report['correct']}/{report['images']})")
             _print_report(report, "  ")
-    typer.echo(f"{'overall ' if len(folders) > 1 else ''}accuracy {100 * result['accuracy']:.2f}% "
-               f"({result['correct']}/{result['images']}) with state {result['state']}, head {result['head']}")
+    where = "all folders" if len(folders) > 1 else folders[0]["data"]
+    typer.echo(f"{'overall ' if len(folders) > 1 else ''}accuracy {100 * result['accuracy']:.2f}% ({result['correct']} of {result['images']} images in "
+               f"{where}), {result['head']} head, state {result['state']} of {bundle}")
     _print_report(result, "  ")
 
 

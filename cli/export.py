@@ -11,7 +11,7 @@ from .options import JsonFlag, MaskPolicy, echo_json
 
 
 def export(
-    recipe: Annotated[Path, typer.Argument(help="Model recipe (models/*.toml).")],
+    recipe: Annotated[Path, typer.Argument(metavar="RECIPE", help="Model recipe (models/*.toml).")],
     data: Annotated[Path, typer.Option("--data", help="Calibration image folder: DIR/<class>/<images>.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Bundle folder to write.")],
     device: Annotated[Path | None, typer.Option("--device", help="Device profile (devices/*.toml); it becomes "
@@ -32,7 +32,7 @@ def export(
                                                                  "has store_images = false).")] = None,
     overwrite: Annotated[bool, typer.Option(help="Replace an existing output folder.")] = False,
     as_json: JsonFlag = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress.")] = False,
 ) -> None:
     """Score weights by MI-Fisher information, keep the top few percent, export a trainable ONNX bundle."""
     from edgecl.host.export import ExportOptions, export_bundle
@@ -53,6 +53,8 @@ def export(
                f"{len(report.classes)} classes from {report.images_used} images"
                + (f" ({report.images_skipped} unreadable skipped)" if report.images_skipped else "")
                + f", {total_bytes / 1e6:.1f} MB")
+    typer.echo(f"next: copy {report.bundle_dir} to the device, or store it on the fleet server: "
+               f"`edgecl server bundle add {report.bundle_dir}`")
 
 
 def register(app: typer.Typer) -> None:

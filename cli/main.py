@@ -11,7 +11,7 @@ import importlib
 import logging
 import sys
 import warnings
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -19,6 +19,13 @@ from edgecl import __version__
 from edgecl.errors import EdgeclError
 
 from .options import LogLevel
+
+# click's exceptions, from the click typer runs on (typer >= 0.22 vendors its own copy as typer._click).
+_click_exceptions = sys.modules[typer.BadParameter.__module__]
+UsageError = _click_exceptions.UsageError
+ClickException = _click_exceptions.ClickException
+# `edgecl server` with no subcommand: click (>= 8.2) raises this to show the help.
+NoArgsIsHelpError = getattr(_click_exceptions, "NoArgsIsHelpError", None)
 
 # Each name is a module in this package exposing register(app).
 COMMAND_MODULES = (
@@ -39,6 +46,7 @@ COMMAND_MODULES = (
     "merge",
     "release",
     "demo",
+    "data",
 )
 
 app = typer.Typer(
@@ -48,6 +56,8 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    # Plain click help: rich's boxed tables truncate option names at 80 columns (`--exemplars-pe…`).
+    rich_markup_mode=None,
 )
 
 
@@ -100,17 +110,37 @@ def _format_warning(message, category, filename, lineno, line=None):  # noqa: AN
     return f"warning: {message}\n"
 
 
+def usage_error_line(exc: Any) -> str:
+    """A click usage error as the CLI's one line: ``error: <problem>: <fix>``."""
+    problem = exc.format_message().strip().rstrip(".").replace("Value error, ", "")
+    command = exc.ctx.command_path if exc.ctx is not None else "edgecl"
+    return f"error: {problem}: see `{command} --help`"
+
+
 def main() -> None:
-    """Entry point: user errors become one line on stderr and exit code 1, never a traceback."""
+    """Entry point: user errors become one line on stderr and exit code 1 (a usage error: exit code 2),
+    never a traceback nor click's multi-line usage message."""
     warnings.formatwarning = _format_warning
     try:
-        app()
+        # standalone_mode=False: click raises usage errors to us instead of printing its panel.
+        code = app(standalone_mode=False)
+    except UsageError as exc:
+        if NoArgsIsHelpError is not None and isinstance(exc, NoArgsIsHelpError):
+            # `edgecl server` alone: the help, as click would print it.
+            typer.echo(exc.ctx.get_help() if exc.ctx is not None else exc.format_message())
+            sys.exit(0)
+        typer.echo(usage_error_line(exc), err=True)
+        sys.exit(exc.exit_code)  # 2, click's (and the shell's) convention for a usage error
+    except ClickException as exc:
+        typer.echo(f"error: {exc.format_message()}", err=True)
+        sys.exit(exc.exit_code)
     except EdgeclError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(1)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, typer.Abort):
         typer.echo("interrupted", err=True)
         sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

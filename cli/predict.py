@@ -7,7 +7,27 @@ from typing import Annotated
 
 import typer
 
+from .device import ConfigOpt, DeviceOpt, resolve_bundle, resolve_profile
 from .options import HEAD_HELP, Head, JsonFlag, echo_json
+
+
+def image_files(paths: list[Path]) -> list[Path]:
+    """Files as given; a folder becomes the image files under it (by suffix, sorted, sub-folders too)."""
+    from edgecl.errors import DataError
+    from edgecl.formats.images import IMAGE_SUFFIXES
+
+    files: list[Path] = []
+    for path in paths:
+        if path.is_dir():
+            found = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise DataError(f"{path} holds no image files", f"add images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            files.extend(found)
+        else:
+            files.append(path)
+    if not files:
+        raise DataError("no images given", "pass image files or folders after the bundle")
+    return files
 
 
 def _number(value: float | None, fmt: str) -> str:
@@ -15,18 +35,23 @@ def _number(value: float | None, fmt: str) -> str:
 
 
 def predict(
-    bundle: Annotated[Path, typer.Argument(help="Bundle folder.")],
-    images: Annotated[list[Path], typer.Argument(help="Image files.")],
+    paths: Annotated[list[Path], typer.Argument(metavar="[BUNDLE] IMAGE_OR_FOLDER...",
+                                                help="A bundle folder first (default: the device config's "
+                                                     "bundle), then image files or folders of images.")],
     top_k: Annotated[int, typer.Option("--top-k", min=1, help="Classes listed per image.")] = 3,
-    device: Annotated[Path | None, typer.Option("--device", help="Device profile (.toml); default: the "
-                                                                  "profile the bundle was exported for.")] = None,
+    device: DeviceOpt = None,
     head: Annotated[Head, typer.Option(help=HEAD_HELP)] = Head.auto,
     as_json: JsonFlag = False,
+    config: ConfigOpt = None,
 ) -> None:
     """Class, probability and score (cosine similarity, or the LDA score) and top-k for each image."""
     from edgecl.device.infer import predict as run_predict
+    from edgecl.formats.manifest import MANIFEST
 
-    results = run_predict(bundle, images, top_k=top_k, profile=device, head=head.value)
+    given: Path | None = paths[0] if (paths[0] / MANIFEST).is_file() else None
+    bundle, cfg = resolve_bundle(given, config)
+    images = image_files(paths[1:] if given is not None else paths)
+    results = run_predict(bundle, images, top_k=top_k, profile=resolve_profile(device, cfg), head=head.value)
     if as_json:
         echo_json(results)
     else:

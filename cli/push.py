@@ -48,7 +48,13 @@ def push(
         typer.echo("outbox empty: nothing to send")
     for result in results:
         typer.echo(result.line(), err=result.status in ("rejected", "unreachable"))
-    raise typer.Exit(code=exit_code(results))
+    code = exit_code(results)
+    if code == 0 and results:
+        typer.echo("next: on the host, `edgecl release BUNDLE --heldout DIR` merges the fleet's deltas and "
+                   "publishes the next version if it is not worse")
+    elif any(r.status == "unreachable" for r in results):
+        typer.echo("next: `edgecl push --outbox` sends what waits in the outbox once the server answers", err=True)
+    raise typer.Exit(code=code)
 
 
 def register(app: typer.Typer) -> None:

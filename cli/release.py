@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -31,39 +31,79 @@ def release(
     tolerance: Annotated[float, typer.Option(help="Accuracy drop allowed per class group (0: none).")] = 0.0,
     work: Annotated[Path | None, typer.Option(help="Keep the built bundles here (default: a temp folder).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress.")] = False,
 ) -> None:
     """Publish the next version only if no class group is worse than in the current version or the frozen baseline.
 
     Exit 0 published, 2 refused (nothing published), 1 error."""
+    from edgecl import release as release_module
     from edgecl.formats.manifest import MANIFEST, load_manifest
-    from edgecl.release import ReleaseOptions
-    from edgecl.release import release as run_release
+    from edgecl.progress import phases
 
+    name = ""
     if (Path(bundle_id) / MANIFEST).is_file():
-        bundle_id = load_manifest(bundle_id).bundle_id
-    report = run_release(bundle_id, server, token, ReleaseOptions(
+        manifest = load_manifest(bundle_id)
+        bundle_id, name = manifest.bundle_id, manifest.model_name
+    options = release_module.ReleaseOptions(
         heldout=heldout, current_dir=bundle, bundle_version=bundle_version, canary=list(canary or []),
         strategy=strategy, trim=trim, exclude_devices=list(exclude_device or []),
-        exclude_deltas=list(exclude_delta or []), tolerance=tolerance, work_dir=work))
+        exclude_deltas=list(exclude_delta or []), tolerance=tolerance, work_dir=work)
+    # edgecl.release announces its phases with edgecl.progress.phase(); shown on a terminal only.
+    with phases(getattr(release_module, "RELEASE_PHASES", 5), "release", enabled=not (quiet or as_json)):
+        report = release_module.release(bundle_id, server, token, options)
     if as_json:
         typer.echo(json.dumps(report.to_json(), indent=2))
     else:
-        def pct(x: float | None) -> str:
-            return "-" if x is None else f"{100 * x:5.1f}%"
-
-        typer.echo(f"{bundle_id}: v{report.current_version} + merge of {report.merge['inputs']} deltas "
-                   f"({report.merge['strategy']}) -> candidate v{report.version}")
-        typer.echo(f"  {'group':<24} {'images':>6}  {'candidate':>9}  {'baseline':>9}  {'current':>9}")
-        for name, row in report.groups.items():
-            typer.echo(f"  {name:<24} {row['images']:>6}  {pct(row['candidate']):>9}  {pct(row['baseline']):>9}  "
-                       f"{pct(row['current']):>9}")
+        for line in release_lines(report, name, heldout, tolerance):
+            typer.echo(line)
     if not report.passed:
         typer.echo("release refused, nothing published: " + "; ".join(report.reasons), err=True)
+        if not as_json:
+            typer.echo("next: the devices keep their version; see docs/server.md#release-gate-edgecl-release for what "
+                       "to try (--exclude-device, --strategy median, more held-out images)")
         raise typer.Exit(code=EXIT_REFUSED)
     if not as_json:
         typer.echo(f"released {bundle_id} v{report.version} (signed by the server)"
-                   + (f" to {', '.join(report.canary)} only" if report.canary else "")
+                   + (f" to {', '.join(report.canary)} only" if report.canary else " to every device")
                    + f"; uploaded {report.uploaded_bytes:,} B")
+        typer.echo("next: on each device, `edgecl pull`"
+                   + ("; then `edgecl server release promote` to widen the canary" if report.canary else ""))
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def _pct(x: float | None) -> str:
+    return "-" if x is None else f"{100 * x:.1f}%"
+
+
+def release_lines(report: Any, name: str, heldout: Path, tolerance: float) -> list[str]:
+    """The release table: every accuracy names its head and its images; the columns and the rule said."""
+    merge = report.merge
+    title = f"{name} ({report.bundle_id[:8]})" if name else report.bundle_id
+    devices = ", ".join(merge.get("devices") or []) or "-"
+    cur, new = report.current_version, report.version
+    lines = [f"{title}: v{cur} + {plural(merge['inputs'], 'delta')} ({merge['strategy']} merge; devices: "
+             f"{devices}) -> candidate v{new}",
+             f"accuracy on the held-out images in {heldout} (never trained on), ncm head, per class group:",
+             f"  {'group':<26} {'images':>6}  {'candidate':>9}  {'baseline':>9}  {'current':>9}"]
+    for group, row in report.groups.items():
+        label = f"v{cur}'s own classes" if group == "calibration" else group.replace("device:", "new classes of ")
+        lines.append(f"  {label:<26} {row['images']:>6}  {_pct(row['candidate']):>9}  {_pct(row['baseline']):>9}  "
+                     f"{_pct(row['current']):>9}")
+    everything = "all held-out images"
+    # The current version scores only the images of classes it knows: a total over fewer images is not comparable.
+    cur_all = report.current["accuracy"] if report.current["images"] == report.candidate["images"] else None
+    lines.append(f"  {everything:<26} {report.candidate['images']:>6}  {_pct(report.candidate['accuracy']):>9}  "
+                 f"{_pct(report.baseline['accuracy']):>9}  {_pct(cur_all):>9}")
+    lines.append(f"  candidate = v{new}, the merged deltas applied to v{cur}; baseline = v{cur}'s backbone unchanged "
+                 "with every device's classes added (what the fleet has without adapting); current = v"
+                 f"{cur} as released (its own classes only)")
+    allowed = f" by more than {100 * tolerance:g} points" if tolerance else ""
+    lines.append(f"  rule: publish v{new} only if no group's candidate is below its baseline{allowed} (nor, when "
+                 f"v{new} adds no class, below current on v{cur}'s classes)")
+    return lines
 
 
 def register(app: typer.Typer) -> None:

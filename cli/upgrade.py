@@ -28,6 +28,7 @@ def upgrade(
                f"{len(result['exemplar_classes'])} classes ({result['exemplar_bytes'] / 1e6:.1f} MB); classes "
                f"{', '.join(result['classes']) or '-'}; carried from the device: "
                f"{', '.join(result['carried_prototypes']) or '-'}")
+    typer.echo(f"next: edgecl eval {new} --data DIR   (`edgecl rollback {new}` drops what was carried over)")
 
 
 def register(app: typer.Typer) -> None:

@@ -185,6 +185,51 @@ def write_fashion_groups(out: str | Path, groups: Mapping[str, Sequence[int]], t
     return out
 
 
+# Short class names for `edgecl data fashion-mnist` (the folder names a user sees), in label order.
+FASHION_SHORT_NAMES = ("tshirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag",
+                       "ankle-boot")
+FOLDER_SPLITS = {"train": "train", "heldout": "test"}   # our split name -> the Fashion-MNIST file it is drawn from
+
+
+def fashion_class_ids(names: Sequence[str]) -> list[int]:
+    """Class ids of ``names``: short names (``dress``), folder names (``3-dress``) or label digits (``3``)."""
+    ids = []
+    for name in names:
+        key = name.strip().lower()
+        if key in FASHION_SHORT_NAMES:
+            ids.append(FASHION_SHORT_NAMES.index(key))
+        elif key in FASHION_CLASSES:
+            ids.append(FASHION_CLASSES.index(key))
+        elif key.isdigit() and int(key) < len(FASHION_CLASSES):
+            ids.append(int(key))
+        else:
+            raise DataError(f"{name!r} is not a Fashion-MNIST class", f"use some of {', '.join(FASHION_SHORT_NAMES)}")
+    if len(set(ids)) != len(ids):
+        raise DataError(f"a class is named twice in {', '.join(names)}", "name each class once")
+    return ids
+
+
+def write_fashion_folder(out: str | Path, class_ids: Sequence[int], per_class: int, split: str = "train",
+                         seed: int = SEED, source: str | Path = FASHION_MNIST_DIR, overwrite: bool = False
+                         ) -> dict[str, int]:
+    """One image folder ``out/<short class name>/<row>.png`` of ``per_class`` Fashion-MNIST images per class.
+
+    ``split`` "train" draws from the training file, "heldout" from the test file: held-out images are
+    never among any "train" folder's, whatever the seed. Written atomically; returns images per class.
+    """
+    if split not in FOLDER_SPLITS:
+        raise DataError(f"unknown split {split!r}", f"use one of {', '.join(FOLDER_SPLITS)}")
+    if per_class < 1:
+        raise DataError(f"--per-class {per_class} is less than 1", "pass --per-class 1 or more")
+    if not class_ids:
+        raise DataError("no class given", f"pass --classes with some of {', '.join(FASHION_SHORT_NAMES)}")
+    if Path(out).exists() and not overwrite:
+        raise DataError(f"{out} already exists", "pass --overwrite or choose another folder")
+    images, labels = load_fashion_mnist(FOLDER_SPLITS[split], source)
+    rows = np.concatenate([per_class_subsample(labels, c, [per_class], seed)[0] for c in class_ids])
+    return write_image_folder(out, images, labels, FASHION_SHORT_NAMES, rows, overwrite=overwrite)
+
+
 # The demo's fleet (and B2-B4's data): the classes the model "had before" and two devices' new ones.
 DEMO_GROUPS = {"calib": [0, 1, 2, 3, 4, 5], "device-a": [6, 7], "device-b": [8, 9]}
 

@@ -1,5 +1,8 @@
 """The dashboard page in a real headless Chromium (Debian `chromium`) against a real server with real
-pushed deltas, merges and releases: what the page shows is read back from the rendered DOM."""
+pushed deltas, merges and releases: what the page shows is read back from the rendered DOM.
+
+As in the README's quickstart, the first version is never released through the release check: the
+devices run it, so the page must call it released."""
 
 from __future__ import annotations
 
@@ -15,7 +18,6 @@ from edgecl_test_server import ServerProcess, make_bundle_dir, make_fleet
 
 from edgecl.formats import delta as D
 from edgecl.server.dashboard import PAGE
-from edgecl.server.service import release_version
 from edgecl.server.store import add_bundle_dir
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -44,7 +46,6 @@ def fleet_server(tmp_path_factory):
     v2 = make_bundle_dir(root / "v2", bundle_id="line-s", version=2, seed=1, parent=v1)
     for folder in (v1, v2):
         add_bundle_dir(fleet.store, folder)
-    release_version(fleet.store, "line-s", 1)
     server = ServerProcess(root / "store").start()
     manifests = {v: __import__("json").loads((f / "manifest.json").read_text()) for v, f in ((1, v1), (2, v2))}
     reports = {("dev-0", 1): (0.40, 0.70), ("dev-1", 1): (0.50, 0.90), ("dev-0", 2): (0.70, 0.80)}
@@ -55,9 +56,15 @@ def fleet_server(tmp_path_factory):
             r = client.post("/v1/deltas", content=D.save(d, fleet.devices[device][1]), headers=fleet.headers(device))
             assert r.status_code == 201, r.text
         assert client.post("/v1/bundles/line-s/1/merge", headers=fleet.admin()).status_code == 200
+        # What `edgecl release` posts (edgecl.release: the summary of its table).
+        groups = {"calibration": {"classes": ["a", "b"], "images": 24, "candidate": 0.75, "baseline": 0.70,
+                                  "current": 0.80},
+                  "device:dev-0": {"classes": ["c"], "images": 16, "candidate": 1.0, "baseline": 0.9375,
+                                   "current": None}}
         r = client.post("/v1/releases", headers=fleet.admin(), json={
             "bundle_id": "line-s", "version": 2, "canary": ["dev-0"],
-            "report": {"candidate": {"accuracy": 0.875, "images": 40}}})
+            "report": {"candidate": {"accuracy": 0.85, "images": 40}, "baseline": {"accuracy": 0.795, "images": 40},
+                       "current": {"accuracy": 0.80, "images": 24}, "groups": groups}})
         assert r.status_code == 201, r.text
     fleet.store.revoke_device("dev-2")
     yield fleet, server
@@ -65,31 +72,38 @@ def fleet_server(tmp_path_factory):
     fleet.store.close()
 
 
-def test_dashboard_shows_devices_versions_merges_releases_and_the_chart(fleet_server, tmp_path):
+def test_dashboard_shows_names_the_release_checks_and_what_devices_run(fleet_server, tmp_path):
     fleet, server = fleet_server
     dom = _chromium(tmp_path, f"{server.url}/dashboard#token={fleet.admin_token}", "--dump-dom")
     assert 'data-loaded="1"' in dom, dom[-3000:]
-    assert "4 devices, 3 deltas, 3 bundle versions, 2 releases" in dom     # + line-a v1 of the fleet fixture
+    assert "4 devices, 3 deltas, 3 bundle versions, 1 release" in dom     # + line-a v1 of the fleet fixture
+    # Names, not ids: the model name from each stored version's manifest; a registered-only one keeps a short id.
+    assert not re.search(r">[0-9a-f]{32}<", dom), "no 32-hex-digit id is shown as text"
     devices = {row[0]: row for row in _cells(dom, "devices")}
-    assert devices["dev-0"][2] == "line-s v2" and devices["dev-0"][4] == "push"
+    assert devices["dev-0"][2] == "hand-made v2" and devices["dev-0"][4] == "push"
     assert devices["dev-0"][5:7] == ["70.0%", "80.0%"]                      # its last report (v2)
-    assert devices["dev-1"][2] == "line-s v1" and devices["dev-1"][5:7] == ["50.0%", "90.0%"]
+    assert devices["dev-1"][2] == "hand-made v1" and devices["dev-1"][5:7] == ["50.0%", "90.0%"]
     assert devices["dev-2"][3] == "never" and devices["dev-2"][7] == "revoked"
     assert devices["ops"][1] == "admin"
     versions = {(row[0], row[1]): row for row in _cells(dom, "versions")}
-    assert versions[("line-s", "1")][2:9] == ["2", "2", "yes", "yes", "45.0%", "80.0%", "-"]
-    assert versions[("line-s", "2")][2:9] == ["1", "1", "yes", "canary: dev-0", "70.0%", "80.0%", "87.5%"]
+    # v1 never went through the release check, but dev-1 runs it: released.
+    assert versions[("hand-made", "1")][2:9] == ["2", "2", "yes", "yes (1 device runs it)", "45.0%", "80.0%", "-"]
+    assert versions[("hand-made", "2")][2:9] == ["1", "1", "yes", "canary: dev-0", "70.0%", "80.0%", "85.0%"]
     assert versions[("line-a", "1")][4:6] == ["no", "no"]
     merges = _cells(dom, "merges")
-    assert [m[:5] for m in merges] == [["line-s", "1", "2", "weighted-mean", "dev-0, dev-1"]]
+    assert [m[:5] for m in merges] == [["hand-made", "1", "2", "weighted-mean", "dev-0, dev-1"]]
     releases = {row[1]: row for row in _cells(dom, "releases")}
-    assert releases["1"][3] == "every device" and releases["2"][3] == "dev-0"
-    assert releases["2"][4] == "passed, held-out 87.5%"
-    # the chart: one point per (version, series) that has a value
-    points = re.findall(r'<circle[^>]*data-series="([a-z_]+)" data-value="([0-9.]+)"', dom)
-    assert ("device_accuracy_after", "0.8000") in points and ("release_accuracy", "0.8750") in points
-    assert len([p for p in points if p[0] == "device_accuracy_before"]) == 2
-    assert "<polyline" in dom
+    assert releases["2"][3] == "dev-0"
+    assert releases["2"][4] == "passed: candidate 85.0% of 40 held-out images (ncm)"   # the figure release prints
+    # The chart: per class group of the release check, a bar per series, labelled as `edgecl release` labels them.
+    bars = re.findall(r'<rect[^>]*data-series="([a-z]+)" data-group="([^"]+)" data-version="(\d+)" '
+                      r'data-value="([0-9.]+)"', dom)
+    assert set(bars) == {
+        ("baseline", "v1's own classes", "2", "0.7000"), ("current", "v1's own classes", "2", "0.8000"),
+        ("candidate", "v1's own classes", "2", "0.7500"),
+        ("baseline", "new classes of dev-0", "2", "0.9375"), ("candidate", "new classes of dev-0", "2", "1.0000"),
+        ("baseline", "all held-out images", "2", "0.7950"), ("candidate", "all held-out images", "2", "0.8500")}
+    assert "hand-made v2 (candidate) vs v1, canary" in dom
 
 
 def test_dashboard_without_or_with_a_wrong_token(fleet_server, tmp_path):

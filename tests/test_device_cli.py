@@ -84,7 +84,13 @@ def test_device_commands_run_without_the_host_stack(bundle_copy, tmp_path):
     assert (tmp_path / "d.safetensors").stat().st_size > 0
 
     rolled = edgecl(attempts, "rollback", bundle_copy)
-    assert rolled.returncode == 0 and rolled.stdout.strip() == "rolled back gen-000001; current state: bundle"
+    assert rolled.returncode == 0, rolled.stderr
+    said = rolled.stdout.splitlines()
+    assert said[0].startswith(f"rolled back {bundle_copy}: undid gen-000001, the adaptation on {data} (added cat"), \
+        rolled.stdout
+    assert "  now on the bundle's own state: 3 classes" in said
+    assert "  classes no longer known: cat" in said
+    assert "  predict and eval's default head changes from lda to ncm" in said, "auto was lda (adapt made it)"
     assert not attempts.exists(), f"a device command tried to import: {attempts.read_text()}"
 
 
@@ -117,3 +123,86 @@ def test_user_errors_are_one_line_and_exit_1(bundle_copy, tmp_path):
         assert len(lines) == 1 and lines[0].startswith("error: ") and expected[key] in lines[0], (args, done.stderr)
     assert not (Path(bundle_copy) / "state").exists()
     assert not attempts.exists()
+
+
+# -- the first hour's traps: config defaults, folders, usage errors, a wrong token, what rollback undoes ----------
+
+def test_the_device_config_supplies_the_bundle_and_predict_takes_folders(bundle_copy, tmp_path):
+    """After `device init --bundle DIR`, adapt / eval / predict / delta / rollback need no BUNDLE; predict
+    scores every image of a folder (it used to say "none of the given images could be decoded")."""
+    attempts = tmp_path / "attempts.txt"
+    data = make_image_folder(tmp_path / "data", {"cat": 6, "class0": 4}, seed=5)
+    config = tmp_path / "device.toml"
+    from edgecl_test_server import free_port
+
+    # Nothing listens on that port: init says the token was not checked and still writes the config.
+    init = edgecl(attempts, "device", "init", "--server", f"http://127.0.0.1:{free_port()}", "--name", "cam1",
+                  "--token", "ecl_x", "--key", "ab" * 32, "--bundle", bundle_copy, "--config", config)
+    assert init.returncode == 0 and "token unreachable: " in init.stdout, init.stdout + init.stderr
+    assert "next: edgecl adapt --data DIR" in init.stdout
+
+    adapted = edgecl(attempts, "adapt", "--data", data, "--epochs", 1, "-q", "--config", config)
+    assert adapted.returncode == 0, adapted.stderr
+    assert adapted.stdout.startswith(f"adapted {bundle_copy} on 10 images of 2 classes from {data}")
+    assert "next: edgecl delta -o delta.safetensors" in adapted.stdout, "the configured bundle is not repeated"
+
+    folder = edgecl(attempts, "predict", data / "cat", "--json", "--config", config)
+    assert folder.returncode == 0, folder.stderr
+    paths = [r["path"] for r in json.loads(folder.stdout)]
+    assert paths == [str(p) for p in sorted((data / "cat").glob("*.png"))]
+    both = edgecl(attempts, "predict", bundle_copy, data, "--json")      # a bundle first, then a folder of folders
+    assert both.returncode == 0 and len(json.loads(both.stdout)) == 10, both.stderr
+
+    evaluated = edgecl(attempts, "eval", "--data", data, "--config", config)
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert f"images in {data}), lda head, state gen-000001 of {bundle_copy}" in evaluated.stdout.splitlines()[0]
+
+    delta = edgecl(attempts, "delta", "-o", tmp_path / "d.safetensors", "--config", config)
+    assert delta.returncode == 0 and (tmp_path / "d.safetensors").is_file(), delta.stderr
+    assert "next: edgecl push " in delta.stdout
+
+    rolled = edgecl(attempts, "rollback", "--config", config)
+    assert rolled.returncode == 0 and rolled.stdout.startswith(f"rolled back {bundle_copy}: undid gen-000001")
+    assert not attempts.exists()
+
+
+def test_usage_errors_are_one_line(tmp_path):
+    attempts = tmp_path / "attempts.txt"
+    missing = edgecl(attempts, "adapt", tmp_path)
+    assert missing.returncode == 2 and missing.stderr == \
+        "error: Missing option '--data': see `edgecl adapt --help`\n", missing.stderr
+    unknown = edgecl(attempts, "eval", tmp_path, "--data", tmp_path, "--exemplars")
+    assert unknown.returncode == 2 and unknown.stderr.count("\n") == 1
+    assert unknown.stderr.startswith("error: No such option: --exemplars")
+    # No BUNDLE and no config naming one: one line that says both ways out.
+    nobundle = edgecl(attempts, "eval", "--data", tmp_path, "--config", tmp_path / "none.toml")
+    assert nobundle.returncode == 1 and nobundle.stderr.count("\n") == 1, nobundle.stderr
+    assert nobundle.stderr.startswith("error: no bundle given and no device config names one: pass the bundle "
+                                      "folder, or run `edgecl device init ... --bundle DIR`")
+
+
+def test_device_init_refuses_a_wrong_token_or_server_key_when_the_server_answers(tmp_path):
+    from edgecl_test_server import ServerProcess, make_fleet
+
+    attempts = tmp_path / "attempts.txt"
+    fleet = make_fleet(tmp_path / "store", 1)
+    server = ServerProcess(tmp_path / "store").start()
+    try:
+        token, key = fleet.devices["dev-0"]
+        config = tmp_path / "device.toml"
+        args = ["device", "init", "--server", server.url, "--name", "dev-0", "--key", key.hex(), "--config", config]
+        wrong = edgecl(attempts, *args, "--token", "ecl_wrong")
+        assert wrong.returncode == 1 and wrong.stderr.count("\n") == 1, wrong.stderr
+        assert wrong.stderr.startswith(f"error: the server {server.url} refuses this token (auth_invalid): pass the "
+                                       "token `edgecl server device add dev-0` printed"), wrong.stderr
+        assert not config.exists(), "a refused token writes nothing"
+        other_key = "11" * 32
+        bad_key = edgecl(attempts, *args, "--token", token, "--server-key", other_key)
+        assert bad_key.returncode == 1 and "--server-key is not the key" in bad_key.stderr, bad_key.stderr
+        assert not config.exists()
+        good = edgecl(attempts, *args, "--token", token, "--server-key", fleet.store.release_public_key())
+        assert good.returncode == 0, good.stderr
+        assert "(token accepted by the server, server key matches)" in good.stdout and config.exists()
+    finally:
+        server.stop()
+        fleet.store.close()

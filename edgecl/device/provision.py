@@ -2,7 +2,9 @@
 
 One TOML file, by default ``~/.config/edgecl/device.toml`` (``--config PATH`` or
 ``$EDGECL_DEVICE_CONFIG``), written atomically with mode 0600 (it holds the device's token and
-signing key). ``edgecl delta``, ``edgecl push`` and ``edgecl pull`` read it; their flags override it.
+signing key). ``edgecl delta``, ``push``, ``pull``, ``adapt``, ``eval``, ``predict`` and ``rollback`` read it (the
+bundle and the profile are their defaults); their flags and arguments override it. ``edgecl device
+init`` checks the token and the pinned server key against the server when it answers.
 
     server = "http://fleet.local:8750"    # the fleet server
     name = "line3-cam1"                   # the registered device name: every delta's device_id
@@ -83,20 +85,55 @@ def check_config(cfg: DeviceConfig) -> DeviceConfig:
     return cfg
 
 
-def init_device(path: str | Path | None, server: str, name: str, token: str, key: str, profile: str = "",
-                server_key: str = "", bundle: str = "", outbox: str = "") -> Path:
-    """Write the device config (atomic, mode 0600); returns its path. An existing file is replaced
-    (re-provisioning after `edgecl server device rotate` is the same command)."""
+def make_device_config(server: str, name: str, token: str, key: str, profile: str = "", server_key: str = "",
+                       bundle: str = "", outbox: str = "") -> DeviceConfig:
+    """The config ``edgecl device init`` writes, checked (a ConfigError names a bad value)."""
     if not (server and name and token and key):
         raise ConfigError("device init needs --server, --name, --token and --key",
                           "pass the values `edgecl server device add NAME` printed")
-    cfg = check_config(DeviceConfig(server=server.rstrip("/"), name=name, token=token.strip(), key=key.strip(),
-                                    server_key=server_key.strip().lower(), profile=str(profile or ""),
-                                    bundle=str(Path(bundle).resolve()) if bundle else "",
-                                    outbox=str(Path(outbox).resolve()) if outbox else ""))
+    return check_config(DeviceConfig(server=server.rstrip("/"), name=name, token=token.strip(), key=key.strip(),
+                                     server_key=server_key.strip().lower(), profile=str(profile or ""),
+                                     bundle=str(Path(bundle).resolve()) if bundle else "",
+                                     outbox=str(Path(outbox).resolve()) if outbox else ""))
+
+
+def init_device(path: str | Path | None, server: str, name: str, token: str, key: str, profile: str = "",
+                server_key: str = "", bundle: str = "", outbox: str = "") -> Path:
+    """Write the device config (atomic, mode 0600); returns its path. An existing file is replaced
+    (re-provisioning after `edgecl server device rotate` is the same command). No network: the
+    CLI asks the server first (:func:`check_with_server`)."""
+    cfg = make_device_config(server, name, token, key, profile, server_key, bundle, outbox)
     target = config_path(path)
     save_device_config(cfg, target)
     return target
+
+
+def check_with_server(cfg: DeviceConfig, timeout_s: float = 5.0) -> str:
+    """Ask the server whether ``cfg``'s token is valid and its pinned key is the server's.
+
+    Returns "checked" (both right), or "unreachable: <why>" when no answer came: provisioning may
+    happen before the server is up, so that is not an error. A token the server refuses, or a
+    pinned key that is not the server's, is a ConfigError now rather than at the first push or pull.
+    """
+    from edgecl.device.sync import RetryPolicy, ServerRejected, ServerUnreachable, api_json
+
+    policy = RetryPolicy(retries=0, timeout_s=timeout_s)
+    try:
+        # Any call a device token may make and that changes nothing: the releases it can see.
+        api_json(cfg.server, cfg.token, "GET", "/v1/releases", policy=policy)
+        served_key = api_json(cfg.server, "", "GET", "/v1/server-key", policy=policy).get("public_key", "")
+    except ServerUnreachable as exc:
+        return f"unreachable: {exc.problem}"
+    except ServerRejected as exc:
+        if exc.status in (401, 403):
+            raise ConfigError(f"the server {cfg.server} refuses this token ({exc.code})",
+                              f"pass the token `edgecl server device add {cfg.name}` printed (or `edgecl server "
+                              f"device rotate {cfg.name}` for a new one)") from None
+        raise
+    if cfg.server_key and served_key and served_key.lower() != cfg.server_key.lower():
+        raise ConfigError(f"--server-key is not the key {cfg.server} signs releases with",
+                          "copy the key `edgecl server key` prints on the server")
+    return "checked"
 
 
 def save_device_config(cfg: DeviceConfig, path: str | Path) -> None:

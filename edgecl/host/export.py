@@ -43,9 +43,11 @@ from edgecl.host.loss import l2_normalize
 from edgecl.host.masking import depthwise_weight_names, select_mask
 from edgecl.host.model import build_embedding_model
 from edgecl.host.scoring import mi_fisher_scores
+from edgecl.progress import phase, phases
 
 INFERENCE_OPSET = 17
 ORT_MAX_IR_VERSION = 10              # onnxruntime 1.19 refuses newer IR versions
+EXPORT_PHASES = 7                    # the phases export_bundle announces (edgecl.progress.phase calls)
 MASK_POLICIES = ("no-depthwise", "all")
 
 
@@ -196,8 +198,10 @@ def build_graphs(model: nn.Module, mask: Mask, head: nn.Linear, temperature: flo
     bar = progress_bar(2, "export graphs", enabled=progress)
     try:
         h, w = recipe.input_size
+        phase("building the training step graph (forward + backward)")
         export_train_step(model, mask, head, temperature, rows, (int(h), int(w)), out / mf.TRAIN_STEP)
         bar.update(1)
+        phase("building the inference graph and checking it against torch")
         _export_inference(model, list(recipe.input_size), dim, out / mf.INFERENCE_MODEL)
         bar.update(1)
     except OSError as exc:
@@ -247,6 +251,7 @@ def write_bundle(spec: BundleSpec, out_dir: str | Path) -> ExportReport:
         build_graphs(spec.model, mask, spec.head, opts.temperature, 2 * batch, recipe, tmp, opts.progress)
         save_weights(tmp / mf.HEAD_INIT, {mf.PROJ_WEIGHT: spec.head.weight.detach().numpy(),
                                    mf.PROJ_BIAS: spec.head.bias.detach().numpy()})
+        phase("writing the mask, prototypes, exemplars and manifest")
         mask.save_file(tmp / mf.MASK)
         spec.prototypes.save_file(tmp / mf.PROTOTYPES)
         if spec.exemplars is not None and len(spec.exemplars.classes):
@@ -328,56 +333,61 @@ def export_bundle(recipe: Recipe | str | Path, data_dir: str | Path, out_dir: st
     if Path(out_dir).exists() and not opts.overwrite:
         raise ExportError(f"{out_dir} already exists", "pass --overwrite or choose another output folder")
     scan_image_folder(data_dir)  # cheap layout checks before the slow decode
-    torch.manual_seed(opts.seed)
-    model = build_embedding_model(recipe)
-    images = load_image_folder(data_dir, recipe.input_size, recipe.interpolation, progress=opts.progress,
-                               desc="decode calibration images")
-    if len(images.classes) < 2:
-        raise DataError(f"calibration folder {data_dir} has {len(images.classes)} class(es) with images",
-                        "the MI loss needs at least two classes: add a sub-folder per class")
-    dim = int(model(torch.zeros(1, 3, *recipe.input_size)).shape[1])
-    head = nn.Linear(dim, recipe.proj_dim)  # seeded above: the same head init for a given seed
+    with phases(EXPORT_PHASES, "export", enabled=opts.progress) as phase_:
+        phase_("decoding the calibration images")
+        torch.manual_seed(opts.seed)
+        model = build_embedding_model(recipe)
+        images = load_image_folder(data_dir, recipe.input_size, recipe.interpolation, progress=opts.progress,
+                                   desc="decode calibration images")
+        if len(images.classes) < 2:
+            raise DataError(f"calibration folder {data_dir} has {len(images.classes)} class(es) with images",
+                            "the MI loss needs at least two classes: add a sub-folder per class")
+        dim = int(model(torch.zeros(1, 3, *recipe.input_size)).shape[1])
+        head = nn.Linear(dim, recipe.proj_dim)  # seeded above: the same head init for a given seed
 
-    from edgecl.host.loss import ProjectionHead
-    scorer = ProjectionHead(dim, recipe.proj_dim)
-    scorer.proj.load_state_dict(head.state_dict())
-    scores = mi_fisher_scores(model, scorer, images.pixels, images.labels, recipe.mean, recipe.std,
-                              batch_size=opts.batch_size, temperature=opts.temperature, seed=opts.seed,
-                              interpolation=recipe.interpolation, progress=opts.progress)
-    history = None
-    if opts.overlap_path:
-        from edgecl.formats.overlap import OverlapHistory
-        try:
-            history = OverlapHistory.from_bytes(Path(opts.overlap_path).read_bytes())
-        except Exception as exc:
-            raise ConfigError(f"cannot read overlap counts {opts.overlap_path} ({type(exc).__name__}: {exc})",
-                              "pass the overlap file written by `edgecl merge` or a bundle's overlap.safetensors") from exc
-    mask = select_for_policy(model, scores, opts, history.counts if history else None)
-    if history:
-        mask = history.with_counts(mask)
+        from edgecl.host.loss import ProjectionHead
+        scorer = ProjectionHead(dim, recipe.proj_dim)
+        scorer.proj.load_state_dict(head.state_dict())
+        phase_("scoring every weight (MI-Fisher)")
+        scores = mi_fisher_scores(model, scorer, images.pixels, images.labels, recipe.mean, recipe.std,
+                                  batch_size=opts.batch_size, temperature=opts.temperature, seed=opts.seed,
+                                  interpolation=recipe.interpolation, progress=opts.progress)
+        phase_("choosing the mask")
+        history = None
+        if opts.overlap_path:
+            from edgecl.formats.overlap import OverlapHistory
+            try:
+                history = OverlapHistory.from_bytes(Path(opts.overlap_path).read_bytes())
+            except Exception as exc:
+                raise ConfigError(f"cannot read overlap counts {opts.overlap_path} ({type(exc).__name__}: {exc})",
+                                  "pass the overlap file written by `edgecl merge` or a bundle's overlap.safetensors") from exc
+        mask = select_for_policy(model, scores, opts, history.counts if history else None)
+        if history:
+            mask = history.with_counts(mask)
 
-    # Prototypes and exemplars from the embeddings the device will compute (the exported graph).
-    with tempfile.TemporaryDirectory() as work:
-        infer = Path(work) / mf.INFERENCE_MODEL
-        save_weights(Path(work) / mf.WEIGHTS, base_weights(model))
-        _export_inference(model, list(recipe.input_size), dim, infer)
-        emb = embed_with_onnx(infer, images.pixels, recipe.mean, recipe.std, dim)
-    prototypes = class_prototypes(emb, images.labels, images.classes, images.pixels)
-    ship_images = opts.exemplars_per_class > 0 and (profile is None or profile.store_images)
-    exemplars = None
-    if ship_images:
-        # A few calibration images per class (herding on the embeddings) let the device replay the
-        # old classes and move their prototypes when it moves the backbone (docs/device.md).
-        exemplars = ExemplarMemory.empty((int(recipe.input_size[0]), int(recipe.input_size[1]))).update(
-            {name: (images.pixels[images.labels == i], emb[images.labels == i])
-             for i, name in enumerate(images.classes)},
-            budget_bytes=1 << 62, max_per_class=opts.exemplars_per_class)
-    spec = BundleSpec(recipe=recipe, model=model, mask=mask, head=head, prototypes=prototypes, options=opts,
-                      profile=profile, exemplars=exemplars, overlap=history.counts if history else None)
-    report = write_bundle(spec, out_dir)
-    report.images_used, report.images_skipped = len(images.labels), len(images.skipped)
-    report.preprocessing = sources
-    return report
+        # Prototypes and exemplars from the embeddings the device will compute (the exported graph).
+        phase_("embedding the calibration images (prototypes, exemplars)")
+        with tempfile.TemporaryDirectory() as work:
+            infer = Path(work) / mf.INFERENCE_MODEL
+            save_weights(Path(work) / mf.WEIGHTS, base_weights(model))
+            _export_inference(model, list(recipe.input_size), dim, infer)
+            emb = embed_with_onnx(infer, images.pixels, recipe.mean, recipe.std, dim)
+        prototypes = class_prototypes(emb, images.labels, images.classes, images.pixels)
+        ship_images = opts.exemplars_per_class > 0 and (profile is None or profile.store_images)
+        exemplars = None
+        if ship_images:
+            # A few calibration images per class (herding on the embeddings) let the device replay the
+            # old classes and move their prototypes when it moves the backbone (docs/device.md).
+            exemplars = ExemplarMemory.empty((int(recipe.input_size[0]), int(recipe.input_size[1]))).update(
+                {name: (images.pixels[images.labels == i], emb[images.labels == i])
+                 for i, name in enumerate(images.classes)},
+                budget_bytes=1 << 62, max_per_class=opts.exemplars_per_class)
+        spec = BundleSpec(recipe=recipe, model=model, mask=mask, head=head, prototypes=prototypes, options=opts,
+                          profile=profile, exemplars=exemplars, overlap=history.counts if history else None)
+        report = write_bundle(spec, out_dir)
+        report.images_used, report.images_skipped = len(images.labels), len(images.skipped)
+        report.preprocessing = sources
+        return report
 
 
 __all__ = ["BundleSpec", "ExportOptions", "ExportReport", "build_graphs", "class_prototypes", "embed_with_onnx",

@@ -13,6 +13,7 @@ from torch import nn
 
 from edgecl.formats.images import two_views
 from edgecl.host.loss import ProjectionHead, supcon_loss
+from edgecl.progress import progress_bar
 
 
 def batch_order(n: int, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
@@ -35,12 +36,10 @@ def mi_fisher_scores(model: nn.Module, head: ProjectionHead, pixels: np.ndarray,
     sums = {n: torch.zeros_like(p) for n, p in params.items()}
     rng = np.random.default_rng(seed)
     batches = batch_order(len(pixels), batch_size, rng)
-    iterator = batches
-    if progress:
-        from tqdm import tqdm
-        iterator = tqdm(batches, desc="MI-Fisher scores", unit="batch")
+    # A bar on a terminal only: piped and logged output stays free of it.
+    bar = progress_bar(len(batches), "MI-Fisher scores", enabled=progress, unit="batch")
     model.eval()  # BN is folded; eval keeps dropout / drop-path off, as on the device
-    for idx in iterator:
+    for idx in batches:
         views = torch.from_numpy(two_views(pixels[idx], rng, mean, std, interpolation))
         y = torch.from_numpy(np.concatenate([labels[idx], labels[idx]]))
         model.zero_grad(set_to_none=True)
@@ -50,6 +49,8 @@ def mi_fisher_scores(model: nn.Module, head: ProjectionHead, pixels: np.ndarray,
         for n, p in params.items():
             if p.grad is not None:
                 sums[n] += p.grad.detach() ** 2
+        bar.update(1)
+    bar.close()
     for p in params.values():
         p.requires_grad_(False)
         p.grad = None

@@ -3,7 +3,13 @@
 No CDN, no build step: inline CSS, inline JS, the chart is an inline SVG drawn by the script, so the
 page works on a plant network with no way out. The page holds no data itself: it asks for the
 admin token (kept in ``sessionStorage``, so it is gone when the tab closes; ``#token=...`` in the URL
-is taken once and removed from the address bar) and reads ``GET /v1/dashboard`` with it.
+is taken once and removed from the address bar) and reads ``GET /v1/dashboard`` with it, plus each
+stored version's ``manifest.json`` for its model name (bundles are named by model and version, never
+by their 32-hex-digit lineage id, which only shows on hover).
+
+It shows the figures the commands print, with the same words: the release check's table of
+`edgecl release` (accuracy per class group on the held-out images, ncm head: frozen baseline,
+current version, candidate) as the chart, and the devices' do-no-harm check of `edgecl adapt`.
 """
 
 PAGE = r"""<!doctype html>
@@ -13,10 +19,11 @@ PAGE = r"""<!doctype html>
  body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#222;background:#fafafa}
  h1{font-size:20px;margin:0 0 .2em} h2{font-size:16px;margin:1.4em 0 .4em}
  table{border-collapse:collapse;background:#fff;min-width:40em} td,th{border:1px solid #ddd;padding:3px 8px;text-align:left}
- th{background:#f0f0f0} td.n{text-align:right;font-variant-numeric:tabular-nums}
+ th{background:#f0f0f0;font-weight:600} td:first-child{white-space:nowrap} td.n{text-align:right;font-variant-numeric:tabular-nums}
  .muted{color:#777} .bad{color:#b00} .good{color:#070} #error{color:#b00;font-weight:bold}
  #login{display:none;margin:1em 0} input{font:inherit;width:32em}
- svg text{font:11px system-ui,sans-serif}
+ svg text{font:11px system-ui,sans-serif} svg text.value{font-size:10px} svg text.version{font-weight:600}
+ p.note{margin:.3em 0;max-width:60em}
 </style></head>
 <body>
 <h1>edgecl fleet</h1>
@@ -25,16 +32,24 @@ PAGE = r"""<!doctype html>
 <form id="login"><label>Admin token: <input id="token" type="password" autocomplete="off"></label>
  <button type="submit">Show</button></form>
 <div id="content" style="display:none">
-<h2>Accuracy per version</h2><div id="chart"></div>
-<h2>Devices</h2><table id="devices"><thead><tr><th>device</th><th>role</th><th>version</th><th>last seen (UTC)</th>
- <th>last event</th><th>held-out accuracy before</th><th>after</th><th>status</th></tr></thead><tbody></tbody></table>
-<h2>Versions</h2><table id="versions"><thead><tr><th>bundle</th><th>version</th><th>deltas</th><th>devices</th>
- <th>stored</th><th>released</th><th>device accuracy before</th><th>after</th><th>release gate accuracy</th></tr></thead>
+<h2>Release checks: accuracy per class group</h2>
+<p class="note muted">What <code>edgecl release</code> printed for each published version: accuracy on the operator's
+ held-out images (never trained on), ncm head. Frozen baseline = the previous version's backbone unchanged with every
+ device's classes added; current = the previous version as released (its own classes only); candidate = the new version.
+ A version is published only if no group's candidate is below its baseline.</p>
+<div id="chart"></div>
+<h2>Devices</h2><table id="devices"><thead><tr><th>device</th><th>role</th><th>runs</th><th>last seen (UTC)</th>
+ <th>last event</th><th>do-no-harm check: unchanged backbone</th><th>kept</th><th>status</th></tr></thead><tbody></tbody></table>
+<p class="note muted">The do-no-harm check of the device's last <code>edgecl adapt</code>: accuracy on the share of its
+ own images it held out, before (unchanged backbone) and with what it kept.</p>
+<h2>Versions</h2><table id="versions"><thead><tr><th>model</th><th>version</th><th>deltas</th><th>devices</th>
+ <th>stored</th><th>released</th><th>devices' check: unchanged (mean)</th><th>kept (mean)</th>
+ <th>release check: all held-out images</th></tr></thead>
  <tbody></tbody></table>
-<h2>Merges</h2><table id="merges"><thead><tr><th>bundle</th><th>version</th><th>deltas counted</th><th>strategy</th>
+<h2>Merges</h2><table id="merges"><thead><tr><th>model</th><th>version</th><th>deltas counted</th><th>strategy</th>
  <th>devices</th><th>merged delta</th></tr></thead><tbody></tbody></table>
-<h2>Releases</h2><table id="releases"><thead><tr><th>bundle</th><th>version</th><th>released (UTC)</th><th>to</th>
- <th>gate</th></tr></thead><tbody></tbody></table>
+<h2>Releases</h2><table id="releases"><thead><tr><th>model</th><th>version</th><th>released (UTC)</th><th>to</th>
+ <th>release check</th></tr></thead><tbody></tbody></table>
 </div>
 <script>
 "use strict";
@@ -43,48 +58,119 @@ if (location.hash.startsWith("#token=")) {
   sessionStorage.setItem(KEY, decodeURIComponent(location.hash.slice(7)));
   history.replaceState(null, "", location.pathname);
 }
+const NAMES = {};   // bundle id -> model name (from each stored version's manifest)
 function pct(x) { return x === null || x === undefined ? "-" : (100 * x).toFixed(1) + "%"; }
-function cell(row, text, cls) { const td = row.insertCell(); td.textContent = text; if (cls) td.className = cls; }
+function plural(n, word) { return n + " " + word + (n === 1 ? "" : "s"); }
+function model(id) { return NAMES[id] || id.slice(0, 8); }
+function named(id, version) { return model(id) + " v" + version; }
+function cell(row, text, cls, title) {
+  const td = row.insertCell(); td.textContent = text; if (cls) td.className = cls; if (title) td.title = title;
+}
 function fill(id, rows, columns) {
   const body = document.querySelector("#" + id + " tbody");
   body.textContent = "";
-  for (const r of rows) { const tr = body.insertRow(); for (const [f, cls] of columns) cell(tr, f(r), cls); }
+  for (const r of rows) { const tr = body.insertRow(); for (const [f, cls, t] of columns) cell(tr, f(r), cls, t && t(r)); }
   if (!rows.length) { const tr = body.insertRow(); cell(tr, "none yet", "muted"); }
 }
 function heldout(r, when) { return r.last_heldout && r.last_heldout[when] ? r.last_heldout[when].accuracy : null; }
-function chart(bundles) {
-  const series = [["device after (mean)", "device_accuracy_after", "#1565c0"],
-                  ["device before (mean)", "device_accuracy_before", "#90a4ae"],
-                  ["release gate (held-out)", "release_accuracy", "#2e7d32"]];
-  const xs = bundles.map(b => b.bundle_id + " v" + b.version);
-  const W = 560, H = 220, L = 44, R = 160, T = 12, B = 36;
+function groupLabel(name, previous) {
+  if (name === "calibration") return "v" + previous + "'s own classes";
+  return name.startsWith("device:") ? "new classes of " + name.slice(7) : name;
+}
+// One panel per published version whose release report has its class groups (edgecl release posts them):
+// per group three bars, frozen baseline / current / candidate, each labelled with its value.
+function chart(releases) {
+  const box = document.getElementById("chart"); box.textContent = "";
+  const reports = releases.filter(r => r.report && r.report.groups && Object.keys(r.report.groups).length)
+                          .sort((a, b) => a.version - b.version);
+  if (!reports.length) {
+    box.innerHTML = '<p class="muted">No version was published through <code>edgecl release</code> yet.</p>'; return;
+  }
+  const series = [["baseline", "frozen baseline", "#90a4ae"], ["current", "current", "#64b5f6"],
+                  ["candidate", "candidate", "#2e7d32"]];
+  const BAR = 30, GAP = 3, GROUP_GAP = 34, PANEL_GAP = 46, L = 48, T = 34, PLOT = 180, B = 62, R = 16;
+  const panels = reports.map(r => {
+    const groups = Object.entries(r.report.groups).map(([name, row]) => [groupLabel(name, r.version - 1), row]);
+    const all = r.report.candidate || {};
+    if (all.accuracy !== undefined && all.accuracy !== null) {
+      const cur = r.report.current && r.report.current.images === all.images ? r.report.current.accuracy : null;
+      groups.push(["all held-out images", {images: all.images, candidate: all.accuracy,
+                                           baseline: (r.report.baseline || {}).accuracy, current: cur}]);
+    }
+    return {release: r, groups: groups};
+  });
+  const groupW = 3 * BAR + 2 * GAP;
+  let width = L;
+  for (const p of panels) { p.x = width; width += p.groups.length * (groupW + GROUP_GAP) - GROUP_GAP + PANEL_GAP; }
+  width = Math.max(width - PANEL_GAP + R, 420);
+  const H = T + PLOT + B;
   const NS = "http://www.w3.org/2000/svg";
   const svg = document.createElementNS(NS, "svg");
-  svg.setAttribute("width", W); svg.setAttribute("height", H); svg.setAttribute("id", "accuracy-chart");
+  svg.setAttribute("width", width); svg.setAttribute("height", H); svg.setAttribute("id", "accuracy-chart");
   function el(name, attrs, text) {
     const e = document.createElementNS(NS, name);
     for (const k in attrs) e.setAttribute(k, attrs[k]);
     if (text !== undefined) e.textContent = text;
     svg.appendChild(e); return e;
   }
-  const x = i => L + (xs.length > 1 ? i * (W - L - R) / (xs.length - 1) : (W - L - R) / 2);
-  const y = v => T + (1 - v) * (H - T - B);
-  el("rect", {x: L, y: T, width: W - L - R, height: H - T - B, fill: "#fff", stroke: "#ccc"});
+  const y = v => T + (1 - v) * PLOT;
   for (const v of [0, 0.25, 0.5, 0.75, 1]) {
-    el("line", {x1: L, x2: W - R, y1: y(v), y2: y(v), stroke: "#eee"});
+    el("line", {x1: L, x2: width - R, y1: y(v), y2: y(v), stroke: v ? "#eee" : "#999"});
     el("text", {x: L - 6, y: y(v) + 4, "text-anchor": "end"}, (100 * v) + "%");
   }
-  xs.forEach((name, i) => el("text", {x: x(i), y: H - B + 16, "text-anchor": "middle"}, name));
-  series.forEach(([label, key, color], s) => {
-    const pts = bundles.map((b, i) => [i, b[key]]).filter(p => p[1] !== null && p[1] !== undefined);
-    if (pts.length > 1) el("polyline", {points: pts.map(([i, v]) => x(i) + "," + y(v)).join(" "), fill: "none",
-                                        stroke: color, "stroke-width": 2});
-    for (const [i, v] of pts) el("circle", {cx: x(i), cy: y(v), r: 3.5, fill: color, "data-series": key,
-                                            "data-value": v.toFixed(4)});
-    el("rect", {x: W - R + 12, y: T + 6 + 18 * s, width: 10, height: 10, fill: color});
-    el("text", {x: W - R + 28, y: T + 15 + 18 * s}, label);
+  series.forEach(([key, label, color], s) => {
+    el("rect", {x: L + 150 * s, y: 6, width: 10, height: 10, fill: color});
+    el("text", {x: L + 150 * s + 14, y: 15}, label);
   });
-  const box = document.getElementById("chart"); box.textContent = ""; box.appendChild(svg);
+  for (const p of panels) {
+    const r = p.release;
+    p.groups.forEach(([label, row], g) => {
+      const gx = p.x + g * (groupW + GROUP_GAP);
+      series.forEach(([key, , color], s) => {
+        const v = row[key];
+        if (v === null || v === undefined) return;
+        const bx = gx + s * (BAR + GAP);
+        el("rect", {x: bx, y: y(v), width: BAR, height: Math.max(PLOT * v, 0.5), fill: color, "data-series": key,
+                    "data-group": label, "data-version": r.version, "data-value": Number(v).toFixed(4)});
+        el("text", {x: bx + BAR / 2, y: y(v) - 3, "text-anchor": "middle", class: "value"}, (100 * v).toFixed(1));
+      });
+      // The group's name on up to two lines under its bars, so it never runs into the next group's.
+      const words = label.split(" "), lines = [""];
+      for (const w of words) {
+        const line = lines[lines.length - 1];
+        if (line && (line + " " + w).length > 16 && lines.length < 2) lines.push(w);
+        else lines[lines.length - 1] = line ? line + " " + w : w;
+      }
+      lines.forEach((text, i) => el("text", {x: gx + groupW / 2, y: T + PLOT + 14 + 12 * i, "text-anchor": "middle"},
+                                    text));
+      el("text", {x: gx + groupW / 2, y: T + PLOT + 40, "text-anchor": "middle", class: "muted", fill: "#777"},
+         plural(row.images || 0, "image"));
+    });
+    const span = p.groups.length * (groupW + GROUP_GAP) - GROUP_GAP;
+    el("text", {x: p.x + span / 2, y: H - 6, "text-anchor": "middle", class: "version"},
+       named(r.bundle_id, r.version) + " (candidate) vs v" + (r.version - 1) + (r.canary.length ? ", canary" : ""));
+  }
+  box.appendChild(svg);
+}
+async function names(token, bundles) {
+  for (const b of bundles) {
+    if (!b.stored || NAMES[b.bundle_id]) continue;
+    try {
+      const answer = await fetch("/v1/bundles/" + b.bundle_id + "/" + b.version + "/files/manifest.json",
+                                 {headers: {"Authorization": "Bearer " + token}});
+      if (answer.ok) { const m = await answer.json(); if (m.model_name) NAMES[b.bundle_id] = m.model_name; }
+    } catch (e) { /* the short id stays */ }
+  }
+  // Two lineages of one model: add the short id so their rows stay apart.
+  const seen = {};
+  for (const id in NAMES) seen[NAMES[id]] = (seen[NAMES[id]] || 0) + 1;
+  for (const id in NAMES) if (seen[NAMES[id]] > 1) NAMES[id] += " (" + id.slice(0, 6) + ")";
+}
+function releasedState(b, devices) {
+  if (b.released) return b.canary.length ? "canary: " + b.canary.join(", ") : "yes";
+  const running = devices.filter(d => d.last_bundle === b.bundle_id && d.last_version === b.version).length;
+  // The exported first version reaches devices by copy, not through the release check: in use is released.
+  return running ? "yes (" + (running === 1 ? "1 device runs" : running + " devices run") + " it)" : "no";
 }
 async function load() {
   const token = sessionStorage.getItem(KEY);
@@ -98,24 +184,28 @@ async function load() {
     document.getElementById("error").textContent = data.error + ": " + data.message;
     sessionStorage.removeItem(KEY); document.getElementById("login").style.display = "block"; return;
   }
+  await names(token, data.bundles);
   document.getElementById("login").style.display = "none";
   document.getElementById("content").style.display = "block";
-  document.getElementById("summary").textContent = data.devices.length + " devices, " + data.deltas +
-    " deltas, " + data.bundles.length + " bundle versions, " + data.releases.length + " releases";
-  fill("devices", data.devices, [[r => r.name], [r => r.role], [r => r.last_version ? r.last_bundle + " v" +
-    r.last_version : "-"], [r => r.last_seen_utc || "never"], [r => r.last_event || "-"],
+  document.getElementById("summary").textContent = plural(data.devices.length, "device") + ", " +
+    plural(data.deltas, "delta") + ", " + plural(data.bundles.length, "bundle version") + ", " +
+    plural(data.releases.length, "release");
+  const id = r => r.bundle_id + " v" + r.version;
+  fill("devices", data.devices, [[r => r.name], [r => r.role], [r => r.last_version ? named(r.last_bundle,
+    r.last_version) : "-"], [r => r.last_seen_utc || "never"], [r => r.last_event || "-"],
     [r => pct(heldout(r, "before")), "n"], [r => pct(heldout(r, "after")), "n"],
     [r => r.revoked ? "revoked" : "active", ""]]);
-  fill("versions", data.bundles, [[r => r.bundle_id], [r => r.version, "n"], [r => r.deltas, "n"],
-    [r => r.devices, "n"], [r => r.stored ? "yes" : "no"], [r => r.released ? (r.canary.length ? "canary: " +
-    r.canary.join(", ") : "yes") : "no"], [r => pct(r.device_accuracy_before), "n"],
-    [r => pct(r.device_accuracy_after), "n"], [r => pct(r.release_accuracy), "n"]]);
-  fill("merges", data.merges, [[r => r.bundle_id], [r => r.version, "n"], [r => r.inputs, "n"], [r => r.strategy],
-    [r => r.devices.join(", ")], [r => r.sha256.slice(0, 12)]]);
-  fill("releases", data.releases, [[r => r.bundle_id], [r => r.version, "n"], [r => r.released_utc],
+  fill("versions", data.bundles, [[r => model(r.bundle_id), "", id], [r => r.version, "n"], [r => r.deltas, "n"],
+    [r => r.devices, "n"], [r => r.stored ? "yes" : "no"], [r => releasedState(r, data.devices)],
+    [r => pct(r.device_accuracy_before), "n"], [r => pct(r.device_accuracy_after), "n"],
+    [r => pct(r.release_accuracy), "n"]]);
+  fill("merges", data.merges, [[r => model(r.bundle_id), "", id], [r => r.version, "n"], [r => r.inputs, "n"],
+    [r => r.strategy], [r => r.devices.join(", ")], [r => r.sha256.slice(0, 12)]]);
+  fill("releases", data.releases, [[r => model(r.bundle_id), "", id], [r => r.version, "n"], [r => r.released_utc],
     [r => r.canary.length ? r.canary.join(", ") : "every device"],
-    [r => r.report && r.report.candidate ? "passed, held-out " + pct(r.report.candidate.accuracy) : "-"]]);
-  chart(data.bundles);
+    [r => r.report && r.report.candidate ? "passed: candidate " + pct(r.report.candidate.accuracy) + " of " +
+      plural(r.report.candidate.images || 0, "held-out image") + " (ncm)" : "-"]]);
+  chart(data.releases);
   document.body.setAttribute("data-loaded", "1");
 }
 document.getElementById("login").addEventListener("submit", ev => {
