@@ -115,7 +115,7 @@ def check_with_server(cfg: DeviceConfig, timeout_s: float = 5.0) -> str:
     happen before the server is up, so that is not an error. A token the server refuses, or a
     pinned key that is not the server's, is a ConfigError now rather than at the first push or pull.
     """
-    from edgecl.device.sync import RetryPolicy, ServerRejected, ServerUnreachable, api_json
+    from edgecl.http_client import RetryPolicy, ServerRejected, ServerUnreachable, api_json
 
     policy = RetryPolicy(retries=0, timeout_s=timeout_s)
     try:
