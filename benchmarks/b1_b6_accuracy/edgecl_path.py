@@ -82,6 +82,7 @@ class EdgeclLearner:
                "--max-step-fraction", str(cfg.max_step_fraction), *([] if self.gate else ["--no-gate"]),
                *(["--replay", "--replay-share", str(self.rules.replay_share)] if self.rules.replay else ["--no-replay"]),
                *(["--drift-compensation"] if self.rules.old_update in ("shift", "sdc") else ["--no-drift-compensation"]),
+               *(["--max-old-drop", str(self.rules.max_old_drop)] if self.rules.max_old_drop is not None else []),
                "--json", "--quiet"]
         timed = common.run_timed(cmd, env=common.thread_env(self.threads))
         report = json.loads(timed.stdout[timed.stdout.index("{"):])

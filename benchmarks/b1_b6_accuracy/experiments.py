@@ -157,6 +157,20 @@ EXPERIMENTS["replay_b1"] = replace(
               rules={"replay_seen": True, "replay_share": 0.75})),
     note="the edgecl path at the defaults with more replay, beside the defaults, three seeds")
 
+# issue 23, old classes guarded: `adapt --max-old-drop 1` beside the defaults (what it costs the last
+# task, what it protects on the first), B1 and B6.
+EXPERIMENTS["guard_b1"] = replace(
+    EXPERIMENTS["defaults_b1"],
+    arms=(FROZEN, Arm("edgecl defaults", "edgecl", (1e-2,), DEFAULTS, rules={"replay_seen": True}),
+          Arm("edgecl max-old-drop 1", "edgecl", (1e-2,), DEFAULTS, rules={"replay_seen": True, "max_old_drop": 1.0})),
+    note="the edgecl path with the old classes guarded (--max-old-drop 1) beside the defaults")
+EXPERIMENTS["guard_b6"] = replace(
+    EXPERIMENTS["defaults_b6"],
+    arms=(Arm("frozen", "frozen", rules={"heads": ALL_HEADS}),
+          Arm("edgecl defaults", "edgecl", (1e-2,), DEFAULTS, rules={"replay_seen": True}),
+          Arm("edgecl max-old-drop 1", "edgecl", (1e-2,), DEFAULTS, rules={"replay_seen": True, "max_old_drop": 1.0})),
+    note="the edgecl path with the old classes guarded (--max-old-drop 1) beside the defaults")
+
 
 def get(name: str) -> Experiment:
     if name not in EXPERIMENTS:

@@ -94,6 +94,7 @@ class StreamRules:
     replay_seen: bool = False         # also replay exemplars of classes the task holds (B6: earlier cameras)
     old_update: str = "shift"         # old classes: shift (exemplar drift) | sdc | none
     heads: tuple[str, ...] = FAMILIES
+    max_old_drop: float | None = None  # edgecl path: `adapt --max-old-drop` (None: not passed)
 
 
 class HeadKeeper:

@@ -67,7 +67,10 @@ def run_key(exp: experiments.Experiment, arm: experiments.Arm, lr: float | None,
     train, rules = arm_settings(exp, arm)
     return {"bench": exp.bench, "per_class": list(exp.per_class), "size": exp.size, "method": arm.method,
             "lr": lr, "seed": seed, "train": train | {"lr": lr or 0.0, "seed": seed},
-            "rules": dataclasses.asdict(rules) | {"heads": list(rules.heads)},
+            # max_old_drop enters the key only when set, so runs made before it existed are still reused
+            "rules": {k: v for k, v in dataclasses.asdict(rules).items() if k != "max_old_drop"}
+            | {"heads": list(rules.heads)}
+            | ({"max_old_drop": rules.max_old_drop} if rules.max_old_drop is not None else {}),
             "head_grid": {"lda": list(LDA_SHRINKAGE), "ranpac": list(RANPAC_RIDGE)},
             # the device's do-no-harm gate rule: runs made under an earlier rule are not reused
             **({"gate": EDGECL_GATE} if arm.method == "edgecl" else {})}
