@@ -41,6 +41,7 @@ from typing import Protocol, TypeVar
 
 import numpy as np
 
+from edgecl import classstats
 from edgecl.errors import EdgeclError
 from edgecl.formats.delta import MERGE_DEVICE_ID, Delta
 from edgecl.formats.mask import Mask, overlap_to_bytes
@@ -165,13 +166,13 @@ def merge_prototypes(tables: Sequence[Prototypes | None], max_share: float | Non
         for name, mean, count in zip(table.classes, np.asarray(table.means, np.float64), table.counts, strict=True):
             rows.setdefault(name, []).append((mean, int(count)))
     names = list(rows)
-    means = []
+    merged = []
     for name in names:
         counts = np.array([c for _, c in rows[name]], np.float64)
-        weights = capped_shares(counts, max_share) if max_share is not None else counts / counts.sum()
-        means.append(sum(w * m for w, (m, _) in zip(weights, rows[name], strict=True)))
-    return Prototypes(names, np.stack(means).astype(np.float32),
-                      np.array([sum(c for _, c in rows[n]) for n in names], np.int64))
+        shares = capped_shares(counts, max_share) if max_share is not None else None
+        merged.append(classstats.merge_by_counts([m for m, _ in rows[name]], counts, shares))
+    return Prototypes(names, np.stack([m for m, _ in merged]).astype(np.float32),
+                      np.array([n for _, n in merged], np.int64))
 
 
 def capped_shares(weights: np.ndarray, max_share: float | None) -> np.ndarray:
