@@ -269,7 +269,8 @@ def main() -> None:
                 assert pushed.status_code == 201, pushed.text
                 merge_inputs.append(D.load(data))
             t0 = time.perf_counter()
-            merge_response = admin_http.post(f"/v1/bundles/{merge_manifest['bundle_id']}/1/merge")
+            merge_response = admin_http.post(f"/v1/bundles/{merge_manifest['bundle_id']}/1/merge",
+                                             params={"wait_s": 600})
             merge_endpoint_s = time.perf_counter() - t0
             assert merge_response.status_code == 200, merge_response.text
             assert merge_response.json()["inputs"] == n_merge, merge_response.text

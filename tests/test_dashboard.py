@@ -54,7 +54,7 @@ def fleet_server(tmp_path_factory):
             d.heldout = {"before": {"accuracy": before, "images": 20}, "after": {"accuracy": after, "images": 20}}
             r = client.post("/v1/deltas", content=D.save(d, fleet.devices[device][1]), headers=fleet.headers(device))
             assert r.status_code == 201, r.text
-        assert client.post("/v1/bundles/line-s/1/merge", headers=fleet.admin()).status_code == 200
+        assert client.post("/v1/bundles/line-s/1/merge", params={"wait_s": 60}, headers=fleet.admin()).status_code == 200
         r = client.post("/v1/releases", headers=fleet.admin(), json={
             "bundle_id": "line-s", "version": 2, "canary": ["dev-0"],
             "report": {"candidate": {"accuracy": 0.875, "images": 40}}})

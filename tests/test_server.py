@@ -7,6 +7,7 @@ import hashlib
 import json
 import re
 import struct
+import time
 
 import httpx
 import numpy as np
@@ -174,9 +175,19 @@ def test_merge_endpoint_matches_the_pure_merge(env):
         assert httpx.post(server.url + "/v1/deltas", content=data, headers=fleet.headers(device)).status_code in (200, 201)
         pushed.append(data)
     assert httpx.post(server.url + "/v1/bundles/line-a/1/merge", headers=fleet.headers("dev-0")).status_code == 403
+    # A merge is a background job: 202 with its id at once; its status (progress, then the answer) by GET.
     response = httpx.post(server.url + "/v1/bundles/line-a/1/merge", headers=fleet.admin())
-    assert response.status_code == 200, response.text
-    summary = response.json()
+    assert response.status_code == 202, response.text
+    job = response.json()
+    assert job["state"] in ("queued", "running", "done") and response.headers["location"] == job["status_url"]
+    deadline = time.monotonic() + 60
+    while job["state"] != "done":
+        assert job["state"] != "failed" and time.monotonic() < deadline, job
+        time.sleep(0.05)
+        job = httpx.get(server.url + job["status_url"], headers=fleet.admin()).json()
+    assert httpx.get(server.url + job["status_url"], headers=fleet.headers("dev-0")).status_code == 403
+    assert httpx.get(server.url + "/v1/merge-jobs/" + "0" * 32, headers=fleet.admin()).status_code == 404
+    summary = job
     merged = D.load(httpx.get(f"{server.url}/v1/deltas/{summary['sha256']}", headers=fleet.admin()).content,
                     fleet.store.merge_key())
     assert merged.device_id == "merge"
@@ -196,7 +207,8 @@ def test_merge_endpoint_matches_the_pure_merge(env):
         np.testing.assert_array_equal(overlap[name][0], indices)
         np.testing.assert_array_equal(overlap[name][1], counts)
     # Same deltas -> same merged bytes (idempotent).
-    assert httpx.post(server.url + "/v1/bundles/line-a/1/merge", headers=fleet.admin()).json()["sha256"] == summary["sha256"]
+    assert httpx.post(server.url + "/v1/bundles/line-a/1/merge", params={"wait_s": 60},
+                      headers=fleet.admin()).json()["sha256"] == summary["sha256"]
     assert httpx.post(server.url + "/v1/bundles/nope/1/merge", headers=fleet.admin()).json()["error"] == "bundle_unknown"
 
 
@@ -386,17 +398,18 @@ def test_double_push_counts_once_and_exclusions(env):
     other = D.save(make_delta(manifest, "dev-0", 3, changed=1.0), fleet.devices["dev-0"][1])
     for data, headers in ((first, h), (second, h), (other, fleet.headers("dev-0"))):
         assert httpx.post(server.url + "/v1/deltas", content=data, headers=headers).status_code == 201
-    merge = httpx.post(server.url + "/v1/bundles/line-2x/1/merge", headers=fleet.admin()).json()
+    merge = httpx.post(server.url + "/v1/bundles/line-2x/1/merge", params={"wait_s": 60}, headers=fleet.admin()).json()
     assert merge["inputs"] == 2 and merge["deltas"] == [hashlib.sha256(second).hexdigest(),
                                                         hashlib.sha256(other).hexdigest()]
-    one = httpx.post(server.url + "/v1/bundles/line-2x/1/merge", params={"exclude_device": "dev-0"},
+    one = httpx.post(server.url + "/v1/bundles/line-2x/1/merge", params={"exclude_device": "dev-0", "wait_s": 60},
                      headers=fleet.admin()).json()
     merged = D.load(fleet.store.get_blob(one["sha256"]))
     np.testing.assert_array_equal(merged.to_dense(), D.load(second).to_dense())
     back = httpx.post(server.url + "/v1/bundles/line-2x/1/merge", headers=fleet.admin(),
-                      params={"exclude_delta": hashlib.sha256(second).hexdigest(), "exclude_device": "dev-0"}).json()
+                      params={"exclude_delta": hashlib.sha256(second).hexdigest(), "exclude_device": "dev-0",
+                              "wait_s": 60}).json()
     assert back["deltas"] == [hashlib.sha256(first).hexdigest()], "an excluded delta falls back to the older one"
-    median = httpx.post(server.url + "/v1/bundles/line-2x/1/merge", params={"strategy": "median"},
+    median = httpx.post(server.url + "/v1/bundles/line-2x/1/merge", params={"strategy": "median", "wait_s": 60},
                         headers=fleet.admin())
     assert median.status_code == 200 and median.json()["strategy"] == "median"
     nothing = httpx.post(server.url + "/v1/bundles/line-2x/1/merge", headers=fleet.admin(),
@@ -560,3 +573,32 @@ def test_bundle_add_over_http_sends_only_missing_files(env, tmp_path):
     assert fleet.store.get_bundle("line-h", 2) is None
     denied = _cli(["server", "bundle", "add", str(folder), "--server", server.url, "--token", fleet.devices["dev-0"][0]])
     assert denied.exit_code == 1 and "forbidden" in denied.output
+
+
+def test_merge_job_client_waits_and_reports_a_failed_job(tmp_path):
+    """merge_and_wait (what `edgecl release` calls) returns the job's answer; a job that fails while
+    it runs (here: a counted delta's file damaged after its row was listed) raises its code."""
+    from edgecl.errors import EdgeclError
+    from edgecl.server.jobclient import merge_and_wait
+
+    fleet = make_fleet(tmp_path / "store", n_devices=2)
+    server = ServerProcess(tmp_path / "store").start()
+    try:
+        shas = []
+        for i, device in enumerate(fleet.devices):
+            response = _push(server, fleet, device, _delta_bytes(fleet, device, seed=700 + i))
+            shas.append(response.json()["sha256"])
+
+        def call(method, path):
+            return httpx.request(method, server.url + path, headers=fleet.admin(), timeout=30).json()
+
+        seen = []
+        done = merge_and_wait(call, "line-a", 1, "strategy=median", poll_s=0.02, on_progress=seen.append)
+        assert done["state"] == "done" and done["inputs"] == 2 and done["deltas"] == shas
+        assert all(0 <= j["done"] <= j["total"] for j in seen)
+        fleet.store.blob_path(shas[1]).write_bytes(b"damaged")
+        with pytest.raises(EdgeclError, match="store_damaged"):
+            merge_and_wait(call, "line-a", 1, "strategy=trimmed-mean", poll_s=0.02)
+    finally:
+        server.stop()
+        fleet.store.close()

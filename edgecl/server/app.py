@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from edgecl import __version__
 from edgecl.server import connlimits
+from edgecl.server.jobs import MergeJobs
 from edgecl.server.limits import (
     DEFAULT_BODY_IDLE_S,
     DEFAULT_MAX_BLOB_BYTES,
@@ -45,6 +46,7 @@ def create_app(store: Store, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
                               "ops merge, release and watch them (docs/server.md).")
     app.state.store = store
     app.state.limits = UploadLimits(max_upload_bytes, body_idle_s, max_blob_bytes)
+    app.state.merge_jobs = MergeJobs(store)
     _add_error_handlers(app)
     for router in ROUTERS:
         app.include_router(router)

@@ -110,6 +110,20 @@ CREATE TABLE IF NOT EXISTS bundle_files (
     size_bytes BIGINT NOT NULL,
     PRIMARY KEY (bundle_id, version, name)
 );
+CREATE TABLE IF NOT EXISTS merge_jobs (
+    job_id TEXT PRIMARY KEY,
+    bundle_id TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    strategy TEXT NOT NULL,
+    state TEXT NOT NULL,
+    phase TEXT NOT NULL,
+    done BIGINT NOT NULL,
+    total BIGINT NOT NULL,
+    result TEXT NOT NULL,
+    error TEXT NOT NULL,
+    created_ns BIGINT NOT NULL,
+    updated_ns BIGINT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS releases (
     bundle_id TEXT NOT NULL,
     version INTEGER NOT NULL,
@@ -728,6 +742,42 @@ class Store:
             row["devices"] = json.loads(row["devices"]) if row["devices"] else []
             row["options"] = json.loads(row["options"]) if row["options"] else {}
         return rows
+
+    # -- merge jobs (jobs.py) --------------------------------------------------------------------------
+    _JOB_COLUMNS = ("job_id", "bundle_id", "version", "strategy", "state", "phase", "done", "total", "result",
+                    "error", "created_ns", "updated_ns")
+
+    def add_merge_job(self, job_id: str, bundle_id: str, version: int, strategy: str, total: int) -> None:
+        now = time.time_ns()
+        with self._cursor() as cur:
+            cur.execute(f"INSERT INTO merge_jobs ({', '.join(self._JOB_COLUMNS)}) VALUES "
+                        "(?, ?, ?, ?, 'queued', 'queued', 0, ?, '', '', ?, ?)",
+                        (job_id, bundle_id, version, strategy, total, now, now))
+
+    def update_merge_job(self, job_id: str, state: str, phase: str, done: int, total: int,
+                         result: dict[str, Any] | None = None, error: dict[str, Any] | None = None) -> None:
+        with self._cursor() as cur:
+            cur.execute("UPDATE merge_jobs SET state = ?, phase = ?, done = ?, total = ?, result = ?, error = ?, "
+                        "updated_ns = ? WHERE job_id = ?",
+                        (state, phase, done, total, json.dumps(result) if result else "",
+                         json.dumps(error) if error else "", time.time_ns(), job_id))
+
+    def touch_merge_jobs(self, job_ids: list[str]) -> None:
+        """The process running these jobs is alive (jobs.py: a job nobody touches goes stale)."""
+        with self._cursor() as cur:
+            for job_id in job_ids:
+                cur.execute("UPDATE merge_jobs SET updated_ns = ? WHERE job_id = ?", (time.time_ns(), job_id))
+
+    def merge_job(self, job_id: str) -> dict[str, Any] | None:
+        with self._cursor() as cur:
+            cur.execute(f"SELECT {', '.join(self._JOB_COLUMNS)} FROM merge_jobs WHERE job_id = ?", (job_id,))
+            row = cur.fetchone()
+        if row is None:
+            return None
+        job = dict(zip(self._JOB_COLUMNS, row, strict=True))
+        job["result"] = json.loads(job["result"]) if job["result"] else None
+        job["error"] = json.loads(job["error"]) if job["error"] else None
+        return job
 
 
 class _Cursor:
