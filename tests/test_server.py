@@ -602,3 +602,75 @@ def test_merge_job_client_waits_and_reports_a_failed_job(tmp_path):
     finally:
         server.stop()
         fleet.store.close()
+
+
+def test_canary_version_is_invisible_and_closed_outside_its_canary(tmp_path):
+    import json
+
+    from edgecl_test_server import make_bundle_dir
+
+    from edgecl.server.service import release_version
+    from edgecl.server.store import add_bundle_dir
+
+    fleet = make_fleet(tmp_path / "store", n_devices=2)
+    bundle = make_bundle_dir(tmp_path / "bundle", bundle_id="line-c")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    add_bundle_dir(fleet.store, bundle)
+    release_version(fleet.store, "line-c", 1, canary=["dev-0"])
+    server = ServerProcess(tmp_path / "store").start()
+    try:
+        def listed(device):
+            bundles = httpx.get(server.url + "/v1/bundles", headers=fleet.headers(device)).json()["bundles"]
+            return {(b["bundle_id"], b["version"]) for b in bundles}
+
+        def push(device, seed):
+            data = D.save(make_delta(manifest, device, seed), fleet.devices[device][1])
+            return httpx.post(server.url + "/v1/deltas", content=data, headers=fleet.headers(device))
+
+        assert ("line-c", 1) in listed("dev-0") and ("line-a", 1) in listed("dev-1")
+        assert ("line-c", 1) not in listed("dev-1"), "a canary version is invisible outside its canary"
+        refused = push("dev-1", 1)
+        assert refused.status_code == 422 and refused.json()["error"] == "bundle_unknown", refused.text
+        assert push("dev-0", 2).status_code == 201
+        assert fleet.store.list_deltas("line-c", 1, "dev-1") == [], "nothing stored for the refused push"
+        fleet.store.promote_release("line-c", 1)
+        assert ("line-c", 1) in listed("dev-1") and push("dev-1", 3).status_code == 201
+    finally:
+        server.stop()
+        fleet.store.close()
+
+
+def test_damaged_blob_and_encoded_cache_entry_are_never_served(tmp_path):
+    import zlib
+
+    from edgecl_test_server import make_bundle_dir
+
+    from edgecl.server.service import release_version
+    from edgecl.server.store import add_bundle_dir
+
+    fleet = make_fleet(tmp_path / "store", n_devices=1)
+    bundle = make_bundle_dir(tmp_path / "bundle", bundle_id="line-z")
+    add_bundle_dir(fleet.store, bundle)
+    release_version(fleet.store, "line-z", 1)
+    server = ServerProcess(tmp_path / "store").start()
+    url = server.url + "/v1/bundles/line-z/1/files/weights.safetensors"
+    want = (bundle / "weights.safetensors").read_bytes()
+    try:
+        first = httpx.get(url, params={"encoding": "zlib"}, headers=fleet.headers("dev-0"))
+        assert first.headers["x-edgecl-encoding"] == "zlib" and zlib.decompress(first.content) == want
+        [entry] = (fleet.store.root / "encoded").iterdir()
+        damaged = bytearray(entry.read_bytes())
+        damaged[len(damaged) // 2] ^= 0xFF                  # same size, mtime moves on: bit rot
+        entry.write_bytes(bytes(damaged))
+        again = httpx.get(url, params={"encoding": "zlib"}, headers=fleet.headers("dev-0"))
+        assert zlib.decompress(again.content) == want, "a damaged cache entry is rebuilt, not served"
+        [rebuilt] = (fleet.store.root / "encoded").iterdir()
+        assert hashlib.sha256(rebuilt.read_bytes()).hexdigest() == rebuilt.name.rsplit("-", 1)[1]
+        blob = fleet.store.blob_path(hashlib.sha256(want).hexdigest())
+        blob.write_bytes(want[:-1] + bytes([want[-1] ^ 1]))
+        for params in ({}, {"encoding": "zlib"}):
+            bad = httpx.get(url, params=params, headers=fleet.headers("dev-0"))
+            assert bad.status_code == 500 and bad.json()["error"] == "store_damaged", "a damaged blob is never sent"
+    finally:
+        server.stop()
+        fleet.store.close()

@@ -50,6 +50,24 @@ class Rejected(EdgeclError):
         return {"error": self.code, "message": str(self)}
 
 
+def bundle_open_to(store: Store, who: Device, bundle_id: str, version: int) -> bool:
+    """A version released to canary devices only is invisible and closed (no push) to every other
+    device; an admin, an unreleased or a fully released version is open."""
+    if who.role == "admin":
+        return True
+    canary = store.release_canary(bundle_id, version)
+    return not canary or who.name in canary
+
+
+def visible_bundles(store: Store, who: Device) -> list[Bundle]:
+    """``GET /v1/bundles``: every registered version, less the canary versions not meant for ``who``."""
+    bundles = store.list_bundles()
+    if who.role == "admin":
+        return bundles
+    hidden = {(r["bundle_id"], r["version"]) for r in store.list_releases() if not visible(r, who)}
+    return [b for b in bundles if (b.bundle_id, b.version) not in hidden]
+
+
 def authenticate(store: Store, authorization: str | None, admin: bool = False) -> Device:
     if not authorization or not authorization.startswith("Bearer "):
         raise Rejected("auth_missing", 401, "no device token", "send 'Authorization: Bearer TOKEN' (edgecl push --token)")
@@ -78,7 +96,8 @@ def check_header(store: Store, header: D.DeltaHeader, device: Device, max_upload
         raise Rejected("metadata_invalid", 400, f"bundle_version {header.bundle_version} is out of range "
                        f"(at most {MAX_DB_INT})", "make the delta from a real bundle version")
     bundle = store.get_bundle(header.bundle_id, header.bundle_version)
-    if bundle is None:
+    if bundle is None or not bundle_open_to(store, device, header.bundle_id, header.bundle_version):
+        # a canary version is closed to the devices outside its canary, and answers as if unknown
         raise Rejected("bundle_unknown", 422, f"bundle {header.bundle_id} v{header.bundle_version} is not "
                        "registered on this server", "register it first: `edgecl server bundle add BUNDLE_DIR`")
     if header.base_sha256 != bundle.base_sha256:

@@ -592,6 +592,13 @@ class Store:
                          json.dumps(report, sort_keys=True), time.time_ns()))
             return cur.rowcount == 1
 
+    def release_canary(self, bundle_id: str, version: int) -> list[str] | None:
+        """The canary devices of a released version ([] = every device); None when not released."""
+        with self._cursor() as cur:
+            cur.execute("SELECT canary FROM releases WHERE bundle_id = ? AND version = ?", (bundle_id, version))
+            row = cur.fetchone()
+        return json.loads(row[0]) if row else None
+
     def promote_release(self, bundle_id: str, version: int) -> None:
         """A canary release becomes a release for every device."""
         with self._cursor() as cur:

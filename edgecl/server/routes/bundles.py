@@ -31,6 +31,7 @@ from edgecl.server.service import (
     plan_merge,
     register_bundle_files,
     register_bundle_json,
+    visible_bundles,
 )
 
 router = APIRouter(dependencies=AUTH)
@@ -38,8 +39,9 @@ router = APIRouter(dependencies=AUTH)
 
 @router.get("/v1/bundles")
 async def list_bundles(request: Request) -> dict[str, Any]:
-    await auth(request)
-    bundles = await run_in_threadpool(store_of(request).list_bundles)
+    """The registered bundle versions this caller may see (a canary version only its devices)."""
+    who = await auth(request)
+    bundles = await run_in_threadpool(visible_bundles, store_of(request), who)
     return {"bundles": [b.to_json() for b in bundles]}
 
 
