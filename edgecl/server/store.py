@@ -621,7 +621,9 @@ class Store:
     # -- deltas ----------------------------------------------------------------------------------------
     def put_delta(self, data: bytes, sha256: str, row: dict[str, Any]) -> bool:
         """Store an accepted delta durably; False when these exact bytes were already stored."""
-        self.put_blob(data, sha256)
+        in_database = isinstance(self.blobs, DatabaseBlobs)
+        if not in_database:
+            self.put_blob(data, sha256)
         sql = ("INSERT INTO deltas (sha256, bundle_id, version, device, size_bytes, steps, samples_seen, "
                "values_dtype, created_utc, received_ns, heldout) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
                "ON CONFLICT (sha256) DO NOTHING")
@@ -634,15 +636,21 @@ class Store:
         if self.dialect == "sqlite":
             return self._group_commit(statements) == 1
         if len(statements) == 1:
+            if in_database:
+                self.put_blob(data, sha256)
             with self._cursor() as cur:
                 cur.execute(sql, args)
                 return cur.rowcount == 1
         # PostgreSQL: the row and the heartbeat in ONE statement (a data-modifying CTE): one round
         # trip and one commit (one WAL flush) per push, instead of four round trips.
         touch_sql, touch_args = statements[1]
-        with self._cursor() as cur:
+        # --blobs database: the bytes, the row and the heartbeat in one transaction (one commit).
+        with self._cursor(transaction=in_database) as cur:
+            if in_database:
+                DatabaseBlobs.insert_with(cur, sha256, len(data), DatabaseBlobs.chunks_of(data))
             cur.execute(f"WITH ins AS ({sql} RETURNING 1), hb AS ({touch_sql} RETURNING 1) "
                         "SELECT (SELECT COUNT(*) FROM ins), (SELECT COUNT(*) FROM hb)", args + touch_args)
+            # (no local copy written here: a replica caches a blob when it first serves it)
             return int(cur.fetchone()[0]) == 1
 
     def _group_commit(self, statements: list[tuple[str, tuple]]) -> int:
