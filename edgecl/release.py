@@ -211,7 +211,10 @@ def release(bundle_id: str, server: str, token: str, options: ReleaseOptions) ->
                                        + ([("max_share", options.max_share)] if options.max_share is not None else [])
                                        + [("exclude_device", d) for d in options.exclude_devices]
                                        + [("exclude_delta", d) for d in options.exclude_deltas])
-        merge = api_json(server, token, "POST", f"/v1/bundles/{bundle_id}/{version}/merge?{query}", policy=policy)
+        from edgecl.server.jobclient import merge_and_wait  # the merge runs as a server job; wait for it
+
+        merge = merge_and_wait(lambda method, path: api_json(server, token, method, path, policy=policy),
+                               bundle_id, version, query)
         merged_path = work / "merged.safetensors"
         download(server, token, f"/v1/deltas/{merge['sha256']}", merged_path, merge["sha256"], policy)
         merged = delta_format.load_file(merged_path)

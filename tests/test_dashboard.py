@@ -55,7 +55,7 @@ def fleet_server(tmp_path_factory):
             d.heldout = {"before": {"accuracy": before, "images": 20}, "after": {"accuracy": after, "images": 20}}
             r = client.post("/v1/deltas", content=D.save(d, fleet.devices[device][1]), headers=fleet.headers(device))
             assert r.status_code == 201, r.text
-        assert client.post("/v1/bundles/line-s/1/merge", headers=fleet.admin()).status_code == 200
+        assert client.post("/v1/bundles/line-s/1/merge", params={"wait_s": 60}, headers=fleet.admin()).status_code == 200
         # What `edgecl release` posts (edgecl.release: the summary of its table).
         groups = {"calibration": {"classes": ["a", "b"], "images": 24, "candidate": 0.75, "baseline": 0.70,
                                   "current": 0.80},

@@ -7,6 +7,7 @@ import hashlib
 import json
 import re
 import struct
+import time
 
 import httpx
 import numpy as np
@@ -174,9 +175,19 @@ def test_merge_endpoint_matches_the_pure_merge(env):
         assert httpx.post(server.url + "/v1/deltas", content=data, headers=fleet.headers(device)).status_code in (200, 201)
         pushed.append(data)
     assert httpx.post(server.url + "/v1/bundles/line-a/1/merge", headers=fleet.headers("dev-0")).status_code == 403
+    # A merge is a background job: 202 with its id at once; its status (progress, then the answer) by GET.
     response = httpx.post(server.url + "/v1/bundles/line-a/1/merge", headers=fleet.admin())
-    assert response.status_code == 200, response.text
-    summary = response.json()
+    assert response.status_code == 202, response.text
+    job = response.json()
+    assert job["state"] in ("queued", "running", "done") and response.headers["location"] == job["status_url"]
+    deadline = time.monotonic() + 60
+    while job["state"] != "done":
+        assert job["state"] != "failed" and time.monotonic() < deadline, job
+        time.sleep(0.05)
+        job = httpx.get(server.url + job["status_url"], headers=fleet.admin()).json()
+    assert httpx.get(server.url + job["status_url"], headers=fleet.headers("dev-0")).status_code == 403
+    assert httpx.get(server.url + "/v1/merge-jobs/" + "0" * 32, headers=fleet.admin()).status_code == 404
+    summary = job
     merged = D.load(httpx.get(f"{server.url}/v1/deltas/{summary['sha256']}", headers=fleet.admin()).content,
                     fleet.store.merge_key())
     assert merged.device_id == "merge"
@@ -196,7 +207,8 @@ def test_merge_endpoint_matches_the_pure_merge(env):
         np.testing.assert_array_equal(overlap[name][0], indices)
         np.testing.assert_array_equal(overlap[name][1], counts)
     # Same deltas -> same merged bytes (idempotent).
-    assert httpx.post(server.url + "/v1/bundles/line-a/1/merge", headers=fleet.admin()).json()["sha256"] == summary["sha256"]
+    assert httpx.post(server.url + "/v1/bundles/line-a/1/merge", params={"wait_s": 60},
+                      headers=fleet.admin()).json()["sha256"] == summary["sha256"]
     assert httpx.post(server.url + "/v1/bundles/nope/1/merge", headers=fleet.admin()).json()["error"] == "bundle_unknown"
 
 
@@ -386,17 +398,18 @@ def test_double_push_counts_once_and_exclusions(env):
     other = D.save(make_delta(manifest, "dev-0", 3, changed=1.0), fleet.devices["dev-0"][1])
     for data, headers in ((first, h), (second, h), (other, fleet.headers("dev-0"))):
         assert httpx.post(server.url + "/v1/deltas", content=data, headers=headers).status_code == 201
-    merge = httpx.post(server.url + "/v1/bundles/line-2x/1/merge", headers=fleet.admin()).json()
+    merge = httpx.post(server.url + "/v1/bundles/line-2x/1/merge", params={"wait_s": 60}, headers=fleet.admin()).json()
     assert merge["inputs"] == 2 and merge["deltas"] == [hashlib.sha256(second).hexdigest(),
                                                         hashlib.sha256(other).hexdigest()]
-    one = httpx.post(server.url + "/v1/bundles/line-2x/1/merge", params={"exclude_device": "dev-0"},
+    one = httpx.post(server.url + "/v1/bundles/line-2x/1/merge", params={"exclude_device": "dev-0", "wait_s": 60},
                      headers=fleet.admin()).json()
     merged = D.load(fleet.store.get_blob(one["sha256"]))
     np.testing.assert_array_equal(merged.to_dense(), D.load(second).to_dense())
     back = httpx.post(server.url + "/v1/bundles/line-2x/1/merge", headers=fleet.admin(),
-                      params={"exclude_delta": hashlib.sha256(second).hexdigest(), "exclude_device": "dev-0"}).json()
+                      params={"exclude_delta": hashlib.sha256(second).hexdigest(), "exclude_device": "dev-0",
+                              "wait_s": 60}).json()
     assert back["deltas"] == [hashlib.sha256(first).hexdigest()], "an excluded delta falls back to the older one"
-    median = httpx.post(server.url + "/v1/bundles/line-2x/1/merge", params={"strategy": "median"},
+    median = httpx.post(server.url + "/v1/bundles/line-2x/1/merge", params={"strategy": "median", "wait_s": 60},
                         headers=fleet.admin())
     assert median.status_code == 200 and median.json()["strategy"] == "median"
     nothing = httpx.post(server.url + "/v1/bundles/line-2x/1/merge", headers=fleet.admin(),
@@ -560,3 +573,104 @@ def test_bundle_add_over_http_sends_only_missing_files(env, tmp_path):
     assert fleet.store.get_bundle("line-h", 2) is None
     denied = _cli(["server", "bundle", "add", str(folder), "--server", server.url, "--token", fleet.devices["dev-0"][0]])
     assert denied.exit_code == 1 and "forbidden" in denied.output
+
+
+def test_merge_job_client_waits_and_reports_a_failed_job(tmp_path):
+    """merge_and_wait (what `edgecl release` calls) returns the job's answer; a job that fails while
+    it runs (here: a counted delta's file damaged after its row was listed) raises its code."""
+    from edgecl.errors import EdgeclError
+    from edgecl.server.jobclient import merge_and_wait
+
+    fleet = make_fleet(tmp_path / "store", n_devices=2)
+    server = ServerProcess(tmp_path / "store").start()
+    try:
+        shas = []
+        for i, device in enumerate(fleet.devices):
+            response = _push(server, fleet, device, _delta_bytes(fleet, device, seed=700 + i))
+            shas.append(response.json()["sha256"])
+
+        def call(method, path):
+            return httpx.request(method, server.url + path, headers=fleet.admin(), timeout=30).json()
+
+        seen = []
+        done = merge_and_wait(call, "line-a", 1, "strategy=median", poll_s=0.02, on_progress=seen.append)
+        assert done["state"] == "done" and done["inputs"] == 2 and done["deltas"] == shas
+        assert all(0 <= j["done"] <= j["total"] for j in seen)
+        fleet.store.blob_path(shas[1]).write_bytes(b"damaged")
+        with pytest.raises(EdgeclError, match="store_damaged"):
+            merge_and_wait(call, "line-a", 1, "strategy=trimmed-mean", poll_s=0.02)
+    finally:
+        server.stop()
+        fleet.store.close()
+
+
+def test_canary_version_is_invisible_and_closed_outside_its_canary(tmp_path):
+    import json
+
+    from edgecl_test_server import make_bundle_dir
+
+    from edgecl.server.service import release_version
+    from edgecl.server.store import add_bundle_dir
+
+    fleet = make_fleet(tmp_path / "store", n_devices=2)
+    bundle = make_bundle_dir(tmp_path / "bundle", bundle_id="line-c")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    add_bundle_dir(fleet.store, bundle)
+    release_version(fleet.store, "line-c", 1, canary=["dev-0"])
+    server = ServerProcess(tmp_path / "store").start()
+    try:
+        def listed(device):
+            bundles = httpx.get(server.url + "/v1/bundles", headers=fleet.headers(device)).json()["bundles"]
+            return {(b["bundle_id"], b["version"]) for b in bundles}
+
+        def push(device, seed):
+            data = D.save(make_delta(manifest, device, seed), fleet.devices[device][1])
+            return httpx.post(server.url + "/v1/deltas", content=data, headers=fleet.headers(device))
+
+        assert ("line-c", 1) in listed("dev-0") and ("line-a", 1) in listed("dev-1")
+        assert ("line-c", 1) not in listed("dev-1"), "a canary version is invisible outside its canary"
+        refused = push("dev-1", 1)
+        assert refused.status_code == 422 and refused.json()["error"] == "bundle_unknown", refused.text
+        assert push("dev-0", 2).status_code == 201
+        assert fleet.store.list_deltas("line-c", 1, "dev-1") == [], "nothing stored for the refused push"
+        fleet.store.promote_release("line-c", 1)
+        assert ("line-c", 1) in listed("dev-1") and push("dev-1", 3).status_code == 201
+    finally:
+        server.stop()
+        fleet.store.close()
+
+
+def test_damaged_blob_and_encoded_cache_entry_are_never_served(tmp_path):
+    import zlib
+
+    from edgecl_test_server import make_bundle_dir
+
+    from edgecl.server.service import release_version
+    from edgecl.server.store import add_bundle_dir
+
+    fleet = make_fleet(tmp_path / "store", n_devices=1)
+    bundle = make_bundle_dir(tmp_path / "bundle", bundle_id="line-z")
+    add_bundle_dir(fleet.store, bundle)
+    release_version(fleet.store, "line-z", 1)
+    server = ServerProcess(tmp_path / "store").start()
+    url = server.url + "/v1/bundles/line-z/1/files/weights.safetensors"
+    want = (bundle / "weights.safetensors").read_bytes()
+    try:
+        first = httpx.get(url, params={"encoding": "zlib"}, headers=fleet.headers("dev-0"))
+        assert first.headers["x-edgecl-encoding"] == "zlib" and zlib.decompress(first.content) == want
+        [entry] = (fleet.store.root / "encoded").iterdir()
+        damaged = bytearray(entry.read_bytes())
+        damaged[len(damaged) // 2] ^= 0xFF                  # same size, mtime moves on: bit rot
+        entry.write_bytes(bytes(damaged))
+        again = httpx.get(url, params={"encoding": "zlib"}, headers=fleet.headers("dev-0"))
+        assert zlib.decompress(again.content) == want, "a damaged cache entry is rebuilt, not served"
+        [rebuilt] = (fleet.store.root / "encoded").iterdir()
+        assert hashlib.sha256(rebuilt.read_bytes()).hexdigest() == rebuilt.name.rsplit("-", 1)[1]
+        blob = fleet.store.blob_path(hashlib.sha256(want).hexdigest())
+        blob.write_bytes(want[:-1] + bytes([want[-1] ^ 1]))
+        for params in ({}, {"encoding": "zlib"}):
+            bad = httpx.get(url, params=params, headers=fleet.headers("dev-0"))
+            assert bad.status_code == 500 and bad.json()["error"] == "store_damaged", "a damaged blob is never sent"
+    finally:
+        server.stop()
+        fleet.store.close()

@@ -183,3 +183,37 @@ def _alive(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def test_many_address_slow_loris_cannot_take_health_admin_or_established_devices(tmp_path):
+    """Stalled connections from many addresses, past the whole connection budget: each newcomer
+    sheds the oldest stalled one, so /health, an admin and a device that is already connected are
+    still served (uvicorn's limit_concurrency alone answered them 503)."""
+    fleet = make_fleet(tmp_path / "store", 1)
+    server = ServerProcess(tmp_path / "store", header_timeout_s=60, max_connections=40,
+                           max_connections_per_client=64).start()
+    socks: list[socket.socket] = []
+    try:
+        with httpx.Client(base_url=server.url, headers=fleet.headers("dev-0"), timeout=5) as device:
+            assert device.get("/v1/bundles").status_code == 200          # an established keep-alive device
+            for n in range(120):                                            # 3x the budget, from 12 addresses
+                s = socket.socket()
+                s.bind((f"127.0.0.{2 + n % 12}", 0))
+                s.settimeout(5)
+                s.connect(("127.0.0.1", server.port))
+                s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+                socks.append(s)
+            time.sleep(0.3)
+            for _ in range(10):
+                started = time.monotonic()
+                assert httpx.get(server.url + "/health", timeout=5).status_code == 200
+                assert time.monotonic() - started < 1.0
+            assert httpx.get(server.url + "/v1/devices", headers=fleet.admin(), timeout=5).status_code == 200
+            data = D.save(make_delta(fleet.manifest, "dev-0", 7), fleet.devices["dev-0"][1])
+            assert device.post("/v1/deltas", content=data).status_code == 201
+        assert sum(_closed(s) for s in socks) >= 80, "the oldest stalled connections were shed"
+    finally:
+        for s in socks:
+            s.close()
+        server.stop()
+        fleet.store.close()

@@ -42,7 +42,7 @@ def test_fleet_on_postgresql(postgres, tmp_path):  # noqa: F811 (the imported fi
         assert len(accepted) == 64
         listed = httpx.get(server.url + "/v1/deltas", headers=fleet.admin()).json()["deltas"]
         assert {r["sha256"] for r in listed} == set(accepted)
-        merge = httpx.post(server.url + "/v1/bundles/line-a/1/merge", headers=fleet.admin()).json()
+        merge = httpx.post(server.url + "/v1/bundles/line-a/1/merge", params={"wait_s": 60}, headers=fleet.admin()).json()
         assert merge["inputs"] == 16, "each device's newest delta counts once"
         newest = {}
         for row in listed:

@@ -8,7 +8,8 @@ one was rejected with its reason, and the time to merge 100 deltas. Bounded in c
 Deltas are shaped like EfficientNet-Lite0's at the default 5% mask (K = 232 000 entries, 1280-dim
 prototypes of 10 classes), made before the clock starts: only the server's work is timed.
 
-    .venv/bin/python benchmarks/b5_server/b5_server.py [--clients 32] [--per-client 20] [--db URL]
+    .venv/bin/python benchmarks/b5_server/b5_server.py [--clients 32] [--per-client 20] [--db URL | --start-postgres]
+        [--replicas 2]     # N `edgecl server` processes, each with its own folder, blobs in PostgreSQL
 
 Then (``--kill9-clients``) a kill -9 of the server while 8 clients push, a restart on the same
 store, and a check that every acknowledged delta is still there, byte-identical.
@@ -136,9 +137,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(store_dir: Path, db: str | None, port: int, workers: int) -> subprocess.Popen:
+def start_server(store_dir: Path, db: str | None, port: int, workers: int, blobs: str | None = None,
+                 key_file: str | None = None) -> subprocess.Popen:
     code = (f"from edgecl.server.app import serve; serve(port={port}, store_dir={str(store_dir)!r}, db={db!r}, "
-            f"log_level='error', workers={workers})")
+            f"log_level='error', workers={workers}, blobs={blobs!r}, release_key_file={key_file!r})")
     proc = subprocess.Popen([sys.executable, "-c", code], cwd=REPO)
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -149,6 +151,54 @@ def start_server(store_dir: Path, db: str | None, port: int, workers: int) -> su
             time.sleep(0.05)
     proc.kill()
     raise RuntimeError("the server did not start")
+
+
+def start_postgres(work: Path) -> tuple[str, Any]:
+    """A throwaway PostgreSQL on a free loopback port (as the test suite starts it); (url, stop)."""
+    import glob
+    import tempfile
+
+    pg_bin = next((Path(c) for c in sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True)
+                   if (Path(c) / "initdb").exists()), None)
+    if pg_bin is None:
+        raise SystemExit("PostgreSQL binaries not found (apt-get install postgresql)")
+    as_root = os.geteuid() == 0
+    root = Path(tempfile.mkdtemp(prefix="edgecl-b5-pg-"))
+    prefix = ["runuser", "-u", "nobody", "--"] if as_root else []
+    if as_root:
+        shutil.chown(root, "nobody")
+    data, sock = root / "data", root / "sock"
+    subprocess.run(prefix + [str(pg_bin / "initdb"), "-D", str(data), "-U", "edgecl", "--auth=trust", "-E", "UTF8"],
+                   check=True, capture_output=True, timeout=120)
+    sock.mkdir()
+    if as_root:
+        shutil.chown(sock, "nobody")
+    port = free_port()
+    log = open(work / "postgres.log", "wb")  # noqa: SIM115 - closed by stop()
+    proc = subprocess.Popen(prefix + [str(pg_bin / "postgres"), "-D", str(data), "-p", str(port), "-k", str(sock),
+                                      "-c", "listen_addresses=127.0.0.1", "-c", "max_connections=600"],
+                            stdout=log, stderr=log)
+    url = f"postgresql://edgecl@127.0.0.1:{port}/postgres"
+    import psycopg
+
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            psycopg.connect(url, connect_timeout=2).close()
+            break
+        except psycopg.OperationalError:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+    def stop() -> None:
+        subprocess.run(prefix + [str(pg_bin / "pg_ctl"), "stop", "-D", str(data), "-m", "fast"],
+                       capture_output=True, timeout=60)
+        proc.wait(30)
+        log.close()
+        shutil.rmtree(root, ignore_errors=True)
+
+    return url, stop
 
 
 def machine() -> dict[str, Any]:
@@ -176,11 +226,36 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1, help="server processes (edgecl serve --workers)")
     parser.add_argument("--max-seconds", type=float, default=300.0, help="bound on the load phase")
     parser.add_argument("--kill9-clients", type=int, default=8, help="clients of the kill -9 phase (0: skip it)")
+    parser.add_argument("--start-postgres", action="store_true", help="start a throwaway PostgreSQL for --db")
+    parser.add_argument("--replicas", type=int, default=1, help="API servers, each with its own folder, blobs in "
+                                                                "PostgreSQL (needs --db or --start-postgres)")
+    parser.add_argument("--out", default="", help="results file stem (default b5_server[_postgresql])")
     args = parser.parse_args()
 
     work = OUT / "b5"
     shutil.rmtree(work, ignore_errors=True)
-    store = Store(work / "store", args.db)
+    work.mkdir(parents=True)
+    stop_postgres = None
+    if args.start_postgres:
+        args.db, stop_postgres = start_postgres(work)
+    try:
+        run(args, work)
+    finally:
+        if stop_postgres is not None:
+            stop_postgres()
+
+
+def run(args: argparse.Namespace, work: Path) -> None:
+    blobs, key_file = None, None
+    if args.replicas > 1:
+        if not args.db:
+            raise SystemExit("--replicas needs PostgreSQL: --db URL or --start-postgres")
+        from edgecl.formats.signing import generate_private_key, write_secret
+
+        key_file = str(work / "release.key")
+        write_secret(Path(key_file), generate_private_key().hex().encode() + b"\n")
+        blobs = "database"
+    store = Store(work / "store", args.db, blobs, key_file)
     mask, mask_bytes, manifest = make_bundle(args.k, 40, seed=5)
     register_bundle_json(store, manifest, mask_bytes)
     devices = {}
@@ -209,16 +284,19 @@ def main() -> None:
         plans[device] = plan
     sizes = [len(d) for plan in plans.values() for d, _, code in plan if not code]
 
-    port = free_port()
-    proc = start_server(work / "store", args.db, port, args.workers)
+    ports = [free_port() for _ in range(args.replicas)]
+    replicas = [start_server(work / ("store" if i == 0 else f"store-r{i}"), args.db, p, args.workers, blobs, key_file)
+                for i, p in enumerate(ports)]
+    proc, port = replicas[0], ports[0]
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + args.max_seconds
+    replica_of = {device: ports[i % len(ports)] for i, device in enumerate(plans)}
 
     def client(device: str) -> list[dict[str, Any]]:
         # http.client, not httpx: the clients share the machine's cores with the server, and a
         # heavier client library measurably steals CPU from the thing being measured.
         out = []
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn = http.client.HTTPConnection("127.0.0.1", replica_of[device], timeout=30)
         for data, token, expected in plans[device]:
             if time.monotonic() > deadline:
                 break
@@ -235,12 +313,13 @@ def main() -> None:
 
     try:
         print(f"pushing with {args.clients} concurrent clients ...", flush=True)
-        server_cpu0, client_cpu0 = _cpu_s(proc.pid), _own_cpu_s()
+        server_cpu0, client_cpu0 = sum(_cpu_s(r.pid) for r in replicas), _own_cpu_s()
         started = time.perf_counter()
         with ThreadPoolExecutor(args.clients) as pool:
             records = [r for part in pool.map(client, list(plans)) for r in part]
         wall_s = time.perf_counter() - started
-        server_cpu_s, client_cpu_s = _cpu_s(proc.pid) - server_cpu0, _own_cpu_s() - client_cpu0
+        server_cpu_s = sum(_cpu_s(r.pid) for r in replicas) - server_cpu0
+        client_cpu_s = _own_cpu_s() - client_cpu0
 
         valid = [r for r in records if not r["expected"]]
         invalid = [r for r in records if r["expected"]]
@@ -269,18 +348,21 @@ def main() -> None:
                 assert pushed.status_code == 201, pushed.text
                 merge_inputs.append(D.load(data))
             t0 = time.perf_counter()
-            merge_response = admin_http.post(f"/v1/bundles/{merge_manifest['bundle_id']}/1/merge")
+            merge_response = admin_http.post(f"/v1/bundles/{merge_manifest['bundle_id']}/1/merge",
+                                             params={"wait_s": 600})
             merge_endpoint_s = time.perf_counter() - t0
             assert merge_response.status_code == 200, merge_response.text
             assert merge_response.json()["inputs"] == n_merge, merge_response.text
             t0 = time.perf_counter()
             merge_deltas(merge_inputs, merge_mask)
             merge_pure_s = time.perf_counter() - t0
-        kill9 = kill9_phase(args, work, manifest, devices, admin, proc, port) if args.kill9_clients else {}
+        kill9 = kill9_phase(args, work, manifest, devices, admin, proc, port, blobs, key_file) \
+            if args.kill9_clients else {}
     finally:
-        if proc.poll() is None:
-            proc.terminate()
-            proc.wait(30)
+        for replica in replicas:
+            if replica.poll() is None:
+                replica.terminate()
+                replica.wait(30)
         store.close()
 
     latencies = np.array([r["latency_s"] for r in valid])
@@ -288,6 +370,8 @@ def main() -> None:
         "machine": machine(),
         "config": {k: v for k, v in vars(args).items()},
         "storage": "postgresql" if args.db else "sqlite",
+        "replicas": args.replicas,
+        "blobs": blobs or "folder",
         "delta_bytes_median": int(np.median(sizes)),
         "pushes_total": len(records),
         "valid_pushed": len(valid),
@@ -312,10 +396,11 @@ def main() -> None:
         "kill9": kill9,
     }
     OUT.mkdir(parents=True, exist_ok=True)
-    stem = "b5_server_postgresql" if args.db else "b5_server"
+    stem = args.out or ("b5_server_postgresql" if args.db else "b5_server")
     (OUT / f"{stem}.json").write_text(json.dumps(result, indent=2) + "\n")
     rows = [
         ("clients", args.clients), ("storage", result["storage"]),
+        ("replicas (blobs)", f"{args.replicas} ({result['blobs']})"),
         ("delta size (median bytes)", result["delta_bytes_median"]),
         ("valid pushed / accepted", f"{len(valid)} / {len(accepted)}"),
         ("invalid pushed / rejected with reason", f"{len(invalid)} / {result['invalid_rejected_with_expected_reason']}"),
@@ -339,7 +424,8 @@ def main() -> None:
 
 
 def kill9_phase(args: argparse.Namespace, work: Path, manifest: dict, devices: dict, admin: str,
-                proc: subprocess.Popen, port: int) -> dict[str, Any]:
+                proc: subprocess.Popen, port: int, blobs: str | None = None,
+                key_file: str | None = None) -> dict[str, Any]:
     """Clients push continuously; the server is killed with SIGKILL while requests are in flight,
     restarted on the same store, and every delta it acknowledged must be listed and byte-identical."""
     import threading
@@ -377,7 +463,7 @@ def kill9_phase(args: argparse.Namespace, work: Path, manifest: dict, devices: d
     stop.set()
     for t in threads:
         t.join(30)
-    restarted = start_server(work / "store", args.db, port, args.workers)
+    restarted = start_server(work / "store", args.db, port, args.workers, blobs, key_file)
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", headers={"Authorization": f"Bearer {admin}"},
                           timeout=60) as client:

@@ -127,12 +127,29 @@ class _Coordinatewise:
     name: str
     trim: float = 0.0          # share dropped at each end; median ignores it
 
+    def cut(self, n: int) -> int:
+        """Votes dropped at each end of n (trimmed mean); never all of them."""
+        cut = int(np.floor(self.trim * n)) if self.name == "trimmed-mean" else 0
+        return (n - 1) // 2 if 2 * cut >= n else cut
+
+    def reduce(self, votes: np.ndarray) -> np.ndarray:
+        """votes [devices, columns] float32 (scratch: reordered in place) -> the statistic per column.
+        The one definition both the in-memory and the streaming merge call (merge_stream.py), so
+        they agree to the bit whatever columns they hold at a time: the trimmed sum is taken row
+        by row in float64 (numpy's own mean sums pairwise on a single column, by rows on several)."""
+        n = votes.shape[0]
+        if self.name == "median":
+            return np.median(votes, axis=0, overwrite_input=True)
+        cut = self.cut(n)
+        votes.sort(axis=0)
+        total = votes[cut].astype(np.float64)
+        for row in range(cut + 1, n - cut):
+            total += votes[row]
+        return total / (n - 2 * cut)
+
     def merge(self, inputs: Sequence[MergeInput], k: int) -> MergeResult:
         _check_inputs(inputs, k)
         n = len(inputs)
-        cut = int(np.floor(self.trim * n)) if self.name == "trimmed-mean" else 0
-        if 2 * cut >= n:
-            cut = (n - 1) // 2
         contributors = np.zeros(k, np.int32)
         for x in inputs:
             contributors[np.asarray(x.positions, np.int64)] += 1
@@ -144,11 +161,7 @@ class _Coordinatewise:
                 pos = np.asarray(x.positions, np.int64)
                 sel = (pos >= start) & (pos < stop)
                 votes[row, pos[sel] - start] = np.asarray(x.values, np.float32)[sel]
-            if self.name == "median":
-                out[start:stop] = np.median(votes, axis=0)
-            else:
-                votes.sort(axis=0)
-                out[start:stop] = votes[cut:n - cut].astype(np.float64).mean(axis=0)
+            out[start:stop] = self.reduce(votes)
         return _result(out, contributors, inputs, None)
 
 

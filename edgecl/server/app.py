@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from edgecl import __version__
 from edgecl.server import connlimits
+from edgecl.server.jobs import MergeJobs
 from edgecl.server.limits import (
     DEFAULT_BODY_IDLE_S,
     DEFAULT_MAX_BLOB_BYTES,
@@ -45,6 +46,7 @@ def create_app(store: Store, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
                               "ops merge, release and watch them (docs/server.md).")
     app.state.store = store
     app.state.limits = UploadLimits(max_upload_bytes, body_idle_s, max_blob_bytes)
+    app.state.merge_jobs = MergeJobs(store)
     _add_error_handlers(app)
     for router in ROUTERS:
         app.include_router(router)
@@ -114,6 +116,7 @@ def create_app_from_env() -> FastAPI:
         _die_with_parent(int(os.environ["EDGECL_SERVER_PARENT_PID"]))
     connlimits.LIMITS.header_timeout_s = float(os.environ.get("EDGECL_SERVER_HEADER_TIMEOUT_S", "10"))
     connlimits.LIMITS.max_connections_per_client = int(os.environ.get("EDGECL_SERVER_MAX_CONN_PER_CLIENT", "64"))
+    connlimits.LIMITS.max_connections = int(os.environ.get("EDGECL_SERVER_MAX_CONNECTIONS", "1024"))
     store = Store(os.environ["EDGECL_SERVER_STORE"], os.environ.get("EDGECL_SERVER_DB") or None,
                   os.environ.get("EDGECL_SERVER_BLOBS") or None, os.environ.get("EDGECL_RELEASE_KEY_FILE") or None)
     return create_app(store, int(os.environ.get("EDGECL_SERVER_MAX_UPLOAD_BYTES", DEFAULT_MAX_UPLOAD_BYTES)),
@@ -130,9 +133,9 @@ def serve(host: str = "127.0.0.1", port: int = 8750, db: str | None = None, stor
 
     Limits: a request head must arrive within ``header_timeout_s``; a body may pause at most
     ``body_idle_s``; an idle keep-alive connection closes after ``keep_alive_s``; one client address
-    may hold ``max_connections_per_client`` connections per process (0: no cap); past
-    ``max_connections`` connections or requests in flight a process answers 503 (uvicorn's
-    limit_concurrency)."""
+    may hold ``max_connections_per_client`` connections per process (0: no cap); a process holds at
+    most ``max_connections`` connections, shedding the oldest one still waiting for a request head
+    to admit a new one, and answers 503 only when every connection is serving a request (connlimits.py)."""
     import uvicorn
 
     logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -143,11 +146,12 @@ def serve(host: str = "127.0.0.1", port: int = 8750, db: str | None = None, stor
              store.dialect, store.blobs.kind, store.root, workers)
     connlimits.LIMITS.header_timeout_s = header_timeout_s
     connlimits.LIMITS.max_connections_per_client = max_connections_per_client
+    connlimits.LIMITS.max_connections = max_connections
     # access_log off: one line per push at 200+ pushes/s is noise; the app logs rejections itself.
     # h11_max_incomplete_event_size caps a request head at 64 kB when the h11 parser is used.
     options = dict(host=host, port=port, log_level=log_level, access_log=False, timeout_keep_alive=keep_alive_s,
-                   limit_concurrency=max_connections, h11_max_incomplete_event_size=64 << 10,
-                   http=connlimits.protocol_class())
+                   limit_concurrency=connlimits.uvicorn_limit_concurrency(max_connections),
+                   h11_max_incomplete_event_size=64 << 10, http=connlimits.protocol_class())
     if workers <= 1:
         uvicorn.run(create_app(store, max_upload_bytes, body_idle_s), **options)
         return
@@ -156,5 +160,6 @@ def serve(host: str = "127.0.0.1", port: int = 8750, db: str | None = None, stor
                       EDGECL_RELEASE_KEY_FILE=release_key_file or os.environ.get("EDGECL_RELEASE_KEY_FILE", ""),
                       EDGECL_SERVER_MAX_UPLOAD_BYTES=str(max_upload_bytes), EDGECL_SERVER_PARENT_PID=str(os.getpid()),
                       EDGECL_SERVER_HEADER_TIMEOUT_S=str(header_timeout_s), EDGECL_SERVER_BODY_IDLE_S=str(body_idle_s),
-                      EDGECL_SERVER_MAX_CONN_PER_CLIENT=str(max_connections_per_client))
+                      EDGECL_SERVER_MAX_CONN_PER_CLIENT=str(max_connections_per_client),
+                      EDGECL_SERVER_MAX_CONNECTIONS=str(max_connections))
     uvicorn.run("edgecl.server.app:create_app_from_env", factory=True, workers=workers, **options)

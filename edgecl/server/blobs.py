@@ -184,7 +184,7 @@ class DatabaseBlobs:
 
     def put(self, data: bytes, sha256: str) -> None:
         check_sha256(sha256)
-        self._insert(sha256, len(data), (data[i:i + CHUNK_BYTES] for i in range(0, max(len(data), 1), CHUNK_BYTES)))
+        self._insert(sha256, len(data), self.chunks_of(data))
         self.cache.put(data, sha256)
 
     def adopt(self, tmp: Path, sha256: str) -> None:
@@ -205,21 +205,29 @@ class DatabaseBlobs:
             cur.execute("SELECT 1 FROM blobs WHERE sha256 = ?", (sha256,))
             if cur.fetchone() is not None:
                 return
-        # Chunks and row in one transaction: another replica sees the whole blob or none of it. Two
-        # replicas storing the same blob at once: the second insert conflicts and is rolled back.
+        # Chunks and row in one transaction: another replica sees the whole blob or none of it.
         try:
             with self._cursor(transaction=True) as cur:
-                n = 0
-                for n, chunk in enumerate(parts, start=1):
-                    cur.execute("INSERT INTO blob_chunks (sha256, seq, data) VALUES (?, ?, ?)", (sha256, n - 1, chunk))
-                cur.execute("INSERT INTO blobs (sha256, size_bytes, chunks) VALUES (?, ?, ?)", (sha256, size, n))
+                self.insert_with(cur, sha256, size, parts)
         except Exception as exc:
-            with self._cursor() as cur:
-                cur.execute("SELECT 1 FROM blobs WHERE sha256 = ?", (sha256,))
-                if cur.fetchone() is not None:
-                    return          # the other writer won: the same bytes are there
             raise BlobError(f"cannot store blob {sha256[:12]} in the database ({type(exc).__name__}: {exc})",
                             "check the database's disk space and connection") from exc
+
+    @staticmethod
+    def insert_with(cur: Any, sha256: str, size: int, parts: Iterator[bytes]) -> None:
+        """The blob's statements on a caller's cursor (inside the caller's transaction: a pushed
+        delta's bytes and its row commit together). Two writers of the same bytes: the second's
+        inserts do nothing."""
+        n = 0
+        for n, chunk in enumerate(parts, start=1):
+            cur.execute("INSERT INTO blob_chunks (sha256, seq, data) VALUES (?, ?, ?) "
+                        "ON CONFLICT (sha256, seq) DO NOTHING", (sha256, n - 1, chunk))
+        cur.execute("INSERT INTO blobs (sha256, size_bytes, chunks) VALUES (?, ?, ?) ON CONFLICT (sha256) DO NOTHING",
+                    (sha256, size, n))
+
+    @staticmethod
+    def chunks_of(data: bytes) -> Iterator[bytes]:
+        return (data[i:i + CHUNK_BYTES] for i in range(0, max(len(data), 1), CHUNK_BYTES))
 
     def local_file(self, sha256: str) -> Path | None:
         """The cache's copy when it hashes to its name; else fetched from the database (chunk by

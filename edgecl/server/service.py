@@ -50,6 +50,24 @@ class Rejected(EdgeclError):
         return {"error": self.code, "message": str(self)}
 
 
+def bundle_open_to(store: Store, who: Device, bundle_id: str, version: int) -> bool:
+    """A version released to canary devices only is invisible and closed (no push) to every other
+    device; an admin, an unreleased or a fully released version is open."""
+    if who.role == "admin":
+        return True
+    canary = store.release_canary(bundle_id, version)
+    return not canary or who.name in canary
+
+
+def visible_bundles(store: Store, who: Device) -> list[Bundle]:
+    """``GET /v1/bundles``: every registered version, less the canary versions not meant for ``who``."""
+    bundles = store.list_bundles()
+    if who.role == "admin":
+        return bundles
+    hidden = {(r["bundle_id"], r["version"]) for r in store.list_releases() if not visible(r, who)}
+    return [b for b in bundles if (b.bundle_id, b.version) not in hidden]
+
+
 def authenticate(store: Store, authorization: str | None, admin: bool = False) -> Device:
     if not authorization or not authorization.startswith("Bearer "):
         raise Rejected("auth_missing", 401, "no device token", "send 'Authorization: Bearer TOKEN' (edgecl push --token)")
@@ -78,7 +96,8 @@ def check_header(store: Store, header: D.DeltaHeader, device: Device, max_upload
         raise Rejected("metadata_invalid", 400, f"bundle_version {header.bundle_version} is out of range "
                        f"(at most {MAX_DB_INT})", "make the delta from a real bundle version")
     bundle = store.get_bundle(header.bundle_id, header.bundle_version)
-    if bundle is None:
+    if bundle is None or not bundle_open_to(store, device, header.bundle_id, header.bundle_version):
+        # a canary version is closed to the devices outside its canary, and answers as if unknown
         raise Rejected("bundle_unknown", 422, f"bundle {header.bundle_id} v{header.bundle_version} is not "
                        "registered on this server", "register it first: `edgecl server bundle add BUNDLE_DIR`")
     if header.base_sha256 != bundle.base_sha256:
@@ -225,14 +244,28 @@ def counted_rows(store: Store, bundle_id: str, version: int, request: MergeReque
     return newest_per_device(rows, lambda row: row["device"])[0]
 
 
-def run_merge(store: Store, bundle_id: str, version: int | None = None,
-              strategy: str | MergeRequest = "weighted-mean") -> dict[str, Any]:
-    """Merge the counted device deltas of a bundle version into one delta (device "merge"), store it
-    and the updated overlap counts; returns their sha256s. Idempotent: same deltas, same bytes."""
-    from edgecl.formats.mask import Mask
-    from edgecl.formats.merge import DEFAULT_MAX_SHARE, MergeError, MergeOptions, merge_deltas
+@dataclass
+class MergePlan:
+    """A merge checked and ready to run: what it counts, how, over which mask."""
+
+    bundle_id: str
+    version: int
+    request: MergeRequest
+    rows: list[dict[str, Any]]       # the counted deltas, arrival order
+    mask_sha256: str
+
+
+def plan_merge(store: Store, bundle_id: str, version: int | None = None,
+               strategy: str | MergeRequest = "weighted-mean") -> MergePlan:
+    """Everything a merge can be refused for before it runs (unknown bundle, nothing to merge,
+    unknown strategy or trim): a 4xx at once, not a failed job later."""
+    from edgecl.formats.merge import MergeError, get_strategy
 
     request = strategy if isinstance(strategy, MergeRequest) else MergeRequest(strategy=strategy)
+    try:
+        get_strategy(request.strategy, request.trim)
+    except MergeError as exc:
+        raise Rejected("merge_failed", 422, exc.problem, exc.fix) from exc
     if version is None:
         version = newest_version(store, bundle_id)
     bundle = store.get_bundle(bundle_id, version)
@@ -244,35 +277,59 @@ def run_merge(store: Store, bundle_id: str, version: int | None = None,
         raise Rejected("nothing_to_merge", 409, f"no device delta for bundle {bundle_id} v{version}"
                        + (" after the exclusions" if request.exclude_devices or request.exclude_deltas else ""),
                        "wait for devices to push (`edgecl push`)")
-    mask_bytes = store.get_blob(bundle.mask_sha256)
+    return MergePlan(bundle_id, version, request, rows, bundle.mask_sha256)
+
+
+def execute_merge(store: Store, plan: MergePlan, progress: Any = None) -> dict[str, Any]:
+    """Run a planned merge, streaming over its deltas (formats/merge_stream.py: memory bounded
+    whatever the number of devices), store the merged delta and the overlap counts; returns their
+    sha256s. Idempotent: same deltas, same bytes. ``progress(phase, done, total)``."""
+    from edgecl.formats.mask import Mask
+    from edgecl.formats.merge import DEFAULT_MAX_SHARE, MergeError, MergeOptions
+    from edgecl.formats.merge_stream import StreamInput, merge_stream
+
+    mask_bytes = store.get_blob(plan.mask_sha256)
     if mask_bytes is None:
-        raise Rejected("store_damaged", 500, f"the mask of bundle {bundle_id} v{version} is missing from the store",
-                       "register the bundle again (`edgecl server bundle add`)")
-    deltas = []
-    for row in rows:
-        blob = store.get_blob(row["sha256"])
-        if blob is None:
-            raise Rejected("store_damaged", 500, f"delta {row['sha256']} is listed but its file is missing",
-                           "restore the store folder from backup")
-        deltas.append(D.load(blob))
+        raise Rejected("store_damaged", 500, f"the mask of bundle {plan.bundle_id} v{plan.version} is missing from "
+                       "the store or damaged", "register the bundle again (`edgecl server bundle add`)")
+
+    def loader(sha256: str) -> Any:
+        def load() -> D.Delta:
+            blob = store.get_blob(sha256)
+            if blob is None:
+                raise Rejected("store_damaged", 500, f"delta {sha256} is listed but its file is missing or damaged",
+                               "restore the store folder from backup")
+            return D.load(blob)
+        return load
+
+    request = plan.request
+    inputs = [StreamInput(row["device"], int(row["samples_seen"]), loader(row["sha256"])) for row in plan.rows]
     options = MergeOptions(strategy=request.strategy, trim=request.trim,
                            max_share=DEFAULT_MAX_SHARE if request.max_share is None else request.max_share)
+    spill = store.root / "tmp"
+    spill.mkdir(parents=True, exist_ok=True)
     try:
-        out = merge_deltas(deltas, Mask.from_bytes(mask_bytes), options=options)
+        out = merge_stream(inputs, Mask.from_bytes(mask_bytes), options, spill_dir=spill, progress=progress)
     except MergeError as exc:
         raise Rejected("merge_failed", 422, exc.problem, exc.fix) from exc
     data = D.save(out.delta, store.merge_key())
     sha256 = hashlib.sha256(data).hexdigest()
-    store.put_delta(data, sha256, {"bundle_id": bundle_id, "version": version, "device": D.MERGE_DEVICE_ID,
+    store.put_delta(data, sha256, {"bundle_id": plan.bundle_id, "version": plan.version, "device": D.MERGE_DEVICE_ID,
                                    "steps": out.delta.steps, "samples_seen": out.delta.samples_seen,
                                    "values_dtype": "fp32", "created_utc": out.delta.created_utc})
     overlap_sha256 = store.put_blob(out.overlap_bytes())
-    store.record_merge(sha256, bundle_id, version, overlap_sha256, len(deltas), request.strategy,
+    store.record_merge(sha256, plan.bundle_id, plan.version, overlap_sha256, len(plan.rows), request.strategy,
                        out.devices, request.options_json())
-    log.info("merged %d deltas of %s v%d -> %s", len(deltas), bundle_id, version, sha256)
-    return {"sha256": sha256, "overlap_sha256": overlap_sha256, "bundle_id": bundle_id, "version": version,
-            "inputs": len(deltas), "changed": int(out.delta.positions.size), "shared": out.shared_elements,
-            "strategy": request.strategy, "devices": out.devices, "deltas": [r["sha256"] for r in rows]}
+    log.info("merged %d deltas of %s v%d -> %s", len(plan.rows), plan.bundle_id, plan.version, sha256)
+    return {"sha256": sha256, "overlap_sha256": overlap_sha256, "bundle_id": plan.bundle_id, "version": plan.version,
+            "inputs": len(plan.rows), "changed": int(out.delta.positions.size), "shared": out.shared_elements,
+            "strategy": request.strategy, "devices": out.devices, "deltas": [r["sha256"] for r in plan.rows]}
+
+
+def run_merge(store: Store, bundle_id: str, version: int | None = None,
+              strategy: str | MergeRequest = "weighted-mean") -> dict[str, Any]:
+    """Plan and run a merge in this thread (``edgecl merge``; the API runs it as a job: jobs.py)."""
+    return execute_merge(store, plan_merge(store, bundle_id, version, strategy))
 
 
 # -- releases (the downlink) -------------------------------------------------------------------------

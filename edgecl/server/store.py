@@ -110,6 +110,20 @@ CREATE TABLE IF NOT EXISTS bundle_files (
     size_bytes BIGINT NOT NULL,
     PRIMARY KEY (bundle_id, version, name)
 );
+CREATE TABLE IF NOT EXISTS merge_jobs (
+    job_id TEXT PRIMARY KEY,
+    bundle_id TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    strategy TEXT NOT NULL,
+    state TEXT NOT NULL,
+    phase TEXT NOT NULL,
+    done BIGINT NOT NULL,
+    total BIGINT NOT NULL,
+    result TEXT NOT NULL,
+    error TEXT NOT NULL,
+    created_ns BIGINT NOT NULL,
+    updated_ns BIGINT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS releases (
     bundle_id TEXT NOT NULL,
     version INTEGER NOT NULL,
@@ -578,6 +592,13 @@ class Store:
                          json.dumps(report, sort_keys=True), time.time_ns()))
             return cur.rowcount == 1
 
+    def release_canary(self, bundle_id: str, version: int) -> list[str] | None:
+        """The canary devices of a released version ([] = every device); None when not released."""
+        with self._cursor() as cur:
+            cur.execute("SELECT canary FROM releases WHERE bundle_id = ? AND version = ?", (bundle_id, version))
+            row = cur.fetchone()
+        return json.loads(row[0]) if row else None
+
     def promote_release(self, bundle_id: str, version: int) -> None:
         """A canary release becomes a release for every device."""
         with self._cursor() as cur:
@@ -600,7 +621,9 @@ class Store:
     # -- deltas ----------------------------------------------------------------------------------------
     def put_delta(self, data: bytes, sha256: str, row: dict[str, Any]) -> bool:
         """Store an accepted delta durably; False when these exact bytes were already stored."""
-        self.put_blob(data, sha256)
+        in_database = isinstance(self.blobs, DatabaseBlobs)
+        if not in_database:
+            self.put_blob(data, sha256)
         sql = ("INSERT INTO deltas (sha256, bundle_id, version, device, size_bytes, steps, samples_seen, "
                "values_dtype, created_utc, received_ns, heldout) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
                "ON CONFLICT (sha256) DO NOTHING")
@@ -613,15 +636,21 @@ class Store:
         if self.dialect == "sqlite":
             return self._group_commit(statements) == 1
         if len(statements) == 1:
+            if in_database:
+                self.put_blob(data, sha256)
             with self._cursor() as cur:
                 cur.execute(sql, args)
                 return cur.rowcount == 1
         # PostgreSQL: the row and the heartbeat in ONE statement (a data-modifying CTE): one round
         # trip and one commit (one WAL flush) per push, instead of four round trips.
         touch_sql, touch_args = statements[1]
-        with self._cursor() as cur:
+        # --blobs database: the bytes, the row and the heartbeat in one transaction (one commit).
+        with self._cursor(transaction=in_database) as cur:
+            if in_database:
+                DatabaseBlobs.insert_with(cur, sha256, len(data), DatabaseBlobs.chunks_of(data))
             cur.execute(f"WITH ins AS ({sql} RETURNING 1), hb AS ({touch_sql} RETURNING 1) "
                         "SELECT (SELECT COUNT(*) FROM ins), (SELECT COUNT(*) FROM hb)", args + touch_args)
+            # (no local copy written here: a replica caches a blob when it first serves it)
             return int(cur.fetchone()[0]) == 1
 
     def _group_commit(self, statements: list[tuple[str, tuple]]) -> int:
@@ -728,6 +757,42 @@ class Store:
             row["devices"] = json.loads(row["devices"]) if row["devices"] else []
             row["options"] = json.loads(row["options"]) if row["options"] else {}
         return rows
+
+    # -- merge jobs (jobs.py) --------------------------------------------------------------------------
+    _JOB_COLUMNS = ("job_id", "bundle_id", "version", "strategy", "state", "phase", "done", "total", "result",
+                    "error", "created_ns", "updated_ns")
+
+    def add_merge_job(self, job_id: str, bundle_id: str, version: int, strategy: str, total: int) -> None:
+        now = time.time_ns()
+        with self._cursor() as cur:
+            cur.execute(f"INSERT INTO merge_jobs ({', '.join(self._JOB_COLUMNS)}) VALUES "
+                        "(?, ?, ?, ?, 'queued', 'queued', 0, ?, '', '', ?, ?)",
+                        (job_id, bundle_id, version, strategy, total, now, now))
+
+    def update_merge_job(self, job_id: str, state: str, phase: str, done: int, total: int,
+                         result: dict[str, Any] | None = None, error: dict[str, Any] | None = None) -> None:
+        with self._cursor() as cur:
+            cur.execute("UPDATE merge_jobs SET state = ?, phase = ?, done = ?, total = ?, result = ?, error = ?, "
+                        "updated_ns = ? WHERE job_id = ?",
+                        (state, phase, done, total, json.dumps(result) if result else "",
+                         json.dumps(error) if error else "", time.time_ns(), job_id))
+
+    def touch_merge_jobs(self, job_ids: list[str]) -> None:
+        """The process running these jobs is alive (jobs.py: a job nobody touches goes stale)."""
+        with self._cursor() as cur:
+            for job_id in job_ids:
+                cur.execute("UPDATE merge_jobs SET updated_ns = ? WHERE job_id = ?", (time.time_ns(), job_id))
+
+    def merge_job(self, job_id: str) -> dict[str, Any] | None:
+        with self._cursor() as cur:
+            cur.execute(f"SELECT {', '.join(self._JOB_COLUMNS)} FROM merge_jobs WHERE job_id = ?", (job_id,))
+            row = cur.fetchone()
+        if row is None:
+            return None
+        job = dict(zip(self._JOB_COLUMNS, row, strict=True))
+        job["result"] = json.loads(job["result"]) if job["result"] else None
+        job["error"] = json.loads(job["error"]) if job["error"] else None
+        return job
 
 
 class _Cursor:

@@ -28,9 +28,10 @@ from edgecl.server.service import (
     Rejected,
     bundle_file_path,
     encoded_file,
+    plan_merge,
     register_bundle_files,
     register_bundle_json,
-    run_merge,
+    visible_bundles,
 )
 
 router = APIRouter(dependencies=AUTH)
@@ -38,8 +39,9 @@ router = APIRouter(dependencies=AUTH)
 
 @router.get("/v1/bundles")
 async def list_bundles(request: Request) -> dict[str, Any]:
-    await auth(request)
-    bundles = await run_in_threadpool(store_of(request).list_bundles)
+    """The registered bundle versions this caller may see (a canary version only its devices)."""
+    who = await auth(request)
+    bundles = await run_in_threadpool(visible_bundles, store_of(request), who)
     return {"bundles": [b.to_json() for b in bundles]}
 
 
@@ -91,15 +93,37 @@ async def get_bundle_file(request: Request, bundle_id: str, version: int, name: 
     return FileResponse(path, media_type="application/octet-stream", headers={"X-Edgecl-Encoding": used})
 
 
-@router.post("/v1/bundles/{bundle_id}/{version}/merge")
+@router.post("/v1/bundles/{bundle_id}/{version}/merge", status_code=202,
+             responses={200: {"description": "done within wait_s: the merge's answer"}})
 async def merge(request: Request, bundle_id: str, version: int,
                 strategy: str = "weighted-mean", trim: Annotated[float | None, Query(ge=0, lt=0.5)] = None,
                 max_share: Annotated[float | None, Query(gt=0, le=1)] = None,
                 exclude_device: Annotated[list[str] | None, Query()] = None,
-                exclude_delta: Annotated[list[str] | None, Query()] = None) -> dict[str, Any]:
-    """Admin. Merge the bundle version's counted device deltas; returns the merged delta's and overlap file's ids."""
+                exclude_delta: Annotated[list[str] | None, Query()] = None,
+                wait_s: Annotated[float, Query(ge=0, le=600)] = 0) -> JSONResponse:
+    """Admin. Start merging the bundle version's counted device deltas as a background job: 202 with
+    ``job_id`` and ``status_url`` (GET it for progress and, when done, the merged delta's and overlap
+    file's ids). Refusals known before it runs (unknown bundle, nothing to merge, unknown strategy)
+    are answered at once. ``wait_s``: wait up to that long, and answer 200 with the result if done."""
     await auth(request, admin=True)
     check_version(version)
+    store, jobs = store_of(request), request.app.state.merge_jobs
     merge_request = MergeRequest(strategy=strategy, trim=trim, max_share=max_share,
                                  exclude_devices=tuple(exclude_device or ()), exclude_deltas=tuple(exclude_delta or ()))
-    return await run_in_threadpool(run_merge, store_of(request), bundle_id, version, merge_request)
+    plan = await run_in_threadpool(plan_merge, store, bundle_id, version, merge_request)
+    job = await run_in_threadpool(jobs.submit, plan)
+    if wait_s > 0:
+        job = await run_in_threadpool(jobs.wait, job["job_id"], wait_s)
+    if job["state"] == "failed":
+        error = job["error"]
+        raise Rejected(error["error"], int(error.get("status", 500)), *str(error["message"]).split(": ", 1))
+    return JSONResponse(job, status_code=200 if job["state"] == "done" else 202,
+                        headers={"Location": job["status_url"]})
+
+
+@router.get("/v1/merge-jobs/{job_id}")
+async def merge_job(request: Request, job_id: str) -> dict[str, Any]:
+    """Admin. A merge job: state (queued, running, done, failed), phase and progress (done / total),
+    and when done the merge's answer (sha256, overlap_sha256, inputs, devices, deltas...)."""
+    await auth(request, admin=True)
+    return await run_in_threadpool(request.app.state.merge_jobs.status, job_id)

@@ -1,0 +1,237 @@
+"""The fleet merge over deltas read one at a time: memory bounded independently of the number of devices.
+
+``merge_deltas`` (merge.py) holds every input's values at once, and a robust strategy a
+[devices, 65 536] vote block: at 10 000 devices x 167 505 elements that is gigabytes. Here:
+
+1. the weights (``samples_seen``, share cap) and "each device's newest delta" come from what the
+   caller knows without decoding (the server's rows);
+2. one pass decodes each delta once, in order, and drops it: the weighted mean adds into float64
+   sums over K; a robust strategy spills each delta's changed values to one file per block of
+   columns (offset uint16 + value float32: 6 bytes per changed element), sized so that one block's
+   [devices, columns] votes fit ``memory_bytes``; prototype means spill to one file (float64);
+3. a robust strategy then reads one block at a time, fills its votes and reduces them with the
+   same ``reduce`` the in-memory merge calls; prototypes are merged class by class from the spill.
+
+Same inputs, same result as ``merge_deltas``, to the bit (tests/test_merge_stream.py compares them
+on random inputs for every strategy). Time grows linearly with the devices: each delta is decoded
+once and each spilled value read once.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+
+from edgecl.formats.delta import MERGE_DEVICE_ID, Delta
+from edgecl.formats.mask import Mask
+from edgecl.formats.merge import (
+    MAX_SAMPLES_SEEN,
+    MergeError,
+    MergeOptions,
+    MergeOutput,
+    WeightedMean,
+    _Coordinatewise,
+    capped_shares,
+    get_strategy,
+    newest_per_device,
+)
+from edgecl.formats.overlap import round_increment
+from edgecl.formats.prototypes import Prototypes
+
+DEFAULT_MEMORY_BYTES = 256 << 20     # one block of robust votes, with its sort/partition scratch
+_VOTE_BYTES = 12                     # per vote held: float32 votes + float64 row sums / partition copy
+_MAX_BLOCK_COLUMNS = 65535           # offsets inside a block are uint16
+_MAX_BLOCKS = 250                    # open spill files (2 per block) stay under the usual ulimit of 1024
+
+Progress = Callable[[str, int, int], None]   # (phase, done, total)
+
+
+@dataclass
+class StreamInput:
+    device_id: str                   # who made it ("each device's newest delta" is decided before decoding)
+    samples_seen: int                # its merge weight, as the server recorded it at push
+    load: Callable[[], Delta]        # the decoded delta, read when the merge reaches it
+
+
+def block_columns(devices: int, k: int, memory_bytes: int = DEFAULT_MEMORY_BYTES) -> int:
+    """Columns per block of robust votes so that [devices, columns] fits ``memory_bytes``."""
+    columns = max(1, memory_bytes // (_VOTE_BYTES * max(devices, 1)))
+    columns = max(columns, math.ceil(k / _MAX_BLOCKS))
+    return int(min(columns, _MAX_BLOCK_COLUMNS, max(k, 1)))
+
+
+class _Spill:
+    """Each delta's changed values, by block of columns: offsets.bin (uint16) and values.bin (float32)."""
+
+    def __init__(self, folder: Path, k: int, columns: int, devices: int) -> None:
+        self.k, self.columns = k, columns
+        self.blocks = max(1, math.ceil(k / columns))
+        self.edges = np.arange(0, self.blocks + 1, dtype=np.int64) * columns
+        self.counts = np.zeros((self.blocks, devices), np.int64)
+        self.files: list[tuple[BinaryIO, BinaryIO]] = [
+            (open(folder / f"b{b}.off", "wb"), open(folder / f"b{b}.val", "wb")) for b in range(self.blocks)]  # noqa: SIM115
+        self.folder = folder
+
+    def add(self, row: int, positions: np.ndarray, values: np.ndarray) -> None:
+        cuts = np.searchsorted(positions, self.edges)
+        for b in np.flatnonzero(np.diff(cuts)):
+            lo, hi = cuts[b], cuts[b + 1]
+            off, val = self.files[b]
+            (positions[lo:hi] - self.edges[b]).astype(np.uint16).tofile(off)
+            np.asarray(values[lo:hi], np.float32).tofile(val)
+            self.counts[b, row] = hi - lo
+
+    def close(self) -> None:
+        for off, val in self.files:
+            off.close()
+            val.close()
+
+    def votes(self, b: int, devices: int) -> np.ndarray:
+        start, stop = int(self.edges[b]), min(self.k, int(self.edges[b + 1]))
+        votes = np.zeros((devices, stop - start), np.float32)
+        offsets = np.fromfile(self.folder / f"b{b}.off", np.uint16).astype(np.int64)
+        values = np.fromfile(self.folder / f"b{b}.val", np.float32)
+        rows = np.repeat(np.arange(devices), self.counts[b])
+        votes[rows, offsets] = values
+        return votes
+
+
+class _PrototypeSpill:
+    """Each device's prototype means, appended to one file; classes and counts kept (small)."""
+
+    def __init__(self, folder: Path) -> None:
+        self.path = folder / "prototypes.f64"     # float64: the means as merge_prototypes reads them
+        self.file = open(self.path, "wb")  # noqa: SIM115 - closed by finish()
+        self.rows: dict[str, list[tuple[int, int]]] = {}     # class -> [(row in the file, count)], input order
+        self.dims: set[int] = set()
+        self.next_row = 0
+
+    def add(self, table: Prototypes | None) -> None:
+        if table is None or not len(table):
+            return
+        means = np.asarray(table.means, np.float64)
+        self.dims.add(int(means.shape[1]))
+        if len(self.dims) != 1:
+            raise MergeError(f"prototypes have different sizes {sorted(self.dims)}", "merge deltas of one bundle only")
+        means.tofile(self.file)
+        for i, (name, count) in enumerate(zip(table.classes, table.counts, strict=True)):
+            self.rows.setdefault(name, []).append((self.next_row + i, int(count)))
+        self.next_row += len(table.classes)
+
+    def finish(self, max_share: float | None) -> Prototypes | None:
+        """merge.merge_prototypes, class by class from the file (same order, same sums)."""
+        self.file.close()
+        if not self.rows:
+            return None
+        dim = next(iter(self.dims))
+        table = np.memmap(self.path, np.float64, mode="r", shape=(self.next_row, dim))
+        names, means = list(self.rows), []
+        for name in names:
+            counts = np.array([c for _, c in self.rows[name]], np.float64)
+            weights = capped_shares(counts, max_share) if max_share is not None else counts / counts.sum()
+            means.append(sum(w * np.asarray(table[row])
+                             for w, (row, _) in zip(weights, self.rows[name], strict=True)))
+        del table
+        return Prototypes(names, np.stack(means).astype(np.float32),
+                          np.array([sum(c for _, c in self.rows[n]) for n in names], np.int64))
+
+
+def merge_stream(inputs: Sequence[StreamInput], mask: Mask, options: MergeOptions | None = None,
+                 memory_bytes: int = DEFAULT_MEMORY_BYTES, spill_dir: str | Path | None = None,
+                 progress: Progress | None = None) -> MergeOutput:
+    """``merge_deltas`` over deltas loaded one at a time (see the module docstring); inputs in
+    arrival order. ``spill_dir``: where the robust strategies' temporary files go (removed after)."""
+    options = options or MergeOptions()
+    if not inputs:
+        raise MergeError("nothing to merge", "push at least one delta for this bundle first")
+    strategy = get_strategy(options.strategy, options.trim)
+    counted, superseded = newest_per_device(inputs, lambda x: x.device_id)
+    for x in counted:
+        if x.samples_seen > MAX_SAMPLES_SEEN:
+            raise MergeError(f"delta from {x.device_id} claims {x.samples_seen} samples (over {MAX_SAMPLES_SEEN})",
+                             "exclude it (--exclude-delta) or make it again")
+    samples = np.array([max(x.samples_seen, 0) for x in counted], np.float64)
+    shares = capped_shares(samples, options.max_share) if (samples > 0).all() else np.zeros(len(counted))
+    for i, share in enumerate(shares):
+        if not (np.isfinite(share) and share > 0):
+            raise MergeError(f"delta {i} has weight {share}", "merge only deltas with samples_seen >= 1")
+    n, k = len(counted), mask.total_selected
+    report = progress or (lambda phase, done, total: None)
+    with tempfile.TemporaryDirectory(prefix="edgecl-merge-", dir=spill_dir) as folder:
+        robust = isinstance(strategy, _Coordinatewise)
+        if not robust and not isinstance(strategy, WeightedMean):
+            raise MergeError(f"strategy {options.strategy} has no streaming merge", "use weighted-mean, "
+                             "trimmed-mean or median")
+        spill = _Spill(Path(folder), k, block_columns(n, k, memory_bytes), n) if robust else None
+        prototypes = _PrototypeSpill(Path(folder))
+        weighted_sum = np.zeros(0 if robust else k, np.float64)
+        weight_sum = np.zeros(0 if robust else k, np.float64)
+        contributors = np.zeros(k, np.int32)
+        first: Delta | None = None
+        steps = samples_seen = 0
+        created = ""
+        try:
+            for row, x in enumerate(counted):
+                d = x.load()
+                first = first or d
+                _check_same(d, first, k)
+                positions = np.asarray(d.changed_positions(), np.int64)
+                values = d.values[d.values != 0]
+                contributors[positions] += 1
+                if spill is not None:
+                    spill.add(row, positions, values)
+                else:
+                    weighted_sum[positions] += float(shares[row]) * np.asarray(values, np.float64)
+                    weight_sum[positions] += float(shares[row])
+                prototypes.add(d.prototypes)
+                steps, samples_seen = steps + d.steps, samples_seen + d.samples_seen
+                created = max(created, d.created_utc)
+                report("reading", row + 1, n)
+        finally:
+            if spill is not None:
+                spill.close()
+        assert first is not None
+        if spill is not None:
+            dense = np.zeros(k, np.float32)
+            assert isinstance(strategy, _Coordinatewise)
+            for b in range(spill.blocks):
+                start, stop = int(spill.edges[b]), min(k, int(spill.edges[b + 1]))
+                dense[start:stop] = strategy.reduce(spill.votes(b, n))
+                report("merging", b + 1, spill.blocks)
+            positions_out = np.flatnonzero(dense).astype(np.int32)
+            values_out = dense[positions_out].astype(np.float32)
+        else:
+            positions_out = np.flatnonzero(contributors).astype(np.int32)
+            values_out = (weighted_sum[positions_out] / weight_sum[positions_out]).astype(np.float32)
+            dense = np.zeros(k, np.float32)
+            dense[positions_out] = values_out
+        merged_prototypes = prototypes.finish(options.max_share)
+    counts = mask.overlap_vector() + round_increment(dense)
+    overlap = {name: (mask.indices[name], counts[sl]) for name, sl in mask.slices().items()}
+    shared = int(np.count_nonzero(contributors > 1))
+    merged = Delta(bundle_id=first.bundle_id, bundle_version=first.bundle_version, base_sha256=first.base_sha256,
+                   mask_sha256=first.mask_sha256, device_id=MERGE_DEVICE_ID, delta_k=k,
+                   positions=positions_out, values=values_out, steps=steps, samples_seen=samples_seen,
+                   metrics={"deltas": n, "changed": int(positions_out.size), "shared": shared},
+                   created_utc=created, prototypes=merged_prototypes)
+    return MergeOutput(merged, overlap, shared, [x.device_id for x in counted], superseded)
+
+
+def _check_same(d: Delta, first: Delta, k: int) -> None:
+    """The checks merge_deltas makes before merging: one bundle version, the mask's K."""
+    same = (d.bundle_id, d.bundle_version, d.base_sha256, d.mask_sha256)
+    if same != (first.bundle_id, first.bundle_version, first.base_sha256, first.mask_sha256):
+        raise MergeError(f"delta from {d.device_id} is for bundle {d.bundle_id} v{d.bundle_version}, "
+                         f"not {first.bundle_id} v{first.bundle_version}", "merge the deltas of one bundle version")
+    if d.delta_k != k:
+        raise MergeError(f"delta from {d.device_id} has K={d.delta_k}, the mask selects {k}",
+                         "merge with the mask of the bundle the deltas were made for")
+    if d.samples_seen > MAX_SAMPLES_SEEN:
+        raise MergeError(f"delta from {d.device_id} claims {d.samples_seen} samples (over {MAX_SAMPLES_SEEN})",
+                         "exclude it (--exclude-delta) or make it again")
