@@ -16,6 +16,7 @@ Reads top to bottom:
 from __future__ import annotations
 
 import json
+import os
 import resource
 import sys
 import time
@@ -40,7 +41,7 @@ from .gate import HeldOut, choose_epoch, holdout_split, score
 from .heads import LdaHead
 from .infer import create_runner, embed_and_score, resolve_profile
 from .ort import StepSession, check_provider
-from .plan import AdaptOptions, Plan, resolve_plan
+from .plan import AdaptOptions, Plan, check_replay_share, resolve_plan
 from .poststeps import Heads, Moved, run_post_steps
 from .state import (
     BASE_PROTOTYPES,
@@ -112,8 +113,7 @@ def replay_repeats(n_task: int, n_exemplars: int, share: float) -> int:
     A few exemplars per old class beside hundreds of new images barely register in the loss; repeating
     them (each repeat gets fresh augmentations) lets the old classes weigh in. share 0 = once.
     """
-    if not 0.0 <= share < 1.0:
-        raise DeviceError(f"the replay share must be in [0, 1), got {share}", "pass e.g. --replay-share 0.5")
+    check_replay_share(share)
     if n_exemplars == 0 or share == 0.0:
         return 1
     return max(1, int(round(share / (1.0 - share) * n_task / n_exemplars)))
@@ -124,7 +124,7 @@ def replay_repeats(n_task: int, n_exemplars: int, share: float) -> int:
 def _load_task(bundle: Bundle, data_dir: str | Path) -> LoadedImages:
     m = bundle.manifest
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the skip count is reported once, below and in the report
+        warnings.filterwarnings("ignore", "skipped ")  # the skip count is reported once, below and in the report
         data = load_image_folder(data_dir, m.input_size, m.interpolation)
     if data.skipped:
         warnings.warn(f"skipped {len(data.skipped)} unreadable image(s) in {data_dir}, e.g. {data.skipped[0][0]}",
@@ -134,7 +134,7 @@ def _load_task(bundle: Bundle, data_dir: str | Path) -> LoadedImages:
 
 def _fingerprint(data: LoadedImages, root: Path) -> str:
     names = [f"{p.relative_to(root) if p.is_relative_to(root) else p}:{p.stat().st_size}" for p in data.paths]
-    return sha256_bytes("\n".join(names).encode())
+    return sha256_bytes(os.fsencode("\n".join(names)))  # a file name need not be UTF-8
 
 
 def _load_memory(current: DeviceState, bundle: Bundle, use: bool) -> ExemplarMemory:
