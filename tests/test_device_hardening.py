@@ -123,36 +123,92 @@ def test_prototypes_deleted_after_opening_is_an_error_not_zero_classes(hand_bund
         load_current(bundle)
 
 
-def test_verdicts_are_cached_by_size_and_mtime(hand_bundle: Path) -> None:
-    """Once hashed, a file is trusted while its size and mtime_ns are unchanged (so predict does not
-    re-hash a 20 MB bundle per call); touching it makes it hashed, and refused, again."""
-    from edgecl.device.state import VERIFIED, open_bundle
+def test_a_same_size_change_with_the_mtime_kept_is_caught(hand_bundle: Path) -> None:
+    """Every file is hashed on every use: no (size, mtime) shortcut lets a same-size edit (or bit rot,
+    which changes neither) through. One line naming the file, exit 1, nothing written."""
+    from edgecl.device.state import open_bundle
 
-    assert not (hand_bundle / "state").exists()
-    open_bundle(hand_bundle)
-    assert not (hand_bundle / "state").exists(), "opening alone writes nothing into a bundle without state"
-    commit(hand_bundle)
-    cache = json.loads((hand_bundle / "state" / VERIFIED).read_text())["files"]
-    assert set(cache) == set(mf.load_manifest(hand_bundle).files)
+    commit(hand_bundle)  # a state folder exists: the old cache lived there
     path = hand_bundle / mf.WEIGHTS
     st = path.stat()
     data = bytearray(path.read_bytes())
-    data[0] ^= 0xFF  # same size, mtime put back: the cache answers
+    data[0] ^= 0xFF
     path.write_bytes(bytes(data))
     os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
-    open_bundle(hand_bundle)
-    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (st.st_size, st.st_mtime_ns)
+    before = _tree(hand_bundle)
     with pytest.raises(BundleError, match="weights.safetensors does not match its sha256"):
         open_bundle(hand_bundle)
+    assert one_error_line(edgecl("eval", hand_bundle, "--data", hand_bundle)) == (
+        "error: bundle file weights.safetensors does not match its sha256 in manifest.json: "
+        "re-copy the bundle from the host")
+    assert _tree(hand_bundle) == before
 
 
-def test_a_read_only_bundle_opens_without_caching(tmp_path: Path) -> None:
-    from edgecl.device.state import VERIFIED, load_current, open_bundle
+def _tree(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("files", [None, "drop-weights", "drop-exemplars"])
+def test_a_manifest_without_files_does_not_turn_the_check_off(tmp_path: Path, files: str | None) -> None:
+    bundle = make_bundle(tmp_path / "b")
+    (bundle / mf.EXEMPLARS).write_bytes(b"exemplar bytes")
+    listed = {**mf.load_manifest(bundle).files, mf.EXEMPLARS: sha256_file(bundle / mf.EXEMPLARS)}
+    if files is None:
+        obj = json.loads((bundle / mf.MANIFEST).read_text())
+        del obj["files"]
+        (bundle / mf.MANIFEST).write_text(json.dumps(obj))
+        expect = "train_step.onnx, inference.onnx, weights.safetensors, head.safetensors, mask.safetensors, " \
+                 "prototypes.safetensors, exemplars.safetensors"
+    else:
+        del listed[mf.WEIGHTS if files == "drop-weights" else mf.EXEMPLARS]
+        rewrite_manifest(bundle, files=listed)
+        expect = mf.WEIGHTS if files == "drop-weights" else mf.EXEMPLARS
+    line = one_error_line(edgecl("eval", bundle, "--data", tmp_path))
+    assert line == (f"error: {bundle / mf.MANIFEST} lists no sha256 for {expect} (its `files`), so they cannot be "
+                    "checked: re-copy the bundle from the host, or re-export it")
+    assert not (bundle / "state").exists()
+
+
+def test_an_edited_manifest_is_caught_against_the_pinned_sha256(bundle_copy: Path, tmp_path: Path) -> None:
+    """The manifest is pinned (state/pinned.json) at the first successful use; editing its `mean`
+    afterwards (which would silently move every prediction) is one line, exit 1."""
+    from edgecl.device.state import PINNED
+
+    first, _ = _image_folders(tmp_path)
+    image = first / "class0" / "000.png"
+    assert edgecl("predict", bundle_copy, image).returncode == 0
+    pin = json.loads((bundle_copy / "state" / PINNED).read_text())
+    assert pin["manifest_sha256"] == sha256_file(bundle_copy / mf.MANIFEST)
+    rewrite_manifest(bundle_copy, mean=[0.4, 0.456, 0.406])
+    before = _tree(bundle_copy)
+    for args in (("predict", bundle_copy, image), ("eval", bundle_copy, "--data", first),
+                 ("adapt", bundle_copy, "--data", first, "--epochs", 0), ("delta", bundle_copy, "-o", tmp_path / "d")):
+        line = one_error_line(edgecl(*args))
+        assert line == (f"error: {bundle_copy / mf.MANIFEST} changed since this device first used the bundle (its "
+                        f"sha256 is pinned in {bundle_copy / 'state' / PINNED}): re-copy the bundle from the host or "
+                        "`edgecl pull` it; a new bundle goes in a new folder"), args
+    assert _tree(bundle_copy) == before and not (tmp_path / "d").exists()
+
+
+def test_a_generation_records_its_manifest(hand_bundle: Path) -> None:
+    """With the pin deleted, the generation's own record of the manifest still refuses an edited one."""
+    from edgecl.device.state import PINNED, load_current, open_bundle
+
+    commit(hand_bundle)
+    (hand_bundle / "state" / PINNED).unlink()
+    rewrite_manifest(hand_bundle, mean=[0.1, 0.2, 0.3])
+    with pytest.raises(BundleError, match="manifest.json changed since gen-000001 was written for it"):
+        load_current(open_bundle(hand_bundle))
+
+
+def test_a_read_only_bundle_opens_without_pinning(tmp_path: Path) -> None:
+    from edgecl.device.state import PINNED, load_current, open_bundle, save_verified
 
     if os.geteuid() != 0:
         bundle = make_bundle(tmp_path / "b")
         commit(bundle)
-        (bundle / "state" / VERIFIED).unlink()
+        (bundle / "state" / PINNED).unlink()
         (bundle / "state").chmod(0o500)
     else:  # root ignores permission bits: a real read-only file system
         mnt = tmp_path / "ro"
@@ -161,12 +217,14 @@ def test_a_read_only_bundle_opens_without_caching(tmp_path: Path) -> None:
             pytest.skip("cannot mount a tmpfs here")
         bundle = make_bundle(mnt / "b")
         commit(bundle)
-        (bundle / "state" / VERIFIED).unlink()
+        (bundle / "state" / PINNED).unlink()
         subprocess.run(["mount", "-o", "remount,ro", str(mnt)], check=True)
     try:
-        state = load_current(open_bundle(bundle))
+        opened = open_bundle(bundle)
+        state = load_current(opened)
+        save_verified(opened)
         assert state.prototypes.classes == ["bolt", "nut", "x"]
-        assert not (bundle / "state" / VERIFIED).exists()
+        assert not (bundle / "state" / PINNED).exists()
     finally:
         if os.geteuid() == 0:
             subprocess.run(["umount", str(mnt)], check=False)
@@ -188,9 +246,11 @@ def test_generations_record_their_bundle_and_a_foreign_state_is_refused(hand_bun
     from edgecl.device.state import load_current, open_bundle
 
     name = commit(hand_bundle)
+    original = (hand_bundle / mf.MANIFEST).read_bytes()
     meta = json.loads((hand_bundle / "state" / name / "meta.json").read_text())
-    assert {k: meta[k] for k in ("bundle_id", "bundle_version", "mask_sha256", "tag")} == {
-        "bundle_id": "line-a", "bundle_version": 1, "mask_sha256": sha256_file(hand_bundle / mf.MASK), "tag": "x"}
+    assert {k: meta[k] for k in ("bundle_id", "bundle_version", "mask_sha256", "manifest_sha256", "tag")} == {
+        "bundle_id": "line-a", "bundle_version": 1, "mask_sha256": sha256_file(hand_bundle / mf.MASK),
+        "manifest_sha256": sha256_bytes(original), "tag": "x"}
     # The next version's files copied over the folder, its old state/ left in place:
     rewrite_manifest(hand_bundle, version=2)
     with pytest.raises(DeviceError, match=r"belongs to bundle line-a v1, not line-a v2"):
@@ -198,7 +258,10 @@ def test_generations_record_their_bundle_and_a_foreign_state_is_refused(hand_bun
     rewrite_manifest(hand_bundle, version=1, bundle_id="line-b")
     with pytest.raises(DeviceError, match=r"belongs to bundle line-a v1, not line-b v1"):
         load_current(open_bundle(hand_bundle))
-    rewrite_manifest(hand_bundle, bundle_id="line-a")
+    rewrite_manifest(hand_bundle, bundle_id="line-a")  # the same values, other bytes: not the pinned manifest
+    with pytest.raises(BundleError, match=r"manifest.json changed since this device first used the bundle"):
+        load_current(open_bundle(hand_bundle))
+    (hand_bundle / mf.MANIFEST).write_bytes(original)
     assert load_current(open_bundle(hand_bundle)).prototypes.classes == ["bolt", "nut", "x"]
 
 
@@ -239,7 +302,7 @@ def test_a_second_writer_gets_one_line_naming_the_first(tmp_path: Path) -> None:
     finally:
         release.write_text("")
         holder.wait(timeout=30)
-    assert sorted(p.name for p in (old / "state").iterdir()) == ["HEAD.json", "gen-000001", "verified.json"], \
+    assert sorted(p.name for p in (old / "state").iterdir()) == ["HEAD.json", "gen-000001", "pinned.json"], \
         "the lock file is removed on release"
     rolled = edgecl("rollback", old, "--json")
     assert rolled.returncode == 0, rolled.stderr
@@ -572,3 +635,132 @@ def test_log_level_error_hides_warnings(hand_bundle: Path, tmp_path: Path) -> No
     assert hidden.returncode == 1 and [line for line in hidden.stderr.splitlines() if line.strip()] == [
         "error: this state has no LDA statistics (they are made by `edgecl adapt`): run `edgecl adapt BUNDLE "
         "--data DIR` (--epochs 0 is enough), or use --head ncm"]
+
+
+# -- issue 20: state files, HEAD, adapt options, file names ----------------------------------------------
+
+def _flip_bit(path: Path, offset_from_end: int, bit: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) - offset_from_end] ^= 1 << bit
+    path.write_bytes(bytes(data))
+
+
+def test_a_flipped_bit_in_a_state_file_is_refused(hand_bundle: Path, tmp_path: Path) -> None:
+    """One flipped exponent bit in trainable.safetensors once gave a delta value of -8.1e35 that predict
+    used and `edgecl delta` signed. Each generation's files are checked against meta.json's sha256."""
+    gen = commit(hand_bundle)
+    trainable = hand_bundle / "state" / gen / "trainable.safetensors"
+    _flip_bit(trainable, 2, 6)  # the last float32's exponent: 0.5 -> 2**127 (a finite value, so no NaN check)
+    before = _tree(hand_bundle)
+    fix = ("run `edgecl rollback` to go back to the previous state, or delete BUNDLE/state to start again from "
+           "the bundle's own state")
+    expect = (f"error: device state state/{gen}/trainable.safetensors does not match its sha256 in meta.json "
+              f"(changed, or a damaged disk): {fix}")
+    assert one_error_line(edgecl("delta", hand_bundle, "-o", tmp_path / "d.safetensors")) == expect
+    assert one_error_line(edgecl("predict", hand_bundle, tmp_path / "any.png")) == expect
+    assert _tree(hand_bundle) == before and not (tmp_path / "d.safetensors").exists()
+
+
+def test_meta_json_and_unlisted_files_of_a_generation_are_refused(hand_bundle: Path) -> None:
+    from edgecl.device.state import load_current, open_bundle
+
+    gen = commit(hand_bundle)
+    meta_path = hand_bundle / "state" / gen / "meta.json"
+    meta = meta_path.read_text()
+    meta_path.write_text(meta.replace('"tag": "x"', '"tag": "y"'))
+    with pytest.raises(DeviceError, match=f"state/{gen}/meta.json does not match its sha256 in HEAD.json"):
+        load_current(open_bundle(hand_bundle))
+    meta_path.write_text(meta)
+    (hand_bundle / "state" / gen / "lda.safetensors").write_bytes(b"planted")
+    with pytest.raises(DeviceError, match=f"state/{gen} holds lda.safetensors, which its meta.json does not list"):
+        load_current(open_bundle(hand_bundle))
+
+
+@pytest.mark.parametrize("head,problem", [
+    ({"current": "../../outside"}, "current must be null or a generation of this state folder such as gen-000001 "
+                                   "(got '../../outside')"),
+    ({"current": "ABS"}, "current must be null or a generation of this state folder such as gen-000001 (got 'ABS')"),
+    ({"current": 5}, "current must be null or a generation of this state folder such as gen-000001 (got 5)"),
+    ({"current": "gen-000001", "previous": "../gen-000001"},
+     "previous must be null or a generation of this state folder such as gen-000001 (got '../gen-000001')"),
+    ({"current": "gen-000001", "can_rollback": "yes"}, "can_rollback must be true or false (got 'yes')"),
+    ({"current": "gen-000001", "meta_sha256": {}},
+     "no meta_sha256 for gen-000001 (a state written before generations were checksummed)"),
+])
+def test_head_names_only_the_bundles_own_generations(hand_bundle: Path, tmp_path: Path, head: dict,
+                                                     problem: str) -> None:
+    """HEAD.json's current/previous once accepted an absolute or ../ path (state loaded from outside the
+    bundle; a rollback then dropped the real generation), and {"current": 5} was a traceback."""
+    gen = commit(hand_bundle)
+    outside = tmp_path / "outside"
+    import shutil
+    shutil.copytree(hand_bundle / "state" / gen, outside)  # a valid generation, outside the bundle
+    real = json.loads((hand_bundle / "state" / "HEAD.json").read_text())
+    head = {"previous": None, "can_rollback": True, "meta_sha256": real["meta_sha256"], **head}
+    if head["current"] == "ABS":
+        head["current"] = str(outside)
+        problem = problem.replace("'ABS'", repr(str(outside)))
+    (hand_bundle / "state" / "HEAD.json").write_text(json.dumps(head))
+    before = _tree(hand_bundle)
+    path = hand_bundle / "state" / "HEAD.json"
+    expect = f"error: {path} is damaged ({problem}): delete BUNDLE/state to start again from the bundle's own state"
+    from conftest import write_image_folder
+    data = write_image_folder(tmp_path / "data", classes=1, per_class=2, size=8)
+    for args in (("eval", hand_bundle, "--data", data), ("delta", hand_bundle, "-o", tmp_path / "d"),
+                 ("rollback", hand_bundle), ("adapt", hand_bundle, "--data", data, "--epochs", 0, "--max-step-fraction", 0)):
+        assert one_error_line(edgecl(*args)) == expect, args
+    assert _tree(hand_bundle) == before and (hand_bundle / "state" / gen).is_dir()
+
+
+@pytest.mark.parametrize("flag,value,problem", [
+    ("--batch-size", 0, "--batch-size (images per step) must be >= 1 (got 0): pass e.g. --batch-size 32"),
+    ("--checkpoint-every", 0, "--checkpoint-every (steps between checkpoints) must be >= 1 (got 0): pass e.g. "
+                              "--checkpoint-every 50"),
+    ("--lr", "nan", "--lr (the backbone learning rate) must be a finite number (got nan): pass e.g. --lr 0.01"),
+    ("--replay-share", 1, "--replay-share (the replay share) must be < 1 (got 1.0): pass e.g. --replay-share 0.5"),
+])
+def test_adapt_refuses_a_zero_batch_size_and_checkpoint_interval(hand_bundle: Path, tmp_path: Path, flag: str,
+                                                                 value: object, problem: str) -> None:
+    """--batch-size 0 once fell back to the default silently (`0 or default`), --checkpoint-every 0 was
+    accepted; both are refused by AdaptOptions before adapt opens or writes anything."""
+    (tmp_path / "data" / "bolt").mkdir(parents=True)
+    before = _tree(hand_bundle)
+    line = one_error_line(edgecl("adapt", hand_bundle, "--data", tmp_path / "data", flag, value))
+    assert line == f"error: {problem}"
+    assert _tree(hand_bundle) == before and not (hand_bundle / "state").exists()
+
+
+def test_an_empty_class_folder_is_warned_about(tmp_path: Path) -> None:
+    from conftest import write_image_folder
+
+    from edgecl.formats.images import load_image_folder
+
+    root = write_image_folder(tmp_path / "data", classes=2, per_class=2)
+    (root / "class9").mkdir()
+    (root / "class9" / "notes.txt").write_text("the images did not arrive")
+    with pytest.warns(UserWarning, match=rf"class folder\(s\) without an image file in {root}, not learned: "
+                                         r"class9 \(add images to them or remove them\)"):
+        loaded = load_image_folder(root, (8, 8))
+    assert loaded.classes == ["class0", "class1"]
+
+
+def test_non_utf8_file_names_and_an_empty_class_through_the_cli(bundle_copy: Path, tmp_path: Path) -> None:
+    """A file name that is not UTF-8 once killed adapt with a UnicodeEncodeError (adapt._fingerprint);
+    predict, eval and adapt now take it, and an empty class folder is a warning on adapt's stderr."""
+    first, _ = _image_folders(tmp_path)
+    odd = os.fsdecode(bytes(first / "class1") + b"/\xff\xfe-camera.png")
+    Path(odd).write_bytes((first / "class1" / "000.png").read_bytes())
+    (first / "class7").mkdir()
+    done = edgecl("adapt", bundle_copy, "--data", first, "--epochs", 1, "--json", "-q")
+    assert done.returncode == 0, done.stderr
+    assert f"warning: class folder(s) without an image file in {first}, not learned: class7 (add images to them " \
+           "or remove them)" in done.stderr
+    assert json.loads(done.stdout)["images"] == 13 and "Traceback" not in done.stderr
+    predicted = edgecl("predict", bundle_copy, odd, "--json")
+    assert predicted.returncode == 0, predicted.stderr
+    assert json.loads(predicted.stdout)[0]["path"] == odd and "class" in json.loads(predicted.stdout)[0]
+    text = subprocess.run([sys.executable, "-m", "edgecl.cli.main", "predict", bundle_copy, odd], cwd=REPO,
+                          capture_output=True, timeout=120)  # bytes: the name is printed as the file system has it
+    assert text.returncode == 0 and b"/\xff\xfe-camera.png: class" in text.stdout, text.stderr
+    evaluated = edgecl("eval", bundle_copy, "--data", first, "--json")
+    assert evaluated.returncode == 0 and json.loads(evaluated.stdout)["images"] == 13, evaluated.stderr

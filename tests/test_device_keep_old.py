@@ -210,4 +210,4 @@ def test_lda_head_statistics_are_kept_by_adapt_and_used_by_eval_and_predict(bund
     path = load_current(open_bundle(bundle_copy)).lda_path
     path.write_bytes(path.read_bytes()[:100])
     result = runner.invoke(app, ["eval", str(bundle_copy), "--data", str(first_task)])
-    assert result.exit_code == 1 and "statistics are damaged" in result.output
+    assert result.exit_code == 1 and "lda.safetensors does not match its sha256 in meta.json" in result.output

@@ -76,8 +76,45 @@ def test_select_rate_out_of_range(calib_dir: Path, tmp_path: Path, rate: str) ->
     result = run("export", str(MODELS / "test_efficientnet.toml"), "--data", str(calib_dir), "-o", str(out),
                  "--select-rate", rate)
     assert result.exit_code == 1
-    assert "select rate" in result.output and len(result.output.strip().splitlines()) == 1
+    assert "--select-rate must be" in result.output and len(result.output.strip().splitlines()) == 1
     assert not out.exists()
+
+
+@pytest.mark.parametrize("flag,value,problem", [
+    ("--lr", "nan", "--lr must be a finite number (got nan)"),
+    ("--lr", "-0.1", "--lr must be >= 0 (got -0.1)"),
+    ("--epochs", "-1", "--epochs must be >= 0 (got -1)"),
+    ("--exemplars-per-class", "-1", "--exemplars-per-class must be >= 0 (got -1)"),
+    ("--seed", "-5", "--seed must be >= 0 (got -5)"),
+    ("--drop-rate", "1", "--drop-rate must be < 1 (got 1.0)"),
+])
+def test_export_refuses_what_a_device_would_refuse(calib_dir: Path, tmp_path: Path, flag: str, value: str,
+                                                    problem: str) -> None:
+    """The device's own manifest ranges (manifest.value_problems) decide: a bundle every device would
+    refuse is never written. One line naming the flag and a value that works, exit 1, nothing written."""
+    out = tmp_path / "b"
+    result = run("export", str(MODELS / "test_efficientnet.toml"), "--data", str(calib_dir), "-o", str(out),
+                 flag, value)
+    assert result.exit_code == 1, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith(f"error: export option {problem}: pass values a device accepts"), lines
+    assert f"(e.g. {flag} " in lines[0], lines
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_device_defaults_are_held_once() -> None:
+    """lr_backbone was 1e-2 in ExportOptions and 1e-3 in BundleManifest; every shipped bundle and
+    benchmark stamped ExportOptions' 1e-2. Both now read manifest.DEFAULT_*."""
+    import dataclasses
+
+    from edgecl.host.export import ExportOptions
+
+    opts = ExportOptions()
+    defaults = {f.name: f.default for f in dataclasses.fields(mf.BundleManifest)}
+    assert opts.lr_backbone == defaults["lr_backbone"] == mf.DEFAULT_LR_BACKBONE == 1e-2
+    assert opts.lr_head == defaults["lr_head"] and opts.epochs == defaults["epochs"]
+    assert opts.batch_size == defaults["batch_size"] and opts.seed == defaults["seed"]
+    assert opts.temperature == defaults["loss_temperature"] and opts.mask_policy == defaults["mask_policy"]
 
 
 def _recipe(tmp_path: Path, body: str) -> Path:

@@ -227,7 +227,7 @@ def start_trainable(episode: Episode) -> dict[str, np.ndarray]:
 def _load_task(bundle: Bundle, data_dir: Path) -> LoadedImages:
     m = bundle.manifest
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the skip count is reported once, below and in the report
+        warnings.filterwarnings("ignore", "skipped ")  # the skip count is reported once, below and in the report
         data = load_image_folder(data_dir, m.input_size, m.interpolation)
     if data.skipped:
         warnings.warn(f"skipped {len(data.skipped)} unreadable image(s) in {data_dir}, e.g. {data.skipped[0][0]}",

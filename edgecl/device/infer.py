@@ -37,7 +37,7 @@ from edgecl.formats.prototypes import Prototypes
 from edgecl.progress import progress_bar
 
 from .heads import LdaHead
-from .state import Bundle, DeviceState, load_current, open_bundle, save_verified
+from .state import INFERENCE_FILES, Bundle, DeviceState, load_current, open_bundle, save_verified
 
 # auto: lda when the state has its statistics, else ncm; ncm: cosine to the class prototypes;
 # lda: linear discriminant with the pooled within-class covariance. (cli/options.py mirrors these.)
@@ -164,7 +164,7 @@ def predict(bundle_dir: str | Path, images: Sequence[str | Path], top_k: int = 3
     is the softmax described in the module doc. Non-finite numbers are None."""
     if top_k < 1:
         raise DataError(f"--top-k {top_k} is less than 1", "pass --top-k 1 or more")
-    bundle = open_bundle(bundle_dir)
+    bundle = open_bundle(bundle_dir, uses=INFERENCE_FILES)
     prof = resolve_profile(profile, bundle)
     state = load_current(bundle)
     _need_prototypes(state.prototypes, bundle)
@@ -205,7 +205,7 @@ def evaluate(bundle_dir: str | Path, data_dir: str | Path | Sequence[str | Path]
     folders = [data_dir] if isinstance(data_dir, (str, Path)) else list(data_dir)
     if not folders:
         raise DataError("no image folder given", "pass --data DIR (several --data are evaluated together)")
-    bundle = open_bundle(bundle_dir)
+    bundle = open_bundle(bundle_dir, uses=INFERENCE_FILES)
     prof = resolve_profile(profile, bundle)
     state = load_current(bundle)
     _need_prototypes(state.prototypes, bundle)

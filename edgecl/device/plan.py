@@ -14,7 +14,39 @@ from dataclasses import dataclass
 
 from edgecl.errors import DeviceError
 from edgecl.formats import manifest as mf
-from edgecl.formats.config import DeviceProfile
+from edgecl.formats.config import Check, DeviceProfile
+
+# What each option accepts beyond its type: (the check, its flag, an example for the fix). The
+# options the manifest also holds take the manifest's own ranges, so `--lr nan` is refused by the
+# rule that refuses a manifest with lr_backbone NaN.
+REPLAY_SHARE = Check(low=0, high=1, high_open=True)
+_OPTION_CHECKS: dict[str, tuple[Check, str, str]] = {
+    "epochs": (mf.MANIFEST_CHECKS["epochs"], "--epochs", "--epochs 10 (0 only computes prototypes)"),
+    "lr": (mf.MANIFEST_CHECKS["lr_backbone"], "--lr (the backbone learning rate)", "--lr 0.01"),
+    "lr_head": (mf.MANIFEST_CHECKS["lr_head"], "--lr-head (the head learning rate)", "--lr-head 0.01"),
+    "batch_size": (mf.MANIFEST_CHECKS["batch_size"], "--batch-size (images per step)", "--batch-size 32"),
+    "seed": (mf.MANIFEST_CHECKS["seed"], "--seed", "--seed 1993"),
+    "checkpoint_every": (Check(low=1), "--checkpoint-every (steps between checkpoints)", "--checkpoint-every 50"),
+    "replay_share": (REPLAY_SHARE, "--replay-share (the replay share)", "--replay-share 0.5"),
+    "holdout_share": (Check(low=0, high=1, low_open=True, high_open=True), "--holdout-share (the held-out share)",
+                      "--holdout-share 0.2"),
+    "max_step_fraction": (Check(low=0, high=1), "--max-step-fraction", "--max-step-fraction 0.005 (0 = no cap)"),
+    "head": (Check(choices=("auto", "ncm", "lda")), "--head", "--head auto"),
+    "max_old_drop": (Check(low=0), "--max-old-drop (points the old classes may lose)", "--max-old-drop 1"),
+}
+
+
+def check_option(name: str, value: object) -> None:
+    """One option against its range: a DeviceError naming the flag and a value that works."""
+    check, flag, example = _OPTION_CHECKS[name]
+    problem = check.problem(value) if value is not None else None
+    if problem:
+        raise DeviceError(f"{flag} {problem}", f"pass e.g. {example}")
+
+
+def check_replay_share(share: float) -> None:
+    """The one check of a replay share (resolve_plan and adapt.replay_repeats both call it)."""
+    check_option("replay_share", share)
 
 
 @dataclass
@@ -26,7 +58,7 @@ class AdaptOptions:
     seed: int | None = None               # None = manifest.seed
     checkpoint_every: int = 50            # steps between checkpoints (and at each epoch end, and the end)
     drift_compensation: bool = True       # move old prototypes without exemplars by SDC (edgecl.classstats)
-    drift_sigma: float | None = None      # None = data-driven (drift.default_sigma)
+    drift_sigma: float | None = None      # None = data-driven (classstats.default_sigma)
     exemplars: bool | None = None         # None = profile.store_images
     replay: bool = True                   # with exemplars: mix old classes' exemplars into the training data
     replay_share: float = 0.5             # repeat them to about this share of the data (0 = each once)
@@ -39,6 +71,13 @@ class AdaptOptions:
                                           # (docs/method.md#step-3: "under 0.5%"); 0 = no cap
     resume: bool = False                  # continue the interrupted run
     progress: bool = True                 # progress bar on stderr (quiet when stderr is not a terminal)
+
+    def __post_init__(self) -> None:
+        self.check()  # a bad flag fails before adapt opens, locks or writes anything
+
+    def check(self) -> None:
+        for name in _OPTION_CHECKS:
+            check_option(name, getattr(self, name))
 
 
 @dataclass(frozen=True)
@@ -73,36 +112,17 @@ class Plan:
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in ("progress", "checkpoint_every")}
 
 
-def check_replay_share(share: float) -> None:
-    """The one check of a replay share (options, profile and benchmarks all pass through it)."""
-    if not (math.isfinite(share) and 0.0 <= share < 1.0):
-        raise DeviceError(f"the replay share must be in [0, 1), got {share}", "pass e.g. --replay-share 0.5")
-
-
 def resolve_plan(opts: AdaptOptions, profile: DeviceProfile, manifest: mf.BundleManifest, total_selected: int) -> Plan:
+    opts.check()  # again: the fields may have been changed since the options were made
     epochs = manifest.epochs if opts.epochs is None else int(opts.epochs)
-    if epochs < 0:
-        raise DeviceError(f"--epochs must be >= 0, got {epochs}", "pass 0 to only compute prototypes")
     # The step graph's row count is fixed at export: a profile's larger batch is capped to it.
-    batch_size = int(opts.batch_size or min(profile.batch_size or manifest.batch_size, manifest.batch_size))
-    if batch_size < 1:
-        raise DeviceError(f"--batch-size must be >= 1, got {batch_size}", "pass e.g. --batch-size 32")
+    batch_size = int(opts.batch_size if opts.batch_size is not None
+                     else min(profile.batch_size or manifest.batch_size, manifest.batch_size))
     if batch_size > manifest.batch_size:
         raise DeviceError(f"--batch-size {batch_size} is larger than the bundle's step graph "
                           f"({manifest.batch_size} images x 2 views)",
                           f"pass --batch-size {manifest.batch_size} or less, or export with a larger batch")
     lr = manifest.lr_backbone if opts.lr is None else float(opts.lr)
-    if not (math.isfinite(lr) and lr >= 0):
-        raise DeviceError(f"--lr must be a finite number >= 0, got {lr}", "pass e.g. --lr 0.01")
-    check_replay_share(opts.replay_share)
-    if not 0.0 < opts.holdout_share < 1.0:
-        raise DeviceError(f"the held-out share must be in (0, 1), got {opts.holdout_share}",
-                          "pass e.g. --holdout-share 0.2")
-    if opts.max_old_drop is not None and not (math.isfinite(opts.max_old_drop) and opts.max_old_drop >= 0):
-        raise DeviceError(f"--max-old-drop must be a number of points >= 0, got {opts.max_old_drop}",
-                          "pass e.g. --max-old-drop 1")
-    if opts.head not in ("auto", "ncm", "lda"):
-        raise DeviceError(f"unknown head {opts.head!r}", "pass auto, ncm or lda")
     max_gated = -1
     if opts.max_step_fraction > 0:
         max_gated = int(math.floor(opts.max_step_fraction * manifest.total_params))

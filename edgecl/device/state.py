@@ -3,8 +3,9 @@
 Layout (docs/device.md):
 
     state/HEAD.json           {"current": "gen-000002" | null, "previous": "gen-000001" | null,
-                               "can_rollback": bool}; null = the bundle's own state (zero delta,
-                               the bundle's prototypes.safetensors)
+                               "can_rollback": bool, "meta_sha256": {generation: sha256 of its
+                               meta.json}}; null = the bundle's own state (zero delta, the
+                               bundle's prototypes.safetensors)
     state/gen-NNNNNN/         one committed adaptation, written whole with atomic_dir
         trainable.safetensors     the trainable parameters by their checkpoint names: edgecl_delta
                                   float32 [K], proj.weight, proj.bias (bit-exact float32)
@@ -13,14 +14,19 @@ Layout (docs/device.md):
         lda.safetensors           the LDA head: pooled within-class scatter + its class means (heads.py)
         base_prototypes.safetensors  optional: the device's new classes as the bundle's own backbone
                                   places them, from every image (the release gate's frozen baseline)
-        meta.json                 steps, epochs, seed, lr, classes, data, timings, peak memory, parent
+        meta.json                 steps, epochs, seed, lr, classes, data, timings, peak memory, parent,
+                                  and `files`: the sha256 of every other file of the generation
         steps.jsonl               the step log of the adaptation that made it
     state/run/                an adaptation in progress (see RunDir); removed once committed
-    state/verified.json       sha256 verdicts of the bundle's files, by (name, size, mtime_ns)
+    state/pinned.json         the sha256 of manifest.json when the device first used the bundle
     state/lock                held (flock) by the one adapt / rollback / upgrade at work on the bundle
 
-Every generation's meta.json records the bundle it was made for (bundle_id, bundle_version,
-mask_sha256): a state/ folder left beside a replaced bundle is refused, not run with the wrong weights.
+What the device trusts, checked on every use (docs/device.md "What the device checks"): the
+manifest against its pinned sha256, every bundle file against the manifest's `files`, a generation's
+meta.json against HEAD.json's `meta_sha256` and its files against the meta's `files`. Every
+generation's meta.json also records the bundle it was made for (bundle_id, bundle_version,
+mask_sha256, manifest_sha256): a state/ folder left beside a replaced bundle is refused, not run
+with the wrong weights.
 
 Why not ORT checkpoints: onnxruntime's checkpoint holds every frozen weight too (the whole model,
 ~19 MB for EfficientNet-Lite0), while what training changes is K + the projection head; the
@@ -37,6 +43,7 @@ import contextlib
 import fcntl
 import json
 import os
+import re
 import shutil
 import warnings
 from collections.abc import Callable, Iterator
@@ -51,7 +58,7 @@ from safetensors.numpy import save as _st_save
 from edgecl.errors import BundleError, DeviceError, EdgeclError
 from edgecl.formats import manifest as mf
 from edgecl.formats.atomic import atomic_dir, atomic_write_bytes, atomic_write_json
-from edgecl.formats.hashing import sha256_file
+from edgecl.formats.hashing import sha256_bytes, sha256_file
 from edgecl.formats.mask import Mask
 from edgecl.formats.prototypes import Prototypes
 
@@ -65,8 +72,12 @@ LDA = "lda.safetensors"
 BASE_PROTOTYPES = "base_prototypes.safetensors"
 META = "meta.json"
 STEP_LOG = "steps.jsonl"
-VERIFIED = "verified.json"
+PINNED = "pinned.json"
 LOCK = "lock"
+GENERATION_NAME = re.compile(r"gen-[0-9]{6,}")   # what _next_generation writes; HEAD may name nothing else
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_STATE_FIX = "run `edgecl rollback` to go back to the previous state, or delete BUNDLE/state to start again " \
+             "from the bundle's own state"
 
 
 @dataclass
@@ -74,8 +85,8 @@ class Bundle:
     root: Path
     manifest: mf.BundleManifest
     mask: Mask
-    verified: dict[str, dict[str, Any]] = field(default_factory=dict)  # VERIFIED's entries, new ones included
-    verified_changed: bool = False                                      # entries to write back
+    manifest_sha256: str = ""            # of the manifest.json bytes that were parsed
+    pinned: bool = False                 # state/pinned.json already holds manifest_sha256
 
     def path(self, name: str) -> Path:
         return self.root / name
@@ -85,78 +96,94 @@ class Bundle:
         return self.root / STATE_DIR
 
 
-def open_bundle(bundle_dir: str | Path, verify: bool = True) -> Bundle:
+# The bundle files predict and eval read (train_step.onnx, head and exemplars are adapt's): they hash
+# these only, half the Lite0 bundle's bytes (docs/device.md "What the device checks").
+INFERENCE_FILES = (mf.INFERENCE_MODEL, mf.WEIGHTS, mf.MASK, mf.PROTOTYPES)
+
+
+def open_bundle(bundle_dir: str | Path, verify: bool = True, uses: tuple[str, ...] | None = None) -> Bundle:
     """Validate a bundle folder and load its manifest and mask (no graph is loaded).
 
-    ``verify`` checks every file the manifest lists against its sha256 (a flipped byte in an ONNX file
-    is one BundleError naming the file, not an onnxruntime crash); verdicts are cached by (name,
-    size, mtime_ns) in state/verified.json, so predict hashes the bundle once, not on every call."""
+    The manifest must match the sha256 pinned in state/pinned.json (when the device first used the
+    bundle, or when `edgecl pull` wrote it from a signed release), must list a sha256 for every file
+    the device reads, and ``verify`` hashes every listed file on every call: a flipped byte, or a
+    same-size edit with the mtime put back, is one BundleError naming the file, not an onnxruntime
+    crash or a silent wrong answer. ``uses``: the files the command reads (None: every listed file).
+    Opening writes nothing (``save_verified`` pins, after success)."""
     root = Path(bundle_dir)
-    manifest = mf.load_manifest(root)  # type and range checks live there
+    manifest, manifest_sha256 = mf.read_manifest(root)  # type and range checks live there
     if manifest.format_version < mf.FORMAT_VERSION:
         raise BundleError(f"bundle {root} has format version {manifest.format_version}; this edgecl runs "
                           f"format {mf.FORMAT_VERSION} (one train_step.onnx for plain onnxruntime)",
                           "re-export the bundle with this edgecl version on the host")
+    pin = read_pin(root)
+    if pin is not None:
+        check_state_owner(root, manifest, manifest_sha256, pin, PINNED)
     mf.check_bundle_files(root)
-    verified, changed = verify_files(root, manifest) if verify else ({}, False)
-    # mask_sha256 is the bundle's identity for deltas; when files[] lists the mask under the same digest
-    # it was just checked, else (a hand-edited manifest) it is checked here.
-    if verify and manifest.mask_sha256 and manifest.files.get(mf.MASK) != manifest.mask_sha256 \
-            and sha256_file(root / mf.MASK) != manifest.mask_sha256:
-        raise BundleError(f"{root / mf.MASK} does not match the manifest's mask_sha256",
-                          "re-copy the whole bundle folder from the host")
+    unlisted = mf.unlisted_files(root, manifest)
+    if unlisted:
+        raise BundleError(f"{root / mf.MANIFEST} lists no sha256 for {', '.join(unlisted)} (its `files`), so they "
+                          "cannot be checked", "re-copy the bundle from the host, or re-export it")
+    if verify:
+        verify_files(root, manifest, uses)
     mask = Mask.load_file(root / mf.MASK)
     if mask.total_selected != manifest.selected:
         raise BundleError(f"mask selects {mask.total_selected} elements, the manifest says {manifest.selected}",
                           "re-copy the whole bundle folder from the host")
-    bundle = Bundle(root, manifest, mask, verified, changed)
-    if bundle.state_dir.is_dir():
-        save_verified(bundle)  # else at the first commit or successful predict (a failed command writes nothing)
-    return bundle
+    return Bundle(root, manifest, mask, manifest_sha256, pin is not None)
 
 
 # -- file verification -----------------------------------------------------------------------------
 
-def _read_verified(root: Path) -> dict[str, dict[str, Any]]:
+def read_pin(root: Path) -> dict[str, Any] | None:
+    """state/pinned.json: the bundle's identity and manifest sha256; None when nothing is pinned yet."""
+    path = root / STATE_DIR / PINNED
     try:
-        data = json.loads((root / STATE_DIR / VERIFIED).read_text())
-        entries = data.get("files", {}) if isinstance(data, dict) else {}
-        return {k: v for k, v in entries.items() if isinstance(v, dict)}
-    except (OSError, ValueError, AttributeError):
-        return {}  # no cache or a damaged one: hash again
+        pin = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise BundleError(f"{path} is damaged ({exc})", f"delete {path} to pin the bundle's manifest again") from None
+    if not isinstance(pin, dict) or not _SHA256.fullmatch(str(pin.get("manifest_sha256"))):
+        raise BundleError(f"{path} is damaged (no manifest_sha256)", f"delete {path} to pin the bundle's manifest again")
+    return pin
 
 
-def verify_files(root: Path, manifest: mf.BundleManifest) -> tuple[dict[str, dict[str, Any]], bool]:
-    """Check every file in manifest.files exists and has its sha256 -> (verdicts, any newly hashed).
+def verify_files(root: Path, manifest: mf.BundleManifest, uses: tuple[str, ...] | None = None) -> None:
+    """Hash every file in manifest.files and compare: on every call, no (size, mtime) shortcut.
 
-    Files unchanged since a cached verdict (same size, mtime_ns and expected digest) are not hashed
-    again. The cache catches copy errors and edits, not an attacker who can write the bundle folder."""
-    cache = _read_verified(root)
-    verified: dict[str, dict[str, Any]] = {}
-    changed = False
+    A cache keyed by size and mtime let a same-size change with the mtime put back (or bit rot, which
+    changes neither) run silently. Hashing the Lite0 bundle costs about as much as building one
+    onnxruntime session (docs/device.md "What the device checks" has the number)."""
     for name, expected in sorted(manifest.files.items()):
+        if uses is not None and name not in uses:
+            if not (root / name).is_file():  # still cheap to notice a listed file that is gone
+                raise BundleError(f"bundle file {name} listed in manifest.json is missing from {root}",
+                                  "re-copy the whole bundle folder from the host")
+            continue
         try:
-            st = (root / name).stat()
+            actual = sha256_file(root / name)
         except FileNotFoundError:
             raise BundleError(f"bundle file {name} listed in manifest.json is missing from {root}",
                               "re-copy the whole bundle folder from the host") from None
-        key = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": expected}
-        if cache.get(name) != key:
-            if sha256_file(root / name) != expected:
-                raise BundleError(f"bundle file {name} does not match its sha256 in manifest.json",
-                                  "re-copy the bundle from the host")
-            changed = True
-        verified[name] = key
-    return verified, changed
+        except IsADirectoryError:
+            raise BundleError(f"bundle file {name} in {root} is a folder", "re-copy the bundle from the host") from None
+        if actual != expected:
+            raise BundleError(f"bundle file {name} does not match its sha256 in manifest.json",
+                              "re-copy the bundle from the host")
 
 
 def save_verified(bundle: Bundle) -> None:
-    """Write the verdicts to state/verified.json; a read-only state folder just goes uncached."""
-    if not bundle.verified_changed:
+    """After a command succeeded: pin the manifest's sha256 in state/pinned.json if none is pinned yet.
+
+    From then on a changed manifest.json (an edited `mean`, a rewritten `files`) is refused. A
+    read-only bundle just stays unpinned."""
+    if bundle.pinned:
         return
     with contextlib.suppress(EdgeclError, OSError):
-        atomic_write_json(bundle.state_dir / VERIFIED, {"format": 1, "files": bundle.verified})
-        bundle.verified_changed = False
+        bundle.state_dir.mkdir(exist_ok=True)
+        atomic_write_json(bundle.state_dir / PINNED, {"format": 1, **bundle_identity(bundle)})
+        bundle.pinned = True
 
 
 # -- one writer at a time ----------------------------------------------------------------------------
@@ -230,6 +257,9 @@ def load_trainable(path: Path, delta_size: int) -> dict[str, np.ndarray]:
     if delta is None or delta.shape != (delta_size,):
         raise DeviceError(f"{path} holds no {mf.DELTA_PARAM} of {delta_size} values",
                           "the state belongs to another bundle: delete BUNDLE/state or run `edgecl rollback`")
+    bad = [name for name, value in values.items() if not np.all(np.isfinite(value))]
+    if bad:  # training stops at a non-finite loss, so only damage puts NaN or inf here
+        raise DeviceError(f"device state {path} holds non-finite values in {', '.join(bad)}", _STATE_FIX)
     return values
 
 
@@ -249,17 +279,39 @@ class DeviceState:
 
 
 def read_head(state_dir: Path) -> dict[str, Any]:
+    """HEAD.json, checked: it may name only this state folder's own generations (gen-NNNNNN), each
+    with the sha256 of its meta.json; anything else (a path, a number, a missing checksum) is refused."""
     path = state_dir / HEAD
     if not path.exists():
-        return {"current": None, "previous": None, "can_rollback": False}
+        return {"current": None, "previous": None, "can_rollback": False, "meta_sha256": {}}
     try:
         head = json.loads(path.read_text())
-        if not isinstance(head, dict) or "current" not in head:
-            raise ValueError("no 'current' key")
-        return head
     except (OSError, ValueError) as exc:
         raise DeviceError(f"{path} is damaged ({exc})",
-                          "delete BUNDLE/state to start again from the bundle's own state") from exc
+                          "delete BUNDLE/state to start again from the bundle's own state") from None
+    problem = _head_problem(head)
+    if problem:
+        raise DeviceError(f"{path} is damaged ({problem})", "delete BUNDLE/state to start again from the bundle's own state")
+    return head
+
+
+def _head_problem(head: Any) -> str | None:
+    if not isinstance(head, dict) or "current" not in head:
+        return "no 'current' key"
+    sums = head.get("meta_sha256", {})
+    if not isinstance(sums, dict) or not all(isinstance(v, str) and _SHA256.fullmatch(v) for v in sums.values()):
+        return "meta_sha256 must map generation names to sha256 hex digests"
+    if not isinstance(head.get("can_rollback", False), bool):
+        return f"can_rollback must be true or false (got {head['can_rollback']!r})"
+    for key in ("current", "previous"):
+        name = head.get(key)
+        if name is None:
+            continue
+        if not isinstance(name, str) or not GENERATION_NAME.fullmatch(name):
+            return f"{key} must be null or a generation of this state folder such as gen-000001 (got {name!r})"
+        if name not in sums:
+            return f"no meta_sha256 for {name} (a state written before generations were checksummed)"
+    return None
 
 
 def bundle_prototypes(bundle: Bundle) -> Prototypes:
@@ -272,25 +324,37 @@ def bundle_prototypes(bundle: Bundle) -> Prototypes:
 
 
 def bundle_identity(bundle: Bundle) -> dict[str, Any]:
-    """What a generation's meta.json records of the bundle it was made for."""
-    m = bundle.manifest
-    return {"bundle_id": m.bundle_id, "bundle_version": m.version, "mask_sha256": m.mask_sha256}
+    """What a generation's meta.json (and state/pinned.json) records of the bundle it was made for."""
+    return _identity(bundle.manifest, bundle.manifest_sha256)
 
 
-def check_state_owner(bundle: Bundle, meta: dict[str, Any], generation: str) -> None:
-    """Refuse a generation written for another bundle (or version, or mask) than the one beside it."""
-    if "bundle_id" not in meta:
+def _identity(m: mf.BundleManifest, manifest_sha256: str) -> dict[str, Any]:
+    return {"bundle_id": m.bundle_id, "bundle_version": m.version, "mask_sha256": m.mask_sha256,
+            "manifest_sha256": manifest_sha256}
+
+
+def check_state_owner(root: Path, manifest: mf.BundleManifest, manifest_sha256: str, record: dict[str, Any],
+                      label: str) -> None:
+    """Refuse state written for another bundle (or version, or mask) than the one beside it, or for
+    another manifest.json (an edited `mean`, a rewritten `files`). ``record``: a generation's meta.json
+    or state/pinned.json, named by ``label``."""
+    if "bundle_id" not in record:
         return  # generations from before identities were recorded: the delta length check still applies
-    if {k: meta.get(k) for k in bundle_identity(bundle)} == bundle_identity(bundle):
-        return
-    m = bundle.manifest
-    raise DeviceError(f"{bundle.state_dir} ({generation}) belongs to bundle {meta.get('bundle_id')} "
-                      f"v{meta.get('bundle_version')}, not {m.bundle_id} v{m.version}"
-                      + (" (another mask)" if meta.get("bundle_id") == m.bundle_id
-                         and meta.get("bundle_version") == m.version else ""),
-                      "the bundle files were replaced under their device state: run `edgecl rollback` if the "
-                      f"previous state is this bundle's, or move {bundle.state_dir} away (then `edgecl upgrade "
-                      "OLD NEW` carries it to a new version)")
+    ids = _identity(manifest, manifest_sha256)
+    if any(record.get(k) != ids[k] for k in ("bundle_id", "bundle_version", "mask_sha256")):
+        state_dir = root / STATE_DIR
+        raise DeviceError(f"{state_dir} ({label}) belongs to bundle {record.get('bundle_id')} "
+                          f"v{record.get('bundle_version')}, not {manifest.bundle_id} v{manifest.version}"
+                          + (" (another mask)" if record.get("bundle_id") == manifest.bundle_id
+                             and record.get("bundle_version") == manifest.version else ""),
+                          "the bundle files were replaced under their device state: run `edgecl rollback` if the "
+                          f"previous state is this bundle's, or move {state_dir} away (then `edgecl upgrade "
+                          "OLD NEW` carries it to a new version)")
+    if record.get("manifest_sha256", manifest_sha256) != manifest_sha256:
+        since = (f"this device first used the bundle (its sha256 is pinned in {root / STATE_DIR / PINNED})"
+                 if label == PINNED else f"{label} was written for it")
+        raise BundleError(f"{root / mf.MANIFEST} changed since {since}",
+                          "re-copy the bundle from the host or `edgecl pull` it; a new bundle goes in a new folder")
 
 
 def load_current(bundle: Bundle) -> DeviceState:
@@ -299,14 +363,8 @@ def load_current(bundle: Bundle) -> DeviceState:
     if generation is None:
         return DeviceState(None, np.zeros(bundle.mask.total_selected, np.float32), bundle_prototypes(bundle), {}, None, {})
     gen_dir = bundle.state_dir / generation
-    try:
-        meta = json.loads((gen_dir / META).read_text())
-        if not isinstance(meta, dict):
-            raise ValueError("meta.json is not an object")
-    except (OSError, ValueError) as exc:
-        raise DeviceError(f"device state {gen_dir} is damaged ({exc})",
-                          "run `edgecl rollback` or delete BUNDLE/state") from exc
-    check_state_owner(bundle, meta, generation)
+    meta = read_generation(gen_dir, head["meta_sha256"][generation])
+    check_state_owner(bundle.root, bundle.manifest, bundle.manifest_sha256, meta, generation)
     try:
         # A generation without trainable values (`edgecl upgrade`) runs the bundle's own weights.
         trainable = (load_trainable(gen_dir / TRAINABLE, bundle.mask.total_selected)
@@ -320,6 +378,39 @@ def load_current(bundle: Bundle) -> DeviceState:
     return DeviceState(generation, trainable[mf.DELTA_PARAM].astype(np.float32), prototypes, trainable,
                        exemplars if exemplars.exists() else None, meta, lda if lda.exists() else None,
                        base if base.exists() else None)
+
+
+def read_generation(gen_dir: Path, meta_sha256: str) -> dict[str, Any]:
+    """A generation's meta.json, checked against HEAD's sha256, after checking every file of the
+    generation against the meta's `files` (a flipped bit in trainable.safetensors is refused here,
+    before predict uses it or `edgecl delta` signs it)."""
+    where = f"device state {gen_dir.parent.name}/{gen_dir.name}"
+    try:
+        if gen_dir.is_symlink() or not gen_dir.is_dir():
+            raise FileNotFoundError(f"{gen_dir.name} is not a folder of the state")
+        data = (gen_dir / META).read_bytes()
+        if sha256_bytes(data) != meta_sha256:
+            raise DeviceError(f"{where}/{META} does not match its sha256 in HEAD.json", _STATE_FIX)
+        meta = json.loads(data)
+        if not isinstance(meta, dict):
+            raise ValueError("meta.json is not an object")
+    except (OSError, ValueError) as exc:
+        raise DeviceError(f"{where} is damaged ({exc})", _STATE_FIX) from None
+    files = meta.get("files")
+    if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
+        raise DeviceError(f"{where}/{META} lists no sha256 of the generation's files", _STATE_FIX)
+    unlisted = sorted(p.name for p in gen_dir.iterdir() if p.name != META and p.name not in files)
+    if unlisted:
+        raise DeviceError(f"{where} holds {', '.join(unlisted)}, which its {META} does not list", _STATE_FIX)
+    for name, expected in sorted(files.items()):
+        try:
+            actual = sha256_file(gen_dir / name)
+        except OSError:
+            raise DeviceError(f"{where}/{name} listed in its {META} is missing", _STATE_FIX) from None
+        if actual != expected:
+            raise DeviceError(f"{where}/{name} does not match its sha256 in {META} (changed, or a damaged disk)",
+                              _STATE_FIX)
+    return meta
 
 
 def _next_generation(state_dir: Path) -> str:
@@ -340,8 +431,14 @@ def commit_generation(bundle: Bundle, write: Callable[[Path], None], meta: dict[
     meta = {**meta, **bundle_identity(bundle), "parent": head.get("current"), "generation": name}
     with atomic_dir(state_dir / name) as tmp:
         write(tmp)
-        atomic_write_json(tmp / META, meta)
-    atomic_write_json(state_dir / HEAD, {"current": name, "previous": head.get("current"), "can_rollback": True})
+        # The checksums load_current checks on every use: of the files, then of meta.json in HEAD.
+        meta["files"] = {p.name: sha256_file(p) for p in sorted(tmp.iterdir())}
+        data = (json.dumps(meta, indent=2, sort_keys=True) + "\n").encode()
+        atomic_write_bytes(tmp / META, data)
+    previous = head.get("current")
+    sums = {name: sha256_bytes(data), **({previous: head["meta_sha256"][previous]} if previous else {})}
+    atomic_write_json(state_dir / HEAD, {"current": name, "previous": previous, "can_rollback": True,
+                                         "meta_sha256": sums})
     _collect_garbage(state_dir)
     save_verified(bundle)
     return name
@@ -378,7 +475,9 @@ def _rollback(bundle: Bundle) -> dict[str, Any]:
         shutil.rmtree(run_dir, ignore_errors=True)
         warnings.warn("discarded an interrupted adaptation (it started from the state rolled back)", stacklevel=2)
     undone = head.get("current")
-    atomic_write_json(state_dir / HEAD, {"current": previous, "previous": None, "can_rollback": False})
+    sums = {previous: head["meta_sha256"][previous]} if previous else {}
+    atomic_write_json(state_dir / HEAD, {"current": previous, "previous": None, "can_rollback": False,
+                                         "meta_sha256": sums})
     _collect_garbage(state_dir)
     return {"undone": undone, "current": previous or "bundle"}
 

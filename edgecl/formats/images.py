@@ -41,6 +41,7 @@ class ImageFolder:
     paths: list[Path]                       # image files (by suffix), class by class
     labels: np.ndarray                      # [N] int64 index into classes
     ignored: list[Path] = field(default_factory=list)  # files without an image suffix
+    empty: list[Path] = field(default_factory=list)    # class folders without an image file
 
 
 @dataclass
@@ -64,12 +65,14 @@ def scan_image_folder(root: str | Path) -> ImageFolder:
     paths: list[Path] = []
     labels: list[int] = []
     ignored: list[Path] = []
+    empty: list[Path] = []
     classes: list[str] = []
     for class_dir in class_dirs:
         files = sorted(p for p in class_dir.rglob("*") if p.is_file() and not p.name.startswith("."))
         images = [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES]
         ignored.extend(p for p in files if p.suffix.lower() not in IMAGE_SUFFIXES)
         if not images:
+            empty.append(class_dir)
             continue
         labels.extend([len(classes)] * len(images))
         classes.append(class_dir.name)
@@ -77,7 +80,7 @@ def scan_image_folder(root: str | Path) -> ImageFolder:
     if not paths:
         raise DataError(f"{root} holds no image files", f"add images ({', '.join(sorted(IMAGE_SUFFIXES))}) "
                         "in one sub-folder per class")
-    return ImageFolder(root, classes, paths, np.asarray(labels, np.int64), ignored)
+    return ImageFolder(root, classes, paths, np.asarray(labels, np.int64), ignored, empty)
 
 
 def _open_regular(path: str | Path):  # noqa: ANN202 - a binary file object
@@ -118,6 +121,11 @@ def load_rgb(path: str | Path, size: Iterable[int], interpolation: str = "biline
 def load_image_folder(root: str | Path, size: Iterable[int], interpolation: str = "bilinear",
                       progress: bool = False, desc: str = "decode") -> LoadedImages:
     folder = scan_image_folder(root)
+    if folder.empty:
+        # Not silently: a class folder whose images did not arrive would otherwise just be missing.
+        names = ", ".join(p.name for p in folder.empty)
+        warnings.warn(f"class folder(s) without an image file in {folder.root}, not learned: {names} "
+                      f"(add images to them or remove them)", stacklevel=2)
     size = tuple(int(s) for s in size)
     pixels: list[np.ndarray] = []
     labels: list[int] = []

@@ -7,6 +7,7 @@ by sha256 so deltas made on devices can be matched to the bundle they came from.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import re
 from dataclasses import dataclass, field
@@ -41,6 +42,17 @@ PROJ_BIAS = "proj.bias"
 STEP_INPUTS = ("images", "labels", "row_weight", "delta", "proj_weight", "proj_bias")
 STEP_OUTPUTS = ("loss", "grad_delta", "grad_proj_weight", "grad_proj_bias")
 
+# The device defaults a bundle carries, held once: ExportOptions (host/export.py) stamps them into
+# every bundle, BundleManifest falls back to them, so host and device cannot disagree. lr_backbone
+# 1e-2 is what every shipped bundle and benchmark used (B1 validated it, docs/benchmarks.md).
+DEFAULT_LR_BACKBONE = 1e-2
+DEFAULT_LR_HEAD = 1e-2
+DEFAULT_EPOCHS = 10
+DEFAULT_BATCH_SIZE = 32
+DEFAULT_SEED = 1993
+DEFAULT_LOSS_TEMPERATURE = 0.07
+DEFAULT_MASK_POLICY = "no-depthwise"
+
 
 @dataclass
 class BundleManifest:
@@ -58,16 +70,16 @@ class BundleManifest:
     drop_rate: float                     # probability that a selected element's gradient is dropped per step
     base_sha256: str                     # sha256 of the base weights (canonical safetensors bytes)
     mask_sha256: str                     # sha256 of mask.safetensors
-    loss_temperature: float = 0.07       # SupCon temperature (docs/method.md#step-1)
-    lr_backbone: float = 1e-3            # SGD lr on the delta (truly sparse: no momentum)
-    lr_head: float = 1e-2                # SGD lr on the projection head
+    loss_temperature: float = DEFAULT_LOSS_TEMPERATURE  # SupCon temperature (docs/method.md#step-1)
+    lr_backbone: float = DEFAULT_LR_BACKBONE  # SGD lr on the delta (truly sparse: no momentum)
+    lr_head: float = DEFAULT_LR_HEAD     # SGD lr on the projection head
     weight_decay: float = 0.0            # applied only to gated elements (never moves others)
     overlap_decay: float = 0.9           # gradient scale 0.9 ** overlap (docs/method.md#overlap)
-    batch_size: int = 32                 # images per step (each gives two views); the step graph's
+    batch_size: int = DEFAULT_BATCH_SIZE  # images per step (each gives two views); the step graph's
                                          # fixed row count is 2 * batch_size, a smaller batch is padded
-    epochs: int = 10                     # default epochs for `edgecl adapt`
-    seed: int = 1993
-    mask_policy: str = "no-depthwise"    # which tensors the mask may select: "all" or "no-depthwise"
+    epochs: int = DEFAULT_EPOCHS         # default epochs for `edgecl adapt`
+    seed: int = DEFAULT_SEED
+    mask_policy: str = DEFAULT_MASK_POLICY  # which tensors the mask may select: "all" or "no-depthwise"
     interpolation: str = "bilinear"
     classes: list[str] = field(default_factory=list)   # classes with prototypes at export time
     recipe: dict[str, Any] = field(default_factory=dict)
@@ -128,6 +140,7 @@ MANIFEST_CHECKS: dict[str, Check] = {
     "overlap_decay": _UNIT,
     "batch_size": Check(low=1, high=4096),
     "epochs": Check(low=0),
+    "seed": Check(low=0),                                 # numpy's Generators take no negative seed
     "mask_policy": Check(choices=("all", "no-depthwise")),
     "interpolation": Check(choices=INTERPOLATIONS),
     "format_version": Check(low=1),
@@ -146,6 +159,9 @@ def manifest_problems(values: dict[str, Any]) -> list[str]:
                  if not _SHA256.fullmatch(digest) or "/" in name or name in ("", ".", "..")]
     if bad_files:
         problems.append(f"files must map plain file names to sha256 hex digests (bad: {', '.join(bad_files)})")
+    listed_mask = values.get("files", {}).get(MASK)
+    if listed_mask and listed_mask != values["mask_sha256"]:
+        problems.append(f"files lists {MASK} with another sha256 than mask_sha256")
     if values["selected"] > values["total_params"]:
         problems.append(f"selected ({values['selected']}) must not exceed total_params ({values['total_params']})")
     if values.get("device_profile"):
@@ -156,17 +172,46 @@ def manifest_problems(values: dict[str, Any]) -> list[str]:
     return problems
 
 
-def load_manifest(bundle_dir: str | Path) -> BundleManifest:
+def value_problems(values: dict[str, Any]) -> list[str]:
+    """``key must be ... (got ...)`` for each manifest value outside what a device accepts.
+
+    The one range check shared by the device (BundleManifest.from_json) and `edgecl export`
+    (host/export.py check_options), so export refuses what every device would refuse."""
+    return [f"{key} {problem}" for key, value in values.items()
+            if key in MANIFEST_CHECKS and (problem := MANIFEST_CHECKS[key].problem(value))]
+
+
+def read_manifest(bundle_dir: str | Path) -> tuple[BundleManifest, str]:
+    """(the checked manifest, the sha256 of the very bytes it was parsed from)."""
     path = Path(bundle_dir) / MANIFEST
     if not Path(bundle_dir).is_dir():
         raise BundleError(f"{bundle_dir} is not a bundle folder", "pass the folder written by `edgecl export`")
     try:
-        obj = json.loads(path.read_text())
+        data = path.read_bytes()
+        obj = json.loads(data)
     except FileNotFoundError as exc:
         raise BundleError(f"{path} is missing", "pass the folder written by `edgecl export`") from exc
     except (OSError, ValueError) as exc:
         raise BundleError(f"{path} is unreadable ({exc})", "re-copy the bundle from the host") from exc
-    return BundleManifest.from_json(obj, where=str(path))
+    return BundleManifest.from_json(obj, where=str(path)), hashlib.sha256(data).hexdigest()
+
+
+def load_manifest(bundle_dir: str | Path) -> BundleManifest:
+    return read_manifest(bundle_dir)[0]
+
+
+# Files a device reads when they are present: each must be listed (with its sha256) in `files`.
+READ_IF_PRESENT = (EXEMPLARS, OVERLAP)
+
+
+def unlisted_files(bundle_dir: str | Path, manifest: BundleManifest) -> list[str]:
+    """Files the device would read without a sha256 to check them against (docs/bundle-format.md).
+
+    Every required file but the manifest must be listed, and so must an optional one that is there:
+    a manifest without `files` (or with a name taken out) must not turn the check off."""
+    root = Path(bundle_dir)
+    return [name for name in (*REQUIRED_FILES[1:], *READ_IF_PRESENT)
+            if name not in manifest.files and (name in REQUIRED_FILES or (root / name).exists())]
 
 
 def check_bundle_files(bundle_dir: str | Path, names: tuple[str, ...] = REQUIRED_FILES) -> None:

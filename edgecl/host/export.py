@@ -32,7 +32,7 @@ from edgecl import __version__
 from edgecl.errors import ConfigError, DataError, ExportError
 from edgecl.formats import manifest as mf
 from edgecl.formats.atomic import atomic_dir
-from edgecl.formats.config import DeviceProfile, Recipe, load_profile, load_recipe
+from edgecl.formats.config import Check, DeviceProfile, Recipe, load_profile, load_recipe
 from edgecl.formats.exemplars import ExemplarMemory
 from edgecl.formats.hashing import sha256_file
 from edgecl.formats.images import load_image_folder, normalize, scan_image_folder
@@ -53,15 +53,16 @@ MASK_POLICIES = ("no-depthwise", "all")
 
 @dataclass
 class ExportOptions:
+    """The device defaults come from manifest.py (DEFAULT_*), held there once for host and device."""
     select_rate: float = 0.05            # share of all parameters made trainable
     drop_rate: float = 0.9               # per-step probability that a selected gradient is dropped
-    mask_policy: str = "no-depthwise"    # "all" tensors, or depthwise conv weights kept constant (faster step)
-    seed: int = 1993                     # shuffling, augmentation, projection head init
-    batch_size: int = 32                 # images per scoring batch and per device step (two views each)
-    temperature: float = 0.07            # SupCon temperature
-    lr_backbone: float = 1e-2            # device default lr on the delta (validated on B1, docs/benchmarks.md)
-    lr_head: float = 1e-2                # device default lr on the projection head
-    epochs: int = 10                     # device default epochs (validated on B1 + B6, docs/benchmarks.md)
+    mask_policy: str = mf.DEFAULT_MASK_POLICY  # "all" tensors, or depthwise conv weights kept constant (faster step)
+    seed: int = mf.DEFAULT_SEED          # shuffling, augmentation, projection head init
+    batch_size: int = mf.DEFAULT_BATCH_SIZE  # images per scoring batch and per device step (two views each)
+    temperature: float = mf.DEFAULT_LOSS_TEMPERATURE  # SupCon temperature
+    lr_backbone: float = mf.DEFAULT_LR_BACKBONE  # device default lr on the delta (validated on B1, docs/benchmarks.md)
+    lr_head: float = mf.DEFAULT_LR_HEAD  # device default lr on the projection head
+    epochs: int = mf.DEFAULT_EPOCHS      # device default epochs (validated on B1 + B6, docs/benchmarks.md)
     overwrite: bool = False              # replace an existing output folder
     overlap_path: str | None = None      # overlap history from earlier rounds (overlap.safetensors / `edgecl merge`)
     exemplars_per_class: int = 20        # calibration images shipped per class (herding); 0 = ship no images
@@ -298,13 +299,33 @@ def class_prototypes(embeddings: np.ndarray, labels: np.ndarray, classes: list[s
     return protos
 
 
+# ExportOptions field -> (the manifest field it is stamped into, the `edgecl export` flag that sets it).
+_STAMPED = {"select_rate": ("select_rate", "--select-rate"), "drop_rate": ("drop_rate", "--drop-rate"),
+            "mask_policy": ("mask_policy", "--mask-policy"), "seed": ("seed", "--seed"),
+            "batch_size": ("batch_size", "batch_size"), "temperature": ("loss_temperature", "temperature"),
+            "lr_backbone": ("lr_backbone", "--lr"), "lr_head": ("lr_head", "lr_head"), "epochs": ("epochs", "--epochs")}
+_HOST_ONLY = {"exemplars_per_class": (Check(low=0), "--exemplars-per-class")}
+
+
 def check_options(opts: ExportOptions) -> None:
-    if not 0.0 < opts.select_rate <= 1.0:
-        raise ConfigError(f"select rate {opts.select_rate} is outside (0, 1]", "pass e.g. --select-rate 0.05")
-    if not 0.0 <= opts.drop_rate < 1.0:
-        raise ConfigError(f"drop rate {opts.drop_rate} is outside [0, 1)", "pass e.g. --drop-rate 0.9")
-    if opts.mask_policy not in MASK_POLICIES:
-        raise ConfigError(f"unknown mask policy {opts.mask_policy!r}", f"pass one of {', '.join(MASK_POLICIES)}")
+    """Refuse, before anything is written, an option the device would refuse in the manifest.
+
+    The ranges are the device's own (manifest.MANIFEST_CHECKS via value_problems): a bundle that
+    every device refuses (`--lr nan`, `--epochs -1`) is never written."""
+    problems = []
+    for name, (key, flag) in _STAMPED.items():
+        value = getattr(opts, name)
+        problems += [f"{flag}{p.removeprefix(key)}" for p in mf.value_problems({key: value})]
+    for name, (check, flag) in _HOST_ONLY.items():
+        problem = check.problem(getattr(opts, name))
+        if problem:
+            problems.append(f"{flag} {problem}")
+    if problems:
+        defaults = ExportOptions()
+        examples = [f"{flag} {getattr(defaults, name)}" for name, (_, flag) in (*_STAMPED.items(), *_HOST_ONLY.items())
+                    if any(p.startswith(f"{flag} ") for p in problems) and flag.startswith("--")]
+        raise ConfigError(f"export option {'; '.join(problems)}",
+                          f"pass values a device accepts{' (e.g. ' + ', '.join(examples) + ')' if examples else ''}")
 
 
 def select_for_policy(model: nn.Module, scores: dict[str, np.ndarray], opts: ExportOptions,
