@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-data_app = typer.Typer(help="Make image folders (one sub-folder per class) from data sets installed offline.",
+data_app = typer.Typer(help="Make image folders from data sets installed offline.",
                        no_args_is_help=True)
 
 
