@@ -94,8 +94,8 @@ def summary_lines(r: Any, bundle: Path, data: Path) -> list[str]:
                  f"new state {r.state}")
     lines.append(f"  classes added: {', '.join(r.classes_added) or '-'}; seen again: {', '.join(r.classes_updated) or '-'}")
     if r.steps:
-        replay = (f"; each epoch also replayed {r.replayed} stored images of the old classes (exemplars, repeated "
-                  "to balance the new images)" if r.replayed else "")
+        replay = (f"; each epoch also replayed the old classes' stored images {r.replayed} times (exemplars, "
+                  "repeated to balance the new images)" if r.replayed else "")
         lines.append(f"  training: {r.epochs} epochs, {r.steps} steps, lr {r.lr:g}{replay}")
         lines.append(f"  per step: {100 * r.changed_fraction_mean:.3f}% of all weights changed (max "
                      f"{100 * r.changed_fraction_max:.3f}%), {r.step_seconds_median:.3f} s")

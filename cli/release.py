@@ -63,7 +63,7 @@ def release(
                        "to try (--exclude-device, --strategy median, more held-out images)")
         raise typer.Exit(code=EXIT_REFUSED)
     if not as_json:
-        typer.echo(f"released {name or bundle_id} v{report.version} (signed by the server)"
+        typer.echo(f"released {bundle_id} v{report.version} (signed by the server)"
                    + (f" to {', '.join(report.canary)} only" if report.canary else " to every device")
                    + f"; uploaded {report.uploaded_bytes / 1e6:.1f} MB")
         typer.echo("next: on each device, `edgecl pull`"
