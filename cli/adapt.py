@@ -97,8 +97,8 @@ def summary_lines(r: Any, bundle: Path, data: Path) -> list[str]:
                  f"new state {r.state}")
     lines.append(f"  classes added: {', '.join(r.classes_added) or '-'}; seen again: {', '.join(r.classes_updated) or '-'}")
     if r.steps:
-        replay = (f"; each epoch also replayed {r.replayed} stored images of the old classes (exemplars, repeated "
-                  "to balance the new images)" if r.replayed else "")
+        replay = (f"; each epoch also replayed the old classes' stored images {r.replayed} times (exemplars, "
+                  "repeated to balance the new images)" if r.replayed else "")
         lines.append(f"  training: {r.epochs} epochs, {r.steps} steps, lr {r.lr:g}{replay}")
         lines.append(f"  per step: {100 * r.changed_fraction_mean:.3f}% of all weights changed (max "
                      f"{100 * r.changed_fraction_max:.3f}%), {r.step_seconds_median:.3f} s")
@@ -135,9 +135,11 @@ def _gate_lines(r: Any, bundle: Path) -> list[str]:
         lines.append("  -> kept the UNCHANGED backbone (the adapted one was worse); the new classes were added "
                      "from it")
     else:
-        verdict = "a tie: kept the adapted backbone (kept when not worse)" if adapted == frozen else \
-            "kept the adapted backbone (better)"
-        lines.append(f"  -> {verdict}, as it was after epoch {r.kept_epochs} of {r.epochs}")
+        why = "a tie, and a tie keeps it" if adapted == frozen else "better than unchanged"
+        lines.append(f"  -> kept the adapted backbone, as it was after epoch {r.kept_epochs} of {r.epochs} ({why})")
+        last = [e["accuracy"] for e in g.get("epochs") or [] if e.get("epochs") == r.epochs]
+        if r.kept_epochs < r.epochs and last:
+            lines.append(f"     (after epoch {r.epochs} it scored {100 * last[0]:.1f}%, below unchanged)")
         loss = _kept_epoch_loss(bundle, r.state, r.kept_epochs)
         if loss is not None:
             lines.append(f"  loss at the end of the kept epoch {r.kept_epochs}: {loss:.4f}")

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-data_app = typer.Typer(help="Make image folders (one sub-folder per class) from data sets installed offline.",
+data_app = typer.Typer(help="Make image folders from data sets installed offline.",
                        no_args_is_help=True)
 
 
@@ -34,6 +34,11 @@ def fashion_mnist(
                                            source=source or datasets.FASHION_MNIST_DIR, overwrite=overwrite)
     typer.echo(f"wrote {out}: {sum(counts.values())} {split} images, {per_class} per class of "
                f"{', '.join(counts)}")
+    if split == "heldout":
+        typer.echo(f"next: score a bundle on them: edgecl eval [BUNDLE] --data {out}")
+    else:
+        typer.echo(f"next: edgecl export RECIPE --data {out} -o bundle (a model's first classes), or "
+                   f"edgecl adapt [BUNDLE] --data {out} (new classes on a device)")
 
 
 def register(app: typer.Typer) -> None:

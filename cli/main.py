@@ -96,6 +96,9 @@ def _wrap_all(typer_app: typer.Typer) -> None:
     for command in typer_app.registered_commands:
         if command.callback is not None and not hasattr(command.callback, "__wrapped__"):
             command.callback = _one_line_errors(command.callback)
+        if command.callback is not None and command.short_help is None and command.callback.__doc__:
+            # The docstring's first paragraph whole (wrapped), not cut at 45 characters with "...".
+            command.short_help = " ".join(command.callback.__doc__.strip().split("\n\n")[0].split())
     for group in typer_app.registered_groups:
         if group.typer_instance is not None:
             _wrap_all(group.typer_instance)

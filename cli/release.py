@@ -65,7 +65,7 @@ def release(
     if not as_json:
         typer.echo(f"released {bundle_id} v{report.version} (signed by the server)"
                    + (f" to {', '.join(report.canary)} only" if report.canary else " to every device")
-                   + f"; uploaded {report.uploaded_bytes:,} B")
+                   + f"; uploaded {report.uploaded_bytes / 1e6:.1f} MB")
         typer.echo("next: on each device, `edgecl pull`"
                    + ("; then `edgecl server release promote` to widen the canary" if report.canary else ""))
 
@@ -100,7 +100,8 @@ def release_lines(report: Any, name: str, heldout: Path, tolerance: float) -> li
     lines.append(f"  candidate = v{new}, the merged deltas applied to v{cur}; baseline = v{cur}'s backbone unchanged "
                  "with every device's classes added (what the fleet has without adapting); current = v"
                  f"{cur} as released (its own classes only)")
-    allowed = f" by more than {100 * tolerance:g} points" if tolerance else ""
+    points = 100 * tolerance
+    allowed = f" by more than {points:g} point{'' if points == 1 else 's'}" if tolerance else ""
     lines.append(f"  rule: publish v{new} only if no group's candidate is below its baseline{allowed} (nor, when "
                  f"v{new} adds no class, below current on v{cur}'s classes)")
     return lines

@@ -47,6 +47,7 @@ class Phases:
 
     Use through :func:`phases` as a context manager. Calls beyond ``total`` still print (numbered
     past the total) rather than fail: a miscounted phase must never break the command it reports on.
+    With no phase announced, nothing is printed at all (not even "done").
     """
 
     def __init__(self, total: int, desc: str, enabled: bool = True, stream: IO[str] | None = None) -> None:
@@ -67,7 +68,8 @@ class Phases:
     def __call__(self, what: str) -> None:
         """Start the next phase: prints ``DESC [i/total] WHAT...``."""
         self.index += 1
-        self._write(f"{self.desc} [{self.index}/{self.total}] {what}...")
+        count = f"{self.index}/{self.total}" if self.total > 0 else str(self.index)   # total 0: not known
+        self._write(f"{self.desc} [{count}] {what}...")
 
     def __enter__(self) -> Phases:
         self.started = time.monotonic()
@@ -78,7 +80,7 @@ class Phases:
         if self._token is not None:
             _ACTIVE.reset(self._token)
             self._token = None
-        if exc_type is None:
+        if exc_type is None and self.index:
             self._write(f"{self.desc}: done in {time.monotonic() - self.started:.0f} s")
 
 

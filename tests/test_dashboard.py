@@ -126,3 +126,17 @@ def test_dashboard_is_self_contained_and_renders(fleet_server, tmp_path):
     target = Path(__file__).resolve().parents[1] / "docs" / "dashboard.png"
     if not target.exists():        # the screenshot kept in docs/ is made by this test
         target.write_bytes(data)
+
+
+def test_the_first_version_stays_released_after_devices_moved_on(fleet_server, tmp_path):
+    """After `edgecl pull` no device runs v1 any more; it was still the version in service (runs last: it moves dev-1)."""
+    fleet, server = fleet_server
+    with httpx.Client(base_url=server.url) as client:
+        r = client.post("/v1/heartbeat", headers=fleet.headers("dev-1"),
+                        json={"event": "upgraded", "bundle_id": "line-s", "version": 2})
+        assert r.status_code == 200, r.text
+    dom = _chromium(tmp_path, f"{server.url}/dashboard#token={fleet.admin_token}", "--dump-dom")
+    versions = {(row[0], row[1]): row for row in _cells(dom, "versions")}
+    assert versions[("hand-made", "1")][5] == "yes (first version; v2 since)"
+    assert versions[("hand-made", "2")][5] == "canary: dev-0"
+    assert versions[("line-a", "1")][5] == "no"

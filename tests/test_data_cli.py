@@ -42,7 +42,8 @@ def test_train_and_heldout_folders_by_class_name(source: Path, tmp_path: Path) -
     done = runner.invoke(app, ["data", "fashion-mnist", str(out), "--classes", "tshirt,3-dress,9", "--per-class", "4",
                                "--source", str(source)])
     assert done.exit_code == 0, done.output
-    assert done.output == f"wrote {out}: 12 train images, 4 per class of ankle-boot, dress, tshirt\n"
+    assert done.output.splitlines()[0] == f"wrote {out}: 12 train images, 4 per class of ankle-boot, dress, tshirt"
+    assert done.output.splitlines()[1].startswith(f"next: edgecl export RECIPE --data {out} -o bundle")
     assert sorted(p.name for p in out.iterdir()) == ["ankle-boot", "dress", "tshirt"]
     assert all(len(list((out / c).glob("*.png"))) == 4 for c in ("ankle-boot", "dress", "tshirt"))
     assert _first_pixels(out) == {1}, "train folders come from the training file"

@@ -66,3 +66,13 @@ def test_on_a_terminal_they_show_on_stderr_and_piped_they_do_not() -> None:
     os.close(leader)
     assert child.stdout == b"stdout stays clean\n"
     assert "demo [1/2] one..." in shown and "demo [2/2] two..." in shown and "demo: done in" in shown
+
+
+def test_an_unknown_total_numbers_without_one_and_no_phase_prints_nothing() -> None:
+    out = io.StringIO()
+    with phases(0, "adapt", stream=out):
+        pass
+    assert out.getvalue() == "", "a command whose library announced no phase prints no 'done'"
+    with phases(0, "adapt", stream=out):
+        phase("embedding the images")
+    assert out.getvalue().splitlines()[0] == "adapt [1] embedding the images..."

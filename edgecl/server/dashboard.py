@@ -166,11 +166,18 @@ async function names(token, bundles) {
   for (const id in NAMES) seen[NAMES[id]] = (seen[NAMES[id]] || 0) + 1;
   for (const id in NAMES) if (seen[NAMES[id]] > 1) NAMES[id] += " (" + id.slice(0, 6) + ")";
 }
-function releasedState(b, devices) {
+function releasedState(b, devices, bundles) {
   if (b.released) return b.canary.length ? "canary: " + b.canary.join(", ") : "yes";
+  // The exported first version reaches devices by copy, not through the release check: a version devices
+  // run is released, and so is the first version a later release replaced.
   const running = devices.filter(d => d.last_bundle === b.bundle_id && d.last_version === b.version).length;
-  // The exported first version reaches devices by copy, not through the release check: in use is released.
-  return running ? "yes (" + (running === 1 ? "1 device runs" : running + " devices run") + " it)" : "no";
+  if (running) return "yes (" + (running === 1 ? "1 device runs" : running + " devices run") + " it)";
+  const lineage = bundles.filter(o => o.bundle_id === b.bundle_id);
+  const later = lineage.filter(o => o.released && o.version > b.version).map(o => o.version);
+  if (later.length && b.version === Math.min(...lineage.map(o => o.version))) {
+    return "yes (first version; v" + Math.min(...later) + " since)";
+  }
+  return "no";
 }
 async function load() {
   const token = sessionStorage.getItem(KEY);
@@ -196,7 +203,7 @@ async function load() {
     [r => pct(heldout(r, "before")), "n"], [r => pct(heldout(r, "after")), "n"],
     [r => r.revoked ? "revoked" : "active", ""]]);
   fill("versions", data.bundles, [[r => model(r.bundle_id), "", id], [r => r.version, "n"], [r => r.deltas, "n"],
-    [r => r.devices, "n"], [r => r.stored ? "yes" : "no"], [r => releasedState(r, data.devices)],
+    [r => r.devices, "n"], [r => r.stored ? "yes" : "no"], [r => releasedState(r, data.devices, data.bundles)],
     [r => pct(r.device_accuracy_before), "n"], [r => pct(r.device_accuracy_after), "n"],
     [r => pct(r.release_accuracy), "n"]]);
   fill("merges", data.merges, [[r => model(r.bundle_id), "", id], [r => r.version, "n"], [r => r.inputs, "n"],
