@@ -14,6 +14,13 @@ def _number(value: float | None, fmt: str) -> str:
     return "n/a" if value is None else format(value, fmt)
 
 
+def _unknown_text(r: dict) -> str:
+    """'UNKNOWN (score s) ' when the calibrated threshold flags the image; nothing otherwise."""
+    if r.get("unknown"):
+        return f"UNKNOWN (unknown score {_number(r['unknown_score'], '.3g')}), nearest: "
+    return ""
+
+
 def predict(
     bundle: Annotated[Path, typer.Argument(help="Bundle folder.")],
     images: Annotated[list[Path], typer.Argument(help="Image files.")],
@@ -23,7 +30,10 @@ def predict(
     head: Annotated[Head, typer.Option(help=HEAD_HELP)] = Head.auto,
     as_json: JsonFlag = False,
 ) -> None:
-    """Class, probability and score (cosine similarity, or the LDA score) and top-k for each image."""
+    """Class, probability and score (cosine similarity, or the LDA score) and top-k for each image.
+
+    An image unlike every known class (its unknown score above the threshold calibrated on held-out
+    images) is marked UNKNOWN; --json gives `unknown` and `unknown_score` per image."""
     from edgecl.device.infer import predict as run_predict
 
     results = run_predict(bundle, images, top_k=top_k, profile=device, head=head.value)
@@ -36,7 +46,8 @@ def predict(
                 continue
             ranked = "  ".join(f"{t['class']} p={_number(t['probability'], '.3f')} score={_number(t['score'], '.3f')}"
                                for t in r["top_k"])
-            typer.echo(f"{r['path']}: {ranked}  [head {r['head']}, state {r['state']}]")
+            flag = _unknown_text(r)
+            typer.echo(f"{r['path']}: {flag}{ranked}  [head {r['head']}, state {r['state']}]")
     if any("error" in r for r in results):
         raise typer.Exit(code=1)
 
