@@ -11,7 +11,7 @@ import typer
 
 def adapt(
     bundle: Annotated[Path, typer.Argument(help="Bundle folder written by `edgecl export`.")],
-    data: Annotated[Path, typer.Option("--data", help="Image folder: DATA/<class name>/<images>.")],
+    data: Annotated[Path | None, typer.Option("--data", help="Image folder: DATA/<class name>/<images>.")] = None,
     epochs: Annotated[int | None, typer.Option(help="Epochs (0 = only compute the classes' prototypes). "
                                                        "Default: the bundle's.")] = None,
     lr: Annotated[float | None, typer.Option(help="Learning rate of the sparse delta. Default: the bundle's.")] = None,
@@ -45,10 +45,15 @@ def adapt(
     head: Annotated[str, typer.Option(help="Head the gate scores with: auto (= lda), ncm or lda.")] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
+    from_review: Annotated[bool, typer.Option("--from-review", help="Train on the images labeled in "
+                                                                   "`edgecl review` (BUNDLE/review/labeled).")] = False,
 ) -> None:
     """Adapt BUNDLE to the images in DATA; the previous state is kept for `edgecl rollback`."""
     from edgecl.device.adapt import AdaptOptions
     from edgecl.device.adapt import adapt as run_adapt
+    from edgecl.device.review import labeled_folder
+
+    data = labeled_folder(bundle, data, from_review)
 
     report = run_adapt(bundle, data, AdaptOptions(
         epochs=epochs, lr=lr, lr_head=lr_head, batch_size=batch_size, seed=seed, checkpoint_every=checkpoint_every,

@@ -29,6 +29,8 @@ COMMAND_MODULES = (
     "adapt",
     "predict",
     "evaluate",
+    "watch",
+    "review",
     "rollback",
     "upgrade",
     "serve",
