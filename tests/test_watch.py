@@ -171,3 +171,79 @@ def test_review_refuses_class_names_that_are_not_plain_folder_names(tmp_path: Pa
     with pytest.raises(DataError):
         queue.label_file(image, bad)
     assert not (tmp_path / "r" / "labeled").exists() or not any((tmp_path / "r" / "labeled").iterdir())
+
+
+def test_watch_sends_its_drift_statistics_in_a_heartbeat(bundle_copy: Path, calib_dir: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A real HTTP server on loopback records what the device sends (the fleet server accepts the
+    same body and, today, keeps only its event and version)."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from edgecl.device.provision import DeviceConfig, save_device_config
+
+    got: list[tuple[str, str, dict]] = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802
+            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+            got.append((self.path, self.headers.get("Authorization", ""), body))
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.end_headers()
+            self.wfile.write(b'{"status": "ok"}')
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    config = tmp_path / "device.toml"
+    save_device_config(DeviceConfig(server=f"http://127.0.0.1:{server.server_address[1]}", name="dev-1",
+                                    token="tok", bundle=str(bundle_copy.resolve())), config)
+    monkeypatch.setenv("EDGECL_DEVICE_CONFIG", str(config))
+    cam = tmp_path / "cam"
+    cam.mkdir()
+    _camera(cam, calib_dir, 3, cls="class1")
+    try:
+        Watcher(bundle_copy, cam, WatchOptions(settle_s=0.0), log=tmp_path / "w.jsonl").run(once=True)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert got, "no heartbeat"
+    path, auth, body = got[-1]
+    assert path == "/v1/heartbeat" and auth == "Bearer tok" and body["event"] == "watch" and body["version"] == 1
+    drift = body["drift"]
+    assert drift["images_total"] == 3 and drift["state"] == "bundle" and 0 < drift["mean_confidence"] <= 1
+    assert drift["unknown_rate"] is not None and drift["embedding_shift"] > 0
+
+
+def test_drift_shift_grows_when_the_images_move_away_from_the_known_classes() -> None:
+    import numpy as np
+
+    from edgecl.device.drift import DriftMonitor
+    from edgecl.device.infer import Scored
+    from edgecl.formats.prototypes import Prototypes
+
+    protos = Prototypes.empty(4)
+    protos.upsert("a", np.array([1.0, 0, 0, 0]), 10)
+    protos.upsert("b", np.array([0, 1.0, 0, 0]), 10)
+
+    class _Serving:  # what the monitor reads of a ServingState
+        lda = lda_means = None
+        state = type("S", (), {"prototypes": protos})()
+
+    def batch(z: np.ndarray, unknown: bool) -> Scored:
+        n = len(z)
+        return Scored(z, np.zeros((n, 2)), np.tile([0.9, 0.1], (n, 1)), np.zeros(n), np.full(n, unknown))
+
+    monitor = DriftMonitor(window=4)
+    rng = np.random.default_rng(0)
+    monitor.add(batch(np.array([[1.0, 0, 0, 0], [0, 1.0, 0, 0]] * 2) + rng.normal(0, 0.01, (4, 4)), False),
+                _Serving())  # type: ignore[arg-type]
+    near = monitor.stats()
+    monitor.add(batch(np.tile([3.0, 3.0, 0, 0], (4, 1)), True), _Serving())  # type: ignore[arg-type]
+    far = monitor.stats()
+    assert near["embedding_shift"] < 0.1 < 2 < far["embedding_shift"]
+    assert near["unknown_rate"] == 0.0 and far["unknown_rate"] == 1.0 and far["window_images"] == 4
+    assert far["images_total"] == 8 and far["mean_confidence"] == pytest.approx(0.9)

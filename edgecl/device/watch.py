@@ -63,6 +63,7 @@ class WatchOptions:
     follow_config: bool = True           # follow `edgecl pull` through the device config
     drift_window: int = 500              # images in the drift statistics' rolling window
     stats_every_s: float = 10.0          # write the drift statistics at most this often
+    heartbeat_s: float = 300.0           # with a device config: send the drift statistics this often (0 = never)
 
 
 # -- 1. complete files ----------------------------------------------------------------------------
@@ -258,7 +259,7 @@ class WatchReport:
     not_queued: int = 0                  # unknown / unsure images the queue had no room for
     reloads: int = 0                     # states picked up
     seconds: float = 0.0
-    latencies_ms: list[float] = field(default_factory=list, repr=False)  # per image: its batch's time / n
+    latencies_ms: list[float] = field(default_factory=list, repr=False)  # per image: its batch's time (last 10,000)
 
 
 class Watcher:
@@ -278,6 +279,9 @@ class Watcher:
         self.drift = DriftMonitor.load(self.follower.bundle.state_dir, opts.drift_window)
         self.report = WatchReport()
         self._stats_written = 0.0
+        self._heartbeat_sent = 0.0
+        self._heartbeat: Any = None  # the thread sending the last one
+        self.heartbeats: list[dict[str, Any]] = []  # what was sent (the last 10), for the report and tests
         self.on_batch: Callable[[list[dict[str, Any]]], None] | None = None  # tests hook in
         self.policy: AdaptPolicy | None = None  # --adapt-when
 
@@ -328,8 +332,8 @@ class Watcher:
         elapsed = time.perf_counter() - started
         self.report.images += len(rows)
         self.report.seconds += elapsed
-        if rows:
-            self.report.latencies_ms.extend([1000.0 * elapsed / len(paths)] * len(rows))
+        if rows:  # an image's answer waits for its whole batch (decode, inference, log line)
+            self.report.latencies_ms.extend([1000.0 * elapsed] * len(rows))
             del self.report.latencies_ms[:-10_000]  # bounded: the last 10,000 images
         self._save_stats()
         if self.on_batch is not None:
@@ -355,6 +359,39 @@ class Watcher:
             self.drift.save(self.follower.bundle.state_dir, self.follower)
         except (OSError, EdgeclError):
             pass  # the statistics are a report, never a reason to stop serving
+        self._send_heartbeat(force)
+
+    def _send_heartbeat(self, force: bool = False) -> None:
+        """The drift statistics to the fleet server, in a thread: the network never holds up serving."""
+        config = self.follower._config
+        now = time.monotonic()
+        if config is None or self.options.heartbeat_s <= 0 or (self._heartbeat is not None and self._heartbeat.is_alive()):
+            return
+        if not force and now - self._heartbeat_sent < self.options.heartbeat_s:
+            return
+        from .provision import load_device_config
+        try:
+            cfg = load_device_config(config)
+        except EdgeclError:
+            return
+        if cfg is None or not cfg.server or not cfg.token:
+            return
+        self._heartbeat_sent = now
+        m = self.follower.bundle.manifest
+        body = {"event": "watch", "bundle_id": m.bundle_id, "version": m.version,
+                "drift": {**self.drift.stats(), "state": self.follower.generation}}
+
+        def send() -> None:
+            from .sync import RetryPolicy, api_json
+            try:
+                api_json(cfg.server, cfg.token, "POST", "/v1/heartbeat", body, policy=RetryPolicy(retries=0, timeout_s=10))
+                self.heartbeats = [*self.heartbeats[-9:], body]
+            except EdgeclError:
+                pass  # unreachable: the next one carries the newer figures
+
+        import threading
+        self._heartbeat = threading.Thread(target=send, daemon=True)
+        self._heartbeat.start()
 
     def run(self, once: bool = False, stop: Callable[[], bool] | None = None) -> WatchReport:
         """Serve until ``stop()`` (or KeyboardInterrupt); with ``once``, until DIR holds nothing new."""
@@ -377,6 +414,8 @@ class Watcher:
             pass
         finally:
             self._save_stats(force=True)
+            if self._heartbeat is not None:
+                self._heartbeat.join(timeout=15)
         return self.report
 
 
