@@ -68,7 +68,8 @@ def _print_unknown(u: dict[str, Any]) -> None:
     typer.echo(f"  unknown images flagged unknown: {_share(u['unknown_flagged'])}")
     if len(u["folders"]) > 1:
         for f in u["folders"]:
-            typer.echo(f"  {f['data']}: AUROC {f['auroc']:.3f}, flagged {_share(f['flagged'])}")
+            auroc_f = "n/a" if f["auroc"] is None else f"{f['auroc']:.3f}"
+            typer.echo(f"  {f['data']}: AUROC {auroc_f}, flagged {_share(f['flagged'])}")
 
 
 def register(app: typer.Typer) -> None:

@@ -162,6 +162,7 @@ class ServingState:
     mahalanobis: MahalanobisScorer | None
     calibration: dict[str, Any] | None   # unknown.calibrate's record that fits this state, if any
     unknown_score: str                   # which score ``unknown_scores`` holds (unknown.SCORE_*)
+    lda_linear: tuple[np.ndarray, np.ndarray] | None = None  # (weights [D, C], bias [C]): LdaHead.logits, solved once
 
     @classmethod
     def create(cls, bundle: Bundle, state: DeviceState, head: str | Enum = "auto",
@@ -177,7 +178,11 @@ class ServingState:
         calibration = lda.calibration if lda is not None else bundle_calibration(bundle, state)
         if calibration is not None and calibration.get("score") != score:
             calibration = None  # fitted for another score than this state computes
-        return cls(state, used, classes, lda, means, scorer, calibration, score)
+        linear = None
+        if lda is not None and means is not None:
+            weights = np.linalg.solve(lda.covariance(), means.T)  # what LdaHead.logits solves per call
+            linear = (weights, -0.5 * np.einsum("cd,dc->c", means, weights))
+        return cls(state, used, classes, lda, means, scorer, calibration, score, linear)
 
     def temperature(self, head: str | None = None) -> float:
         head = head or self.head
@@ -187,8 +192,9 @@ class ServingState:
     def score(self, embeddings: np.ndarray, cosines: np.ndarray) -> Scored:
         """Embeddings [N, D] and inference.onnx's cosines [N, C] -> everything predict reports."""
         if self.head == "lda":
-            assert self.lda is not None and self.lda_means is not None
-            scores = self.lda.logits(embeddings, self.lda_means).astype(np.float32)
+            assert self.lda_linear is not None
+            weights, bias = self.lda_linear
+            scores = (np.asarray(embeddings, np.float64) @ weights + bias).astype(np.float32)
         else:
             scores = np.asarray(cosines, np.float32)
         if self.mahalanobis is not None:
