@@ -12,7 +12,7 @@ from .device import BundleArg, ConfigOpt, bundle_words, resolve_bundle, resolve_
 
 
 def adapt(
-    data: Annotated[Path, typer.Option("--data", help="Image folder: DATA/<class name>/<images>.")],
+    data: Annotated[Path | None, typer.Option("--data", help="Image folder: DATA/<class name>/<images>.")] = None,
     bundle: BundleArg = None,
     epochs: Annotated[int | None, typer.Option(help="Epochs (0 = only compute the classes' prototypes). "
                                                        "Default: the bundle's.")] = None,
@@ -51,11 +51,16 @@ def adapt(
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     config: ConfigOpt = None,
+    from_review: Annotated[bool, typer.Option("--from-review", help="Train on the images labeled in "
+                                                                   "`edgecl review` (BUNDLE/review/labeled).")] = False,
 ) -> None:
     """Adapt BUNDLE to the images in DATA; the previous state is kept for `edgecl rollback`."""
     from edgecl.device.adapt import AdaptOptions
     from edgecl.device.adapt import adapt as run_adapt
     bundle, cfg = resolve_bundle(bundle, config)
+    from edgecl.device.review import labeled_folder
+
+    data = labeled_folder(bundle, data, from_review)
     report = run_adapt(bundle, data, AdaptOptions(
         epochs=epochs, lr=lr, lr_head=lr_head, batch_size=batch_size, seed=seed, checkpoint_every=checkpoint_every,
         drift_compensation=drift_compensation, exemplars=exemplars, replay=replay, replay_share=replay_share, select_lr=select_lr,

@@ -31,12 +31,16 @@ def evaluate(
     as_json: JsonFlag = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     config: ConfigOpt = None,
+    unknown: Annotated[list[Path] | None, typer.Option("--unknown", help="Folder of images of no known class: "
+                                                       "reports how well the unknown score separates them "
+                                                       "(AUROC) and the shares flagged.")] = None,
 ) -> None:
     """Accuracy overall and per class, and the most confused class pairs."""
     from edgecl.device.infer import evaluate as run_evaluate
 
     bundle, cfg = resolve_bundle(bundle, config)
-    result = run_evaluate(bundle, data, profile=resolve_profile(device, cfg), head=head.value, progress=not quiet)
+    result = run_evaluate(bundle, data, profile=resolve_profile(device, cfg), head=head.value, progress=not quiet,
+                          unknown_dirs=unknown or [])
     if as_json:
         echo_json(result)
         return
@@ -50,6 +54,25 @@ def evaluate(
     typer.echo(f"{'overall ' if len(folders) > 1 else ''}accuracy {100 * result['accuracy']:.2f}% ({result['correct']} of {result['images']} images in "
                f"{where}), {result['head']} head, state {result['state']} of {bundle}")
     _print_report(result, "  ")
+    if "unknown_detection" in result:
+        _print_unknown(result["unknown_detection"])
+
+
+def _share(value: float | None) -> str:
+    return "n/a (no calibration)" if value is None else f"{100 * value:.1f}%"
+
+
+def _print_unknown(u: dict[str, Any]) -> None:
+    auroc = "n/a" if u["auroc"] is None else f"{u['auroc']:.3f}"
+    typer.echo(f"unknown detection ({u['score']} score): AUROC {auroc} on {u['known_images']} known and "
+               f"{u['unknown_images']} unknown images")
+    target = "" if u["target_false_unknown_rate"] is None else f" (target {100 * u['target_false_unknown_rate']:.0f}%)"
+    typer.echo(f"  known images flagged unknown: {_share(u['known_flagged'])}{target}")
+    typer.echo(f"  unknown images flagged unknown: {_share(u['unknown_flagged'])}")
+    if len(u["folders"]) > 1:
+        for f in u["folders"]:
+            auroc_f = "n/a" if f["auroc"] is None else f"{f['auroc']:.3f}"
+            typer.echo(f"  {f['data']}: AUROC {auroc_f}, flagged {_share(f['flagged'])}")
 
 
 def register(app: typer.Typer) -> None:

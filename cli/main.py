@@ -36,6 +36,8 @@ COMMAND_MODULES = (
     "adapt",
     "predict",
     "evaluate",
+    "watch",
+    "review",
     "rollback",
     "upgrade",
     "serve",

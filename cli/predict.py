@@ -34,6 +34,13 @@ def _number(value: float | None, fmt: str) -> str:
     return "n/a" if value is None else format(value, fmt)
 
 
+def _unknown_text(r: dict) -> str:
+    """'UNKNOWN (score s) ' when the calibrated threshold flags the image; nothing otherwise."""
+    if r.get("unknown"):
+        return f"UNKNOWN (unknown score {_number(r['unknown_score'], '.3g')}), nearest: "
+    return ""
+
+
 def predict(
     paths: Annotated[list[Path], typer.Argument(metavar="[BUNDLE] IMAGE_OR_FOLDER...",
                                                 help="A bundle folder first (default: the device config's "
@@ -44,7 +51,10 @@ def predict(
     as_json: JsonFlag = False,
     config: ConfigOpt = None,
 ) -> None:
-    """Class, probability and score (cosine similarity, or the LDA score) and top-k for each image."""
+    """Class, probability and score (cosine similarity, or the LDA score) and top-k for each image.
+
+    An image unlike every known class (its unknown score above the threshold calibrated on held-out
+    images) is marked UNKNOWN; --json gives `unknown` and `unknown_score` per image."""
     from edgecl.device.infer import predict as run_predict
     from edgecl.formats.manifest import MANIFEST
 
@@ -61,7 +71,8 @@ def predict(
                 continue
             ranked = "  ".join(f"{t['class']} p={_number(t['probability'], '.3f')} score={_number(t['score'], '.3f')}"
                                for t in r["top_k"])
-            typer.echo(f"{r['path']}: {ranked}  [head {r['head']}, state {r['state']}]")
+            flag = _unknown_text(r)
+            typer.echo(f"{r['path']}: {flag}{ranked}  [head {r['head']}, state {r['state']}]")
     if any("error" in r for r in results):
         raise typer.Exit(code=1)
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from safetensors.numpy import load as _st_load
@@ -58,6 +59,9 @@ class LdaHead:
     count: int = 0                            # samples in the scatter
     groups: int = 0                           # (task, class) groups the deviations were taken from
     means: dict[str, np.ndarray] = field(default_factory=dict)  # the head's own class means (moved by drift)
+    # Unknown threshold + temperatures fitted on held-out images against these statistics
+    # (edgecl.device.unknown.calibrate); None once the statistics change (add, move), until recalibrated.
+    calibration: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.shrinkage <= 1.0:
@@ -74,6 +78,7 @@ class LdaHead:
             self.scatter += centred.T @ centred
             self.count += len(rows)
             self.groups += 1
+        self.calibration = None  # its threshold was fitted against the statistics before this task
 
     def covariance(self) -> np.ndarray:
         dof = max(self.count - self.groups, 1)
@@ -89,6 +94,7 @@ class LdaHead:
         linear = w[: self.dim]
         self.scatter = linear.T @ self.scatter @ linear
         self.means = {name: np.append(mu, 1.0) @ w for name, mu in self.means.items()}
+        self.calibration = None
 
     def means_for(self, classes: list[str], fallback: np.ndarray) -> np.ndarray:
         """[C, D] means in ``classes`` order; a class the head has no mean of takes its row of ``fallback``."""
@@ -105,11 +111,12 @@ class LdaHead:
     def to_bytes(self) -> bytes:
         names = list(self.means)
         means = (np.stack([self.means[n] for n in names]) if names else np.zeros((0, self.dim))).astype(np.float64)
+        metadata = {"format": LDA_FORMAT, "format_version": "1", "count": str(self.count),
+                    "groups": str(self.groups), "classes": json.dumps(names)}
+        if self.calibration is not None:  # absent, the bytes are those of a file from before calibration
+            metadata["calibration"] = json.dumps(self.calibration, sort_keys=True)
         return canonical_safetensors({"scatter": np.ascontiguousarray(self.scatter, np.float64),
-                                      "means": np.ascontiguousarray(means)},
-                                     metadata={"format": LDA_FORMAT, "format_version": "1",
-                                               "count": str(self.count), "groups": str(self.groups),
-                                               "classes": json.dumps(names)})
+                                      "means": np.ascontiguousarray(means)}, metadata=metadata)
 
     @classmethod
     def from_bytes(cls, data: bytes, shrinkage: float = DEFAULT_SHRINKAGE) -> LdaHead:
@@ -125,8 +132,12 @@ class LdaHead:
             means = tensors.get("means", np.zeros((0, scatter.shape[0])))
             if means.shape != (len(names), scatter.shape[0]):
                 raise ValueError(f"means {means.shape} do not fit {len(names)} classes of dimension {scatter.shape[0]}")
+            calibration = None
+            if "calibration" in meta:
+                from edgecl.formats.calibration import check_record
+                calibration = check_record(meta["calibration"], "its calibration record")
             return cls(scatter.shape[0], shrinkage, scatter, int(meta["count"]), int(meta["groups"]),
-                       {n: means[i].astype(np.float64) for i, n in enumerate(names)})
+                       {n: means[i].astype(np.float64) for i, n in enumerate(names)}, calibration)
         except Exception as exc:
             raise DeviceError(f"the LDA head's statistics are damaged ({exc})",
                               "run `edgecl rollback`, or use --head ncm") from exc

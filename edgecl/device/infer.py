@@ -11,17 +11,27 @@ Two heads (docs/method.md#step-4; ``--head``):
 Each predicted class carries its raw ``score`` and a ``probability``: the softmax over all classes
 of the head's scores. For lda the scores are Gaussian log-likelihoods up to a shared constant
 (shared covariance, equal priors), so the softmax is that model's posterior. For ncm the cosine
-scores (in [-1, 1]) are divided by ``NCM_TEMPERATURE`` first; that temperature is a fixed choice,
-not fitted to this bundle's data, so read an ncm probability as a confidence on a common scale
-(the ranking is the scores'), not as a measured frequency of being right.
+scores (in [-1, 1]) are divided by ``NCM_TEMPERATURE`` first. When the state carries a calibration
+record (``unknown.calibrate``: the LDA statistics' own, written by `edgecl adapt`, or for the bundle's
+own state the one `edgecl export` wrote), each head's scores are divided by the temperature fitted on
+held-out images instead, so a probability is a measured frequency of being right (ECE on
+Fashion-MNIST: benchmarks/floor/). Without one the raw softmax stays: read it as a confidence on a
+common scale (the ranking is the scores'), not as a frequency.
+
+Each image also gets an ``unknown_score`` (higher = less like any known class; ``unknown.py``) and
+``unknown``: whether it is above the calibrated threshold (None when the state has no calibration).
+``ServingState`` is a state prepared once for all of that, so `edgecl watch` scores a batch without
+reloading or refactoring the statistics.
 """
 
 from __future__ import annotations
 
+import json
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -30,23 +40,28 @@ import numpy as np
 
 from edgecl.errors import BundleError, DataError, DeviceError, EdgeclError
 from edgecl.formats import manifest as mf
+from edgecl.formats.calibration import (
+    CALIBRATION_FILE,
+    NCM_TEMPERATURE,
+    SCORE_COSINE,
+    SCORE_RELATIVE_MAHALANOBIS,
+    auroc,
+    check_record,
+    softmax,
+)
 from edgecl.formats.config import DeviceProfile, default_profile, load_profile, profile_from_dict
-from edgecl.formats.images import load_image_folder, load_rgb
+from edgecl.formats.images import IMAGE_SUFFIXES, load_image_folder, load_rgb
 from edgecl.formats.preprocess import Preprocess
 from edgecl.formats.prototypes import Prototypes
 from edgecl.progress import progress_bar
 
 from .heads import LdaHead
 from .state import INFERENCE_FILES, Bundle, DeviceState, load_current, open_bundle, save_verified
+from .unknown import MahalanobisScorer
 
 # auto: lda when the state has its statistics, else ncm; ncm: cosine to the class prototypes;
 # lda: linear discriminant with the pooled within-class covariance. (cli/options.py mirrors these.)
 HEADS = ("auto", "ncm", "lda")
-
-# Softmax temperature of the ncm head's cosine scores. A cosine gap of 0.1 between two classes is
-# then an odds ratio of e^2 = 7.4; 0.05 sits in the range cosine classifiers are trained at (SupCon
-# 0.07, CosFace-style scales s = 10..30 i.e. T = 0.1..0.03). Fixed, not fitted: see the module doc.
-NCM_TEMPERATURE = 0.05
 
 _INFER_BATCH = 64  # images per inference call: bounds activation memory, independent of the train batch
 
@@ -126,28 +141,102 @@ def resolve_head(state: DeviceState, head: str | Enum) -> str:
     return head
 
 
+@dataclass
+class Scored:
+    """One batch through a ServingState: rows in the order of the pixels given."""
+    embeddings: np.ndarray          # [N, D]
+    scores: np.ndarray              # [N, C] the head's scores, in state.prototypes.classes order
+    probabilities: np.ndarray       # [N, C] softmax(scores / the head's temperature)
+    unknown_scores: np.ndarray      # [N] higher = less like any known class
+    unknown: np.ndarray | None      # [N] bool: above the calibrated threshold; None without calibration
+
+
+@dataclass
+class ServingState:
+    """A committed state made ready to score embeddings: the head's statistics factored once."""
+    state: DeviceState
+    head: str                            # ncm | lda (resolved)
+    classes: list[str]
+    lda: LdaHead | None                  # the LDA statistics when the state has them (whatever the head)
+    lda_means: np.ndarray | None         # [C, D] in ``classes`` order
+    mahalanobis: MahalanobisScorer | None
+    calibration: dict[str, Any] | None   # unknown.calibrate's record that fits this state, if any
+    unknown_score: str                   # which score ``unknown_scores`` holds (unknown.SCORE_*)
+    lda_linear: tuple[np.ndarray, np.ndarray] | None = None  # (weights [D, C], bias [C]): LdaHead.logits, solved once
+
+    @classmethod
+    def create(cls, bundle: Bundle, state: DeviceState, head: str | Enum = "auto",
+               shrinkage: float | None = None) -> ServingState:
+        used = resolve_head(state, head)
+        classes = list(state.prototypes.classes)
+        lda = means = scorer = None
+        if state.lda_path is not None:
+            lda = LdaHead.load_file(state.lda_path) if shrinkage is None else LdaHead.load_file(state.lda_path, shrinkage)
+            means = lda.means_for(classes, state.prototypes.means)
+            scorer = MahalanobisScorer.create(lda, means)
+        score = SCORE_RELATIVE_MAHALANOBIS if scorer is not None else SCORE_COSINE
+        calibration = lda.calibration if lda is not None else bundle_calibration(bundle, state)
+        if calibration is not None and calibration.get("score") != score:
+            calibration = None  # fitted for another score than this state computes
+        linear = None
+        if lda is not None and means is not None:
+            weights = np.linalg.solve(lda.covariance(), means.T)  # what LdaHead.logits solves per call
+            linear = (weights, -0.5 * np.einsum("cd,dc->c", means, weights))
+        return cls(state, used, classes, lda, means, scorer, calibration, score, linear)
+
+    def temperature(self, head: str | None = None) -> float:
+        head = head or self.head
+        fitted = (self.calibration or {}).get("temperature", {}).get(head)
+        return float(fitted) if fitted else (NCM_TEMPERATURE if head == "ncm" else 1.0)
+
+    def score(self, embeddings: np.ndarray, cosines: np.ndarray) -> Scored:
+        """Embeddings [N, D] and inference.onnx's cosines [N, C] -> everything predict reports."""
+        if self.head == "lda":
+            assert self.lda_linear is not None
+            weights, bias = self.lda_linear
+            scores = (np.asarray(embeddings, np.float64) @ weights + bias).astype(np.float32)
+        else:
+            scores = np.asarray(cosines, np.float32)
+        if self.mahalanobis is not None:
+            unknown_scores = self.mahalanobis.unknown_scores(embeddings)
+        else:
+            with np.errstate(invalid="ignore"):
+                unknown_scores = 1.0 - np.asarray(cosines, np.float64).max(axis=1)
+        flags = None
+        if self.calibration is not None:
+            with np.errstate(invalid="ignore"):
+                flags = ~(unknown_scores <= float(self.calibration["threshold"]))  # NaN counts as unknown
+        return Scored(np.asarray(embeddings), scores, softmax(scores, self.temperature()), unknown_scores, flags)
+
+    def classify(self, runner, bundle: Bundle, pixels: np.ndarray,  # noqa: ANN001
+                 on_batch: Callable[[int], Any] | None = None) -> Scored:
+        embeddings, cosines = embed_and_score(runner, bundle, pixels, self.state.delta, self.state.prototypes.means,
+                                              on_batch)
+        return self.score(embeddings, cosines)
+
+
+def bundle_calibration(bundle: Bundle, state: DeviceState) -> dict[str, Any] | None:
+    """The bundle's own calibration (`edgecl export`), valid only while the state is the bundle's."""
+    path = bundle.path(CALIBRATION_FILE)
+    if state.generation is not None or not path.is_file():
+        return None
+    try:
+        return check_record(json.loads(path.read_text()), str(path))
+    except (OSError, ValueError) as exc:
+        raise BundleError(f"{path} is damaged ({exc})", "re-copy the bundle from the host") from exc
+
+
 def classify(runner, bundle: Bundle, state: DeviceState, pixels: np.ndarray, head: str | Enum,  # noqa: ANN001
              shrinkage: float | None = None, on_batch: Callable[[int], Any] | None = None) -> tuple[str, np.ndarray]:
     """(the head used, scores [N, C] in the order of state.prototypes.classes)."""
-    used = resolve_head(state, head)
-    embeddings, logits = embed_and_score(runner, bundle, pixels, state.delta, state.prototypes.means, on_batch)
-    if used == "lda":
-        assert state.lda_path is not None  # resolve_head returns lda only when the state has the file
-        lda = LdaHead.load_file(state.lda_path) if shrinkage is None else LdaHead.load_file(state.lda_path, shrinkage)
-        means = lda.means_for(state.prototypes.classes, state.prototypes.means)
-        logits = lda.logits(embeddings, means).astype(np.float32)
-    return used, logits
+    serving = ServingState.create(bundle, state, head, shrinkage)
+    return serving.head, serving.classify(runner, bundle, pixels, on_batch).scores
 
 
-def probabilities(scores: np.ndarray, head: str) -> np.ndarray:
-    """Softmax over classes of [N, C] scores (ncm: cosine / NCM_TEMPERATURE; lda: the scores as they are).
-
-    A row with a non-finite score (a zero embedding has no cosine) gives NaN probabilities."""
-    z = np.asarray(scores, np.float64) / (NCM_TEMPERATURE if head == "ncm" else 1.0)
-    with np.errstate(invalid="ignore", over="ignore"):
-        z = z - z.max(axis=1, keepdims=True)
-        e = np.exp(z)
-        return e / e.sum(axis=1, keepdims=True)
+def probabilities(scores: np.ndarray, head: str, temperature: float | None = None) -> np.ndarray:
+    """Softmax over classes of [N, C] scores divided by ``temperature`` (default: the uncalibrated one,
+    ncm: NCM_TEMPERATURE; lda: 1). A row with a non-finite score gives NaN probabilities."""
+    return softmax(scores, temperature if temperature is not None else (NCM_TEMPERATURE if head == "ncm" else 1.0))
 
 
 def finite_or_none(value: float) -> float | None:
@@ -179,29 +268,38 @@ def predict(bundle_dir: str | Path, images: Sequence[str | Path], top_k: int = 3
             results[i]["error"] = exc.problem
     if not rows:
         raise DataError("none of the given images could be decoded", "pass readable image files")
-    used = resolve_head(state, head)
+    serving = ServingState.create(bundle, state, head)
     runner = create_runner(bundle, prof)
-    _, logits = classify(runner, bundle, state, np.stack(pixels), used)
-    probs = probabilities(logits, used)
-    k = min(top_k, len(state.prototypes))
-    for row, scores, p in zip(rows, logits, probs, strict=True):
-        order = np.argsort(-np.nan_to_num(scores, nan=-np.inf), kind="stable")[:k]
-        top = [{"class": state.prototypes.classes[j], "score": finite_or_none(scores[j]),
-                "probability": finite_or_none(p[j])} for j in order]
-        results[row].update({"class": top[0]["class"], "score": top[0]["score"],
-                             "probability": top[0]["probability"], "top_k": top, "head": used,
-                             "state": state.generation or "bundle"})
+    scored = serving.classify(runner, bundle, np.stack(pixels))
+    for i, row in enumerate(rows):
+        results[row].update(describe(serving, scored, i, top_k))
     save_verified(bundle)
     return results
 
 
+def describe(serving: ServingState, scored: Scored, i: int, top_k: int = 3) -> dict[str, Any]:
+    """Row ``i`` of a scored batch as predict (and watch) report it; non-finite numbers are None."""
+    scores, p = scored.scores[i], scored.probabilities[i]
+    order = np.argsort(-np.nan_to_num(scores, nan=-np.inf), kind="stable")[:min(top_k, len(serving.classes))]
+    top = [{"class": serving.classes[j], "score": finite_or_none(scores[j]), "probability": finite_or_none(p[j])}
+           for j in order]
+    return {"class": top[0]["class"], "score": top[0]["score"], "probability": top[0]["probability"],
+            "unknown": None if scored.unknown is None else bool(scored.unknown[i]),
+            "unknown_score": finite_or_none(scored.unknown_scores[i]), "top_k": top, "head": serving.head,
+            "calibrated": serving.calibration is not None, "state": serving.state.generation or "bundle"}
+
+
 def evaluate(bundle_dir: str | Path, data_dir: str | Path | Sequence[str | Path],
              profile: str | Path | DeviceProfile | None = None, most_confused: int = 5,
-             head: str | Enum = "auto", progress: bool = True) -> dict[str, Any]:
+             head: str | Enum = "auto", progress: bool = True,
+             unknown_dirs: Sequence[str | Path] = ()) -> dict[str, Any]:
     """Accuracy overall and per class, and the most confused (true, predicted) pairs.
 
     ``data_dir`` may be several folders (e.g. each task's test split): each is scored and reported
-    under ``folders``, and the top-level numbers pool all their images."""
+    under ``folders``, and the top-level numbers pool all their images. ``unknown_dirs``: folders of
+    images of no known class (a class folder per kind, or loose images); the report's
+    ``unknown_detection`` gives the AUROC of the unknown score (known images of ``data_dir`` against
+    these) and the shares flagged at the calibrated threshold."""
     folders = [data_dir] if isinstance(data_dir, (str, Path)) else list(data_dir)
     if not folders:
         raise DataError("no image folder given", "pass --data DIR (several --data are evaluated together)")
@@ -209,8 +307,10 @@ def evaluate(bundle_dir: str | Path, data_dir: str | Path | Sequence[str | Path]
     prof = resolve_profile(profile, bundle)
     state = load_current(bundle)
     _need_prototypes(state.prototypes, bundle)
-    used = resolve_head(state, head)
+    serving = ServingState.create(bundle, state, head)
+    used = serving.head
     m = bundle.manifest
+    unknown_images = [_load_unknown(folder, m) for folder in unknown_dirs]
     loaded = []
     for folder in folders:
         with warnings.catch_warnings():
@@ -228,10 +328,14 @@ def evaluate(bundle_dir: str | Path, data_dir: str | Path | Sequence[str | Path]
                           f"not scored: {', '.join(unknown)}", stacklevel=2)
         loaded.append((folder, data, rows, unknown))
     runner = create_runner(bundle, prof)
-    reports, all_truth, all_predicted = [], [], []
-    with progress_bar(sum(len(rows) for _, _, rows, _ in loaded), "eval", enabled=progress) as bar:
+    reports, all_truth, all_predicted, known_scores, known_flags = [], [], [], [], []
+    total = sum(len(rows) for _, _, rows, _ in loaded) + sum(len(x) for x in unknown_images)
+    with progress_bar(total, "eval", enabled=progress) as bar:
         for folder, data, rows, unknown in loaded:
-            _, logits = classify(runner, bundle, state, data.pixels[rows], used, on_batch=bar.update)
+            scored = serving.classify(runner, bundle, data.pixels[rows], on_batch=bar.update)
+            logits = scored.scores
+            known_scores.append(scored.unknown_scores)
+            known_flags.append(scored.unknown)
             predicted = [state.prototypes.classes[j] for j in np.nan_to_num(logits, nan=-np.inf).argmax(axis=1)]
             truth = [data.classes[data.labels[r]] for r in rows]
             report = _accuracy_report(truth, predicted, most_confused)
@@ -240,7 +344,10 @@ def evaluate(bundle_dir: str | Path, data_dir: str | Path | Sequence[str | Path]
             reports.append(report)
             all_truth += truth
             all_predicted += predicted
+        unknown_scored = [serving.classify(runner, bundle, pixels, on_batch=bar.update) for pixels in unknown_images]
     overall = _accuracy_report(all_truth, all_predicted, most_confused)
+    if unknown_dirs:
+        overall["unknown_detection"] = _unknown_report(serving, known_scores, known_flags, unknown_scored, unknown_dirs)
     overall.update({
         "skipped_unreadable": sum(r["skipped_unreadable"] for r in reports),
         "skipped_unknown_class": sum(r["skipped_unknown_class"] for r in reports),
@@ -251,6 +358,46 @@ def evaluate(bundle_dir: str | Path, data_dir: str | Path | Sequence[str | Path]
     })
     save_verified(bundle)
     return overall
+
+
+def _load_unknown(folder: str | Path, m: mf.BundleManifest) -> np.ndarray:
+    """Every decodable image under ``folder`` (class sub-folders or loose files), uint8 [N, H, W, 3]."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise DataError(f"{root} is not a folder", "pass --unknown DIR, a folder of images of no known class")
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES
+                   and not any(part.startswith(".") for part in p.relative_to(root).parts))
+    pixels = []
+    for path in files:
+        try:
+            pixels.append(load_rgb(path, m.input_size, m.interpolation))
+        except DataError:
+            continue  # counted by the report as images - decoded
+    if not pixels:
+        raise DataError(f"no image in {root} could be decoded", "pass --unknown DIR holding image files")
+    return np.stack(pixels)
+
+
+def _unknown_report(serving: ServingState, known_scores: list[np.ndarray], known_flags: list[np.ndarray | None],
+                    unknown_scored: list[Scored], unknown_dirs: Sequence[str | Path]) -> dict[str, Any]:
+    """AUROC of the unknown score, known images against each unknown folder and all of them, and the
+    shares flagged at the calibrated threshold (None when the state has no calibration)."""
+    known = np.concatenate(known_scores)
+    calibrated = serving.calibration is not None
+
+    def flagged(flags: list[np.ndarray | None]) -> float | None:
+        return float(np.mean(np.concatenate([f for f in flags if f is not None]))) if calibrated else None
+
+    folders = [{"data": str(d), "images": len(s.unknown_scores), "auroc": finite_or_none(auroc(known, s.unknown_scores)),
+                "flagged": flagged([s.unknown])} for d, s in zip(unknown_dirs, unknown_scored, strict=True)]
+    every = np.concatenate([s.unknown_scores for s in unknown_scored])
+    return {"score": serving.unknown_score, "calibrated": calibrated,
+            "threshold": serving.calibration["threshold"] if serving.calibration else None,
+            "target_false_unknown_rate": serving.calibration["false_unknown_rate"] if serving.calibration else None,
+            "known_images": int(len(known)), "unknown_images": int(len(every)),
+            "auroc": finite_or_none(auroc(known, every)),
+            "known_flagged": flagged(known_flags), "unknown_flagged": flagged([s.unknown for s in unknown_scored]),
+            "folders": folders}
 
 
 def _accuracy_report(truth: list[str], predicted: list[str], most_confused: int) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import errno
+import json
 import platform
 import tempfile
 import uuid
@@ -32,6 +33,7 @@ from edgecl import __version__
 from edgecl.errors import ConfigError, DataError, ExportError
 from edgecl.formats import manifest as mf
 from edgecl.formats.atomic import atomic_dir
+from edgecl.formats.calibration import CALIBRATION_FILE, calibrate_leave_one_out
 from edgecl.formats.config import Check, DeviceProfile, Recipe, load_profile, load_recipe
 from edgecl.formats.exemplars import ExemplarMemory
 from edgecl.formats.hashing import sha256_file
@@ -99,6 +101,7 @@ class BundleSpec:
     version: int = 1
     parent_sha256: str = ""
     recipe_weights: bool = False         # also write recipe_weights.safetensors (stock timm layout; `apply`)
+    calibration: dict | None = None      # unknown threshold + ncm temperature of the prototypes (calibration.json)
 
 
 RECIPE_WEIGHTS = "recipe_weights.safetensors"
@@ -259,6 +262,8 @@ def write_bundle(spec: BundleSpec, out_dir: str | Path) -> ExportReport:
             spec.exemplars.save_file(tmp / mf.EXEMPLARS)
         if spec.overlap:
             (tmp / mf.OVERLAP).write_bytes(overlap_to_bytes(spec.overlap))
+        if spec.calibration is not None:
+            (tmp / CALIBRATION_FILE).write_text(json.dumps(spec.calibration, indent=2, sort_keys=True) + "\n")
         if spec.recipe_weights and recipe.timm_model:
             # Inside the temp folder, before the manifest: listed in `files` (verified, signed) like the rest.
             from edgecl.host.unfold import write_recipe_weights
@@ -403,8 +408,12 @@ def export_bundle(recipe: Recipe | str | Path, data_dir: str | Path, out_dir: st
                 {name: (images.pixels[images.labels == i], emb[images.labels == i])
                  for i, name in enumerate(images.classes)},
                 budget_bytes=1 << 62, max_per_class=opts.exemplars_per_class)
+        # Each image scored as if held out of its class's prototype (exact, costs no image): the device's
+        # unknown threshold and ncm temperature until its first adapt calibrates the LDA statistics.
+        calibration = calibrate_leave_one_out(emb, images.labels) if np.bincount(images.labels).min() >= 2 else None
         spec = BundleSpec(recipe=recipe, model=model, mask=mask, head=head, prototypes=prototypes, options=opts,
-                          profile=profile, exemplars=exemplars, overlap=history.counts if history else None)
+                          profile=profile, exemplars=exemplars, overlap=history.counts if history else None,
+                          calibration=calibration)
         report = write_bundle(spec, out_dir)
         report.images_used, report.images_skipped = len(images.labels), len(images.skipped)
         report.preprocessing = sources

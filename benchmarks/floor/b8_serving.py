@@ -1,0 +1,77 @@
+"""B8 device serving (issue 23; BENCHMARKS.md#b8): `edgecl watch` vs torch eval on the same cores.
+
+    .venv/bin/python benchmarks/floor/b8_serving.py [--bundle DIR] [--images 1000] [--threads 1,2]
+
+EfficientNet-Lite0 at 64 px. watch: `Watcher.run(once=True)` on a folder of Fashion-MNIST PNGs,
+image decoding, inference, unknown scores and the JSON log included (the review queue off); its
+images/s is images / serve time, latency per image = its batch's wall time. torch: the recipe's
+model in eval mode, channels_last, `torch.inference_mode`, forward only on pre-decoded tensors
+(decoding not counted), the same batch size. Each run is its own process pinned with taskset to the
+same cores (0 for 1 thread, 0-1 for 2), peak RSS by /usr/bin/time -v. Writes out/floor/b8_serving.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from common import OUT, RECIPE, SEED, machine, print_table, run_timed, thread_env, write_json  # noqa: E402
+
+from edgecl.datasets import write_fashion_groups  # noqa: E402
+
+WORKER = Path(__file__).with_name("b8_worker.py")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--bundle", type=Path, default=None, help="a Lite0 64 px bundle (default: export one)")
+    ap.add_argument("--images", type=int, default=1000)
+    ap.add_argument("--threads", default="1,2")
+    ap.add_argument("--batch", type=int, default=16)
+    args = ap.parse_args()
+    work = OUT / "floor"
+    per_class = max(args.images // 10, 1)
+    data = write_fashion_groups(work / f"b8-{per_class}", {"all": list(range(10))}, train_per_class=1,
+                                test_per_class=per_class, seed=SEED)
+    camera = work / f"b8-camera-{per_class}"
+    if not camera.is_dir():  # the camera's flat folder
+        camera.mkdir(parents=True)
+        for i, p in enumerate(sorted((data / "all" / "test").rglob("*.png"))):
+            (camera / f"{i:05d}.png").write_bytes(p.read_bytes())
+    flat_for_torch = data / "all" / "test"
+    bundle = args.bundle or work / "bundle-b8"
+    if args.bundle is None and not (bundle / "manifest.json").exists():
+        from edgecl.host.export import ExportOptions, export_bundle
+        export_bundle(RECIPE, data / "all" / "train", bundle, options=ExportOptions(progress=False))
+    load_before = os.getloadavg()
+    rows, results = [], []
+    for threads in [int(t) for t in args.threads.split(",")]:
+        cores = "0" if threads == 1 else f"0-{threads - 1}"
+        run = {}
+        for kind, folder in (("watch", camera), ("torch", flat_for_torch)):
+            timed = run_timed(["taskset", "-c", cores, sys.executable, str(WORKER), kind, str(bundle), str(folder),
+                               str(threads), str(args.batch)], env=thread_env(threads))
+            run[kind] = {**json.loads(timed.stdout.strip().splitlines()[-1]), "peak_rss_mib": timed.max_rss_mib,
+                         "process_wall_s": timed.wall_s}
+        speedup = run["watch"]["images_per_s"] / run["torch"]["images_per_s"]
+        rss = run["watch"]["peak_rss_mib"] / run["torch"]["peak_rss_mib"]
+        results.append({"threads": threads, "cores": cores, "batch": args.batch, **run,
+                        "speedup": speedup, "rss_ratio": rss, "goals": {"speedup>=1.3": speedup >= 1.3,
+                                                                        "rss<=0.3": rss <= 0.3}})
+        for kind in ("watch", "torch"):
+            r = run[kind]
+            rows.append([threads, kind, r["images"], r["images_per_s"], r["p50_ms"], r["p99_ms"], r["peak_rss_mib"]])
+        rows.append([threads, "watch / torch", "", speedup, "", "", rss])
+    print_table(["threads", "run", "images", "images/s", "p50 ms", "p99 ms", "peak RSS MiB"], rows)
+    print("wrote", write_json("floor/b8_serving.json", {"benchmark": "B8", "machine": machine(),
+                                                         "args": {k: str(v) for k, v in vars(args).items()},
+                                                         "load_average_before": load_before,
+                                                         "load_average_after": os.getloadavg(), "runs": results}))
+
+
+if __name__ == "__main__":
+    main()
