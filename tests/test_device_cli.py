@@ -168,9 +168,13 @@ def test_the_device_config_supplies_the_bundle_and_predict_takes_folders(bundle_
 
 def test_usage_errors_are_one_line(tmp_path):
     attempts = tmp_path / "attempts.txt"
+    # --data is optional since --from-review names the images instead: its absence is adapt's own one line
     missing = edgecl(attempts, "adapt", tmp_path)
+    assert missing.returncode == 1 and missing.stderr == \
+        "error: no images to adapt on: pass --data DIR, or --from-review for the labeled review images\n", missing.stderr
+    missing = edgecl(attempts, "eval", tmp_path)
     assert missing.returncode == 2 and missing.stderr == \
-        "error: Missing option '--data': see `edgecl adapt --help`\n", missing.stderr
+        "error: Missing option '--data': see `edgecl eval --help`\n", missing.stderr
     unknown = edgecl(attempts, "eval", tmp_path, "--data", tmp_path, "--exemplars")
     assert unknown.returncode == 2 and unknown.stderr.count("\n") == 1
     assert unknown.stderr.startswith("error: No such option: --exemplars")

@@ -8,7 +8,8 @@ Reads top to bottom, as ``run_adaptation`` does:
                picks lr and epochs first (noharm.py);
 4. train     : trainloop.train (step graph on plain onnxruntime, numpy drop gate + sparse SGD);
 5. judge     : the do-no-harm check: adapted vs prototypes-only on the held-out images (noharm.py);
-6. post-steps: every class's statistics under the kept backbone (poststeps.py, edgecl.classstats);
+6. post-steps: every class's statistics under the kept backbone (poststeps.py, edgecl.classstats),
+               and the unknown threshold and temperatures calibrated on the held-out images (unknown.py);
 7. commit    : a new generation, atomically; the previous state stays for `edgecl rollback` (state.py).
 """
 
@@ -101,6 +102,7 @@ def run_adaptation(episode: Episode, run_dir: RunDir, resume: bool) -> AdaptRepo
     records = train_episode(episode, plan, state, run_dir)
     verdict = judge(episode, plan, state, run_dir)
     heads = episode.post_steps(verdict.kept_delta)
+    heads.lda.calibration = episode.calibration(verdict.kept_delta)
     base_table = episode.base_prototypes()
     report = make_report(episode, plan, verdict, heads, records, selection, resumed_from)
     kept_steps = sum(1 for r in records if r["epoch"] <= verdict.kept_epochs) if verdict.keep else 0

@@ -142,6 +142,28 @@ class Episode:
         """The class statistics after this adaptation, on every task image, with the kept backbone."""
         return run_post_steps(self.start_heads, self.moved(delta, training_rows_only=False))
 
+    def calibration(self, delta: np.ndarray | None) -> dict[str, Any] | None:
+        """The unknown threshold and the heads' temperatures for the committed state (unknown.calibrate),
+        fitted on the task's held-out images under the kept backbone, scored against statistics built on
+        the training rows only, so no image counted by the statistics judges them. The committed statistics
+        also count the held-out images, so the threshold is set on slightly farther statistics: the
+        flagged share of known images errs low. None when nothing was held out (--no-gate)."""
+        if not len(self.split.task_held):
+            return None
+        from .unknown import calibrate
+
+        heads = run_post_steps(self.start_heads, self.moved(delta, training_rows_only=True))
+        protos = heads.prototypes
+        held = self.held_out()
+        # Only the task's held-out images: the old classes' held-out exemplars are counted in their means
+        # (the calibration set, an earlier task), and would make every known class look closer than it is.
+        keep = [i for i, name in enumerate(held.names[:len(self.split.task_held)]) if name in protos.classes]
+        if not keep:
+            return None
+        embeddings = held.embeddings_of(self.current.delta if delta is None else delta)[keep]
+        labels = np.asarray([protos.classes.index(held.names[i]) for i in keep])
+        return calibrate(embeddings, labels, protos.means, heads.lda, heads.lda.means_for(protos.classes, protos.means))
+
     def base_prototypes(self) -> Prototypes:
         """The state's base-space table after this task: each task class the bundle does not ship, its
         previous base-space mean merged by counts with this task's images under the bundle's own
@@ -196,9 +218,11 @@ def open_episode(bundle: Bundle, data_dir: Path, plan: Plan, profile: DeviceProf
     # camera's exemplars: B6 measured +1.5 points on the last camera, docs/benchmarks.md#b6).
     replay_names = list(known) if plan.replay and plan.epochs > 0 else []
     fingerprints = image_fingerprints(task.pixels)  # once: the split and every post-step run use them
-    hold = plan.epochs > 0 and (plan.gate or plan.select_lr)
+    # Held out: for the do-no-harm check and --select-lr, and with no training (--epochs 0) for the
+    # unknown threshold's calibration alone (the statistics still count every image).
+    hold = (plan.epochs > 0 and (plan.gate or plan.select_lr)) or plan.epochs == 0
     split = _split(task, memory, known, plan, hold, current.prototypes, fingerprints)
-    if hold and not len(split.task_held):
+    if hold and plan.epochs > 0 and not len(split.task_held):
         if plan.select_lr:
             raise DataError("--select-lr needs at least two images per class", "add images or drop --select-lr")
         warnings.warn("too few images the class statistics do not already count to hold any out: the do-no-harm "

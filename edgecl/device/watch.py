@@ -382,7 +382,7 @@ class Watcher:
                 "drift": {**self.drift.stats(), "state": self.follower.generation}}
 
         def send() -> None:
-            from .sync import RetryPolicy, api_json
+            from edgecl.http_client import RetryPolicy, api_json
             try:
                 api_json(cfg.server, cfg.token, "POST", "/v1/heartbeat", body, policy=RetryPolicy(retries=0, timeout_s=10))
                 self.heartbeats = [*self.heartbeats[-9:], body]
