@@ -23,9 +23,12 @@ def apply(
 ) -> None:
     """Bake deltas into the base weights; write weights.safetensors, inference.onnx and a new bundle version."""
     from edgecl.host.apply import apply_deltas
+    from edgecl.progress import phases
 
-    report = apply_deltas(bundle, deltas, out, data_dir=data, recipe_path=recipe, overwrite=overwrite,
-                          progress=not quiet)
+    # The bundle writer announces its phases (graphs, files); how many depends on the options: unnumbered.
+    with phases(0, "apply", enabled=not (quiet or as_json)):
+        report = apply_deltas(bundle, deltas, out, data_dir=data, recipe_path=recipe, overwrite=overwrite,
+                              progress=not quiet)
     if as_json:
         echo_json(report)
         return

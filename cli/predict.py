@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from .device import ConfigOpt, DeviceOpt, resolve_bundle, resolve_profile
+from .device import ConfigOpt, DeviceOpt, device_config, resolve_bundle, resolve_profile
 from .options import HEAD_HELP, Head, JsonFlag, echo_json
 
 
@@ -59,6 +59,9 @@ def predict(
     from edgecl.formats.manifest import MANIFEST
 
     given: Path | None = paths[0] if (paths[0] / MANIFEST).is_file() else None
+    cfg = device_config(config)
+    if given is None and (cfg is None or not cfg.bundle) and len(paths) > 1:
+        given = paths[0]   # meant as the bundle (no configured one): the library says what is wrong with it
     bundle, cfg = resolve_bundle(given, config)
     images = image_files(paths[1:] if given is not None else paths)
     results = run_predict(bundle, images, top_k=top_k, profile=resolve_profile(device, cfg), head=head.value)

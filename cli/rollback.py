@@ -46,8 +46,8 @@ def rollback_lines(bundle: Path, undone: dict[str, Any] | None, now: dict[str, A
     what = _what_made(undone) if undone else "the last state"
     lines = [f"rolled back {bundle}: undid {result['undone']}, {what}"]
     if now is not None:
-        where = "the bundle's own state" if now["generation"] is None else f"state {now['generation']}"
-        lines.append(f"  now on {where}: {len(now['classes'])} classes")
+        where = "bundle (the bundle's own, no device state)" if now["generation"] is None else now["generation"]
+        lines.append(f"  current state: {where}, {len(now['classes'])} classes")
         if undone is not None:
             lost = [c for c in undone["classes"] if c not in now["classes"]]
             if lost:

@@ -92,8 +92,12 @@ def phases(total: int, desc: str, enabled: bool = True, stream: IO[str] | None =
     return Phases(total, desc, enabled, stream)
 
 
-def phase(what: str) -> None:
-    """Start the next phase of the innermost active :func:`phases`; nothing when none is active."""
+def phase(what: str, enabled: bool = True) -> None:
+    """Start the next phase of the innermost active :func:`phases`; nothing when none is active.
+
+    ``enabled=False`` (a caller that passed ``progress=False``) announces nothing: e.g. `edgecl release`
+    builds bundles inside its own phases, and the bundle writer's phases must not count as release's.
+    """
     active = _ACTIVE.get()
-    if active is not None:
+    if enabled and active is not None:
         active(what)

@@ -88,7 +88,7 @@ def test_device_commands_run_without_the_host_stack(bundle_copy, tmp_path):
     said = rolled.stdout.splitlines()
     assert said[0].startswith(f"rolled back {bundle_copy}: undid gen-000001, the adaptation on {data} (added cat"), \
         rolled.stdout
-    assert "  now on the bundle's own state: 3 classes" in said
+    assert "  current state: bundle (the bundle's own, no device state), 3 classes" in said
     assert "  classes no longer known: cat" in said
     assert "  predict and eval's default head changes from lda to ncm" in said, "auto was lda (adapt made it)"
     assert not attempts.exists(), f"a device command tried to import: {attempts.read_text()}"
@@ -179,6 +179,9 @@ def test_usage_errors_are_one_line(tmp_path):
     assert unknown.returncode == 2 and unknown.stderr.count("\n") == 1
     assert unknown.stderr.startswith("error: No such option: --exemplars")
     # No BUNDLE and no config naming one: one line that says both ways out.
+    # Without a configured bundle, predict's first path is the bundle, and a wrong one is said as such.
+    wrong = edgecl(attempts, "predict", tmp_path / "nowhere", tmp_path / "a.png")
+    assert wrong.returncode == 1 and wrong.stderr.startswith(f"error: {tmp_path / 'nowhere'} is not a bundle folder")
     nobundle = edgecl(attempts, "eval", "--data", tmp_path, "--config", tmp_path / "none.toml")
     assert nobundle.returncode == 1 and nobundle.stderr.count("\n") == 1, nobundle.stderr
     assert nobundle.stderr.startswith("error: no bundle given and no device config names one: pass the bundle "

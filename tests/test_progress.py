@@ -76,3 +76,12 @@ def test_an_unknown_total_numbers_without_one_and_no_phase_prints_nothing() -> N
     with phases(0, "adapt", stream=out):
         phase("embedding the images")
     assert out.getvalue().splitlines()[0] == "adapt [1] embedding the images..."
+
+
+def test_a_library_call_with_progress_off_does_not_advance_the_callers_phases() -> None:
+    out = io.StringIO()
+    with phases(2, "release", stream=out) as ph:
+        ph("building the candidate")
+        phase("writing the bundle", enabled=False)       # apply_deltas(progress=False) inside release
+        ph("checking it")
+    assert out.getvalue().splitlines()[:2] == ["release [1/2] building the candidate...", "release [2/2] checking it..."]

@@ -202,10 +202,10 @@ def build_graphs(model: nn.Module, mask: Mask, head: nn.Linear, temperature: flo
     bar = progress_bar(2, "export graphs", enabled=progress)
     try:
         h, w = recipe.input_size
-        phase("building the training step graph (forward + backward)")
+        phase("building the training step graph (forward + backward)", progress)
         export_train_step(model, mask, head, temperature, rows, (int(h), int(w)), out / mf.TRAIN_STEP)
         bar.update(1)
-        phase("building the inference graph and checking it against torch")
+        phase("building the inference graph and checking it against torch", progress)
         _export_inference(model, list(recipe.input_size), dim, out / mf.INFERENCE_MODEL)
         bar.update(1)
     except OSError as exc:
@@ -255,7 +255,7 @@ def write_bundle(spec: BundleSpec, out_dir: str | Path) -> ExportReport:
         build_graphs(spec.model, mask, spec.head, opts.temperature, 2 * batch, recipe, tmp, opts.progress)
         save_weights(tmp / mf.HEAD_INIT, {mf.PROJ_WEIGHT: spec.head.weight.detach().numpy(),
                                    mf.PROJ_BIAS: spec.head.bias.detach().numpy()})
-        phase("writing the mask, prototypes, exemplars and manifest")
+        phase("writing the mask, prototypes, exemplars and manifest", opts.progress)
         mask.save_file(tmp / mf.MASK)
         spec.prototypes.save_file(tmp / mf.PROTOTYPES)
         if spec.exemplars is not None and len(spec.exemplars.classes):
