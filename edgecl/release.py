@@ -136,8 +136,10 @@ def _fetch_bundle(server: str, token: str, bundle: dict[str, Any], dest: Path, p
     dest.mkdir(parents=True)
     download(server, token, base + mf.MANIFEST, dest / mf.MANIFEST, bundle["manifest_sha256"], policy)
     manifest = mf.load_manifest(dest)
-    for name, sha in sorted(manifest.files.items()):
-        download(server, token, base + name, dest / name, sha, policy)
+    # The device's files, and of the server-only ones what `apply` reads (the overlap history).
+    wanted = {**manifest.files, **{n: s for n, s in manifest.server_files.items() if n == mf.OVERLAP}}
+    for name, sha in sorted(wanted.items()):
+        download(server, token, base + name, dest / name, sha, policy, size=manifest.sizes.get(name))
     return dest
 
 

@@ -27,7 +27,13 @@ from edgecl.device.pull import pull
 from edgecl.errors import EdgeclError
 from edgecl.formats import manifest as mf
 from edgecl.formats.signing import generate_private_key, manifest_object, public_key, sign_manifest
-from edgecl.formats.weights_patch import PatchError, apply_patch, attach_weights_patch, make_patch
+from edgecl.formats.weights_patch import (
+    PatchError,
+    apply_patch,
+    attach_weights_patch,
+    make_patch,
+    read_header,
+)
 from edgecl.http_client import DiskError, MalformedAnswer, RetryPolicy, download
 from edgecl.server.service import release_version
 from edgecl.server.store import Store, add_bundle_dir
@@ -48,6 +54,11 @@ def test_patch_round_trip_changes_only_what_moved() -> None:
     same = make_patch(old.tobytes(), old.tobytes())
     assert same is not None and len(same) < 300 and apply_patch(old.tobytes(), same) == old.tobytes()
     assert make_patch(old.tobytes(), new.tobytes()[:-4]) is None   # another layout: no word-for-word patch
+    assert read_header(patch)["mode"] == "add"                   # float steps: old + step is new, bit for bit
+    odd = bytearray(new.tobytes())
+    odd[:4] = b"\x01\x00\xc0\x7f"                                 # a NaN: no float step reproduces it
+    xor = make_patch(old.tobytes(), bytes(odd))
+    assert xor is not None and read_header(xor)["mode"] == "xor" and apply_patch(old.tobytes(), xor) == bytes(odd)
 
 
 def test_patch_refuses_another_base_and_damage() -> None:

@@ -99,7 +99,10 @@ class BundleSpec:
 
 
 RECIPE_WEIGHTS = mf.RECIPE_WEIGHTS
-SERVER_ONLY = (mf.RECIPE_WEIGHTS,)      # written into the bundle, kept on the server, never sent to devices
+# Written into the bundle and kept on the server, never sent to devices: the stock-layout weights,
+# and the overlap history, which only the next `edgecl apply` reads (the device scales its
+# gradients by the counts the mask carries).
+SERVER_ONLY = (mf.RECIPE_WEIGHTS, mf.OVERLAP)
 
 
 # -- graphs ----------------------------------------------------------------------------------------
