@@ -31,6 +31,7 @@ from typing import Any
 from edgecl.errors import EdgeclError
 
 RETRY_STATUS = {408, 429, 500, 502, 503, 504}   # worth another try; any other 4xx is a rejection
+MAX_ANSWER_BYTES = 64 << 20    # the largest JSON answer read (the admin device list of a 100k fleet fits)
 
 
 @dataclass
@@ -89,7 +90,12 @@ def _request(server: str, token: str, method: str, path: str, data: bytes | None
                 if on_headers is not None:
                     on_headers(response.headers)
                 if sink is None:
-                    return response.read()
+                    # An API answer is read whole: an endless one must not take the memory.
+                    data = response.read(MAX_ANSWER_BYTES + 1)
+                    if len(data) > MAX_ANSWER_BYTES:
+                        raise MalformedAnswer(f"{url} answered more than {MAX_ANSWER_BYTES:,} bytes",
+                                              "check the server URL (an edgecl server of this version?)")
+                    return data
                 while chunk := response.read(1 << 20):
                     sink(chunk)
                 return b""

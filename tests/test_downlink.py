@@ -241,6 +241,14 @@ def test_an_endless_answer_without_any_size_stops_at_the_hard_cap(script, tmp_pa
     assert not dest.exists()
 
 
+def test_an_endless_release_answer_is_refused_not_read_into_memory(script, tiny_bundle, tmp_path):
+    url, routes = script
+    routes["/v1/releases/latest"] = _endless
+    with pytest.raises(MalformedAnswer, match="answered more than"):
+        pull(_device(tiny_bundle, tmp_path), url, "t", public_key(generate_private_key()).hex(), policy=FAST)
+    assert _Script.hits["/v1/releases/latest"] == 1
+
+
 @pytest.mark.parametrize("answer, problem", [
     ({"version": "abc", "files": {}}, "version 'abc' is not a whole number"),
     ({"version": 2, "files": {mf.MANIFEST: "deadbeef"}}, "files entry 'manifest.json' is not"),
