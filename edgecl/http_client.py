@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import os
@@ -30,6 +31,7 @@ from typing import Any
 from edgecl.errors import EdgeclError
 
 RETRY_STATUS = {408, 429, 500, 502, 503, 504}   # worth another try; any other 4xx is a rejection
+MAX_ANSWER_BYTES = 64 << 20    # the largest JSON answer read (the admin device list of a 100k fleet fits)
 
 
 @dataclass
@@ -67,6 +69,10 @@ class ServerUnreachable(EdgeclError):
     """No answer (network, timeout, 5xx) after the retries."""
 
 
+class MalformedAnswer(EdgeclError):
+    """The server answered, but not what the API says (not JSON, or fields of the wrong type)."""
+
+
 def _request(server: str, token: str, method: str, path: str, data: bytes | None, content_type: str,
              policy: RetryPolicy, sleep: Callable[[float], None], sink: Callable[[bytes], None] | None = None,
              on_headers: Callable[[Any], None] | None = None) -> bytes:
@@ -84,7 +90,12 @@ def _request(server: str, token: str, method: str, path: str, data: bytes | None
                 if on_headers is not None:
                     on_headers(response.headers)
                 if sink is None:
-                    return response.read()
+                    # An API answer is read whole: an endless one must not take the memory.
+                    data = response.read(MAX_ANSWER_BYTES + 1)
+                    if len(data) > MAX_ANSWER_BYTES:
+                        raise MalformedAnswer(f"{url} answered more than {MAX_ANSWER_BYTES:,} bytes",
+                                              "check the server URL (an edgecl server of this version?)")
+                    return data
                 while chunk := response.read(1 << 20):
                     sink(chunk)
                 return b""
@@ -107,7 +118,8 @@ def api_json(server: str, token: str, method: str, path: str, body: object = Non
     raw = _request(server, token, method, path, data, "application/json", policy or RetryPolicy(), sleep)
     answer = parse_json_object(raw)
     if not answer and raw.strip() not in (b"{}",):
-        raise ServerUnreachable(f"{server}{path} did not answer JSON", "check the server URL (an edgecl server?)")
+        raise MalformedAnswer(f"{server}{path} answered something that is not a JSON object",
+                              "check the server URL (an edgecl server of this version?)")
     return answer
 
 
@@ -120,15 +132,35 @@ def upload(server: str, token: str, path: str, data_path: Path, policy: RetryPol
 
 
 ENCODING_HEADER = "X-Edgecl-Encoding"
+# A download's size comes from the signed manifest; when nothing says how big a file is (an older
+# release, a host-side download), no response may write more than this (an endless answer must
+# not fill the disk). EfficientNet-Lite0's largest bundle file is 13 MB.
+MAX_DOWNLOAD_BYTES = 1 << 30
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS)
+
+
+class DiskError(EdgeclError):
+    """Writing a download failed on this machine's disk (full, quota, read-only): not the
+    network's fault, so never retried."""
+
+
+def disk_error(path: Path, exc: OSError) -> DiskError:
+    """The one-line error for a disk failure while writing ``path``."""
+    # The same words as edgecl.formats.atomic's, which reports the pull's other writes.
+    what = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "the disk quota is exhausted",
+            errno.EFBIG: "the file grew past the file-size limit", errno.EROFS: "the disk is read-only"}
+    return DiskError(f"{what.get(exc.errno or 0, exc.strerror or 'the disk failed')} while writing {path}",
+                     f"free space on the disk holding {path.parent} (or pass another folder), then run the "
+                     "command again; nothing was changed")
 
 
 class _Sink:
     """Writes a download to a file, decoding it (zlib, or zlib of old XOR new against ``old``) and
-    hashing the decoded bytes on the way; never writes more than ``limit`` bytes (a zlib bomb is
-    refused, not expanded)."""
+    hashing the decoded bytes on the way; never writes more than ``limit`` bytes (a zlib bomb or an
+    endless answer is refused, not written) and never takes in much more than that from the wire."""
 
-    def __init__(self, f: Any, old: bytes | None = None, limit: int | None = None) -> None:
-        self.f, self.digest, self.size, self.wire = f, hashlib.sha256(), 0, 0
+    def __init__(self, f: Any, path: Path, limit: int, old: bytes | None = None) -> None:
+        self.f, self.path, self.digest, self.size, self.wire = f, path, hashlib.sha256(), 0, 0
         self.old, self.limit, self.mode, self.z = old, limit, "identity", None
 
     def headers(self, headers: Any) -> None:
@@ -140,9 +172,13 @@ class _Sink:
         if self.mode != "identity":
             self.z = zlib.decompressobj()  # type: ignore[assignment]
 
+    def _too_big(self) -> EdgeclError:
+        return EdgeclError(f"{self.path.name} from the server is larger than the {self.limit:,} bytes it may have",
+                           "refused, nothing kept: run the command again; if it persists, check the server")
+
     def _write(self, data: bytes) -> None:
-        if self.limit is not None and self.size + len(data) > self.limit:
-            raise EdgeclError(f"a download decodes to more than its {self.limit:,} bytes", "refused: run the command again")
+        if self.size + len(data) > self.limit:
+            raise self._too_big()
         if self.mode == "xor-zlib":
             assert self.old is not None
             old = self.old[self.size:self.size + len(data)]
@@ -150,18 +186,29 @@ class _Sink:
                 raise EdgeclError("a patch is longer than the file it patches", "refused: run the command again")
             data = (int.from_bytes(data, "little") ^ int.from_bytes(old, "little")).to_bytes(len(data), "little")
         self.digest.update(data)
-        self.f.write(data)
+        try:
+            self.f.write(data)
+        except OSError as exc:
+            if exc.errno in DISK_ERRNOS:
+                raise disk_error(self.path, exc) from None
+            raise
         self.size += len(data)
 
     def __call__(self, chunk: bytes) -> None:
         self.wire += len(chunk)
+        # zlib never expands data by more than 0.1% + a few bytes: far more on the wire than the
+        # file may hold is an endless or padded answer.
+        if self.wire > self.limit + self.limit // 64 + (1 << 16):
+            raise self._too_big()
         if self.z is None:
             self._write(chunk)
             return
-        data = self.z.decompress(chunk, (self.limit or (1 << 40)) - self.size + 1)
+        if self.z.eof:
+            raise EdgeclError(f"{self.path.name} from the server has bytes after its end", "refused: run the command again")
+        data = self.z.decompress(chunk, self.limit - self.size + 1)
         self._write(data)
         while self.z.unconsumed_tail:
-            self._write(self.z.decompress(self.z.unconsumed_tail, (self.limit or (1 << 40)) - self.size + 1))
+            self._write(self.z.decompress(self.z.unconsumed_tail, self.limit - self.size + 1))
 
     def finish(self) -> None:
         if self.z is not None:
@@ -170,14 +217,18 @@ class _Sink:
 
 def download(server: str, token: str, path: str, dest: Path, expected_sha256: str,
              policy: RetryPolicy | None = None, sleep: Callable[[float], None] = time.sleep,
-             old: Path | None = None, size: int | None = None, compressed: bool = False) -> int:
+             old: Path | None = None, size: int | None = None, compressed: bool = False,
+             max_bytes: int = MAX_DOWNLOAD_BYTES) -> int:
     """GET ``path`` into ``dest`` (streamed, fsynced), checking the sha256 of what was written;
     returns the bytes that crossed the network. A file whose bytes do not hash to
-    ``expected_sha256`` is deleted and refused. ``compressed``: ask for zlib; ``old`` (a local file
-    of the same ``size``): ask for a patch against it (``from_sha256``). A broken transfer starts
-    again from the first byte (retry rules of the push)."""
+    ``expected_sha256`` is deleted and refused. ``size``: the file's size when known (from the
+    signed manifest): nothing longer is written; otherwise at most ``max_bytes``. ``compressed``:
+    ask for zlib; ``old`` (a local file of the same ``size``): ask for a patch against it
+    (``from_sha256``). A broken transfer starts again from the first byte (retry rules of the
+    push); a disk failure (``DiskError``) and a refusal are not retried."""
     policy = policy or RetryPolicy()
     once = dataclasses.replace(policy, retries=0)
+    limit = min(size, max_bytes) if size is not None else max_bytes
     old_bytes = old.read_bytes() if old is not None and size is not None and old.stat().st_size == size else None
     query = []
     if compressed:
@@ -189,18 +240,23 @@ def download(server: str, token: str, path: str, dest: Path, expected_sha256: st
         if attempt:
             sleep(policy.delay(attempt - 1))
         try:
-            with open(dest, "wb") as f:
-                sink = _Sink(f, old_bytes, size)
-                _request(server, token, "GET", url_path, None, "", once, sleep, sink, sink.headers)
-                sink.finish()
-                f.flush()
-                os.fsync(f.fileno())
+            try:
+                with open(dest, "wb") as f:
+                    sink = _Sink(f, dest, limit, old_bytes)
+                    _request(server, token, "GET", url_path, None, "", once, sleep, sink, sink.headers)
+                    sink.finish()
+                    f.flush()
+                    os.fsync(f.fileno())
+            except OSError as exc:     # opening, flushing or closing the file (the network's own are caught inside)
+                if exc.errno in DISK_ERRNOS:
+                    raise disk_error(dest, exc) from None
+                raise
             break
         except ServerUnreachable:
             dest.unlink(missing_ok=True)
             if attempt == policy.retries:
                 raise
-        except Exception:
+        except BaseException:
             dest.unlink(missing_ok=True)
             raise
     if sink.digest.hexdigest() != expected_sha256:

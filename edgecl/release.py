@@ -136,8 +136,10 @@ def _fetch_bundle(server: str, token: str, bundle: dict[str, Any], dest: Path, p
     dest.mkdir(parents=True)
     download(server, token, base + mf.MANIFEST, dest / mf.MANIFEST, bundle["manifest_sha256"], policy)
     manifest = mf.load_manifest(dest)
-    for name, sha in sorted(manifest.files.items()):
-        download(server, token, base + name, dest / name, sha, policy)
+    # The device's files, and of the server-only ones what `apply` reads (the overlap history).
+    wanted = {**manifest.files, **{n: s for n, s in manifest.server_files.items() if n == mf.OVERLAP}}
+    for name, sha in sorted(wanted.items()):
+        download(server, token, base + name, dest / name, sha, policy, size=manifest.sizes.get(name))
     return dest
 
 
@@ -149,7 +151,8 @@ def upload_bundle(server: str, token: str, bundle_dir: str | Path, policy: Retry
     policy = policy or RetryPolicy()
     bundle_dir = Path(bundle_dir)
     manifest = mf.load_manifest(bundle_dir)
-    files = {mf.MANIFEST: sha256_file(bundle_dir / mf.MANIFEST), **manifest.files}
+    # The device's files and the server-only ones (recipe_weights.safetensors, weights patches).
+    files = {mf.MANIFEST: sha256_file(bundle_dir / mf.MANIFEST), **manifest.files, **manifest.server_files}
     missing = set(api_json(server, token, "POST", "/v1/blobs/missing", {"sha256": sorted(set(files.values()))},
                            policy=policy)["missing"])
     sent = 0
@@ -166,7 +169,11 @@ def upload_bundle(server: str, token: str, bundle_dir: str | Path, policy: Retry
 
 
 def _publish(server: str, token: str, bundle_dir: Path, canary: list[str], report: dict[str, Any],
-             policy: RetryPolicy) -> int:
+             policy: RetryPolicy, current_dir: Path | None = None) -> int:
+    if current_dir is not None:   # devices on the current version pull the weights as a small patch
+        from edgecl.formats.weights_patch import attach_weights_patch
+
+        attach_weights_patch(bundle_dir, current_dir / mf.WEIGHTS)
     bundle, sent = upload_bundle(server, token, bundle_dir, policy)
     api_json(server, token, "POST", "/v1/releases", {"bundle_id": bundle["bundle_id"], "version": bundle["version"],
                                                      "canary": canary, "report": report}, policy=policy)
@@ -283,7 +290,8 @@ def release(bundle_id: str, server: str, token: str, options: ReleaseOptions) ->
         summary = {"candidate": report.candidate, "baseline": report.baseline, "current": report.current,
                    "groups": table, "merge": report.merge, "tolerance": options.tolerance,
                    "heldout": str(heldout.resolve())}
-        report.uploaded_bytes = _publish(server, token, candidate_dir, list(options.canary), summary, policy)
+        report.uploaded_bytes = _publish(server, token, candidate_dir, list(options.canary), summary, policy,
+                                         current_dir)
         report.published = True
         return report
     finally:

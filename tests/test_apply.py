@@ -175,7 +175,8 @@ def test_apply_writes_stock_timm_weights_that_load_strict(adapted: Path, calib_d
     out = tmp_path / "v2"
     assert runner.invoke(app, ["apply", str(adapted), str(d), "-o", str(out)]).exit_code == 0
     manifest = mf.load_manifest(out)
-    assert "recipe_weights.safetensors" in manifest.files  # listed, so verified and signed like the rest
+    # signed like the rest, but server-only: devices never download it (they run weights.safetensors)
+    assert "recipe_weights.safetensors" in manifest.server_files and "recipe_weights.safetensors" not in manifest.files
     model = timm.create_model(manifest.recipe["timm_model"], pretrained=False, num_classes=0,
                               **manifest.recipe.get("model_kwargs", {}))
     model.load_state_dict(load_file(str(out / "recipe_weights.safetensors")), strict=True)

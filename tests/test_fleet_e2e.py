@@ -192,7 +192,8 @@ def test_provision_adapt_push_release_pull(tmp_path: Path, tiny_bundle: Path, fl
     assert wrong.exit_code == 1 and "does not verify with the pinned server key" in wrong.output, wrong.output
     info = httpx.get(server.url + "/v1/releases/latest", params={"bundle_id": manifest.bundle_id},
                      headers={"Authorization": f"Bearer {creds['line-b'][0]}"}).json()
-    blob = store / "blobs" / info["files"][mf.WEIGHTS]["sha256"][:2] / info["files"][mf.WEIGHTS]["sha256"]
+    # The prototypes travel whole (the weights come as the release's patch, checked after applying).
+    blob = store / "blobs" / info["files"][mf.PROTOTYPES]["sha256"][:2] / info["files"][mf.PROTOTYPES]["sha256"]
     original = blob.read_bytes()
     blob.write_bytes(original[:100] + bytes([original[100] ^ 0xFF]) + original[101:])
     try:

@@ -52,6 +52,7 @@ def _next_version(v1: Path, out: Path, new_class: str = "fleet-class", move_weig
     manifest["parent_sha256"] = hashlib.sha256((v1 / mf.MANIFEST).read_bytes()).hexdigest()
     manifest["files"][mf.PROTOTYPES] = hashlib.sha256((out / mf.PROTOTYPES).read_bytes()).hexdigest()
     manifest["classes"] = list(protos.classes)
+    manifest["sizes"] = {n: (out / n).stat().st_size for n in {**manifest["files"], **manifest["server_files"]}}
     (out / mf.MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     return out
 
@@ -196,8 +197,8 @@ def test_a_zlib_bomb_is_refused_not_expanded(tmp_path):
 
     from edgecl.http_client import _Sink
 
-    sink = _Sink(io.BytesIO(), limit=1000)
+    sink = _Sink(io.BytesIO(), tmp_path / "f", limit=1000)
     sink.headers({"X-Edgecl-Encoding": "zlib"})
-    with pytest.raises(EdgeclError, match="more than its 1,000 bytes"):
+    with pytest.raises(EdgeclError, match="larger than the 1,000 bytes"):
         sink(zlib.compress(b"\0" * 10_000_000))
     assert sink.size <= 1000

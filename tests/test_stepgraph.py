@@ -228,3 +228,51 @@ def test_unsupported_layer_is_an_export_error(tmp_path: Path) -> None:
     with pytest.raises(ExportError, match="transposed"):
         export_train_step(model, mask, torch.nn.Linear(4, 3), TEMPERATURE, 4, (8, 8), tmp_path / "s.onnx")
     assert not list(tmp_path.iterdir())
+
+
+def test_bundle_step_graph_reads_the_weights_file_and_is_the_same_file_across_versions(tmp_path: Path) -> None:
+    """With weights.safetensors beside it, train_step.onnx holds no weight: onnxruntime reads them
+    from that file (same outputs as the self-contained graph), and a version whose masked weights
+    moved (v2 = W0 + delta) has a byte-identical train_step.onnx: only weights.safetensors changes."""
+    from edgecl.formats.weights import save_weights
+    from edgecl.host.export import base_weights
+
+    ex = Exported("test_efficientnet", tmp_path / "alone")
+    v1, v2 = tmp_path / "v1", tmp_path / "v2"
+    v1.mkdir()
+    v2.mkdir()
+    save_weights(v1 / mf.WEIGHTS, base_weights(ex.model))
+    export_train_step(ex.model, ex.mask, ex.proj, TEMPERATURE, ROWS, ex.size, v1 / mf.TRAIN_STEP, weights=v1 / mf.WEIGHTS)
+    moved = copy.deepcopy(ex.model)
+    params = dict(moved.named_parameters())
+    offset = 0
+    with torch.no_grad():
+        for name, count in zip(ex.mask.order, ex.mask.counts, strict=True):
+            flat = params[name].view(-1)
+            flat[torch.from_numpy(ex.mask.indices[name].astype(np.int64))] += torch.from_numpy(
+                ex.delta[offset:offset + count])
+            offset += count
+    save_weights(v2 / mf.WEIGHTS, base_weights(moved))
+    export_train_step(moved, ex.mask, ex.proj, TEMPERATURE, ROWS, ex.size, v2 / mf.TRAIN_STEP, weights=v2 / mf.WEIGHTS)
+
+    graph_v1, graph_v2 = (v / mf.TRAIN_STEP for v in (v1, v2))
+    assert (v1 / mf.WEIGHTS).read_bytes() != (v2 / mf.WEIGHTS).read_bytes()
+    assert graph_v1.read_bytes() == graph_v2.read_bytes(), "the step graph changed with the weights"
+    # Most of the self-contained graph was weights; the bundle's graph keeps only derived constants.
+    assert graph_v1.stat().st_size < 0.5 * ex.path.stat().st_size
+    external = [i for i in onnx.load(str(graph_v1), load_external_data=False).graph.initializer
+                if i.data_location == onnx.TensorProto.EXTERNAL]
+    assert external and {e.value for i in external for e in i.external_data if e.key == "location"} == {mf.WEIGHTS}
+
+    def run(path: Path, delta: np.ndarray) -> list[np.ndarray]:
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return session.run(None, {"images": ex.images, "labels": ex.labels, "row_weight": np.ones(ROWS, np.float32),
+                                  "delta": delta, "proj_weight": ex.proj.weight.detach().numpy(),
+                                  "proj_bias": ex.proj.bias.detach().numpy()})
+
+    alone, bundled = ex.run(np.ones(ROWS)), run(graph_v1, ex.delta)
+    assert all(np.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(alone, bundled, strict=True))
+    # v2 at a zero delta is v1 at the delta it absorbed: the graph really reads v2's file.
+    at_v2 = run(graph_v2, np.zeros_like(ex.delta))
+    assert all(np.allclose(a, b, rtol=1e-4, atol=1e-6) for a, b in zip(bundled, at_v2, strict=True))
+    assert not np.allclose(run(graph_v1, np.zeros_like(ex.delta))[0], bundled[0], rtol=1e-6, atol=0)

@@ -5,15 +5,22 @@
     2. download ``manifest.json`` and check the release signature (Ed25519, the server key pinned
        at ``edgecl device init``) BEFORE anything else: the signed manifest lists every other
        file's sha256, so nothing unsigned is ever trusted;
-    3. build the new bundle in a temp folder beside the old one: each file whose sha256 the old
-       bundle already has (checked on disk) is copied locally; the rest is downloaded compressed,
-       as a patch against the old file of the same name when the sizes match (zlib of old XOR new:
-       a version moves a few percent of the weights), and the result is hashed;
+    3. build the new bundle in a temp folder beside the old one from the files a device keeps
+       (the manifest's ``files``; ``server_files`` such as the host's recipe_weights.safetensors
+       stay on the server): each file whose sha256 the old bundle already has (checked on disk)
+       is copied locally (content-addressed: graphs that read their weights from
+       weights.safetensors do not change between versions); the weights come as the release's
+       patch against the device's own (``weights_patches``, edgecl/formats/weights_patch.py); the
+       rest is downloaded compressed, as a patch against the old file of the same name when the
+       sizes match (zlib of old XOR new). Every download is capped by its signed size (else a
+       hard cap) and every result is hashed against the signed manifest;
     4. run ``edgecl.device.upgrade.upgrade(old, new)`` (the device's exemplars, local classes, LDA
        statistics) inside that temp folder, then rename it into place.
 
 Any failure (wrong signature, a file altered on the way, a full disk, an upgrade check) removes
-the temp folder: the old bundle and its state are never written to. The new folder is
+the temp folder: the old bundle and its state are never written to. A full disk is a DiskError
+naming the path (never retried, never called a network failure); a malformed release answer is
+one DeviceError. The new folder is
 ``<old name without .vN>.v<version>`` beside the old one (or ``out``); with a device config whose
 ``bundle`` is the old folder, the config then points at the new one.
 """
@@ -23,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +40,19 @@ from edgecl.formats import manifest as mf
 from edgecl.formats.atomic import atomic_dir
 from edgecl.formats.hashing import sha256_file
 from edgecl.formats.signing import manifest_object, parse_public_key, verify_manifest
-from edgecl.http_client import RetryPolicy, ServerRejected, api_json, download
+from edgecl.formats.weights_patch import apply_patch
+from edgecl.http_client import (
+    DISK_ERRNOS,
+    MAX_DOWNLOAD_BYTES,
+    DiskError,
+    MalformedAnswer,
+    RetryPolicy,
+    ServerRejected,
+    ServerUnreachable,
+    api_json,
+    disk_error,
+    download,
+)
 
 from .state import open_bundle
 
@@ -51,6 +71,7 @@ class PullReport:
     downloaded: list[str] = field(default_factory=list)
     wire_bytes: dict[str, int] = field(default_factory=dict)   # per downloaded file: bytes on the network
     copied: list[str] = field(default_factory=list)
+    patched: list[str] = field(default_factory=list)          # downloaded as the release's patch against the old file
     upgrade: dict[str, Any] = field(default_factory=dict)
 
     def line(self) -> str:
@@ -77,8 +98,75 @@ def _local_files(old_dir: Path, old_files: dict[str, str]) -> dict[str, Path]:
     return out
 
 
+MAX_MANIFEST_BYTES = 4 << 20    # a manifest is a few kB; nothing signed says its size before it is read
+
+
+@dataclass
+class ReleaseInfo:
+    """The parts of the server's (unsigned) release answer that pull uses, checked."""
+
+    version: int                     # 0: nothing released to this device
+    signature: str = ""
+    files: dict[str, dict[str, Any]] = field(default_factory=dict)   # name -> {sha256, size_bytes}
+
+
+def parse_release(answer: object, bundle_id: str) -> ReleaseInfo:
+    """Check the server's release JSON: a malformed answer is one MalformedAnswer, never a traceback.
+    Nothing here is trusted beyond where to look: the signed manifest decides every byte."""
+    def bad(what: str) -> MalformedAnswer:
+        return MalformedAnswer(f"the server's release of {bundle_id} is malformed ({what})",
+                               "check that --server is an edgecl server of this version; ask the operator")
+
+    if not isinstance(answer, dict):
+        raise bad("not a JSON object")
+    if not answer:
+        return ReleaseInfo(0)
+    version = answer.get("version")
+    if not isinstance(version, int) or isinstance(version, bool) or not 1 <= version < 2**31:
+        raise bad(f"version {str(version)[:40]!r} is not a whole number from 1")
+    files = answer.get("files")
+    if not isinstance(files, dict):
+        raise bad("files is not an object")
+    for name, entry in files.items():
+        size = entry.get("size_bytes") if isinstance(entry, dict) else None
+        if (not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str)
+                or not (size is None or (isinstance(size, int) and not isinstance(size, bool) and size >= 0))):
+            raise bad(f"files entry {str(name)[:40]!r} is not {{sha256, size_bytes}}")
+    signature = answer.get("signature", "")
+    if not isinstance(signature, str):
+        raise bad("signature is not a string")
+    return ReleaseInfo(version, signature, files)
+
+
+def _fetch_patched_weights(fetch_file: Callable[[str, str, Path, int], int], manifest: mf.BundleManifest,
+                           old_weights: Path, dest: Path) -> int | None:
+    """The weights as the release's patch against the device's own: bytes on the wire, or None
+    when there is no patch for them or it fails (the caller then downloads the file)."""
+    old_sha = sha256_file(old_weights) if old_weights.is_file() else ""
+    name = manifest.weights_patches.get(old_sha)
+    if not name or name not in manifest.server_files or mf.WEIGHTS not in manifest.sizes:
+        return None
+    scratch = dest.with_name(name)
+    try:
+        # At most the size the signed manifest gives the patch, and never more than the file itself.
+        wire = fetch_file(name, manifest.server_files[name], scratch,
+                          min(manifest.sizes.get(name, manifest.sizes[mf.WEIGHTS]), manifest.sizes[mf.WEIGHTS]))
+        new = apply_patch(old_weights.read_bytes(), scratch.read_bytes())
+        if hashlib.sha256(new).hexdigest() != manifest.files[mf.WEIGHTS]:
+            return None
+        dest.write_bytes(new)
+        return wire
+    except (DiskError, ServerUnreachable):
+        raise           # the whole file would fail the same way
+    except EdgeclError:
+        return None     # no such patch, a damaged one, one for another file: the whole file instead
+    finally:
+        scratch.unlink(missing_ok=True)
+
+
 def pull(bundle_dir: str | Path, server: str, token: str, server_key: str, out: str | Path | None = None,
-         policy: RetryPolicy | None = None) -> PullReport:
+         policy: RetryPolicy | None = None, max_bytes: int = MAX_DOWNLOAD_BYTES) -> PullReport:
+    """``max_bytes``: the most one file may write when the signed manifest gives no size."""
     if not server or not token:
         raise EdgeclError("no server or token", "run `edgecl device init` or pass --server and --token")
     if not server_key:
@@ -89,66 +177,87 @@ def pull(bundle_dir: str | Path, server: str, token: str, server_key: str, out: 
     old_dir = old.root
     bundle_id, old_version = old.manifest.bundle_id, old.manifest.version
     try:
-        release = api_json(server, token, "GET", f"/v1/releases/latest?bundle_id={bundle_id}", policy=policy)
+        answer = api_json(server, token, "GET", f"/v1/releases/latest?bundle_id={bundle_id}", policy=policy)
     except ServerRejected as exc:
         if exc.code != "not_found":
             raise
-        release = {}            # nothing released to this device yet
-    version = int(release.get("version", 0))
+        answer = {}            # nothing released to this device yet
+    release = parse_release(answer, bundle_id)
+    version = release.version
     report = PullReport("up_to_date", bundle_id, str(old_dir), old_version, max(version, old_version))
     if version <= old_version:
         return report
-    files = release.get("files") or {}
+    files = release.files
     if mf.MANIFEST not in files:
         raise DeviceError(f"the release of {bundle_id} v{version} lists no manifest.json", "ask the operator")
     target = Path(out) if out else default_target(old_dir, version)
     if target.exists():
         raise DeviceError(f"{target} already exists", "remove it (a pull that did not finish?) or pass --out DIR")
 
-    def fetch(name: str, sha256: str, dest: Path) -> int:
-        # Compressed; and for a file the old bundle has under the same name and size, a patch
-        # against it (zlib of old XOR new: a version moves a few percent of the weights).
-        size = (files.get(name) or {}).get("size_bytes")
-        old_file = old_dir / name
+    def fetch_file(name: str, sha256: str, dest: Path, size: int | None, old_file: Path | None = None) -> int:
+        # Compressed; for a file the old bundle has under the same name and size, a patch against
+        # it (zlib of old XOR new). ``size`` (signed) caps what is written; without it, max_bytes.
         return download(server, token, f"/v1/bundles/{bundle_id}/{version}/files/{name}", dest, sha256, policy,
-                        old=old_file if old_file.is_file() else None, size=size, compressed=True)
+                        old=old_file if old_file is not None and old_file.is_file() else None, size=size,
+                        compressed=True, max_bytes=max_bytes)
 
     # The signature first: nothing of this release is trusted (or written beside the bundle) before it.
     scratch = old_dir.parent / f".{target.name}.manifest.tmp"
     try:
-        report.wire_bytes[mf.MANIFEST] = fetch(mf.MANIFEST, files[mf.MANIFEST]["sha256"], scratch)
+        report.wire_bytes[mf.MANIFEST] = download(
+            server, token, f"/v1/bundles/{bundle_id}/{version}/files/{mf.MANIFEST}", scratch,
+            str(files[mf.MANIFEST]["sha256"]), policy, compressed=True, max_bytes=MAX_MANIFEST_BYTES)
         report.downloaded_bytes += report.wire_bytes[mf.MANIFEST]
         manifest_bytes = scratch.read_bytes()
     finally:
         scratch.unlink(missing_ok=True)
-    manifest = manifest_object(manifest_bytes)
-    verify_manifest(public, manifest, release.get("signature", ""))
-    if manifest.get("bundle_id") != bundle_id or int(manifest.get("version", 0)) != version:
-        raise DeviceError(f"the signed manifest is for {manifest.get('bundle_id')} v{manifest.get('version')}, "
-                          f"not {bundle_id} v{version}", "refused: ask the operator to check the release")
-    listed: dict[str, str] = dict(manifest.get("files") or {})
+    manifest_obj = manifest_object(manifest_bytes)
+    verify_manifest(public, manifest_obj, release.signature)
+    if manifest_obj.get("bundle_id") != bundle_id or manifest_obj.get("version") != version:
+        raise DeviceError(f"the signed manifest is for {str(manifest_obj.get('bundle_id'))[:64]} "
+                          f"v{str(manifest_obj.get('version'))[:16]}, not {bundle_id} v{version}",
+                          "refused: ask the operator to check the release")
+    manifest = mf.BundleManifest.from_json(manifest_obj, where="the signed manifest")
+    listed = dict(manifest.files)     # what a device keeps; server_files (the host's, patches) are not
     if not listed or any(not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", n) for n in listed):
         raise DeviceError("the signed manifest lists no files or a bad file name", "refused: ask the operator")
 
+    def size_of(name: str) -> int | None:
+        # The signed size; an older manifest has none: the server's word, else max_bytes.
+        signed = manifest.sizes.get(name)
+        claimed = (files.get(name) or {}).get("size_bytes")
+        return signed if signed is not None else claimed
+
     local = _local_files(old_dir, dict(old.manifest.files or {}))
     report.downloaded.append(mf.MANIFEST)
-    with atomic_dir(target) as tmp:
-        (tmp / mf.MANIFEST).write_bytes(manifest_bytes)
-        for name, sha in sorted(listed.items()):
-            dest = tmp / name
-            if sha in local:
-                shutil.copyfile(local[sha], dest)
-                if hashlib.sha256(dest.read_bytes()).hexdigest() != sha:   # changed while we copied
-                    raise DeviceError(f"{local[sha]} changed while it was copied", "run `edgecl pull` again")
-                report.copied.append(name)
-                report.copied_bytes += dest.stat().st_size
-            else:
-                report.wire_bytes[name] = fetch(name, sha, dest)
-                report.downloaded_bytes += report.wire_bytes[name]
+    try:
+        with atomic_dir(target) as tmp:
+            (tmp / mf.MANIFEST).write_bytes(manifest_bytes)
+            for name, sha in sorted(listed.items()):
+                dest = tmp / name
+                if sha in local:
+                    shutil.copyfile(local[sha], dest)
+                    if hashlib.sha256(dest.read_bytes()).hexdigest() != sha:   # changed while we copied
+                        raise DeviceError(f"{local[sha]} changed while it was copied", "run `edgecl pull` again")
+                    report.copied.append(name)
+                    report.copied_bytes += dest.stat().st_size
+                    continue
+                wire = (_fetch_patched_weights(fetch_file, manifest, old_dir / mf.WEIGHTS, dest)
+                        if name == mf.WEIGHTS else None)
+                if wire is None:
+                    wire = fetch_file(name, sha, dest, size_of(name), old_dir / name)
+                else:
+                    report.patched.append(name)
+                report.wire_bytes[name] = wire
+                report.downloaded_bytes += wire
                 report.downloaded.append(name)
-        from .upgrade import upgrade
+            from .upgrade import upgrade
 
-        report.upgrade = upgrade(old_dir, tmp)
+            report.upgrade = upgrade(old_dir, tmp)
+    except OSError as exc:
+        if exc.errno in DISK_ERRNOS:
+            raise disk_error(Path(exc.filename or target), exc) from None
+        raise
     report.total_bytes = sum(p.stat().st_size for p in target.iterdir() if p.is_file())
     report.status, report.version, report.bundle_dir = "upgraded", version, str(target)
     try:    # a heartbeat is news for the dashboard, not a condition of the upgrade

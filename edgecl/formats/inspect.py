@@ -28,9 +28,10 @@ def inspect_bundle(bundle_dir: str | Path, verify: bool = True) -> dict[str, Any
     for path in sorted(bundle_dir.iterdir()):
         if path.is_file() and path.name != mf.MANIFEST:
             entry: dict[str, Any] = {"bytes": path.stat().st_size}
-            if verify and path.name in manifest.files:
+            listed = {**manifest.files, **manifest.server_files}   # server_files: the host's, signed too
+            if verify and path.name in listed:
                 entry["sha256"] = sha256_file(path)
-                entry["ok"] = entry["sha256"] == manifest.files[path.name]
+                entry["ok"] = entry["sha256"] == listed[path.name]
             files[path.name] = entry
     bad = [n for n, e in files.items() if e.get("ok") is False]
     if bad:

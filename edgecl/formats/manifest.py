@@ -32,6 +32,8 @@ PROTOTYPES = "prototypes.safetensors"
 EXEMPLARS = "exemplars.safetensors"     # optional: a few images per calibration class (export --exemplars-per-class)
 OVERLAP = "overlap.safetensors"         # optional: how often each element was updated in earlier rounds (all of them)
 REQUIRED_FILES = (MANIFEST, TRAIN_STEP, INFERENCE_MODEL, WEIGHTS, HEAD_INIT, MASK, PROTOTYPES)
+# Stored with a version on the server for the host, never downloaded by a device (`server_files`).
+RECIPE_WEIGHTS = "recipe_weights.safetensors"   # the weights in the recipe's own timm layout (`edgecl apply`)
 
 # Names of the trainable tensors (device state files, the step graph's inputs map onto them).
 DELTA_PARAM = "edgecl_delta"
@@ -84,7 +86,14 @@ class BundleManifest:
     classes: list[str] = field(default_factory=list)   # classes with prototypes at export time
     recipe: dict[str, Any] = field(default_factory=dict)
     device_profile: dict[str, Any] = field(default_factory=dict)
-    files: dict[str, str] = field(default_factory=dict)  # file name -> sha256
+    files: dict[str, str] = field(default_factory=dict)  # what a device downloads, keeps and checks: name -> sha256
+    server_files: dict[str, str] = field(default_factory=dict)  # stored and served with this version, never
+                                         # kept by a device: the host's (recipe_weights.safetensors) and
+                                         # download patches; name -> sha256
+    sizes: dict[str, int] = field(default_factory=dict)  # bytes of each file in files and server_files
+                                         # (signed: a download stops there)
+    weights_patches: dict[str, str] = field(default_factory=dict)  # sha256 of an earlier weights.safetensors
+                                         # -> the server_files patch that makes this version's from it
     versions: dict[str, str] = field(default_factory=dict)  # library versions used to export
     created_utc: str = ""
     parent_sha256: str = ""              # manifest sha256 of the bundle this version was made from
@@ -117,6 +126,7 @@ class BundleManifest:
 
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+_FILE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")   # a plain file name (what the server stores)
 _UNIT = Check(low=0, high=1)
 
 # Ranges of the manifest's values (types come from the dataclass): what a device may rely on.
@@ -155,10 +165,23 @@ def manifest_problems(values: dict[str, Any]) -> list[str]:
             problems.append(f"{key} must be 64 lowercase hex digits (got {values[key]!r})")
     if values.get("parent_sha256") and not _SHA256.fullmatch(values["parent_sha256"]):
         problems.append(f"parent_sha256 must be \"\" or 64 lowercase hex digits (got {values['parent_sha256']!r})")
-    bad_files = [name for name, digest in values.get("files", {}).items()
-                 if not _SHA256.fullmatch(digest) or "/" in name or name in ("", ".", "..")]
-    if bad_files:
-        problems.append(f"files must map plain file names to sha256 hex digests (bad: {', '.join(bad_files)})")
+    for key in ("files", "server_files"):
+        bad_files = [name for name, digest in values.get(key, {}).items()
+                     if not _SHA256.fullmatch(digest) or not _FILE_NAME.fullmatch(name)]
+        if bad_files:
+            problems.append(f"{key} must map plain file names to sha256 hex digests (bad: {', '.join(bad_files)})")
+    both = sorted(set(values.get("files", {})) & set(values.get("server_files", {})))
+    if both:
+        problems.append(f"a file is listed in files and in server_files ({', '.join(both)})")
+    stored = {**values.get("files", {}), **values.get("server_files", {})}
+    bad_sizes = [name for name, size in values.get("sizes", {}).items() if name not in stored or size < 0]
+    if bad_sizes:
+        problems.append(f"sizes must give a non-negative size of a listed file (bad: {', '.join(bad_sizes)})")
+    bad_patches = [f"{base[:12]}" for base, name in values.get("weights_patches", {}).items()
+                   if not _SHA256.fullmatch(base) or name not in values.get("server_files", {})]
+    if bad_patches:
+        problems.append("weights_patches must map a sha256 to a file of server_files "
+                        f"(bad: {', '.join(bad_patches)})")
     listed_mask = values.get("files", {}).get(MASK)
     if listed_mask and listed_mask != values["mask_sha256"]:
         problems.append(f"files lists {MASK} with another sha256 than mask_sha256")
@@ -219,3 +242,12 @@ def check_bundle_files(bundle_dir: str | Path, names: tuple[str, ...] = REQUIRED
     if missing:
         raise BundleError(f"bundle {bundle_dir} is missing {', '.join(missing)}",
                           "re-copy the whole bundle folder from the host")
+
+
+def stored_files(manifest: dict[str, Any]) -> dict[str, str]:
+    """Every file stored with a version besides the manifest, name -> sha256: the device's
+    (``files``) and the server-only ones (``server_files``). What the server registers and serves;
+    takes the raw JSON object (the server does not build a BundleManifest)."""
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    extra = manifest.get("server_files") if isinstance(manifest, dict) else None
+    return {**(files if isinstance(files, dict) else {}), **(extra if isinstance(extra, dict) else {})}

@@ -104,7 +104,11 @@ class BundleSpec:
     calibration: dict | None = None      # unknown threshold + ncm temperature of the prototypes (calibration.json)
 
 
-RECIPE_WEIGHTS = "recipe_weights.safetensors"
+RECIPE_WEIGHTS = mf.RECIPE_WEIGHTS
+# Written into the bundle and kept on the server, never sent to devices: the stock-layout weights,
+# and the overlap history, which only the next `edgecl apply` reads (the device scales its
+# gradients by the counts the mask carries).
+SERVER_ONLY = (mf.RECIPE_WEIGHTS, mf.OVERLAP)
 
 
 # -- graphs ----------------------------------------------------------------------------------------
@@ -203,7 +207,9 @@ def build_graphs(model: nn.Module, mask: Mask, head: nn.Linear, temperature: flo
     try:
         h, w = recipe.input_size
         phase("building the training step graph (forward + backward)", progress)
-        export_train_step(model, mask, head, temperature, rows, (int(h), int(w)), out / mf.TRAIN_STEP)
+        # weights.safetensors is written first: both graphs read W0 from it (external data).
+        export_train_step(model, mask, head, temperature, rows, (int(h), int(w)), out / mf.TRAIN_STEP,
+                          weights=out / mf.WEIGHTS)
         bar.update(1)
         phase("building the inference graph and checking it against torch", progress)
         _export_inference(model, list(recipe.input_size), dim, out / mf.INFERENCE_MODEL)
@@ -265,9 +271,11 @@ def write_bundle(spec: BundleSpec, out_dir: str | Path) -> ExportReport:
         if spec.calibration is not None:
             (tmp / CALIBRATION_FILE).write_text(json.dumps(spec.calibration, indent=2, sort_keys=True) + "\n")
         if spec.recipe_weights and recipe.timm_model:
-            # Inside the temp folder, before the manifest: listed in `files` (verified, signed) like the rest.
+            # Before the manifest: listed (signed) in `server_files`, so the server keeps it for the
+            # host and devices never download it (they run weights.safetensors).
             from edgecl.host.unfold import write_recipe_weights
             write_recipe_weights(weights, recipe, tmp / RECIPE_WEIGHTS)
+        stored = {p.name: (sha256_file(p), p.stat().st_size) for p in sorted(tmp.iterdir()) if p.is_file()}
         manifest = mf.BundleManifest(
             bundle_id=spec.bundle_id or uuid.uuid4().hex, version=spec.version, model_name=recipe.name,
             input_size=list(recipe.input_size), mean=list(recipe.mean), std=list(recipe.std),
@@ -279,7 +287,9 @@ def write_bundle(spec: BundleSpec, out_dir: str | Path) -> ExportReport:
             interpolation=recipe.interpolation, classes=list(spec.prototypes.classes),
             recipe={k: v for k, v in asdict(recipe).items() if k != "source"},
             device_profile=asdict(spec.profile) if spec.profile else {},
-            files={p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()},
+            files={n: sha for n, (sha, _) in stored.items() if n not in SERVER_ONLY},
+            server_files={n: sha for n, (sha, _) in stored.items() if n in SERVER_ONLY},
+            sizes={n: size for n, (_, size) in stored.items()},
             versions=_library_versions(),
             created_utc=_dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
             parent_sha256=spec.parent_sha256,

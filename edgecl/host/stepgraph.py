@@ -17,7 +17,12 @@ measured technique of docs/design-notes.md#training-step-graph):
    the zero-inserted, padded output gradient with the flipped constant kernel, a pointwise (1x1)
    convolution's gradients are MatMuls, and a trainable bias is added after the convolution;
 4. the FX graph is exported by the dynamo ONNX exporter at opset 18, and checked (ai.onnx ops
-   only, IR version 10, which onnxruntime 1.19 still loads).
+   only, IR version 10, which onnxruntime 1.19 still loads);
+5. in a bundle, every initializer whose bytes are a tensor of ``weights.safetensors`` (the frozen
+   weights, the masked tensors' W0) becomes ONNX external data pointing into that file, as in
+   ``inference.onnx``: the graph holds only its structure and small derived constants, so a
+   version whose weights differ (same names and shapes) has a byte-identical ``train_step.onnx``
+   and the bundle holds W0 once (``externalize_weights``).
 """
 
 from __future__ import annotations
@@ -428,7 +433,27 @@ def trace_train_step(model: nn.Module, mask: Mask, proj: nn.Linear, temperature:
     left = [n for n in gm.graph.nodes if n.target is torch.ops.aten.convolution_backward.default]
     if left:
         raise ExportError("the traced step still holds convolution_backward", "report this with the recipe")
+    gm.meta[WEIGHT_NAMES] = _weight_constants(gm, step)
     return gm
+
+
+WEIGHT_NAMES = "edgecl_weight_names"   # gm.meta key: traced constant attribute -> parameter name
+
+
+def _weight_constants(gm: torch.fx.GraphModule, step: _TrainStep) -> dict[str, str]:
+    """Which of the trace's constants ARE a parameter's W0 (make_fx keeps the very tensor objects:
+    the frozen parameters and each masked tensor's flat W0), by identity: two parameters with
+    equal values stay two names, whatever the values."""
+    whole = {(t.data_ptr(), t.numel()): n for n, t in step.model.named_parameters()}
+    whole.update({(t.data_ptr(), t.numel()): n for n, t in step.base.items()})
+    found = {}
+    for attr in dir(gm):
+        value = getattr(gm, attr, None) if attr.startswith(("_tensor_constant", "_param_constant")) else None
+        if isinstance(value, torch.Tensor) and value.is_contiguous():
+            name = whole.get((value.data_ptr(), value.numel()))
+            if name is not None:
+                found[attr] = name
+    return found
 
 
 # --- ONNX ----------------------------------------------------------------------------------------------------
@@ -463,9 +488,10 @@ def _tidy(model) -> None:  # noqa: ANN001 (onnx_ir.Model)
     for _ in range(2):
         fold_constants_ir(model, onnx_shape_inference=True, input_size_limit=8192, output_size_limit=8192)
         remove_unused_nodes(model)
+    # No DeduplicateInitializersPass: two weights that happen to be equal in one version (zero
+    # biases) must stay two initializers, or the graph would change when a later version moves one.
     for step in (common.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0),
-                 common.DeduplicateInitializersPass(), common.CommonSubexpressionEliminationPass(),
-                 common.NameFixPass()):
+                 common.CommonSubexpressionEliminationPass(), common.NameFixPass()):
         step(model)
 
 
@@ -499,8 +525,54 @@ def build_step_onnx(model: nn.Module, mask: Mask, proj: nn.Linear, temperature: 
         raise ExportError(f"the ONNX exporter failed on the training step ({_root_cause(exc)})",
                           "report this with the recipe") from exc
     proto.ir_version = IR_VERSION
+    _strip_provenance(proto)
+    _name_weights(proto, {f"gm.{attr}": name for attr, name in gm.meta[WEIGHT_NAMES].items()})
     check_step_graph(proto, mask, rows, input_size)
     return proto
+
+
+def _name_weights(proto: onnx.ModelProto, names: dict[str, str]) -> None:
+    """Rename the initializers that hold a parameter's W0 to the parameter's name (as in
+    inference.onnx and weights.safetensors), so ``externalize_weights`` finds each by name; merge
+    equal constants that are not weights."""
+    taken = {i.name for i in proto.graph.input} | {o for n in proto.graph.node for o in n.output}
+    renames = {i.name: names[i.name] for i in proto.graph.initializer if i.name in names}
+    if taken & set(renames.values()) or len(set(renames.values())) != len(renames):
+        raise ExportError("a parameter name of the model collides with a name in the step graph",
+                          "report this with the recipe")
+    for init in proto.graph.initializer:
+        init.name = renames.get(init.name, init.name)
+    # The constants that are not weights (mask indices, flipped kernels, folded transposes) depend
+    # only on the mask and the frozen weights: equal ones are merged, the first name kept.
+    first: dict[tuple[int, tuple[int, ...], bytes], str] = {}
+    drop = []
+    for init in proto.graph.initializer:
+        if init.name in names.values() or not init.HasField("raw_data"):
+            continue
+        key = (init.data_type, tuple(init.dims), init.raw_data)
+        if key in first:
+            renames[init.name] = first[key]
+            drop.append(init.name)
+        else:
+            first[key] = init.name
+    kept = [i for i in proto.graph.initializer if i.name not in set(drop)]
+    del proto.graph.initializer[:]
+    proto.graph.initializer.extend(kept)
+    for node in proto.graph.node:
+        node.input[:] = [renames.get(x, x) for x in node.input]
+
+
+def _strip_provenance(proto: onnx.ModelProto) -> None:
+    """Drop the exporter's per-node debugging metadata: stack traces with this machine's paths and
+    a per-process trace counter (``<eval_with_key>.20``). Without it the same model exports to the
+    same bytes, so a release whose weights alone changed sends no new step graph; it is also 80%
+    of the graph's structure bytes, and onnxruntime never reads it."""
+    for entry in (*proto.graph.node, *proto.graph.value_info, *proto.graph.initializer,
+                  *proto.graph.input, *proto.graph.output):
+        del entry.metadata_props[:]
+        entry.doc_string = ""
+    del proto.graph.metadata_props[:]
+    proto.graph.doc_string = ""
 
 
 def check_step_graph(proto: onnx.ModelProto, mask: Mask, rows: int, input_size: tuple[int, int]) -> None:
@@ -521,15 +593,51 @@ def check_step_graph(proto: onnx.ModelProto, mask: Mask, rows: int, input_size: 
         raise ExportError(f"the training-step graph takes images {dims}", "report this with the recipe")
 
 
+def externalize_weights(proto: onnx.ModelProto, weights_path: Path) -> int:
+    """Point every initializer named after a tensor of ``weights_path`` (a canonical
+    weights.safetensors in the graph's own folder) into that file as ONNX external data; returns
+    how many. A masked tensor's W0 is stored flat in the graph: the same bytes, another shape.
+    Derived constants (flipped depthwise kernels, small folded transposes) stay inside the graph;
+    they come from tensors the mask never selects, so they do not change between versions."""
+    from onnx import TensorProto
+
+    from edgecl.formats.weights import tensor_offsets
+
+    data = weights_path.read_bytes()
+    offsets = tensor_offsets(data)
+    moved = 0
+    for init in proto.graph.initializer:
+        if init.name not in offsets or init.data_type != TensorProto.FLOAT:
+            continue
+        offset, length = offsets[init.name]
+        if not init.HasField("raw_data") or init.raw_data != data[offset:offset + length]:
+            raise ExportError(f"the step graph's {init.name} is not the weight {weights_path.name} holds",
+                              "write the model's own weights beside the graph first (export does)")
+        init.ClearField("raw_data")
+        init.data_location = TensorProto.EXTERNAL
+        del init.external_data[:]
+        for key, value in (("location", weights_path.name), ("offset", str(offset)), ("length", str(length))):
+            entry = init.external_data.add()
+            entry.key, entry.value = key, value
+        moved += 1
+    return moved
+
+
 def export_train_step(model: nn.Module, mask: Mask, proj: nn.Linear, temperature: float, rows: int,
-                      input_size: tuple[int, int], path: Path) -> None:
-    """Write ``train_step.onnx`` (see the module docstring) to ``path`` atomically."""
+                      input_size: tuple[int, int], path: Path, weights: Path | None = None) -> None:
+    """Write ``train_step.onnx`` (see the module docstring) to ``path`` atomically. With ``weights``
+    (the bundle's weights.safetensors, beside ``path``, holding the model's weights), the weights
+    are read from that file as external data instead of being copied into the graph."""
     if rows < 2:
         raise ExportError(f"the training step needs at least 2 rows, got {rows}", "use a batch of 2 or more")
     if mask.total_selected == 0:
         raise ExportError("the mask selects no element, so the step has nothing to train",
                           "raise the select rate or exclude fewer tensors")
     proto = build_step_onnx(model, mask, proj, temperature, rows, (int(input_size[0]), int(input_size[1])))
+    if weights is not None:
+        if Path(weights).parent.resolve() != Path(path).parent.resolve():
+            raise ExportError(f"{weights} is not beside {path}", "external data must live in the graph's folder")
+        externalize_weights(proto, Path(weights))
     data = proto.SerializeToString()
     try:
         atomic_write_bytes(path, data)

@@ -851,7 +851,7 @@ def add_bundle_dir(store: Store, bundle_dir: str | Path) -> tuple[Bundle, bool]:
     """``edgecl server bundle add BUNDLE_DIR``: store the whole bundle version (manifest.json and
     every file its manifest lists, each by sha256, each checked against the manifest) so the server
     can serve it, and register it (with the per-tensor weight scales the push checks use)."""
-    from edgecl.formats.manifest import MANIFEST, MASK
+    from edgecl.formats.manifest import MANIFEST, MASK, stored_files
 
     folder = Path(bundle_dir)
     try:
@@ -860,7 +860,7 @@ def add_bundle_dir(store: Store, bundle_dir: str | Path) -> tuple[Bundle, bool]:
         raise StoreError(f"cannot read {exc.filename} ({exc.strerror})",
                          "pass a bundle folder written by `edgecl export`") from exc
     bundle = bundle_from_files(manifest_bytes, mask_bytes)
-    listed = json.loads(manifest_bytes).get("files") or {}
+    listed = stored_files(json.loads(manifest_bytes))   # the device's files and the server-only ones
     if not listed:      # a hand-made or pre-0.2 bundle: registered for pushes, not served
         return bundle, store.add_bundle(bundle, manifest_bytes, mask_bytes)
     files: dict[str, tuple[str, int]] = {MANIFEST: (bundle.manifest_sha256, len(manifest_bytes))}
@@ -895,7 +895,7 @@ def scales_json(store: Store, files: dict[str, tuple[str, int]], mask_bytes: byt
 def add_bundle_blobs(store: Store, files: dict[str, str]) -> tuple[Bundle, bool]:
     """``POST /v1/bundles {"files": {name: sha256}}``: register a whole bundle whose files were
     uploaded as blobs first (``PUT /v1/blobs/{sha256}``); every file the manifest lists must be there."""
-    from edgecl.formats.manifest import MANIFEST, MASK
+    from edgecl.formats.manifest import MANIFEST, MASK, stored_files
 
     if MANIFEST not in files or MASK not in files:
         raise StoreError("the file list lacks manifest.json or mask.safetensors", "send every file of the bundle")
@@ -911,7 +911,7 @@ def add_bundle_blobs(store: Store, files: dict[str, str]) -> tuple[Bundle, bool]
     manifest_bytes = store.get_blob(files[MANIFEST]) or b""
     mask_bytes = store.get_blob(files[MASK]) or b""
     bundle = bundle_from_files(manifest_bytes, mask_bytes)
-    listed = json.loads(manifest_bytes).get("files") or {}
+    listed = stored_files(json.loads(manifest_bytes))   # the device's files and the server-only ones
     if set(listed) | {MANIFEST} != set(files):
         raise StoreError(f"the files sent ({', '.join(sorted(files))}) are not the manifest's "
                          f"({', '.join(sorted(listed))} + manifest.json)", "send exactly the bundle's files")
