@@ -125,19 +125,22 @@ class _PrototypeSpill:
         self.next_row += len(table.classes)
 
     def finish(self, max_share: float | None) -> Prototypes | None:
-        """merge.merge_prototypes, class by class from the file (same order, same sums)."""
+        """merge.merge_prototypes, class by class from the file (same order, same sums). Rows are
+        read one at a time (not memory-mapped: mapped pages count as the process's memory)."""
         self.file.close()
         if not self.rows:
             return None
         dim = next(iter(self.dims))
-        table = np.memmap(self.path, np.float64, mode="r", shape=(self.next_row, dim))
         names, means = list(self.rows), []
-        for name in names:
-            counts = np.array([c for _, c in self.rows[name]], np.float64)
-            weights = capped_shares(counts, max_share) if max_share is not None else counts / counts.sum()
-            means.append(sum(w * np.asarray(table[row])
-                             for w, (row, _) in zip(weights, self.rows[name], strict=True)))
-        del table
+        with open(self.path, "rb") as f:
+            def row(i: int) -> np.ndarray:
+                f.seek(i * dim * 8)
+                return np.frombuffer(f.read(dim * 8), np.float64)
+
+            for name in names:
+                counts = np.array([c for _, c in self.rows[name]], np.float64)
+                weights = capped_shares(counts, max_share) if max_share is not None else counts / counts.sum()
+                means.append(sum(w * row(i) for w, (i, _) in zip(weights, self.rows[name], strict=True)))
         return Prototypes(names, np.stack(means).astype(np.float32),
                           np.array([sum(c for _, c in self.rows[n]) for n in names], np.int64))
 
