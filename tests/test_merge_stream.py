@@ -8,7 +8,7 @@ import pytest
 from edgecl_test_deltas import make_delta, make_manifest, make_mask
 
 from edgecl.formats import delta as D
-from edgecl.formats.merge import STRATEGIES, MergeError, MergeOptions, merge_deltas
+from edgecl.formats.merge import STRATEGIES, MergeError, MergeOptions, get_strategy, merge_deltas
 from edgecl.formats.merge_stream import StreamInput, block_columns, merge_stream
 
 
@@ -64,3 +64,29 @@ def test_stream_reads_each_delta_once_and_refuses_what_merge_refuses(tmp_path):
         merge_stream(_inputs(deltas + [other]), mask, MergeOptions(), spill_dir=tmp_path)
     with pytest.raises(MergeError, match="nothing to merge"):
         merge_stream([], mask)
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 8, 33])
+def test_sparse_reduce_equals_the_dense_definition(n):
+    """reduce() sees only the nonzero votes; it must equal the statistic of the full vote matrix
+    (zeros where a device changed nothing), computed the way the merge defined it before streaming:
+    np.median, and the float64 mean of the sorted votes of ranks [cut, n - cut)."""
+    rng = np.random.default_rng(n)
+    width = 50
+    votes = np.where(rng.random((n, width)) < 0.4, rng.normal(0, 1, (n, width)), 0).astype(np.float32)
+    votes[:, 0] = 0                                                  # a column nobody changed
+    votes[:, 1] = 1.5                                                # ties
+    rows, cols = np.nonzero(votes)                                   # device order, as the merge sees them
+    for strategy in ("median", "trimmed-mean"):
+        reducer = STRATEGIES[strategy] if strategy == "median" else get_strategy("trimmed-mean", 0.25)
+        got = reducer.reduce(cols, votes[rows, cols], n, width)
+        if strategy == "median":
+            want = np.median(votes, axis=0)
+        else:
+            cut = reducer.cut(n)
+            ordered = np.sort(votes, axis=0).astype(np.float64)
+            want = ordered[cut]
+            for r in range(cut + 1, n - cut):
+                want = want + ordered[r]
+            want = want / (n - 2 * cut)
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32), err_msg=strategy)

@@ -9,8 +9,9 @@
    sums over K; a robust strategy spills each delta's changed values to one file per block of
    columns (offset uint16 + value float32: 6 bytes per changed element), sized so that one block's
    [devices, columns] votes fit ``memory_bytes``; prototype means spill to one file (float64);
-3. a robust strategy then reads one block at a time, fills its votes and reduces them with the
-   same ``reduce`` the in-memory merge calls; prototypes are merged class by class from the spill.
+3. a robust strategy then reads one block at a time and reduces its nonzero votes with the same
+   ``reduce`` the in-memory merge calls (the zeros of the devices that did not change an element
+   are counted, never stored); prototypes are merged class by class from the spill.
 
 Same inputs, same result as ``merge_deltas``, to the bit (tests/test_merge_stream.py compares them
 on random inputs for every strategy). Time grows linearly with the devices: each delta is decoded
@@ -45,7 +46,7 @@ from edgecl.formats.overlap import round_increment
 from edgecl.formats.prototypes import Prototypes
 
 DEFAULT_MEMORY_BYTES = 256 << 20     # one block of robust votes, with its sort/partition scratch
-_VOTE_BYTES = 12                     # per vote held: float32 votes + float64 row sums / partition copy
+_VOTE_BYTES = 40                     # per nonzero vote held in a block: its column and value, sort orders, float64
 _MAX_BLOCK_COLUMNS = 65535           # offsets inside a block are uint16
 _MAX_BLOCKS = 250                    # open spill files (2 per block) stay under the usual ulimit of 1024
 
@@ -60,7 +61,8 @@ class StreamInput:
 
 
 def block_columns(devices: int, k: int, memory_bytes: int = DEFAULT_MEMORY_BYTES) -> int:
-    """Columns per block of robust votes so that [devices, columns] fits ``memory_bytes``."""
+    """Columns per block of robust votes so that a block fits ``memory_bytes`` even if every
+    device changed every element (a real fleet changes a fraction: the block holds less)."""
     columns = max(1, memory_bytes // (_VOTE_BYTES * max(devices, 1)))
     columns = max(columns, math.ceil(k / _MAX_BLOCKS))
     return int(min(columns, _MAX_BLOCK_COLUMNS, max(k, 1)))
@@ -73,7 +75,6 @@ class _Spill:
         self.k, self.columns = k, columns
         self.blocks = max(1, math.ceil(k / columns))
         self.edges = np.arange(0, self.blocks + 1, dtype=np.int64) * columns
-        self.counts = np.zeros((self.blocks, devices), np.int64)
         self.files: list[tuple[BinaryIO, BinaryIO]] = [
             (open(folder / f"b{b}.off", "wb"), open(folder / f"b{b}.val", "wb")) for b in range(self.blocks)]  # noqa: SIM115
         self.folder = folder
@@ -85,21 +86,18 @@ class _Spill:
             off, val = self.files[b]
             (positions[lo:hi] - self.edges[b]).astype(np.uint16).tofile(off)
             np.asarray(values[lo:hi], np.float32).tofile(val)
-            self.counts[b, row] = hi - lo
 
     def close(self) -> None:
         for off, val in self.files:
             off.close()
             val.close()
 
-    def votes(self, b: int, devices: int) -> np.ndarray:
+    def block(self, b: int) -> tuple[np.ndarray, np.ndarray, int]:
+        """Block b's nonzero votes in device order: (column within the block, value), and its width."""
         start, stop = int(self.edges[b]), min(self.k, int(self.edges[b + 1]))
-        votes = np.zeros((devices, stop - start), np.float32)
-        offsets = np.fromfile(self.folder / f"b{b}.off", np.uint16).astype(np.int64)
+        columns = np.fromfile(self.folder / f"b{b}.off", np.uint16)
         values = np.fromfile(self.folder / f"b{b}.val", np.float32)
-        rows = np.repeat(np.arange(devices), self.counts[b])
-        votes[rows, offsets] = values
-        return votes
+        return columns, values, stop - start
 
 
 class _PrototypeSpill:
@@ -205,7 +203,8 @@ def merge_stream(inputs: Sequence[StreamInput], mask: Mask, options: MergeOption
             assert isinstance(strategy, _Coordinatewise)
             for b in range(spill.blocks):
                 start, stop = int(spill.edges[b]), min(k, int(spill.edges[b + 1]))
-                dense[start:stop] = strategy.reduce(spill.votes(b, n))
+                columns, values, width = spill.block(b)
+                dense[start:stop] = strategy.reduce(columns, values, n, width)
                 report("merging", b + 1, spill.blocks)
             positions_out = np.flatnonzero(dense).astype(np.int32)
             values_out = dense[positions_out].astype(np.float32)
