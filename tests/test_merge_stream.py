@@ -30,11 +30,14 @@ def _inputs(deltas):
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("strategy", list(STRATEGIES))
-def test_stream_equals_in_memory_merge(strategy, seed, tmp_path):
+def test_stream_equals_in_memory_merge(strategy, seed, tmp_path, monkeypatch):
     mask, deltas = _random_fleet(seed, 9 + seed * 4)
     options = MergeOptions(strategy=strategy, trim=0.25 if strategy == "trimmed-mean" else None, max_share=0.3)
     want = merge_deltas(deltas, mask, options=options)
-    for memory in (1, 12 * len(deltas) * 7, 1 << 30):      # 1 column, 7 columns, everything: one answer
+    import edgecl.formats.merge_stream as stream
+
+    for memory, batch in ((1, 5), (40 * len(deltas) * 7, 1000), (1 << 30, 1 << 20)):   # 1 column, 7, every one
+        monkeypatch.setattr(stream, "_BATCH_VALUES", batch)      # values split into blocks every `batch`
         got = merge_stream(_inputs(deltas), mask, options, memory_bytes=memory, spill_dir=tmp_path)
         assert got.devices == want.devices and got.superseded == want.superseded
         assert got.shared_elements == want.shared_elements
@@ -43,7 +46,7 @@ def test_stream_equals_in_memory_merge(strategy, seed, tmp_path):
         assert D.save(got.delta, bytes(32)) == D.save(want.delta, bytes(32)), f"same bytes ({strategy}, {memory})"
         assert got.overlap_bytes() == want.overlap_bytes()
         assert list(tmp_path.iterdir()) == [], "spill files removed"
-    assert block_columns(10_000, 167_505) * 10_000 * 12 <= 256 << 20
+    assert block_columns(10_000, 167_505) * 10_000 * 40 <= 256 << 20
 
 
 def test_stream_reads_each_delta_once_and_refuses_what_merge_refuses(tmp_path):

@@ -25,7 +25,6 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 
@@ -48,7 +47,8 @@ from edgecl.formats.prototypes import Prototypes
 DEFAULT_MEMORY_BYTES = 256 << 20     # one block of robust votes, with its sort/partition scratch
 _VOTE_BYTES = 40                     # per nonzero vote held in a block: its column and value, sort orders, float64
 _MAX_BLOCK_COLUMNS = 65535           # offsets inside a block are uint16
-_MAX_BLOCKS = 250                    # open spill files (2 per block) stay under the usual ulimit of 1024
+_MAX_BLOCKS = 4096                   # spill files: 2 per block
+_BATCH_VALUES = 2 << 20              # changed values gathered before they are split into blocks (~60 MB at the split)
 
 Progress = Callable[[str, int, int], None]   # (phase, done, total)
 
@@ -69,35 +69,47 @@ def block_columns(devices: int, k: int, memory_bytes: int = DEFAULT_MEMORY_BYTES
 
 
 class _Spill:
-    """Each delta's changed values, by block of columns: offsets.bin (uint16) and values.bin (float32)."""
+    """The deltas' changed values by block of columns: b<N>.off (uint16 column within the block)
+    and b<N>.val (float32). Values are gathered from many deltas and split by block once per
+    ``_BATCH_VALUES``, so the writes do not grow with devices x blocks."""
 
-    def __init__(self, folder: Path, k: int, columns: int, devices: int) -> None:
-        self.k, self.columns = k, columns
+    def __init__(self, folder: Path, k: int, columns: int) -> None:
+        self.k, self.columns, self.folder = k, columns, folder
         self.blocks = max(1, math.ceil(k / columns))
         self.edges = np.arange(0, self.blocks + 1, dtype=np.int64) * columns
-        self.files: list[tuple[BinaryIO, BinaryIO]] = [
-            (open(folder / f"b{b}.off", "wb"), open(folder / f"b{b}.val", "wb")) for b in range(self.blocks)]  # noqa: SIM115
-        self.folder = folder
+        self._positions: list[np.ndarray] = []
+        self._values: list[np.ndarray] = []
+        self._held = 0
 
-    def add(self, row: int, positions: np.ndarray, values: np.ndarray) -> None:
-        cuts = np.searchsorted(positions, self.edges)
+    def add(self, positions: np.ndarray, values: np.ndarray) -> None:
+        self._positions.append(np.asarray(positions, np.int64))
+        self._values.append(np.asarray(values, np.float32))
+        self._held += len(positions)
+        if self._held >= _BATCH_VALUES:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._held:
+            return
+        positions, values = np.concatenate(self._positions), np.concatenate(self._values)
+        self._positions, self._values, self._held = [], [], 0
+        block = positions // self.columns
+        order = np.argsort(block, kind="stable")
+        positions, values, block = positions[order], values[order], block[order]
+        cuts = np.searchsorted(block, np.arange(self.blocks + 1))
         for b in np.flatnonzero(np.diff(cuts)):
             lo, hi = cuts[b], cuts[b + 1]
-            off, val = self.files[b]
-            (positions[lo:hi] - self.edges[b]).astype(np.uint16).tofile(off)
-            np.asarray(values[lo:hi], np.float32).tofile(val)
-
-    def close(self) -> None:
-        for off, val in self.files:
-            off.close()
-            val.close()
+            with open(self.folder / f"b{b}.off", "ab") as off, open(self.folder / f"b{b}.val", "ab") as val:
+                (positions[lo:hi] - self.edges[b]).astype(np.uint16).tofile(off)
+                values[lo:hi].tofile(val)
 
     def block(self, b: int) -> tuple[np.ndarray, np.ndarray, int]:
-        """Block b's nonzero votes in device order: (column within the block, value), and its width."""
+        """Block b's nonzero votes: (column within the block, value), and its width."""
         start, stop = int(self.edges[b]), min(self.k, int(self.edges[b + 1]))
-        columns = np.fromfile(self.folder / f"b{b}.off", np.uint16)
-        values = np.fromfile(self.folder / f"b{b}.val", np.float32)
-        return columns, values, stop - start
+        off, val = self.folder / f"b{b}.off", self.folder / f"b{b}.val"
+        if not off.exists():
+            return np.zeros(0, np.uint16), np.zeros(0, np.float32), stop - start
+        return np.fromfile(off, np.uint16), np.fromfile(val, np.float32), stop - start
 
 
 class _PrototypeSpill:
@@ -169,7 +181,7 @@ def merge_stream(inputs: Sequence[StreamInput], mask: Mask, options: MergeOption
         if not robust and not isinstance(strategy, WeightedMean):
             raise MergeError(f"strategy {options.strategy} has no streaming merge", "use weighted-mean, "
                              "trimmed-mean or median")
-        spill = _Spill(Path(folder), k, block_columns(n, k, memory_bytes), n) if robust else None
+        spill = _Spill(Path(folder), k, block_columns(n, k, memory_bytes)) if robust else None
         prototypes = _PrototypeSpill(Path(folder))
         weighted_sum = np.zeros(0 if robust else k, np.float64)
         weight_sum = np.zeros(0 if robust else k, np.float64)
@@ -177,26 +189,24 @@ def merge_stream(inputs: Sequence[StreamInput], mask: Mask, options: MergeOption
         first: Delta | None = None
         steps = samples_seen = 0
         created = ""
-        try:
-            for row, x in enumerate(counted):
-                d = x.load()
-                first = first or d
-                _check_same(d, first, k)
-                positions = np.asarray(d.changed_positions(), np.int64)
-                values = d.values[d.values != 0]
-                contributors[positions] += 1
-                if spill is not None:
-                    spill.add(row, positions, values)
-                else:
-                    weighted_sum[positions] += float(shares[row]) * np.asarray(values, np.float64)
-                    weight_sum[positions] += float(shares[row])
-                prototypes.add(d.prototypes)
-                steps, samples_seen = steps + d.steps, samples_seen + d.samples_seen
-                created = max(created, d.created_utc)
-                report("reading", row + 1, n)
-        finally:
+        for row, x in enumerate(counted):
+            d = x.load()
+            first = first or d
+            _check_same(d, first, k)
+            positions = np.asarray(d.changed_positions(), np.int64)
+            values = d.values[d.values != 0]
+            contributors[positions] += 1
             if spill is not None:
-                spill.close()
+                spill.add(positions, values)
+            else:
+                weighted_sum[positions] += float(shares[row]) * np.asarray(values, np.float64)
+                weight_sum[positions] += float(shares[row])
+            prototypes.add(d.prototypes)
+            steps, samples_seen = steps + d.steps, samples_seen + d.samples_seen
+            created = max(created, d.created_utc)
+            report("reading", row + 1, n)
+        if spill is not None:
+            spill.flush()
         assert first is not None
         if spill is not None:
             dense = np.zeros(k, np.float32)
