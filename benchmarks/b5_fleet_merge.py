@@ -110,6 +110,8 @@ def merge_once(folder: Path, strategy: str, in_memory: bool) -> dict[str, Any]:
 
     store = Store(folder)
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    cpu_before = usage.ru_utime + usage.ru_stime
     started = time.perf_counter()
     if in_memory:
         from edgecl.formats.merge import MergeOptions, merge_deltas
@@ -122,7 +124,10 @@ def merge_once(folder: Path, strategy: str, in_memory: bool) -> dict[str, Any]:
     else:
         answer = run_merge(store, "b5-fleet", 1, MergeRequest(strategy=strategy))
     seconds = time.perf_counter() - started
-    return {"strategy": strategy, "path": "in-memory merge_deltas" if in_memory else "server run_merge (streaming)",
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    # CPU seconds too: on a machine shared with other jobs the wall time depends on their load.
+    cpu_seconds = usage.ru_utime + usage.ru_stime - cpu_before
+    return {"strategy": strategy, "cpu_seconds": cpu_seconds, "path": "in-memory merge_deltas" if in_memory else "server run_merge (streaming)",
             "seconds": seconds, "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
             "rss_before_merge_bytes": rss_before, "inputs": answer["inputs"], "changed": answer["changed"],
             "sha256": answer.get("sha256", "")}
@@ -155,7 +160,7 @@ def main() -> None:
                     continue
                 run = json.loads(proc.stdout.strip().splitlines()[-1])
                 runs.append(run)
-                print(f"  {strategy:<14} {path:<10} {run['seconds']:8.1f} s  peak RSS "
+                print(f"  {strategy:<14} {path:<10} {run['seconds']:8.1f} s ({run['cpu_seconds']:.1f} s CPU)  peak RSS "
                       f"{run['peak_rss_bytes'] / 2**20:7.0f} MiB", flush=True)
         with open("/proc/loadavg") as f:
             load = f.read().split()[:3]

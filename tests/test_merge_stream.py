@@ -8,7 +8,7 @@ import pytest
 from edgecl_test_deltas import make_delta, make_manifest, make_mask
 
 from edgecl.formats import delta as D
-from edgecl.formats.merge import STRATEGIES, MergeError, MergeOptions, merge_deltas
+from edgecl.formats.merge import STRATEGIES, MergeError, MergeOptions, get_strategy, merge_deltas
 from edgecl.formats.merge_stream import StreamInput, block_columns, merge_stream
 
 
@@ -30,11 +30,14 @@ def _inputs(deltas):
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("strategy", list(STRATEGIES))
-def test_stream_equals_in_memory_merge(strategy, seed, tmp_path):
+def test_stream_equals_in_memory_merge(strategy, seed, tmp_path, monkeypatch):
     mask, deltas = _random_fleet(seed, 9 + seed * 4)
     options = MergeOptions(strategy=strategy, trim=0.25 if strategy == "trimmed-mean" else None, max_share=0.3)
     want = merge_deltas(deltas, mask, options=options)
-    for memory in (1, 12 * len(deltas) * 7, 1 << 30):      # 1 column, 7 columns, everything: one answer
+    import edgecl.formats.merge_stream as stream
+
+    for memory, batch in ((1, 5), (40 * len(deltas) * 7, 1000), (1 << 30, 1 << 20)):   # 1 column, 7, every one
+        monkeypatch.setattr(stream, "_BATCH_VALUES", batch)      # values split into blocks every `batch`
         got = merge_stream(_inputs(deltas), mask, options, memory_bytes=memory, spill_dir=tmp_path)
         assert got.devices == want.devices and got.superseded == want.superseded
         assert got.shared_elements == want.shared_elements
@@ -43,7 +46,7 @@ def test_stream_equals_in_memory_merge(strategy, seed, tmp_path):
         assert D.save(got.delta, bytes(32)) == D.save(want.delta, bytes(32)), f"same bytes ({strategy}, {memory})"
         assert got.overlap_bytes() == want.overlap_bytes()
         assert list(tmp_path.iterdir()) == [], "spill files removed"
-    assert block_columns(10_000, 167_505) * 10_000 * 12 <= 256 << 20
+    assert block_columns(10_000, 167_505) * 10_000 * 40 <= 256 << 20
 
 
 def test_stream_reads_each_delta_once_and_refuses_what_merge_refuses(tmp_path):
@@ -64,3 +67,29 @@ def test_stream_reads_each_delta_once_and_refuses_what_merge_refuses(tmp_path):
         merge_stream(_inputs(deltas + [other]), mask, MergeOptions(), spill_dir=tmp_path)
     with pytest.raises(MergeError, match="nothing to merge"):
         merge_stream([], mask)
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 8, 33])
+def test_sparse_reduce_equals_the_dense_definition(n):
+    """reduce() sees only the nonzero votes; it must equal the statistic of the full vote matrix
+    (zeros where a device changed nothing), computed the way the merge defined it before streaming:
+    np.median, and the float64 mean of the sorted votes of ranks [cut, n - cut)."""
+    rng = np.random.default_rng(n)
+    width = 50
+    votes = np.where(rng.random((n, width)) < 0.4, rng.normal(0, 1, (n, width)), 0).astype(np.float32)
+    votes[:, 0] = 0                                                  # a column nobody changed
+    votes[:, 1] = 1.5                                                # ties
+    rows, cols = np.nonzero(votes)                                   # device order, as the merge sees them
+    for strategy in ("median", "trimmed-mean"):
+        reducer = STRATEGIES[strategy] if strategy == "median" else get_strategy("trimmed-mean", 0.25)
+        got = reducer.reduce(cols, votes[rows, cols], n, width)
+        if strategy == "median":
+            want = np.median(votes, axis=0)
+        else:
+            cut = reducer.cut(n)
+            ordered = np.sort(votes, axis=0).astype(np.float64)
+            want = ordered[cut]
+            for r in range(cut + 1, n - cut):
+                want = want + ordered[r]
+            want = want / (n - 2 * cut)
+        np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32), err_msg=strategy)

@@ -132,19 +132,38 @@ class _Coordinatewise:
         cut = int(np.floor(self.trim * n)) if self.name == "trimmed-mean" else 0
         return (n - 1) // 2 if 2 * cut >= n else cut
 
-    def reduce(self, votes: np.ndarray) -> np.ndarray:
-        """votes [devices, columns] float32 (scratch: reordered in place) -> the statistic per column.
-        The one definition both the in-memory and the streaming merge call (merge_stream.py), so
-        they agree to the bit whatever columns they hold at a time: the trimmed sum is taken row
-        by row in float64 (numpy's own mean sums pairwise on a single column, by rows on several)."""
-        n = votes.shape[0]
+    def reduce(self, columns: np.ndarray, values: np.ndarray, n: int, width: int) -> np.ndarray:
+        """The statistic of each of ``width`` columns of n votes, from its NONZERO votes only:
+        ``columns`` (the column of each, int) and ``values`` (float32), in device order; every
+        other vote is 0 (the device changed nothing there). The one definition both the in-memory
+        and the streaming merge (merge_stream.py) call, so they agree to the bit whatever columns
+        they hold at a time.
+
+        A column's sorted votes are its negative values ascending, its zeros, its positive values
+        ascending; only the nonzero ones are sorted (a device changes a fraction of the elements),
+        and the work grows linearly with the devices. Trimmed mean: the votes of ranks [cut,
+        n - cut) summed in that order in float64 (the zeros add nothing), divided by n - 2 cut.
+        Median: the middle vote, or the float32 mean of the two middle ones (numpy's median)."""
+        col, val = _sort_by_column_then_value(columns, values)
+        nonzero = np.bincount(col, minlength=width)
+        starts = np.concatenate([[0], np.cumsum(nonzero)[:-1]])
+        zeros = n - nonzero
+        negative = np.bincount(col, weights=(val < 0), minlength=width).astype(np.int64)
+        within = np.arange(val.size) - starts[col]
+        rank = np.where(val < 0, within, within + zeros[col])         # rank among the column's n votes
         if self.name == "median":
-            return np.median(votes, axis=0, overwrite_input=True)
+            def at(r: int) -> np.ndarray:        # the vote of rank r in every column
+                index = np.where(r < negative, starts + r, starts + r - zeros)
+                is_zero = (r >= negative) & (r < negative + zeros)
+                picked = val[np.clip(index, 0, max(val.size - 1, 0))] if val.size else np.zeros(width, np.float32)
+                return np.where(is_zero, np.float32(0), picked).astype(np.float32)
+
+            if n % 2:
+                return at(n // 2)
+            return (at(n // 2 - 1) + at(n // 2)) / np.float32(2)
         cut = self.cut(n)
-        votes.sort(axis=0)
-        total = votes[cut].astype(np.float64)
-        for row in range(cut + 1, n - cut):
-            total += votes[row]
+        kept = (rank >= cut) & (rank < n - cut)
+        total = np.bincount(col, weights=np.where(kept, val.astype(np.float64), 0.0), minlength=width)
         return total / (n - 2 * cut)
 
     def merge(self, inputs: Sequence[MergeInput], k: int) -> MergeResult:
@@ -156,13 +175,28 @@ class _Coordinatewise:
         out = np.zeros(k, np.float32)
         for start in range(0, k, _COLUMNS_PER_CHUNK):
             stop = min(k, start + _COLUMNS_PER_CHUNK)
-            votes = np.zeros((n, stop - start), np.float32)
-            for row, x in enumerate(inputs):
+            columns, values = [], []
+            for x in inputs:
                 pos = np.asarray(x.positions, np.int64)
-                sel = (pos >= start) & (pos < stop)
-                votes[row, pos[sel] - start] = np.asarray(x.values, np.float32)[sel]
-            out[start:stop] = self.reduce(votes)
+                vals = np.asarray(x.values, np.float32)
+                sel = (pos >= start) & (pos < stop) & (vals != 0)
+                columns.append(pos[sel] - start)
+                values.append(vals[sel])
+            out[start:stop] = self.reduce(np.concatenate(columns), np.concatenate(values), n, stop - start)
         return _result(out, contributors, inputs, None)
+
+
+def _sort_by_column_then_value(columns: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(columns, values) sorted by column, then by value: one sort of a uint64 key, the column in
+    the high half and the float32 value's bits made order-preserving in the low half (negative
+    values: all bits flipped; others: the sign bit set), decoded back after the sort."""
+    bits = np.ascontiguousarray(values, np.float32).view(np.uint32)
+    ordered = np.where(bits >> np.uint32(31), ~bits, bits | np.uint32(0x80000000))
+    key = (np.asarray(columns, np.uint64) << np.uint64(32)) | ordered.astype(np.uint64)
+    key.sort()
+    low = (key & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+    back = np.where(low >> np.uint32(31), low & np.uint32(0x7FFFFFFF), ~low).astype(np.uint32)
+    return (key >> np.uint64(32)).astype(np.int64), back.view(np.float32)
 
 
 def merge_prototypes(tables: Sequence[Prototypes | None], max_share: float | None = None) -> Prototypes | None:

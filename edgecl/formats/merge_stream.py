@@ -9,8 +9,9 @@
    sums over K; a robust strategy spills each delta's changed values to one file per block of
    columns (offset uint16 + value float32: 6 bytes per changed element), sized so that one block's
    [devices, columns] votes fit ``memory_bytes``; prototype means spill to one file (float64);
-3. a robust strategy then reads one block at a time, fills its votes and reduces them with the
-   same ``reduce`` the in-memory merge calls; prototypes are merged class by class from the spill.
+3. a robust strategy then reads one block at a time and reduces its nonzero votes with the same
+   ``reduce`` the in-memory merge calls (the zeros of the devices that did not change an element
+   are counted, never stored); prototypes are merged class by class from the spill.
 
 Same inputs, same result as ``merge_deltas``, to the bit (tests/test_merge_stream.py compares them
 on random inputs for every strategy). Time grows linearly with the devices: each delta is decoded
@@ -24,7 +25,6 @@ import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
 
 import numpy as np
 
@@ -45,9 +45,10 @@ from edgecl.formats.overlap import round_increment
 from edgecl.formats.prototypes import Prototypes
 
 DEFAULT_MEMORY_BYTES = 256 << 20     # one block of robust votes, with its sort/partition scratch
-_VOTE_BYTES = 12                     # per vote held: float32 votes + float64 row sums / partition copy
+_VOTE_BYTES = 40                     # per nonzero vote held in a block: its column and value, sort orders, float64
 _MAX_BLOCK_COLUMNS = 65535           # offsets inside a block are uint16
-_MAX_BLOCKS = 250                    # open spill files (2 per block) stay under the usual ulimit of 1024
+_MAX_BLOCKS = 4096                   # spill files: 2 per block
+_BATCH_VALUES = 2 << 20              # changed values gathered before they are split into blocks (~60 MB at the split)
 
 Progress = Callable[[str, int, int], None]   # (phase, done, total)
 
@@ -60,46 +61,55 @@ class StreamInput:
 
 
 def block_columns(devices: int, k: int, memory_bytes: int = DEFAULT_MEMORY_BYTES) -> int:
-    """Columns per block of robust votes so that [devices, columns] fits ``memory_bytes``."""
+    """Columns per block of robust votes so that a block fits ``memory_bytes`` even if every
+    device changed every element (a real fleet changes a fraction: the block holds less)."""
     columns = max(1, memory_bytes // (_VOTE_BYTES * max(devices, 1)))
     columns = max(columns, math.ceil(k / _MAX_BLOCKS))
     return int(min(columns, _MAX_BLOCK_COLUMNS, max(k, 1)))
 
 
 class _Spill:
-    """Each delta's changed values, by block of columns: offsets.bin (uint16) and values.bin (float32)."""
+    """The deltas' changed values by block of columns: b<N>.off (uint16 column within the block)
+    and b<N>.val (float32). Values are gathered from many deltas and split by block once per
+    ``_BATCH_VALUES``, so the writes do not grow with devices x blocks."""
 
-    def __init__(self, folder: Path, k: int, columns: int, devices: int) -> None:
-        self.k, self.columns = k, columns
+    def __init__(self, folder: Path, k: int, columns: int) -> None:
+        self.k, self.columns, self.folder = k, columns, folder
         self.blocks = max(1, math.ceil(k / columns))
         self.edges = np.arange(0, self.blocks + 1, dtype=np.int64) * columns
-        self.counts = np.zeros((self.blocks, devices), np.int64)
-        self.files: list[tuple[BinaryIO, BinaryIO]] = [
-            (open(folder / f"b{b}.off", "wb"), open(folder / f"b{b}.val", "wb")) for b in range(self.blocks)]  # noqa: SIM115
-        self.folder = folder
+        self._positions: list[np.ndarray] = []
+        self._values: list[np.ndarray] = []
+        self._held = 0
 
-    def add(self, row: int, positions: np.ndarray, values: np.ndarray) -> None:
-        cuts = np.searchsorted(positions, self.edges)
+    def add(self, positions: np.ndarray, values: np.ndarray) -> None:
+        self._positions.append(np.asarray(positions, np.int64))
+        self._values.append(np.asarray(values, np.float32))
+        self._held += len(positions)
+        if self._held >= _BATCH_VALUES:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._held:
+            return
+        positions, values = np.concatenate(self._positions), np.concatenate(self._values)
+        self._positions, self._values, self._held = [], [], 0
+        block = positions // self.columns
+        order = np.argsort(block, kind="stable")
+        positions, values, block = positions[order], values[order], block[order]
+        cuts = np.searchsorted(block, np.arange(self.blocks + 1))
         for b in np.flatnonzero(np.diff(cuts)):
             lo, hi = cuts[b], cuts[b + 1]
-            off, val = self.files[b]
-            (positions[lo:hi] - self.edges[b]).astype(np.uint16).tofile(off)
-            np.asarray(values[lo:hi], np.float32).tofile(val)
-            self.counts[b, row] = hi - lo
+            with open(self.folder / f"b{b}.off", "ab") as off, open(self.folder / f"b{b}.val", "ab") as val:
+                (positions[lo:hi] - self.edges[b]).astype(np.uint16).tofile(off)
+                values[lo:hi].tofile(val)
 
-    def close(self) -> None:
-        for off, val in self.files:
-            off.close()
-            val.close()
-
-    def votes(self, b: int, devices: int) -> np.ndarray:
+    def block(self, b: int) -> tuple[np.ndarray, np.ndarray, int]:
+        """Block b's nonzero votes: (column within the block, value), and its width."""
         start, stop = int(self.edges[b]), min(self.k, int(self.edges[b + 1]))
-        votes = np.zeros((devices, stop - start), np.float32)
-        offsets = np.fromfile(self.folder / f"b{b}.off", np.uint16).astype(np.int64)
-        values = np.fromfile(self.folder / f"b{b}.val", np.float32)
-        rows = np.repeat(np.arange(devices), self.counts[b])
-        votes[rows, offsets] = values
-        return votes
+        off, val = self.folder / f"b{b}.off", self.folder / f"b{b}.val"
+        if not off.exists():
+            return np.zeros(0, np.uint16), np.zeros(0, np.float32), stop - start
+        return np.fromfile(off, np.uint16), np.fromfile(val, np.float32), stop - start
 
 
 class _PrototypeSpill:
@@ -125,19 +135,22 @@ class _PrototypeSpill:
         self.next_row += len(table.classes)
 
     def finish(self, max_share: float | None) -> Prototypes | None:
-        """merge.merge_prototypes, class by class from the file (same order, same sums)."""
+        """merge.merge_prototypes, class by class from the file (same order, same sums). Rows are
+        read one at a time (not memory-mapped: mapped pages count as the process's memory)."""
         self.file.close()
         if not self.rows:
             return None
         dim = next(iter(self.dims))
-        table = np.memmap(self.path, np.float64, mode="r", shape=(self.next_row, dim))
         names, means = list(self.rows), []
-        for name in names:
-            counts = np.array([c for _, c in self.rows[name]], np.float64)
-            weights = capped_shares(counts, max_share) if max_share is not None else counts / counts.sum()
-            means.append(sum(w * np.asarray(table[row])
-                             for w, (row, _) in zip(weights, self.rows[name], strict=True)))
-        del table
+        with open(self.path, "rb") as f:
+            def row(i: int) -> np.ndarray:
+                f.seek(i * dim * 8)
+                return np.frombuffer(f.read(dim * 8), np.float64)
+
+            for name in names:
+                counts = np.array([c for _, c in self.rows[name]], np.float64)
+                weights = capped_shares(counts, max_share) if max_share is not None else counts / counts.sum()
+                means.append(sum(w * row(i) for w, (i, _) in zip(weights, self.rows[name], strict=True)))
         return Prototypes(names, np.stack(means).astype(np.float32),
                           np.array([sum(c for _, c in self.rows[n]) for n in names], np.int64))
 
@@ -168,7 +181,7 @@ def merge_stream(inputs: Sequence[StreamInput], mask: Mask, options: MergeOption
         if not robust and not isinstance(strategy, WeightedMean):
             raise MergeError(f"strategy {options.strategy} has no streaming merge", "use weighted-mean, "
                              "trimmed-mean or median")
-        spill = _Spill(Path(folder), k, block_columns(n, k, memory_bytes), n) if robust else None
+        spill = _Spill(Path(folder), k, block_columns(n, k, memory_bytes)) if robust else None
         prototypes = _PrototypeSpill(Path(folder))
         weighted_sum = np.zeros(0 if robust else k, np.float64)
         weight_sum = np.zeros(0 if robust else k, np.float64)
@@ -176,33 +189,32 @@ def merge_stream(inputs: Sequence[StreamInput], mask: Mask, options: MergeOption
         first: Delta | None = None
         steps = samples_seen = 0
         created = ""
-        try:
-            for row, x in enumerate(counted):
-                d = x.load()
-                first = first or d
-                _check_same(d, first, k)
-                positions = np.asarray(d.changed_positions(), np.int64)
-                values = d.values[d.values != 0]
-                contributors[positions] += 1
-                if spill is not None:
-                    spill.add(row, positions, values)
-                else:
-                    weighted_sum[positions] += float(shares[row]) * np.asarray(values, np.float64)
-                    weight_sum[positions] += float(shares[row])
-                prototypes.add(d.prototypes)
-                steps, samples_seen = steps + d.steps, samples_seen + d.samples_seen
-                created = max(created, d.created_utc)
-                report("reading", row + 1, n)
-        finally:
+        for row, x in enumerate(counted):
+            d = x.load()
+            first = first or d
+            _check_same(d, first, k)
+            positions = np.asarray(d.changed_positions(), np.int64)
+            values = d.values[d.values != 0]
+            contributors[positions] += 1
             if spill is not None:
-                spill.close()
+                spill.add(positions, values)
+            else:
+                weighted_sum[positions] += float(shares[row]) * np.asarray(values, np.float64)
+                weight_sum[positions] += float(shares[row])
+            prototypes.add(d.prototypes)
+            steps, samples_seen = steps + d.steps, samples_seen + d.samples_seen
+            created = max(created, d.created_utc)
+            report("reading", row + 1, n)
+        if spill is not None:
+            spill.flush()
         assert first is not None
         if spill is not None:
             dense = np.zeros(k, np.float32)
             assert isinstance(strategy, _Coordinatewise)
             for b in range(spill.blocks):
                 start, stop = int(spill.edges[b]), min(k, int(spill.edges[b + 1]))
-                dense[start:stop] = strategy.reduce(spill.votes(b, n))
+                columns, values, width = spill.block(b)
+                dense[start:stop] = strategy.reduce(columns, values, n, width)
                 report("merging", b + 1, spill.blocks)
             positions_out = np.flatnonzero(dense).astype(np.int32)
             values_out = dense[positions_out].astype(np.float32)
