@@ -36,6 +36,7 @@ COMMAND_MODULES = (
     "device",
     "push",
     "pull",
+    "restat",
     "merge",
     "release",
     "demo",

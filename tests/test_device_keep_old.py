@@ -98,8 +98,8 @@ def test_upgrade_carries_exemplars_and_local_classes_to_the_next_version(bundle_
     from edgecl.formats.exemplars import ExemplarMemory
 
     _adapt(bundle_copy, first_task)
-    delta = tmp_path / "d.safetensors"
-    assert runner.invoke(app, ["delta", str(bundle_copy), "-o", str(delta)]).exit_code == 0
+    delta = tmp_path / "d.safetensors"   # fp32: v2 is then exactly this device's model (int4, the default, is not)
+    assert runner.invoke(app, ["delta", str(bundle_copy), "-o", str(delta), "--values", "fp32"]).exit_code == 0
     v2 = tmp_path / "v2"
     assert runner.invoke(app, ["apply", str(bundle_copy), str(delta), "-o", str(v2)]).exit_code == 0
     assert load_current(open_bundle(v2)).exemplars_path is None  # a fresh version knows no device memory

@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import re
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,7 +34,7 @@ from edgecl.formats.atomic import atomic_dir
 from edgecl.formats.hashing import sha256_file
 from edgecl.formats.signing import manifest_object, parse_public_key, verify_manifest
 
-from .state import open_bundle
+from .state import Bundle, open_bundle
 from .sync import RetryPolicy, ServerRejected, api_json, download
 
 
@@ -56,9 +57,14 @@ class PullReport:
     def line(self) -> str:
         if self.status == "up_to_date":
             return f"up to date: {self.bundle_id} v{self.version} ({self.old_dir})"
+        chose = self.upgrade.get("chose") or {}
+        judged = (f"; for {', '.join(chose['classes'])} kept the {chose['kept']} statistics"
+                  + (f" ({100 * chose['released_accuracy']:.1f}% released vs {100 * chose['device_accuracy']:.1f}% "
+                     f"the device's own, on {chose['images']} images it holds)" if chose.get("images") else
+                     f" ({chose.get('why', '')})")) if chose else ""
         return (f"upgraded {self.bundle_id} v{self.old_version} -> v{self.version}: {self.bundle_dir}; downloaded "
                 f"{self.downloaded_bytes:,} B ({len(self.downloaded)} files), reused {self.copied_bytes:,} B "
-                f"({len(self.copied)} files) of {self.total_bytes:,} B; signature and sha256 verified")
+                f"({len(self.copied)} files) of {self.total_bytes:,} B; signature and sha256 verified{judged}")
 
 
 def default_target(old_dir: Path, version: int) -> Path:
@@ -77,33 +83,18 @@ def _local_files(old_dir: Path, old_files: dict[str, str]) -> dict[str, Path]:
     return out
 
 
-def pull(bundle_dir: str | Path, server: str, token: str, server_key: str, out: str | Path | None = None,
-         policy: RetryPolicy | None = None) -> PullReport:
-    if not server or not token:
-        raise EdgeclError("no server or token", "run `edgecl device init` or pass --server and --token")
-    if not server_key:
-        raise EdgeclError("no pinned server key: a pulled version cannot be verified",
-                          "run `edgecl device init ... --server-key KEY` with the key `edgecl server key` prints")
-    public = parse_public_key(server_key)
-    old = open_bundle(bundle_dir)
+def fetch_release(old: Bundle, release: dict[str, Any], server: str, token: str, public: Any, target: Path,
+                  report: PullReport, policy: RetryPolicy | None = None,
+                  then: Callable[[Path], None] | None = None) -> None:
+    """Download a release (``GET /v1/releases/latest``'s answer) into ``target``, verified: the
+    signature first, then every file against the signed manifest's sha256; files the old bundle has
+    are copied, the rest come compressed or as patches against it. ``then(tmp)`` runs inside the temp
+    folder before it is renamed into place; any failure leaves nothing behind."""
     old_dir = old.root
-    bundle_id, old_version = old.manifest.bundle_id, old.manifest.version
-    try:
-        release = api_json(server, token, "GET", f"/v1/releases/latest?bundle_id={bundle_id}", policy=policy)
-    except ServerRejected as exc:
-        if exc.code != "not_found":
-            raise
-        release = {}            # nothing released to this device yet
-    version = int(release.get("version", 0))
-    report = PullReport("up_to_date", bundle_id, str(old_dir), old_version, max(version, old_version))
-    if version <= old_version:
-        return report
+    bundle_id, version = str(release.get("bundle_id", "")), int(release.get("version", 0))
     files = release.get("files") or {}
     if mf.MANIFEST not in files:
         raise DeviceError(f"the release of {bundle_id} v{version} lists no manifest.json", "ask the operator")
-    target = Path(out) if out else default_target(old_dir, version)
-    if target.exists():
-        raise DeviceError(f"{target} already exists", "remove it (a pull that did not finish?) or pass --out DIR")
 
     def fetch(name: str, sha256: str, dest: Path) -> int:
         # Compressed; and for a file the old bundle has under the same name and size, a patch
@@ -146,9 +137,41 @@ def pull(bundle_dir: str | Path, server: str, token: str, server_key: str, out: 
                 report.wire_bytes[name] = fetch(name, sha, dest)
                 report.downloaded_bytes += report.wire_bytes[name]
                 report.downloaded.append(name)
+        if then is not None:
+            then(tmp)
+
+
+def pull(bundle_dir: str | Path, server: str, token: str, server_key: str, out: str | Path | None = None,
+         policy: RetryPolicy | None = None) -> PullReport:
+    if not server or not token:
+        raise EdgeclError("no server or token", "run `edgecl device init` or pass --server and --token")
+    if not server_key:
+        raise EdgeclError("no pinned server key: a pulled version cannot be verified",
+                          "run `edgecl device init ... --server-key KEY` with the key `edgecl server key` prints")
+    public = parse_public_key(server_key)
+    old = open_bundle(bundle_dir)
+    old_dir = old.root
+    bundle_id, old_version = old.manifest.bundle_id, old.manifest.version
+    try:
+        release = api_json(server, token, "GET", f"/v1/releases/latest?bundle_id={bundle_id}", policy=policy)
+    except ServerRejected as exc:
+        if exc.code != "not_found":
+            raise
+        release = {}            # nothing released to this device yet
+    version = int(release.get("version", 0))
+    report = PullReport("up_to_date", bundle_id, str(old_dir), old_version, max(version, old_version))
+    if version <= old_version:
+        return report
+    target = Path(out) if out else default_target(old_dir, version)
+    if target.exists():
+        raise DeviceError(f"{target} already exists", "remove it (a pull that did not finish?) or pass --out DIR")
+
+    def carry_state(tmp: Path) -> None:
         from .upgrade import upgrade
 
         report.upgrade = upgrade(old_dir, tmp)
+
+    fetch_release(old, release, server, token, public, target, report, policy, then=carry_state)
     report.total_bytes = sum(p.stat().st_size for p in target.iterdir() if p.is_file())
     report.status, report.version, report.bundle_dir = "upgraded", version, str(target)
     try:    # a heartbeat is news for the dashboard, not a condition of the upgrade
