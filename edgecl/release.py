@@ -166,6 +166,7 @@ def union(*tables: Prototypes | None) -> Prototypes:
 # -- the server ----------------------------------------------------------------------------------
 def _fetch_bundle(server: str, token: str, bundle: dict[str, Any], dest: Path, policy: RetryPolicy) -> Path:
     base = f"/v1/bundles/{bundle['bundle_id']}/{bundle['version']}/files/"
+    shutil.rmtree(dest, ignore_errors=True)     # a folder of ours (--work): phase 2 may reuse phase 1's
     dest.mkdir(parents=True)
     download(server, token, base + mf.MANIFEST, dest / mf.MANIFEST, bundle["manifest_sha256"], policy)
     manifest = mf.load_manifest(dest)
