@@ -85,3 +85,39 @@ def test_score_is_the_ncm_heads_cosine_choice_among_the_tables_classes():
     got = score(embeddings, truth, restrict(table, ["a", "b"]))
     assert got["images"] == 3 and got["accuracy"] == 1.0
     assert score(embeddings, truth, restrict(table, ["zzz"])) is None
+
+
+def test_statistics_sent_under_the_candidate_add_up_to_the_centralized_ones():
+    """AFCL's fact, on the release's own sum: class means computed on disjoint image sets under one
+    backbone, summed by counts, equal the mean over all the images; a class the current version knows
+    adds the devices' images to its own statistics."""
+    from pathlib import Path
+
+    from edgecl.formats import delta as delta_format
+    from edgecl.formats.candidate import statistics_delta
+    from edgecl.release import Round, summed_statistics
+
+    rng = np.random.default_rng(0)
+    images = {"gear": rng.normal(size=(30, 4)), "bolt": rng.normal(size=(9, 4))}
+
+    class Manifest:
+        bundle_id, version, base_sha256, mask_sha256, selected = "line.candidate", 1, "a" * 64, "b" * 64, 8
+
+    def sent(device: str, rows: dict[str, slice]) -> delta_format.Delta:
+        names = list(rows)
+        table = Prototypes(names, np.stack([images[c][rows[c]].mean(0) for c in names]).astype(np.float32),
+                           np.array([len(images[c][rows[c]]) for c in names]))
+        return delta_format.load(delta_format.save(statistics_delta(Manifest, device, table)))
+
+    received = {"line-a": sent("line-a", {"gear": slice(0, 10), "bolt": slice(0, 4)}),
+                "line-b": sent("line-b", {"gear": slice(10, 30)})}
+    assert received["line-a"].samples_seen == 14 and not received["line-a"].positions.size
+    current = Prototypes(["bolt"], images["bolt"][4:].mean(0, keepdims=True).astype(np.float32), np.array([5]))
+    rnd = Round("line", Path("."), {"version": 1}, {}, received["line-a"], {"line-a": ["gear"], "line-b": ["gear"]},
+                {}, ["bolt"])
+    summed, statistics = summed_statistics(rnd, current, received)
+    for name in ("gear", "bolt"):
+        i = summed.classes.index(name)
+        np.testing.assert_allclose(summed.means[i], images[name].mean(0), rtol=1e-5, atol=1e-6)
+        assert int(summed.counts[i]) == len(images[name])
+    assert statistics["line-b"] == {"answered": True, "classes": ["gear"], "images": 20}
