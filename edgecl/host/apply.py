@@ -3,8 +3,9 @@
 load -> scatter -> class statistics -> write_bundle, for ONE delta: a device's, or the fleet server's
 merged one (the fleet merges once, on the server; `edgecl apply` with several files merges them with
 the same pure function first). The output folder is a complete bundle (same bundle id, version + 1)
-whose base weights (weights.safetensors) are W0 + delta, plus ``recipe_weights.safetensors``: the same weights in the recipe's own timm layout (host/unfold.py: each
-BatchNorm keeps the recipe's statistics, the change goes into the conv weight and the BN shift),
+whose base weights (weights.safetensors) are W0 + delta, plus ``recipe_weights.safetensors``: the
+same weights in the recipe's own timm layout (host/unfold.py: each BatchNorm keeps the recipe's
+statistics, the change goes into the conv weight and the BN shift),
 loadable with ``load_state_dict(strict=True)`` by anything that runs the stock model.
 Its inference graph gives the device's adapted model (checked here on seeded images).
 """
