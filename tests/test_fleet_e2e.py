@@ -291,6 +291,11 @@ def test_provision_adapt_push_release_pull(tmp_path: Path, tiny_bundle: Path, fl
     for name in DEVICES:
         report = json.loads(_cli("pull", "--config", str(configs[name]), "--json"))
         assert report["status"] == "upgraded" and report["version"] == 2, report
+        # v2 ships this device's classes (their statistics from its own restat): pull judged them
+        # against the device's own on the images it holds, kept the better, and says which
+        chose = report["upgrade"]["chose"]
+        assert chose["kept"] in ("released", "device") and chose["images"] > 0, chose
+        assert set(chose["classes"]) == set(DEVICES[name][1]), chose
         new = Path(report["bundle_dir"])
         assert mf.load_manifest(new).version == 2 and (new / "state" / "HEAD.json").exists()
         print(f"{name}: downlink {report['downloaded_bytes']:,} B of {report['total_bytes']:,} B "
@@ -312,3 +317,8 @@ def test_provision_adapt_push_release_pull(tmp_path: Path, tiny_bundle: Path, fl
     listed = {d["name"]: d for d in httpx.get(server.url + "/v1/devices",
                                              headers={"Authorization": f"Bearer {admin}"}).json()["devices"]}
     assert all(listed[n]["last_version"] == 2 and listed[n]["last_heldout"]["after"] for n in DEVICES)
+    # One phase (--no-statistics-round): line-a's delta moves no weight and adds no class, so v3 is v2
+    # as it is: judged at once (nothing to wait for) and published.
+    out = _cli("release", str(v2_device), "--heldout", str(heldout), "--server", server.url, "--token", admin,
+               "--no-statistics-round")
+    assert f"released {manifest.bundle_id} v3" in out, out
