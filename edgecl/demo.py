@@ -308,8 +308,8 @@ def run_demo(options: DemoOptions, echo: Callable[[str], None] = print) -> DemoR
 
         # 6. pull back ----------------------------------------------------------------------------------
         if released["published"]:
-            t = stage("6/7 devices pull v2: edgecl pull (signature checked; the device's memory carried, its own "
-                      "classes moved into v2 by its exemplars' drift)")
+            t = stage("6/7 devices pull v2: edgecl pull (signature checked; the device's memory carried; for its own "
+                      "classes it keeps v2's statistics or its own, whichever scores better on the images it holds)")
             for device in DEVICES:
                 mine = out / device / "bundle-v2"
                 shutil.rmtree(mine, ignore_errors=True)
@@ -373,9 +373,10 @@ def format_table(report: DemoReport) -> str:
 
         lines += ["", "edgecl release on the release-check images (ncm; " +
                   ("published" if report.release["published"] else "refused, nothing published") + ")",
-                  f"{'group':<18} {'images':>6} {'v2':>9} {'frozen':>9} {'v1':>9}"]
+                  f"{'group':<18} {'images':>6} {'v2':>9} {'frozen':>9} {'v1':>9} {'v2 among v1 classes':>20}"]
         for name, g in report.release["groups"].items():
-            lines.append(f"{name:<18} {g['images']:>6} {pct(g['candidate'])} {pct(g['baseline'])} {pct(g['current'])}")
+            lines.append(f"{name:<18} {g['images']:>6} {pct(g['candidate'])} {pct(g['baseline'])} {pct(g['current'])} "
+                         f"{pct(g.get('candidate_current_classes')):>20}")
     lines.append("time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in report.timings_s.items()))
     return "\n".join(lines)
 
