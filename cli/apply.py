@@ -12,7 +12,7 @@ from .options import JsonFlag, echo_json
 
 def apply(
     bundle: Annotated[Path, typer.Argument(help="The bundle the deltas were made for.")],
-    deltas: Annotated[list[Path], typer.Argument(help="Delta file(s); several are merged by the weighted mean.")],
+    deltas: Annotated[list[Path], typer.Argument(help="Delta file(s): one device's, or the server's merged one (`edgecl merge`); several are merged here by the weighted mean.")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Folder for the next bundle version.")],
     data: Annotated[Path | None, typer.Option("--data", help="Calibration images: re-score a fresh MI-Fisher "
                                                  "mask for the next round (default: keep the mask).")] = None,
@@ -22,13 +22,13 @@ def apply(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
 ) -> None:
     """Bake deltas into the base weights; write weights.safetensors, inference.onnx and a new bundle version."""
-    from edgecl.host.apply import apply_deltas
+    from edgecl.host.apply import apply_delta, merge_files
     from edgecl.progress import phases
 
     # The bundle writer announces its phases (graphs, files); how many depends on the options: unnumbered.
     with phases(0, "apply", enabled=not (quiet or as_json)):
-        report = apply_deltas(bundle, deltas, out, data_dir=data, recipe_path=recipe, overwrite=overwrite,
-                              progress=not quiet)
+        report = apply_delta(bundle, merge_files(bundle, deltas), out, data_dir=data, recipe_path=recipe,
+                             overwrite=overwrite, progress=not quiet)
     if as_json:
         echo_json(report)
         return

@@ -45,6 +45,7 @@ COMMAND_MODULES = (
     "device",
     "push",
     "pull",
+    "restat",
     "merge",
     "release",
     "demo",

@@ -1,4 +1,6 @@
-"""`edgecl release` (host): merge -> apply -> evaluate on held-out images -> publish only if not worse."""
+"""`edgecl release` (host): the release round. Phase 1 merges (on the server), applies and sends the
+candidate to the contributing devices for their statistics; `--finish` sums them, judges on held-out
+images and publishes only if not worse (edgecl/release.py)."""
 
 from __future__ import annotations
 
@@ -29,6 +31,14 @@ def release(
     exclude_delta: Annotated[list[str] | None, typer.Option(help="Do not count this delta sha256 (repeatable).")]
     = None,
     tolerance: Annotated[float, typer.Option(help="Accuracy drop allowed per class group (0: none).")] = 0.0,
+    finish: Annotated[bool, typer.Option("--finish", help="Phase 2: sum the statistics the devices sent under "
+                                                         "the candidate (`edgecl restat`), judge, publish.")] = False,
+    statistics_round: Annotated[bool, typer.Option(
+        "--statistics-round/--no-statistics-round",
+        help="Ask the contributing devices for their classes' statistics under the candidate (two phases); "
+             "--no-statistics-round judges and publishes at once with the host's estimates.")] = True,
+    wait_s: Annotated[float, typer.Option(help="--finish: wait up to this long for every contributing device's "
+                                               "statistics (those that do not answer are not judged).")] = 0.0,
     work: Annotated[Path | None, typer.Option(help="Keep the built bundles here (default: a temp folder).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress.")] = False,
@@ -47,10 +57,12 @@ def release(
     options = release_module.ReleaseOptions(
         heldout=heldout, current_dir=bundle, bundle_version=bundle_version, canary=list(canary or []),
         strategy=strategy, trim=trim, exclude_devices=list(exclude_device or []),
-        exclude_deltas=list(exclude_delta or []), tolerance=tolerance, work_dir=work)
+        exclude_deltas=list(exclude_delta or []), tolerance=tolerance, work_dir=work,
+        statistics_round=statistics_round, wait_s=wait_s)
     # edgecl.release announces its phases with edgecl.progress.phase(); shown on a terminal only.
-    with phases(getattr(release_module, "RELEASE_PHASES", 5), "release", enabled=not (quiet or as_json)):
-        report = release_module.release(bundle_id, server, token, options)
+    run = release_module.finish if finish else release_module.release
+    with phases(0, "release", enabled=not (quiet or as_json)):
+        report = run(bundle_id, server, token, options)
     if as_json:
         typer.echo(json.dumps(report.to_json(), indent=2))
     else:
@@ -62,7 +74,12 @@ def release(
             typer.echo("next: the devices keep their version; see docs/server.md#release-gate-edgecl-release for what "
                        "to try (--exclude-device, --strategy median, more held-out images)")
         raise typer.Exit(code=EXIT_REFUSED)
-    if not as_json:
+    if not as_json and report.stage == "candidate":
+        typer.echo(f"candidate v{report.version} sent to {', '.join(report.merge['devices'])} for their statistics; "
+                   f"uploaded {report.uploaded_bytes / 1e6:.2f} MB")
+        typer.echo(f"next: on each of those devices, `edgecl restat`; then `edgecl release {bundle_id} --finish "
+                   f"--heldout {heldout}`")
+    elif not as_json:
         typer.echo(f"released {bundle_id} v{report.version} (signed by the server)"
                    + (f" to {', '.join(report.canary)} only" if report.canary else " to every device")
                    + f"; uploaded {report.uploaded_bytes / 1e6:.1f} MB")
@@ -91,7 +108,8 @@ def release_lines(report: Any, name: str, heldout: Path, tolerance: float) -> li
     for group, row in report.groups.items():
         label = f"v{cur}'s own classes" if group == "calibration" else group.replace("device:", "new classes of ")
         lines.append(f"  {label:<26} {row['images']:>6}  {_pct(row['candidate']):>9}  {_pct(row['baseline']):>9}  "
-                     f"{_pct(row['current']):>9}")
+                     f"{_pct(row['current']):>9}"
+                     + ("" if row.get("judged", True) else "  (not judged: no statistics under the candidate)"))
     everything = "all held-out images"
     # The current version scores only the images of classes it knows: a total over fewer images is not comparable.
     cur_all = report.current["accuracy"] if report.current["images"] == report.candidate["images"] else None
@@ -100,10 +118,14 @@ def release_lines(report: Any, name: str, heldout: Path, tolerance: float) -> li
     lines.append(f"  candidate = v{new}, the merged deltas applied to v{cur}; baseline = v{cur}'s backbone unchanged "
                  "with every device's classes added (what the fleet has without adapting); current = v"
                  f"{cur} as released (its own classes only)")
+    calibration = report.groups.get("calibration") or {}
+    if calibration.get("candidate_current_classes") is not None:
+        lines.append(f"  v{cur}'s own classes with only v{cur}'s classes to choose from: candidate "
+                     f"{_pct(calibration['candidate_current_classes'])} vs current {_pct(calibration['current'])}")
     points = 100 * tolerance
     allowed = f" by more than {points:g} point{'' if points == 1 else 's'}" if tolerance else ""
-    lines.append(f"  rule: publish v{new} only if no group's candidate is below its baseline{allowed} (nor, when "
-                 f"v{new} adds no class, below current on v{cur}'s classes)")
+    lines.append(f"  rule: publish v{new} only if no group's candidate is below its baseline{allowed}, and, "
+                 f"choosing among v{cur}'s classes only, not below current on them")
     return lines
 
 

@@ -9,17 +9,20 @@
            --epochs 0` (the frozen backbone + their prototypes), `edgecl eval`; then each device's own
            copy of the bundle runs, as a device would, `edgecl adapt` (MIST: drop-gated sparse tuning
            with the bundle's defaults and the do-no-harm gate), `edgecl eval`, `edgecl delta`, `edgecl push`.
-5. release `edgecl release` with an operator's admin token: the server merges the devices' deltas
-           (weighted by samples seen), the host applies them -> candidate v2, and evaluates it, the
-           frozen baseline and v1 on the operator's release-check images (50 per class, never trained
-           on, not the report's test images); v2 is signed and published only if no class group is
-           worse than the frozen baseline. Then `edgecl eval` of v2 and of the exact like-for-like
-           baseline (v1 + every class's prototype from all its images) on the test images.
-6. pull    if v2 was released, each device runs `edgecl pull` (the signature checked against the
-           pinned server key): its memory is carried over and its own classes are moved into v2's
-           space by its own exemplars' drift; `edgecl eval` on the old classes and the device's own.
-           If it was refused, `edgecl pull` finds nothing newer and each device keeps v1 with its own
-           adaptation.
+5. release `edgecl release` with an operator's admin token (docs/server.md, the release round): the
+           server merges the devices' deltas (weighted by samples seen), the host applies the merge ->
+           candidate v2 and checks it among v1's classes against v1; each device runs `edgecl restat`
+           (its classes' statistics under v2's backbone, from the images it holds: kilobytes);
+           `edgecl release --finish` sums them, and v2 is signed and published only if no class
+           group is worse than the frozen baseline and v1's classes no worse than in v1, on the
+           operator's release-check images (50 per class, never trained on, not the report's test
+           images). Then `edgecl eval` of v2 and of the exact like-for-like baseline (v1 + every
+           class's prototype from all its images) on the test images.
+6. pull    if v2 was released, each device is evaluated on every class group it knows, runs `edgecl
+           pull` (the signature checked against the pinned server key; its memory carried; for its own
+           classes it keeps v2's statistics or its own, whichever scores better on the images it
+           holds) and is evaluated on every class group again. If it was refused, `edgecl pull`
+           finds nothing newer and each device keeps v1 with its own adaptation.
 7. report  a table of accuracy per stage on the old classes and each device's classes, delta sizes,
            step time and peak memory; a PNG plot; summary.json.
 
@@ -262,17 +265,30 @@ def run_demo(options: DemoOptions, echo: Callable[[str], None] = print) -> DemoR
                 "peak_rss_mb": adapted["peak_rss_mb"], "changed_fraction_mean": adapted["changed_fraction_mean"],
                 "delta_bytes": delta_path.stat().st_size, "delta_values": DELTA_VALUES}
             report.timings_s[device] = time.perf_counter() - t
-        # 5. release gate -----------------------------------------------------------------------------
-        t = stage("5/7 fleet: edgecl release (the server merges the devices' deltas -> apply -> candidate v2, "
-                  "published only if no class group is worse than the frozen baseline)")
-        released = run.json("release", manifest["bundle_id"], "--heldout", str(check), "--server", url, "--token",
-                            operator, "--bundle", str(bundle_v1), "--work", str(out / "release"), "--json", ok=(0, 2))
+        # 5. release round -----------------------------------------------------------------------------
+        t = stage("5/7 fleet: edgecl release (the server merges the devices' deltas -> candidate v2 -> the devices "
+                  "send their classes' statistics under it -> judged -> published only if no group is worse)")
+        shutil.rmtree(out / "release", ignore_errors=True)     # no bundle of an earlier run is taken for v2
+        gate = ["release", manifest["bundle_id"], "--heldout", str(check), "--server", url, "--token", operator,
+                "--bundle", str(bundle_v1), "--work", str(out / "release"), "--json"]
+        released = run.json(*gate, ok=(0, 2))
+        if released["stage"] == "candidate":
+            for device in DEVICES:
+                sent = run.json("restat", str(out / device / "bundle"), "--server", url, "--token", creds[device][0],
+                                "--server-key", server_key, "--key", creds[device][1], "--device-id", device,
+                                "--json")
+                echo(f"    {device}: {sent['status']} {sent.get('classes', {})} ({sent.get('delta_bytes', 0):,} B)")
+                report.devices.setdefault(device, {})["statistics_bytes"] = sent.get("delta_bytes", 0)
+            released = run.json(*gate, "--finish", ok=(0, 2))
         shutil.rmtree(out / "bundle-v2", ignore_errors=True)
-        shutil.copytree(out / "release" / "candidate", out / "bundle-v2")
-        report.bundle["merged_delta_bytes"] = (out / "release" / "merged.safetensors").stat().st_size
-        report.release = {k: released[k] for k in ("passed", "published", "reasons", "groups")}
-        verdict = ("released: every class group at least the frozen baseline on the release-check images"
-                   if released["published"] else "refused: " + "; ".join(released["reasons"]))
+        if released["published"]:
+            shutil.copytree(out / "release" / "release", out / "bundle-v2")
+        report.bundle["merged_delta_bytes"] = (out / "release" / f"delta-{released['merge']['sha256'][:16]}"
+                                               ".safetensors").stat().st_size
+        report.release = {k: released[k] for k in ("passed", "published", "reasons", "groups", "not_judged",
+                                                   "statistics")}
+        verdict = ("released: every class group at least the frozen baseline on the release-check images, the "
+                   "old classes at least v1" if released["published"] else "refused: " + "; ".join(released["reasons"]))
         echo(f"  v2 {verdict}")
         # The like-for-like baseline, exact: bundle v1, no training, every class's prototype from all its
         # images (what the devices would have computed without adapting).
@@ -285,26 +301,30 @@ def run_demo(options: DemoOptions, echo: Callable[[str], None] = print) -> DemoR
         accuracy_base = {g: _accuracy(run, baseline, f)[0] for g, f in groups.items()}
         report.stages.append(Stage("frozen baseline (v1)", "all", accuracy_base,
                                    "no training; prototypes of all 10 classes"))
-        accuracy_v2 = {g: _accuracy(run, out / "bundle-v2", f)[0] for g, f in groups.items()}
-        report.stages.append(Stage("merged v2 (" + ("released" if released["published"] else "refused") + ")", "all",
-                                   accuracy_v2, "edgecl release: " + ("published" if released["published"] else
-                                                                      "; ".join(released["reasons"]))))
+        if released["published"]:
+            accuracy_v2 = {g: _accuracy(run, out / "bundle-v2", f)[0] for g, f in groups.items()}
+            report.stages.append(Stage("released v2", "all", accuracy_v2, "edgecl release --finish: published"))
         report.timings_s["release"] = time.perf_counter() - t
 
         # 6. pull back ----------------------------------------------------------------------------------
         if released["published"]:
-            t = stage("6/7 devices pull v2: edgecl pull (signature checked; the device's memory carried, its own "
-                      "classes moved into v2 by its exemplars' drift)")
+            t = stage("6/7 devices pull v2: edgecl pull (signature checked; the device's memory carried; for its own "
+                      "classes it keeps v2's statistics or its own, whichever scores better on the images it holds)")
             for device in DEVICES:
-                own = f"{device} classes"
                 mine = out / device / "bundle-v2"
                 shutil.rmtree(mine, ignore_errors=True)
+                # Before: v1 with the device's own adaptation knows the old classes and its own (the other
+                # device's classes are unknown to it: "-" in the table).
+                pre_pull = {g: _accuracy(run, out / device / "bundle", groups[g])[0]
+                          for g in ("old classes", f"{device} classes")}
+                report.stages.append(Stage("before the pull (v1)", device, pre_pull, "the device's own adaptation"))
                 pulled = run.json("pull", str(out / device / "bundle"), "--out", str(mine), "--server", url,
                                   "--token", creds[device][0], "--server-key", server_key, "--json")
-                moved = (pulled.get("upgrade") or {}).get("moved_by_own_exemplars", [])
-                accuracy = {g: _accuracy(run, mine, groups[g])[0] for g in ("old classes", own)}
-                report.stages.append(Stage("v2 on the device", device, accuracy,
-                                           f"edgecl pull; moved by own exemplars: {', '.join(moved) or '-'}"))
+                chose = (pulled.get("upgrade") or {}).get("chose") or {}
+                accuracy = {g: _accuracy(run, mine, groups[g])[0] for g in groups}
+                report.stages.append(Stage("after the pull (v2)", device, accuracy,
+                                           "edgecl pull; own classes: "
+                                           + (f"kept the {chose['kept']} statistics" if chose else "from v2")))
             report.timings_s["pull"] = time.perf_counter() - t
         else:
             stage("6/7 devices pull: nothing released, each device keeps v1 with its own adaptation")
@@ -353,9 +373,10 @@ def format_table(report: DemoReport) -> str:
 
         lines += ["", "edgecl release on the release-check images (ncm; " +
                   ("published" if report.release["published"] else "refused, nothing published") + ")",
-                  f"{'group':<18} {'images':>6} {'v2':>9} {'frozen':>9} {'v1':>9}"]
+                  f"{'group':<18} {'images':>6} {'v2':>9} {'frozen':>9} {'v1':>9} {'v2 among v1 classes':>20}"]
         for name, g in report.release["groups"].items():
-            lines.append(f"{name:<18} {g['images']:>6} {pct(g['candidate'])} {pct(g['baseline'])} {pct(g['current'])}")
+            lines.append(f"{name:<18} {g['images']:>6} {pct(g['candidate'])} {pct(g['baseline'])} {pct(g['current'])} "
+                         f"{pct(g.get('candidate_current_classes')):>20}")
     lines.append("time (s): " + ", ".join(f"{k} {v:.0f}" for k, v in report.timings_s.items()))
     return "\n".join(lines)
 

@@ -1,30 +1,47 @@
-"""`edgecl release`: the host-side release gate. Merge -> apply -> evaluate -> publish only if not worse.
+"""`edgecl release`: the host-side release round. The server merges; the host applies, gathers class
+statistics under the candidate's own backbone, judges, and publishes only what is not worse.
 
-An orchestrator (like ``edgecl.demo``), so it may use the host (``apply_deltas``, torch) and the
-device (``evaluate``, onnxruntime) together; it talks to the fleet server over HTTP with an admin
-token and never touches its store.
+An orchestrator (like ``edgecl.demo``): it uses the host (``apply_delta``, torch) and the device's
+inference (onnxruntime) together, and talks to the fleet server over HTTP with an admin token.
 
-    1. current = the newest released version of the lineage (else the newest registered one);
-       its files come from --bundle DIR or are downloaded from the server;
-    2. merge its counted deltas on the server (each device's newest; strategy and exclusions as
-       asked) and download the merged delta and the counted deltas;
-    3. candidate = apply(current, the counted deltas); frozen baseline = apply(current, a delta with
-       no weight change and the devices' prototypes as the current backbone places them (a device
-       that adapted its backbone sends them in its delta's ``base_prototypes``)): what the fleet
-       would have without adapting the backbone (SimpleCIL on the frozen model);
-    4. evaluate candidate, baseline and current on the held-out image folder (ncm head);
-    5. per class group (the calibration classes = those the current version knows; then each
-       device's own new classes), the candidate must not be worse than the baseline, and, when it
-       adds no class, on the calibration classes not worse than the current version (``tolerance``
-       allowed, default 0);
-    6. if it passes: upload the candidate's files, register it, and release it (the server signs
-       it); with ``canary`` only the named devices can pull it. Otherwise nothing is published.
+Why two phases (docs/design-notes.md, "Class statistics and backbones"): a class's mean, count and
+scatter add up only under one backbone, and the devices' new classes were computed under each
+device's own. Only a device holding the images can compute them under the merged backbone.
+
+Phase 1, ``release()`` (`edgecl release`):
+    1. current = the newest released version of the lineage (or --bundle-version);
+    2. the server merges its counted deltas (each device's newest; strategy and exclusions as
+       asked); the merged delta and the counted ones are downloaded and decoded once each;
+    3. candidate = apply(current, the merged delta): its weights, and the current classes'
+       statistics moved by their exemplars' drift (those classes never take a device's numbers);
+    4. judged now on what is already final: the candidate scored among the current classes only vs
+       the current version on those classes (like with like); the devices' classes are estimates
+       until phase 2, so nothing that depends on them is judged yet;
+    5. published as a canary of the lineage ``<id>.candidate`` to the contributing devices, which
+       run `edgecl restat` (re-embed what they hold under it, push a statistics-only delta).
+Phase 2, ``finish()`` (`edgecl release --finish`):
+    6. the statistics deltas of the candidate are summed exactly (classstats.merge_by_counts); a
+       class no device answered for is left out of the released version (its device keeps it:
+       pull carries the classes a version lacks; it is sent again next round) and its group is
+       reported as *not judged*; the gate judges without it;
+    7. the gate: every judged group >= the frozen baseline (same classes, the current backbone,
+       every class's statistics under it); the current classes, candidate restricted to them, >=
+       the current version; ``tolerance`` allowed (default 0);
+    8. if it passes: the released version (the candidate's files with the summed statistics) is
+       uploaded, registered and released to every device (or ``canary``).
+``statistics_round=False`` runs 1-3, uses the host's estimates for every device class (its
+base-space statistics moved by semantic drift compensation on the bundle's exemplars), and judges
+and publishes in one go (no device has to answer).
+
+Held-out images are embedded once per backbone (current, candidate); every accuracy is a table of
+class statistics scored on those embeddings (the frozen baseline is never written as a bundle).
 """
 
 from __future__ import annotations
 
 import shutil
 import tempfile
+import time
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,13 +49,17 @@ from typing import Any
 
 import numpy as np
 
+from edgecl import classstats
 from edgecl.errors import DataError, EdgeclError
 from edgecl.formats import delta as delta_format
 from edgecl.formats import manifest as mf
+from edgecl.formats.candidate import STAGE, candidate_id, is_candidate_report
+from edgecl.formats.exemplars import ExemplarMemory
 from edgecl.formats.hashing import sha256_file
-from edgecl.formats.merge import DEFAULT_MAX_SHARE, MergeOptions, merge_prototypes
+from edgecl.formats.merge import merge_prototypes
 from edgecl.formats.prototypes import Prototypes
-from edgecl.http_client import RetryPolicy, api_json, download, upload
+from edgecl.formats.scoring import restrict, score
+from edgecl.http_client import RetryPolicy, ServerRejected, api_json, download, upload
 
 CALIBRATION = "calibration"
 
@@ -48,13 +69,16 @@ class ReleaseOptions:
     heldout: Path                                  # held-out image folder (one sub-folder per class)
     current_dir: Path | None = None                # local copy of the current version (else downloaded)
     bundle_version: int | None = None              # the version to merge (default: the current one)
-    canary: list[str] = field(default_factory=list)  # release to these devices only
+    canary: list[str] = field(default_factory=list)  # release the final version to these devices only
     strategy: str = "weighted-mean"                # merge strategy (formats.merge.STRATEGIES)
     trim: float | None = None
     max_share: float | None = None
     exclude_devices: list[str] = field(default_factory=list)
     exclude_deltas: list[str] = field(default_factory=list)
     tolerance: float = 0.0                         # allowed accuracy drop per group (0 = none)
+    statistics_round: bool = True                  # False: one phase, the host's estimates for device classes
+    wait_s: float = 0.0                            # finish: wait this long for every contributor's statistics
+    publish: bool = True                           # finish: False judges and reports only (B7 scores options)
     work_dir: Path | None = None                   # where the bundles are built (default: a temp folder, removed)
     policy: RetryPolicy = field(default_factory=RetryPolicy)
 
@@ -63,26 +87,26 @@ class ReleaseOptions:
 class ReleaseReport:
     bundle_id: str
     current_version: int
-    version: int                                   # the candidate's version
+    version: int                                   # the candidate's (and released version's) number
     passed: bool
     published: bool
     reasons: list[str]                             # why the gate refused (empty when it passed)
     groups: dict[str, dict[str, Any]]              # group -> classes, images, candidate/baseline/current accuracy
-    candidate: dict[str, Any]                      # overall held-out accuracy and images of each bundle
+    candidate: dict[str, Any]                      # overall held-out accuracy and images of each table
     baseline: dict[str, Any]
     current: dict[str, Any]
     merge: dict[str, Any]
     canary: list[str]
     uploaded_bytes: int = 0
+    stage: str = "released"                        # "candidate" (phase 1 published it), "released", "refused"
+    statistics: dict[str, Any] = field(default_factory=dict)  # device -> answered, classes, images
+    not_judged: list[str] = field(default_factory=list)       # groups whose device sent no statistics
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
 
 
-class ReleaseRefused(EdgeclError):
-    """The candidate is worse than the current version or the frozen baseline on some class group."""
-
-
+# -- the gate (pure: evaluations in, verdict out) ----------------------------------------------------
 def _group_accuracy(evaluation: dict[str, Any] | None, classes: list[str]) -> tuple[float | None, int]:
     if evaluation is None:
         return None, 0
@@ -94,45 +118,55 @@ def _group_accuracy(evaluation: dict[str, Any] | None, classes: list[str]) -> tu
 
 
 def gate(groups: dict[str, list[str]], candidate: dict[str, Any], baseline: dict[str, Any],
-         current: dict[str, Any] | None, tolerance: float, compare_current: bool = True
+         current: dict[str, Any] | None, tolerance: float, restricted: dict[str, Any] | None = None,
+         not_judged: tuple[str, ...] | list[str] = (), provisional: bool = False
          ) -> tuple[dict[str, dict[str, Any]], list[str]]:
-    """Per group accuracies and the reasons to refuse (pure: evaluations in, verdict out).
-    ``compare_current`` False: the current version's accuracy is shown, not compared (it knows fewer
-    classes than the candidate, so its accuracy on the old classes is over fewer alternatives)."""
+    """Per group accuracies and the reasons to refuse.
+
+    Every judged group: candidate >= frozen baseline - tolerance (same classes, same images). The
+    calibration group (the classes the current version knows) also: ``restricted`` (the candidate
+    scored among those classes only; default ``candidate``) >= the current version - tolerance: the
+    same choice among the same classes, so adding classes never turns this comparison off. A group
+    in ``not_judged`` is shown, not compared (its device sent no statistics under the candidate).
+    ``provisional`` (phase 1: the devices' classes are still estimates, which compete with the
+    calibration images): the calibration group is judged by the same-classes comparison alone."""
     table: dict[str, dict[str, Any]] = {}
     reasons: list[str] = []
+    same_classes = restricted if restricted is not None else candidate
     for name, classes in groups.items():
         cand, images = _group_accuracy(candidate, classes)
         base, _ = _group_accuracy(baseline, classes)
         cur, _ = _group_accuracy(current, classes) if name == CALIBRATION else (None, 0)
-        table[name] = {"classes": classes, "images": images, "candidate": cand, "baseline": base, "current": cur}
-        if cand is None:
-            continue            # no held-out image of this group: nothing to compare
-        if base is not None and cand < base - tolerance:
+        same, _ = _group_accuracy(same_classes, classes) if name == CALIBRATION else (None, 0)
+        judged = name not in not_judged
+        table[name] = {"classes": classes, "images": images, "candidate": cand, "baseline": base, "current": cur,
+                       "candidate_current_classes": same, "judged": judged}
+        if cand is None or not judged:
+            continue            # no held-out image of this group, or nothing final to judge
+        if base is not None and cand < base - tolerance and not (provisional and name == CALIBRATION):
             reasons.append(f"{name}: candidate {cand:.3f} < frozen baseline {base:.3f} - {tolerance:g}")
-        if compare_current and cur is not None and cand < cur - tolerance:
-            reasons.append(f"{name}: candidate {cand:.3f} < current version {cur:.3f} - {tolerance:g}")
+        if cur is not None and same is not None and same < cur - tolerance:
+            reasons.append(f"{name}: candidate on the current classes {same:.3f} < current version {cur:.3f} "
+                           f"- {tolerance:g}")
     if not any(row["images"] for row in table.values()):
         reasons.append("the held-out folder has no image of any class group")
     return table, reasons
 
 
-def _evaluate(bundle_dir: Path, heldout: Path) -> dict[str, Any] | None:
-    import warnings
-
-    from edgecl.device.infer import evaluate
-
-    with warnings.catch_warnings():
-        # The current version does not know the devices' new classes: those images are skipped on purpose.
-        warnings.filterwarnings("ignore", message=".*without a prototype not scored")
-        try:
-            return evaluate(bundle_dir, heldout, head="ncm", progress=False)
-        except DataError:       # e.g. the current version knows none of the held-out classes
-            return None
+def union(*tables: Prototypes | None) -> Prototypes:
+    """The classes of every table, a later table's row replacing an earlier one's."""
+    present = [t for t in tables if t is not None]
+    out = Prototypes.empty(int(present[0].means.shape[1]))
+    for t in present:
+        for i, name in enumerate(t.classes):
+            out.upsert(name, t.means[i], int(t.counts[i]))
+    return out
 
 
+# -- the server ----------------------------------------------------------------------------------
 def _fetch_bundle(server: str, token: str, bundle: dict[str, Any], dest: Path, policy: RetryPolicy) -> Path:
     base = f"/v1/bundles/{bundle['bundle_id']}/{bundle['version']}/files/"
+    shutil.rmtree(dest, ignore_errors=True)     # a folder of ours (--work): phase 2 may reuse phase 1's
     dest.mkdir(parents=True)
     download(server, token, base + mf.MANIFEST, dest / mf.MANIFEST, bundle["manifest_sha256"], policy)
     manifest = mf.load_manifest(dest)
@@ -180,39 +214,106 @@ def _publish(server: str, token: str, bundle_dir: Path, canary: list[str], repor
     return sent
 
 
-def release(bundle_id: str, server: str, token: str, options: ReleaseOptions) -> ReleaseReport:
-    """Run the gate; publish when it passes. Raises nothing for a refusal: ``report.passed`` says."""
-    from edgecl.host.apply import apply_deltas
+def _get_delta(server: str, token: str, sha: str, work: Path, policy: RetryPolicy) -> delta_format.Delta:
+    """Download one delta and decode it: the only decode of these bytes in this process."""
+    path = work / f"delta-{sha[:16]}.safetensors"
+    download(server, token, f"/v1/deltas/{sha}", path, sha, policy)
+    return delta_format.load(path.read_bytes())
 
-    if not server or not token:
-        raise EdgeclError("no server or admin token", "pass --server URL --token ADMIN_TOKEN")
-    if not Path(options.heldout).is_dir():
-        raise DataError(f"held-out folder {options.heldout} not found", "pass --heldout DIR (one folder per class)")
+
+def write_version(src: Path, dst: Path, bundle_id: str, version: int, prototypes: Prototypes,
+                  parent_sha256: str) -> Path:
+    """A bundle version that is ``src`` (same graphs and weights: nothing re-exported) with another
+    lineage id, version, parent and class statistics; the manifest lists the new file's sha256."""
+    shutil.rmtree(dst, ignore_errors=True)
+    shutil.copytree(src, dst)
+    Prototypes(list(prototypes.classes), prototypes.means.astype(np.float32),
+               prototypes.counts.astype(np.int64)).save_file(dst / mf.PROTOTYPES)
+    manifest = mf.load_manifest(dst)
+    manifest.bundle_id, manifest.version, manifest.parent_sha256 = bundle_id, version, parent_sha256
+    manifest.classes = list(prototypes.classes)
+    manifest.files[mf.PROTOTYPES] = sha256_file(dst / mf.PROTOTYPES)
+    if mf.PROTOTYPES in manifest.sizes:
+        manifest.sizes[mf.PROTOTYPES] = (dst / mf.PROTOTYPES).stat().st_size
+    manifest.created_utc = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    manifest.save(dst)
+    return dst
+
+
+# -- one round's inputs --------------------------------------------------------------------------
+@dataclass
+class Round:
+    """What both phases know: the current version, the server's merge, each device's own classes
+    (those the current version does not know) and their base-space statistics."""
+    bundle_id: str
+    current_dir: Path
+    current_row: dict[str, Any]
+    merge: dict[str, Any]
+    merged: delta_format.Delta
+    own: dict[str, list[str]]                      # device -> its classes the current version lacks
+    base_tables: dict[str, Prototypes]             # device -> those classes under the current backbone
+    known: list[str]                               # the current version's classes
+
+    @property
+    def version(self) -> int:
+        return int(self.current_row["version"])
+
+    def baseline_devices(self) -> Prototypes | None:
+        """Every device class under the current backbone, merged by counts across devices (exact)."""
+        return merge_prototypes(list(self.base_tables.values()))
+
+    def groups(self) -> dict[str, list[str]]:
+        out = {CALIBRATION: list(self.known)}
+        for device, classes in self.own.items():
+            if classes:
+                out[f"device:{device}"] = classes
+        return out
+
+
+def _device_tables(d: delta_format.Delta, known: set[str]) -> tuple[list[str], Prototypes | None]:
+    """A counted delta's own classes and their statistics under the current backbone. A device that
+    adapted its backbone sends those as ``base_prototypes``; one that did not sent them so already.
+    A device never supplies the statistics of a class the current version knows: those rows are
+    never read (a delta carrying them, e.g. rolled by one class, changes nothing)."""
+    if d.prototypes is None:
+        return [], None
+    own = [c for c in d.prototypes.classes if c not in known]
+    table = d.base_prototypes if len(d.changed_positions()) else d.prototypes
+    if table is None:       # a delta from an edgecl before format 3: its classes have no baseline
+        return own, None
+    return own, restrict(table, own)
+
+
+def _resolve_current(bundle_id: str, server: str, token: str, options: ReleaseOptions, work: Path,
+                     version: int | None = None) -> tuple[dict[str, Any], Path]:
     policy = options.policy
     bundles = [b for b in api_json(server, token, "GET", "/v1/bundles", policy=policy)["bundles"]
                if b["bundle_id"] == bundle_id]
     if not bundles:
         raise EdgeclError(f"bundle {bundle_id} is not registered on {server}", "run `edgecl server bundle add` first")
-    released = [r["version"] for r in api_json(server, token, "GET", f"/v1/releases?bundle_id={bundle_id}",
-                                               policy=policy)["releases"]]
-    version = options.bundle_version or (max(released) if released else max(b["version"] for b in bundles))
-    current_row = next((b for b in bundles if b["version"] == version), None)
-    if current_row is None:
+    if version is None:
+        released = [r["version"] for r in api_json(server, token, "GET", f"/v1/releases?bundle_id={bundle_id}",
+                                                   policy=policy)["releases"]]
+        version = options.bundle_version or (max(released) if released else max(b["version"] for b in bundles))
+    row = next((b for b in bundles if b["version"] == version), None)
+    if row is None:
         raise EdgeclError(f"bundle {bundle_id} v{version} is not registered", "pick a registered version")
+    if options.current_dir is not None:
+        current_dir = Path(options.current_dir)
+        m = mf.load_manifest(current_dir)
+        if (m.bundle_id, m.version) != (bundle_id, version) or \
+                sha256_file(current_dir / mf.MANIFEST) != row["manifest_sha256"]:
+            raise EdgeclError(f"{current_dir} is not the server's {bundle_id} v{version}",
+                              "pass the bundle folder of that version, or leave --bundle out to download it")
+        return row, current_dir
+    return row, _fetch_bundle(server, token, row, work / "current", policy)
 
-    work = Path(options.work_dir) if options.work_dir else Path(tempfile.mkdtemp(prefix="edgecl-release-"))
-    work.mkdir(parents=True, exist_ok=True)
-    try:
-        if options.current_dir is not None:
-            current_dir = Path(options.current_dir)
-            m = mf.load_manifest(current_dir)
-            if (m.bundle_id, m.version) != (bundle_id, version) or \
-                    sha256_file(current_dir / mf.MANIFEST) != current_row["manifest_sha256"]:
-                raise EdgeclError(f"{current_dir} is not the server's {bundle_id} v{version}",
-                                  "pass the bundle folder of that version, or leave --bundle out to download it")
-        else:
-            current_dir = _fetch_bundle(server, token, current_row, work / "current", policy)
 
+def _load_round(bundle_id: str, server: str, token: str, options: ReleaseOptions, work: Path,
+                merge: dict[str, Any] | None = None, version: int | None = None) -> Round:
+    current_row, current_dir = _resolve_current(bundle_id, server, token, options, work, version)
+    policy = options.policy
+    if merge is None:
         query = urllib.parse.urlencode([("strategy", options.strategy)]
                                        + ([("trim", options.trim)] if options.trim is not None else [])
                                        + ([("max_share", options.max_share)] if options.max_share is not None else [])
@@ -221,79 +322,264 @@ def release(bundle_id: str, server: str, token: str, options: ReleaseOptions) ->
         from edgecl.server.jobclient import merge_and_wait  # the merge runs as a server job; wait for it
 
         merge = merge_and_wait(lambda method, path: api_json(server, token, method, path, policy=policy),
-                               bundle_id, version, query)
-        merged_path = work / "merged.safetensors"
-        download(server, token, f"/v1/deltas/{merge['sha256']}", merged_path, merge["sha256"], policy)
-        merged = delta_format.load_file(merged_path)
-        device_classes: dict[str, list[str]] = {}
-        counted: list[Path] = []
-        base_tables: list[Prototypes | None] = []
-        for sha, device in zip(merge["deltas"], merge["devices"], strict=True):
-            path = work / f"delta-{sha[:16]}.safetensors"
-            download(server, token, f"/v1/deltas/{sha}", path, sha, policy)
-            d = delta_format.load_file(path)
-            device_classes[device] = list(d.prototypes.classes) if d.prototypes is not None else []
-            counted.append(path)
-            # The frozen baseline needs each device's classes as the current backbone places them: an
-            # unchanged backbone sent them so; an adapted one sends them as base_prototypes (which only
-            # the device, holding the images, can compute). Without them (a delta from an edgecl
-            # before format 3) that device's classes have no baseline, and the table says so.
-            base_tables.append(d.base_prototypes if np.any(d.values) else d.prototypes)
+                               bundle_id, int(current_row["version"]), query)
+        merge = {k: merge[k] for k in ("sha256", "inputs", "strategy", "devices", "deltas")}
+    merged = _get_delta(server, token, merge["sha256"], work, policy)
+    known = list(Prototypes.load_file(current_dir / mf.PROTOTYPES).classes)
+    own: dict[str, list[str]] = {}
+    base_tables: dict[str, Prototypes] = {}
+    for sha, device in zip(merge["deltas"], merge["devices"], strict=True):
+        classes, table = _device_tables(_get_delta(server, token, sha, work, policy), set(known))
+        own[device] = classes
+        if table is not None and len(table):
+            base_tables[device] = table
+    return Round(bundle_id, current_dir, current_row, merge, merged, own, base_tables, known)
 
-        # The candidate from the counted deltas themselves, merged on the host as the server merged them
-        # (same function, same options): apply then moves each device's prototypes into the candidate's
-        # embedding space, which the merged file alone cannot tell it how to do.
-        merge_options = MergeOptions(strategy=options.strategy, trim=options.trim,
-                                     max_share=DEFAULT_MAX_SHARE if options.max_share is None else options.max_share)
+
+# -- embeddings: once per backbone ---------------------------------------------------------------
+@dataclass
+class Embedded:
+    truth: list[str]                   # held-out image classes
+    heldout: dict[str, np.ndarray]     # backbone ("current" / "candidate") -> held-out embeddings
+    exemplars: dict[str, np.ndarray]   # backbone -> the current version's exemplars' embeddings
+    exemplar_labels: np.ndarray
+
+
+def _embed(bundle_dir: Path, pixels: np.ndarray) -> np.ndarray:
+    from edgecl.device.infer import create_runner, embed_and_score, resolve_profile
+    from edgecl.device.state import open_bundle
+
+    bundle = open_bundle(bundle_dir)
+    runner = create_runner(bundle, resolve_profile(None, bundle))
+    try:
+        return embed_and_score(runner, bundle, pixels, np.zeros(bundle.mask.total_selected, np.float32))[0]
+    finally:
+        runner.release()
+
+
+def _embed_all(current_dir: Path, candidate_dir: Path, heldout: Path) -> Embedded:
+    from edgecl.formats.images import load_image_folder
+
+    m = mf.load_manifest(current_dir)
+    images = load_image_folder(heldout, m.input_size, m.interpolation, progress=False)
+    truth = [images.classes[i] for i in images.labels]
+    path = current_dir / mf.EXEMPLARS
+    memory = ExemplarMemory.load_file(path) if path.exists() else ExemplarMemory.empty((int(m.input_size[0]), int(m.input_size[1])))
+    dirs = {"current": current_dir, "candidate": candidate_dir}
+    return Embedded(truth, {k: _embed(d, images.pixels) for k, d in dirs.items()},
+                    {k: _embed(d, memory.pixels) for k, d in dirs.items()} if len(memory.pixels) else {},
+                    memory.labels)
+
+
+def estimate_in_candidate(base: Prototypes | None, embedded: Embedded) -> Prototypes | None:
+    """Classes under the current backbone moved into the candidate's by semantic drift compensation
+    on the bundle's exemplars (classstats): the host's estimate for a class whose device sent no
+    statistics under the candidate. Without exemplars they stay as they are."""
+    if base is None or not len(base) or not embedded.exemplars:
+        return base
+    before, after = embedded.exemplars["current"], embedded.exemplars["candidate"]
+    sigma = classstats.default_sigma(before, embedded.exemplar_labels)
+    return Prototypes(list(base.classes), classstats.compensate_drift(base.means, before, after, sigma), base.counts)
+
+
+def _judge(rnd: Round, embedded: Embedded, candidate: Prototypes, tolerance: float, not_judged: list[str],
+           provisional: bool = False) -> tuple[dict[str, dict[str, Any]], list[str], dict[str, Any]]:
+    current = Prototypes.load_file(rnd.current_dir / mf.PROTOTYPES)
+    devices = rnd.baseline_devices()
+    # Like for like: the baseline holds the classes the candidate holds (not those left out of it).
+    baseline = union(current, restrict(devices, list(candidate.classes)) if devices is not None else None)
+    evals = {"candidate": score(embedded.heldout["candidate"], embedded.truth, candidate),
+             "restricted": score(embedded.heldout["candidate"], embedded.truth, restrict(candidate, rnd.known)),
+             "baseline": score(embedded.heldout["current"], embedded.truth, baseline),
+             "current": score(embedded.heldout["current"], embedded.truth, current)}
+    if evals["candidate"] is None:
+        raise DataError("the candidate knows none of the classes in the held-out folder",
+                        "pass a held-out folder of the fleet's classes")
+    table, reasons = gate(rnd.groups(), evals["candidate"], evals["baseline"] or {"per_class": {}}, evals["current"],
+                          tolerance, restricted=evals["restricted"], not_judged=not_judged, provisional=provisional)
+    return table, reasons, evals
+
+
+def _overall(e: dict[str, Any] | None) -> dict[str, Any]:
+    return {"accuracy": e["accuracy"], "images": e["images"]} if e else {"accuracy": None, "images": 0}
+
+
+def _report(rnd: Round, version: int, reasons: list[str], table: dict[str, Any], evals: dict[str, Any],
+            canary: list[str], stage: str, not_judged: list[str], statistics: dict[str, Any]) -> ReleaseReport:
+    return ReleaseReport(rnd.bundle_id, rnd.version, version, not reasons, False, reasons, table,
+                         _overall(evals["candidate"]), _overall(evals["baseline"]), _overall(evals["current"]),
+                         dict(rnd.merge), list(canary), stage=stage if not reasons else "refused",
+                         statistics=statistics, not_judged=not_judged)
+
+
+def _work(options: ReleaseOptions) -> tuple[Path, bool]:
+    if options.work_dir is not None:
+        Path(options.work_dir).mkdir(parents=True, exist_ok=True)
+        return Path(options.work_dir), False
+    return Path(tempfile.mkdtemp(prefix="edgecl-release-")), True
+
+
+def _check_args(server: str, token: str, options: ReleaseOptions) -> None:
+    if not server or not token:
+        raise EdgeclError("no server or admin token", "pass --server URL --token ADMIN_TOKEN")
+    if not Path(options.heldout).is_dir():
+        raise DataError(f"held-out folder {options.heldout} not found", "pass --heldout DIR (one folder per class)")
+
+
+# -- phase 1 -------------------------------------------------------------------------------------
+def release(bundle_id: str, server: str, token: str, options: ReleaseOptions) -> ReleaseReport:
+    """Phase 1 (or the whole round with ``statistics_round=False``). Raises nothing for a refusal:
+    ``report.passed`` says."""
+    from edgecl.host.apply import apply_delta
+
+    _check_args(server, token, options)
+    work, temporary = _work(options)
+    try:
+        rnd = _load_round(bundle_id, server, token, options, work)
         candidate_dir = work / "candidate"
-        apply_deltas(current_dir, counted or [merged_path], candidate_dir, progress=False, merge_options=merge_options)
-        frozen = delta_format.Delta(
-            bundle_id=merged.bundle_id, bundle_version=merged.bundle_version, base_sha256=merged.base_sha256,
-            mask_sha256=merged.mask_sha256, device_id=delta_format.MERGE_DEVICE_ID, delta_k=merged.delta_k,
-            positions=merged.positions[:0], values=merged.values[:0], samples_seen=merged.samples_seen,
-            created_utc=merged.created_utc,
-            prototypes=merge_prototypes(base_tables, merge_options.max_share) if counted else merged.prototypes)
-        frozen_path = work / "frozen.safetensors"
-        delta_format.save_file(frozen, frozen_path)
-        baseline_dir = work / "baseline"
-        apply_deltas(current_dir, [frozen_path], baseline_dir, progress=False)
-
-        known = list(Prototypes.load_file(current_dir / mf.PROTOTYPES).classes)
-        groups = {CALIBRATION: known}
-        for device, classes in device_classes.items():
-            own = [c for c in classes if c not in known]
-            if own:
-                groups[f"device:{device}"] = own
-        heldout = Path(options.heldout)
-        cand_eval = _evaluate(candidate_dir, heldout)
-        if cand_eval is None:
-            raise DataError(f"the candidate knows none of the classes in {heldout}",
-                            "pass a held-out folder of the fleet's classes")
-        base_eval = _evaluate(baseline_dir, heldout)
-        cur_eval = _evaluate(current_dir, heldout)
-        # The current version scores the calibration images among fewer classes when the candidate
-        # adds some: then the like-for-like check of the old classes is the frozen baseline's alone.
-        adds_classes = bool(set(Prototypes.load_file(candidate_dir / mf.PROTOTYPES).classes) - set(known))
-        table, reasons = gate(groups, cand_eval, base_eval or {"per_class": {}}, cur_eval, options.tolerance,
-                              compare_current=not adds_classes)
-
-        def overall(e: dict[str, Any] | None) -> dict[str, Any]:
-            return {"accuracy": e["accuracy"], "images": e["images"]} if e else {"accuracy": None, "images": 0}
-
-        new_version = mf.load_manifest(candidate_dir).version
-        report = ReleaseReport(bundle_id, version, new_version, not reasons, False, reasons, table,
-                               overall(cand_eval), overall(base_eval), overall(cur_eval),
-                               {k: merge[k] for k in ("sha256", "inputs", "strategy", "devices", "deltas")},
-                               list(options.canary))
+        shutil.rmtree(candidate_dir, ignore_errors=True)
+        # The candidate ships the current classes only (moved by their exemplars' drift on the host);
+        # the devices' classes are added from statistics computed under it.
+        apply_delta(rnd.current_dir, rnd.merged, candidate_dir, progress=False,
+                    classes=Prototypes.empty(mf.load_manifest(rnd.current_dir).embedding_dim))
+        embedded = _embed_all(rnd.current_dir, candidate_dir, Path(options.heldout))
+        estimates = estimate_in_candidate(rnd.baseline_devices(), embedded)
+        candidate = union(Prototypes.load_file(candidate_dir / mf.PROTOTYPES), estimates)
+        version = mf.load_manifest(candidate_dir).version
+        devices = [g for g in rnd.groups() if g != CALIBRATION]
+        not_judged = devices if options.statistics_round else []
+        table, reasons, evals = _judge(rnd, embedded, candidate, options.tolerance, not_judged,
+                                       provisional=options.statistics_round)
+        stage = "candidate" if options.statistics_round else "released"
+        report = _report(rnd, version, reasons, table, evals, options.canary, stage, not_judged,
+                         {d: {"answered": False, "classes": c} for d, c in rnd.own.items()})
         if reasons:
             return report
-        summary = {"candidate": report.candidate, "baseline": report.baseline, "current": report.current,
-                   "groups": table, "merge": report.merge, "tolerance": options.tolerance,
-                   "heldout": str(heldout.resolve())}
-        report.uploaded_bytes = _publish(server, token, candidate_dir, list(options.canary), summary, policy,
-                                         current_dir)
+        if options.statistics_round:
+            # Its own version number in the candidate lineage: a refused round's candidate stays
+            # registered there, and the next try (other exclusions, other deltas) is another one.
+            taken = [b["version"] for b in api_json(server, token, "GET", "/v1/bundles", policy=options.policy)
+                     ["bundles"] if b["bundle_id"] == candidate_id(bundle_id)]
+            probe = write_version(candidate_dir, work / "statistics-candidate", candidate_id(bundle_id),
+                                  max(taken, default=0) + 1, Prototypes.load_file(candidate_dir / mf.PROTOTYPES), "")
+            summary = {"stage": STAGE, "bundle_id": bundle_id, "current_version": rnd.version,
+                       "version": version, "merge": rnd.merge, "devices": rnd.own,
+                       "options": {"tolerance": options.tolerance}}
+            report.uploaded_bytes = _publish(server, token, probe, list(rnd.merge["devices"]), summary,
+                                             options.policy, rnd.current_dir)
+            report.published = True
+            return report
+        final = write_version(candidate_dir, work / "release", bundle_id, version, candidate,
+                              sha256_file(rnd.current_dir / mf.MANIFEST))
+        report.uploaded_bytes = _publish(server, token, final, list(options.canary),
+                                         _summary(report, options), options.policy, rnd.current_dir)
         report.published = True
         return report
     finally:
-        if options.work_dir is None:
+        if temporary:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def _summary(report: ReleaseReport, options: ReleaseOptions) -> dict[str, Any]:
+    return {"candidate": report.candidate, "baseline": report.baseline, "current": report.current,
+            "groups": report.groups, "merge": report.merge, "tolerance": options.tolerance,
+            "statistics": report.statistics, "not_judged": report.not_judged,
+            "heldout": str(Path(options.heldout).resolve())}
+
+
+# -- phase 2 -------------------------------------------------------------------------------------
+def open_candidate(bundle_id: str, server: str, token: str, policy: RetryPolicy) -> dict[str, Any]:
+    """The newest statistics candidate of the lineage that is not released yet (its release row)."""
+    try:
+        row = api_json(server, token, "GET", f"/v1/releases/latest?bundle_id={candidate_id(bundle_id)}",
+                       policy=policy)
+    except ServerRejected as exc:
+        if exc.code != "not_found":
+            raise
+        row = {}
+    report: dict[str, Any] = row.get("report") or {}
+    released = [r["version"] for r in api_json(server, token, "GET", f"/v1/releases?bundle_id={bundle_id}",
+                                               policy=policy)["releases"]]
+    if not is_candidate_report(report) or int(report["version"]) in released:
+        raise EdgeclError(f"no open statistics candidate of {bundle_id}",
+                          "run `edgecl release` first (phase 1), then `edgecl release --finish`")
+    return row
+
+
+def answers(server: str, token: str, row: dict[str, Any], policy: RetryPolicy) -> dict[str, str]:
+    """device -> sha256 of its newest statistics delta against the candidate (contributors only)."""
+    report = row["report"]
+    rows = api_json(server, token, "GET", f"/v1/deltas?bundle_id={urllib.parse.quote(row['bundle_id'])}"
+                    f"&version={row['version']}", policy=policy)["deltas"]
+    newest: dict[str, str] = {}
+    for r in rows:                     # oldest first: the last one of a device wins
+        if r["device"] in report["devices"]:
+            newest[r["device"]] = r["sha256"]
+    return newest
+
+
+def summed_statistics(rnd: Round, current: Prototypes, received: dict[str, delta_format.Delta]
+                      ) -> tuple[Prototypes, dict[str, Any]]:
+    """Class statistics under the candidate, summed exactly over the devices that answered
+    (classstats.merge_by_counts). A device's rows count only for classes it reports images for
+    under the candidate (counts bounded at push by what it saw); a class the current version knows
+    adds the devices' images to the current statistics (moved to the candidate) by counts."""
+    sources: dict[str, list[tuple[np.ndarray, int]]] = {}
+    statistics: dict[str, Any] = {}
+    for device, d in received.items():
+        table = d.prototypes or Prototypes.empty(int(current.means.shape[1]))
+        statistics[device] = {"answered": True, "classes": list(table.classes), "images": int(table.counts.sum())}
+        for i, name in enumerate(table.classes):
+            sources.setdefault(name, []).append((table.means[i], int(table.counts[i])))
+    out = current.copy()
+    for name, rows in sources.items():
+        if name in current.classes:
+            j = current.classes.index(name)
+            rows = [(current.means[j], int(current.counts[j])), *rows]
+        mean, count = classstats.merge_by_counts([m for m, _ in rows], [c for _, c in rows])
+        out.upsert(name, mean, count)
+    return out, statistics
+
+
+def finish(bundle_id: str, server: str, token: str, options: ReleaseOptions) -> ReleaseReport:
+    """Phase 2: sum the statistics the devices sent under the candidate, judge, publish."""
+    _check_args(server, token, options)
+    policy = options.policy
+    row = open_candidate(bundle_id, server, token, policy)
+    report_in: dict[str, Any] = row["report"]
+    expected = set(report_in["devices"])
+    deadline = time.monotonic() + max(options.wait_s, 0.0)
+    got = answers(server, token, row, policy)
+    while set(got) < expected and time.monotonic() < deadline:
+        time.sleep(min(2.0, max(deadline - time.monotonic(), 0.0)))
+        got = answers(server, token, row, policy)
+    work, temporary = _work(options)
+    try:
+        rnd = _load_round(bundle_id, server, token, options, work, merge=report_in["merge"],
+                          version=int(report_in["current_version"]))
+        candidate_row = {"bundle_id": row["bundle_id"], "version": row["version"],
+                         "manifest_sha256": row["manifest_sha256"]}
+        probe = _fetch_bundle(server, token, candidate_row, work / "statistics-candidate", policy)
+        received = {d: _get_delta(server, token, sha, work, policy) for d, sha in sorted(got.items())}
+        embedded = _embed_all(rnd.current_dir, probe, Path(options.heldout))
+        summed, statistics = summed_statistics(rnd, Prototypes.load_file(probe / mf.PROTOTYPES), received)
+        # A class no answering device reports is left out of this version: its device keeps it (pull
+        # carries the classes a version lacks) and sends it next round; its group is not judged.
+        candidate = summed
+        not_judged = [f"device:{d}" for d, classes in rnd.own.items() if d not in received and classes]
+        for device in rnd.own:
+            statistics.setdefault(device, {"answered": False, "classes": rnd.own[device]})
+        version = int(report_in["version"])
+        table, reasons, evals = _judge(rnd, embedded, candidate, options.tolerance, not_judged)
+        report = _report(rnd, version, reasons, table, evals, options.canary, "released", not_judged, statistics)
+        if reasons or not options.publish:
+            return report
+        final = write_version(probe, work / "release", bundle_id, version, candidate,
+                              sha256_file(rnd.current_dir / mf.MANIFEST))
+        report.uploaded_bytes = _publish(server, token, final, list(options.canary), _summary(report, options),
+                                         policy, rnd.current_dir)
+        report.published = True
+        return report
+    finally:
+        if temporary:
             shutil.rmtree(work, ignore_errors=True)

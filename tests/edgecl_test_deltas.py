@@ -46,7 +46,8 @@ def make_delta(manifest: dict[str, Any], device_id: str, seed: int, *, changed: 
     vector = np.where(rng.random(k) < changed, rng.normal(0, 0.01, k), 0).astype(np.float32)
     names = CLASSES[: 1 + seed % len(CLASSES)] if classes is None else classes
     protos = Prototypes(list(names), rng.normal(size=(len(names), EMBED_DIM)).astype(np.float32),
-                        rng.integers(1, 50, len(names)).astype(np.int64))
+                        # a class counts no more images than the delta saw (the server refuses more)
+                        np.minimum(rng.integers(1, 50, len(names)), max(samples_seen, 1)).astype(np.int64))
     return D.Delta.from_dense(vector, bundle_id=manifest["bundle_id"], bundle_version=manifest["version"],
                               base_sha256=manifest["base_sha256"], mask_sha256=manifest["mask_sha256"],
                               device_id=device_id, steps=10 + seed, samples_seen=samples_seen,

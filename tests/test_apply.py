@@ -131,37 +131,38 @@ def test_overlap_history_accumulates_over_rounds(adapted: Path, calib_dir: Path,
         assert v3_mask.overlap[name].tolist() == [lookup.get(i, 0) for i in v3_mask.indices[name].tolist()]
 
 
-def test_apply_moves_prototypes_no_delta_brought_by_their_exemplars_drift(adapted: Path, tmp_path: Path) -> None:
-    """Classes whose prototype came with the delta keep the device's (computed under the adapted
-    backbone); a class only the bundle knows moves by its exemplars' drift, p += mean(new) - mean(old)."""
+def test_the_bundles_classes_move_by_their_exemplars_drift_never_by_a_delta(adapted: Path, tmp_path: Path) -> None:
+    """A class the bundle ships moves by its exemplars' drift, p += mean(new) - mean(old), whatever a
+    delta says about it: a delta carrying the bundle's classes (here rolled by one, a poisoning) is
+    not believed for them. Its own new class ("bolt") is added as it carries it."""
     from edgecl.formats.exemplars import ExemplarMemory
     from edgecl.formats.prototypes import Prototypes
 
     d = tmp_path / "d.safetensors"
     assert runner.invoke(app, ["delta", str(adapted), "-o", str(d)]).exit_code == 0
     delta = delta_format.load_file(d)
-    device = delta.prototypes
-    keep = [i for i, c in enumerate(device.classes) if c != "class1"]  # the delta brings no class1
-    delta.prototypes = Prototypes([device.classes[i] for i in keep], device.means[keep], device.counts[keep])
+    bundle = Prototypes.load_file(adapted / mf.PROTOTYPES)
+    rolled = np.roll(bundle.means, 1, axis=0)
+    delta.prototypes = Prototypes([*bundle.classes, "bolt"], np.concatenate([rolled, rolled[:1] + 1]),
+                                  np.array([10**9] * len(bundle.classes) + [7]))
     delta_format.save_file(delta, d)
     out = tmp_path / "v2"
     assert runner.invoke(app, ["apply", str(adapted), str(d), "-o", str(out)]).exit_code == 0
     manifest = mf.load_manifest(out)
     protos = Prototypes.load_file(out / mf.PROTOTYPES)
-    for name in ("class0", "class2"):
-        np.testing.assert_array_equal(protos.means[protos.classes.index(name)],
-                                      device.means[device.classes.index(name)])
+    assert protos.classes == [*bundle.classes, "bolt"] and int(protos.counts[-1]) == 7
     exemplars = ExemplarMemory.load_file(adapted / "exemplars.safetensors")
-    pixels = normalize(exemplars.pixels[exemplars.labels == exemplars.classes.index("class1")],
-                       manifest.mean, manifest.std)
     vector = delta.to_dense(manifest.selected)
-    drift = _embed(adapted, vector, pixels).mean(0) - _embed(adapted, np.zeros_like(vector), pixels).mean(0)
-    bundle = Prototypes.load_file(adapted / mf.PROTOTYPES)
-    expected = bundle.means[bundle.classes.index("class1")] + drift
-    got = protos.means[protos.classes.index("class1")]
-    assert np.abs(drift).max() > 1e-6  # the backbone moved: the test means something
-    # torch (host) vs onnxruntime (device) embeddings differ by float rounding only, far below the drift
-    assert np.abs(got - expected).max() < 0.05 * np.abs(drift).max()
+    assert np.abs(vector).max() > 0  # the backbone moved: the test means something
+    for name in bundle.classes:
+        pixels = normalize(exemplars.pixels[exemplars.labels == exemplars.classes.index(name)],
+                           manifest.mean, manifest.std)
+        drift = _embed(adapted, vector, pixels).mean(0) - _embed(adapted, np.zeros_like(vector), pixels).mean(0)
+        expected = bundle.means[bundle.classes.index(name)] + drift
+        got = protos.means[protos.classes.index(name)]
+        assert int(protos.counts[protos.classes.index(name)]) == int(bundle.counts[bundle.classes.index(name)])
+        # torch (host) vs onnxruntime (device) embeddings differ by float rounding only, far below the drift
+        assert np.abs(got - expected).max() < 0.05 * max(np.abs(drift).max(), 1e-6)
 
 
 def test_apply_writes_stock_timm_weights_that_load_strict(adapted: Path, calib_dir: Path, tmp_path: Path) -> None:
@@ -186,38 +187,3 @@ def test_apply_writes_stock_timm_weights_that_load_strict(adapted: Path, calib_d
         stock = model(torch.from_numpy(images)).numpy()
     bundle = _embed(out, np.zeros(manifest.selected, np.float32), images)
     assert np.abs(stock - bundle).max() <= 1e-4 * max(1.0, float(np.abs(bundle).max()))
-
-
-def test_apply_moves_each_devices_prototypes_into_the_new_versions_space(adapted: Path, tmp_path: Path) -> None:
-    """Device A adapted (its prototypes are in A's space, which v2 becomes); device B's gate refused, so
-    its delta moves no weight and its new class "bolt" was computed under the base backbone. v2 must
-    score B's class in v2's space: apply moves B's table by the drift the bundle's exemplars show."""
-    import dataclasses
-
-    from conftest import write_image_folder
-
-    from edgecl.formats.prototypes import Prototypes
-
-    a_path = tmp_path / "a.safetensors"
-    assert runner.invoke(app, ["delta", str(adapted), "-o", str(a_path), "--device-id", "dev-a"]).exit_code == 0
-    a = delta_format.load_file(a_path)
-    manifest = mf.load_manifest(adapted)
-    folder = write_image_folder(tmp_path / "bolts", names=["bolt"], per_class=16, seed=5)
-    pixels = normalize(load_image_folder(folder, manifest.input_size, manifest.interpolation).pixels,
-                       manifest.mean, manifest.std)
-    zero = np.zeros(manifest.selected, np.float32)
-    base_mean = _embed(adapted, zero, pixels).mean(0)
-    b = dataclasses.replace(a, device_id="dev-b", positions=a.positions[:0], values=a.values[:0], steps=0,
-                            samples_seen=16, prototypes=Prototypes(["bolt"], base_mean[None], np.array([16])))
-    b_path = tmp_path / "b.safetensors"
-    delta_format.save_file(b, b_path)
-
-    out = tmp_path / "v2"
-    result = runner.invoke(app, ["apply", str(adapted), str(a_path), str(b_path), "-o", str(out)])
-    assert result.exit_code == 0, result.output
-    protos = Prototypes.load_file(out / mf.PROTOTYPES)
-    true = _embed(out, zero, pixels).mean(0)           # bolt's mean under v2 (= base + A's delta)
-    got = protos.means[protos.classes.index("bolt")]
-    stale = np.linalg.norm(base_mean - true)
-    assert stale > 1e-3 * np.linalg.norm(true)           # A's delta moved the backbone: the test means something
-    assert np.linalg.norm(got - true) < 0.5 * stale      # moved most of the way into v2's space

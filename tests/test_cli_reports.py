@@ -84,5 +84,5 @@ def test_the_release_table_names_head_images_columns_and_rule() -> None:
     assert "rule: publish v2 only if no group's candidate is below its baseline" in text
     report.merge["inputs"] = 3
     assert "v1 + 3 deltas (" in release_lines(report, "", Path("h"), 0.01)[0]
-    assert "below its baseline by more than 1 point (" in "\n".join(release_lines(report, "", Path("h"), 0.01))
+    assert "below its baseline by more than 1 point, " in "\n".join(release_lines(report, "", Path("h"), 0.01))
     assert "by more than 2.5 points" in "\n".join(release_lines(report, "", Path("h"), 0.025))

@@ -4,6 +4,7 @@ onnxruntime training, real image files."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -98,8 +99,8 @@ def test_upgrade_carries_exemplars_and_local_classes_to_the_next_version(bundle_
     from edgecl.formats.exemplars import ExemplarMemory
 
     _adapt(bundle_copy, first_task)
-    delta = tmp_path / "d.safetensors"
-    assert runner.invoke(app, ["delta", str(bundle_copy), "-o", str(delta)]).exit_code == 0
+    delta = tmp_path / "d.safetensors"   # fp32: v2 is then exactly this device's model (int4, the default, is not)
+    assert runner.invoke(app, ["delta", str(bundle_copy), "-o", str(delta), "--values", "fp32"]).exit_code == 0
     v2 = tmp_path / "v2"
     assert runner.invoke(app, ["apply", str(bundle_copy), str(delta), "-o", str(v2)]).exit_code == 0
     assert load_current(open_bundle(v2)).exemplars_path is None  # a fresh version knows no device memory
@@ -166,6 +167,11 @@ def test_upgrade_moves_the_devices_own_classes_into_a_fleet_version_by_their_exe
     result = runner.invoke(app, ["upgrade", str(device_b), str(v2), "--json"])
     assert result.exit_code == 0, result.output
     assert '"moved_by_own_exemplars": [\n    "fox"\n  ]' in result.output and '"lda_moved": true' in result.output
+    # the do-no-harm rule for versions: v2's fox (the host's estimate) against the device's own moved
+    # fox, both scored on the images the device holds of fox: the device's is kept, and it says so
+    chose = json.loads(result.output)["chose"]
+    assert chose["kept"] == "device" and chose["classes"] == ["fox"] and chose["images"] > 0, chose
+    assert chose["device_accuracy"] > chose["released_accuracy"], chose
     upgraded = load_current(open_bundle(v2)).prototypes
 
     m = open_bundle(v2).manifest

@@ -1,7 +1,10 @@
-"""Issue 13 acceptance, end to end on loopback, through the real CLI: two provisioned devices adapt,
-delta, push; a poisoned (in-bounds) delta from a third device makes the release gate refuse and
-publish nothing; excluding that device, the gate merges, applies and publishes v2; both devices
-pull it and upgrade, and v2 classifies each device's data no worse than the device did; a tampered
+"""The fleet round end to end on loopback, through the real CLI: two provisioned devices adapt, delta,
+push; a third, compromised device tries three poisonings (statistics with counts of 1e9: refused at
+push; weights moved within bounds: refused by the gate's like-for-like check in phase 1; statistics
+rolled by one class with counts it claims to have seen: refused by the gate in phase 2); excluding
+it, `edgecl release` sends the candidate to the two devices, each runs `edgecl restat` (its classes'
+statistics under the candidate), `edgecl release --finish` sums them, judges and publishes v2; both
+devices pull it, and v2 classifies each device's data no worse than the device did; a tampered
 download and a wrong signature are refused with the device's state unchanged.
 
 The server is a real `edgecl server start` subprocess on a free 127.0.0.1 port, SQLite store in tmp_path.
@@ -114,6 +117,27 @@ def _poisoned_delta(bundle: Path, name: str, key: str, out: Path) -> None:
     delta_format.save_file(delta, out, bytes.fromhex(key))
 
 
+def _statistics_poison(bundle: Path, name: str, key: str, out: Path, samples_seen: int, version: int | None = None,
+                       bundle_id: str | None = None, base_sha256: str | None = None,
+                       mask_sha256: str | None = None) -> None:
+    """Issue 21's poisoning: no weight change, the bundle's classes' prototypes rolled by one class
+    (counts 1e9) plus one class of its own, signed with the device's real key."""
+    from edgecl.formats.prototypes import Prototypes
+
+    manifest = mf.load_manifest(bundle)
+    shipped = Prototypes.load_file(bundle / mf.PROTOTYPES)
+    rolled = np.roll(shipped.means, 1, axis=0)
+    table = Prototypes([*shipped.classes, "rivet"], np.concatenate([rolled, rolled[:1] * 0.5]),
+                       np.array([10**9] * len(shipped.classes) + [12], np.int64))
+    delta = delta_format.Delta.from_dense(np.zeros(manifest.selected, np.float32),
+                                          bundle_id=bundle_id or manifest.bundle_id,
+                                          bundle_version=version or manifest.version,
+                                          base_sha256=base_sha256 or manifest.base_sha256,
+                                          mask_sha256=mask_sha256 or manifest.mask_sha256, device_id=name, steps=0,
+                                          samples_seen=samples_seen, prototypes=table)
+    delta_format.save_file(delta, out, bytes.fromhex(key))
+
+
 @pytest.fixture
 def fleet(tmp_path: Path, tiny_bundle: Path):
     store = tmp_path / "store"
@@ -162,27 +186,87 @@ def test_provision_adapt_push_release_pull(tmp_path: Path, tiny_bundle: Path, fl
         assert "sent" in _cli("push", str(path), "--config", str(configs[name]))
         assert "already there" in _cli("push", str(path), "--config", str(configs[name]))
 
-    # A compromised third device pushes a poisoned delta that passes every format and bound check.
-    poisoned = tmp_path / "line-c.safetensors"
-    _poisoned_delta(tiny_bundle, "line-c", creds["line-c"][1], poisoned)
-    pushed = httpx.post(server.url + "/v1/deltas", content=poisoned.read_bytes(),
-                        headers={"Authorization": f"Bearer {creds['line-c'][0]}"})
-    assert pushed.status_code == 201, pushed.text
+    def push_raw(path: Path) -> httpx.Response:
+        return httpx.post(server.url + "/v1/deltas", content=path.read_bytes(),
+                          headers={"Authorization": f"Bearer {creds['line-c'][0]}"})
 
-    # The gate refuses: the merged backbone is worse than the frozen baseline. Nothing is published.
+    def releases(lineage: str = manifest.bundle_id) -> list:
+        return httpx.get(server.url + "/v1/releases", params={"bundle_id": lineage},
+                         headers={"Authorization": f"Bearer {admin}"}).json()["releases"]
+
+    # Poisoning 1 (issue 21): statistics rolled by one class with counts of 1e9 it never saw: refused at push.
+    rolled = tmp_path / "line-c-rolled.safetensors"
+    _statistics_poison(tiny_bundle, "line-c", creds["line-c"][1], rolled, samples_seen=64)
+    pushed = push_raw(rolled)
+    assert pushed.status_code == 422 and pushed.json()["error"] == "count_over_seen", pushed.text
+
     gate = ["release", str(tiny_bundle), "--heldout", str(heldout), "--server", server.url, "--token", admin,
             "--tolerance", str(ACCURACY_TOLERANCE)]
-    refused = runner.invoke(app, gate)
-    assert refused.exit_code == 2, refused.output
-    assert "release refused, nothing published: " in refused.stderr and "frozen baseline" in refused.stderr
-    assert httpx.get(server.url + "/v1/releases", headers={"Authorization": f"Bearer {admin}"}).json()["releases"] == []
-    assert _cli("pull", "--config", str(configs["line-a"])).startswith("up to date")
 
-    # The operator excludes the compromised device: the gate merges the two honest deltas and publishes v2.
+    def round_(*extra: str, answer: tuple[str, ...] = tuple(DEVICES)):
+        """Phase 1; the honest devices send their statistics; phase 2. The last CLI result."""
+        first = runner.invoke(app, [*gate, *extra])
+        if first.exit_code != 0:
+            return first
+        for name in answer:
+            assert json.loads(_cli("restat", "--config", str(configs[name]), "--json"))["status"] == "sent"
+        return runner.invoke(app, [*gate, *extra, "--finish"])
+
+    # Poisoning 2: weights moved within every format and bound check: accepted at push; the round
+    # publishes nothing (the current classes or a device's, like for like, are worse).
+    poisoned = tmp_path / "line-c.safetensors"
+    _poisoned_delta(tiny_bundle, "line-c", creds["line-c"][1], poisoned)
+    assert push_raw(poisoned).status_code == 201
+    refused = round_()
+    assert refused.exit_code == 2, refused.output
+    assert "release refused, nothing published: " in refused.stderr, refused.stderr
+    assert releases() == []
+    assert _cli("pull", "--config", str(configs["line-a"])).startswith("up to date")   # never a candidate
+
+    # Poisoning 3: the same statistics claiming as many images as they count (samples_seen 1e9): taken
+    # at push; phase 1 never reads a device's numbers for the current classes, and when line-c sends
+    # them again under the candidate (where a device may update classes it saw), the same-classes
+    # comparison refuses in phase 2. Nothing is published.
+    _statistics_poison(tiny_bundle, "line-c", creds["line-c"][1], rolled, samples_seen=10**9)
+    assert push_raw(rolled).status_code == 201
+    out = _cli(*gate)
+    assert "sent to line-a, line-b, line-c" in out, out
+    candidate = httpx.get(server.url + "/v1/releases/latest", params={"bundle_id": f"{manifest.bundle_id}.candidate"},
+                          headers={"Authorization": f"Bearer {creds['line-c'][0]}"}).json()
+    assert candidate["report"]["version"] == 2
+    cand_manifest = httpx.get(server.url + f"/v1/bundles/{candidate['bundle_id']}/{candidate['version']}"
+                              "/files/manifest.json", headers={"Authorization": f"Bearer {admin}"}).json()
+    _statistics_poison(tiny_bundle, "line-c", creds["line-c"][1], rolled, samples_seen=10**9,
+                       version=candidate["version"], bundle_id=candidate["bundle_id"],
+                       base_sha256=cand_manifest["base_sha256"], mask_sha256=cand_manifest["mask_sha256"])
+    pushed = push_raw(rolled)
+    assert pushed.status_code == 201, pushed.text
+    refused = runner.invoke(app, [*gate, "--finish"])
+    assert refused.exit_code == 2, refused.output
+    assert "calibration: candidate on the current classes" in refused.stderr, refused.stderr
+    assert releases() == []
+
+    # The operator excludes the compromised device: phase 1 sends the honest candidate to line-a and
+    # line-b; each sends its classes' statistics under it (kilobytes, no weight); phase 2 publishes v2.
     out = _cli(*gate, "--exclude-device", "line-c")
-    assert f"released {manifest.bundle_id} v2" in out, out
-    releases = httpx.get(server.url + "/v1/releases", headers={"Authorization": f"Bearer {admin}"}).json()["releases"]
-    assert [(r["bundle_id"], r["version"]) for r in releases] == [(manifest.bundle_id, 2)]
+    assert "candidate v2 sent to line-a, line-b " in out, out
+    assert _cli("pull", "--config", str(configs["line-a"])).startswith("up to date")   # never the candidate
+    for name, (_, classes) in DEVICES.items():
+        sent = json.loads(_cli("restat", "--config", str(configs[name]), "--json"))
+        assert sent["status"] == "sent" and set(sent["classes"]) == set(classes), sent
+        assert all(n >= 12 for n in sent["classes"].values()) and sent["delta_bytes"] < 20_000, sent
+    out = _cli(*gate, "--finish", "--json")
+    finished = json.loads(out[out.index("{"):])
+    assert finished["published"] and finished["not_judged"] == [], finished
+    assert all(finished["statistics"][n]["answered"] for n in DEVICES)
+    calibration = finished["groups"]["calibration"]
+    assert calibration["candidate_current_classes"] >= calibration["current"] - ACCURACY_TOLERANCE
+    assert [(r["bundle_id"], r["version"]) for r in releases()] == [(manifest.bundle_id, 2)]
+    v2_row = httpx.get(server.url + "/v1/releases/latest", params={"bundle_id": manifest.bundle_id},
+                       headers={"Authorization": f"Bearer {admin}"}).json()
+    assert v2_row["report"]["statistics"]["line-a"]["classes"] == DEVICES["line-a"][1]
+    assert "rivet" not in httpx.get(server.url + f"/v1/bundles/{manifest.bundle_id}/2/files/manifest.json",
+                                    headers={"Authorization": f"Bearer {admin}"}).json()["classes"]
 
     # line-b first meets a wrong signature (a config pinning another key) and a tampered file:
     # both refused, its bundle and state exactly as they were.
@@ -211,6 +295,11 @@ def test_provision_adapt_push_release_pull(tmp_path: Path, tiny_bundle: Path, fl
     for name in DEVICES:
         report = json.loads(_cli("pull", "--config", str(configs[name]), "--json"))
         assert report["status"] == "upgraded" and report["version"] == 2, report
+        # v2 ships this device's classes (their statistics from its own restat): pull judged them
+        # against the device's own on the images it holds, kept the better, and says which
+        chose = report["upgrade"]["chose"]
+        assert chose["kept"] in ("released", "device") and chose["images"] > 0, chose
+        assert set(chose["classes"]) == set(DEVICES[name][1]), chose
         new = Path(report["bundle_dir"])
         assert mf.load_manifest(new).version == 2 and (new / "state" / "HEAD.json").exists()
         print(f"{name}: downlink {report['downloaded_bytes']:,} B of {report['total_bytes']:,} B "
@@ -232,3 +321,8 @@ def test_provision_adapt_push_release_pull(tmp_path: Path, tiny_bundle: Path, fl
     listed = {d["name"]: d for d in httpx.get(server.url + "/v1/devices",
                                              headers={"Authorization": f"Bearer {admin}"}).json()["devices"]}
     assert all(listed[n]["last_version"] == 2 and listed[n]["last_heldout"]["after"] for n in DEVICES)
+    # One phase (--no-statistics-round): line-a's delta moves no weight and adds no class, so v3 is v2
+    # as it is: judged at once (nothing to wait for) and published.
+    out = _cli("release", str(v2_device), "--heldout", str(heldout), "--server", server.url, "--token", admin,
+               "--no-statistics-round")
+    assert f"released {manifest.bundle_id} v3" in out, out

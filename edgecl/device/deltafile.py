@@ -111,7 +111,37 @@ def base_space_prototypes(bundle: Bundle, state: DeviceState) -> Prototypes | No
                       np.asarray([rows[c][1] for c in names], np.int64))
 
 
-def make_delta(bundle_dir: str | Path, out: str | Path, values: str = "fp32", device_id: str | None = None,
+def device_identity(device_id: str | None, key_hex: str | None, config: DeviceConfig | None
+                    ) -> tuple[str, bytes | None]:
+    """The name and signing key a delta is made under: the arguments, else $EDGECL_DEVICE_ID /
+    $EDGECL_DEVICE_KEY, else the device config (``edgecl device init``), else (name only) the
+    hostname with a warning: the server accepts a delta only under the registered name."""
+    key_text = key_hex if key_hex is not None else (os.environ.get(KEY_ENV) or (config.key if config else ""))
+    key = delta_format.parse_key(key_text) if key_text else None
+    name = device_id or os.environ.get(DEVICE_ID_ENV) or (config.name if config else "")
+    if not name:
+        name = socket.gethostname()
+        warnings.warn(f"no device name configured: the delta says {name!r} (the hostname); the server refuses it "
+                      "unless that is the registered name (run `edgecl device init`)", stacklevel=3)
+    return name, key
+
+
+def own_classes(bundle: Bundle, state: DeviceState) -> Prototypes | None:
+    """The classes this device added (those the bundle does not ship), as its backbone places them.
+    A delta never carries the bundle's own classes: the fleet takes their statistics from the
+    version that shipped them (moved by their exemplars), never from a device (docs/server.md)."""
+    shipped = set(bundle_prototypes(bundle).classes)
+    rows = [i for i, c in enumerate(state.prototypes.classes) if c not in shipped]
+    if not rows:
+        return None
+    return Prototypes([state.prototypes.classes[i] for i in rows], state.prototypes.means[rows],
+                      state.prototypes.counts[rows])
+
+
+DEFAULT_VALUES = "int4"   # B3: 0.86% of the model, 0.0-0.4 points from fp32 (docs/benchmarks.md)
+
+
+def make_delta(bundle_dir: str | Path, out: str | Path, values: str = DEFAULT_VALUES, device_id: str | None = None,
                key_hex: str | None = None, prototypes_dtype: str | None = None,
                config: DeviceConfig | None = None) -> DeltaReport:
     """Write the current device state of ``bundle_dir`` as a delta file (atomically).
@@ -128,13 +158,7 @@ def make_delta(bundle_dir: str | Path, out: str | Path, values: str = "fp32", de
     if state.generation is None:
         raise DeviceError(f"{bundle_dir} has not been adapted on this device yet",
                           "run `edgecl adapt BUNDLE --data DIR` first")
-    key_text = key_hex if key_hex is not None else (os.environ.get(KEY_ENV) or (config.key if config else ""))
-    key = delta_format.parse_key(key_text) if key_text else None
-    name = device_id or os.environ.get(DEVICE_ID_ENV) or (config.name if config else "")
-    if not name:
-        name = socket.gethostname()
-        warnings.warn(f"no device name configured: the delta says {name!r} (the hostname); the server refuses it "
-                      "unless that is the registered name (run `edgecl device init`)", stacklevel=2)
+    name, key = device_identity(device_id, key_hex, config)
     report = state.meta.get("report", {})
     metrics = {k: float(v) for k, v in report.items()
                if isinstance(v, (int, float)) and not isinstance(v, bool) and k in ("final_loss", "seconds_per_step")}
@@ -142,7 +166,7 @@ def make_delta(bundle_dir: str | Path, out: str | Path, values: str = "fp32", de
         state.delta, bundle_id=bundle.manifest.bundle_id, bundle_version=bundle.manifest.version,
         base_sha256=bundle.manifest.base_sha256, mask_sha256=bundle.manifest.mask_sha256,
         device_id=name, steps=int(state.meta.get("steps_total", 0)),
-        samples_seen=int(state.meta.get("samples_seen", 0)), metrics=metrics, prototypes=state.prototypes,
+        samples_seen=int(state.meta.get("samples_seen", 0)), metrics=metrics, prototypes=own_classes(bundle, state),
         heldout=heldout_from_gate(report.get("gate") if isinstance(report, dict) else None),
         base_prototypes=base_space_prototypes(bundle, state))
     protos = prototypes_dtype or ("fp32" if values == "fp32" else "fp16")

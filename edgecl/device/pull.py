@@ -54,7 +54,7 @@ from edgecl.http_client import (
     download,
 )
 
-from .state import open_bundle
+from .state import Bundle, open_bundle
 
 
 @dataclass
@@ -77,9 +77,14 @@ class PullReport:
     def line(self) -> str:
         if self.status == "up_to_date":
             return f"up to date: {self.bundle_id} v{self.version} ({self.old_dir})"
+        chose = self.upgrade.get("chose") or {}
+        judged = (f"; for {', '.join(chose['classes'])} kept the {chose['kept']} statistics"
+                  + (f" ({100 * chose['released_accuracy']:.1f}% released vs {100 * chose['device_accuracy']:.1f}% "
+                     f"the device's own, on {chose['images']} images it holds)" if chose.get("images") else
+                     f" ({chose.get('why', '')})")) if chose else ""
         return (f"upgraded {self.bundle_id} v{self.old_version} -> v{self.version}: {self.bundle_dir}; downloaded "
                 f"{self.downloaded_bytes:,} B ({len(self.downloaded)} files), reused {self.copied_bytes:,} B "
-                f"({len(self.copied)} files) of {self.total_bytes:,} B; signature and sha256 verified")
+                f"({len(self.copied)} files) of {self.total_bytes:,} B; signature and sha256 verified{judged}")
 
 
 def default_target(old_dir: Path, version: int) -> Path:
@@ -164,35 +169,17 @@ def _fetch_patched_weights(fetch_file: Callable[[str, str, Path, int], int], man
         scratch.unlink(missing_ok=True)
 
 
-def pull(bundle_dir: str | Path, server: str, token: str, server_key: str, out: str | Path | None = None,
-         policy: RetryPolicy | None = None, max_bytes: int = MAX_DOWNLOAD_BYTES) -> PullReport:
-    """``max_bytes``: the most one file may write when the signed manifest gives no size."""
-    if not server or not token:
-        raise EdgeclError("no server or token", "run `edgecl device init` or pass --server and --token")
-    if not server_key:
-        raise EdgeclError("no pinned server key: a pulled version cannot be verified",
-                          "run `edgecl device init ... --server-key KEY` with the key `edgecl server key` prints")
-    public = parse_public_key(server_key)
-    old = open_bundle(bundle_dir)
-    old_dir = old.root
-    bundle_id, old_version = old.manifest.bundle_id, old.manifest.version
-    try:
-        answer = api_json(server, token, "GET", f"/v1/releases/latest?bundle_id={bundle_id}", policy=policy)
-    except ServerRejected as exc:
-        if exc.code != "not_found":
-            raise
-        answer = {}            # nothing released to this device yet
-    release = parse_release(answer, bundle_id)
-    version = release.version
-    report = PullReport("up_to_date", bundle_id, str(old_dir), old_version, max(version, old_version))
-    if version <= old_version:
-        return report
-    files = release.files
+def fetch_release(old: Bundle, release: ReleaseInfo, bundle_id: str, server: str, token: str, public: Any,
+                  target: Path, report: PullReport, policy: RetryPolicy | None = None,
+                  then: Callable[[Path], None] | None = None, max_bytes: int = MAX_DOWNLOAD_BYTES) -> None:
+    """Download ``release`` (of lineage ``bundle_id``) into ``target``, verified: the signature first,
+    then every file against the signed manifest's sha256; files the old bundle has are copied, the
+    rest come compressed, the weights as a patch against the device's own when the release has one.
+    ``then(tmp)`` runs inside the temp folder before it is renamed into place; any failure leaves
+    nothing behind. ``max_bytes``: the most one file may write when the signed manifest gives no size."""
+    old_dir, version, files = old.root, release.version, release.files
     if mf.MANIFEST not in files:
         raise DeviceError(f"the release of {bundle_id} v{version} lists no manifest.json", "ask the operator")
-    target = Path(out) if out else default_target(old_dir, version)
-    if target.exists():
-        raise DeviceError(f"{target} already exists", "remove it (a pull that did not finish?) or pass --out DIR")
 
     def fetch_file(name: str, sha256: str, dest: Path, size: int | None, old_file: Path | None = None) -> int:
         # Compressed; for a file the old bundle has under the same name and size, a patch against
@@ -202,7 +189,7 @@ def pull(bundle_dir: str | Path, server: str, token: str, server_key: str, out: 
                         compressed=True, max_bytes=max_bytes)
 
     # The signature first: nothing of this release is trusted (or written beside the bundle) before it.
-    scratch = old_dir.parent / f".{target.name}.manifest.tmp"
+    scratch = target.parent / f".{target.name}.manifest.tmp"
     try:
         report.wire_bytes[mf.MANIFEST] = download(
             server, token, f"/v1/bundles/{bundle_id}/{version}/files/{mf.MANIFEST}", scratch,
@@ -251,13 +238,48 @@ def pull(bundle_dir: str | Path, server: str, token: str, server_key: str, out: 
                 report.wire_bytes[name] = wire
                 report.downloaded_bytes += wire
                 report.downloaded.append(name)
-            from .upgrade import upgrade
-
-            report.upgrade = upgrade(old_dir, tmp)
+            if then is not None:
+                then(tmp)
     except OSError as exc:
         if exc.errno in DISK_ERRNOS:
             raise disk_error(Path(exc.filename or target), exc) from None
         raise
+
+
+def pull(bundle_dir: str | Path, server: str, token: str, server_key: str, out: str | Path | None = None,
+         policy: RetryPolicy | None = None, max_bytes: int = MAX_DOWNLOAD_BYTES) -> PullReport:
+    """``max_bytes``: the most one file may write when the signed manifest gives no size."""
+    if not server or not token:
+        raise EdgeclError("no server or token", "run `edgecl device init` or pass --server and --token")
+    if not server_key:
+        raise EdgeclError("no pinned server key: a pulled version cannot be verified",
+                          "run `edgecl device init ... --server-key KEY` with the key `edgecl server key` prints")
+    public = parse_public_key(server_key)
+    old = open_bundle(bundle_dir)
+    old_dir = old.root
+    bundle_id, old_version = old.manifest.bundle_id, old.manifest.version
+    try:
+        answer = api_json(server, token, "GET", f"/v1/releases/latest?bundle_id={bundle_id}", policy=policy)
+    except ServerRejected as exc:
+        if exc.code != "not_found":
+            raise
+        answer = {}            # nothing released to this device yet
+    release = parse_release(answer, bundle_id)
+    version = release.version
+    report = PullReport("up_to_date", bundle_id, str(old_dir), old_version, max(version, old_version))
+    if version <= old_version:
+        return report
+    target = Path(out) if out else default_target(old_dir, version)
+    if target.exists():
+        raise DeviceError(f"{target} already exists", "remove it (a pull that did not finish?) or pass --out DIR")
+
+    def carry_state(tmp: Path) -> None:
+        from .upgrade import upgrade
+
+        report.upgrade = upgrade(old_dir, tmp)
+
+    fetch_release(old, release, bundle_id, server, token, public, target, report, policy, then=carry_state,
+                  max_bytes=max_bytes)
     report.total_bytes = sum(p.stat().st_size for p in target.iterdir() if p.is_file())
     report.status, report.version, report.bundle_dir = "upgraded", version, str(target)
     try:    # a heartbeat is news for the dashboard, not a condition of the upgrade

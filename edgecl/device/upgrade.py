@@ -14,6 +14,10 @@ them into the new bundle's state as its first generation:
   are the device's own prototypes moved by their own exemplars' drift, measured by embedding the
   device's exemplars with OLD (its delta) and with NEW: p + mean(new) - mean(old). A class NEW does
   not know at all is carried the same way (without exemplars: as it was);
+- a device never loses by pulling: for its classes that NEW ships too (after a statistics round,
+  computed under NEW's backbone from this device's own images), NEW's statistics and the device's
+  carried ones are both scored on the images the device holds of them (``_judge_versions``) and the
+  better is kept; the result says which (``chose``);
 - the LDA head's statistics (pooled covariance and class means), carried through the affine drift
   map fitted on the same exemplars (identity when the device holds none).
 
@@ -35,6 +39,8 @@ from edgecl.errors import DeviceError
 from edgecl.formats import manifest as mf
 from edgecl.formats.exemplars import ExemplarMemory
 from edgecl.formats.hashing import sha256_file
+from edgecl.formats.prototypes import Prototypes
+from edgecl.formats.scoring import score
 
 from .heads import LdaHead
 from .infer import create_runner, embed_and_score, resolve_profile
@@ -43,6 +49,7 @@ from .state import (
     LDA,
     PROTOTYPES,
     Bundle,
+    DeviceState,
     bundle_lock,
     bundle_prototypes,
     commit_generation,
@@ -90,6 +97,7 @@ def _upgrade(old: Bundle, new: Bundle, any_lineage: bool) -> dict[str, Any]:
                       or (own is not None and c in own.classes and c not in shipped_classes)]
     before, after = embed_both(old, new, own, current.delta) if own is not None else ({}, {})
     moved = []
+    released = prototypes.copy()
     for name in carried_protos:
         i = current.prototypes.classes.index(name)
         mean = current.prototypes.means[i].astype(np.float64)
@@ -98,6 +106,15 @@ def _upgrade(old: Bundle, new: Bundle, any_lineage: bool) -> dict[str, Any]:
             moved.append(name)
         prototypes.upsert(name, mean, int(current.prototypes.counts[i]))
         prototypes.seen[name] = current.prototypes.seen.get(name, np.zeros(0, np.uint64)).copy()
+    choice = _judge_versions(old, new, current, released, prototypes,
+                             [c for c in carried_protos if c in released.classes])
+    if choice.get("kept") == "released":
+        for name in choice["classes"]:
+            i = released.classes.index(name)
+            # its `seen` fingerprints stay: the released statistics count this device's images (its
+            # `edgecl restat` sent them), so a later adapt on them replaces rather than adds them
+            prototypes.upsert(name, released.means[i], int(released.counts[i]))
+        moved = [c for c in moved if c not in choice["classes"]]
     lda = LdaHead.load_file(current.lda_path) if current.lda_path is not None else None
     if lda is not None and before:
         lda.move(classstats.fit_linear_drift(np.concatenate(list(before.values())), np.concatenate(list(after.values()))))
@@ -116,8 +133,50 @@ def _upgrade(old: Bundle, new: Bundle, any_lineage: bool) -> dict[str, Any]:
     generation = commit_generation(new, write, meta)
     return {"state": generation, "exemplar_classes": list(memory.classes), "exemplars": int(len(memory.labels)),
             "exemplar_bytes": memory.nbytes, "carried_prototypes": carried_protos,
-            "moved_by_own_exemplars": moved, "lda_moved": lda is not None and bool(before),
+            "moved_by_own_exemplars": moved, "lda_moved": lda is not None and bool(before), "chose": choice,
             "classes": list(prototypes.classes)}
+
+
+def _judge_versions(old: Bundle, new: Bundle, current: DeviceState, released: Prototypes, carried: Prototypes,
+                    contested: list[str]) -> dict[str, Any]:
+    """The do-no-harm rule applied to versions: for this device's classes that the new version
+    ships, its statistics (the fleet's, computed under the new backbone) against the device's own
+    carried over, each scored among all classes on the images this device holds of them (its task
+    folder, its own exemplars), embedded once under NEW. The better one is kept (a tie keeps the
+    released one, which the statistics round made exact); no image held: the released one."""
+    if not contested:
+        return {}
+    from .restat import held_images
+
+    classes, pixels, labels = held_images(old, current)
+    rows = np.flatnonzero(np.isin(labels, [classes.index(c) for c in contested if c in classes]))
+    if not rows.size:
+        return {"kept": "released", "classes": contested, "images": 0,
+                "why": "no image of these classes held on the device to judge them"}
+    runner = create_runner(new, resolve_profile(None, new))
+    try:
+        embeddings = embed_and_score(runner, new, pixels[rows], np.zeros(new.mask.total_selected, np.float32))[0]
+    finally:
+        runner.release()
+    truth = [classes[j] for j in labels[rows]]
+    mine = carried.copy()
+    for name in [c for c in released.classes if c not in mine.classes]:
+        i = released.classes.index(name)
+        mine.upsert(name, released.means[i], int(released.counts[i]))
+    accuracy = {k: (score(embeddings, truth, t) or {"accuracy": 0.0})["accuracy"]
+                for k, t in (("released", released_with(released, carried)), ("device", mine))}
+    kept = "released" if accuracy["released"] >= accuracy["device"] else "device"
+    return {"kept": kept, "classes": contested, "images": int(rows.size), "released_accuracy": accuracy["released"],
+            "device_accuracy": accuracy["device"]}
+
+
+def released_with(released: Prototypes, carried: Prototypes) -> Prototypes:
+    """The released table plus the classes only the device knows (scored among the same classes)."""
+    out = released.copy()
+    for i, name in enumerate(carried.classes):
+        if name not in out.classes:
+            out.upsert(name, carried.means[i], int(carried.counts[i]))
+    return out
 
 
 def embed_both(old: Bundle, new: Bundle, memory: ExemplarMemory, delta: np.ndarray

@@ -1,9 +1,11 @@
 """`edgecl apply`: bake deltas into the base weights and write the next bundle version.
 
-load -> merge -> scatter -> write_bundle. The output folder is a complete bundle (same bundle id,
-version + 1) whose base weights (weights.safetensors) are W0 + delta, plus
-``recipe_weights.safetensors``: the same weights in the recipe's own timm layout (host/unfold.py: each
-BatchNorm keeps the recipe's statistics, the change goes into the conv weight and the BN shift),
+load -> scatter -> class statistics -> write_bundle, for ONE delta: a device's, or the fleet server's
+merged one (the fleet merges once, on the server; `edgecl apply` with several files merges them with
+the same pure function first). The output folder is a complete bundle (same bundle id, version + 1)
+whose base weights (weights.safetensors) are W0 + delta, plus ``recipe_weights.safetensors``: the
+same weights in the recipe's own timm layout (host/unfold.py: each BatchNorm keeps the recipe's
+statistics, the change goes into the conv weight and the BN shift),
 loadable with ``load_state_dict(strict=True)`` by anything that runs the stock model.
 Its inference graph gives the device's adapted model (checked here on seeded images).
 """
@@ -27,7 +29,7 @@ from edgecl.formats.exemplars import ExemplarMemory
 from edgecl.formats.hashing import sha256_file
 from edgecl.formats.images import load_image_folder
 from edgecl.formats.mask import Mask
-from edgecl.formats.merge import MergeOptions, latest_per_device, merge_deltas, merge_prototypes
+from edgecl.formats.merge import MergeOptions, merge_deltas
 from edgecl.formats.overlap import OverlapHistory
 from edgecl.formats.prototypes import Prototypes
 from edgecl.formats.weights import load_weights, weights_sha256
@@ -59,31 +61,41 @@ def _recipe_from_manifest(manifest: mf.BundleManifest) -> Recipe:
     return Recipe(**{k: v for k, v in manifest.recipe.items() if k in fields})
 
 
-def load_deltas(bundle_dir: Path, manifest: mf.BundleManifest, delta_paths: Sequence[str | Path]) -> list[delta_format.Delta]:
+def load_delta(bundle_dir: Path, manifest: mf.BundleManifest, path: str | Path) -> delta_format.Delta:
+    """Read a delta file (decoded once) and check it was made for this bundle."""
+    d = delta_format.load_file(path)
+    check_delta_fits(bundle_dir, manifest, d, str(path))
+    return d
+
+
+def check_delta_fits(bundle_dir: Path, manifest: mf.BundleManifest, d: delta_format.Delta, where: str) -> None:
+    if (d.bundle_id, d.base_sha256, d.mask_sha256) != (manifest.bundle_id, manifest.base_sha256, manifest.mask_sha256):
+        raise BundleError(f"delta {where} was made for another bundle (id {d.bundle_id[:12]}, version "
+                          f"{d.bundle_version}) than {bundle_dir} (id {manifest.bundle_id[:12]}, version "
+                          f"{manifest.version})", "apply it to the bundle the device adapted")
+
+
+def merge_files(bundle_dir: str | Path, delta_paths: Sequence[str | Path],
+                options: MergeOptions | None = None) -> delta_format.Delta:
+    """`edgecl apply BUNDLE D1 D2 ...` without a server: the deltas merged once by the same pure
+    function the fleet server runs (formats.merge). The fleet's release never calls this: it applies
+    the server's merged delta as it is (one merge, on the server)."""
+    bundle_dir = Path(bundle_dir)
     if not delta_paths:
         raise ConfigError("no delta given", "pass one or more delta files (from `edgecl delta` or `edgecl merge`)")
-    deltas = [delta_format.load_file(p) for p in delta_paths]
-    for path, d in zip(delta_paths, deltas, strict=True):
-        if (d.bundle_id, d.base_sha256, d.mask_sha256) != (manifest.bundle_id, manifest.base_sha256,
-                                                          manifest.mask_sha256):
-            raise BundleError(f"delta {path} was made for another bundle (id {d.bundle_id[:12]}, version "
-                              f"{d.bundle_version}) than {bundle_dir} (id {manifest.bundle_id[:12]}, version "
-                              f"{manifest.version})", "apply it to the bundle the device adapted")
-    return deltas
-
-
-def merged_delta(deltas: list[delta_format.Delta], mask: Mask, options: MergeOptions | None = None) -> delta_format.Delta:
+    manifest = mf.load_manifest(bundle_dir)
+    deltas = [load_delta(bundle_dir, manifest, p) for p in delta_paths]
     if len(deltas) == 1:
         return deltas[0]
-    # Several deltas: the same pure merge the fleet server runs (numpy only, formats side).
-    return merge_deltas(deltas, mask, options=options).delta
+    return merge_deltas(deltas, Mask.load_file(bundle_dir / mf.MASK), options=options).delta
 
 
-def _merge_prototypes(prototypes: Prototypes, merged: delta_format.Delta) -> Prototypes:
+def _with_classes(prototypes: Prototypes, table: Prototypes | None) -> Prototypes:
+    """The bundle's table with ``table``'s classes added or replaced (their statistics, counts)."""
     out = prototypes.copy()
-    if merged.prototypes is not None:
-        for i, name in enumerate(merged.prototypes.classes):
-            out.upsert(name, merged.prototypes.means[i], int(merged.prototypes.counts[i]))
+    if table is not None:
+        for i, name in enumerate(table.classes):
+            out.upsert(name, table.means[i], int(table.counts[i]))
             out.seen.pop(name, None)  # the fleet's mean: which images it counts is not known here
     return out
 
@@ -108,40 +120,10 @@ def _model_with(recipe: Recipe, weights: dict[str, np.ndarray]) -> torch.nn.Modu
     return model
 
 
-def _prototypes_in_new_space(deltas: list[delta_format.Delta], merged: delta_format.Delta, mask: Mask,
-                             base: dict[str, np.ndarray], recipe: Recipe, new_model: torch.nn.Module,
-                             exemplars: ExemplarMemory, manifest: mf.BundleManifest,
-                             max_share: float) -> delta_format.Delta:
-    """Each device's prototypes live in ITS embedding space (base + its own delta); the merged version's
-    backbone is another one. Before they are merged, each device's table is moved into the new space by
-    semantic drift compensation (edgecl.classstats) measured on the bundle's exemplars, embedded under
-    the device's backbone and under the new one. A device whose delta is the merged one moves by 0; a
-    device whose gate refused its adaptation (zero delta) sent base-space prototypes, which move as the
-    calibration classes do. Measured in `make demo`: without this, device B's classes fell from 88.8
-    (frozen baseline) to 50.2 in v2 once device A's delta moved the backbone."""
-    counted, _ = latest_per_device(deltas)
-    labels = exemplars.labels
-    after = _embed_torch(new_model, exemplars.pixels, manifest)
-    tables: list[Prototypes | None] = []
-    for d in counted:
-        if d.prototypes is None or not len(d.prototypes):
-            tables.append(None)
-            continue
-        own = dict(base)
-        own.update(mask.scatter(d.to_dense(mask.total_selected), base))
-        before = _embed_torch(_model_with(recipe, own), exemplars.pixels, manifest)
-        table = d.prototypes.copy()
-        table.means = classstats.compensate_drift(table.means.astype(np.float64), before, after,
-                                                  classstats.default_sigma(before, labels)).astype(np.float32)
-        tables.append(table)
-    return dataclasses.replace(merged, prototypes=merge_prototypes(tables, max_share))
-
-
 def _shift_by_exemplars(prototypes: Prototypes, exemplars: ExemplarMemory, before: torch.nn.Module,
-                        after: torch.nn.Module, manifest: mf.BundleManifest, skip: set[str]) -> Prototypes:
-    """The device's rule (device/poststeps.py shift_by_exemplars), on the host, for the classes no
-    delta brought a prototype of (``skip`` holds those that one did: the devices computed them under
-    their adapted backbones already): each class the bundle holds exemplars of moves its prototype by
+                        after: torch.nn.Module, manifest: mf.BundleManifest) -> Prototypes:
+    """The device's rule (device/poststeps.py shift_by_exemplars), on the host, for the bundle's own
+    classes (a device never supplies those): each class the bundle holds exemplars of moves its prototype by
     its exemplars' drift from the old to the patched backbone, p += mean(after) - mean(before). A
     prototype computed from all of a class's images stays that (a mean over 20 exemplars alone is
     noisier); a zero merged delta moves nothing."""
@@ -150,31 +132,37 @@ def _shift_by_exemplars(prototypes: Prototypes, exemplars: ExemplarMemory, befor
     emb_after = _embed_torch(after, exemplars.pixels, manifest)
     for i, name in enumerate(exemplars.classes):
         rows = exemplars.labels == i
-        if rows.any() and name in out.classes and name not in skip:
+        if rows.any() and name in out.classes:
             j = out.classes.index(name)
             out.means[j] = classstats.shift_by_exemplars(out.means[j], emb_before[rows], emb_after[rows])
     return out
 
 
-def apply_deltas(bundle_dir: str | Path, delta_paths: Sequence[str | Path], out_dir: str | Path,
-                 data_dir: str | Path | None = None, recipe_path: str | Path | None = None,
-                 overwrite: bool = False, progress: bool = True,
-                 merge_options: MergeOptions | None = None) -> ApplyReport:
+def apply_delta(bundle_dir: str | Path, delta: delta_format.Delta, out_dir: str | Path,
+                data_dir: str | Path | None = None, recipe_path: str | Path | None = None,
+                overwrite: bool = False, progress: bool = True,
+                classes: Prototypes | None = None) -> ApplyReport:
+    """Bake one delta (a device's, or the fleet server's merged one) into the next bundle version.
+
+    Class statistics of the new version: the bundle's own classes moved by their exemplars' drift
+    (edgecl.classstats; a zero delta moves nothing); then ``classes`` (statistics the caller computed
+    under the new backbone: the release's statistics round) added or replacing, else the delta's own
+    table for the classes the bundle does not ship (exact for one device's delta: it computed them
+    under its own backbone, which the new version is; an estimate for a merged one)."""
     # 1. load
     bundle_dir, out_dir = Path(bundle_dir), Path(out_dir)
     manifest = mf.load_manifest(bundle_dir)
     mf.check_bundle_files(bundle_dir)
     mask = Mask.load_file(bundle_dir / mf.MASK)
-    deltas = load_deltas(bundle_dir, manifest, delta_paths)
+    check_delta_fits(bundle_dir, manifest, delta, "given")
     base = load_weights(bundle_dir / mf.WEIGHTS)
     if weights_sha256(base) != manifest.base_sha256:
         raise BundleError(f"{bundle_dir / mf.WEIGHTS} does not match the manifest's base_sha256",
                           "re-copy the bundle from the host")
     head = load_weights(bundle_dir / mf.HEAD_INIT, [mf.PROJ_WEIGHT, mf.PROJ_BIAS])
 
-    # 2. merge
-    merged = merged_delta(deltas, mask, merge_options)
-    vector = merged.to_dense(mask.total_selected)
+    # 2. the delta as a K-vector, and this round in the overlap history
+    vector = delta.to_dense(mask.total_selected)
     overlap_path = bundle_dir / mf.OVERLAP
     history = (OverlapHistory.from_bytes(overlap_path.read_bytes()) if overlap_path.exists()
                else OverlapHistory.of_mask(mask)).record_round(mask, vector)
@@ -212,16 +200,17 @@ def apply_deltas(bundle_dir: str | Path, delta_paths: Sequence[str | Path], out_
         proj.bias.copy_(torch.from_numpy(head[mf.PROJ_BIAS].copy()))
     exemplars = (ExemplarMemory.load_file(bundle_dir / mf.EXEMPLARS) if (bundle_dir / mf.EXEMPLARS).exists()
                  else None)
-    if len(deltas) > 1 and exemplars is not None and len(exemplars.pixels) and np.any(vector):
-        merged = _prototypes_in_new_space(deltas, merged, mask, base, recipe, model, exemplars, manifest,
-                                          (merge_options or MergeOptions()).max_share)
-    prototypes = _merge_prototypes(Prototypes.load_file(bundle_dir / mf.PROTOTYPES), merged)
-    in_deltas = set(merged.prototypes.classes) if merged.prototypes is not None else set()
-    if exemplars is not None and set(exemplars.classes) - in_deltas and np.any(vector):
-        # The calibration classes' prototypes were computed under the old backbone; their exemplars
-        # (pixels stay valid) measure how the merged delta moved them.
-        prototypes = _shift_by_exemplars(prototypes, exemplars, _model_with(recipe, base), model, manifest,
-                                         skip=in_deltas)
+    prototypes = Prototypes.load_file(bundle_dir / mf.PROTOTYPES)
+    if exemplars is not None and len(exemplars.pixels) and np.any(vector):
+        # The bundle's classes were computed under the old backbone; their exemplars (pixels stay
+        # valid) measure how the delta moved them.
+        prototypes = _shift_by_exemplars(prototypes, exemplars, _model_with(recipe, base), model, manifest)
+    if classes is None and delta.prototypes is not None:
+        shipped = set(prototypes.classes)
+        own = [i for i, c in enumerate(delta.prototypes.classes) if c not in shipped]
+        classes = Prototypes([delta.prototypes.classes[i] for i in own], delta.prototypes.means[own],
+                             delta.prototypes.counts[own])
+    prototypes = _with_classes(prototypes, classes)
 
     # 4. write_bundle
     spec = BundleSpec(recipe=recipe, model=model, mask=next_mask, head=proj, prototypes=prototypes, options=options,
@@ -235,7 +224,7 @@ def apply_deltas(bundle_dir: str | Path, delta_paths: Sequence[str | Path], out_
     write_bundle(spec, out_dir)
     recipe_weights = str(out_dir / RECIPE_WEIGHTS) if (out_dir / RECIPE_WEIGHTS).exists() else ""
     diff = _output_diff(out_dir, model, manifest)
-    return ApplyReport(bundle_dir=str(out_dir), version=manifest.version + 1, deltas=len(deltas),
+    return ApplyReport(bundle_dir=str(out_dir), version=manifest.version + 1, deltas=1,
                        changed_elements=int(np.count_nonzero(vector)), classes=list(prototypes.classes),
                        max_abs_output_diff=diff, remasked=data_dir is not None, recipe_weights=recipe_weights)
 

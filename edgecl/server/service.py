@@ -158,6 +158,14 @@ def accept_delta(store: Store, data: bytes, header: D.DeltaHeader, device: Devic
     if protos is not None and int(protos.counts.max()) > MAX_SAMPLES_SEEN:
         raise Rejected("count_out_of_range", 422, f"a prototype count is over {MAX_SAMPLES_SEEN}",
                        "make the delta again with `edgecl delta`")
+    if protos is not None and int(protos.counts.max()) > header.samples_seen:
+        # A device adds or updates only classes it saw images of, counted no more than it saw: a class
+        # claiming more images than the delta's samples_seen (e.g. counts of 1e9 to outweigh the
+        # fleet's statistics) is refused before any merge.
+        worst = int(np.argmax(protos.counts))
+        raise Rejected("count_over_seen", 422, f"class {protos.classes[worst][:80]!r} counts "
+                       f"{int(protos.counts[worst])} images, more than the {header.samples_seen} the delta saw",
+                       "a delta carries only classes the device saw images of: make it again with `edgecl delta`")
     try:
         problem = out_of_range(store.value_limits(bundle), delta.positions, delta.values,
                                protos.means if protos is not None else None)

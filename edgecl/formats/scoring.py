@@ -1,0 +1,42 @@
+"""Scoring a table of class statistics on embeddings: the ncm head's choice, in numpy.
+
+The release gate scores several tables (current, frozen baseline, candidate, candidate among the
+current classes) on held-out embeddings computed once per backbone; `edgecl pull` scores the
+released statistics of a device's classes against its own on the images it holds. Both sides import
+this module; it imports none.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from edgecl.formats.prototypes import Prototypes
+
+
+def score(embeddings: np.ndarray, truth: list[str], table: Prototypes | None) -> dict[str, Any] | None:
+    """Cosine nearest-class-mean accuracy (the ncm head) of ``table`` on embeddings of images of
+    classes ``truth``; images of classes the table lacks are not scored. None: nothing scored."""
+    if table is None or not len(table):
+        return None
+    rows = np.asarray([i for i, t in enumerate(truth) if t in table.classes], np.int64)
+    if not rows.size:
+        return None
+    e = np.asarray(embeddings, np.float64)[rows]
+    p = np.asarray(table.means, np.float64)
+    e = e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+    p = p / np.maximum(np.linalg.norm(p, axis=1, keepdims=True), 1e-12)
+    predicted = [table.classes[j] for j in (e @ p.T).argmax(axis=1)]
+    names = [truth[i] for i in rows]
+    per_class = {}
+    for name in sorted(set(names)):
+        hits = [pr == name for pr, t in zip(predicted, names, strict=True) if t == name]
+        per_class[name] = {"accuracy": float(np.mean(hits)), "images": len(hits)}
+    correct = sum(pr == t for pr, t in zip(predicted, names, strict=True))
+    return {"accuracy": correct / len(names), "images": len(names), "per_class": per_class}
+
+
+def restrict(table: Prototypes, classes: list[str]) -> Prototypes:
+    rows = [table.classes.index(c) for c in classes if c in table.classes]
+    return Prototypes([table.classes[i] for i in rows], table.means[rows], table.counts[rows])
