@@ -316,7 +316,7 @@ def test_a_killed_holder_does_not_leave_the_bundle_locked(hand_bundle: Path, tmp
     holder.send_signal(signal.SIGKILL)
     holder.wait(timeout=30)
     rolled = edgecl("rollback", hand_bundle)
-    assert rolled.returncode == 0 and "rolled back" in rolled.stdout and "now on the bundle's own state" in rolled.stdout, rolled.stderr
+    assert rolled.returncode == 0 and "rolled back" in rolled.stdout, rolled.stderr
 
 
 def test_a_failed_locked_command_leaves_no_state_folder(hand_bundle: Path) -> None:

@@ -48,7 +48,6 @@ from edgecl.http_client import (
     MalformedAnswer,
     RetryPolicy,
     ServerRejected,
-    ServerUnreachable,
     api_json,
     disk_error,
     download,
@@ -161,10 +160,12 @@ def _fetch_patched_weights(fetch_file: Callable[[str, str, Path, int], int], man
             return None
         dest.write_bytes(new)
         return wire
-    except (DiskError, ServerUnreachable):
+    except DiskError:
         raise           # the whole file would fail the same way
     except EdgeclError:
-        return None     # no such patch, a damaged one, one for another file: the whole file instead
+        # No such patch, a damaged one (the server refuses to serve a blob that fails its hash: 500
+        # store_damaged), one for another file: the whole file instead; a network that is down fails there.
+        return None
     finally:
         scratch.unlink(missing_ok=True)
 

@@ -224,7 +224,7 @@ def load_manifest(bundle_dir: str | Path) -> BundleManifest:
 
 
 # Files a device reads when they are present: each must be listed (with its sha256) in `files`.
-READ_IF_PRESENT = (EXEMPLARS, OVERLAP)
+READ_IF_PRESENT = (EXEMPLARS,)   # overlap.safetensors is a server file: the device never reads it
 
 
 def unlisted_files(bundle_dir: str | Path, manifest: BundleManifest) -> list[str]:
