@@ -21,7 +21,8 @@ def watch(
     head: Annotated[Head, typer.Option(help=HEAD_HELP)] = Head.auto,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per inference call.")] = 16,
     settle_s: Annotated[float, typer.Option(min=0, help="Seconds a file must stay unchanged before it is "
-                                                        "read (files renamed into place are complete).")] = 1.0,
+                                                        "read (hidden and .tmp/.part names are never read: "
+                                                        "write under one, then rename).")] = 1.0,
     poll_s: Annotated[float, typer.Option(min=0.01, help="Seconds between scans when nothing is new.")] = 0.5,
     low_confidence: Annotated[float, typer.Option(help="Queue answers below this probability for review.")] = 0.5,
     review_dir: Annotated[Path | None, typer.Option(help="Review queue folder (default BUNDLE/review).")] = None,
