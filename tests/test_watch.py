@@ -247,3 +247,42 @@ def test_drift_shift_grows_when_the_images_move_away_from_the_known_classes() ->
     assert near["embedding_shift"] < 0.1 < 2 < far["embedding_shift"]
     assert near["unknown_rate"] == 0.0 and far["unknown_rate"] == 1.0 and far["window_images"] == 4
     assert far["images_total"] == 8 and far["mean_confidence"] == pytest.approx(0.9)
+
+
+def test_a_running_watch_process_serves_adapt_s_new_state(bundle_copy: Path, calib_dir: Path, tmp_path: Path) -> None:
+    """The real thing: `edgecl watch` in its own process, images arriving, `edgecl adapt` committing in
+    another process; the same watch answers with the new state, and Ctrl-C ends it cleanly."""
+    import signal
+    import subprocess
+    import sys
+
+    cam = tmp_path / "cam"
+    cam.mkdir()
+    log = tmp_path / "watch.jsonl"
+    cli = [sys.executable, "-m", "edgecl.cli.main"]
+    proc = subprocess.Popen([*cli, "watch", str(bundle_copy), str(cam), "--log", str(log), "--settle-s", "0",
+                             "--poll-s", "0.05"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def lines() -> list[dict]:
+        return [json.loads(x) for x in log.read_text().splitlines()] if log.exists() else []
+
+    def wait_for(n: int) -> list[dict]:
+        deadline = time.monotonic() + 120
+        while len(lines()) < n and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        return lines()
+
+    try:
+        _camera(cam, calib_dir, 2)
+        assert len(wait_for(2)) == 2
+        adapted = subprocess.run([*cli, "adapt", str(bundle_copy), "--data", str(calib_dir), "--epochs", "0", "-q"],
+                                 capture_output=True, text=True, timeout=300)
+        assert adapted.returncode == 0, adapted.stderr
+        _camera(cam, calib_dir, 2, start=2)
+        served = wait_for(4)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert [x["state"] for x in served] == ["bundle", "bundle", "gen-000001", "gen-000001"]
+    assert "served 4 images" in err and "Traceback" not in err
