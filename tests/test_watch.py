@@ -286,3 +286,31 @@ def test_a_running_watch_process_serves_adapt_s_new_state(bundle_copy: Path, cal
     assert proc.returncode == 0, err
     assert [x["state"] for x in served] == ["bundle", "bundle", "gen-000001", "gen-000001"]
     assert "served 4 images" in err and "Traceback" not in err
+
+
+def test_watch_follows_the_device_config_to_the_bundle_pull_installed(bundle_copy: Path, calib_dir: Path,
+                                                                      tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from edgecl.device.adapt import adapt
+    from edgecl.device.plan import AdaptOptions
+    from edgecl.device.provision import DeviceConfig, save_device_config, set_bundle
+
+    pulled = tmp_path / "bundle.v2"
+    shutil.copytree(bundle_copy, pulled)
+    adapt(pulled, calib_dir, AdaptOptions(epochs=0, progress=False))  # its own state, so the switch shows
+    config = tmp_path / "device.toml"
+    save_device_config(DeviceConfig(bundle=str(bundle_copy.resolve())), config)
+    monkeypatch.setenv("EDGECL_DEVICE_CONFIG", str(config))
+    cam = tmp_path / "cam"
+    cam.mkdir()
+    watcher = Watcher(bundle_copy, cam, WatchOptions(settle_s=0.0, heartbeat_s=0), log=tmp_path / "w.jsonl")
+    _camera(cam, calib_dir, 1)
+    watcher.files.scan()
+    assert watcher.step() == 1
+    time.sleep(0.01)  # a distinct mtime for the rewritten config
+    set_bundle(config, pulled)  # what `edgecl pull` does once the new version is in place
+    _camera(cam, calib_dir, 1, start=1)
+    watcher.files.scan()
+    assert watcher.step() == 1
+    states = [json.loads(x)["state"] for x in (tmp_path / "w.jsonl").read_text().splitlines()]
+    assert states == ["bundle", "gen-000001"] and watcher.follower.bundle_dir == pulled.resolve()
