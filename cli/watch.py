@@ -32,6 +32,9 @@ def watch(
                                                   "space.")] = 200,
     log_max_mb: Annotated[float, typer.Option(help="Rotate the log at this size.")] = 10.0,
     log_keep: Annotated[int, typer.Option(help="Rotated logs kept.")] = 5,
+    pass_classes: Annotated[str, typer.Option(help="Comma-separated classes that pass (for a line's PLC): "
+                                                   "each log line gets \"pass\": true/false; an unknown "
+                                                   "image never passes.")] = "",
     adapt_when: Annotated[int, typer.Option("--adapt-when", help="Adapt on the review's labeled images once "
                                                                 "there are this many (0 = never), then "
                                                                 "delta + push with a device config.")] = 0,
@@ -44,7 +47,7 @@ def watch(
     opts = WatchOptions(batch_size=batch_size, settle_s=settle_s, poll_s=poll_s, head=head.value,
                         low_confidence=low_confidence, review_root=str(review_dir) if review_dir else None,
                         review=QueueLimits(queue_max, queue_max_mb, min_free_mb), log_max_mb=log_max_mb,
-                        log_keep=log_keep)
+                        log_keep=log_keep, pass_classes=tuple(c.strip() for c in pass_classes.split(",") if c.strip()))
     watcher = Watcher(bundle, folder, opts, profile=device, log=log)
     if adapt_when:
         watcher.policy = AdaptPolicy(watcher, adapt_when)

@@ -154,10 +154,12 @@ def test_cli_watch_once(bundle_copy: Path, calib_dir: Path, tmp_path: Path) -> N
     cam = tmp_path / "cam"
     cam.mkdir()
     _camera(cam, calib_dir, 2)
-    out = CliRunner().invoke(app, ["watch", str(bundle_copy), str(cam), "--once", "--settle-s", "0"])
+    out = CliRunner().invoke(app, ["watch", str(bundle_copy), str(cam), "--once", "--settle-s", "0",
+                                   "--pass-classes", "class0, class2"])
     assert out.exit_code == 0, out.output
     lines = [json.loads(x) for x in out.stdout.splitlines() if x.startswith("{")]
     assert len(lines) == 2 and all(x["class"] == "class0" for x in lines)
+    assert all(x["pass"] is (not x["unknown"]) for x in lines)
     out = CliRunner().invoke(app, ["watch", str(bundle_copy), str(tmp_path / "nope"), "--once"])
     assert out.exit_code == 1 and "error:" in out.output
 

@@ -64,6 +64,7 @@ class WatchOptions:
     drift_window: int = 500              # images in the drift statistics' rolling window
     stats_every_s: float = 10.0          # write the drift statistics at most this often
     heartbeat_s: float = 300.0           # with a device config: send the drift statistics this often (0 = never)
+    pass_classes: tuple[str, ...] = ()   # for a line's PLC: "pass" = answered one of these and not unknown
 
 
 # -- 1. complete files ----------------------------------------------------------------------------
@@ -319,6 +320,8 @@ class Watcher:
                         "probability": answer["probability"], "unknown": answer["unknown"],
                         "unknown_score": answer["unknown_score"], "head": answer["head"],
                         "bundle_version": m.version, "state": answer["state"]}
+                if self.options.pass_classes:
+                    line["pass"] = answer["class"] in self.options.pass_classes and not answer["unknown"]
                 reason = self._queue_reason(answer)
                 if reason is not None:
                     item = self.queue.add(path, answer, reason)
