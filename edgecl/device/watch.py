@@ -90,8 +90,9 @@ class ReadyFiles:
             raise DataError(f"{self.folder} does not exist", "create it, or pass the folder the camera writes to") from exc
         for entry in entries:
             name = entry.name
-            if name.startswith(".") or name.lower().endswith(_PARTIAL_SUFFIXES) \
-                    or Path(name).suffix.lower() not in IMAGE_SUFFIXES:
+            lower = name.lower()
+            # str checks, not Path objects: a backlog of thousands of files is scanned per batch otherwise
+            if name.startswith(".") or lower.endswith(_PARTIAL_SUFFIXES) or os.path.splitext(lower)[1] not in IMAGE_SUFFIXES:
                 continue
             try:
                 st = entry.stat(follow_symlinks=False)
@@ -285,14 +286,16 @@ class Watcher:
         self.heartbeats: list[dict[str, Any]] = []  # what was sent (the last 10), for the report and tests
         self.on_batch: Callable[[list[dict[str, Any]]], None] | None = None  # tests hook in
         self.policy: AdaptPolicy | None = None  # --adapt-when
+        self._backlog: list[Path] = []  # complete files found by the last scan, not served yet
 
     def step(self) -> int:
         """One scan and at most one batch; the number of images served."""
         if self.follower.refresh():
             self.report.reloads += 1
             self.drift.reset_reference()
-        ready, _ = self.files.scan()
-        batch = ready[: self.options.batch_size]
+        if not self._backlog:  # a folder holding many complete files is scanned once, not once per batch
+            self._backlog, _ = self.files.scan()
+        batch, self._backlog = self._backlog[: self.options.batch_size], self._backlog[self.options.batch_size:]
         if not batch:
             return 0
         self.serve(batch)
@@ -308,6 +311,8 @@ class Watcher:
                 pixels.append(load_rgb(path, m.input_size, m.interpolation))
                 rows.append(path)
             except DataError as exc:
+                if not path.exists():  # removed since the scan (the camera's own cleanup): nothing to answer
+                    continue
                 out.append({"time": _utc(), "file": path.name, "error": exc.problem})
                 self.report.unreadable += 1
                 self.files.mark_done(path)
