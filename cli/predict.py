@@ -35,9 +35,10 @@ def _number(value: float | None, fmt: str) -> str:
 
 
 def _unknown_text(r: dict) -> str:
-    """'UNKNOWN (score s) ' when the calibrated threshold flags the image; nothing otherwise."""
+    """'UNKNOWN (unknown score s)' when the calibrated threshold flags the image (the ranked classes
+    before it are then only the nearest ones); nothing otherwise."""
     if r.get("unknown"):
-        return f"UNKNOWN (unknown score {_number(r['unknown_score'], '.3g')}), nearest: "
+        return f"UNKNOWN (unknown score {_number(r['unknown_score'], '.3g')})  "
     return ""
 
 
@@ -75,7 +76,7 @@ def predict(
             ranked = "  ".join(f"{t['class']} p={_number(t['probability'], '.3f')} score={_number(t['score'], '.3f')}"
                                for t in r["top_k"])
             flag = _unknown_text(r)
-            typer.echo(f"{r['path']}: {flag}{ranked}  [head {r['head']}, state {r['state']}]")
+            typer.echo(f"{r['path']}: {ranked}  {flag}[head {r['head']}, state {r['state']}]")
     if any("error" in r for r in results):
         raise typer.Exit(code=1)
 

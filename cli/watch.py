@@ -21,7 +21,8 @@ def watch(
     head: Annotated[Head, typer.Option(help=HEAD_HELP)] = Head.auto,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per inference call.")] = 16,
     settle_s: Annotated[float, typer.Option(min=0, help="Seconds a file must stay unchanged before it is "
-                                                        "read (files renamed into place are complete).")] = 1.0,
+                                                        "read (hidden and .tmp/.part names are never read: "
+                                                        "write under one, then rename).")] = 1.0,
     poll_s: Annotated[float, typer.Option(min=0.01, help="Seconds between scans when nothing is new.")] = 0.5,
     low_confidence: Annotated[float, typer.Option(help="Queue answers below this probability for review.")] = 0.5,
     review_dir: Annotated[Path | None, typer.Option(help="Review queue folder (default BUNDLE/review).")] = None,
@@ -31,6 +32,9 @@ def watch(
                                                   "space.")] = 200,
     log_max_mb: Annotated[float, typer.Option(help="Rotate the log at this size.")] = 10.0,
     log_keep: Annotated[int, typer.Option(help="Rotated logs kept.")] = 5,
+    pass_classes: Annotated[str, typer.Option(help="Comma-separated classes that pass (for a line's PLC): "
+                                                   "each log line gets \"pass\": true/false; an unknown "
+                                                   "image never passes.")] = "",
     adapt_when: Annotated[int, typer.Option("--adapt-when", help="Adapt on the review's labeled images once "
                                                                 "there are this many (0 = never), then "
                                                                 "delta + push with a device config.")] = 0,
@@ -43,7 +47,7 @@ def watch(
     opts = WatchOptions(batch_size=batch_size, settle_s=settle_s, poll_s=poll_s, head=head.value,
                         low_confidence=low_confidence, review_root=str(review_dir) if review_dir else None,
                         review=QueueLimits(queue_max, queue_max_mb, min_free_mb), log_max_mb=log_max_mb,
-                        log_keep=log_keep)
+                        log_keep=log_keep, pass_classes=tuple(c.strip() for c in pass_classes.split(",") if c.strip()))
     watcher = Watcher(bundle, folder, opts, profile=device, log=log)
     if adapt_when:
         watcher.policy = AdaptPolicy(watcher, adapt_when)

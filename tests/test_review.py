@@ -306,3 +306,16 @@ def test_floor_loop_end_to_end(tmp_path: Path) -> None:
     assert len(later) == 4 and [x["state"] for x in later] == ["gen-000003"] * 4  # export -> adapt (1) -> its calibration (2) -> the policy's adapt (3)
     assert sum(x["class"] == "widget" for x in later) >= 3
     assert (bundle / "review" / "trained").is_dir() and queue.labeled_count() == 0
+
+
+def test_a_full_queue_takes_images_again_once_the_operator_empties_it(tmp_path: Path) -> None:
+    from edgecl.device.review import QueueLimits
+
+    queue = ReviewQueue(tmp_path / "review", QueueLimits(max_images=2))
+    images = [_png(tmp_path / "cam" / f"{i}.png", i) for i in range(4)]
+    answer = {"class": "a", "probability": 0.3, "unknown": False, "unknown_score": 0.0}
+    ids = [queue.add(p, answer, "low-confidence") for p in images[:3]]
+    assert ids[2] is None and queue.room_for(10) == "queue full (images)"
+    queue.label(ids[0], "a")  # another process (the review page) in real life: the count is re-read
+    assert queue.add(images[3], answer, "low-confidence") is not None
+    assert len(queue.items()) == 2

@@ -237,3 +237,23 @@ def test_a_bundle_without_calibration_reports_scores_but_no_flags(tiny_bundle: P
     (old / "manifest.json").write_text(json.dumps(manifest))
     [row] = predict(old, [next((calib_dir / "class0").iterdir())])
     assert row["unknown"] is None and row["calibrated"] is False and row["unknown_score"] is not None
+
+
+def test_calibrate_held_out_maps_class_names_and_skips_unknown_classes() -> None:
+    from edgecl.device.unknown import calibrate_held_out
+    from edgecl.formats.prototypes import Prototypes
+
+    x, y = _gaussians(60, MEANS, 0)
+    held, y_held = _gaussians(30, MEANS, 1)
+    lda = LdaHead(16)
+    lda.add(x, y)
+    protos = Prototypes.empty(16)
+    for c in (2, 0, 1, 3):  # the state's order differs from the label ids
+        protos.upsert(f"c{c}", x[y == c].mean(0), int((y == c).sum()))
+        lda.means[f"c{c}"] = x[y == c].mean(0)
+    names = [f"c{c}" for c in y_held] + ["never-seen"] * 5
+    record = calibrate_held_out(protos, lda, np.vstack([held, np.zeros((5, 16))]), names)
+    order = [protos.classes.index(f"c{c}") for c in y_held]
+    assert record == calibrate(held, np.asarray(order), protos.means, lda, lda.means_for(protos.classes, protos.means))
+    assert record["images"] == len(held)
+    assert calibrate_held_out(protos, lda, np.zeros((2, 16)), ["x", "y"]) is None

@@ -154,10 +154,12 @@ def test_cli_watch_once(bundle_copy: Path, calib_dir: Path, tmp_path: Path) -> N
     cam = tmp_path / "cam"
     cam.mkdir()
     _camera(cam, calib_dir, 2)
-    out = CliRunner().invoke(app, ["watch", str(bundle_copy), str(cam), "--once", "--settle-s", "0"])
+    out = CliRunner().invoke(app, ["watch", str(bundle_copy), str(cam), "--once", "--settle-s", "0",
+                                   "--pass-classes", "class0, class2"])
     assert out.exit_code == 0, out.output
     lines = [json.loads(x) for x in out.stdout.splitlines() if x.startswith("{")]
     assert len(lines) == 2 and all(x["class"] == "class0" for x in lines)
+    assert all(x["pass"] is (not x["unknown"]) for x in lines)
     out = CliRunner().invoke(app, ["watch", str(bundle_copy), str(tmp_path / "nope"), "--once"])
     assert out.exit_code == 1 and "error:" in out.output
 
@@ -247,3 +249,70 @@ def test_drift_shift_grows_when_the_images_move_away_from_the_known_classes() ->
     assert near["embedding_shift"] < 0.1 < 2 < far["embedding_shift"]
     assert near["unknown_rate"] == 0.0 and far["unknown_rate"] == 1.0 and far["window_images"] == 4
     assert far["images_total"] == 8 and far["mean_confidence"] == pytest.approx(0.9)
+
+
+def test_a_running_watch_process_serves_adapt_s_new_state(bundle_copy: Path, calib_dir: Path, tmp_path: Path) -> None:
+    """The real thing: `edgecl watch` in its own process, images arriving, `edgecl adapt` committing in
+    another process; the same watch answers with the new state, and Ctrl-C ends it cleanly."""
+    import signal
+    import subprocess
+    import sys
+
+    cam = tmp_path / "cam"
+    cam.mkdir()
+    log = tmp_path / "watch.jsonl"
+    cli = [sys.executable, "-m", "edgecl.cli.main"]
+    proc = subprocess.Popen([*cli, "watch", str(bundle_copy), str(cam), "--log", str(log), "--settle-s", "0",
+                             "--poll-s", "0.05"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    def lines() -> list[dict]:
+        return [json.loads(x) for x in log.read_text().splitlines()] if log.exists() else []
+
+    def wait_for(n: int) -> list[dict]:
+        deadline = time.monotonic() + 120
+        while len(lines()) < n and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        return lines()
+
+    try:
+        _camera(cam, calib_dir, 2)
+        assert len(wait_for(2)) == 2
+        adapted = subprocess.run([*cli, "adapt", str(bundle_copy), "--data", str(calib_dir), "--epochs", "0", "-q"],
+                                 capture_output=True, text=True, timeout=300)
+        assert adapted.returncode == 0, adapted.stderr
+        _camera(cam, calib_dir, 2, start=2)
+        served = wait_for(4)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert [x["state"] for x in served] == ["bundle", "bundle", "gen-000001", "gen-000001"]
+    assert "served 4 images" in err and "Traceback" not in err
+
+
+def test_watch_follows_the_device_config_to_the_bundle_pull_installed(bundle_copy: Path, calib_dir: Path,
+                                                                      tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from edgecl.device.adapt import adapt
+    from edgecl.device.plan import AdaptOptions
+    from edgecl.device.provision import DeviceConfig, save_device_config, set_bundle
+
+    pulled = tmp_path / "bundle.v2"
+    shutil.copytree(bundle_copy, pulled)
+    adapt(pulled, calib_dir, AdaptOptions(epochs=0, progress=False))  # its own state, so the switch shows
+    config = tmp_path / "device.toml"
+    save_device_config(DeviceConfig(bundle=str(bundle_copy.resolve())), config)
+    monkeypatch.setenv("EDGECL_DEVICE_CONFIG", str(config))
+    cam = tmp_path / "cam"
+    cam.mkdir()
+    watcher = Watcher(bundle_copy, cam, WatchOptions(settle_s=0.0, heartbeat_s=0), log=tmp_path / "w.jsonl")
+    _camera(cam, calib_dir, 1)
+    watcher.files.scan()
+    assert watcher.step() == 1
+    time.sleep(0.01)  # a distinct mtime for the rewritten config
+    set_bundle(config, pulled)  # what `edgecl pull` does once the new version is in place
+    _camera(cam, calib_dir, 1, start=1)
+    watcher.files.scan()
+    assert watcher.step() == 1
+    states = [json.loads(x)["state"] for x in (tmp_path / "w.jsonl").read_text().splitlines()]
+    assert states == ["bundle", "gen-000001"] and watcher.follower.bundle_dir == pulled.resolve()

@@ -123,7 +123,7 @@ def embed_and_score(runner, bundle: Bundle, pixels: np.ndarray, delta: np.ndarra
     return np.concatenate(embeddings).astype(np.float32), np.concatenate(logits).astype(np.float32)
 
 
-def _need_prototypes(prototypes: Prototypes, bundle: Bundle) -> None:
+def need_prototypes(prototypes: Prototypes, bundle: Bundle) -> None:
     if len(prototypes) == 0:
         raise DeviceError(f"{bundle.root} has no class prototypes yet",
                           "run `edgecl adapt BUNDLE --data DIR --epochs 0` to add classes")
@@ -256,7 +256,7 @@ def predict(bundle_dir: str | Path, images: Sequence[str | Path], top_k: int = 3
     bundle = open_bundle(bundle_dir, uses=INFERENCE_FILES)
     prof = resolve_profile(profile, bundle)
     state = load_current(bundle)
-    _need_prototypes(state.prototypes, bundle)
+    need_prototypes(state.prototypes, bundle)
     m = bundle.manifest
     results: list[dict[str, Any]] = [{"path": str(p)} for p in images]
     pixels, rows = [], []
@@ -306,7 +306,7 @@ def evaluate(bundle_dir: str | Path, data_dir: str | Path | Sequence[str | Path]
     bundle = open_bundle(bundle_dir, uses=INFERENCE_FILES)
     prof = resolve_profile(profile, bundle)
     state = load_current(bundle)
-    _need_prototypes(state.prototypes, bundle)
+    need_prototypes(state.prototypes, bundle)
     serving = ServingState.create(bundle, state, head)
     used = serving.head
     m = bundle.manifest

@@ -98,6 +98,9 @@ class ReviewQueue:
     def room_for(self, size: int) -> str | None:
         """None when an image of ``size`` bytes may be queued, else why not."""
         count, used = self._usage()
+        if count >= self.limits.max_images or used + size > self.limits.max_mb * 1_000_000:
+            self.refresh()  # the operator may have labeled or discarded some since: count again
+            count, used = self._usage()
         if count >= self.limits.max_images:
             return "queue full (images)"
         if used + size > self.limits.max_mb * 1_000_000:

@@ -14,7 +14,8 @@ less like any known class; docs/device.md#unknown-images):
 
 ``calibrate`` is the pure function the place that makes the LDA statistics calls (`edgecl adapt`):
 held-out embeddings and labels in, the calibration record (edgecl/formats/calibration.py: threshold
-at a false-unknown rate, a temperature per head) out.
+at a false-unknown rate, a temperature per head) out; ``calibrate_held_out`` takes a state's
+prototypes and LDA head and the held-out images' class names instead (the gate's ``HeldOut``).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from edgecl.formats.calibration import (
     calibration_record,
     cosine_scores,
 )
+from edgecl.formats.prototypes import Prototypes
 
 from .heads import LdaHead
 
@@ -112,3 +114,21 @@ def calibrate(embeddings: np.ndarray, labels: np.ndarray, prototypes: np.ndarray
         heads["lda"] = lda.logits(x, means)
     score, u = unknown_scores(x, protos, lda, lda_means)
     return calibration_record(u, heads, y, score, false_unknown_rate)
+
+
+def calibrate_held_out(prototypes: Prototypes, lda: LdaHead | None, embeddings: np.ndarray, names: list[str],
+                       false_unknown_rate: float = DEFAULT_FALSE_UNKNOWN_RATE) -> dict[str, Any] | None:
+    """``calibrate`` for a state's statistics and held-out images named by class (the gate's ``HeldOut``).
+
+    For `edgecl adapt`: the statistics the kept candidate was built with from the training rows
+    (``run_post_steps(start, moved).prototypes`` / ``.lda``), the held-out images embedded with the
+    kept delta, their class names. Images of a class the statistics lack are left out; None when no
+    image is left (then the committed state reports ``unknown: null``)."""
+    index = {name: i for i, name in enumerate(prototypes.classes)}
+    rows = [i for i, name in enumerate(names) if name in index]
+    if not rows:
+        return None
+    x = np.asarray(embeddings, np.float64)[rows]
+    y = np.asarray([index[names[i]] for i in rows], np.int64)
+    means = lda.means_for(list(prototypes.classes), prototypes.means) if lda is not None else None
+    return calibrate(x, y, prototypes.means, lda, means, false_unknown_rate)

@@ -39,7 +39,6 @@ DEFAULT_FALSE_UNKNOWN_RATE = 0.05   # share of known images flagged unknown (iss
 SCORE_RELATIVE_MAHALANOBIS = "relative-mahalanobis"
 SCORE_COSINE = "cosine"
 ECE_BINS = 15                       # Guo et al. 2017's equal-width bins
-_LOG_T_RANGE = (-8.0, 12.0)          # natural-log bounds of the fitted temperature
 
 # Softmax temperature of the ncm head's cosine scores when no calibration was fitted. A cosine gap of
 # 0.1 between two classes is then an odds ratio of e^2 = 7.4; 0.05 sits in the range cosine
@@ -75,10 +74,12 @@ def _nll(scores: np.ndarray, labels: np.ndarray, log_t: float) -> float:
     return float(np.mean(log_norm - z[np.arange(len(labels)), labels]))
 
 
-def fit_temperature(scores: np.ndarray, labels: np.ndarray) -> float:
+def fit_temperature(scores: np.ndarray, labels: np.ndarray, around: float = 1.0, span: float = 100.0) -> float:
     """The T > 0 minimising the mean negative log-likelihood of ``labels`` under softmax(scores / T).
 
-    The NLL is convex in 1/T, hence unimodal in log T: a coarse grid then golden-section search."""
+    The NLL is convex in 1/T, hence unimodal in log T: a coarse grid then golden-section search, within
+    ``[around / span, around * span]``. Images a head separates perfectly drive the NLL's minimum to
+    T -> 0 (every probability 1.000); the bound keeps such a fit a sharpening, not a step function."""
     s = np.asarray(scores, np.float64)
     y = np.asarray(labels, np.int64)
     if s.ndim != 2 or y.shape != (len(s),) or not len(s):
@@ -87,7 +88,7 @@ def fit_temperature(scores: np.ndarray, labels: np.ndarray) -> float:
     s, y = s[keep], y[keep]
     if not len(s) or s.shape[1] < 2:
         return 1.0
-    grid = np.linspace(*_LOG_T_RANGE, 81)
+    grid = np.linspace(np.log(around / span), np.log(around * span), 81)
     values = [_nll(s, y, g) for g in grid]
     best = int(np.argmin(values))
     lo, hi = grid[max(best - 1, 0)], grid[min(best + 1, len(grid) - 1)]
@@ -135,7 +136,7 @@ def calibration_record(scores_unknown: np.ndarray, head_scores: dict[str, np.nda
     threshold = float(np.quantile(u_finite, 1.0 - false_unknown_rate))
     temperature, ece = {}, {}
     for head, raw in head_scores.items():
-        t = fit_temperature(raw, y)
+        t = fit_temperature(raw, y, around=uncalibrated_temperature(head))
         temperature[head] = t
         ece[head] = {"before": expected_calibration_error(softmax(raw, uncalibrated_temperature(head)), y),
                      "after": expected_calibration_error(softmax(raw, t), y)}
