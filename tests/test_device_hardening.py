@@ -202,6 +202,15 @@ def test_a_generation_records_its_manifest(hand_bundle: Path) -> None:
         load_current(open_bundle(hand_bundle))
 
 
+def test_a_pin_without_the_bundle_identity_still_pins_the_manifest(hand_bundle: Path) -> None:
+    from edgecl.device.state import PINNED, open_bundle
+
+    (hand_bundle / "state").mkdir()
+    (hand_bundle / "state" / PINNED).write_text(json.dumps({"manifest_sha256": "0" * 64}))
+    with pytest.raises(BundleError, match="manifest.json changed since this device first used the bundle"):
+        open_bundle(hand_bundle, verify=False)
+
+
 def test_a_read_only_bundle_opens_without_pinning(tmp_path: Path) -> None:
     from edgecl.device.state import PINNED, load_current, open_bundle, save_verified
 
