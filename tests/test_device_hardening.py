@@ -755,7 +755,7 @@ def test_an_empty_class_folder_is_warned_about(tmp_path: Path) -> None:
 
 def test_non_utf8_file_names_and_an_empty_class_through_the_cli(bundle_copy: Path, tmp_path: Path) -> None:
     """A file name that is not UTF-8 once killed adapt with a UnicodeEncodeError (adapt._fingerprint);
-    predict, eval and adapt now take it, and an empty class folder is a warning on adapt's stderr."""
+    predict, eval and adapt now take it, and an empty class folder is a warning on adapt's and eval's stderr."""
     first, _ = _image_folders(tmp_path)
     odd = os.fsdecode(bytes(first / "class1") + b"/\xff\xfe-camera.png")
     Path(odd).write_bytes((first / "class1" / "000.png").read_bytes())
@@ -773,3 +773,4 @@ def test_non_utf8_file_names_and_an_empty_class_through_the_cli(bundle_copy: Pat
     assert text.returncode == 0 and b"/\xff\xfe-camera.png: class" in text.stdout, text.stderr
     evaluated = edgecl("eval", bundle_copy, "--data", first, "--json")
     assert evaluated.returncode == 0 and json.loads(evaluated.stdout)["images"] == 13, evaluated.stderr
+    assert "not learned: class7" in evaluated.stderr
