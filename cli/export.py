@@ -7,6 +7,8 @@ from typing import Annotated, Any
 
 import typer
 
+from edgecl.formats import manifest as mf  # the device defaults, held once (no torch import)
+
 from .options import JsonFlag, MaskPolicy, echo_json
 
 
@@ -23,8 +25,9 @@ def export(
     mask_policy: Annotated[MaskPolicy | None, typer.Option(help="Tensors the mask may select: all, or no-depthwise "
                                                                 "(depthwise conv weights stay constant: a faster "
                                                                 "step; the default).")] = None,
-    lr: Annotated[float | None, typer.Option(help="Default device learning rate on the sparse delta.")] = None,
-    epochs: Annotated[int | None, typer.Option(help="Default device epochs (default 10).")] = None,
+    lr: Annotated[float | None, typer.Option(help="Default device learning rate on the sparse delta, finite and "
+                                                  f">= 0 (default {mf.DEFAULT_LR_BACKBONE:g}).")] = None,
+    epochs: Annotated[int | None, typer.Option(help=f"Default device epochs, >= 0 (default {mf.DEFAULT_EPOCHS}).")] = None,
     seed: Annotated[int | None, typer.Option(help="Seed for shuffling, augmentation and head init.")] = None,
     exemplars_per_class: Annotated[int | None, typer.Option(help="Calibration images per class shipped in the "
                                                                  "bundle so the device can refresh their prototypes "
@@ -37,7 +40,8 @@ def export(
     """Score weights by MI-Fisher information, keep the top few percent, export a trainable ONNX bundle."""
     from edgecl.host.export import ExportOptions, export_bundle
 
-    # Unset flags take ExportOptions' defaults: the library holds each default once.
+    # Unset flags take ExportOptions' defaults (manifest.DEFAULT_*); export_bundle checks every value against
+    # the manifest's ranges (host/export.py check_options) before it writes anything.
     given: dict[str, Any] = {"select_rate": select_rate, "drop_rate": drop_rate, "lr_backbone": lr, "epochs": epochs, "seed": seed,
              "exemplars_per_class": exemplars_per_class,
              "mask_policy": mask_policy.value if mask_policy is not None else None}

@@ -202,6 +202,15 @@ def test_a_generation_records_its_manifest(hand_bundle: Path) -> None:
         load_current(open_bundle(hand_bundle))
 
 
+def test_a_pin_without_the_bundle_identity_still_pins_the_manifest(hand_bundle: Path) -> None:
+    from edgecl.device.state import PINNED, open_bundle
+
+    (hand_bundle / "state").mkdir()
+    (hand_bundle / "state" / PINNED).write_text(json.dumps({"manifest_sha256": "0" * 64}))
+    with pytest.raises(BundleError, match="manifest.json changed since this device first used the bundle"):
+        open_bundle(hand_bundle, verify=False)
+
+
 def test_a_read_only_bundle_opens_without_pinning(tmp_path: Path) -> None:
     from edgecl.device.state import PINNED, load_current, open_bundle, save_verified
 
@@ -748,7 +757,7 @@ def test_an_empty_class_folder_is_warned_about(tmp_path: Path) -> None:
 
 def test_non_utf8_file_names_and_an_empty_class_through_the_cli(bundle_copy: Path, tmp_path: Path) -> None:
     """A file name that is not UTF-8 once killed adapt with a UnicodeEncodeError (adapt._fingerprint);
-    predict, eval and adapt now take it, and an empty class folder is a warning on adapt's stderr."""
+    predict, eval and adapt now take it, and an empty class folder is a warning on adapt's and eval's stderr."""
     first, _ = _image_folders(tmp_path)
     odd = os.fsdecode(bytes(first / "class1") + b"/\xff\xfe-camera.png")
     Path(odd).write_bytes((first / "class1" / "000.png").read_bytes())
@@ -766,3 +775,4 @@ def test_non_utf8_file_names_and_an_empty_class_through_the_cli(bundle_copy: Pat
     assert text.returncode == 0 and b"/\xff\xfe-camera.png: class" in text.stdout, text.stderr
     evaluated = edgecl("eval", bundle_copy, "--data", first, "--json")
     assert evaluated.returncode == 0 and json.loads(evaluated.stdout)["images"] == 13, evaluated.stderr
+    assert "not learned: class7" in evaluated.stderr

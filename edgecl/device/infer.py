@@ -314,7 +314,7 @@ def evaluate(bundle_dir: str | Path, data_dir: str | Path | Sequence[str | Path]
     loaded = []
     for folder in folders:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the skip count is in the report
+            warnings.filterwarnings("ignore", "skipped ")  # the skip count is in the report
             data = load_image_folder(folder, m.input_size, m.interpolation, progress=progress,
                                      desc=f"decode {Path(folder).name}")
         known = np.asarray([c in state.prototypes.classes for c in data.classes])

@@ -153,8 +153,7 @@ def verify_files(root: Path, manifest: mf.BundleManifest, uses: tuple[str, ...] 
     """Hash every file in manifest.files and compare: on every call, no (size, mtime) shortcut.
 
     A cache keyed by size and mtime let a same-size change with the mtime put back (or bit rot, which
-    changes neither) run silently. Hashing the Lite0 bundle costs about as much as building one
-    onnxruntime session (docs/device.md "What the device checks" has the number)."""
+    changes neither) run silently. What hashing costs on predict: docs/device.md "What the device checks"."""
     for name, expected in sorted(manifest.files.items()):
         if uses is not None and name not in uses:
             if not (root / name).is_file():  # still cheap to notice a listed file that is gone
@@ -338,10 +337,10 @@ def check_state_owner(root: Path, manifest: mf.BundleManifest, manifest_sha256: 
     """Refuse state written for another bundle (or version, or mask) than the one beside it, or for
     another manifest.json (an edited `mean`, a rewritten `files`). ``record``: a generation's meta.json
     or state/pinned.json, named by ``label``."""
-    if "bundle_id" not in record:
-        return  # generations from before identities were recorded: the delta length check still applies
     ids = _identity(manifest, manifest_sha256)
-    if any(record.get(k) != ids[k] for k in ("bundle_id", "bundle_version", "mask_sha256")):
+    # A record without bundle_id (a generation from before identities were recorded) is not compared;
+    # the delta length check still applies to it.
+    if "bundle_id" in record and any(record.get(k) != ids[k] for k in ("bundle_id", "bundle_version", "mask_sha256")):
         state_dir = root / STATE_DIR
         raise DeviceError(f"{state_dir} ({label}) belongs to bundle {record.get('bundle_id')} "
                           f"v{record.get('bundle_version')}, not {manifest.bundle_id} v{manifest.version}"
@@ -397,7 +396,8 @@ def read_generation(gen_dir: Path, meta_sha256: str) -> dict[str, Any]:
     except (OSError, ValueError) as exc:
         raise DeviceError(f"{where} is damaged ({exc})", _STATE_FIX) from None
     files = meta.get("files")
-    if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
+    if not isinstance(files, dict) or not all(isinstance(v, str) and "/" not in k and k not in ("", ".", "..")
+                                              for k, v in files.items()):
         raise DeviceError(f"{where}/{META} lists no sha256 of the generation's files", _STATE_FIX)
     unlisted = sorted(p.name for p in gen_dir.iterdir() if p.name != META and p.name not in files)
     if unlisted:
