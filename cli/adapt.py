@@ -61,12 +61,15 @@ def adapt(
     from edgecl.device.review import labeled_folder
 
     data = labeled_folder(bundle, data, from_review)
-    report = run_adapt(bundle, data, AdaptOptions(
+    from edgecl.progress import phases
+    options = AdaptOptions(
         epochs=epochs, lr=lr, lr_head=lr_head, batch_size=batch_size, seed=seed, checkpoint_every=checkpoint_every,
         drift_compensation=drift_compensation, exemplars=exemplars, replay=replay, replay_share=replay_share, select_lr=select_lr,
         resume=resume, max_step_fraction=max_step_fraction, gate=gate, holdout_share=holdout_share, head=head,
-        max_old_drop=max_old_drop,
-        progress=not quiet), profile=resolve_profile(device, cfg))
+        max_old_drop=max_old_drop, progress=not quiet)
+    # edgecl.device.adapt announces its phases (reading, training with its bar, the check, statistics).
+    with phases(0, "adapt", enabled=not (quiet or as_json)):
+        report = run_adapt(bundle, data, options, profile=resolve_profile(device, cfg))
     if as_json:
         typer.echo(json.dumps(report.to_json(), indent=2))
         return

@@ -23,8 +23,8 @@ Phase 2, ``finish()`` (`edgecl release --finish`):
     6. the statistics deltas of the candidate are summed exactly (classstats.merge_by_counts); a
        class no device answered for is left out of the released version (its device keeps it:
        pull carries the classes a version lacks; it is sent again next round) and its group is
-       reported as *not judged*; the gate judges without it;
-    7. the gate: every judged group >= the frozen baseline (same classes, the current backbone,
+       reported as *not judged*; the release check judges without it;
+    7. the release check (``verdict``): every judged group >= the frozen baseline (same classes, the current backbone,
        every class's statistics under it); the current classes, candidate restricted to them, >=
        the current version; ``tolerance`` allowed (default 0);
     8. if it passes: the released version (the candidate's files with the summed statistics) is
@@ -60,6 +60,7 @@ from edgecl.formats.merge import merge_prototypes
 from edgecl.formats.prototypes import Prototypes
 from edgecl.formats.scoring import restrict, score
 from edgecl.http_client import RetryPolicy, ServerRejected, api_json, download, upload
+from edgecl.progress import phase
 
 CALIBRATION = "calibration"
 
@@ -117,7 +118,7 @@ def _group_accuracy(evaluation: dict[str, Any] | None, classes: list[str]) -> tu
     return sum(r["accuracy"] * r["images"] for r in rows) / images, images
 
 
-def gate(groups: dict[str, list[str]], candidate: dict[str, Any], baseline: dict[str, Any],
+def verdict(groups: dict[str, list[str]], candidate: dict[str, Any], baseline: dict[str, Any],
          current: dict[str, Any] | None, tolerance: float, restricted: dict[str, Any] | None = None,
          not_judged: tuple[str, ...] | list[str] = (), provisional: bool = False
          ) -> tuple[dict[str, dict[str, Any]], list[str]]:
@@ -395,7 +396,7 @@ def _judge(rnd: Round, embedded: Embedded, candidate: Prototypes, tolerance: flo
     if evals["candidate"] is None:
         raise DataError("the candidate knows none of the classes in the held-out folder",
                         "pass a held-out folder of the fleet's classes")
-    table, reasons = gate(rnd.groups(), evals["candidate"], evals["baseline"] or {"per_class": {}}, evals["current"],
+    table, reasons = verdict(rnd.groups(), evals["candidate"], evals["baseline"] or {"per_class": {}}, evals["current"],
                           tolerance, restricted=evals["restricted"], not_judged=not_judged, provisional=provisional)
     return table, reasons, evals
 
@@ -435,13 +436,16 @@ def release(bundle_id: str, server: str, token: str, options: ReleaseOptions) ->
     _check_args(server, token, options)
     work, temporary = _work(options)
     try:
+        phase("merging the fleet's deltas on the server")
         rnd = _load_round(bundle_id, server, token, options, work)
+        phase("building the candidate (the merged delta applied)")
         candidate_dir = work / "candidate"
         shutil.rmtree(candidate_dir, ignore_errors=True)
         # The candidate ships the current classes only (moved by their exemplars' drift on the host);
         # the devices' classes are added from statistics computed under it.
         apply_delta(rnd.current_dir, rnd.merged, candidate_dir, progress=False,
                     classes=Prototypes.empty(mf.load_manifest(rnd.current_dir).embedding_dim))
+        phase("embedding the held-out images under the current and the candidate backbone")
         embedded = _embed_all(rnd.current_dir, candidate_dir, Path(options.heldout))
         estimates = estimate_in_candidate(rnd.baseline_devices(), embedded)
         candidate = union(Prototypes.load_file(candidate_dir / mf.PROTOTYPES), estimates)
@@ -455,6 +459,8 @@ def release(bundle_id: str, server: str, token: str, options: ReleaseOptions) ->
                          {d: {"answered": False, "classes": c} for d, c in rnd.own.items()})
         if reasons:
             return report
+        phase("publishing the candidate to the contributing devices" if options.statistics_round
+              else "publishing the next version")
         if options.statistics_round:
             # Its own version number in the candidate lineage: a refused round's candidate stays
             # registered there, and the next try (other exclusions, other deltas) is another one.
@@ -549,6 +555,7 @@ def finish(bundle_id: str, server: str, token: str, options: ReleaseOptions) -> 
     report_in: dict[str, Any] = row["report"]
     expected = set(report_in["devices"])
     deadline = time.monotonic() + max(options.wait_s, 0.0)
+    phase("collecting the devices' statistics under the candidate")
     got = answers(server, token, row, policy)
     while set(got) < expected and time.monotonic() < deadline:
         time.sleep(min(2.0, max(deadline - time.monotonic(), 0.0)))
@@ -561,6 +568,7 @@ def finish(bundle_id: str, server: str, token: str, options: ReleaseOptions) -> 
                          "manifest_sha256": row["manifest_sha256"]}
         probe = _fetch_bundle(server, token, candidate_row, work / "statistics-candidate", policy)
         received = {d: _get_delta(server, token, sha, work, policy) for d, sha in sorted(got.items())}
+        phase("embedding the held-out images under the current and the candidate backbone")
         embedded = _embed_all(rnd.current_dir, probe, Path(options.heldout))
         summed, statistics = summed_statistics(rnd, Prototypes.load_file(probe / mf.PROTOTYPES), received)
         # A class no answering device reports is left out of this version: its device keeps it (pull
@@ -574,6 +582,7 @@ def finish(bundle_id: str, server: str, token: str, options: ReleaseOptions) -> 
         report = _report(rnd, version, reasons, table, evals, options.canary, "released", not_judged, statistics)
         if reasons or not options.publish:
             return report
+        phase("publishing the next version")
         final = write_version(probe, work / "release", bundle_id, version, candidate,
                               sha256_file(rnd.current_dir / mf.MANIFEST))
         report.uploaded_bytes = _publish(server, token, final, list(options.canary), _summary(report, options),

@@ -152,6 +152,7 @@ def test_without_bundle_exemplars_old_classes_are_drift_compensated(bundle, task
     (bundle / "exemplars.safetensors").unlink()
     manifest = json.loads((bundle / "manifest.json").read_text())
     del manifest["files"]["exemplars.safetensors"]
+    manifest.get("sizes", {}).pop("exemplars.safetensors", None)
     (bundle / "manifest.json").write_text(json.dumps(manifest))
     report = _adapt(bundle, task_data, epochs=1, lr=0.05)
     assert report.from_exemplars == [] and report.drift_compensated == ["class0", "class1", "class2"]

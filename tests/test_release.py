@@ -1,4 +1,4 @@
-"""The release gate's verdict (edgecl.release.gate) and its scoring of class-statistic tables: hand-made
+"""The release check's verdict (edgecl.release.verdict) and its scoring of class-statistic tables: hand-made
 evaluations and embeddings in, reasons out. The whole round (merge on the server -> apply -> the
 devices' statistics under the candidate -> judge -> publish -> pull) runs in tests/test_fleet_e2e.py."""
 
@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from edgecl.formats.prototypes import Prototypes
-from edgecl.release import CALIBRATION, gate, restrict, score
+from edgecl.release import CALIBRATION, restrict, score, verdict
 
 
 def _eval(per_class: dict[str, tuple[float, int]]) -> dict:
@@ -21,7 +21,7 @@ def test_passes_when_no_group_is_worse():
     candidate = _eval({"bolt": (1.0, 10), "nut": (0.8, 10), "gear": (0.9, 10), "washer": (1.0, 5), "pin": (0.6, 5)})
     baseline = _eval({"bolt": (1.0, 10), "nut": (0.8, 10), "gear": (0.5, 10), "washer": (0.8, 5), "pin": (0.6, 5)})
     current = _eval({"bolt": (0.9, 10), "nut": (0.9, 10)})           # knows only the calibration classes
-    table, reasons = gate(GROUPS, candidate, baseline, current, tolerance=0.0)
+    table, reasons = verdict(GROUPS, candidate, baseline, current, tolerance=0.0)
     assert reasons == []
     assert table[CALIBRATION] == {"classes": ["bolt", "nut"], "images": 20, "candidate": 0.9, "baseline": 0.9,
                                   "current": 0.9, "candidate_current_classes": 0.9, "judged": True}
@@ -32,21 +32,21 @@ def test_refuses_a_group_worse_than_the_frozen_baseline_or_the_current_version()
     candidate = _eval({"bolt": (0.5, 10), "nut": (0.8, 10), "gear": (0.4, 10)})
     baseline = _eval({"bolt": (0.4, 10), "nut": (0.8, 10), "gear": (0.9, 10)})
     current = _eval({"bolt": (1.0, 10), "nut": (0.8, 10)})
-    _, reasons = gate(GROUPS, candidate, baseline, current, tolerance=0.0)
+    _, reasons = verdict(GROUPS, candidate, baseline, current, tolerance=0.0)
     assert reasons == ["calibration: candidate on the current classes 0.650 < current version 0.900 - 0",
                        "device:line-a: candidate 0.400 < frozen baseline 0.900 - 0"]
     # a tolerance lets small drops through, not large ones
-    _, reasons = gate(GROUPS, candidate, baseline, current, tolerance=0.3)
+    _, reasons = verdict(GROUPS, candidate, baseline, current, tolerance=0.3)
     assert reasons == ["device:line-a: candidate 0.400 < frozen baseline 0.900 - 0.3"]
 
 
 def test_groups_are_weighted_by_images_and_missing_groups_are_skipped():
     candidate = _eval({"bolt": (1.0, 30), "nut": (0.0, 10)})
     baseline = _eval({"bolt": (0.5, 30), "nut": (1.0, 10)})        # 0.625 vs the candidate's 0.75
-    table, reasons = gate(GROUPS, candidate, baseline, None, 0.0)
+    table, reasons = verdict(GROUPS, candidate, baseline, None, 0.0)
     assert reasons == [] and table[CALIBRATION]["candidate"] == 0.75 and table[CALIBRATION]["baseline"] == 0.625
     assert table["device:line-a"]["images"] == 0 and table["device:line-a"]["candidate"] is None
-    _, reasons = gate({"device:x": ["nothing"]}, candidate, baseline, None, 0.0)
+    _, reasons = verdict({"device:x": ["nothing"]}, candidate, baseline, None, 0.0)
     assert reasons == ["the held-out folder has no image of any class group"]
 
 
@@ -57,19 +57,19 @@ def test_the_current_classes_are_compared_like_for_like_also_when_the_candidate_
     restricted = _eval({"bolt": (0.6, 10), "nut": (0.6, 10)})
     baseline = _eval({"bolt": (0.6, 10), "nut": (0.7, 10), "gear": (0.8, 10)})
     current = _eval({"bolt": (0.9, 10), "nut": (0.9, 10)})
-    table, reasons = gate(GROUPS, candidate, baseline, current, 0.0, restricted=restricted)
+    table, reasons = verdict(GROUPS, candidate, baseline, current, 0.0, restricted=restricted)
     assert reasons == ["calibration: candidate on the current classes 0.600 < current version 0.900 - 0"]
     assert table[CALIBRATION]["candidate"] == 0.7 and table[CALIBRATION]["candidate_current_classes"] == 0.6
-    _, reasons = gate(GROUPS, candidate, baseline, current, 0.0, restricted=current)
+    _, reasons = verdict(GROUPS, candidate, baseline, current, 0.0, restricted=current)
     assert reasons == []
 
 
 def test_a_group_without_statistics_under_the_candidate_is_shown_not_judged():
     candidate = _eval({"bolt": (1.0, 10), "nut": (1.0, 10), "gear": (0.1, 10)})
     baseline = _eval({"bolt": (1.0, 10), "nut": (1.0, 10), "gear": (0.9, 10)})
-    table, reasons = gate(GROUPS, candidate, baseline, None, 0.0, not_judged=["device:line-a"])
+    table, reasons = verdict(GROUPS, candidate, baseline, None, 0.0, not_judged=["device:line-a"])
     assert reasons == [] and table["device:line-a"]["judged"] is False and table["device:line-a"]["candidate"] == 0.1
-    _, reasons = gate(GROUPS, candidate, baseline, None, 0.0)
+    _, reasons = verdict(GROUPS, candidate, baseline, None, 0.0)
     assert reasons == ["device:line-a: candidate 0.100 < frozen baseline 0.900 - 0"]
 
 

@@ -234,6 +234,7 @@ def test_a_bundle_without_calibration_reports_scores_but_no_flags(tiny_bundle: P
     (old / CALIBRATION_FILE).unlink()
     manifest = json.loads((old / "manifest.json").read_text())
     del manifest["files"][CALIBRATION_FILE]
+    manifest.get("sizes", {}).pop(CALIBRATION_FILE, None)
     (old / "manifest.json").write_text(json.dumps(manifest))
     [row] = predict(old, [next((calib_dir / "class0").iterdir())])
     assert row["unknown"] is None and row["calibrated"] is False and row["unknown_score"] is not None

@@ -129,7 +129,7 @@ class HeadKeeper:
         from edgecl.formats.exemplars import herding_order
         labels = task.train.labels
         moved = bool(np.any(before != after))
-        # A copy of the device's rule (poststeps.shift_by_exemplars, compensate_drift): every class with
+        # The device's order (poststeps.shift_old_classes, compensate_old_classes): every class with
         # stored exemplars moves by its exemplars' drift, a class seen again (B6) included, before it is
         # merged; the rest by SDC.
         ex_after = {c: learner.embed(self.memory[c]) for c in ex_before} if moved else ex_before

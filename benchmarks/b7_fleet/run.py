@@ -42,10 +42,9 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
-sys.path.insert(0, str(HERE.parent))            # benchmarks/: domains.py
+sys.path.insert(0, str(REPO))                   # the checkout: benchmarks.* (B6's cameras)
 
-from domains import render  # noqa: E402
-
+from benchmarks.b1_b6_accuracy.domains import render  # noqa: E402
 from edgecl.datasets import (  # noqa: E402
     FASHION_CLASSES,
     load_fashion_mnist,

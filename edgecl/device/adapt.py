@@ -29,6 +29,7 @@ import numpy as np
 from edgecl.errors import DeviceError
 from edgecl.formats import manifest as mf
 from edgecl.formats.config import DeviceProfile
+from edgecl.progress import phase, progress_bar
 
 from .episode import Episode, open_episode, replay_repeats, start_trainable
 from .infer import resolve_profile
@@ -93,6 +94,7 @@ def adapt(bundle_dir: str | Path, data_dir: str | Path, options: AdaptOptions | 
         run_dir = RunDir(bundle)
         if opts.resume and not run_dir.exists():
             raise DeviceError("there is no interrupted adaptation to resume", "run `edgecl adapt` without --resume")
+        phase("reading the images and embedding the task under the current backbone", plan.progress)
         return run_adaptation(open_episode(bundle, Path(data_dir), plan, prof), run_dir, opts.resume)
 
 
@@ -100,7 +102,9 @@ def run_adaptation(episode: Episode, run_dir: RunDir, resume: bool) -> AdaptRepo
     plan, state, selection = prepare_run(episode, run_dir, resume)
     resumed_from = state.step if resume and state.step else None
     records = train_episode(episode, plan, state, run_dir)
+    phase("the do-no-harm check on the held-out images", plan.progress)
     verdict = judge(episode, plan, state, run_dir)
+    phase("class statistics under the kept backbone", plan.progress)
     heads = episode.post_steps(verdict.kept_delta)
     heads.lda.calibration = episode.calibration(verdict.kept_delta)
     base_table = episode.base_prototypes()
@@ -170,7 +174,7 @@ def train_episode(episode: Episode, plan: Plan, state: TrainState, run_dir: RunD
     bar = None
     total = plan.epochs * steps_per_epoch(len(episode.train_set.pixels), plan.batch_size)
     if plan.progress and total:
-        from edgecl.progress import progress_bar
+        phase(f"training: {plan.epochs} epochs", plan.progress)
         bar = progress_bar(total, "adapt", unit="step")
         bar.update(state.step)
 

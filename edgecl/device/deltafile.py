@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from edgecl import classstats
-from edgecl.device.state import Bundle, DeviceState, bundle_prototypes, load_current, open_bundle
+from edgecl.device.state import DeviceState, OpenBundle, bundle_prototypes, load_current, open_bundle
 from edgecl.errors import DeviceError
 from edgecl.formats import delta as delta_format
 from edgecl.formats.exemplars import ExemplarMemory
@@ -72,7 +72,7 @@ def heldout_from_gate(gate: Any) -> dict[str, Any] | None:
         return None
 
 
-def base_space_prototypes(bundle: Bundle, state: DeviceState) -> Prototypes | None:
+def base_space_prototypes(bundle: OpenBundle, state: DeviceState) -> Prototypes | None:
     """This device's new classes as the bundle's own backbone (no delta) places them: what the fleet's
     release gate compares the merged version against (the frozen baseline), which the host cannot
     compute without the device's images. Only the classes the bundle does not ship (its own are
@@ -126,7 +126,7 @@ def device_identity(device_id: str | None, key_hex: str | None, config: DeviceCo
     return name, key
 
 
-def own_classes(bundle: Bundle, state: DeviceState) -> Prototypes | None:
+def own_classes(bundle: OpenBundle, state: DeviceState) -> Prototypes | None:
     """The classes this device added (those the bundle does not ship), as its backbone places them.
     A delta never carries the bundle's own classes: the fleet takes their statistics from the
     version that shipped them (moved by their exemplars), never from a device (docs/server.md)."""

@@ -33,7 +33,7 @@ from .infer import create_runner, embed_and_score
 from .noharm import HeldOut, holdout_split
 from .plan import Plan, check_replay_share
 from .poststeps import Heads, Moved, run_post_steps
-from .state import Bundle, DeviceState, bundle_prototypes, load_current
+from .state import DeviceState, OpenBundle, bundle_prototypes, load_current
 from .trainloop import TrainSet
 
 
@@ -65,7 +65,7 @@ class Split:
 
 @dataclass
 class Episode:
-    bundle: Bundle
+    bundle: OpenBundle
     plan: Plan
     profile: DeviceProfile
     data_dir: Path
@@ -208,7 +208,7 @@ class Episode:
 
 # -- building an episode ---------------------------------------------------------------------------
 
-def open_episode(bundle: Bundle, data_dir: Path, plan: Plan, profile: DeviceProfile) -> Episode:
+def open_episode(bundle: OpenBundle, data_dir: Path, plan: Plan, profile: DeviceProfile) -> Episode:
     """Read the task, the state and the memory; split; build the training set; open the inference session."""
     task = _load_task(bundle, data_dir)
     current = load_current(bundle)
@@ -248,7 +248,7 @@ def start_trainable(episode: Episode) -> dict[str, np.ndarray]:
     return {mf.DELTA_PARAM: current.delta, **head}
 
 
-def _load_task(bundle: Bundle, data_dir: Path) -> LoadedImages:
+def _load_task(bundle: OpenBundle, data_dir: Path) -> LoadedImages:
     m = bundle.manifest
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "skipped ")  # the skip count is reported once, below and in the report
@@ -259,7 +259,7 @@ def _load_task(bundle: Bundle, data_dir: Path) -> LoadedImages:
     return data
 
 
-def _load_memory(current: DeviceState, bundle: Bundle, use: bool) -> ExemplarMemory:
+def _load_memory(current: DeviceState, bundle: OpenBundle, use: bool) -> ExemplarMemory:
     if use and current.exemplars_path:
         return ExemplarMemory.load_file(current.exemplars_path)
     if use and bundle.path(mf.EXEMPLARS).exists():

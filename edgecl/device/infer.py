@@ -15,7 +15,7 @@ scores (in [-1, 1]) are divided by ``NCM_TEMPERATURE`` first. When the state car
 record (``unknown.calibrate``: the LDA statistics' own, written by `edgecl adapt`, or for the bundle's
 own state the one `edgecl export` wrote), each head's scores are divided by the temperature fitted on
 held-out images instead, so a probability is a measured frequency of being right (ECE on
-Fashion-MNIST: benchmarks/floor/). Without one the raw softmax stays: read it as a confidence on a
+Fashion-MNIST: benchmarks/b8_b9_floor/). Without one the raw softmax stays: read it as a confidence on a
 common scale (the ranking is the scores'), not as a frequency.
 
 Each image also gets an ``unknown_score`` (higher = less like any known class; ``unknown.py``) and
@@ -56,7 +56,7 @@ from edgecl.formats.prototypes import Prototypes
 from edgecl.progress import progress_bar
 
 from .heads import LdaHead
-from .state import INFERENCE_FILES, Bundle, DeviceState, load_current, open_bundle, save_verified
+from .state import INFERENCE_FILES, DeviceState, OpenBundle, load_current, open_bundle, save_verified
 from .unknown import MahalanobisScorer
 
 # auto: lda when the state has its statistics, else ncm; ncm: cosine to the class prototypes;
@@ -66,7 +66,7 @@ HEADS = ("auto", "ncm", "lda")
 _INFER_BATCH = 64  # images per inference call: bounds activation memory, independent of the train batch
 
 
-def resolve_profile(profile: str | Path | DeviceProfile | None, bundle: Bundle | None = None) -> DeviceProfile:
+def resolve_profile(profile: str | Path | DeviceProfile | None, bundle: OpenBundle | None = None) -> DeviceProfile:
     """The profile to run with: an explicit one (``--device``) > the bundle's own (the profile it was
     exported for, ``manifest.device_profile``) > the built-in default.
 
@@ -95,14 +95,14 @@ def _one_line_runtime_errors(what: str) -> Iterator[None]:
                           "re-copy the bundle from the host; if it persists, re-export it") from exc
 
 
-def create_runner(bundle: Bundle, profile: DeviceProfile):  # noqa: ANN201 - InferenceRunner
+def create_runner(bundle: OpenBundle, profile: DeviceProfile):  # noqa: ANN201 - InferenceRunner
     from .ort import InferenceRunner  # the one module touching onnxruntime
     with _one_line_runtime_errors(mf.INFERENCE_MODEL):
         return InferenceRunner(bundle.path(mf.INFERENCE_MODEL), bundle.path(mf.WEIGHTS), bundle.mask,
                                threads=profile.threads, provider=profile.execution_provider)
 
 
-def embed_and_score(runner, bundle: Bundle, pixels: np.ndarray, delta: np.ndarray,  # noqa: ANN001
+def embed_and_score(runner, bundle: OpenBundle, pixels: np.ndarray, delta: np.ndarray,  # noqa: ANN001
                     prototypes: np.ndarray | None = None,
                     on_batch: Callable[[int], Any] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """uint8 [N, H, W, 3] -> (embeddings [N, D], logits [N, C]) in batches; ``on_batch(n)`` after each."""
@@ -123,7 +123,7 @@ def embed_and_score(runner, bundle: Bundle, pixels: np.ndarray, delta: np.ndarra
     return np.concatenate(embeddings).astype(np.float32), np.concatenate(logits).astype(np.float32)
 
 
-def need_prototypes(prototypes: Prototypes, bundle: Bundle) -> None:
+def need_prototypes(prototypes: Prototypes, bundle: OpenBundle) -> None:
     if len(prototypes) == 0:
         raise DeviceError(f"{bundle.root} has no class prototypes yet",
                           "run `edgecl adapt BUNDLE --data DIR --epochs 0` to add classes")
@@ -165,7 +165,7 @@ class ServingState:
     lda_linear: tuple[np.ndarray, np.ndarray] | None = None  # (weights [D, C], bias [C]): LdaHead.logits, solved once
 
     @classmethod
-    def create(cls, bundle: Bundle, state: DeviceState, head: str | Enum = "auto",
+    def create(cls, bundle: OpenBundle, state: DeviceState, head: str | Enum = "auto",
                shrinkage: float | None = None) -> ServingState:
         used = resolve_head(state, head)
         classes = list(state.prototypes.classes)
@@ -208,14 +208,14 @@ class ServingState:
                 flags = ~(unknown_scores <= float(self.calibration["threshold"]))  # NaN counts as unknown
         return Scored(np.asarray(embeddings), scores, softmax(scores, self.temperature()), unknown_scores, flags)
 
-    def classify(self, runner, bundle: Bundle, pixels: np.ndarray,  # noqa: ANN001
+    def classify(self, runner, bundle: OpenBundle, pixels: np.ndarray,  # noqa: ANN001
                  on_batch: Callable[[int], Any] | None = None) -> Scored:
         embeddings, cosines = embed_and_score(runner, bundle, pixels, self.state.delta, self.state.prototypes.means,
                                               on_batch)
         return self.score(embeddings, cosines)
 
 
-def bundle_calibration(bundle: Bundle, state: DeviceState) -> dict[str, Any] | None:
+def bundle_calibration(bundle: OpenBundle, state: DeviceState) -> dict[str, Any] | None:
     """The bundle's own calibration (`edgecl export`), valid only while the state is the bundle's."""
     path = bundle.path(CALIBRATION_FILE)
     if state.generation is not None or not path.is_file():
@@ -226,7 +226,7 @@ def bundle_calibration(bundle: Bundle, state: DeviceState) -> dict[str, Any] | N
         raise BundleError(f"{path} is damaged ({exc})", "re-copy the bundle from the host") from exc
 
 
-def classify(runner, bundle: Bundle, state: DeviceState, pixels: np.ndarray, head: str | Enum,  # noqa: ANN001
+def classify(runner, bundle: OpenBundle, state: DeviceState, pixels: np.ndarray, head: str | Enum,  # noqa: ANN001
              shrinkage: float | None = None, on_batch: Callable[[int], Any] | None = None) -> tuple[str, np.ndarray]:
     """(the head used, scores [N, C] in the order of state.prototypes.classes)."""
     serving = ServingState.create(bundle, state, head, shrinkage)

@@ -6,9 +6,9 @@ device's class statistics (``Heads``), which it updates in order:
 1. ``carry_lda``: the LDA head's pooled covariance and its own class means (a class it has none of
    starts from its prototype as it was) are carried through an affine old->new drift map fitted on
    every image embedded before and after (LDC), then it takes the task's within-class deviations;
-2. ``shift_by_exemplars``: an old class with stored exemplars moves its prototype by its own
+2. ``shift_old_classes``: an old class with stored exemplars moves its prototype by its own
    exemplars' drift, p += mean(after) - mean(before);
-3. ``compensate_drift``: an old class without exemplars moves by semantic drift compensation
+3. ``compensate_old_classes``: an old class without exemplars moves by semantic drift compensation
    (edgecl.classstats), estimated from the task's images;
 4. ``merge_task_classes``: the task's classes get the mean of their images. A class seen before
    (the same product under a new camera) is MERGED by counts with its (moved) old prototype, so
@@ -75,7 +75,7 @@ class Heads:
         return Heads(self.prototypes.copy(), copy.deepcopy(self.lda), self.memory)
 
 
-def shift_by_exemplars(heads: Heads, moved: Moved) -> None:
+def shift_old_classes(heads: Heads, moved: Moved) -> None:
     if not moved.trained:
         return
     for name, ex_after in moved.exemplars_after.items():
@@ -87,7 +87,7 @@ def shift_by_exemplars(heads: Heads, moved: Moved) -> None:
         heads.from_exemplars.append(name)
 
 
-def compensate_drift(heads: Heads, moved: Moved) -> None:
+def compensate_old_classes(heads: Heads, moved: Moved) -> None:
     if not (moved.trained and moved.drift_compensation and len(moved.before)):
         return
     drifting = [c for c in heads.prototypes.classes if c not in heads.from_exemplars]
@@ -161,7 +161,7 @@ def update_memory(heads: Heads, moved: Moved) -> None:
 # adaptation and is then carried through the drift map once (after the prototype moves it would be
 # moved twice).
 POST_STEPS: tuple[Callable[[Heads, Moved], None], ...] = (
-    carry_lda, shift_by_exemplars, compensate_drift, merge_task_classes, update_memory)
+    carry_lda, shift_old_classes, compensate_old_classes, merge_task_classes, update_memory)
 
 
 def run_post_steps(start: Heads, moved: Moved) -> Heads:

@@ -53,7 +53,7 @@ from edgecl.http_client import (
     download,
 )
 
-from .state import Bundle, open_bundle
+from .state import OpenBundle, open_bundle
 
 
 @dataclass
@@ -170,7 +170,7 @@ def _fetch_patched_weights(fetch_file: Callable[[str, str, Path, int], int], man
         scratch.unlink(missing_ok=True)
 
 
-def fetch_release(old: Bundle, release: ReleaseInfo, bundle_id: str, server: str, token: str, public: Any,
+def fetch_release(old: OpenBundle, release: ReleaseInfo, bundle_id: str, server: str, token: str, public: Any,
                   target: Path, report: PullReport, policy: RetryPolicy | None = None,
                   then: Callable[[Path], None] | None = None, max_bytes: int = MAX_DOWNLOAD_BYTES) -> None:
     """Download ``release`` (of lineage ``bundle_id``) into ``target``, verified: the signature first,

@@ -45,7 +45,7 @@ from .infer import create_runner, embed_and_score, resolve_profile
 from .provision import DeviceConfig
 from .pull import PullReport, fetch_release, parse_release
 from .push import ALREADY, SENT, push_bytes
-from .state import Bundle, DeviceState, bundle_prototypes, load_current, open_bundle
+from .state import DeviceState, OpenBundle, bundle_prototypes, load_current, open_bundle
 
 
 @dataclass
@@ -66,7 +66,7 @@ class RestatReport:
         return self.message
 
 
-def held_images(bundle: Bundle, state: DeviceState) -> tuple[list[str], np.ndarray, np.ndarray]:
+def held_images(bundle: OpenBundle, state: DeviceState) -> tuple[list[str], np.ndarray, np.ndarray]:
     """(classes, uint8 pixels [N, H, W, 3], labels [N]): the images this device holds of the classes
     it learned: its last adaptation's task folder (if still there) and its own exemplars (the bundle's
     shipped exemplars are not its images). Each image once."""

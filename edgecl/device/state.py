@@ -81,7 +81,7 @@ _STATE_FIX = "run `edgecl rollback` to go back to the previous state, or delete 
 
 
 @dataclass
-class Bundle:
+class OpenBundle:
     root: Path
     manifest: mf.BundleManifest
     mask: Mask
@@ -101,7 +101,7 @@ class Bundle:
 INFERENCE_FILES = (mf.INFERENCE_MODEL, mf.WEIGHTS, mf.MASK, mf.PROTOTYPES)
 
 
-def open_bundle(bundle_dir: str | Path, verify: bool = True, uses: tuple[str, ...] | None = None) -> Bundle:
+def open_bundle(bundle_dir: str | Path, verify: bool = True, uses: tuple[str, ...] | None = None) -> OpenBundle:
     """Validate a bundle folder and load its manifest and mask (no graph is loaded).
 
     The manifest must match the sha256 pinned in state/pinned.json (when the device first used the
@@ -130,7 +130,7 @@ def open_bundle(bundle_dir: str | Path, verify: bool = True, uses: tuple[str, ..
     if mask.total_selected != manifest.selected:
         raise BundleError(f"mask selects {mask.total_selected} elements, the manifest says {manifest.selected}",
                           "re-copy the whole bundle folder from the host")
-    return Bundle(root, manifest, mask, manifest_sha256, pin is not None)
+    return OpenBundle(root, manifest, mask, manifest_sha256, pin is not None)
 
 
 # -- file verification -----------------------------------------------------------------------------
@@ -172,7 +172,7 @@ def verify_files(root: Path, manifest: mf.BundleManifest, uses: tuple[str, ...] 
                               "re-copy the bundle from the host")
 
 
-def save_verified(bundle: Bundle) -> None:
+def save_verified(bundle: OpenBundle) -> None:
     """After a command succeeded: pin the manifest's sha256 in state/pinned.json if none is pinned yet.
 
     From then on a changed manifest.json (an edited `mean`, a rewritten `files`) is refused. A
@@ -188,7 +188,7 @@ def save_verified(bundle: Bundle) -> None:
 # -- one writer at a time ----------------------------------------------------------------------------
 
 @contextlib.contextmanager
-def bundle_lock(bundle: Bundle, what: str) -> Iterator[None]:
+def bundle_lock(bundle: OpenBundle, what: str) -> Iterator[None]:
     """Hold state/lock (flock, exclusive) while ``what`` ("adapt", "rollback", "upgrade") changes the state.
 
     A second writer fails at once with a DeviceError naming the holder's command and pid (read from the
@@ -313,7 +313,7 @@ def _head_problem(head: Any) -> str | None:
     return None
 
 
-def bundle_prototypes(bundle: Bundle) -> Prototypes:
+def bundle_prototypes(bundle: OpenBundle) -> Prototypes:
     """The bundle's own prototypes (its calibration classes); a missing file is an error, not zero classes."""
     path = bundle.path(mf.PROTOTYPES)
     if not path.exists():
@@ -322,7 +322,7 @@ def bundle_prototypes(bundle: Bundle) -> Prototypes:
     return Prototypes.load_file(path)
 
 
-def bundle_identity(bundle: Bundle) -> dict[str, Any]:
+def bundle_identity(bundle: OpenBundle) -> dict[str, Any]:
     """What a generation's meta.json (and state/pinned.json) records of the bundle it was made for."""
     return _identity(bundle.manifest, bundle.manifest_sha256)
 
@@ -356,7 +356,7 @@ def check_state_owner(root: Path, manifest: mf.BundleManifest, manifest_sha256: 
                           "re-copy the bundle from the host or `edgecl pull` it; a new bundle goes in a new folder")
 
 
-def load_current(bundle: Bundle) -> DeviceState:
+def load_current(bundle: OpenBundle) -> DeviceState:
     head = read_head(bundle.state_dir)
     generation = head.get("current")
     if generation is None:
@@ -418,7 +418,7 @@ def _next_generation(state_dir: Path) -> str:
     return f"gen-{max(numbers, default=0) + 1:06d}"
 
 
-def commit_generation(bundle: Bundle, write: Callable[[Path], None], meta: dict[str, Any]) -> str:
+def commit_generation(bundle: OpenBundle, write: Callable[[Path], None], meta: dict[str, Any]) -> str:
     """Write a new generation with ``write(tmp_dir)``, then point HEAD at it (previous = old current).
 
     Any failure before the HEAD rename (a full disk included) leaves HEAD and every existing
@@ -460,7 +460,7 @@ def rollback(bundle_dir: str | Path) -> dict[str, Any]:
         return _rollback(bundle)
 
 
-def _rollback(bundle: Bundle) -> dict[str, Any]:
+def _rollback(bundle: OpenBundle) -> dict[str, Any]:
     state_dir = bundle.state_dir
     head = read_head(state_dir)
     if not head.get("can_rollback"):
@@ -497,7 +497,7 @@ class RunDir:
                              an earlier epoch it may keep when the last is worse held out)
     """
 
-    def __init__(self, bundle: Bundle) -> None:
+    def __init__(self, bundle: OpenBundle) -> None:
         self.path = bundle.state_dir / RUN_DIR
 
     def exists(self) -> bool:
@@ -577,7 +577,7 @@ def check_resumable(run: RunDir, config: dict[str, Any], current_generation: str
 
 
 
-def commit_adaptation(bundle: Bundle, run_dir: RunDir, trainable: dict[str, np.ndarray], prototypes: Prototypes,
+def commit_adaptation(bundle: OpenBundle, run_dir: RunDir, trainable: dict[str, np.ndarray], prototypes: Prototypes,
                       lda: Any, memory: Any | None, base_prototypes: Prototypes, meta: dict[str, Any]) -> str:
     """`edgecl adapt`'s commit: the kept trainable values, the class statistics (prototypes, the LDA
     head's, the base-space table of the device's own classes), the exemplar memory (None: the device

@@ -9,7 +9,7 @@ less like any known class; docs/device.md#unknown-images):
   and ``MD_0`` a class-agnostic Gaussian (the mean of the class means; the within-class covariance
   plus the covariance of the class means). Subtracting ``MD_0`` discounts what makes an image far
   from everything in directions that do not tell the classes apart, which plain Mahalanobis mostly
-  ranks (B9: benchmarks/floor/).
+  ranks (B9: benchmarks/b8_b9_floor/).
 - Without them (a fresh bundle): ``1 - max cosine`` to the prototypes.
 
 ``calibrate`` is the pure function the place that makes the LDA statistics calls (`edgecl adapt`):

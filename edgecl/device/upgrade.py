@@ -48,8 +48,8 @@ from .state import (
     EXEMPLARS,
     LDA,
     PROTOTYPES,
-    Bundle,
     DeviceState,
+    OpenBundle,
     bundle_lock,
     bundle_prototypes,
     commit_generation,
@@ -69,7 +69,7 @@ def upgrade(old_dir: str | Path, new_dir: str | Path, any_lineage: bool = False)
         return _upgrade(old, new, any_lineage)
 
 
-def _upgrade(old: Bundle, new: Bundle, any_lineage: bool) -> dict[str, Any]:
+def _upgrade(old: OpenBundle, new: OpenBundle, any_lineage: bool) -> dict[str, Any]:
     if not any_lineage and new.manifest.parent_sha256 != sha256_file(old.path(mf.MANIFEST)):
         raise DeviceError(f"{new.root} was not made from {old.root} (its parent_sha256 differs)",
                           "upgrade from the bundle this version was applied to, or pass --any-lineage")
@@ -137,7 +137,7 @@ def _upgrade(old: Bundle, new: Bundle, any_lineage: bool) -> dict[str, Any]:
             "classes": list(prototypes.classes)}
 
 
-def _judge_versions(old: Bundle, new: Bundle, current: DeviceState, released: Prototypes, carried: Prototypes,
+def _judge_versions(old: OpenBundle, new: OpenBundle, current: DeviceState, released: Prototypes, carried: Prototypes,
                     contested: list[str]) -> dict[str, Any]:
     """The do-no-harm rule applied to versions: for this device's classes that the new version
     ships, its statistics (the fleet's, computed under the new backbone) against the device's own
@@ -179,7 +179,7 @@ def released_with(released: Prototypes, carried: Prototypes) -> Prototypes:
     return out
 
 
-def embed_both(old: Bundle, new: Bundle, memory: ExemplarMemory, delta: np.ndarray
+def embed_both(old: OpenBundle, new: OpenBundle, memory: ExemplarMemory, delta: np.ndarray
                 ) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """The device's exemplars embedded by OLD (with its delta) and by NEW (its own weights), per class."""
     out = []

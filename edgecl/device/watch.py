@@ -43,7 +43,7 @@ from edgecl.formats.images import IMAGE_SUFFIXES, load_rgb
 from .drift import DriftMonitor
 from .infer import ServingState, create_runner, describe, need_prototypes, resolve_profile
 from .review import QueueLimits, ReviewQueue, review_dir
-from .state import HEAD, Bundle, load_current, open_bundle, read_head
+from .state import HEAD, OpenBundle, load_current, open_bundle, read_head
 
 _PARTIAL_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", ".swp")
 
@@ -130,7 +130,7 @@ class StateFollower:
         self._config = _config_path_following(self.bundle_dir) if follow_config else None
         self._config_key: tuple[int, int] | None = None
         self._head_key: tuple[int, int, int] | None = None
-        self.bundle: Bundle = open_bundle(self.bundle_dir)
+        self.bundle: OpenBundle = open_bundle(self.bundle_dir)
         self.profile: DeviceProfile = resolve_profile(profile, self.bundle)
         self.runner = create_runner(self.bundle, self.profile)
         state = load_current(self.bundle)

@@ -122,7 +122,7 @@ def _model_with(recipe: Recipe, weights: dict[str, np.ndarray]) -> torch.nn.Modu
 
 def _shift_by_exemplars(prototypes: Prototypes, exemplars: ExemplarMemory, before: torch.nn.Module,
                         after: torch.nn.Module, manifest: mf.BundleManifest) -> Prototypes:
-    """The device's rule (device/poststeps.py shift_by_exemplars), on the host, for the bundle's own
+    """The device's rule (device/poststeps.py shift_old_classes, on classstats.shift_by_exemplars), on the host, for the bundle's own
     classes (a device never supplies those): each class the bundle holds exemplars of moves its prototype by
     its exemplars' drift from the old to the patched backbone, p += mean(after) - mean(before). A
     prototype computed from all of a class's images stays that (a mean over 20 exemplars alone is

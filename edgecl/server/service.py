@@ -18,7 +18,7 @@ import numpy as np
 from edgecl.errors import EdgeclError
 from edgecl.formats import delta as D
 from edgecl.formats.merge import MAX_SAMPLES_SEEN
-from edgecl.server.store import MAX_DB_INT, Bundle, Device, Store, StoreError
+from edgecl.server.store import MAX_DB_INT, BundleRow, Device, Store, StoreError
 
 MAX_STEPS = 10**12                  # optimizer steps a delta may claim (bounded before the database)
 
@@ -59,7 +59,7 @@ def bundle_open_to(store: Store, who: Device, bundle_id: str, version: int) -> b
     return not canary or who.name in canary
 
 
-def visible_bundles(store: Store, who: Device) -> list[Bundle]:
+def visible_bundles(store: Store, who: Device) -> list[BundleRow]:
     """``GET /v1/bundles``: every registered version, less the canary versions not meant for ``who``."""
     bundles = store.list_bundles()
     if who.role == "admin":
@@ -84,7 +84,7 @@ def authenticate(store: Store, authorization: str | None, admin: bool = False) -
     return device
 
 
-def check_header(store: Store, header: D.DeltaHeader, device: Device, max_upload_bytes: int) -> Bundle:
+def check_header(store: Store, header: D.DeltaHeader, device: Device, max_upload_bytes: int) -> BundleRow:
     """Everything the header alone can tell, before the body is read."""
     if header.total_bytes > max_upload_bytes:
         raise Rejected("too_large", 413, f"the delta is {header.total_bytes} bytes, over the {max_upload_bytes}-byte cap",
@@ -137,7 +137,7 @@ class Accepted:
 
 
 def accept_delta(store: Store, data: bytes, header: D.DeltaHeader, device: Device,
-                 bundle: Bundle | None = None) -> Accepted:
+                 bundle: BundleRow | None = None) -> Accepted:
     """Full validation of the whole file, then a durable store. Nothing is written if any check fails."""
     from edgecl.server.bounds import out_of_range
 
@@ -195,7 +195,7 @@ def push_bytes(store: Store, data: bytes, device: Device, max_upload_bytes: int)
     return accept_delta(store, data, header, device, bundle)
 
 
-def register_bundle_json(store: Store, manifest: Any, mask_bytes: bytes) -> tuple[Bundle, bool]:
+def register_bundle_json(store: Store, manifest: Any, mask_bytes: bytes) -> tuple[BundleRow, bool]:
     """Register a bundle version from its manifest and mask only (devices may push for it; the
     server cannot serve it nor check values against its weights: see register_bundle_files)."""
     from edgecl.server.store import bundle_from_files
@@ -208,7 +208,7 @@ def register_bundle_json(store: Store, manifest: Any, mask_bytes: bytes) -> tupl
         raise Rejected("bundle_invalid", 422, exc.problem, exc.fix) from exc
 
 
-def register_bundle_files(store: Store, files: Any) -> tuple[Bundle, bool]:
+def register_bundle_files(store: Store, files: Any) -> tuple[BundleRow, bool]:
     """Register a whole bundle version whose files were uploaded as blobs."""
     from edgecl.server.store import add_bundle_blobs
 

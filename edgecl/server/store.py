@@ -179,7 +179,7 @@ class Device:
 
 
 @dataclass
-class Bundle:
+class BundleRow:
     bundle_id: str
     version: int
     base_sha256: str
@@ -237,7 +237,7 @@ class Store:
         self._pending: queue.Queue = queue.Queue()
         self._writer: threading.Thread | None = None
         self._limits: dict[tuple[str, int, str], Any] = {}  # per-process cache of value bounds per bundle
-        self._bundles: dict[tuple[str, int], tuple[Bundle, float | None]] = {}  # row, expiry (None: final)
+        self._bundles: dict[tuple[str, int], tuple[BundleRow, float | None]] = {}  # row, expiry (None: final)
         with self._cursor() as cur:
             for statement in filter(str.strip, _SCHEMA.split(";")):
                 cur.execute(statement)
@@ -491,7 +491,7 @@ class Store:
         return public_key(self.release_private_key()).hex()
 
     # -- bundles ---------------------------------------------------------------------------------------
-    def add_bundle(self, bundle: Bundle, manifest_bytes: bytes, mask_bytes: bytes,
+    def add_bundle(self, bundle: BundleRow, manifest_bytes: bytes, mask_bytes: bytes,
                    files: dict[str, tuple[str, int]] | None = None) -> bool:
         """Register a bundle version; False if it was already there with the same hashes.
 
@@ -533,7 +533,7 @@ class Store:
     _BUNDLE_COLUMNS = ("bundle_id, version, base_sha256, mask_sha256, manifest_sha256, delta_k, embedding_dim, "
                        "created_utc, scales_sha256")
 
-    def get_bundle(self, bundle_id: str, version: int) -> Bundle | None:
+    def get_bundle(self, bundle_id: str, version: int) -> BundleRow | None:
         """A registered bundle version. Every push looks its bundle up, so rows are cached in this
         process: for good once the bundle's files are stored (the row never changes again), for
         BUNDLE_CACHE_S while it is registered from its manifest and mask only (storing its files
@@ -547,16 +547,16 @@ class Store:
             cur.execute(f"SELECT {self._BUNDLE_COLUMNS} FROM bundles WHERE bundle_id = ? AND version = ?",
                         (bundle_id, version))
             row = cur.fetchone()
-        bundle = Bundle(*row) if row else None
+        bundle = BundleRow(*row) if row else None
         if bundle is not None:
             self._bundles[(bundle_id, version)] = (bundle, None if bundle.scales_sha256
                                                    else time.monotonic() + BUNDLE_CACHE_S)
         return bundle
 
-    def list_bundles(self) -> list[Bundle]:
+    def list_bundles(self) -> list[BundleRow]:
         with self._cursor() as cur:
             cur.execute(f"SELECT {self._BUNDLE_COLUMNS} FROM bundles ORDER BY bundle_id, version")
-            return [Bundle(*row) for row in cur.fetchall()]
+            return [BundleRow(*row) for row in cur.fetchall()]
 
     def bundle_files(self, bundle_id: str, version: int) -> dict[str, dict[str, Any]]:
         """name -> {sha256, size_bytes} of a whole stored bundle version ({} when only registered)."""
@@ -565,7 +565,7 @@ class Store:
                         "ORDER BY name", (bundle_id, version))
             return {r[0]: {"sha256": r[1], "size_bytes": int(r[2])} for r in cur.fetchall()}
 
-    def value_limits(self, bundle: Bundle) -> Any:
+    def value_limits(self, bundle: BundleRow) -> Any:
         """Cached per process: (per-element bound [K] on |delta|, bound on |prototype|) (service.py)."""
         key = (bundle.bundle_id, bundle.version, bundle.scales_sha256)   # new scales: new bounds
         if key not in self._limits:
@@ -820,7 +820,7 @@ class _Cursor:
         return self._cur.fetchall()
 
 
-def bundle_from_files(manifest_bytes: bytes, mask_bytes: bytes) -> Bundle:
+def bundle_from_files(manifest_bytes: bytes, mask_bytes: bytes) -> BundleRow:
     """Check a bundle's manifest.json + mask.safetensors agree, and describe it for the server."""
     from edgecl.formats.manifest import BundleManifest
     from edgecl.formats.mask import Mask
@@ -842,12 +842,12 @@ def bundle_from_files(manifest_bytes: bytes, mask_bytes: bytes) -> Bundle:
                          "re-export the bundle")
     if not SHA_RE.fullmatch(str(manifest.base_sha256)) or int(manifest.version) < 1:
         raise StoreError("the manifest's base_sha256 or version is invalid", "re-export the bundle")
-    return Bundle(bundle_id=manifest.bundle_id, version=int(manifest.version), base_sha256=manifest.base_sha256,
+    return BundleRow(bundle_id=manifest.bundle_id, version=int(manifest.version), base_sha256=manifest.base_sha256,
                   mask_sha256=mask_sha, manifest_sha256=hashlib.sha256(manifest_bytes).hexdigest(),
                   delta_k=mask.total_selected, embedding_dim=int(manifest.embedding_dim), created_utc=_utc())
 
 
-def add_bundle_dir(store: Store, bundle_dir: str | Path) -> tuple[Bundle, bool]:
+def add_bundle_dir(store: Store, bundle_dir: str | Path) -> tuple[BundleRow, bool]:
     """``edgecl server bundle add BUNDLE_DIR``: store the whole bundle version (manifest.json and
     every file its manifest lists, each by sha256, each checked against the manifest) so the server
     can serve it, and register it (with the per-tensor weight scales the push checks use)."""
@@ -892,7 +892,7 @@ def scales_json(store: Store, files: dict[str, tuple[str, int]], mask_bytes: byt
     return (json.dumps(table, sort_keys=True, separators=(",", ":")) + "\n").encode()
 
 
-def add_bundle_blobs(store: Store, files: dict[str, str]) -> tuple[Bundle, bool]:
+def add_bundle_blobs(store: Store, files: dict[str, str]) -> tuple[BundleRow, bool]:
     """``POST /v1/bundles {"files": {name: sha256}}``: register a whole bundle whose files were
     uploaded as blobs first (``PUT /v1/blobs/{sha256}``); every file the manifest lists must be there."""
     from edgecl.formats.manifest import MANIFEST, MASK, stored_files

@@ -1,6 +1,6 @@
 """B8 device serving (issue 23; BENCHMARKS.md#b8): `edgecl watch` vs torch eval on the same cores.
 
-    .venv/bin/python benchmarks/floor/b8_serving.py [--bundle DIR] [--images 1000] [--threads 1,2]
+    .venv/bin/python benchmarks/b8_b9_floor/b8_serving.py [--bundle DIR] [--images 1000] [--threads 1,2]
 
 EfficientNet-Lite0 at 64 px. watch: `Watcher.run(once=True)` on a folder of Fashion-MNIST PNGs,
 image decoding, inference, unknown scores and the JSON log included (the review queue off); its
@@ -19,10 +19,17 @@ import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import OUT, RECIPE, SEED, machine, print_table, run_timed, thread_env, write_json  # noqa: E402
-
-from edgecl.datasets import write_fashion_groups  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from benchmarks.shared.common import (  # noqa: E402
+    OUT,
+    RECIPE,
+    machine,
+    print_table,
+    run_timed,
+    thread_env,
+    write_json,
+)
+from edgecl.datasets import SEED, write_fashion_groups  # noqa: E402
 
 WORKER = Path(__file__).with_name("b8_worker.py")
 

@@ -8,7 +8,7 @@ streaming merge over the stored blobs, sign, store), so its peak RSS is the merg
 ``--in-memory`` also times the pre-streaming path (every delta decoded, then ``merge_deltas``), for
 reference at 1,000 only (it holds every delta at once).
 
-    .venv/bin/python benchmarks/b5_fleet_merge.py --devices 1000 [--devices 10000] [--in-memory]
+    .venv/bin/python benchmarks/b5_server/b5_fleet_merge.py --devices 1000 [--devices 10000] [--in-memory]
 
 Writes benchmarks/results/b5_fleet_merge-<devices>.json. No torch.
 """
@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 BENCH_DIR = Path(__file__).resolve().parent
-REPO = BENCH_DIR.parent
+REPO = BENCH_DIR.parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
@@ -42,8 +42,8 @@ K_LITE0 = 167_505                # EfficientNet-Lite0's selected elements at the
 EMBED_DIM = 1280
 CLASSES = [f"class-{i}" for i in range(10)]
 STRATEGIES = ("weighted-mean", "trimmed-mean", "median")
-WORK = BENCH_DIR / "out" / "b5_fleet"
-RESULTS = BENCH_DIR / "results"
+WORK = REPO / "benchmarks" / "out" / "b5_fleet"
+RESULTS = REPO / "benchmarks" / "results"
 
 
 def make_bundle(k: int, n_tensors: int = 40, seed: int = 7) -> tuple[Mask, bytes, dict[str, Any]]:

@@ -7,7 +7,7 @@ threshold (5% false-unknown target) and the temperatures on 100 held-out images 
 disjoint from train). Scored on test images: 0-4 known, 5-9 near unknown, scikit-learn's 8x8 digits
 far unknown. Everything after the export runs the device's code (onnxruntime + numpy).
 
-    .venv/bin/python benchmarks/floor/b9_unknown.py [--per-class 300] [--threads 2]
+    .venv/bin/python benchmarks/b8_b9_floor/b9_unknown.py [--per-class 300] [--threads 2]
 
 Writes benchmarks/out/floor/b9_unknown.json (and the ECE part again as ece_calibration.json).
 """
@@ -21,10 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from common import OUT, RECIPE, SEED, machine, print_table, write_json  # noqa: E402
-
-from edgecl.datasets import write_digits_proxy, write_fashion_groups  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+from benchmarks.b1_b6_accuracy.digits import write_digits_proxy  # noqa: E402
+from benchmarks.shared.common import OUT, RECIPE, machine, print_table, write_json  # noqa: E402
+from edgecl.datasets import SEED, write_fashion_groups  # noqa: E402
 from edgecl.formats.config import DeviceProfile  # noqa: E402
 from edgecl.formats.images import load_image_folder  # noqa: E402
 

@@ -1,6 +1,6 @@
 """Downlink of a gate-made v2 of the real EfficientNet-Lite0 (issue 22: goal <= 100 kB on the wire).
 
-    .venv/bin/python benchmarks/downlink_lite0.py --out /tmp/downlink-lite0 [--epochs 2] [--devices 1] [--no-device-gate]
+    .venv/bin/python benchmarks/b5_server/downlink_lite0.py --out /tmp/downlink-lite0 [--epochs 2] [--devices 1] [--no-device-gate]
 
 The fleet loop through the CLI on loopback, small so it runs in minutes on 2 cores: Fashion-MNIST
 (`make data`), `edgecl export` of the real Lite0 at 64 px on 40 images x 6 classes, each device adapts
@@ -23,7 +23,7 @@ from pathlib import Path
 from edgecl.datasets import DEMO_GROUPS, write_fashion_groups
 from edgecl.demo import Runner, _parse_registration, edgecl_cmd, free_port, wait_healthy
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def main() -> None:
