@@ -184,6 +184,14 @@ def test_upgrade_moves_the_devices_own_classes_into_a_fleet_version_by_their_exe
         (np.linalg.norm(moved - truth), np.linalg.norm(hosts - truth))
     # a class the device has no exemplars of keeps the fleet's prototype
     assert np.array_equal(upgraded.means[upgraded.classes.index("cat")], fleet.means[fleet.classes.index("cat")])
+    # the calibration device B's adapt fitted travels with the LDA statistics upgrade moved, marked, so
+    # the lda head's probabilities stay tempered (no held-out images to refit it on here)
+    from edgecl.device.heads import LdaHead
+    before_lda = LdaHead.load_file(load_current(open_bundle(device_b)).lda_path)
+    after_lda = LdaHead.load_file(load_current(open_bundle(v2)).lda_path)
+    assert before_lda.calibration is not None  # adapt --epochs 0 held images out to calibrate
+    assert after_lda.calibration is not None and "carried_by" in after_lda.calibration
+    assert after_lda.calibration["temperature"] == before_lda.calibration["temperature"]
 
 
 def test_lda_head_statistics_are_kept_by_adapt_and_used_by_eval_and_predict(bundle_copy, first_task,

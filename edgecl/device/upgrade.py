@@ -117,7 +117,15 @@ def _upgrade(old: OpenBundle, new: OpenBundle, any_lineage: bool) -> dict[str, A
         moved = [c for c in moved if c not in choice["classes"]]
     lda = LdaHead.load_file(current.lda_path) if current.lda_path is not None else None
     if lda is not None and before:
+        carried = lda.calibration
         lda.move(classstats.fit_linear_drift(np.concatenate(list(before.values())), np.concatenate(list(after.values()))))
+        if carried is not None:
+            # move() drops the record (its threshold was fitted on the statistics before the map). The
+            # device has no held-out images here to fit a new one; without any, the lda head's
+            # probabilities fall back to softmax at temperature 1 (p = 1.000 for a wrong class). So the
+            # record travels with the statistics it was fitted on, marked; the next adapt refits it.
+            lda.calibration = {**carried, "carried_by": "edgecl upgrade (fitted before the drift map moved "
+                                                         "these statistics; the next adapt refits it)"}
 
     def write(tmp: Path) -> None:
         prototypes.save_file(tmp / PROTOTYPES)
