@@ -161,7 +161,7 @@ def make_delta(bundle_dir: str | Path, out: str | Path, values: str = DEFAULT_VA
     name, key = device_identity(device_id, key_hex, config)
     report = state.meta.get("report", {})
     metrics = {k: float(v) for k, v in report.items()
-               if isinstance(v, (int, float)) and not isinstance(v, bool) and k in ("final_loss", "seconds_per_step")}
+               if isinstance(v, (int, float)) and not isinstance(v, bool) and k == "final_loss"}
     d = delta_format.Delta.from_dense(
         state.delta, bundle_id=bundle.manifest.bundle_id, bundle_version=bundle.manifest.version,
         base_sha256=bundle.manifest.base_sha256, mask_sha256=bundle.manifest.mask_sha256,
