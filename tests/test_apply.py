@@ -131,6 +131,28 @@ def test_overlap_history_accumulates_over_rounds(adapted: Path, calib_dir: Path,
         assert v3_mask.overlap[name].tolist() == [lookup.get(i, 0) for i in v3_mask.indices[name].tolist()]
 
 
+def test_one_devices_update_of_a_shipped_class_is_kept_within_what_it_saw(adapted: Path, tmp_path: Path) -> None:
+    """The same product under a device's camera (B6): one device's delta carries a class the bundle
+    ships with the images it added; `edgecl apply` of that delta keeps the device's mean (computed
+    under the device's backbone, which the new version is) and counts the bundle's images plus its."""
+    from edgecl.formats.prototypes import Prototypes
+
+    d = tmp_path / "d.safetensors"
+    assert runner.invoke(app, ["delta", str(adapted), "-o", str(d)]).exit_code == 0
+    delta = delta_format.load_file(d)
+    bundle = Prototypes.load_file(adapted / mf.PROTOTYPES)
+    name = bundle.classes[0]
+    mine = bundle.means[0] + 0.25
+    delta.prototypes = Prototypes([name], mine[None, :], np.array([min(5, delta.samples_seen)]))
+    assert delta.samples_seen >= 1
+    delta_format.save_file(delta, d)
+    out = tmp_path / "v2"
+    assert runner.invoke(app, ["apply", str(adapted), str(d), "-o", str(out)]).exit_code == 0
+    protos = Prototypes.load_file(out / mf.PROTOTYPES)
+    np.testing.assert_allclose(protos.means[protos.classes.index(name)], mine, rtol=1e-6)
+    assert int(protos.counts[protos.classes.index(name)]) == int(bundle.counts[0]) + min(5, delta.samples_seen)
+
+
 def test_the_bundles_classes_move_by_their_exemplars_drift_never_by_a_delta(adapted: Path, tmp_path: Path) -> None:
     """A class the bundle ships moves by its exemplars' drift, p += mean(new) - mean(old), whatever a
     delta says about it: a delta carrying the bundle's classes (here rolled by one, a poisoning) is

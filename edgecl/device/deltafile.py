@@ -127,15 +127,26 @@ def device_identity(device_id: str | None, key_hex: str | None, config: DeviceCo
 
 
 def own_classes(bundle: OpenBundle, state: DeviceState) -> Prototypes | None:
-    """The classes this device added (those the bundle does not ship), as its backbone places them.
-    A delta never carries the bundle's own classes: the fleet takes their statistics from the
-    version that shipped them (moved by their exemplars), never from a device (docs/server.md)."""
-    shipped = set(bundle_prototypes(bundle).classes)
-    rows = [i for i, c in enumerate(state.prototypes.classes) if c not in shipped]
+    """The classes this device saw images of, as its backbone places them: those it added (the
+    bundle does not ship them), and those the bundle ships that it counted more images of (the same
+    product under its camera, B6), each with the count of images the DEVICE added (so the server's
+    bound, counts <= samples_seen, holds). A class it saw no image of is never sent: the fleet takes
+    its statistics from the version that shipped it (docs/server.md). The release round reads only
+    the added classes; a single device's `edgecl apply` also the updated ones."""
+    shipped = bundle_prototypes(bundle)
+    rows, counts = [], []
+    for i, c in enumerate(state.prototypes.classes):
+        count = int(state.prototypes.counts[i])
+        if c not in shipped.classes:
+            rows.append(i)
+            counts.append(count)
+        elif count > int(shipped.counts[shipped.classes.index(c)]):
+            rows.append(i)
+            counts.append(count - int(shipped.counts[shipped.classes.index(c)]))
     if not rows:
         return None
     return Prototypes([state.prototypes.classes[i] for i in rows], state.prototypes.means[rows],
-                      state.prototypes.counts[rows])
+                      np.asarray(counts, np.int64))
 
 
 DEFAULT_VALUES = "int4"   # B3: 0.86% of the model, 0.0-0.4 points from fp32 (docs/benchmarks.md)

@@ -147,8 +147,9 @@ def apply_delta(bundle_dir: str | Path, delta: delta_format.Delta, out_dir: str 
     Class statistics of the new version: the bundle's own classes moved by their exemplars' drift
     (edgecl.classstats; a zero delta moves nothing); then ``classes`` (statistics the caller computed
     under the new backbone: the release's statistics round) added or replacing, else the delta's own
-    table for the classes the bundle does not ship (exact for one device's delta: it computed them
-    under its own backbone, which the new version is; an estimate for a merged one)."""
+    table: the classes the bundle does not ship, and for one device's delta also the shipped classes
+    it counted new images of (exact for one device's delta: it computed them under its own backbone,
+    which the new version is; an estimate for a merged one)."""
     # 1. load
     bundle_dir, out_dir = Path(bundle_dir), Path(out_dir)
     manifest = mf.load_manifest(bundle_dir)
@@ -207,9 +208,19 @@ def apply_delta(bundle_dir: str | Path, delta: delta_format.Delta, out_dir: str 
         prototypes = _shift_by_exemplars(prototypes, exemplars, _model_with(recipe, base), model, manifest)
     if classes is None and delta.prototypes is not None:
         shipped = set(prototypes.classes)
-        own = [i for i, c in enumerate(delta.prototypes.classes) if c not in shipped]
+        # One device's delta: a class the bundle ships that the device counted new images of (its
+        # camera) takes the device's mean, computed under the device's backbone = this version's; its
+        # count is the bundle's plus the images the device added. A merged delta's rows for shipped
+        # classes mix backbones: those keep the host's estimate (the release round recomputes them).
+        # A row claiming more images than the delta saw (the server's count_over_seen bound) is not
+        # believed for a shipped class: such a class keeps the host's estimate.
+        single = delta.device_id != delta_format.MERGE_DEVICE_ID
+        own = [i for i, c in enumerate(delta.prototypes.classes)
+               if c not in shipped or (single and int(delta.prototypes.counts[i]) <= int(delta.samples_seen))]
         classes = Prototypes([delta.prototypes.classes[i] for i in own], delta.prototypes.means[own],
-                             delta.prototypes.counts[own])
+                             np.asarray([int(delta.prototypes.counts[i])
+                                         + (int(prototypes.counts[prototypes.classes.index(c)]) if c in shipped else 0)
+                                         for i, c in ((i, delta.prototypes.classes[i]) for i in own)], np.int64))
     prototypes = _with_classes(prototypes, classes)
 
     # 4. write_bundle
