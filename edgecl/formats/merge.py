@@ -298,6 +298,22 @@ def latest_per_device(deltas: Sequence[Delta]) -> tuple[list[Delta], int]:
     return newest_per_device(deltas, lambda d: d.device_id)
 
 
+def check_consistent(d: Delta, first: Delta, k: int) -> None:
+    """Validate before anything is merged: every delta of one bundle version, the mask's K, and a
+    bounded merge weight (Flower's habit: consistency first). Shared by the in-memory and the
+    streaming merge."""
+    same = (d.bundle_id, d.bundle_version, d.base_sha256, d.mask_sha256)
+    if same != (first.bundle_id, first.bundle_version, first.base_sha256, first.mask_sha256):
+        raise MergeError(f"delta from {d.device_id} is for bundle {d.bundle_id} v{d.bundle_version}, "
+                         f"not {first.bundle_id} v{first.bundle_version}", "merge the deltas of one bundle version")
+    if d.delta_k != k:
+        raise MergeError(f"delta from {d.device_id} has K={d.delta_k}, the mask selects {k}",
+                         "merge with the mask of the bundle the deltas were made for")
+    if d.samples_seen > MAX_SAMPLES_SEEN:
+        raise MergeError(f"delta from {d.device_id} claims {d.samples_seen} samples (over {MAX_SAMPLES_SEEN})",
+                         "exclude it (--exclude-delta) or make it again")
+
+
 def merge_deltas(deltas: Sequence[Delta], mask: Mask, strategy: str = WeightedMean.name,
                  options: MergeOptions | None = None) -> MergeOutput:
     """Check the deltas belong together and to ``mask``, keep each device's newest, bound the
@@ -312,16 +328,7 @@ def merge_deltas(deltas: Sequence[Delta], mask: Mask, strategy: str = WeightedMe
     first = deltas[0]
     k = mask.total_selected
     for d in deltas:
-        same = (d.bundle_id, d.bundle_version, d.base_sha256, d.mask_sha256)
-        if same != (first.bundle_id, first.bundle_version, first.base_sha256, first.mask_sha256):
-            raise MergeError(f"delta from {d.device_id} is for bundle {d.bundle_id} v{d.bundle_version}, "
-                             f"not {first.bundle_id} v{first.bundle_version}", "merge the deltas of one bundle version")
-        if d.delta_k != k:
-            raise MergeError(f"delta from {d.device_id} has K={d.delta_k}, the mask selects {k}",
-                             "merge with the mask of the bundle the deltas were made for")
-        if d.samples_seen > MAX_SAMPLES_SEEN:
-            raise MergeError(f"delta from {d.device_id} claims {d.samples_seen} samples (over {MAX_SAMPLES_SEEN})",
-                             "exclude it (--exclude-delta) or make it again")
+        check_consistent(d, first, k)
     counted, superseded = latest_per_device(deltas)
     shares = capped_shares(np.array([max(d.samples_seen, 0) for d in counted], np.float64), options.max_share) \
         if all(d.samples_seen > 0 for d in counted) else np.zeros(len(counted))

@@ -38,6 +38,7 @@ from edgecl.formats.merge import (
     WeightedMean,
     _Coordinatewise,
     capped_shares,
+    check_consistent,
     get_strategy,
     newest_per_device,
 )
@@ -192,7 +193,7 @@ def merge_stream(inputs: Sequence[StreamInput], mask: Mask, options: MergeOption
         for row, x in enumerate(counted):
             d = x.load()
             first = first or d
-            _check_same(d, first, k)
+            check_consistent(d, first, k)
             positions = np.asarray(d.changed_positions(), np.int64)
             values = d.values[d.values != 0]
             contributors[positions] += 1
@@ -233,17 +234,3 @@ def merge_stream(inputs: Sequence[StreamInput], mask: Mask, options: MergeOption
                    metrics={"deltas": n, "changed": int(positions_out.size), "shared": shared},
                    created_utc=created, prototypes=merged_prototypes)
     return MergeOutput(merged, overlap, shared, [x.device_id for x in counted], superseded)
-
-
-def _check_same(d: Delta, first: Delta, k: int) -> None:
-    """The checks merge_deltas makes before merging: one bundle version, the mask's K."""
-    same = (d.bundle_id, d.bundle_version, d.base_sha256, d.mask_sha256)
-    if same != (first.bundle_id, first.bundle_version, first.base_sha256, first.mask_sha256):
-        raise MergeError(f"delta from {d.device_id} is for bundle {d.bundle_id} v{d.bundle_version}, "
-                         f"not {first.bundle_id} v{first.bundle_version}", "merge the deltas of one bundle version")
-    if d.delta_k != k:
-        raise MergeError(f"delta from {d.device_id} has K={d.delta_k}, the mask selects {k}",
-                         "merge with the mask of the bundle the deltas were made for")
-    if d.samples_seen > MAX_SAMPLES_SEEN:
-        raise MergeError(f"delta from {d.device_id} claims {d.samples_seen} samples (over {MAX_SAMPLES_SEEN})",
-                         "exclude it (--exclude-delta) or make it again")
