@@ -1,4 +1,4 @@
-"""B7, the fleet (docs/benchmarks.md#b7, ../shared/BENCHMARKS.md): several devices, one released version.
+"""B7, the fleet (docs/benchmarks.md#b7): several devices, one released version.
 
     .venv/bin/python benchmarks/b7_fleet/run.py --out runs/b7 [--seeds 1993 1994 1995]
         [--train-per-class 100] [--test-per-class 100] [--check-per-class 30] [--epochs 0 (bundle default)]

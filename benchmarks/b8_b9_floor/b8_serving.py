@@ -1,4 +1,4 @@
-"""B8 device serving (issue 23; BENCHMARKS.md#b8): `edgecl watch` vs torch eval on the same cores.
+"""B8 device serving (issue 23; docs/benchmarks.md#b8): `edgecl watch` vs torch eval on the same cores.
 
     .venv/bin/python benchmarks/b8_b9_floor/b8_serving.py [--bundle DIR] [--images 1000] [--threads 1,2]
 

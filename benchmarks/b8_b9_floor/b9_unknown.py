@@ -1,4 +1,4 @@
-"""B9 unknown detection + the ECE of calibrated probabilities (issues 23 and 24; BENCHMARKS.md#b9).
+"""B9 unknown detection + the ECE of calibrated probabilities (issues 23 and 24; docs/benchmarks.md#b9).
 
 A bundle that knows Fashion-MNIST 0-4 (real EfficientNet-Lite0 at 64 px, `edgecl export` on 300 train
 images per class). Its LDA statistics are what `edgecl adapt --epochs 0` makes from the same images
