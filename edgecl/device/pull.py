@@ -170,6 +170,17 @@ def _fetch_patched_weights(fetch_file: Callable[[str, str, Path, int], int], man
         scratch.unlink(missing_ok=True)
 
 
+def server_public_key(server: str, token: str, server_key: str, what: str) -> Any:
+    """The pinned server key that verifies ``what`` (a pulled version, the candidate), after checking
+    that a server and a token are given: what `pull` and `restat` need before they ask anything."""
+    if not server or not token:
+        raise EdgeclError("no server or token", "run `edgecl device init` or pass --server and --token")
+    if not server_key:
+        raise EdgeclError(f"no pinned server key: {what} cannot be verified",
+                          "run `edgecl device init ... --server-key KEY` with the key `edgecl server key` prints")
+    return parse_public_key(server_key)
+
+
 def fetch_release(old: OpenBundle, release: ReleaseInfo, bundle_id: str, server: str, token: str, public: Any,
                   target: Path, report: PullReport, policy: RetryPolicy | None = None,
                   then: Callable[[Path], None] | None = None, max_bytes: int = MAX_DOWNLOAD_BYTES) -> None:
@@ -250,12 +261,7 @@ def fetch_release(old: OpenBundle, release: ReleaseInfo, bundle_id: str, server:
 def pull(bundle_dir: str | Path, server: str, token: str, server_key: str, out: str | Path | None = None,
          policy: RetryPolicy | None = None, max_bytes: int = MAX_DOWNLOAD_BYTES) -> PullReport:
     """``max_bytes``: the most one file may write when the signed manifest gives no size."""
-    if not server or not token:
-        raise EdgeclError("no server or token", "run `edgecl device init` or pass --server and --token")
-    if not server_key:
-        raise EdgeclError("no pinned server key: a pulled version cannot be verified",
-                          "run `edgecl device init ... --server-key KEY` with the key `edgecl server key` prints")
-    public = parse_public_key(server_key)
+    public = server_public_key(server, token, server_key, "a pulled version")
     old = open_bundle(bundle_dir)
     old_dir = old.root
     bundle_id, old_version = old.manifest.bundle_id, old.manifest.version

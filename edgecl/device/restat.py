@@ -37,13 +37,12 @@ from edgecl.formats.candidate import candidate_id, is_candidate_report, statisti
 from edgecl.formats.exemplars import ExemplarMemory
 from edgecl.formats.images import load_image_folder
 from edgecl.formats.prototypes import Prototypes, image_fingerprints
-from edgecl.formats.signing import parse_public_key
 from edgecl.http_client import RetryPolicy, ServerRejected, api_json
 
 from .deltafile import device_identity
 from .infer import create_runner, embed_and_score, resolve_profile
 from .provision import DeviceConfig
-from .pull import PullReport, fetch_release, parse_release
+from .pull import PullReport, fetch_release, parse_release, server_public_key
 from .push import ALREADY, SENT, push_bytes
 from .state import DeviceState, OpenBundle, bundle_prototypes, load_current, open_bundle
 
@@ -113,12 +112,7 @@ def held_images(bundle: OpenBundle, state: DeviceState) -> tuple[list[str], np.n
 def restat(bundle_dir: str | Path, server: str, token: str, server_key: str, device_id: str | None = None,
            key_hex: str | None = None, config: DeviceConfig | None = None,
            policy: RetryPolicy | None = None) -> RestatReport:
-    if not server or not token:
-        raise EdgeclError("no server or token", "run `edgecl device init` or pass --server and --token")
-    if not server_key:
-        raise EdgeclError("no pinned server key: the candidate cannot be verified",
-                          "run `edgecl device init ... --server-key KEY` with the key `edgecl server key` prints")
-    public = parse_public_key(server_key)
+    public = server_public_key(server, token, server_key, "the candidate")
     bundle = open_bundle(bundle_dir)
     state = load_current(bundle)
     name, key = device_identity(device_id, key_hex, config)
