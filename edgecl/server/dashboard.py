@@ -5,11 +5,14 @@ page works on a plant network with no way out. The page holds no data itself: it
 admin token (kept in ``sessionStorage``, so it is gone when the tab closes; ``#token=...`` in the URL
 is taken once and removed from the address bar) and reads ``GET /v1/dashboard`` with it, plus each
 stored version's ``manifest.json`` for its model name (bundles are named by model and version, never
-by their 32-hex-digit lineage id, which only shows on hover).
+by their 32-hex-digit lineage id, which only shows on hover), and ``GET /v1/drift`` for the devices'
+drift reports.
 
 It shows the figures the commands print, with the same words: the release check's table of
 `edgecl release` (accuracy per class group on the held-out images, ncm head: frozen baseline,
-current version, candidate) as the chart, and the devices' do-no-harm check of `edgecl adapt`.
+current version, candidate) as the chart, the devices' do-no-harm check of `edgecl adapt`, and
+what `edgecl watch` reports over time (unknown rate, mean confidence, embedding shift: a second
+chart, one row per device on one time axis).
 """
 
 PAGE = r"""<!doctype html>
@@ -42,6 +45,13 @@ PAGE = r"""<!doctype html>
  <th>last event</th><th>do-no-harm check: unchanged backbone</th><th>kept</th><th>status</th></tr></thead><tbody></tbody></table>
 <p class="note muted">The do-no-harm check of the device's last <code>edgecl adapt</code>: accuracy on the share of its
  own images it held out, before (unchanged backbone) and with what it kept.</p>
+<h2>Devices on the line: unknown rate and drift over time</h2>
+<p class="note muted">What <code>edgecl watch</code> reports in its heartbeats (every 5 minutes and when it exits), over
+ its last 500 images: the share it flagged unknown, its mean confidence, and the embedding shift (how far the images'
+ mean embedding has moved from the known classes', in spreads of the known images: 0 = where they sit). The server keeps
+ each device's last <span id="drift-kept">2016</span> reports. By default watch flags about 5% of known images unknown
+ (its calibration target); well above that line, something new is on the line.</p>
+<div id="drift"></div>
 <h2>Versions</h2><table id="versions"><thead><tr><th>model</th><th>version</th><th>deltas</th><th>devices</th>
  <th>stored</th><th>released</th><th>devices' check: unchanged (mean)</th><th>kept (mean)</th>
  <th>release check: all held-out images</th></tr></thead>
@@ -152,6 +162,125 @@ function chart(releases) {
   }
   box.appendChild(svg);
 }
+// Per device one row, two panels on one shared time axis: unknown rate and mean confidence (0-100%),
+// and the embedding shift (one scale for every device, so rows compare). A dashed line marks a new
+// version or state (an adapt, a pull), where the figures are expected to move.
+function serving(s, i) {   // what the device served when it reported: model, version, its own state
+  const what = s.bundle_id[i] ? named(s.bundle_id[i], s.version[i]) : "?";
+  return what + (!s.state[i] || s.state[i] === "bundle" ? " as shipped" : " + " + s.state[i]);
+}
+function driftChart(drift, devices) {
+  const box = document.getElementById("drift"); box.textContent = "";
+  document.getElementById("drift-kept").textContent = drift.max_points_per_device;
+  const rows = drift.devices.filter(s => s.points > 0);
+  const silent = devices.filter(d => d.role !== "admin" && !rows.some(s => s.device === d.name)).map(d => d.name);
+  if (!rows.length) {
+    box.innerHTML = '<p class="muted" id="drift-empty">No drift reports yet. They come from <code>edgecl watch</code>: on ' +
+      'a device provisioned with <code>edgecl device init --server URL --name NAME --token ... --bundle BUNDLE</code>, ' +
+      'run <code>edgecl watch BUNDLE CAMERA_DIR</code>; it reports every 5 minutes and when it exits.</p>';
+    return;
+  }
+  const NS = "http://www.w3.org/2000/svg";
+  const L = 215, YL = 40, PW = 330, END = 56, PH = 62, ROW = PH + 38, T = 70, B = 30;
+  const ax = L + YL, bx = ax + PW + END + YL, width = bx + PW + END;
+  const H = T + rows.length * ROW + B;
+  const svg = document.createElementNS(NS, "svg");
+  svg.setAttribute("width", width); svg.setAttribute("height", H); svg.setAttribute("id", "drift-chart");
+  function el(name, attrs, text, parent) {
+    const e = document.createElementNS(NS, name);
+    for (const k in attrs) e.setAttribute(k, attrs[k]);
+    if (text !== undefined) e.textContent = text;
+    (parent || svg).appendChild(e); return e;
+  }
+  const times = rows.flatMap(s => s.received_ns.map(Number));
+  let t0 = Math.min(...times), t1 = Math.max(...times);
+  if (t1 - t0 < 2e9) { t0 -= 1e9; t1 += 1e9; }
+  const x = (left, t) => left + (t - t0) / (t1 - t0) * PW;
+  const shifts = rows.flatMap(s => s.embedding_shift.filter(v => v !== null));
+  let top = Math.max(0.5, ...shifts);
+  const mag = Math.pow(10, Math.floor(Math.log10(top)));
+  top = [1, 2, 2.5, 5, 10].map(m => m * mag).find(v => v >= top);
+  const fmtShift = v => v.toFixed(v < 10 ? 2 : 1);
+  const series = [["unknown_rate", "unknown rate", "#c62828", ax, 1, v => (100 * v).toFixed(1) + "%"],
+                  ["mean_confidence", "mean confidence", "#1565c0", ax, 1, v => (100 * v).toFixed(1) + "%"],
+                  ["embedding_shift", "embedding shift", "#6a1b9a", bx, top, fmtShift]];
+  // Legend and panel titles.
+  let lx = 0;
+  for (const [, label, color] of series) {
+    el("line", {x1: lx, x2: lx + 18, y1: 11, y2: 11, stroke: color, "stroke-width": 2});
+    el("text", {x: lx + 22, y: 15}, label); lx += 34 + 7 * label.length;
+  }
+  el("line", {x1: lx, x2: lx + 18, y1: 11, y2: 11, stroke: "#ef6c00", "stroke-dasharray": "4 3"});
+  el("text", {x: lx + 22, y: 15}, "5%: the default calibration target"); lx += 230;
+  el("line", {x1: lx, x2: lx, y1: 3, y2: 19, stroke: "#888", "stroke-dasharray": "3 3"});
+  el("text", {x: lx + 6, y: 15}, "new version or state");
+  el("text", {x: ax, y: T - 24, class: "version"}, "unknown rate and mean confidence");
+  el("text", {x: bx, y: T - 24, class: "version"}, "embedding shift (spreads of the known images)");
+  const span = (t1 - t0) / 1e9;
+  const clock = t => {
+    const iso = new Date(t / 1e6).toISOString();
+    return span > 86400 ? iso.slice(5, 10) + " " + iso.slice(11, 16) : iso.slice(11, span > 600 ? 16 : 19);
+  };
+  const ticks = [0, 0.25, 0.5, 0.75, 1].map(f => t0 + f * (t1 - t0));
+  rows.forEach((s, r) => {
+    const y0 = T + r * ROW, yv = (v, high) => y0 + PH - v / high * PH;
+    const g = el("g", {class: "drift-device", "data-device": s.device});
+    const n = s.points - 1;
+    el("text", {x: 0, y: y0 + 12, class: "version"}, s.device, g);
+    el("text", {x: 0, y: y0 + 27}, serving(s, n), g);
+    el("text", {x: 0, y: y0 + 41, fill: "#777"}, plural(s.points, "report") + ", last " + s.received_utc[n].slice(11, 19), g);
+    for (const [left, high, labels] of [[ax, 1, ["0%", "50%", "100%"]], [bx, top, ["0", fmtShift(top / 2), fmtShift(top)]]]) {
+      [0, 0.5, 1].forEach((f, i) => {
+        el("line", {x1: left, x2: left + PW, y1: yv(f * high, high), y2: yv(f * high, high), stroke: i ? "#eee" : "#999"}, g);
+        el("text", {x: left - 5, y: yv(f * high, high) + 4, "text-anchor": "end", fill: "#777"}, labels[i], g);
+      });
+      for (const t of ticks.slice(1, -1)) el("line", {x1: x(left, t), x2: x(left, t), y1: y0, y2: y0 + PH, stroke: "#f3f3f3"}, g);
+    }
+    el("line", {x1: ax, x2: ax + PW, y1: yv(0.05, 1), y2: yv(0.05, 1), stroke: "#ef6c00", "stroke-dasharray": "4 3"}, g);
+    for (let i = 1; i < s.points; i++) {
+      if (s.bundle_id[i] === s.bundle_id[i - 1] && s.version[i] === s.version[i - 1] && s.state[i] === s.state[i - 1]) continue;
+      const label = s.version[i] !== s.version[i - 1] || s.bundle_id[i] !== s.bundle_id[i - 1] ? "v" + s.version[i] : s.state[i];
+      for (const left of [ax, bx]) {
+        const cx = x(left, Number(s.received_ns[i]));
+        el("line", {x1: cx, x2: cx, y1: y0 - 2, y2: y0 + PH, stroke: "#888", "stroke-dasharray": "3 3", class: "change"}, g);
+        el("text", {x: cx, y: y0 - 5, fill: "#555", "text-anchor": "middle"}, label, g);
+      }
+    }
+    for (const [key, label, color, left, high, fmt] of series) {
+      const values = s[key];
+      const sg = el("g", {class: "drift", "data-metric": key, "data-points": values.filter(v => v !== null).length}, undefined, g);
+      let d = "", pen = "M", last = null;
+      values.forEach((v, i) => {
+        if (v === null) { pen = "M"; return; }      // no figure (an uncalibrated state): a gap, not a zero
+        const px = x(left, Number(s.received_ns[i])), py = yv(Math.min(v, high), high);
+        d += pen + px.toFixed(1) + " " + py.toFixed(1) + " "; pen = "L"; last = [px, py, v];
+        if (s.points <= 200) el("circle", {cx: px, cy: py, r: 2.5, fill: color, "data-value": v.toFixed(4)}, undefined, sg)
+          .appendChild(document.createElementNS(NS, "title")).textContent =
+            label + " " + fmt(v) + " at " + s.received_utc[i] + " (" + serving(s, i) + ")";
+      });
+      if (d) el("path", {d: d, fill: "none", stroke: color, "stroke-width": 1.6}, undefined, sg);
+      if (last) {
+        // The newest figure, beside its point; the two lines of the first panel keep apart.
+        const dy = key === "unknown_rate" && last[2] > s.mean_confidence[n] - 0.15 && s.mean_confidence[n] !== null ? -6
+                 : key === "mean_confidence" && s.unknown_rate[n] !== null && last[2] - s.unknown_rate[n] < 0.15 ? 10 : 4;
+        el("text", {x: last[0] + 6, y: Math.max(y0 + 8, Math.min(y0 + PH + 4, last[1] + dy)), fill: color, class: "last",
+                    "data-metric": key}, fmt(last[2]), sg);
+      }
+    }
+  });
+  const yAxis = T + rows.length * ROW - ROW + PH + 16;
+  for (const left of [ax, bx]) {
+    ticks.forEach((t, i) => el("text", {x: x(left, t), y: yAxis, "text-anchor": i === 0 ? "start" : i === 4 ? "end" : "middle",
+                                         fill: "#555"}, clock(t)));
+  }
+  el("text", {x: bx + PW, y: yAxis + 14, "text-anchor": "end", fill: "#777"}, "time of the report (UTC)");
+  box.appendChild(svg);
+  if (silent.length) {
+    const p = document.createElement("p"); p.className = "note muted"; p.id = "drift-silent";
+    p.textContent = "No reports yet from " + silent.join(", ") + " (run edgecl watch there with the server configured).";
+    box.appendChild(p);
+  }
+}
 async function names(token, bundles) {
   for (const b of bundles) {
     if (!b.stored || NAMES[b.bundle_id]) continue;
@@ -213,6 +342,12 @@ async function load() {
     [r => r.report && r.report.candidate ? "passed: candidate " + pct(r.report.candidate.accuracy) + " of " +
       plural(r.report.candidate.images || 0, "held-out image") + " (ncm)" : "-"]]);
   chart(data.releases);
+  try {
+    const drift = await fetch("/v1/drift", {headers: {"Authorization": "Bearer " + token}});
+    const body = await drift.json();
+    if (!drift.ok) throw new Error(body.error + ": " + body.message);
+    driftChart(body, data.devices);
+  } catch (e) { document.getElementById("drift").textContent = "drift reports unavailable: " + e.message; }
   document.body.setAttribute("data-loaded", "1");
 }
 document.getElementById("login").addEventListener("submit", ev => {

@@ -39,7 +39,7 @@ from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from edgecl.errors import EdgeclError
 from edgecl.formats.delta import MERGE_DEVICE_ID, NAME_RE
@@ -51,6 +51,9 @@ from edgecl.server.blobs import (
     DatabaseBlobs,
     FolderBlobs,
 )
+
+if TYPE_CHECKING:
+    from edgecl.server.drift import DriftPoint
 
 SHA_RE = re.compile(r"[0-9a-f]{64}")
 MAX_DB_INT = 2**31 - 1          # versions are SQL INTEGER (32-bit in PostgreSQL)
@@ -133,6 +136,19 @@ CREATE TABLE IF NOT EXISTS releases (
     report TEXT NOT NULL,
     released_ns BIGINT NOT NULL,
     PRIMARY KEY (bundle_id, version)
+);
+CREATE TABLE IF NOT EXISTS drift_reports (
+    device TEXT NOT NULL,
+    received_ns BIGINT NOT NULL,
+    bundle_id TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    state TEXT NOT NULL,
+    window_images BIGINT NOT NULL,
+    images_total BIGINT NOT NULL,
+    unknown_rate DOUBLE PRECISION,
+    mean_confidence DOUBLE PRECISION,
+    embedding_shift DOUBLE PRECISION,
+    PRIMARY KEY (device, received_ns)
 );
 """
 
@@ -433,6 +449,56 @@ class Store:
             return
         with self._cursor() as cur:
             cur.execute(sql, args)
+
+    # -- drift reports (edgecl/server/drift.py) ----------------------------------------------------------
+    _DRIFT_COLUMNS = ("received_ns", "bundle_id", "version", "state", "window_images", "images_total",
+                      "unknown_rate", "mean_confidence", "embedding_shift")
+
+    def add_drift_report(self, name: str, event: str, bundle_id: str, version: int, point: DriftPoint,
+                         keep: int) -> None:
+        """A heartbeat that carries ``edgecl watch``'s drift statistics: the device is seen, the point is
+        added to its series, and points beyond its newest ``keep`` are dropped, in one commit (a device
+        that sends too often loses history, never fills the database)."""
+        now = time.time_ns()
+        touch = self._touch_sql(name, event, bundle_id, version)
+        insert = (f"INSERT INTO drift_reports (device, {', '.join(self._DRIFT_COLUMNS)}) VALUES "
+                  "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (device, received_ns) DO NOTHING",
+                  (name, now, bundle_id, version, point.state, point.window_images, point.images_total,
+                   point.unknown_rate, point.mean_confidence, point.embedding_shift))
+        # The (keep)-th newest point's time, when there is one: everything older goes (NULL: nothing does).
+        prune = ("DELETE FROM drift_reports WHERE device = ? AND received_ns < (SELECT received_ns FROM "
+                 "drift_reports WHERE device = ? ORDER BY received_ns DESC LIMIT 1 OFFSET ?)",
+                 (name, name, max(int(keep), 1) - 1))
+        if self.dialect == "sqlite":
+            self._group_commit([touch, insert, prune])
+            return
+        with self._cursor(transaction=True) as cur:
+            for sql, args in (touch, insert, prune):
+                cur.execute(sql, args)
+
+    def drift_series(self, device: str | None = None, last: int | None = None) -> list[dict[str, Any]]:
+        """Per device (by name) its drift points, oldest first, as columns: {"device", "points": N,
+        "received_ns": [...], "received_utc": [...], "bundle_id": [...], ...}; ``last``: only the newest N."""
+        where, args = ("WHERE device = ? ", (device,)) if device is not None else ("", ())
+        columns = ", ".join(self._DRIFT_COLUMNS)
+        rank = ""
+        if last is not None:    # window functions: SQLite >= 3.25 and every PostgreSQL the server supports
+            rank = "WHERE newest <= ?"
+            args = (*args, int(last))
+        with self._cursor() as cur:
+            cur.execute(f"SELECT device, {columns} FROM (SELECT device, {columns}, ROW_NUMBER() OVER (PARTITION BY "
+                        f"device ORDER BY received_ns DESC) AS newest FROM drift_reports {where}) AS ranked {rank} "
+                        "ORDER BY device, received_ns", args)
+            rows = cur.fetchall()
+        series: dict[str, dict[str, Any]] = {}
+        for row in rows:
+            one = series.setdefault(row[0], {"device": row[0], "points": 0, "received_utc": [],
+                                             **{c: [] for c in self._DRIFT_COLUMNS}})
+            one["points"] += 1
+            for column, value in zip(self._DRIFT_COLUMNS, row[1:], strict=True):
+                one[column].append(value)
+            one["received_utc"].append(time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(row[1] / 1e9)))
+        return list(series.values())
 
     def merge_key(self) -> bytes:
         """The server's own signing key for merged deltas (device id "merge"), made on first use."""
