@@ -237,3 +237,44 @@ def test_the_history_is_bounded_per_device(dialect, tmp_path, request):
         assert next(d for d in store.list_devices() if d["name"] == "busy")["last_event"] == "watch"
     finally:
         store.close()
+
+
+@needs_chromium
+def test_a_full_history_of_several_devices_is_drawn_as_lines(tmp_path):
+    """Eight devices at the bound (2016 reports each, a week at one every 5 minutes): the server answers
+    every point, the page draws each series as one line (no per-point marks) on one week-long axis.
+    Rows are written straight into the table: the heartbeat path is the other tests' subject."""
+    import sqlite3
+    import time
+
+    store = Store(tmp_path / "store")
+    admin, _ = store.register_device("ops", admin=True)
+    names = [f"press-{i}" for i in range(8)]
+    for name in names:
+        store.register_device(name)
+    start_ns = time.time_ns() - 7 * 86400 * 10**9
+    rng = __import__("numpy").random.default_rng(0)
+    rows = [(name, start_ns + j * 300 * 10**9, "b", 1, "bundle", 500, 500 * (j + 1), float(rng.uniform(0, 0.1)),
+             float(rng.uniform(0.8, 1.0)), None if j % 500 == 7 else float(rng.uniform(0, 0.5 + d)))
+            for d, name in enumerate(names) for j in range(2016)]
+    with sqlite3.connect(tmp_path / "store" / "edgecl.sqlite3") as db:
+        db.executemany("INSERT INTO drift_reports VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+    server = ServerProcess(tmp_path / "store").start()
+    try:
+        answer = _series(server, admin)
+        dom = _chromium(tmp_path, f"{server.url}/dashboard#token={admin}", "--dump-dom")
+    finally:
+        server.stop()
+        store.close()
+    assert [s["points"] for s in answer.json()["devices"]] == [2016] * 8
+    assert 'data-loaded="1"' in dom, dom[-3000:]
+    chart = re.search(r'<svg[^>]*id="drift-chart".*?</svg>', dom, re.S).group(0)
+    assert "<circle" not in chart
+    for name in names:
+        row = re.search(rf'data-device="{name}">(.*?)(?=<g class="drift-device"|$)', chart, re.S).group(1)
+        shift = re.search(r'data-metric="embedding_shift" data-points="(\d+)"><path d="([^"]+)"', row)
+        # Five reports without a shift (null) are gaps: the line starts anew after each.
+        assert int(shift.group(1)) == 2016 - 5 and shift.group(2).count("M") == 6
+        assert shift.group(2).count("M") + shift.group(2).count("L") == 2016 - 5
+    ticks = re.findall(r'<text[^>]*fill="#555">(\d\d-\d\d \d\d:\d\d)</text>', chart)
+    assert len(ticks) == 10, ticks                                   # a week: dates on the axis, both panels

@@ -192,12 +192,14 @@ function driftChart(drift, devices) {
     if (text !== undefined) e.textContent = text;
     (parent || svg).appendChild(e); return e;
   }
-  const times = rows.flatMap(s => s.received_ns.map(Number));
-  let t0 = Math.min(...times), t1 = Math.max(...times);
+  // Loops, not Math.min(...list): a fleet's points (2016 per device) would overflow the call's arguments.
+  let t0 = Infinity, t1 = -Infinity, top = 0.5;
+  for (const s of rows) {
+    for (const t of s.received_ns) { t0 = Math.min(t0, Number(t)); t1 = Math.max(t1, Number(t)); }
+    for (const v of s.embedding_shift) if (v !== null) top = Math.max(top, v);
+  }
   if (t1 - t0 < 2e9) { t0 -= 1e9; t1 += 1e9; }
   const x = (left, t) => left + (t - t0) / (t1 - t0) * PW;
-  const shifts = rows.flatMap(s => s.embedding_shift.filter(v => v !== null));
-  let top = Math.max(0.5, ...shifts);
   const mag = Math.pow(10, Math.floor(Math.log10(top)));
   top = [1, 2, 2.5, 5, 10].map(m => m * mag).find(v => v >= top);
   const fmtShift = v => v.toFixed(v < 10 ? 2 : 1);
