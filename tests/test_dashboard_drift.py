@@ -278,3 +278,23 @@ def test_a_full_history_of_several_devices_is_drawn_as_lines(tmp_path):
         assert shift.group(2).count("M") + shift.group(2).count("L") == 2016 - 5
     ticks = re.findall(r'<text[^>]*fill="#555">(\d\d-\d\d \d\d:\d\d)</text>', chart)
     assert len(ticks) == 10, ticks                                   # a week: dates on the axis, both panels
+
+
+def test_a_postgresql_server_keeps_the_same_series(line, postgres, tmp_path):  # noqa: F811 (the imported fixture)
+    """What line1-cam's watch sent, sent again to a server on PostgreSQL: the same series comes back."""
+    _, _, sent, _ = line
+    store = Store(tmp_path / "store", postgres)
+    admin, _ = store.register_device("pg-ops", admin=True)
+    token, _ = store.register_device("pg-line1-cam")
+    server = ServerProcess(tmp_path / "store", db=postgres).start()
+    try:
+        for body in sent["line1-cam"]:
+            answer = httpx.post(server.url + "/v1/heartbeat", json=body, headers={"Authorization": f"Bearer {token}"})
+            assert answer.status_code == 200, answer.text
+        series = _series(server, admin, device="pg-line1-cam").json()["devices"]
+    finally:
+        server.stop()
+        store.close()
+    assert len(series) == 1 and series[0]["points"] == RUNS
+    for key in ("unknown_rate", "mean_confidence", "embedding_shift", "images_total", "state"):
+        assert series[0][key] == [b["drift"][key] for b in sent["line1-cam"]], key

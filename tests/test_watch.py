@@ -177,8 +177,8 @@ def test_review_refuses_class_names_that_are_not_plain_folder_names(tmp_path: Pa
 
 def test_watch_sends_its_drift_statistics_in_a_heartbeat(bundle_copy: Path, calib_dir: Path, tmp_path: Path,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
-    """A real HTTP server on loopback records what the device sends (the fleet server accepts the
-    same body and, today, keeps only its event and version)."""
+    """A real HTTP server on loopback records what the device sends (the fleet server's side, its
+    history and the dashboard's chart: tests/test_dashboard_drift.py)."""
     import threading
     from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
