@@ -25,7 +25,9 @@ def release(
                                                             "newest released).")] = None,
     canary: Annotated[list[str] | None, typer.Option(help="Release to this device only (repeat for several); "
                                                           "`edgecl server release promote` widens it.")] = None,
-    strategy: Annotated[str, typer.Option(help="Merge: weighted-mean, trimmed-mean or median.")] = "weighted-mean",
+    strategy: Annotated[str, typer.Option(help="Merge: weighted-mean, ties, trimmed-mean or median.")] = "weighted-mean",
+    scale: Annotated[float, typer.Option(help="The server's step: candidate = current + scale x the merged delta "
+                                              "(0 < scale <= 2).")] = 1.0,
     trim: Annotated[float | None, typer.Option(help="trimmed-mean: share dropped at each end.")] = None,
     exclude_device: Annotated[list[str] | None, typer.Option(help="Do not count this device (repeatable).")] = None,
     exclude_delta: Annotated[list[str] | None, typer.Option(help="Do not count this delta sha256 (repeatable).")]
@@ -56,7 +58,7 @@ def release(
         bundle_id, name = manifest.bundle_id, manifest.model_name
     options = release_module.ReleaseOptions(
         heldout=heldout, current_dir=bundle, bundle_version=bundle_version, canary=list(canary or []),
-        strategy=strategy, trim=trim, exclude_devices=list(exclude_device or []),
+        strategy=strategy, scale=scale, trim=trim, exclude_devices=list(exclude_device or []),
         exclude_deltas=list(exclude_delta or []), tolerance=tolerance, work_dir=work,
         statistics_round=statistics_round, wait_s=wait_s)
     # edgecl.release announces its phases with edgecl.progress.phase(); shown on a terminal only.
@@ -95,13 +97,18 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
+def _scale(merge: dict[str, Any]) -> str:
+    scale = float(merge.get("scale", 1.0))
+    return "" if scale == 1.0 else f" x {scale:g}"
+
+
 def release_lines(report: Any, name: str, heldout: Path, tolerance: float) -> list[str]:
     """The release table: every accuracy names its head and its images; the columns and the rule said."""
     merge = report.merge
     title = f"{name} ({report.bundle_id[:8]})" if name else report.bundle_id
     devices = ", ".join(merge.get("devices") or []) or "-"
     cur, new = report.current_version, report.version
-    lines = [f"{title}: v{cur} + {plural(merge['inputs'], 'delta')} ({merge['strategy']} merge; devices: "
+    lines = [f"{title}: v{cur} + {plural(merge['inputs'], 'delta')} ({merge['strategy']} merge{_scale(merge)}; devices: "
              f"{devices}) -> candidate v{new}",
              f"accuracy on the held-out images in {heldout} (never trained on), ncm head, per class group:",
              f"  {'group':<26} {'images':>6}  {'candidate':>9}  {'baseline':>9}  {'current':>9}"]

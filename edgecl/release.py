@@ -12,8 +12,10 @@ Phase 1, ``release()`` (`edgecl release`):
     1. current = the newest released version of the lineage (or --bundle-version);
     2. the server merges its counted deltas (each device's newest; strategy and exclusions as
        asked); the merged delta and the counted ones are downloaded and decoded once each;
-    3. candidate = apply(current, the merged delta): its weights, and the current classes'
+    3. candidate = apply(current, scale x the merged delta): its weights, and the current classes'
        statistics moved by their exemplars' drift (those classes never take a device's numbers);
+       ``scale`` (the server's step size, 1 = the merged step whole) damps what one device's step
+       costs the classes it never saw (docs/server.md, "Interference");
     4. judged now on what is already final: the candidate scored among the current classes only vs
        the current version on those classes (like with like); the devices' classes are estimates
        until phase 2, so nothing that depends on them is judged yet;
@@ -39,6 +41,7 @@ class statistics scored on those embeddings (the frozen baseline is never writte
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import tempfile
 import time
@@ -63,6 +66,8 @@ from edgecl.http_client import RetryPolicy, ServerRejected, api_json, download, 
 from edgecl.progress import phase
 
 CALIBRATION = "calibration"
+DEFAULT_SCALE = 1.0                                # the server's step: candidate = current + scale x merged
+MAX_SCALE = 2.0
 
 
 @dataclass
@@ -72,6 +77,7 @@ class ReleaseOptions:
     bundle_version: int | None = None              # the version to merge (default: the current one)
     canary: list[str] = field(default_factory=list)  # release the final version to these devices only
     strategy: str = "weighted-mean"                # merge strategy (formats.merge.STRATEGIES)
+    scale: float = DEFAULT_SCALE                   # candidate = current + scale x merged delta
     trim: float | None = None
     max_share: float | None = None
     exclude_devices: list[str] = field(default_factory=list)
@@ -324,7 +330,7 @@ def _load_round(bundle_id: str, server: str, token: str, options: ReleaseOptions
 
         merge = merge_and_wait(lambda method, path: api_json(server, token, method, path, policy=policy),
                                bundle_id, int(current_row["version"]), query)
-        merge = {k: merge[k] for k in ("sha256", "inputs", "strategy", "devices", "deltas")}
+        merge = {**{k: merge[k] for k in ("sha256", "inputs", "strategy", "devices", "deltas")}, "scale": options.scale}
     merged = _get_delta(server, token, merge["sha256"], work, policy)
     known = list(Prototypes.load_file(current_dir / mf.PROTOTYPES).classes)
     own: dict[str, list[str]] = {}
@@ -413,6 +419,15 @@ def _report(rnd: Round, version: int, reasons: list[str], table: dict[str, Any],
                          statistics=statistics, not_judged=not_judged)
 
 
+def scaled(merged: delta_format.Delta, scale: float) -> delta_format.Delta:
+    """The merged delta times ``scale`` (float32, as apply reads it); scale 1 is the delta itself.
+    Elements that round to 0 stay counted as changed by the merge (overlap: the merge job's)."""
+    if scale == 1.0:
+        return merged
+    values = (np.asarray(merged.values, np.float64) * scale).astype(np.float32)
+    return dataclasses.replace(merged, values=values)
+
+
 def _work(options: ReleaseOptions) -> tuple[Path, bool]:
     if options.work_dir is not None:
         Path(options.work_dir).mkdir(parents=True, exist_ok=True)
@@ -423,6 +438,9 @@ def _work(options: ReleaseOptions) -> tuple[Path, bool]:
 def _check_args(server: str, token: str, options: ReleaseOptions) -> None:
     if not server or not token:
         raise EdgeclError("no server or admin token", "pass --server URL --token ADMIN_TOKEN")
+    if not (np.isfinite(options.scale) and 0 < options.scale <= MAX_SCALE):
+        raise EdgeclError(f"scale {options.scale} is outside (0, {MAX_SCALE}]",
+                          "pass --scale between 0 and 2 (1: the merged step whole; 0.5: half of it)")
     if not Path(options.heldout).is_dir():
         raise DataError(f"held-out folder {options.heldout} not found", "pass --heldout DIR (one folder per class)")
 
@@ -443,7 +461,7 @@ def release(bundle_id: str, server: str, token: str, options: ReleaseOptions) ->
         shutil.rmtree(candidate_dir, ignore_errors=True)
         # The candidate ships the current classes only (moved by their exemplars' drift on the host);
         # the devices' classes are added from statistics computed under it.
-        apply_delta(rnd.current_dir, rnd.merged, candidate_dir, progress=False,
+        apply_delta(rnd.current_dir, scaled(rnd.merged, options.scale), candidate_dir, progress=False,
                     classes=Prototypes.empty(mf.load_manifest(rnd.current_dir).embedding_dim))
         phase("embedding the held-out images under the current and the candidate backbone")
         embedded = _embed_all(rnd.current_dir, candidate_dir, Path(options.heldout))
@@ -470,7 +488,7 @@ def release(bundle_id: str, server: str, token: str, options: ReleaseOptions) ->
                                   max(taken, default=0) + 1, Prototypes.load_file(candidate_dir / mf.PROTOTYPES), "")
             summary = {"stage": STAGE, "bundle_id": bundle_id, "current_version": rnd.version,
                        "version": version, "merge": rnd.merge, "devices": rnd.own,
-                       "options": {"tolerance": options.tolerance}}
+                       "options": {"tolerance": options.tolerance, "scale": options.scale}}
             report.uploaded_bytes = _publish(server, token, probe, list(rnd.merge["devices"]), summary,
                                              options.policy, rnd.current_dir)
             report.published = True

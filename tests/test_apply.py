@@ -209,3 +209,41 @@ def test_apply_writes_stock_timm_weights_that_load_strict(adapted: Path, calib_d
         stock = model(torch.from_numpy(images)).numpy()
     bundle = _embed(out, np.zeros(manifest.selected, np.float32), images)
     assert np.abs(stock - bundle).max() <= 1e-4 * max(1.0, float(np.abs(bundle).max()))
+
+
+def test_the_release_scale_takes_that_share_of_the_merged_step(adapted: Path, tmp_path: Path) -> None:
+    """`edgecl release --scale s` builds the candidate from current + s x merged delta: every masked
+    weight moves by s times the delta's value there (float32), nothing else moves."""
+    from edgecl.formats.weights import load_weights
+    from edgecl.host.apply import apply_delta
+    from edgecl.release import scaled
+
+    d = tmp_path / "d.safetensors"
+    assert runner.invoke(app, ["delta", str(adapted), "-o", str(d), "--values", "fp32"]).exit_code == 0
+    delta = delta_format.load_file(d)
+    assert scaled(delta, 1.0) is delta
+    manifest = mf.load_manifest(adapted)
+    vector = delta.to_dense(manifest.selected)
+    assert np.count_nonzero(vector) > 0
+    base = load_weights(adapted / mf.WEIGHTS)
+    mask = Mask.load_file(adapted / mf.MASK)
+    for scale in (1.0, 0.5):
+        out = tmp_path / f"v2-{scale}"
+        apply_delta(adapted, scaled(delta, scale), out, progress=False)
+        new = load_weights(out / mf.WEIGHTS)
+        for name, sl in mask.slices().items():
+            idx = mask.indices[name]
+            moved = new[name].reshape(-1)[idx] - base[name].reshape(-1)[idx]
+            np.testing.assert_allclose(moved, scale * vector[sl], rtol=1e-3, atol=1e-6)
+            untouched = np.ones(base[name].size, bool)
+            untouched[idx] = False
+            assert (new[name].reshape(-1)[untouched] == base[name].reshape(-1)[untouched]).all()
+
+
+@pytest.mark.parametrize("scale", ["0", "-1", "2.5", "nan"])
+def test_release_refuses_an_absurd_scale_in_one_line(tmp_path: Path, scale: str) -> None:
+    result = runner.invoke(app, ["release", "some-bundle", "--heldout", str(tmp_path), "--server", "http://127.0.0.1:9",
+                                 "--token", "t", "--scale", scale])
+    assert result.exit_code == 1, result.output
+    assert f"scale {float(scale)} is outside (0, 2.0]" in result.output and "--scale" in result.output
+    assert "Traceback" not in result.output

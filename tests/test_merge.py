@@ -154,6 +154,19 @@ def test_median_and_trimmed_mean_by_hand():
     np.testing.assert_allclose(plain.values[:2], [1010 / 5, 18 / 5], rtol=1e-6)
 
 
+def test_ties_keeps_the_elected_side_whole_by_hand():
+    # K = 4; weights 1, 1, 2. Element 0: +1, -3, +2 (w 2) -> sum 1 - 3 + 4 = 2 > 0: positive side
+    # (1*1 + 2*2) / 3; element 1: +4, -4 (w 1 each) -> a tie keeps the positive side: 4; element 2:
+    # -2 alone -> -2; element 3: nobody -> 0. The weighted mean cancels what ties keeps.
+    inputs = [_input([0, 1], [1.0, 4.0], 1), _input([0, 1, 2], [-3.0, -4.0, -2.0], 1), _input([0], [2.0], 2)]
+    ties = get_strategy("ties").merge(inputs, 4)
+    assert ties.positions.tolist() == [0, 1, 2]
+    np.testing.assert_allclose(ties.values, [5 / 3, 4.0, -2.0], rtol=1e-6)
+    assert ties.contributors.tolist() == [3, 2, 1, 0]
+    mean = WeightedMean().merge(inputs, 4)
+    np.testing.assert_allclose(mean.values[:2], [(1 - 3 + 4) / 4, 0.0], atol=1e-6)
+
+
 def test_robust_strategies_chunk_like_one_pass():
     rng = np.random.default_rng(3)
     k = 150_000                        # more than one column chunk

@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/b7_fleet/run.py --out runs/b7 [--seeds 1993 1994 1995]
         [--train-per-class 100] [--test-per-class 100] [--check-per-class 30] [--epochs 0 (bundle default)]
-        [--strategies weighted-mean median trimmed-mean] [--recipe models/efficientnet_lite0.toml]
+        [--strategies weighted-mean ties weighted-mean@0.5 median] [--recipe models/efficientnet_lite0.toml]
 
 Fashion-MNIST at 64 px. The bundle v1 knows the calibration classes 0-3; device A adds 4-5, B 6-7,
 C 8 and D 9; C and D see everything through their own camera (B6's domains `blur-noise`,
@@ -210,7 +210,8 @@ def run_seed(out: Path, seed: int, args: argparse.Namespace) -> dict[str, Any]:
             # shipped one (the first) then publishes, and the next round starts from it.
             for strategy in [*args.strategies[1:], args.strategies[0]]:
                 shipped = strategy == args.strategies[0]
-                options = ReleaseOptions(heldout=data["check"], strategy=strategy,
+                name, _, scale = strategy.partition("@")          # "ties@0.5": the ties merge, half its step
+                options = ReleaseOptions(heldout=data["check"], strategy=name, scale=float(scale or 1.0),
                                          work_dir=out / f"release-{r}-{strategy}")
                 phase1 = release(bundle_id, server.url, admin, options)
                 if not phase1.published:
@@ -302,7 +303,8 @@ def main() -> None:
     ap.add_argument("--test-per-class", type=int, default=100)
     ap.add_argument("--check-per-class", type=int, default=30)
     ap.add_argument("--epochs", type=int, default=0, help="device epochs (0: the bundle's default)")
-    ap.add_argument("--strategies", nargs="+", default=["weighted-mean", "median"])
+    ap.add_argument("--strategies", nargs="+", default=["weighted-mean", "median"],
+                    help="merge options, the first shipped; NAME or NAME@SCALE (the release's --scale)")
     ap.add_argument("--recipe", type=Path, default=REPO / "models" / "efficientnet_lite0.toml")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)

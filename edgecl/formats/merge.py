@@ -22,6 +22,11 @@ Strategies, per element of the delta vector:
   2018, "Byzantine-robust distributed learning", ICML). With fewer than 1 / trim devices nothing
   is trimmed.
 - ``median``: the coordinate-wise median of the same votes (Yin et al. 2018).
+- ``ties``: sign election (the sign step of TIES-merging, Yadav et al. 2023, NeurIPS): per element
+  the sign of the weighted sum of the devices' values wins, and the weighted mean of the values
+  of that sign alone is kept. Where two devices pull an element in opposite directions the mean
+  cancels both; sign election keeps the stronger side's step whole. No trim step (the deltas are
+  already sparse and quantized).
 The robust strategies bound what a minority of devices can do to any element, at the price of
 damping elements that only a few devices changed (their median is 0 once most devices did not).
 
@@ -118,6 +123,42 @@ class WeightedMean:
         merged = (weighted_sum[changed] / weight_sum[changed]).astype(np.float32)
         # Keep every changed element (even one whose mean is exactly 0): same as before the robust options.
         return MergeResult(changed, merged, contributors, merge_prototypes([x.prototypes for x in inputs]))
+
+
+class SignElected:
+    """Per element: elect the sign of sum(w_d * v_d); keep sum(w_d * v_d) / sum(w_d) over the devices d
+    whose value has that sign (a tie, sum exactly 0, keeps the positive side)."""
+
+    name = "ties"
+
+    @staticmethod
+    def accumulate(sums: np.ndarray, positions: np.ndarray, values: np.ndarray, weights: np.ndarray) -> None:
+        """Add values into ``sums`` [4, K] float64 (positive: weighted sum, weight; negative: the
+        same), in the order given: the in-memory and the streaming merge both call this, device by
+        device, so their float64 sums agree to the bit."""
+        positive = values > 0
+        for row, side in ((0, positive), (2, ~positive)):
+            np.add.at(sums[row], positions[side], weights[side] * values[side])
+            np.add.at(sums[row + 1], positions[side], weights[side])
+
+    @staticmethod
+    def finish(sums: np.ndarray) -> np.ndarray:
+        """The merged K-vector (float32) from the sums."""
+        positive = sums[0] + sums[2] >= 0
+        num = np.where(positive, sums[0], sums[2])
+        den = np.where(positive, sums[1], sums[3])
+        return np.where(den > 0, num / np.where(den > 0, den, 1.0), 0.0).astype(np.float32)
+
+    def merge(self, inputs: Sequence[MergeInput], k: int) -> MergeResult:
+        _check_inputs(inputs, k)
+        sums = np.zeros((4, k), np.float64)
+        contributors = np.zeros(k, np.int32)
+        for x in inputs:
+            pos = np.asarray(x.positions, np.int64)
+            vals = np.asarray(x.values, np.float64)
+            contributors[pos] += 1
+            self.accumulate(sums, pos, vals, np.full(len(pos), x.weight, np.float64))
+        return _result(self.finish(sums), contributors, inputs, None)
 
 
 @dataclass
@@ -250,6 +291,7 @@ STRATEGIES: dict[str, MergeStrategy] = {
     WeightedMean.name: WeightedMean(),
     "trimmed-mean": _Coordinatewise("trimmed-mean", DEFAULT_TRIM),
     "median": _Coordinatewise("median"),
+    SignElected.name: SignElected(),
 }
 
 

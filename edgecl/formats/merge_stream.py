@@ -35,6 +35,7 @@ from edgecl.formats.merge import (
     MergeError,
     MergeOptions,
     MergeOutput,
+    SignElected,
     WeightedMean,
     _Coordinatewise,
     capped_shares,
@@ -179,9 +180,11 @@ def merge_stream(inputs: Sequence[StreamInput], mask: Mask, options: MergeOption
     report = progress or (lambda phase, done, total: None)
     with tempfile.TemporaryDirectory(prefix="edgecl-merge-", dir=spill_dir) as folder:
         robust = isinstance(strategy, _Coordinatewise)
-        if not robust and not isinstance(strategy, WeightedMean):
+        signed = isinstance(strategy, SignElected)
+        if not robust and not signed and not isinstance(strategy, WeightedMean):
             raise MergeError(f"strategy {options.strategy} has no streaming merge", "use weighted-mean, "
-                             "trimmed-mean or median")
+                             "ties, trimmed-mean or median")
+        sign_sums = np.zeros((4, k) if signed else (4, 0), np.float64)
         spill = _Spill(Path(folder), k, block_columns(n, k, memory_bytes)) if robust else None
         prototypes = _PrototypeSpill(Path(folder))
         weighted_sum = np.zeros(0 if robust else k, np.float64)
@@ -199,6 +202,9 @@ def merge_stream(inputs: Sequence[StreamInput], mask: Mask, options: MergeOption
             contributors[positions] += 1
             if spill is not None:
                 spill.add(positions, values)
+            elif signed:
+                SignElected.accumulate(sign_sums, positions, np.asarray(values, np.float64),
+                                       np.full(len(positions), float(shares[row]), np.float64))
             else:
                 weighted_sum[positions] += float(shares[row]) * np.asarray(values, np.float64)
                 weight_sum[positions] += float(shares[row])
@@ -219,6 +225,10 @@ def merge_stream(inputs: Sequence[StreamInput], mask: Mask, options: MergeOption
                 report("merging", b + 1, spill.blocks)
             positions_out = np.flatnonzero(dense).astype(np.int32)
             values_out = dense[positions_out].astype(np.float32)
+        elif signed:
+            dense = SignElected.finish(sign_sums)
+            positions_out = np.flatnonzero(dense).astype(np.int32)
+            values_out = dense[positions_out]
         else:
             positions_out = np.flatnonzero(contributors).astype(np.int32)
             values_out = (weighted_sum[positions_out] / weight_sum[positions_out]).astype(np.float32)
