@@ -8,8 +8,10 @@ other device's classes."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
+import time
 from pathlib import Path
 
 import httpx
@@ -77,8 +79,6 @@ def test_exemplars_shared_round_publishes_without_restat_and_devices_replay_the_
     v2 = httpx.get(server.url + f"/v1/bundles/{manifest.bundle_id}/2/files/manifest.json", headers=admin_h).json()
     shipped_bytes = httpx.get(server.url + f"/v1/bundles/{manifest.bundle_id}/2/files/{mf.EXEMPLARS}",
                               headers=admin_h).content
-    import hashlib
-
     assert v2["files"][mf.EXEMPLARS] == hashlib.sha256(shipped_bytes).hexdigest()
     shipped = ExemplarMemory.from_bytes(shipped_bytes)
     fleet_classes = [c for _, cs in DEVICES.values() for c in cs]
@@ -100,3 +100,56 @@ def test_exemplars_shared_round_publishes_without_restat_and_devices_replay_the_
     replayed = adapted["replayed_classes"]
     for other in DEVICES["line-b"][1]:
         assert replayed.get(other, 0) > 0, replayed
+
+
+def test_a_mixed_round_waits_only_for_the_devices_that_keep_their_images(tmp_path: Path, tiny_bundle: Path,
+                                                                          fleet) -> None:  # noqa: F811
+    """line-a shares its exemplars, line-b keeps its images (the default profile): phase 1 sends the
+    candidate; only line-b answers `edgecl restat`; --finish takes line-a's classes from its shared images
+    (exact under the candidate) and line-b's from its answer, judges both and publishes."""
+    server, store, creds, admin, server_key = fleet
+    manifest = mf.load_manifest(tiny_bundle)
+    sharing = tmp_path / "sharing.toml"
+    sharing.write_text('name = "sharing"\nstore_images = true\nshare_exemplars = true\n')
+    configs: dict[str, Path] = {}
+    heldout = tmp_path / "heldout"
+    write_image_folder(heldout, classes=3, per_class=6, seed=99)
+    for i, (name, (first, classes)) in enumerate(DEVICES.items()):
+        device = tmp_path / name / "bundle"
+        shutil.copytree(tiny_bundle, device)
+        configs[name] = tmp_path / name / "device.toml"
+        token, key = creds[name]
+        _cli("device", "init", "--server", server.url, "--name", name, "--token", token, "--key", key,
+             "--server-key", server_key, "--bundle", str(device), "--config", str(configs[name]),
+             *(["--profile", str(sharing)] if name == "line-a" else []))
+        train = _classes(tmp_path / name / "train", first, classes, seed=10 + i, per_class=12)
+        _classes(heldout, first, classes, seed=30 + i, per_class=6)
+        _cli("adapt", "--config", str(configs[name]), "--data", str(train), "--epochs", "2", "--seed", str(i), "-q")
+        path = tmp_path / name / "delta.safetensors"
+        _cli("delta", str(device), "-o", str(path), "--config", str(configs[name]))
+        assert (delta_format.load_file(path).exemplars is not None) == (name == "line-a")
+        assert "sent" in _cli("push", str(path), "--config", str(configs[name]))
+    gate = ["release", str(tiny_bundle), "--heldout", str(heldout), "--server", server.url, "--token", admin,
+            "--tolerance", str(ACCURACY_TOLERANCE), "--exclude-device", "line-c"]
+    out = _cli(*gate, "--json")
+    first = json.loads(out[out.index("{"):])
+    assert first["stage"] == "candidate" and first["not_judged"] == ["device:line-b"], first
+    assert first["statistics"]["line-a"]["source"] == "shared exemplars"
+    sent = json.loads(_cli("restat", "--config", str(configs["line-b"]), "--json"))
+    assert sent["status"] == "sent", sent
+    # --wait-s waits for line-b only (it answered): line-a, covered by its shared images, is never waited for,
+    # so --finish returns long before the 600 s a missing answer would hold it
+    started = time.monotonic()
+    out = _cli(*gate, "--finish", "--wait-s", "600", "--json")
+    assert time.monotonic() - started < 400
+    finished = json.loads(out[out.index("{"):])
+    assert finished["published"] and finished["not_judged"] == [], finished
+    assert finished["statistics"]["line-a"]["source"] == "shared exemplars", finished["statistics"]
+    assert finished["statistics"]["line-b"]["answered"], finished["statistics"]
+    admin_h = {"Authorization": f"Bearer {admin}"}
+    v2 = httpx.get(server.url + f"/v1/bundles/{manifest.bundle_id}/2/files/manifest.json", headers=admin_h).json()
+    assert set(DEVICES["line-a"][1]) | set(DEVICES["line-b"][1]) <= set(v2["classes"])
+    shipped = ExemplarMemory.from_bytes(httpx.get(
+        server.url + f"/v1/bundles/{manifest.bundle_id}/2/files/{mf.EXEMPLARS}", headers=admin_h).content)
+    # only the images line-a shared travel: line-b's stay on line-b
+    assert set(DEVICES["line-a"][1]) <= set(shipped.classes) and not set(DEVICES["line-b"][1]) & set(shipped.classes)
