@@ -22,6 +22,9 @@ def delta(
     key: Annotated[str | None, typer.Option(help="Device key, 64 hex digits (default: $EDGECL_DEVICE_KEY, else "
                                                "the device config's); signs the delta with HMAC-SHA256.")] = None,
     config: ConfigOpt = None,
+    share_exemplars: Annotated[bool | None, typer.Option("--share-exemplars/--no-share-exemplars", help=(
+        "Add this device's stored exemplar images of the classes it added (the release round embeds them "
+        "under the next version; images leave the device). Default: the device profile's share_exemplars."))] = None,
 ) -> None:
     """Write the changed delta entries, prototypes and provenance as a delta file."""
     from edgecl.device.deltafile import make_delta
@@ -29,11 +32,14 @@ def delta(
 
     bundle, _ = resolve_bundle(bundle, config)
     report = make_delta(bundle, out, values=values, device_id=device_id, key_hex=key, prototypes_dtype=prototypes,
-                        config=load_device_config(config))
+                        config=load_device_config(config), share_exemplars=share_exemplars)
     typer.echo(f"wrote {report.path}: {report.bytes:,} B ({100 * report.bytes / report.base_fp32_bytes:.2f}% of the "
                f"{report.base_fp32_bytes / 1e6:.1f} MB fp32 model), {report.changed:,} of the {report.selected:,} "
                f"trainable weights changed (values {report.values}), "
                f"{'signed' if report.signed else 'UNSIGNED (no --key)'}")
+    if report.exemplars:
+        typer.echo(f"shares {report.exemplars} exemplar images of {report.exemplar_classes} class(es): "
+                   f"{report.exemplar_bytes:,} B of the file (zlib); these images leave the device")
     typer.echo(f"next: edgecl push {report.path}")
 
 

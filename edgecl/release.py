@@ -37,6 +37,12 @@ and publishes in one go (no device has to answer).
 
 Held-out images are embedded once per backbone (current, candidate); every accuracy is a table of
 class statistics scored on those embeddings (the frozen baseline is never written as a bundle).
+
+Mode 2, exemplars shared (a device profile's ``share_exemplars``; ``shared_statistics``): a counted
+delta's images of its own classes are embedded under the candidate by the host, so those classes are
+exact in phase 1; when every contributing device shared all its classes, phase 1 judges and publishes
+at once (no restat). A device's restat answer wins over its shared images. The released version ships
+the fleet's exemplars (``attach_fleet_exemplars``).
 """
 
 from __future__ import annotations
@@ -56,7 +62,7 @@ from edgecl import classstats
 from edgecl.errors import DataError, EdgeclError
 from edgecl.formats import delta as delta_format
 from edgecl.formats import manifest as mf
-from edgecl.formats.candidate import STAGE, candidate_id, is_candidate_report
+from edgecl.formats.candidate import STAGE, candidate_id, is_candidate_report, statistics_delta
 from edgecl.formats.exemplars import ExemplarMemory
 from edgecl.formats.hashing import sha256_file
 from edgecl.formats.merge import merge_prototypes
@@ -260,6 +266,7 @@ class Round:
     own: dict[str, list[str]]                      # device -> its classes the current version lacks
     base_tables: dict[str, Prototypes]             # device -> those classes under the current backbone
     known: list[str]                               # the current version's classes
+    shared: dict[str, ExemplarMemory] = field(default_factory=dict)  # device -> its shared exemplars of `own`
 
     @property
     def version(self) -> int:
@@ -335,12 +342,18 @@ def _load_round(bundle_id: str, server: str, token: str, options: ReleaseOptions
     known = list(Prototypes.load_file(current_dir / mf.PROTOTYPES).classes)
     own: dict[str, list[str]] = {}
     base_tables: dict[str, Prototypes] = {}
+    shared: dict[str, ExemplarMemory] = {}
+    size = tuple(int(v) for v in mf.load_manifest(current_dir).input_size)
     for sha, device in zip(merge["deltas"], merge["devices"], strict=True):
-        classes, table = _device_tables(_get_delta(server, token, sha, work, policy), set(known))
+        d = _get_delta(server, token, sha, work, policy)
+        classes, table = _device_tables(d, set(known))
         own[device] = classes
         if table is not None and len(table):
             base_tables[device] = table
-    return Round(bundle_id, current_dir, current_row, merge, merged, own, base_tables, known)
+        memory = own_exemplars(d, classes, size)
+        if memory is not None:
+            shared[device] = memory
+    return Round(bundle_id, current_dir, current_row, merge, merged, own, base_tables, known, shared)
 
 
 # -- embeddings: once per backbone ---------------------------------------------------------------
@@ -445,6 +458,109 @@ def _check_args(server: str, token: str, options: ReleaseOptions) -> None:
         raise DataError(f"held-out folder {options.heldout} not found", "pass --heldout DIR (one folder per class)")
 
 
+# -- shared exemplars (the "exemplars shared" mode: profile share_exemplars) --------------------------
+SHIPPED_EXEMPLARS_PER_CLASS = 20   # the fleet's exemplars a released bundle ships per class (export's default)
+
+
+def own_exemplars(d: delta_format.Delta, own: list[str], size: tuple[int, ...]) -> ExemplarMemory | None:
+    """A counted delta's shared exemplars of its own classes only (those the current version does not
+    know): images of any other class are never read, like its statistics (issue 21's poison rule; the
+    server bounded each class's images by its count). None when it shares none of them, or images of
+    another size than the current version takes."""
+    memory = d.exemplars
+    if memory is None or tuple(memory.pixels.shape[1:3]) != tuple(size):
+        return None
+    names = [c for c in memory.classes if c in own]
+    if not names:
+        return None
+    keep = np.isin(memory.labels, [memory.classes.index(c) for c in names])
+    remap = np.asarray([names.index(c) if c in names else -1 for c in memory.classes], np.int64)
+    return ExemplarMemory(names, memory.pixels[keep], remap[memory.labels[keep]])
+
+
+def covered(rnd: Round) -> list[str]:
+    """The devices whose every own class comes with shared exemplars: the host computes their
+    statistics under the candidate itself, so they need not answer `edgecl restat`."""
+    return sorted(d for d, classes in rnd.own.items()
+                  if classes and d in rnd.shared and set(classes) <= set(rnd.shared[d].classes))
+
+
+@dataclass
+class SharedStatistics:
+    per_device: dict[str, Prototypes]     # device -> its shared classes' mean and count under the candidate
+    table: Prototypes                     # per class, summed exactly over the devices (classstats)
+    fleet: ExemplarMemory                 # what the released bundle ships of them (herding, a cap per class)
+
+
+def shared_statistics(rnd: Round, candidate_dir: Path) -> SharedStatistics | None:
+    """The shared exemplars embedded under the candidate's own graph (onnxruntime, once for all),
+    each device's classes' statistics from them, and their exact sum over devices per class
+    (classstats.merge_by_counts). None when no device shared any."""
+    devices = sorted(rnd.shared)
+    if not devices:
+        return None
+    pixels = np.concatenate([rnd.shared[d].pixels for d in devices])
+    embeddings = _embed(candidate_dir, pixels)
+    dim = int(embeddings.shape[1])
+    per_device: dict[str, Prototypes] = {}
+    pooled: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}      # class -> (pixels, embeddings) per device
+    start = 0
+    for device in devices:
+        memory = rnd.shared[device]
+        rows = embeddings[start:start + len(memory.labels)]
+        start += len(memory.labels)
+        sums = classstats.class_sums(rows, memory.labels, memory.classes)
+        table = Prototypes.empty(dim)
+        for name, (mean, count) in sums.items():
+            table.upsert(name, mean, count)
+            mask = memory.labels == memory.classes.index(name)
+            pooled.setdefault(name, []).append((memory.pixels[mask], rows[mask]))
+        per_device[device] = table
+    summed = Prototypes.empty(dim)
+    chosen: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for name, parts in pooled.items():
+        sources = [(t.means[t.classes.index(name)], int(t.counts[t.classes.index(name)]))
+                   for t in per_device.values() if name in t.classes]
+        mean, count = classstats.merge_by_counts([m for m, _ in sources], [c for _, c in sources])
+        summed.upsert(name, mean, count)
+        chosen[name] = (np.concatenate([p for p, _ in parts]), np.concatenate([e for _, e in parts]))
+    size = (int(pixels.shape[1]), int(pixels.shape[2]))
+    fleet = ExemplarMemory.empty(size).update(chosen, budget_bytes=1 << 62, max_per_class=SHIPPED_EXEMPLARS_PER_CLASS)
+    return SharedStatistics(per_device, summed, fleet)
+
+
+def attach_fleet_exemplars(bundle_dir: Path, shared: SharedStatistics | None, classes: list[str]) -> None:
+    """The released bundle ships the fleet's exemplars: its own ``exemplars.safetensors`` (the
+    calibration classes') plus the shared ones of the classes it ships, listed and hashed in the
+    manifest like every file a device keeps (the device checks it before reading it)."""
+    if shared is None:
+        return
+    take = [c for c in shared.fleet.classes if c in classes]
+    if not take:
+        return
+    path = bundle_dir / mf.EXEMPLARS
+    m = mf.load_manifest(bundle_dir)
+    base = ExemplarMemory.load_file(path) if path.exists() else ExemplarMemory.empty(
+        (int(m.input_size[0]), int(m.input_size[1])))
+    take = [c for c in take if c not in base.classes]
+    pixels = [base.pixels] + [shared.fleet.of_class(c) for c in take]
+    labels = [base.labels] + [np.full(len(shared.fleet.of_class(c)), len(base.classes) + j, np.int64)
+                              for j, c in enumerate(take)]
+    ExemplarMemory(list(base.classes) + take, np.concatenate(pixels).astype(np.uint8),
+                   np.concatenate(labels)).save_file(path)
+    m.files[mf.EXEMPLARS] = sha256_file(path)
+    m.sizes[mf.EXEMPLARS] = path.stat().st_size
+    m.save(bundle_dir)
+
+
+def _shared_note(shared: SharedStatistics | None, devices: list[str]) -> dict[str, Any]:
+    """The report's statistics row of each device whose classes came from its shared exemplars."""
+    if shared is None:
+        return {}
+    return {d: {"answered": False, "source": "shared exemplars", "classes": list(shared.per_device[d].classes),
+                "images": int(shared.per_device[d].counts.sum())} for d in devices if d in shared.per_device}
+
+
 # -- phase 1 -------------------------------------------------------------------------------------
 def release(bundle_id: str, server: str, token: str, options: ReleaseOptions) -> ReleaseReport:
     """Phase 1 (or the whole round with ``statistics_round=False``). Raises nothing for a refusal:
@@ -466,20 +582,28 @@ def release(bundle_id: str, server: str, token: str, options: ReleaseOptions) ->
         phase("embedding the held-out images under the current and the candidate backbone")
         embedded = _embed_all(rnd.current_dir, candidate_dir, Path(options.heldout))
         estimates = estimate_in_candidate(rnd.baseline_devices(), embedded)
-        candidate = union(Prototypes.load_file(candidate_dir / mf.PROTOTYPES), estimates)
+        # Shared exemplars (mode 2): their classes' statistics are exact under the candidate already, so
+        # a round whose every device shared them needs no `edgecl restat` and publishes now.
+        shared = shared_statistics(rnd, candidate_dir)
+        exact = covered(rnd)
+        candidate = union(Prototypes.load_file(candidate_dir / mf.PROTOTYPES), estimates,
+                          shared.table if shared is not None else None)
         version = mf.load_manifest(candidate_dir).version
         devices = [g for g in rnd.groups() if g != CALIBRATION]
-        not_judged = devices if options.statistics_round else []
+        waiting = [g for g in devices if g.removeprefix("device:") not in exact]
+        statistics_round = options.statistics_round and bool(waiting)
+        not_judged = waiting if statistics_round else []
         table, reasons, evals = _judge(rnd, embedded, candidate, options.tolerance, not_judged,
-                                       provisional=options.statistics_round)
-        stage = "candidate" if options.statistics_round else "released"
+                                       provisional=statistics_round)
+        stage = "candidate" if statistics_round else "released"
         report = _report(rnd, version, reasons, table, evals, options.canary, stage, not_judged,
-                         {d: {"answered": False, "classes": c} for d, c in rnd.own.items()})
+                         {d: {"answered": False, "classes": c} for d, c in rnd.own.items()}
+                         | _shared_note(shared, exact))
         if reasons:
             return report
-        phase("publishing the candidate to the contributing devices" if options.statistics_round
+        phase("publishing the candidate to the contributing devices" if statistics_round
               else "publishing the next version")
-        if options.statistics_round:
+        if statistics_round:
             # Its own version number in the candidate lineage: a refused round's candidate stays
             # registered there, and the next try (other exclusions, other deltas) is another one.
             taken = [b["version"] for b in api_json(server, token, "GET", "/v1/bundles", policy=options.policy)
@@ -487,7 +611,7 @@ def release(bundle_id: str, server: str, token: str, options: ReleaseOptions) ->
             probe = write_version(candidate_dir, work / "statistics-candidate", candidate_id(bundle_id),
                                   max(taken, default=0) + 1, Prototypes.load_file(candidate_dir / mf.PROTOTYPES), "")
             summary = {"stage": STAGE, "bundle_id": bundle_id, "current_version": rnd.version,
-                       "version": version, "merge": rnd.merge, "devices": rnd.own,
+                       "version": version, "merge": rnd.merge, "devices": rnd.own, "shared": exact,
                        "options": {"tolerance": options.tolerance, "scale": options.scale}}
             report.uploaded_bytes = _publish(server, token, probe, list(rnd.merge["devices"]), summary,
                                              options.policy, rnd.current_dir)
@@ -495,6 +619,7 @@ def release(bundle_id: str, server: str, token: str, options: ReleaseOptions) ->
             return report
         final = write_version(candidate_dir, work / "release", bundle_id, version, candidate,
                               sha256_file(rnd.current_dir / mf.MANIFEST))
+        attach_fleet_exemplars(final, shared, list(candidate.classes))
         report.uploaded_bytes = _publish(server, token, final, list(options.canary),
                                          _summary(report, options), options.policy, rnd.current_dir)
         report.published = True
@@ -571,7 +696,8 @@ def finish(bundle_id: str, server: str, token: str, options: ReleaseOptions) -> 
     policy = options.policy
     row = open_candidate(bundle_id, server, token, policy)
     report_in: dict[str, Any] = row["report"]
-    expected = set(report_in["devices"])
+    # Devices that shared exemplars of all their classes need not answer (their statistics come from them).
+    expected = set(report_in["devices"]) - set(report_in.get("shared", []))
     deadline = time.monotonic() + max(options.wait_s, 0.0)
     phase("collecting the devices' statistics under the candidate")
     got = answers(server, token, row, policy)
@@ -588,7 +714,16 @@ def finish(bundle_id: str, server: str, token: str, options: ReleaseOptions) -> 
         received = {d: _get_delta(server, token, sha, work, policy) for d, sha in sorted(got.items())}
         phase("embedding the held-out images under the current and the candidate backbone")
         embedded = _embed_all(rnd.current_dir, probe, Path(options.heldout))
+        # A device that shared exemplars of all its classes and did not answer: its statistics from them
+        # (exact under the candidate). One that answered: its answer wins (it embedded every image it
+        # holds, the shared ones among them: adding both would count those twice).
+        shared = shared_statistics(rnd, probe)
+        from_shared = [d for d in covered(rnd) if d not in received] if shared is not None else []
+        for device in from_shared:
+            assert shared is not None
+            received[device] = statistics_delta(mf.load_manifest(probe), device, shared.per_device[device])
         summed, statistics = summed_statistics(rnd, Prototypes.load_file(probe / mf.PROTOTYPES), received)
+        statistics.update(_shared_note(shared, from_shared))
         # A class no answering device reports is left out of this version: its device keeps it (pull
         # carries the classes a version lacks) and sends it next round; its group is not judged.
         candidate = summed
@@ -603,6 +738,7 @@ def finish(bundle_id: str, server: str, token: str, options: ReleaseOptions) -> 
         phase("publishing the next version")
         final = write_version(probe, work / "release", bundle_id, version, candidate,
                               sha256_file(rnd.current_dir / mf.MANIFEST))
+        attach_fleet_exemplars(final, shared, list(candidate.classes))
         report.uploaded_bytes = _publish(server, token, final, list(options.canary), _summary(report, options),
                                          policy, rnd.current_dir)
         report.published = True

@@ -244,7 +244,7 @@ def test_bad_heldout(value):
 
 
 def test_unknown_version():
-    _expect(D.DeltaVersionError, forge(_bytes(), KEY, meta={"format_version": "4"}), match="version")
+    _expect(D.DeltaVersionError, forge(_bytes(), KEY, meta={"format_version": "5"}), match="version")
     _expect(D.DeltaVersionError, forge(_bytes(), KEY, meta={"format": "something-else"}))
 
 
@@ -373,3 +373,78 @@ def test_bad_base_prototypes_are_refused():
     d.base_prototypes = Prototypes(["cat"], np.array([[np.nan, 0, 0]], np.float32), np.array([1]))
     with pytest.raises(D.DeltaEncodeError, match="base-space"):
         D.save(d, KEY)
+
+
+# -- shared exemplars (version 4, the fleet round's "exemplars shared" mode) ------------------------------
+def _with_exemplars(per_class: tuple[int, ...] = (3, 2), size: int = 8) -> D.Delta:
+    from edgecl.formats.exemplars import ExemplarMemory
+
+    rng = np.random.default_rng(4)
+    d = _golden_delta()
+    labels = np.concatenate([np.full(n, i, np.int64) for i, n in enumerate(per_class)])
+    d.exemplars = ExemplarMemory(list(d.prototypes.classes)[:len(per_class)],
+                                 rng.integers(0, 256, (len(labels), size, size, 3), dtype=np.uint8), labels)
+    return d
+
+
+def test_shared_exemplars_round_trip_as_version_4_and_compressed():
+    d = _with_exemplars()
+    # A flat image compresses: the section is smaller than its pixels.
+    d.exemplars.pixels[:] = 7
+    data = D.save(d, KEY)
+    header = D.read_header(data)
+    assert header.metadata["format_version"] == "4"
+    assert header.exemplar_classes == ["cat", "d\u00f6g"] and header.exemplar_shape == (5, 8, 8, 3)
+    assert 0 < header.exemplar_bytes < d.exemplars.pixels.nbytes
+    back = D.load(data, KEY)
+    assert back.exemplars is not None and back.exemplars.classes == ["cat", "d\u00f6g"]
+    assert np.array_equal(back.exemplars.pixels, d.exemplars.pixels)
+    assert back.exemplars.labels.tolist() == [0, 0, 0, 1, 1]
+    # Same delta, same bytes (the server stores by sha256).
+    assert D.save(d, KEY) == data
+    # Without exemplars the file stays at the lowest version that holds it.
+    assert D.read_header(D.save(_golden_delta(), KEY)).metadata["format_version"] == "2"
+
+
+def test_shared_exemplars_only_of_the_deltas_own_classes():
+    d = _with_exemplars()
+    d.exemplars.classes = ["cat", "rivet"]       # a class the delta has no prototype of
+    with pytest.raises(D.DeltaEncodeError, match="no prototype of"):
+        D.save(d, KEY)
+    good = D.save(_with_exemplars(), KEY)
+    forged = forge(good, KEY, meta={"exemplar_classes": D.canonical_json(["cat", "rivet"])})
+    with pytest.raises(D.DeltaMetadataError, match="no prototype of"):
+        D.load(forged, KEY)
+
+
+def test_shared_exemplars_refused_when_damaged_or_absurd():
+    import zlib
+
+    good = D.save(_with_exemplars(), KEY)
+    header = D.read_header(good)
+    info = header.tensors[D.T_EXEMPLAR_PIXELS]
+    body = good[8 + header.header_bytes:]
+    cases = {
+        # a stream that inflates to more than the declared shape (a decompression bomb) or less
+        "bomb": zlib.compress(b"\0" * (10 * 5 * 8 * 8 * 3)),
+        "short": zlib.compress(b"\0" * 100),
+        "not zlib": b"\x01\x02\x03\x04",
+    }
+    for stream in cases.values():
+        tensor = np.frombuffer(stream, np.uint8)
+        new_body = body[:info.begin] + stream + body[info.end:]
+        patch = {D.T_EXEMPLAR_PIXELS: {"data_offsets": [info.begin, info.begin + tensor.size], "dtype": "U8",
+                                       "shape": [tensor.size]}}
+        shift = tensor.size - (info.end - info.begin)
+        for other, t in header.tensors.items():
+            if t.begin >= info.end:
+                patch[other] = {"data_offsets": [t.begin + shift, t.end + shift], "dtype": t.dtype,
+                                "shape": list(t.shape)}
+        with pytest.raises(D.DeltaShapeError, match="zlib|inflate"):
+            D.load(forge(good, KEY, body=new_body, header_patch=patch), KEY)
+    too_many = forge(good, KEY, meta={"exemplar_shape": D.canonical_json([D.MAX_EXEMPLAR_IMAGES + 1, 8, 8, 3])})
+    with pytest.raises(D.DeltaMetadataError, match="exemplar_shape"):
+        D.read_header(too_many)
+    older = forge(good, KEY, meta={"format_version": "3"})
+    with pytest.raises(D.DeltaMetadataError, match="version 4"):
+        D.read_header(older)

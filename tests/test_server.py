@@ -674,3 +674,31 @@ def test_damaged_blob_and_encoded_cache_entry_are_never_served(tmp_path):
     finally:
         server.stop()
         fleet.store.close()
+
+
+def test_shared_exemplars_bounded_by_size_and_by_what_the_device_counted(env):
+    """A delta sharing exemplars (profile share_exemplars) is refused with a named reason when its images
+    are not the bundle's input size, or when a class shares more images than its prototype counts."""
+    from edgecl.formats.exemplars import ExemplarMemory
+
+    fleet, server = env
+    key = fleet.devices["dev-2"][1]
+    before = fleet.store.count_deltas()
+
+    def sharing(n: int, size: int, seed: int) -> bytes:
+        d = make_delta(fleet.manifest, "dev-2", seed, classes=["bolt"])
+        counted = int(d.prototypes.counts[0])
+        rng = np.random.default_rng(seed)
+        d.exemplars = ExemplarMemory(["bolt"], rng.integers(0, 256, (n or counted, size, size, 3), dtype=np.uint8),
+                                     np.zeros(n or counted, np.int64))
+        return D.save(d, key)
+
+    wrong_size = _push(server, fleet, "dev-2", sharing(0, 16, 401))
+    assert (wrong_size.status_code, wrong_size.json()["error"]) == (422, "exemplar_shape"), wrong_size.text
+    over = _push(server, fleet, "dev-2", sharing(200, 8, 402))      # counts are at most 49: 200 images is more
+    assert (over.status_code, over.json()["error"]) == (422, "count_over_seen"), over.text
+    assert "shares 200 exemplars" in over.json()["message"]
+    assert fleet.store.count_deltas() == before
+    ok = sharing(0, 8, 403)
+    assert _push(server, fleet, "dev-2", ok).status_code == 201
+    assert httpx.get(f"{server.url}/v1/deltas/{hashlib.sha256(ok).hexdigest()}", headers=fleet.admin()).content == ok

@@ -64,6 +64,7 @@ class AdaptReport:
     from_exemplars: list[str] = field(default_factory=list)
     replayed: int = 0                     # replayed samples: exemplar images of old classes in the training data
                                           # (each exemplar repeated replay_repeats times), not exemplars stored
+    replayed_classes: dict[str, int] = field(default_factory=dict)  # class -> its replayed samples (the fleet's too)
     exemplars_stored: int = 0             # exemplar images the committed memory holds
     lda_moved: bool = False               # the LDA head's statistics were carried through the drift map
     exemplar_bytes: int = 0
@@ -214,6 +215,7 @@ def make_report(episode: Episode, plan: Plan, verdict: Verdict, heads: Heads, re
         step_seconds_median=float(np.median(seconds)) if seconds else None, peak_rss_mb=round(peak_rss_mb(), 1),
         memory_budget_mb=episode.profile.memory_budget_mb, drift_compensated=heads.drift_compensated,
         from_exemplars=heads.from_exemplars, replayed=len(episode.train_set.pixels) - len(episode.split.task_train),
+        replayed_classes=episode.replayed_per_class(),
         exemplars_stored=int(len(heads.memory.labels)) if plan.use_exemplars else 0,
         lda_moved=heads.lda_moved, exemplar_bytes=heads.memory.nbytes if plan.use_exemplars else 0,
         selection=selection, gate=verdict.report, kept="adapted" if verdict.keep else "prototypes-only",

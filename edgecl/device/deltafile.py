@@ -33,6 +33,9 @@ class DeltaReport:
     base_fp32_bytes: int  # the whole base model in fp32, for scale
     values: str
     signed: bool
+    exemplars: int = 0        # shared exemplar images (profile share_exemplars), 0 when none
+    exemplar_classes: int = 0
+    exemplar_bytes: int = 0   # what they take in the file (zlib pixels + labels)
 
 
 def heldout_from_gate(gate: Any) -> dict[str, Any] | None:
@@ -149,12 +152,51 @@ def own_classes(bundle: OpenBundle, state: DeviceState) -> Prototypes | None:
                       np.asarray(counts, np.int64))
 
 
+def shared_exemplars(bundle: OpenBundle, state: DeviceState, table: Prototypes | None) -> ExemplarMemory | None:
+    """The exemplars a delta shares (profile ``share_exemplars``): this device's stored images of the
+    classes it added (the classes of ``table`` the bundle does not ship: what the release round reads),
+    its own images only (a bundle's shipped exemplars are not), at most as many per class as the class
+    counts (the server refuses more). None when it holds none."""
+    if table is None or state.exemplars_path is None:
+        return None
+    from edgecl.formats import manifest as mf
+    from edgecl.formats.prototypes import image_fingerprints
+
+    memory = ExemplarMemory.load_file(state.exemplars_path)
+    shipped_path = bundle.path(mf.EXEMPLARS)
+    shipped = (image_fingerprints(ExemplarMemory.load_file(shipped_path).pixels) if shipped_path.exists()
+               else np.zeros(0, np.uint64))
+    known = set(bundle_prototypes(bundle).classes)
+    names: list[str] = []
+    pixels: list[np.ndarray] = []
+    for i, name in enumerate(table.classes):
+        if name in known:
+            continue
+        images = memory.of_class(name)
+        images = images[~np.isin(image_fingerprints(images), shipped)][: int(table.counts[i])]
+        if len(images):
+            names.append(name)
+            pixels.append(images)
+    if not names:
+        return None
+    return ExemplarMemory(names, np.concatenate(pixels).astype(np.uint8),
+                          np.concatenate([np.full(len(p), j, np.int64) for j, p in enumerate(pixels)]))
+
+
+def profile_shares(bundle: OpenBundle, config: DeviceConfig | None) -> bool:
+    """The device profile's ``share_exemplars``: the config's profile, else the bundle's own."""
+    from .infer import resolve_profile
+
+    return bool(resolve_profile(config.profile if config is not None and config.profile else None, bundle)
+                .share_exemplars)
+
+
 DEFAULT_VALUES = "int4"   # B3: 0.86% of the model, 0.0-0.4 points from fp32 (docs/benchmarks.md)
 
 
 def make_delta(bundle_dir: str | Path, out: str | Path, values: str = DEFAULT_VALUES, device_id: str | None = None,
                key_hex: str | None = None, prototypes_dtype: str | None = None,
-               config: DeviceConfig | None = None) -> DeltaReport:
+               config: DeviceConfig | None = None, share_exemplars: bool | None = None) -> DeltaReport:
     """Write the current device state of ``bundle_dir`` as a delta file (atomically).
 
     Device name and key: the arguments, else $EDGECL_DEVICE_ID / $EDGECL_DEVICE_KEY, else the
@@ -163,6 +205,9 @@ def make_delta(bundle_dir: str | Path, out: str | Path, values: str = DEFAULT_VA
 
     ``prototypes_dtype`` None: fp32 with fp32 values, else fp16 (2^-11 relative error, far below what
     a quantised delta already costs, and it halves the prototypes' share of the file).
+
+    ``share_exemplars`` None: the device profile's (``profile_shares``); True adds this device's stored
+    exemplars of the classes it added (docs/delta-format.md#shared-exemplars): images leave the device.
     """
     bundle = open_bundle(bundle_dir)
     state = load_current(bundle)
@@ -173,17 +218,23 @@ def make_delta(bundle_dir: str | Path, out: str | Path, values: str = DEFAULT_VA
     report = state.meta.get("report", {})
     metrics = {k: float(v) for k, v in report.items()
                if isinstance(v, (int, float)) and not isinstance(v, bool) and k == "final_loss"}
+    own = own_classes(bundle, state)
+    share = profile_shares(bundle, config) if share_exemplars is None else share_exemplars
+    exemplars = shared_exemplars(bundle, state, own) if share else None
     d = delta_format.Delta.from_dense(
         state.delta, bundle_id=bundle.manifest.bundle_id, bundle_version=bundle.manifest.version,
         base_sha256=bundle.manifest.base_sha256, mask_sha256=bundle.manifest.mask_sha256,
         device_id=name, steps=int(state.meta.get("steps_total", 0)),
-        samples_seen=int(state.meta.get("samples_seen", 0)), metrics=metrics, prototypes=own_classes(bundle, state),
+        samples_seen=int(state.meta.get("samples_seen", 0)), metrics=metrics, prototypes=own,
         heldout=heldout_from_gate(report.get("gate") if isinstance(report, dict) else None),
-        base_prototypes=base_space_prototypes(bundle, state))
+        base_prototypes=base_space_prototypes(bundle, state), exemplars=exemplars)
     protos = prototypes_dtype or ("fp32" if values == "fp32" else "fp16")
     data = delta_format.save_file(d, out, key, values=values, prototypes_dtype=protos)
     # Count what the file says changed: int8/int4 round the smallest entries to 0 (= unchanged).
     changed = int(delta_format.load(data, key).changed_positions().size)
     return DeltaReport(path=str(out), bytes=len(data), changed=changed,
                        selected=bundle.mask.total_selected, base_fp32_bytes=bundle.manifest.total_params * 4,
-                       values=values, signed=key is not None)
+                       values=values, signed=key is not None,
+                       exemplars=int(len(exemplars.labels)) if exemplars is not None else 0,
+                       exemplar_classes=len(exemplars.classes) if exemplars is not None else 0,
+                       exemplar_bytes=delta_format.read_header(data).exemplar_bytes)

@@ -32,7 +32,7 @@ from .heads import LdaHead
 from .infer import create_runner, embed_and_score
 from .noharm import HeldOut, holdout_split
 from .plan import Plan, check_replay_share
-from .poststeps import Heads, Moved, run_post_steps
+from .poststeps import MAX_EXEMPLARS_PER_CLASS, Heads, Moved, run_post_steps
 from .state import DeviceState, OpenBundle, bundle_prototypes, load_current
 from .trainloop import TrainSet
 
@@ -192,6 +192,12 @@ class Episode:
             table.upsert(name, mean, count)
         return table
 
+    def replayed_per_class(self) -> dict[str, int]:
+        """Replayed samples per class: the training rows after the task's own (the exemplars, repeats counted)."""
+        labels = self.train_set.labels[len(self.split.task_train):]
+        counts = np.bincount(labels, minlength=len(self.train_set.classes))
+        return {c: int(n) for c, n in zip(self.train_set.classes, counts.tolist(), strict=False) if n}
+
     def data_fingerprint(self) -> str:
         """Which files (relative names and sizes) the task came from: a resumed run must see the same."""
         root = self.data_dir
@@ -212,7 +218,8 @@ def open_episode(bundle: OpenBundle, data_dir: Path, plan: Plan, profile: Device
     """Read the task, the state and the memory; split; build the training set; open the inference session."""
     task = _load_task(bundle, data_dir)
     current = load_current(bundle)
-    memory = _load_memory(current, bundle, plan.use_exemplars)
+    memory = with_fleet_exemplars(_load_memory(current, bundle, plan.use_exemplars), bundle, current, profile,
+                                  plan.use_exemplars)
     known = [c for c in memory.classes if c in current.prototypes.classes and len(memory.of_class(c))]
     # Replay every class the memory holds: old classes, and a task class seen before (its earlier
     # camera's exemplars: B6 measured +1.5 points on the last camera, docs/benchmarks.md#b6).
@@ -267,6 +274,28 @@ def _load_memory(current: DeviceState, bundle: OpenBundle, use: bool) -> Exempla
         return ExemplarMemory.load_file(bundle.path(mf.EXEMPLARS))
     h, w = bundle.manifest.input_size
     return ExemplarMemory.empty((int(h), int(w)))
+
+
+def with_fleet_exemplars(memory: ExemplarMemory, bundle: OpenBundle, current: DeviceState, profile: DeviceProfile,
+                         use: bool) -> ExemplarMemory:
+    """The memory adapt replays from, with the bundle's exemplars of the classes it lacks that this
+    device knows (a released bundle ships the fleet's: devices that share exemplars, docs/server.md),
+    so every class of the fleet is replayed; trimmed to the profile's exemplar budget when over it
+    (every class to its share, keeping its first images: the memory's own rule)."""
+    path = bundle.path(mf.EXEMPLARS)
+    if not use or not path.exists():
+        return memory
+    shipped = ExemplarMemory.load_file(path)
+    take = [c for c in shipped.classes if c not in memory.classes and c in current.prototypes.classes]
+    if take:
+        memory = ExemplarMemory(list(memory.classes) + take,
+                                np.concatenate([memory.pixels] + [shipped.of_class(c) for c in take]).astype(np.uint8),
+                                np.concatenate([memory.labels] + [np.full(len(shipped.of_class(c)), len(memory.classes) + j,
+                                                                          np.int64) for j, c in enumerate(take)]))
+    budget = profile.exemplar_budget_mb * 1024 * 1024
+    if memory.nbytes > budget:
+        memory = memory.update({}, budget, MAX_EXEMPLARS_PER_CLASS)
+    return memory
 
 
 def _split(task: LoadedImages, memory: ExemplarMemory, classes: list[str], plan: Plan, hold: bool,

@@ -63,6 +63,7 @@ class DeviceProfile:
     image_size: list[int] = field(default_factory=list)  # override the recipe's [H, W]; [] = recipe's
     store_images: bool = True                  # may the device keep exemplar images of old classes?
     exemplar_budget_mb: int = 16               # bytes allowed for exemplars when store_images is true
+    share_exemplars: bool = False              # may `edgecl delta` send its own classes' exemplars to the fleet?
     ort_package: str = "onnxruntime"           # the pip package that puts plain onnxruntime on this device
     notes: str = ""                            # install notes shown by `edgecl inspect`
     source: str = ""                           # the file this came from (set by the loader)
@@ -237,6 +238,8 @@ def profile_problems(profile: DeviceProfile) -> list[str]:
         problems.append(f"image_size must be [] or [H, W] (got {profile.image_size!r})")
     # Only the form is checked here: which providers exist depends on the onnxruntime build, and the
     # device runtime names the available ones when the profile asks for a missing one.
+    if profile.share_exemplars and not profile.store_images:
+        problems.append("share_exemplars = true needs store_images = true (a device shares the exemplars it stores)")
     if not profile.execution_provider.endswith("ExecutionProvider"):
         problems.append("execution_provider must be an onnxruntime provider name such as CPUExecutionProvider "
                         f"or CUDAExecutionProvider (got {profile.execution_provider!r})")

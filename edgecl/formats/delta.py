@@ -17,6 +17,7 @@ import math
 import re
 import struct
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,11 +28,17 @@ from safetensors.numpy import load as _st_load
 from edgecl.errors import EdgeclError
 from edgecl.formats.atomic import atomic_write_bytes
 from edgecl.formats.canonical import canonical_parts
+from edgecl.formats.exemplars import ExemplarMemory
 from edgecl.formats.prototypes import Prototypes
 
 DELTA_FORMAT = "edgecl-delta"
-DELTA_FORMAT_VERSION = 3            # 2 added the optional ``heldout`` report, 3 the optional base-space
-READ_FORMAT_VERSIONS = (1, 2, 3)    # prototypes (``base_classes``; written as 3 only when present)
+DELTA_FORMAT_VERSION = 4            # 2 added the optional ``heldout`` report, 3 the optional base-space
+READ_FORMAT_VERSIONS = (1, 2, 3, 4)  # prototypes (``base_classes``), 4 the shared exemplars; each written
+                                     # only when the file holds what it added
+# Shared exemplars (version 4): a delta holds at most this many images, and their decoded pixels at
+# most this many bytes, whatever its zlib stream claims (a decompression bomb stops here).
+MAX_EXEMPLAR_IMAGES = 4096
+MAX_EXEMPLAR_PIXEL_BYTES = 64 << 20
 MAX_HEADER_BYTES = 1 << 20          # safetensors itself allows 100 MB; a delta header is < 10 kB
 DEFAULT_INT8_BLOCK = 1024           # values per int8 scale: 0.4% overhead, most blocks in one tensor
 DEFAULT_INT4_BLOCK = 64             # values per int4 scale: 4 bit + 0.5 bit of scale per value
@@ -54,11 +61,13 @@ _ENC_OF = {v: k for k, v in _TAG_OF.items()}
 T_POSITIONS, T_BITMAP, T_VALUES, T_SCALES = "delta.positions", "delta.bitmap", "delta.values", "delta.scales"
 T_MEANS, T_COUNTS = "prototypes.means", "prototypes.counts"
 T_BASE_MEANS, T_BASE_COUNTS = "base_prototypes.means", "base_prototypes.counts"
+T_EXEMPLAR_PIXELS, T_EXEMPLAR_LABELS = "exemplars.pixels_zlib", "exemplars.labels"
 
 _REQUIRED_KEYS = ("format", "format_version", "bundle_id", "bundle_version", "base_sha256", "mask_sha256",
                   "device_id", "delta_k", "layout", "values_dtype", "steps", "samples_seen", "metrics",
                   "created_utc", "body_sha256", "hmac_sha256")
-_OPTIONAL_KEYS = ("int8_block", "int4_block", "classes", "heldout", "base_classes")
+_OPTIONAL_KEYS = ("int8_block", "int4_block", "classes", "heldout", "base_classes", "exemplar_classes",
+                  "exemplar_shape")
 _MAX_REPORT_CLASSES = 1024          # per-class accuracies a held-out report may carry (bounds the header)
 _BLOCK_KEY = {"int8": "int8_block", "int4": "int4_block"}   # quantised encodings and their block-size key
 _QMAX = {"int8": 127, "int4": 7}
@@ -136,6 +145,9 @@ class Delta:
     # Its classes as the bundle's own backbone (no delta) sees them: what the release gate's frozen
     # baseline needs, which only the device (holding the images) can compute. A subset of prototypes'.
     base_prototypes: Prototypes | None = None
+    # Shared exemplars (opt-in, profile ``share_exemplars``): stored images of its own classes (a subset
+    # of prototypes' classes), so the host can embed them under any backbone (version 4).
+    exemplars: ExemplarMemory | None = None
     # Filled in by load(): how the file stored the values, and its integrity fields.
     values_dtype: str = "fp32"
     body_sha256: str = ""
@@ -242,6 +254,21 @@ class DeltaHeader:
         return json.loads(self.metadata["heldout"]) if "heldout" in self.metadata else None
 
     @property
+    def exemplar_classes(self) -> list[str]:
+        return json.loads(self.metadata["exemplar_classes"]) if "exemplar_classes" in self.metadata else []
+
+    @property
+    def exemplar_shape(self) -> tuple[int, ...] | None:
+        """[M, H, W, 3] of the shared exemplars' pixels, None when the delta carries none."""
+        return tuple(json.loads(self.metadata["exemplar_shape"])) if "exemplar_shape" in self.metadata else None
+
+    @property
+    def exemplar_bytes(self) -> int:
+        """Bytes the shared exemplars take in the file (compressed pixels and labels)."""
+        return sum(self.tensors[t].end - self.tensors[t].begin for t in (T_EXEMPLAR_PIXELS, T_EXEMPLAR_LABELS)
+                   if t in self.tensors)
+
+    @property
     def prototype_dim(self) -> int | None:
         info = self.tensors.get(T_MEANS)
         return info.shape[1] if info is not None else None
@@ -340,6 +367,54 @@ def _encode_table(tensors: dict[str, np.ndarray], metadata: dict[str, str], tabl
     metadata[key] = canonical_json(list(table.classes))
 
 
+def _encode_exemplars(tensors: dict[str, np.ndarray], metadata: dict[str, str], memory: ExemplarMemory,
+                      classes: list[str]) -> None:
+    """The shared exemplars: uint8 pixels [M, H, W, 3] as one zlib stream (level 9), labels int64 [M]
+    into ``exemplar_classes`` (classes with at least one image, each one the delta has a prototype of)."""
+    pixels = np.ascontiguousarray(memory.pixels, np.uint8)
+    if pixels.ndim != 4 or pixels.shape[3] != 3 or len(pixels) != len(memory.labels):
+        raise DeltaEncodeError(f"exemplar pixels are {list(pixels.shape)}, expected [M, H, W, 3] with one label "
+                               "each", "pass an ExemplarMemory")
+    used = [c for i, c in enumerate(memory.classes) if np.any(memory.labels == i)]
+    stray = [c for c in used if c not in classes]
+    if stray:
+        raise DeltaEncodeError(f"exemplars of {', '.join(stray)[:200]}, which the delta has no prototype of",
+                               "share exemplars only of the classes the delta carries")
+    if len(pixels) > MAX_EXEMPLAR_IMAGES or pixels.nbytes > MAX_EXEMPLAR_PIXEL_BYTES:
+        raise DeltaEncodeError(f"{len(pixels)} exemplars ({pixels.nbytes} B of pixels), over the "
+                               f"{MAX_EXEMPLAR_IMAGES} images / {MAX_EXEMPLAR_PIXEL_BYTES} B a delta holds",
+                               "share fewer exemplars (a smaller exemplar_budget_mb)")
+    remap = np.asarray([used.index(c) if c in used else -1 for c in memory.classes], np.int64)
+    tensors[T_EXEMPLAR_PIXELS] = np.frombuffer(zlib.compress(pixels.tobytes(), 9), np.uint8)
+    tensors[T_EXEMPLAR_LABELS] = remap[np.asarray(memory.labels, np.int64)].astype("<i8")
+    metadata["exemplar_classes"] = canonical_json(used)
+    metadata["exemplar_shape"] = canonical_json([int(s) for s in pixels.shape])
+
+
+def _decode_exemplars(header: DeltaHeader, tensors: dict[str, np.ndarray]) -> ExemplarMemory | None:
+    """Inflate exactly M * H * W * 3 bytes (never more: a stream that would give more, or less, or
+    carries trailing bytes is refused), labels in range, every listed class with an image."""
+    shape = header.exemplar_shape
+    if shape is None:
+        return None
+    expected = int(np.prod(shape, dtype=np.int64))
+    inflater = zlib.decompressobj()
+    try:
+        raw = inflater.decompress(tensors[T_EXEMPLAR_PIXELS].tobytes(), expected)
+    except zlib.error as exc:
+        raise DeltaShapeError(f"the shared exemplars' pixels are not a zlib stream ({exc})", _REMAKE) from exc
+    if len(raw) != expected or not inflater.eof or inflater.unconsumed_tail or inflater.unused_data:
+        raise DeltaShapeError(f"the shared exemplars' pixels do not inflate to exactly {expected} bytes "
+                              f"({list(shape)})", _REMAKE)
+    labels = tensors[T_EXEMPLAR_LABELS].astype(np.int64)
+    classes = header.exemplar_classes
+    if labels.size and (labels.min() < 0 or labels.max() >= len(classes)):
+        raise DeltaShapeError("a shared exemplar's label is outside exemplar_classes", _REMAKE)
+    if np.any(np.bincount(labels, minlength=len(classes)) == 0):
+        raise DeltaShapeError("exemplar_classes lists a class with no shared exemplar", _REMAKE)
+    return ExemplarMemory(classes, np.frombuffer(raw, np.uint8).reshape(shape).copy(), labels)
+
+
 def _serialize(tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> tuple[bytes, bytes, dict]:
     """(header object without padding as bytes, body, header object) in the canonical layout."""
     for name, array in tensors.items():
@@ -418,9 +493,13 @@ def save(delta: Delta, key: bytes | None = None, *, values: str = "fp32", layout
         if delta.base_prototypes is not None and len(delta.base_prototypes):
             _encode_table(tensors, metadata, delta.base_prototypes, T_BASE_MEANS, T_BASE_COUNTS, "base_classes",
                           "base-space prototype", prototypes_dtype)
+    if delta.exemplars is not None and len(delta.exemplars.labels):
+        _encode_exemplars(tensors, metadata, delta.exemplars, list(delta.prototypes.classes)
+                          if delta.prototypes is not None else [])
     # The lowest version that holds the content: a delta without base-space prototypes stays
     # readable by version-2 readers (devices and servers are not upgraded at once).
-    metadata["format_version"] = str(DELTA_FORMAT_VERSION if "base_classes" in metadata else 2)
+    metadata["format_version"] = ("4" if "exemplar_classes" in metadata else "3" if "base_classes" in metadata
+                                  else "2")
 
     # The body does not depend on the metadata: hash it, then sign the header that holds the hash.
     _, body, _ = _serialize(tensors, metadata)
@@ -497,6 +576,10 @@ def read_header(source: bytes | bytearray | memoryview | str | Path) -> DeltaHea
     if metadata.get("format_version") in ("1", "2") and "base_classes" in metadata:
         raise DeltaMetadataError(f"a version {metadata['format_version']} delta carries base_classes (added in "
                                  "version 3)", _REMAKE)
+    if metadata.get("format_version") in ("1", "2", "3") and ("exemplar_classes" in metadata
+                                                             or "exemplar_shape" in metadata):
+        raise DeltaMetadataError(f"a version {metadata['format_version']} delta carries shared exemplars (added "
+                                 "in version 4)", _REMAKE)
     _check_metadata(metadata, DeltaMetadataError)
     tensors = _check_tensors(header, metadata, DeltaShapeError)
     body_bytes = max((t.end for t in tensors.values()), default=0)
@@ -626,7 +709,8 @@ def decode(header: DeltaHeader, data: bytes) -> Delta:
                  delta_k=k, positions=positions, values=decoded, steps=header.steps,
                  samples_seen=header.samples_seen, metrics=json.loads(meta["metrics"]),
                  created_utc=header.created_utc, prototypes=prototypes, heldout=header.heldout,
-                 base_prototypes=base_prototypes, values_dtype=encoding,
+                 base_prototypes=base_prototypes, exemplars=_decode_exemplars(header, tensors),
+                 values_dtype=encoding,
                  body_sha256=header.body_sha256, hmac_sha256=header.hmac_sha256)
 
 
@@ -675,7 +759,8 @@ def _check_metadata(meta: dict[str, Any], err: type[DeltaError]) -> None:
             raise err(f"{key} is not a non-negative decimal integer", fix)
     if not _TIME_RE.fullmatch(meta["created_utc"]):
         raise err(f"created_utc {meta['created_utc']!r} is not YYYY-MM-DDTHH:MM:SSZ", fix)
-    for name, kind in (("metrics", dict), ("classes", list), ("heldout", dict), ("base_classes", list)):
+    for name, kind in (("metrics", dict), ("classes", list), ("heldout", dict), ("base_classes", list),
+                       ("exemplar_classes", list), ("exemplar_shape", list)):
         if name not in meta:
             continue
         try:
@@ -690,11 +775,23 @@ def _check_metadata(meta: dict[str, Any], err: type[DeltaError]) -> None:
             check_heldout(parsed, err)
         if canonical_json(parsed) != meta[name]:
             raise err(f"{name} is not in canonical JSON form", fix)
-        if name in ("classes", "base_classes") and (not parsed or len(set(parsed)) != len(parsed)
+        if name in ("classes", "base_classes", "exemplar_classes") and (not parsed or len(set(parsed)) != len(parsed)
               or not all(isinstance(c, str) and 0 < len(c) <= _MAX_CLASS_NAME for c in parsed)):
             raise err(f"{name} must be distinct non-empty names of at most 256 characters", fix)
     if "base_classes" in meta and not set(json.loads(meta["base_classes"])) <= set(json.loads(meta.get("classes", "[]"))):
         raise err("base_classes names a class the delta has no prototype of", fix)
+    if ("exemplar_classes" in meta) != ("exemplar_shape" in meta):
+        raise err("exemplar_classes and exemplar_shape must be present together", fix)
+    if "exemplar_classes" in meta:
+        # Only classes the delta carries: a device shares images of the classes it contributes.
+        if not set(json.loads(meta["exemplar_classes"])) <= set(json.loads(meta.get("classes", "[]"))):
+            raise err("exemplar_classes names a class the delta has no prototype of", fix)
+        shape = json.loads(meta["exemplar_shape"])
+        if (len(shape) != 4 or not all(type(s) is int for s in shape) or shape[3] != 3
+                or not 1 <= shape[0] <= MAX_EXEMPLAR_IMAGES or not 1 <= shape[1] <= 4096 or not 1 <= shape[2] <= 4096
+                or shape[0] * shape[1] * shape[2] * 3 > MAX_EXEMPLAR_PIXEL_BYTES):
+            raise err(f"exemplar_shape {shape} is not [M, H, W, 3] with 1 <= M <= {MAX_EXEMPLAR_IMAGES} and at most "
+                      f"{MAX_EXEMPLAR_PIXEL_BYTES} bytes of pixels", fix)
 
 
 def _check_accuracy(value: Any) -> bool:
@@ -746,6 +843,8 @@ def _check_tensors(header: dict[str, Any], meta: dict[str, str], err: type[Delta
         expected |= {T_MEANS, T_COUNTS}
     if "base_classes" in meta:
         expected |= {T_BASE_MEANS, T_BASE_COUNTS}
+    if "exemplar_classes" in meta:
+        expected |= {T_EXEMPLAR_PIXELS, T_EXEMPLAR_LABELS}
     if set(infos) != expected:
         raise err(f"tensors are {sorted(infos)}, expected {sorted(expected)} for layout {layout}, {enc}", fix)
 
@@ -789,6 +888,11 @@ def _check_tensors(header: dict[str, Any], meta: dict[str, str], err: type[Delta
         c = len(json.loads(meta["base_classes"]))
         need(T_BASE_MEANS, ("F32", "F16"), (c, infos[T_MEANS].shape[1]))
         need(T_BASE_COUNTS, ("I64",), (c,))
+    if "exemplar_classes" in meta:
+        pixels = infos[T_EXEMPLAR_PIXELS]
+        if pixels.dtype != "U8" or len(pixels.shape) != 1 or not 1 <= pixels.shape[0] <= MAX_EXEMPLAR_PIXEL_BYTES:
+            raise err(f"{T_EXEMPLAR_PIXELS} is {pixels.dtype}{list(pixels.shape)}, expected U8[L] (a zlib stream)", fix)
+        need(T_EXEMPLAR_LABELS, ("I64",), (json.loads(meta["exemplar_shape"])[0],))
     # Byte extents: each tensor's bytes match its shape, laid out back to back in canonical order.
     offset = 0
     for name in sorted(infos, key=lambda n: _layout_key(n, infos[n].dtype)):

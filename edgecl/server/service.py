@@ -113,6 +113,11 @@ def check_header(store: Store, header: D.DeltaHeader, device: Device, max_upload
     if dim is not None and dim != bundle.embedding_dim:
         raise Rejected("prototype_shape", 422, f"prototypes have {dim} dims, the bundle's embeddings have "
                        f"{bundle.embedding_dim}", "recompute the prototypes with this bundle")
+    shape = header.exemplar_shape
+    size = _input_size(store, bundle) if shape is not None else None
+    if shape is not None and size is not None and list(shape[1:3]) != size:
+        raise Rejected("exemplar_shape", 422, f"the shared exemplars are {shape[1]}x{shape[2]} px, the bundle takes "
+                       f"{size[0]}x{size[1]}", "share the exemplars this bundle's device stored (`edgecl delta`)")
     if header.samples_seen < 1:
         raise Rejected("no_samples", 422, "the delta says it saw 0 training images (samples_seen)",
                        "adapt on some images before pushing")
@@ -125,6 +130,30 @@ def check_header(store: Store, header: D.DeltaHeader, device: Device, max_upload
         raise Rejected("count_out_of_range", 422, f"steps {header.steps} is over {MAX_STEPS}",
                        "make the delta again with `edgecl delta`")
     return bundle
+
+
+def _input_size(store: Store, bundle: BundleRow) -> list[int] | None:
+    """[H, W] from the bundle's stored manifest (None when the server holds no manifest of it)."""
+    raw = store.get_blob(bundle.manifest_sha256) if bundle.manifest_sha256 else None
+    try:
+        size = json.loads(raw)["input_size"] if raw else None
+    except (ValueError, KeyError, TypeError):
+        return None
+    return [int(v) for v in size] if isinstance(size, list) and len(size) == 2 else None
+
+
+def shared_over_counted(delta: D.Delta) -> str | None:
+    """A class sharing more exemplars than its prototype counts images (the images the device says it
+    added): what is wrong, else None. With count_over_seen it bounds every image a delta may carry by
+    what the device saw."""
+    if delta.exemplars is None or delta.prototypes is None:
+        return None
+    for i, name in enumerate(delta.exemplars.classes):
+        shared = int(np.sum(delta.exemplars.labels == i))
+        counted = int(delta.prototypes.counts[delta.prototypes.classes.index(name)])
+        if shared > counted:
+            return f"class {name[:80]!r} shares {shared} exemplars, more than the {counted} images its prototype counts"
+    return None
 
 
 @dataclass
@@ -166,6 +195,10 @@ def accept_delta(store: Store, data: bytes, header: D.DeltaHeader, device: Devic
         raise Rejected("count_over_seen", 422, f"class {protos.classes[worst][:80]!r} counts "
                        f"{int(protos.counts[worst])} images, more than the {header.samples_seen} the delta saw",
                        "a delta carries only classes the device saw images of: make it again with `edgecl delta`")
+    shared = shared_over_counted(delta)
+    if shared:
+        raise Rejected("count_over_seen", 422, shared,
+                       "a delta shares exemplars only of images the device counted: make it again with `edgecl delta`")
     try:
         problem = out_of_range(store.value_limits(bundle), delta.positions, delta.values,
                                protos.means if protos is not None else None)

@@ -1,0 +1,155 @@
+"""The fleet round's second mode, "exemplars shared" (issue 21), end to end on loopback through the
+real CLI, the real server (`edgecl server start` subprocess) and real onnxruntime: two devices whose
+profile says ``share_exemplars = true`` adapt on their own classes and push deltas carrying their
+stored exemplars of them; `edgecl release` embeds those images under the candidate, computes their
+classes' statistics exactly and publishes v2 at once (no `edgecl restat`); v2 ships both devices'
+exemplars (listed and hashed in its manifest); a device pulls it and its next adaptation replays the
+other device's classes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+
+import httpx
+from conftest import write_image_folder
+from test_fleet_e2e import ACCURACY_TOLERANCE, DEVICES, _classes, _cli, fleet  # noqa: F401 (fixture)
+
+from edgecl.formats import delta as delta_format
+from edgecl.formats import manifest as mf
+from edgecl.formats.exemplars import ExemplarMemory
+
+
+def test_exemplars_shared_round_publishes_without_restat_and_devices_replay_the_fleet(
+        tmp_path: Path, tiny_bundle: Path, fleet) -> None:  # noqa: F811 (the fixture)
+    server, store, creds, admin, server_key = fleet
+    manifest = mf.load_manifest(tiny_bundle)
+    profile = tmp_path / "sharing.toml"
+    profile.write_text('name = "sharing"\nstore_images = true\nexemplar_budget_mb = 16\nshare_exemplars = true\n')
+    configs: dict[str, Path] = {}
+    data: dict[str, Path] = {}
+    own: dict[str, dict] = {}
+    sizes: dict[str, int] = {}
+    heldout = tmp_path / "heldout"
+    write_image_folder(heldout, classes=3, per_class=6, seed=99)         # the calibration classes
+    for i, (name, (first, classes)) in enumerate(DEVICES.items()):
+        device = tmp_path / name / "bundle"
+        shutil.copytree(tiny_bundle, device)
+        configs[name] = tmp_path / name / "device.toml"
+        token, key = creds[name]
+        _cli("device", "init", "--server", server.url, "--name", name, "--token", token, "--key", key,
+             "--server-key", server_key, "--bundle", str(device), "--profile", str(profile),
+             "--config", str(configs[name]))
+        train = _classes(tmp_path / name / "train", first, classes, seed=10 + i, per_class=12)
+        data[name] = _classes(tmp_path / name / "test", first, classes, seed=20 + i, per_class=10)
+        _classes(heldout, first, classes, seed=30 + i, per_class=6)
+        _cli("adapt", "--config", str(configs[name]), "--data", str(train), "--epochs", "2", "--seed", str(i), "-q")
+        own[name] = json.loads(_cli("eval", str(device), "--data", str(data[name]), "--head", "ncm", "--json"))
+        path = tmp_path / name / "delta.safetensors"
+        out = _cli("delta", str(device), "-o", str(path), "--config", str(configs[name]))
+        d = delta_format.load_file(path, delta_format.parse_key(key))
+        # its own classes' stored exemplars only, bounded by what it counted, and their size reported
+        assert d.exemplars is not None and sorted(d.exemplars.classes) == sorted(classes), d.exemplars.classes
+        header = delta_format.read_header(path)
+        assert header.metadata["format_version"] == "4"
+        assert f"shares {len(d.exemplars.labels)} exemplar images of 2 class(es): {header.exemplar_bytes:,} B" in out
+        sizes[name] = path.stat().st_size
+        print(f"{name}: delta {sizes[name]:,} B, of which shared exemplars {header.exemplar_bytes:,} B "
+              f"({len(d.exemplars.labels)} images)")
+        assert "sent" in _cli("push", str(path), "--config", str(configs[name]))
+
+    # One command: the host embeds the shared images under the candidate; every device class is exact, so
+    # no device has to answer `edgecl restat`: v2 is judged by the full gate and published now.
+    out = _cli("release", str(tiny_bundle), "--heldout", str(heldout), "--server", server.url, "--token", admin,
+               "--tolerance", str(ACCURACY_TOLERANCE), "--exclude-device", "line-c", "--json")
+    report = json.loads(out[out.index("{"):])
+    assert report["published"] and report["stage"] == "released" and report["not_judged"] == [], report
+    for name, (_, classes) in DEVICES.items():
+        row = report["statistics"][name]
+        assert row["source"] == "shared exemplars" and sorted(row["classes"]) == sorted(classes), row
+        assert report["groups"][f"device:{name}"]["judged"], report["groups"]
+    admin_h = {"Authorization": f"Bearer {admin}"}
+    released = httpx.get(server.url + "/v1/releases", params={"bundle_id": manifest.bundle_id},
+                         headers=admin_h).json()["releases"]
+    assert [(r["bundle_id"], r["version"]) for r in released] == [(manifest.bundle_id, 2)]
+    # v2 ships the fleet's exemplars: the calibration classes' and both devices', listed and hashed.
+    v2 = httpx.get(server.url + f"/v1/bundles/{manifest.bundle_id}/2/files/manifest.json", headers=admin_h).json()
+    shipped_bytes = httpx.get(server.url + f"/v1/bundles/{manifest.bundle_id}/2/files/{mf.EXEMPLARS}",
+                              headers=admin_h).content
+    assert v2["files"][mf.EXEMPLARS] == hashlib.sha256(shipped_bytes).hexdigest()
+    shipped = ExemplarMemory.from_bytes(shipped_bytes)
+    fleet_classes = [c for _, cs in DEVICES.values() for c in cs]
+    assert set(manifest.classes) | set(fleet_classes) <= set(shipped.classes), shipped.classes
+    assert set(fleet_classes) <= set(v2["classes"])
+
+    # Both devices pull v2; it classifies each device's data no worse than the device did.
+    for name in DEVICES:
+        pulled = json.loads(_cli("pull", "--config", str(configs[name]), "--json"))
+        assert pulled["status"] == "upgraded" and pulled["version"] == 2, pulled
+        got = json.loads(_cli("eval", pulled["bundle_dir"], "--data", str(data[name]), "--head", "ncm", "--json"))
+        print(f"{name}: device {own[name]['accuracy']:.3f}  v2 {got['accuracy']:.3f}")
+        assert got["accuracy"] >= own[name]["accuracy"] - ACCURACY_TOLERANCE, (name, own[name], got)
+
+    # line-a's next adaptation (new images of its own classes) replays line-b's classes from v2's exemplars.
+    more = _classes(tmp_path / "line-a" / "more", DEVICES["line-a"][0], DEVICES["line-a"][1], seed=40, per_class=8)
+    out = _cli("adapt", "--config", str(configs["line-a"]), "--data", str(more), "--epochs", "1", "--json")
+    adapted = json.loads(out[out.index("{"):])
+    replayed = adapted["replayed_classes"]
+    for other in DEVICES["line-b"][1]:
+        assert replayed.get(other, 0) > 0, replayed
+
+
+def test_a_mixed_round_waits_only_for_the_devices_that_keep_their_images(tmp_path: Path, tiny_bundle: Path,
+                                                                          fleet) -> None:  # noqa: F811
+    """line-a shares its exemplars, line-b keeps its images (the default profile): phase 1 sends the
+    candidate; only line-b answers `edgecl restat`; --finish takes line-a's classes from its shared images
+    (exact under the candidate) and line-b's from its answer, judges both and publishes."""
+    server, store, creds, admin, server_key = fleet
+    manifest = mf.load_manifest(tiny_bundle)
+    sharing = tmp_path / "sharing.toml"
+    sharing.write_text('name = "sharing"\nstore_images = true\nshare_exemplars = true\n')
+    configs: dict[str, Path] = {}
+    heldout = tmp_path / "heldout"
+    write_image_folder(heldout, classes=3, per_class=6, seed=99)
+    for i, (name, (first, classes)) in enumerate(DEVICES.items()):
+        device = tmp_path / name / "bundle"
+        shutil.copytree(tiny_bundle, device)
+        configs[name] = tmp_path / name / "device.toml"
+        token, key = creds[name]
+        _cli("device", "init", "--server", server.url, "--name", name, "--token", token, "--key", key,
+             "--server-key", server_key, "--bundle", str(device), "--config", str(configs[name]),
+             *(["--profile", str(sharing)] if name == "line-a" else []))
+        train = _classes(tmp_path / name / "train", first, classes, seed=10 + i, per_class=12)
+        _classes(heldout, first, classes, seed=30 + i, per_class=6)
+        _cli("adapt", "--config", str(configs[name]), "--data", str(train), "--epochs", "2", "--seed", str(i), "-q")
+        path = tmp_path / name / "delta.safetensors"
+        _cli("delta", str(device), "-o", str(path), "--config", str(configs[name]))
+        assert (delta_format.load_file(path).exemplars is not None) == (name == "line-a")
+        assert "sent" in _cli("push", str(path), "--config", str(configs[name]))
+    gate = ["release", str(tiny_bundle), "--heldout", str(heldout), "--server", server.url, "--token", admin,
+            "--tolerance", str(ACCURACY_TOLERANCE), "--exclude-device", "line-c"]
+    out = _cli(*gate, "--json")
+    first = json.loads(out[out.index("{"):])
+    assert first["stage"] == "candidate" and first["not_judged"] == ["device:line-b"], first
+    assert first["statistics"]["line-a"]["source"] == "shared exemplars"
+    sent = json.loads(_cli("restat", "--config", str(configs["line-b"]), "--json"))
+    assert sent["status"] == "sent", sent
+    # --wait-s waits for line-b only (it answered): line-a, covered by its shared images, is never waited for,
+    # so --finish returns long before the 600 s a missing answer would hold it
+    started = time.monotonic()
+    out = _cli(*gate, "--finish", "--wait-s", "600", "--json")
+    assert time.monotonic() - started < 400
+    finished = json.loads(out[out.index("{"):])
+    assert finished["published"] and finished["not_judged"] == [], finished
+    assert finished["statistics"]["line-a"]["source"] == "shared exemplars", finished["statistics"]
+    assert finished["statistics"]["line-b"]["answered"], finished["statistics"]
+    admin_h = {"Authorization": f"Bearer {admin}"}
+    v2 = httpx.get(server.url + f"/v1/bundles/{manifest.bundle_id}/2/files/manifest.json", headers=admin_h).json()
+    assert set(DEVICES["line-a"][1]) | set(DEVICES["line-b"][1]) <= set(v2["classes"])
+    shipped = ExemplarMemory.from_bytes(httpx.get(
+        server.url + f"/v1/bundles/{manifest.bundle_id}/2/files/{mf.EXEMPLARS}", headers=admin_h).content)
+    # only the images line-a shared travel: line-b's stay on line-b
+    assert set(DEVICES["line-a"][1]) <= set(shipped.classes) and not set(DEVICES["line-b"][1]) & set(shipped.classes)
