@@ -46,6 +46,7 @@ from edgecl.formats.delta import MERGE_DEVICE_ID, NAME_RE
 from edgecl.server.blobs import (
     BLOB_BACKENDS,
     BLOB_SCHEMA_POSTGRESQL,
+    BLOB_STORAGE_POSTGRESQL,
     BlobError,
     BlobStore,
     DatabaseBlobs,
@@ -250,6 +251,10 @@ class Store:
             if kind == "database":
                 for statement in filter(str.strip, BLOB_SCHEMA_POSTGRESQL.split(";")):
                     cur.execute(statement)
+                storage, make_external = BLOB_STORAGE_POSTGRESQL
+                cur.execute(storage)
+                if cur.fetchone()[0] != "e":
+                    cur.execute(make_external)
         folder = FolderBlobs(self.root)
         self.blobs: BlobStore = DatabaseBlobs(self._cursor, folder) if kind == "database" else folder
         self._folder = folder
