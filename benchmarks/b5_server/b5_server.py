@@ -20,6 +20,8 @@ Writes benchmarks/out/b5_server.json and .png (b5_server_postgresql.* with --db)
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import hashlib
 import http.client
 import json
@@ -31,7 +33,6 @@ import socket
 import subprocess
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -77,11 +78,12 @@ def make_delta_bytes(manifest: dict, device: str, key: bytes, seed: int, changed
     rng = np.random.default_rng(seed)
     k = manifest["selected"]
     vector = np.where(rng.random(k) < changed, rng.normal(0, 1e-3, k), 0).astype(np.float32)
-    protos = Prototypes(list(CLASSES), rng.normal(size=(len(CLASSES), EMBED_DIM)).astype(np.float32),
-                        rng.integers(20, 300, len(CLASSES)))
+    counts = rng.integers(20, 300, len(CLASSES))
+    protos = Prototypes(list(CLASSES), rng.normal(size=(len(CLASSES), EMBED_DIM)).astype(np.float32), counts)
+    # the device saw every image its classes count (the server refuses a class counting more: count_over_seen)
     delta = D.Delta.from_dense(vector, bundle_id=manifest["bundle_id"], bundle_version=1,
                                base_sha256=manifest["base_sha256"], mask_sha256=manifest["mask_sha256"],
-                               device_id=device, steps=100, samples_seen=int(rng.integers(100, 3000)),
+                               device_id=device, steps=100, samples_seen=int(counts.sum()),
                                metrics={"acc": 0.9}, created_utc="2025-06-01T00:00:00Z", prototypes=protos)
     return D.save(delta, key, values=values)
 
@@ -156,52 +158,73 @@ def start_server(store_dir: Path, db: str | None, port: int, workers: int, blobs
     raise RuntimeError("the server did not start")
 
 
-def start_postgres(work: Path) -> tuple[str, Any]:
-    """A throwaway PostgreSQL on a free loopback port (as the test suite starts it); (url, stop)."""
-    import glob
-    import tempfile
+def request_bytes(data: bytes, token: str) -> bytes:
+    """The whole HTTP request of one push, encoded once before the clock starts: the same bytes an
+    ``edgecl push`` sends (POST /v1/deltas, the device's bearer token, the delta file as the body)."""
+    head = (f"POST /v1/deltas HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n"
+            f"Content-Type: application/octet-stream\r\nContent-Length: {len(data)}\r\n\r\n")
+    return head.encode() + data
 
-    pg_bin = next((Path(c) for c in sorted(glob.glob("/usr/lib/postgresql/*/bin"), reverse=True)
-                   if (Path(c) / "initdb").exists()), None)
-    if pg_bin is None:
-        raise SystemExit("PostgreSQL binaries not found (apt-get install postgresql)")
-    as_root = os.geteuid() == 0
-    root = Path(tempfile.mkdtemp(prefix="edgecl-b5-pg-"))
-    prefix = ["runuser", "-u", "nobody", "--"] if as_root else []
-    if as_root:
-        shutil.chown(root, "nobody")
-    data, sock = root / "data", root / "sock"
-    subprocess.run(prefix + [str(pg_bin / "initdb"), "-D", str(data), "-U", "edgecl", "--auth=trust", "-E", "UTF8"],
-                   check=True, capture_output=True, timeout=120)
-    sock.mkdir()
-    if as_root:
-        shutil.chown(sock, "nobody")
-    port = free_port()
-    log = open(work / "postgres.log", "wb")  # noqa: SIM115 - closed by stop()
-    proc = subprocess.Popen(prefix + [str(pg_bin / "postgres"), "-D", str(data), "-p", str(port), "-k", str(sock),
-                                      "-c", "listen_addresses=127.0.0.1", "-c", "max_connections=600"],
-                            stdout=log, stderr=log)
-    url = f"postgresql://edgecl@127.0.0.1:{port}/postgres"
-    import psycopg
 
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            psycopg.connect(url, connect_timeout=2).close()
-            break
-        except psycopg.OperationalError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
+async def _exchange(port: int, conn: list[Any], request: bytes) -> tuple[int, dict[str, Any]]:
+    """One request on the client's keep-alive connection (opened again when the server closed it)."""
+    if not conn:
+        conn.extend(await asyncio.open_connection("127.0.0.1", port))
+    reader, writer = conn
+    writer.write(request)
+    await writer.drain()
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {k.strip().lower(): v.strip() for k, v in (line.split(":", 1) for line in lines[1:] if ":" in line)}
+    body = json.loads(await reader.readexactly(int(headers.get("content-length", "0"))) or b"{}")
+    if headers.get("connection", "").lower() == "close":
+        writer.close()
+        conn.clear()
+    return status, body
 
-    def stop() -> None:
-        subprocess.run(prefix + [str(pg_bin / "pg_ctl"), "stop", "-D", str(data), "-m", "fast"],
-                       capture_output=True, timeout=60)
-        proc.wait(30)
-        log.close()
-        shutil.rmtree(root, ignore_errors=True)
 
-    return url, stop
+async def push_all(plans: dict[str, list[tuple[bytes, str, str]]], port_of: dict[str, int], rate: float,
+                   max_seconds: float) -> tuple[list[dict[str, Any]], float]:
+    """Every client's pushes on its own keep-alive connection, all clients in this one event loop
+    (asyncio streams, requests encoded beforehand: the load generator shares the machine's cores
+    with the server and must cost it as little CPU as possible).
+
+    ``rate`` 0: each client pushes back to back (closed loop: the server's throughput; with many
+    clients the latency is mostly waiting in line). ``rate`` R: pushes are scheduled at R per
+    second overall (client i's j-th push at (j * clients + i) / R), and a latency counts from the
+    scheduled time, so a push that had to wait for its client's previous one counts its wait too.
+    Returns the records and the wall seconds from the first push to the last answer."""
+    try:
+        import uvloop  # the server extra's event loop, when installed: a lighter client
+
+        asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    except ImportError:
+        pass
+    devices = list(plans)
+    encoded = {d: [(request_bytes(data, token), data, expected) for data, token, expected in plans[d]] for d in devices}
+    t0 = time.perf_counter()
+    deadline = t0 + max_seconds
+
+    async def client(i: int, device: str) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        conn: list[Any] = []
+        for j, (request, data, expected) in enumerate(encoded[device]):
+            now = time.perf_counter()
+            if now > deadline:
+                break
+            scheduled = t0 + (j * len(devices) + i) / rate if rate else now
+            if scheduled > now:
+                await asyncio.sleep(scheduled - now)
+            status, body = await _exchange(port_of[device], conn, request)
+            out.append({"latency_s": time.perf_counter() - scheduled, "status": status, "expected": expected,
+                        "error": body.get("error", ""), "sha256": body.get("sha256", ""), "data": data})
+        if conn:
+            conn[1].close()
+        return out
+
+    parts = await asyncio.gather(*(client(i, d) for i, d in enumerate(devices)))
+    return [r for part in parts for r in part], time.perf_counter() - t0
 
 
 def machine() -> dict[str, Any]:
@@ -228,6 +251,8 @@ def main() -> None:
     parser.add_argument("--db", default=None, help="postgresql://... (default: SQLite in the store folder)")
     parser.add_argument("--workers", type=int, default=1, help="server processes (edgecl serve --workers)")
     parser.add_argument("--max-seconds", type=float, default=300.0, help="bound on the load phase")
+    parser.add_argument("--rate", type=float, default=0.0,
+                        help="offered pushes/s over all clients (0: every client pushes back to back)")
     parser.add_argument("--kill9-clients", type=int, default=8, help="clients of the kill -9 phase (0: skip it)")
     parser.add_argument("--start-postgres", action="store_true", help="start a throwaway PostgreSQL for --db")
     parser.add_argument("--replicas", type=int, default=1, help="API servers, each with its own folder, blobs in "
@@ -238,14 +263,13 @@ def main() -> None:
     work = OUT / "b5"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    stop_postgres = None
-    if args.start_postgres:
-        args.db, stop_postgres = start_postgres(work)
-    try:
+    with contextlib.ExitStack() as stack:
+        if args.start_postgres:
+            from benchmarks.shared.postgres import throwaway_postgres
+
+            # max_connections: one per client-serving thread of every API process, and spare
+            args.db = stack.enter_context(throwaway_postgres(max_connections=600))
         run(args, work)
-    finally:
-        if stop_postgres is not None:
-            stop_postgres()
 
 
 def run(args: argparse.Namespace, work: Path) -> None:
@@ -293,35 +317,13 @@ def run(args: argparse.Namespace, work: Path) -> None:
                              cap) for i, p in enumerate(ports)]
     proc, port = replicas[0], ports[0]
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + args.max_seconds
     replica_of = {device: ports[i % len(ports)] for i, device in enumerate(plans)}
 
-    def client(device: str) -> list[dict[str, Any]]:
-        # http.client, not httpx: the clients share the machine's cores with the server, and a
-        # heavier client library measurably steals CPU from the thing being measured.
-        out = []
-        conn = http.client.HTTPConnection("127.0.0.1", replica_of[device], timeout=30)
-        for data, token, expected in plans[device]:
-            if time.monotonic() > deadline:
-                break
-            t0 = time.perf_counter()
-            conn.request("POST", "/v1/deltas", body=data, headers={"Authorization": f"Bearer {token}",
-                                                                  "Content-Type": "application/octet-stream"})
-            response = conn.getresponse()
-            body = json.loads(response.read())
-            latency = time.perf_counter() - t0
-            out.append({"latency_s": latency, "status": response.status, "expected": expected,
-                        "error": body.get("error", ""), "sha256": body.get("sha256", ""), "data": data})
-        conn.close()
-        return out
-
     try:
-        print(f"pushing with {args.clients} concurrent clients ...", flush=True)
+        mode = f"at an offered {args.rate:g} pushes/s" if args.rate else "back to back"
+        print(f"pushing with {args.clients} concurrent clients ({mode}) ...", flush=True)
         server_cpu0, client_cpu0 = sum(_cpu_s(r.pid) for r in replicas), _own_cpu_s()
-        started = time.perf_counter()
-        with ThreadPoolExecutor(args.clients) as pool:
-            records = [r for part in pool.map(client, list(plans)) for r in part]
-        wall_s = time.perf_counter() - started
+        records, wall_s = asyncio.run(push_all(plans, replica_of, args.rate, args.max_seconds))
         server_cpu_s = sum(_cpu_s(r.pid) for r in replicas) - server_cpu0
         client_cpu_s = _own_cpu_s() - client_cpu0
 

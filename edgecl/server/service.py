@@ -175,9 +175,8 @@ def accept_delta(store: Store, data: bytes, header: D.DeltaHeader, device: Devic
         D.check_length(header, len(data))
         D.verify_body(header, memoryview(data)[8 + header.header_bytes:])
         D.verify_hmac(header, device.hmac_key)
-        if store.has_delta(sha256):
-            store.touch_device(device.name, "push", header.bundle_id, header.bundle_version)
-            return Accepted(sha256, False)
+        # No "already stored?" query first: a repeated push (a retry whose answer was lost) is
+        # checked like a new one and the insert reports it (one database round trip per push).
         delta = D.decode(header, data)        # positions in range, finite values and prototypes
     except D.DeltaError as exc:
         raise Rejected.from_delta_error(exc) from exc

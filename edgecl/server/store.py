@@ -46,6 +46,7 @@ from edgecl.formats.delta import MERGE_DEVICE_ID, NAME_RE
 from edgecl.server.blobs import (
     BLOB_BACKENDS,
     BLOB_SCHEMA_POSTGRESQL,
+    BLOB_STORAGE_POSTGRESQL,
     BlobError,
     BlobStore,
     DatabaseBlobs,
@@ -266,6 +267,10 @@ class Store:
             if kind == "database":
                 for statement in filter(str.strip, BLOB_SCHEMA_POSTGRESQL.split(";")):
                     cur.execute(statement)
+                storage, make_external = BLOB_STORAGE_POSTGRESQL
+                cur.execute(storage)
+                if cur.fetchone()[0] != "e":
+                    cur.execute(make_external)
         folder = FolderBlobs(self.root)
         self.blobs: BlobStore = DatabaseBlobs(self._cursor, folder) if kind == "database" else folder
         self._folder = folder
@@ -686,37 +691,34 @@ class Store:
 
     # -- deltas ----------------------------------------------------------------------------------------
     def put_delta(self, data: bytes, sha256: str, row: dict[str, Any]) -> bool:
-        """Store an accepted delta durably; False when these exact bytes were already stored."""
+        """Store an accepted delta durably; False when these exact bytes were already stored. The
+        push is also the device's heartbeat, committed with the row."""
         in_database = isinstance(self.blobs, DatabaseBlobs)
         if not in_database:
-            self.put_blob(data, sha256)
+            self.put_blob(data, sha256)         # durable before its row: a row never names missing bytes
         sql = ("INSERT INTO deltas (sha256, bundle_id, version, device, size_bytes, steps, samples_seen, "
                "values_dtype, created_utc, received_ns, heldout) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) "
                "ON CONFLICT (sha256) DO NOTHING")
         heldout = row.get("heldout") or ""
         args = (sha256, row["bundle_id"], row["version"], row["device"], len(data), row["steps"],
                 row["samples_seen"], row["values_dtype"], row["created_utc"], time.time_ns(), heldout)
-        statements = [(sql, args)]
-        if row["device"] != MERGE_DEVICE_ID:    # the push is the device's heartbeat, in the same commit
-            statements.append(self._touch_sql(row["device"], "push", row["bundle_id"], row["version"], heldout))
+        touch = (self._touch_sql(row["device"], "push", row["bundle_id"], row["version"], heldout)
+                 if row["device"] != MERGE_DEVICE_ID else None)
         if self.dialect == "sqlite":
-            return self._group_commit(statements) == 1
-        if len(statements) == 1:
-            if in_database:
-                self.put_blob(data, sha256)
-            with self._cursor() as cur:
-                cur.execute(sql, args)
-                return cur.rowcount == 1
-        # PostgreSQL: the row and the heartbeat in ONE statement (a data-modifying CTE): one round
-        # trip and one commit (one WAL flush) per push, instead of four round trips.
-        touch_sql, touch_args = statements[1]
-        # --blobs database: the bytes, the row and the heartbeat in one transaction (one commit).
-        with self._cursor(transaction=in_database) as cur:
-            if in_database:
-                DatabaseBlobs.insert_with(cur, sha256, len(data), DatabaseBlobs.chunks_of(data))
-            cur.execute(f"WITH ins AS ({sql} RETURNING 1), hb AS ({touch_sql} RETURNING 1) "
-                        "SELECT (SELECT COUNT(*) FROM ins), (SELECT COUNT(*) FROM hb)", args + touch_args)
-            # (no local copy written here: a replica caches a blob when it first serves it)
+            return self._group_commit([(sql, args)] + ([touch] if touch else [])) == 1
+        # PostgreSQL: everything in ONE statement (data-modifying CTEs, each run exactly once):
+        # with --blobs database the bytes' chunks and blob row, then the delta row and the
+        # heartbeat. One round trip and one commit (one WAL flush) per push; autocommit makes the
+        # statement its own transaction, so the bytes and their row commit together or not at all.
+        ctes, params = DatabaseBlobs.insert_ctes(sha256, data) if in_database else ([], [])
+        ctes.append(f"delta_in AS ({sql} RETURNING 1)")
+        params.extend(args)
+        if touch is not None:
+            ctes.append(f"heartbeat AS ({touch[0]})")
+            params.extend(touch[1])
+        # (no local copy written with --blobs database: a replica caches a blob when it first serves it)
+        with self._cursor() as cur:
+            cur.execute(f"WITH {', '.join(ctes)} SELECT COUNT(*) FROM delta_in", tuple(params))
             return int(cur.fetchone()[0]) == 1
 
     def _group_commit(self, statements: list[tuple[str, tuple]]) -> int:
@@ -766,11 +768,6 @@ class Store:
                 continue
             for (_, future), count in zip(batch, counts, strict=True):
                 future.set_result(count)
-
-    def has_delta(self, sha256: str) -> bool:
-        with self._cursor() as cur:
-            cur.execute("SELECT 1 FROM deltas WHERE sha256 = ?", (sha256,))
-            return cur.fetchone() is not None
 
     def delta_row(self, sha256: str) -> dict[str, Any] | None:
         rows = self._select_deltas(" WHERE sha256 = ?", (sha256,))
