@@ -47,7 +47,7 @@ def adapt(
                                                       "--select-lr.")] = 0.2,
     head: Annotated[str, typer.Option(help="Head the gate scores with: auto (= lda), ncm or lda.")] = "auto",
     max_old_drop: Annotated[float | None, typer.Option(help="Points the old classes may lose on their held-out "
-                                                            "images; more refuses the epoch.")] = None,
+                                                            "images (95% upper bound); more refuses the epoch.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar.")] = False,
     config: ConfigOpt = None,
@@ -137,6 +137,13 @@ def _gate_lines(r: Any, bundle: Path) -> list[str]:
     g = r.gate
     adapted, frozen = g["adapted_accuracy"], g["prototypes_only_accuracy"]
     images = g["held_out_images"]
+    if g.get("max_old_drop") is not None and not g.get("epochs"):
+        return [f"  old classes guarded (--max-old-drop {g['max_old_drop']:g} points): {g['old_held_out_images']} "
+                f"held-out stored images of the old classes cannot bound the drop under that (losing none, "
+                f"{g['old_drop_upper_best_case']:.1f} points at {g['old_confidence']:.0%}; it takes "
+                f"{g['old_images_needed'] or 'more than any number of'} images): nothing was trained",
+                f"  -> kept the UNCHANGED backbone ({100 * frozen:.1f}% on {images} held-out images); the new "
+                "classes were added from it"]
     lines = [f"  do-no-harm check on {images} held-out images (not trained on), {g['head']} head: adapted backbone "
              f"{100 * adapted:.1f}% (after epoch {g['adapted_epochs']}) vs unchanged backbone {100 * frozen:.1f}%"]
     if g["kept"] != "adapted":
@@ -152,8 +159,12 @@ def _gate_lines(r: Any, bundle: Path) -> list[str]:
         if loss is not None:
             lines.append(f"  loss at the end of the kept epoch {r.kept_epochs}: {loss:.4f}")
     if g.get("max_old_drop") is not None and g.get("prototypes_only_old_accuracy") is not None:
+        kept = [e for e in g.get("epochs") or [] if e.get("epochs") == g["adapted_epochs"]]
+        bound = (f"; the kept epoch's 95% bound on their drop {kept[0]['old_drop_upper']:.1f} points"
+                 if kept and g["kept"] == "adapted" and "old_drop_upper" in kept[0] else "")
         lines.append(f"  old classes guarded (--max-old-drop {g['max_old_drop']:g} points): unchanged backbone "
-                     f"{100 * g['prototypes_only_old_accuracy']:.1f}% on their held-out stored images")
+                     f"{100 * g['prototypes_only_old_accuracy']:.1f}% on their {g.get('old_held_out_images', '')} "
+                     f"held-out stored images{bound}")
     before, after = g.get("before_per_class") or {}, g.get("after_per_class") or {}
     drops = [(c, before[c], after[c]) for c in before if c in after and after[c] < before[c]]
     if drops:

@@ -61,6 +61,9 @@ def arm_settings(exp: experiments.Experiment, arm: experiments.Arm) -> tuple[dic
 
 
 EDGECL_GATE = "last epoch, else the best earlier one not worse"  # since 2026-12-02 (before: last epoch or nothing)
+# --max-old-drop judges a 95% upper bound on the old classes' drop since 2026-12-06 08:40 (before: the
+# observed drop on their held-out exemplars): guarded runs made under the earlier rule are not reused
+OLD_GUARD = "95% upper bound on the drop"
 
 
 def run_key(exp: experiments.Experiment, arm: experiments.Arm, lr: float | None, seed: int) -> dict[str, Any]:
@@ -70,7 +73,7 @@ def run_key(exp: experiments.Experiment, arm: experiments.Arm, lr: float | None,
             # max_old_drop enters the key only when set, so runs made before it existed are still reused
             "rules": {k: v for k, v in dataclasses.asdict(rules).items() if k != "max_old_drop"}
             | {"heads": list(rules.heads)}
-            | ({"max_old_drop": rules.max_old_drop} if rules.max_old_drop is not None else {}),
+            | ({"max_old_drop": rules.max_old_drop, "old_guard": OLD_GUARD} if rules.max_old_drop is not None else {}),
             "head_grid": {"lda": list(LDA_SHRINKAGE), "ranpac": list(RANPAC_RIDGE)},
             # the device's do-no-harm gate rule: runs made under an earlier rule are not reused
             **({"gate": EDGECL_GATE} if arm.method == "edgecl" else {})}

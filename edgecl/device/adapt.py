@@ -33,7 +33,7 @@ from edgecl.progress import phase, progress_bar
 
 from .episode import Episode, open_episode, replay_repeats, start_trainable
 from .infer import resolve_profile
-from .noharm import Verdict, judge, select_lr
+from .noharm import Verdict, guard_precheck, judge, select_lr
 from .ort import StepSession, check_provider
 from .plan import AdaptOptions, Plan, resolve_plan
 from .poststeps import Heads
@@ -102,9 +102,15 @@ def adapt(bundle_dir: str | Path, data_dir: str | Path, options: AdaptOptions | 
 def run_adaptation(episode: Episode, run_dir: RunDir, resume: bool) -> AdaptReport:
     plan, state, selection = prepare_run(episode, run_dir, resume)
     resumed_from = state.step if resume and state.step else None
-    records = train_episode(episode, plan, state, run_dir)
-    phase("the do-no-harm check on the held-out images", plan.progress)
-    verdict = judge(episode, plan, state, run_dir)
+    # --max-old-drop with too few held-out old images to ever pass: refused before training, not after it
+    verdict = guard_precheck(episode, plan)
+    if verdict is None:
+        records = train_episode(episode, plan, state, run_dir)
+        phase("the do-no-harm check on the held-out images", plan.progress)
+        verdict = judge(episode, plan, state, run_dir)
+    else:
+        records = []
+        run_dir.log_path.touch()  # the generation's (empty) step log
     phase("class statistics under the kept backbone", plan.progress)
     heads = episode.post_steps(verdict.kept_delta)
     heads.lda.calibration = episode.calibration(verdict.kept_delta)
