@@ -38,14 +38,16 @@ import numpy as np
 
 from edgecl.errors import DataError, EdgeclError
 from edgecl.formats.config import DeviceProfile
-from edgecl.formats.images import IMAGE_SUFFIXES, load_rgb
+from edgecl.formats.images import IMAGE_SUFFIXES, load_input
+from edgecl.formats.preprocess import Preprocess
 
 from .drift import DriftMonitor
-from .infer import ServingState, create_runner, describe, need_prototypes, resolve_profile
+from .infer import ServingState, create_runner, describe, need_prototypes, resolve_profile, warm_runner
 from .review import QueueLimits, ReviewQueue, review_dir
 from .state import HEAD, OpenBundle, load_current, open_bundle, read_head
 
 _PARTIAL_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", ".swp")
+_JSON = json.JSONEncoder(allow_nan=False, separators=(",", ":"))  # one encoder, not one per line
 
 
 @dataclass
@@ -124,23 +126,22 @@ class StateFollower:
     """The committed state to serve, reloaded when HEAD.json (or the config's bundle) changes."""
 
     def __init__(self, bundle_dir: Path, profile: str | Path | DeviceProfile | None, head: str | Enum,
-                 follow_config: bool = True) -> None:
+                 follow_config: bool = True, batch: int | None = None) -> None:
         self.bundle_dir = Path(bundle_dir).resolve()
-        self._profile_arg, self._head = profile, head
+        self._profile_arg, self._head, self._batch = profile, head, batch
         self._config = _config_path_following(self.bundle_dir) if follow_config else None
         self._config_key: tuple[int, int] | None = None
         self._head_key: tuple[int, int, int] | None = None
         self.bundle: OpenBundle = open_bundle(self.bundle_dir)
         self.profile: DeviceProfile = resolve_profile(profile, self.bundle)
-        self.runner = create_runner(self.bundle, self.profile)
+        self.runner = create_runner(self.bundle, self.profile, batch)
         state = load_current(self.bundle)
         need_prototypes(state.prototypes, self.bundle)
         self.serving: ServingState = ServingState.create(self.bundle, state, head)
         self._head_key = self._head_stat()
-        # Build the inference session now (one blank image): the first camera image is then answered as
-        # fast as the rest (B8's p99 otherwise holds the ~0.15 s session build).
-        h, w = self.bundle.manifest.input_size
-        self.serving.classify(self.runner, self.bundle, np.zeros((1, int(h), int(w), 3), np.uint8))
+        # Build the inference sessions now (blank images): the first camera image is then answered as
+        # fast as the rest (B8's p99 otherwise holds the ~0.15 s session builds).
+        warm_runner(self.runner, self.bundle, state.delta)
         self.reloads = 0
         self.last_error: str | None = None
 
@@ -199,7 +200,7 @@ class StateFollower:
             return False
         self.bundle_dir, self.bundle = Path(cfg.bundle).resolve(), bundle
         self.profile = resolve_profile(self._profile_arg, bundle)
-        self.runner = create_runner(bundle, self.profile)
+        self.runner = create_runner(bundle, self.profile, self._batch)
         self._head_key = None
         return True
 
@@ -232,7 +233,7 @@ class RotatingLog:
             path.parent.mkdir(parents=True, exist_ok=True)
 
     def write(self, rows: list[dict[str, Any]]) -> None:
-        text = "".join(json.dumps(r, allow_nan=False, separators=(",", ":")) + "\n" for r in rows)
+        text = "".join(_JSON.encode(r) + "\n" for r in rows)
         if self.path is None:
             self.stream.write(text)
             self.stream.flush()
@@ -280,7 +281,7 @@ class Watcher:
         self.folder = Path(folder)
         if not self.folder.is_dir():
             raise DataError(f"{self.folder} is not a folder", "pass the folder the camera writes images into")
-        self.follower = StateFollower(Path(bundle_dir), profile, opts.head, opts.follow_config)
+        self.follower = StateFollower(Path(bundle_dir), profile, opts.head, opts.follow_config, opts.batch_size)
         self.files = ReadyFiles(self.folder, opts.settle_s)
         self.log = RotatingLog(Path(log) if log else None, int(opts.log_max_mb * 1_000_000), opts.log_keep, stream)
         self.queue = ReviewQueue(review_dir(bundle_dir, opts.review_root), opts.review)
@@ -293,6 +294,7 @@ class Watcher:
         self.on_batch: Callable[[list[dict[str, Any]]], None] | None = None  # tests hook in
         self.policy: AdaptPolicy | None = None  # --adapt-when
         self._backlog: list[Path] = []  # complete files found by the last scan, not served yet
+        self._images: np.ndarray | None = None  # the model's input rows, reused (_input_rows)
 
     def step(self) -> int:
         """One scan and at most one batch; the number of images served."""
@@ -311,10 +313,13 @@ class Watcher:
         started = time.perf_counter()
         follower = self.follower
         m = follower.bundle.manifest
-        pixels, rows, out = [], [], []
-        for path in paths:
+        preprocess = Preprocess.of(m)
+        images = self._input_rows(len(paths), preprocess.input_size)
+        rows: list[Path] = []
+        out: list[dict[str, Any]] = []
+        for path in paths:  # decoded straight into the model's input rows (images.load_input)
             try:
-                pixels.append(load_rgb(path, m.input_size, m.interpolation))
+                load_input(path, preprocess, images[len(rows)])
                 rows.append(path)
             except DataError as exc:
                 if not path.exists():  # removed since the scan (the camera's own cleanup): nothing to answer
@@ -324,18 +329,18 @@ class Watcher:
                 self.files.mark_done(path)
         serving = follower.serving
         if rows:
-            scored = serving.classify(follower.runner, follower.bundle, np.stack(pixels))
-            for i, path in enumerate(rows):
-                answer = describe(serving, scored, i, top_k=3)
-                line = {"time": _utc(), "file": path.name, "class": answer["class"],
-                        "probability": answer["probability"], "unknown": answer["unknown"],
-                        "unknown_score": answer["unknown_score"], "head": answer["head"],
-                        "bundle_version": m.version, "state": answer["state"]}
+            scored = serving.classify_input(follower.runner, images[:len(rows)])
+            now = _utc()  # the batch's answers are ready at once
+            for i, (path, (name, probability, unknown, unknown_score)) in enumerate(
+                    zip(rows, serving.top1(scored), strict=True)):
+                line = {"time": now, "file": path.name, "class": name, "probability": probability,
+                        "unknown": unknown, "unknown_score": unknown_score, "head": serving.head,
+                        "bundle_version": m.version, "state": serving.state.generation or "bundle"}
                 if self.options.pass_classes:
-                    line["pass"] = answer["class"] in self.options.pass_classes and not answer["unknown"]
-                reason = self._queue_reason(answer)
+                    line["pass"] = name in self.options.pass_classes and not unknown
+                reason = self._queue_reason(unknown, probability)
                 if reason is not None:
-                    item = self.queue.add(path, answer, reason)
+                    item = self.queue.add(path, describe(serving, scored, i, top_k=3), reason)
                     line["queued"] = item is not None
                     self.report.queued += item is not None
                     self.report.not_queued += item is None
@@ -354,12 +359,18 @@ class Watcher:
             self.on_batch(out)
         return out
 
-    def _queue_reason(self, answer: dict[str, Any]) -> str | None:
+    def _input_rows(self, n: int, size: tuple[int, int]) -> np.ndarray:
+        """float32 [>= n, 3, H, W], reused from batch to batch (onnxruntime is done with it when run returns)."""
+        shape = (max(n, self.options.batch_size), 3, *size)
+        if self._images is None or self._images.shape != shape:
+            self._images = np.empty(shape, np.float32)
+        return self._images
+
+    def _queue_reason(self, unknown: bool | None, p: float | None) -> str | None:
         if not self.options.queue:
             return None
-        if answer["unknown"]:
+        if unknown:
             return "unknown"
-        p = answer["probability"]
         if p is None or p < self.options.low_confidence:
             return "low-confidence"
         return None
