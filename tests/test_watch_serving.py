@@ -100,3 +100,39 @@ def test_watch_answers_what_predict_answers(bundle_copy: Path, calib_dir: Path, 
         # fixed-batch session); predict's batch of 9 takes the matrix kernel. (1 - cosine: an absolute bound.)
         assert line["probability"] == pytest.approx(answer["probability"], rel=1e-5, abs=1e-6)
         assert line["unknown_score"] == pytest.approx(answer["unknown_score"], rel=1e-5, abs=1e-6)
+
+
+def test_decoding_the_next_batch_ahead_changes_no_answer(bundle_copy: Path, calib_dir: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    from edgecl.device import watch as watch_module
+
+    decoded_in: list[str] = []  # which thread decoded each batch
+    real_decode = watch_module._decode
+
+    def observed(*args: object) -> object:
+        decoded_in.append(threading.current_thread().name)
+        return real_decode(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(watch_module, "_decode", observed)
+    cam = tmp_path / "cam"
+    cam.mkdir()
+    for i, src in enumerate(sorted(p for d in sorted(calib_dir.iterdir()) for p in sorted(d.iterdir()))[:11]):
+        (cam / f"{i:02d}.png").write_bytes(src.read_bytes())
+    (cam / "05-broken.png").write_bytes(b"not an image")  # an unreadable file in a prefetched batch
+    answers = {}
+    for prefetch in (False, True):
+        decoded_in.clear()
+        opts = WatchOptions(settle_s=0.0, poll_s=0.01, batch_size=3, queue=False, prefetch=prefetch)
+        log = tmp_path / f"watch-{prefetch}.jsonl"
+        watcher = Watcher(bundle_copy, cam, opts, log=log)
+        assert (watcher._prefetch is not None) is prefetch
+        report = watcher.run(once=True)
+        assert report.images == 11 and report.unreadable == 1 and len(report.latencies_ms) == 11
+        assert watcher._prefetch is None and watcher._pending is None  # the thread is stopped at the end
+        ahead = [name for name in decoded_in if name.startswith("watch-decode")]
+        assert len(decoded_in) == 4 and len(ahead) == (3 if prefetch else 0)  # 12 files in batches of 3
+        lines = [json.loads(x) for x in log.read_text().splitlines()]
+        answers[prefetch] = sorted((x["file"], x.get("class"), x.get("probability"), x.get("error")) for x in lines)
+    assert answers[True] == answers[False] and len(answers[True]) == 12

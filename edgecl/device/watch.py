@@ -29,6 +29,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -67,6 +68,7 @@ class WatchOptions:
     stats_every_s: float = 10.0          # write the drift statistics at most this often
     heartbeat_s: float = 300.0           # with a device config: send the drift statistics this often (0 = never)
     pass_classes: tuple[str, ...] = ()   # for a line's PLC: "pass" = answered one of these and not unknown
+    prefetch: bool | None = None         # decode the next batch while this one runs; None: when 2+ cores may run
 
 
 # -- 1. complete files ----------------------------------------------------------------------------
@@ -294,7 +296,12 @@ class Watcher:
         self.on_batch: Callable[[list[dict[str, Any]]], None] | None = None  # tests hook in
         self.policy: AdaptPolicy | None = None  # --adapt-when
         self._backlog: list[Path] = []  # complete files found by the last scan, not served yet
-        self._images: np.ndarray | None = None  # the model's input rows, reused (_input_rows)
+        self._inputs: list[np.ndarray] = []  # two sets of the model's input rows, used in turn (_input_rows)
+        self._turn = 0
+        self._prefetch: ThreadPoolExecutor | None = None  # the thread decoding the next batch
+        self._pending: tuple[list[Path], Preprocess, Future[_Decoded]] | None = None
+        if opts.prefetch or (opts.prefetch is None and _cores() > 1 and self.follower.profile.threads != 1):
+            self._prefetch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="watch-decode")
 
     def step(self) -> int:
         """One scan and at most one batch; the number of images served."""
@@ -314,22 +321,25 @@ class Watcher:
         follower = self.follower
         m = follower.bundle.manifest
         preprocess = Preprocess.of(m)
-        images = self._input_rows(len(paths), preprocess.input_size)
-        rows: list[Path] = []
+        pending, self._pending = self._pending, None
+        decoded = pending[2].result() if pending is not None else None  # always waited for: its rows get reused
+        if decoded is None or pending is None or pending[0] != paths or pending[1] != preprocess:
+            decoded = _decode(paths, preprocess, self._input_rows(len(paths), preprocess.input_size))
+        if self._prefetch is not None and self._backlog:
+            # The next batch is decoded (Python + Pillow, under the GIL) while onnxruntime runs this one
+            # (which releases it): on 2+ cores the decoding costs no serving time.
+            upcoming = self._backlog[: self.options.batch_size]
+            buffer = self._input_rows(len(upcoming), preprocess.input_size)
+            self._pending = (upcoming, preprocess, self._prefetch.submit(_decode, upcoming, preprocess, buffer))
         out: list[dict[str, Any]] = []
-        for path in paths:  # decoded straight into the model's input rows (images.load_input)
-            try:
-                load_input(path, preprocess, images[len(rows)])
-                rows.append(path)
-            except DataError as exc:
-                if not path.exists():  # removed since the scan (the camera's own cleanup): nothing to answer
-                    continue
-                out.append({"time": _utc(), "file": path.name, "error": exc.problem})
-                self.report.unreadable += 1
-                self.files.mark_done(path)
+        for path, problem in decoded.errors:
+            out.append({"time": _utc(), "file": path.name, "error": problem})
+            self.report.unreadable += 1
+            self.files.mark_done(path)
+        rows = decoded.rows
         serving = follower.serving
         if rows:
-            scored = serving.classify_input(follower.runner, images[:len(rows)])
+            scored = serving.classify_input(follower.runner, decoded.images)
             now = _utc()  # the batch's answers are ready at once
             for i, (path, (name, probability, unknown, unknown_score)) in enumerate(
                     zip(rows, serving.top1(scored), strict=True)):
@@ -348,11 +358,11 @@ class Watcher:
                 self.files.mark_done(path)
             self.drift.add(scored, serving)
         self.log.write(out)
-        elapsed = time.perf_counter() - started
+        done = time.perf_counter()
         self.report.images += len(rows)
-        self.report.seconds += elapsed
+        self.report.seconds += done - started  # serving time: a prefetch overlaps the previous batch's
         if rows:  # an image's answer waits for its whole batch (decode, inference, log line)
-            self.report.latencies_ms.extend([1000.0 * elapsed] * len(rows))
+            self.report.latencies_ms.extend([1000.0 * (done - decoded.started)] * len(rows))
             del self.report.latencies_ms[:-10_000]  # bounded: the last 10,000 images
         self._save_stats()
         if self.on_batch is not None:
@@ -360,11 +370,24 @@ class Watcher:
         return out
 
     def _input_rows(self, n: int, size: tuple[int, int]) -> np.ndarray:
-        """float32 [>= n, 3, H, W], reused from batch to batch (onnxruntime is done with it when run returns)."""
+        """float32 [>= n, 3, H, W]: two sets reused in turn (one being decoded into while onnxruntime
+        reads the other; onnxruntime is done with its set when run returns)."""
         shape = (max(n, self.options.batch_size), 3, *size)
-        if self._images is None or self._images.shape != shape:
-            self._images = np.empty(shape, np.float32)
-        return self._images
+        self._turn = 1 - self._turn
+        while len(self._inputs) < 2:
+            self._inputs.append(np.empty(shape, np.float32))
+        if self._inputs[self._turn].shape != shape:
+            self._inputs[self._turn] = np.empty(shape, np.float32)
+        return self._inputs[self._turn]
+
+    def close(self) -> None:
+        """Wait for a running prefetch and stop its thread."""
+        if self._pending is not None:
+            self._pending[2].exception()  # wait; its outcome no longer matters
+            self._pending = None
+        if self._prefetch is not None:
+            self._prefetch.shutdown(wait=True)
+            self._prefetch = None
 
     def _queue_reason(self, unknown: bool | None, p: float | None) -> str | None:
         if not self.options.queue:
@@ -438,6 +461,7 @@ class Watcher:
         except KeyboardInterrupt:
             pass
         finally:
+            self.close()
             self._save_stats(force=True)
             if self._heartbeat is not None:
                 self._heartbeat.join(timeout=15)
@@ -454,6 +478,38 @@ def latency_summary(latencies_ms: list[float]) -> dict[str, float | None]:
         return {"p50_ms": None, "p99_ms": None}
     a = np.asarray(latencies_ms)
     return {"p50_ms": float(np.percentile(a, 50)), "p99_ms": float(np.percentile(a, 99))}
+
+
+@dataclass
+class _Decoded:
+    """A batch decoded into the model's input rows (``images``: rows of the files that decoded)."""
+    images: np.ndarray
+    rows: list[Path]
+    errors: list[tuple[Path, str]]  # unreadable files still in the folder, with the problem
+    started: float                  # perf_counter when decoding began: the batch's latency counts from here
+
+
+def _decode(paths: list[Path], preprocess: Preprocess, images: np.ndarray) -> _Decoded:
+    """Decode ``paths`` into ``images`` [>= len(paths), 3, H, W]; touches nothing else (runs in the prefetch thread)."""
+    started = time.perf_counter()
+    rows: list[Path] = []
+    errors: list[tuple[Path, str]] = []
+    for path in paths:
+        try:
+            load_input(path, preprocess, images[len(rows)])
+            rows.append(path)
+        except DataError as exc:
+            if path.exists():  # else removed since the scan (the camera's own cleanup): nothing to answer
+                errors.append((path, exc.problem))
+    return _Decoded(images[: len(rows)], rows, errors, started)
+
+
+def _cores() -> int:
+    """The cores this process may run on (taskset / cgroup affinity where the OS tells)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def _utc() -> str:
