@@ -34,6 +34,26 @@ from edgecl.datasets import SEED, write_fashion_groups  # noqa: E402
 WORKER = Path(__file__).with_name("b8_worker.py")
 
 
+def prepare(images: int, bundle: Path | None) -> tuple[Path, Path, Path]:
+    """(the camera's flat folder of ``images`` PNGs, the same images as class folders, the bundle):
+    written once under out/floor/ and reused; without ``bundle``, one is exported there."""
+    work = OUT / "floor"
+    per_class = max(images // 10, 1)
+    data = write_fashion_groups(work / f"b8-{per_class}", {"all": list(range(10))}, train_per_class=1,
+                                test_per_class=per_class, seed=SEED)
+    camera = work / f"b8-camera-{per_class}"
+    if not camera.is_dir():  # the camera's flat folder
+        camera.mkdir(parents=True)
+        for i, p in enumerate(sorted((data / "all" / "test").rglob("*.png"))):
+            (camera / f"{i:05d}.png").write_bytes(p.read_bytes())
+    if bundle is None:
+        bundle = work / "bundle-b8"
+        if not (bundle / "manifest.json").exists():
+            from edgecl.host.export import ExportOptions, export_bundle
+            export_bundle(RECIPE, data / "all" / "train", bundle, options=ExportOptions(progress=False))
+    return camera, data / "all" / "test", bundle
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--bundle", type=Path, default=None, help="a Lite0 64 px bundle (default: export one)")
@@ -42,20 +62,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=2, help="interleaved runs per side; the fastest is reported")
     args = ap.parse_args()
-    work = OUT / "floor"
-    per_class = max(args.images // 10, 1)
-    data = write_fashion_groups(work / f"b8-{per_class}", {"all": list(range(10))}, train_per_class=1,
-                                test_per_class=per_class, seed=SEED)
-    camera = work / f"b8-camera-{per_class}"
-    if not camera.is_dir():  # the camera's flat folder
-        camera.mkdir(parents=True)
-        for i, p in enumerate(sorted((data / "all" / "test").rglob("*.png"))):
-            (camera / f"{i:05d}.png").write_bytes(p.read_bytes())
-    flat_for_torch = data / "all" / "test"
-    bundle = args.bundle or work / "bundle-b8"
-    if args.bundle is None and not (bundle / "manifest.json").exists():
-        from edgecl.host.export import ExportOptions, export_bundle
-        export_bundle(RECIPE, data / "all" / "train", bundle, options=ExportOptions(progress=False))
+    camera, flat_for_torch, bundle = prepare(args.images, args.bundle)
     load_before = os.getloadavg()
     rows, results = [], []
     for threads in [int(t) for t in args.threads.split(",")]:

@@ -27,6 +27,7 @@ reloading or refactoring the statistics.
 from __future__ import annotations
 
 import json
+import math
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -95,11 +96,20 @@ def _one_line_runtime_errors(what: str) -> Iterator[None]:
                           "re-copy the bundle from the host; if it persists, re-export it") from exc
 
 
-def create_runner(bundle: OpenBundle, profile: DeviceProfile):  # noqa: ANN201 - InferenceRunner
+def create_runner(bundle: OpenBundle, profile: DeviceProfile, batch: int | None = None):  # noqa: ANN201 - InferenceRunner
+    """The inference runner; ``batch``: the batch size most calls will use (a session with it fixed
+    runs them, ort.InferenceRunner)."""
     from .ort import InferenceRunner  # the one module touching onnxruntime
     with _one_line_runtime_errors(mf.INFERENCE_MODEL):
         return InferenceRunner(bundle.path(mf.INFERENCE_MODEL), bundle.path(mf.WEIGHTS), bundle.mask,
-                               threads=profile.threads, provider=profile.execution_provider)
+                               threads=profile.threads, provider=profile.execution_provider, batch=batch)
+
+
+def warm_runner(runner, bundle: OpenBundle, delta: np.ndarray) -> None:  # noqa: ANN001
+    """Build the runner's sessions at ``delta`` before the first real image (ort.InferenceRunner.warm)."""
+    m = bundle.manifest
+    with _one_line_runtime_errors(mf.INFERENCE_MODEL):
+        runner.warm(delta, m.embedding_dim, m.input_size)
 
 
 def embed_and_score(runner, bundle: OpenBundle, pixels: np.ndarray, delta: np.ndarray,  # noqa: ANN001
@@ -214,6 +224,22 @@ class ServingState:
                                               on_batch)
         return self.score(embeddings, cosines)
 
+    def classify_input(self, runner, images: np.ndarray) -> Scored:  # noqa: ANN001
+        """One batch already preprocessed (float32 [N, 3, H, W], ``Preprocess``) -> Scored."""
+        with _one_line_runtime_errors(mf.INFERENCE_MODEL):
+            embeddings, cosines = runner.run(images, self.state.delta, self.state.prototypes.means)
+        return self.score(embeddings, cosines)
+
+    def top1(self, scored: Scored) -> list[tuple[str, float | None, bool | None, float | None]]:
+        """Per row (class, probability, unknown, unknown_score): ``describe``'s top answer for the whole
+        batch at once (the same class on ties and NaN scores; non-finite numbers are None)."""
+        best = np.nan_to_num(scored.scores, nan=-np.inf).argmax(axis=1)  # describe's stable sort: first maximum
+        probability = scored.probabilities[np.arange(len(best)), best]
+        unknown = [None] * len(best) if scored.unknown is None else [bool(u) for u in scored.unknown]
+        return [(self.classes[j], finite_or_none(p), u, finite_or_none(s))
+                for j, p, u, s in zip(best.tolist(), probability.tolist(), unknown, scored.unknown_scores.tolist(),
+                                      strict=True)]
+
 
 def bundle_calibration(bundle: OpenBundle, state: DeviceState) -> dict[str, Any] | None:
     """The bundle's own calibration (`edgecl export`), valid only while the state is the bundle's."""
@@ -242,7 +268,7 @@ def probabilities(scores: np.ndarray, head: str, temperature: float | None = Non
 def finite_or_none(value: float) -> float | None:
     """A JSON-safe number: NaN and infinities become None (null), never a bare NaN token."""
     value = float(value)
-    return value if np.isfinite(value) else None
+    return value if math.isfinite(value) else None
 
 
 def predict(bundle_dir: str | Path, images: Sequence[str | Path], top_k: int = 3,

@@ -135,23 +135,36 @@ def patched_weights(mask: Mask, base: dict[str, np.ndarray], delta: np.ndarray) 
     return out
 
 
+_BATCH_DIM = "batch"  # inference.onnx's free batch dimension (host/export.py's dynamic_axes)
+
+
 class InferenceRunner:
     """`inference.onnx` (images, prototypes -> embeddings, cosine logits) at the current delta.
 
     One session per delta: rebuilt (with the patched weight bytes) only when the delta it is asked
     for changes, so embedding many batches at one delta costs one session build.
+
+    ``batch``: the batch size most calls use (watch's ``--batch-size``, eval's chunks). Calls of
+    exactly that many images run on a session with the batch dimension fixed: with every shape
+    static, onnxruntime folds the exported "same" padding (timm's Conv2dSame computes it from the
+    input shape at run time) into the convolutions, and the whole graph stays in its blocked NCHWc
+    layout instead of converting back and forth around each Pad. Bit-identical outputs, 1.5x the
+    images/s on EfficientNet-Lite0 at 64 px (benchmarks/b8_b9_floor/README.md). Other sizes run on
+    the free-batch session; each session is built on first use.
     """
 
     def __init__(self, model: Path, weights: Path, mask: Mask, threads: int = 0,
-                 provider: str = "CPUExecutionProvider") -> None:
+                 provider: str = "CPUExecutionProvider", batch: int | None = None) -> None:
         check_provider(provider)
         self._model, self._weights_path, self._mask = Path(model), Path(weights), mask
         self._threads, self._provider = threads, provider
+        self.batch = int(batch) if batch is not None and batch > 0 else None
         self._base: bytes | None = None
         self._offsets: dict[str, tuple[int, int]] = {}
         self._key: bytes | None = None
-        self._session: Any = None
+        self._sessions: dict[int | None, Any] = {}  # fixed batch (None: free) -> session, at delta ``_key``
         self._keepalive: Any = None
+        self._disabled: list[str] = []
 
     def _patched_file(self, delta: np.ndarray) -> bytearray:
         """weights.safetensors' bytes with W0 + scatter(delta) at the masked tensors' offsets."""
@@ -169,44 +182,65 @@ class InferenceRunner:
             np.add.at(weight, self._mask.indices[name].astype(np.int64), piece.astype(np.float32))
         return buf
 
-    def _session_for(self, delta: np.ndarray) -> Any:
+    def _use_delta(self, delta: np.ndarray) -> None:
+        """Make ``delta`` current: drop the sessions of the previous one, patch the weights once for the next."""
         delta = np.ascontiguousarray(delta, np.float32)
         key = hashlib.sha256(delta.tobytes()).digest() if np.any(delta) else b"zero"
         if key == self._key:
-            return self._session
-        options = _session_options(self._threads)
+            return
+        self.release()  # the old sessions' arenas and weights go before the new ones are built
         keep: Any = None
         disabled: list[str] = []
         if key != b"zero":
-            if hasattr(options, "add_external_initializers_from_files_in_memory"):
-                buf = np.frombuffer(self._patched_file(delta), np.uint8)
-                options.add_external_initializers_from_files_in_memory([self._weights_path.name], [buf], [len(buf)])
-                keep = buf
+            if hasattr(ort.SessionOptions, "add_external_initializers_from_files_in_memory"):
+                keep = np.frombuffer(self._patched_file(delta), np.uint8)
             else:
                 # Older onnxruntime: override the initializers instead, with the NCHWc transformer (which
                 # ignores overrides) off: correct, slower.
                 keep = []
                 for name, value in patched_weights(self._mask, _load_base(self._weights_path, self._mask), delta).items():
-                    ort_value = ort.OrtValue.ortvalue_from_numpy(value)
-                    options.add_initializer(name, ort_value)
-                    keep.append((value, ort_value))
+                    keep.append((name, value, ort.OrtValue.ortvalue_from_numpy(value)))
                 disabled = ["NchwcTransformer"]
-        # ORT borrows the buffers for the session's lifetime: keep them referenced with it.
-        session = _open_inference(self._model, options, self._provider, disabled)
+        # ORT borrows the buffers for the sessions' lifetime: keep them referenced with them.
+        self._key, self._keepalive, self._disabled = key, keep, disabled
+
+    def _session(self, fixed: int | None) -> Any:
+        session = self._sessions.get(fixed)
+        if session is not None:
+            return session
+        options = _session_options(self._threads)
+        if fixed is not None:
+            options.add_free_dimension_override_by_name(_BATCH_DIM, int(fixed))
+        keep = self._keepalive
+        if isinstance(keep, np.ndarray):
+            options.add_external_initializers_from_files_in_memory([self._weights_path.name], [keep], [len(keep)])
+        elif keep:
+            for name, _value, ort_value in keep:
+                options.add_initializer(name, ort_value)
+        session = _open_inference(self._model, options, self._provider, self._disabled)
         names = {i.name for i in session.get_inputs()}
         if names != {"images", "prototypes"}:
             raise BundleError(f"{self._model.name} has inputs {sorted(names)}, expected images, prototypes",
                               "re-export the bundle with this edgecl version")
-        self._session, self._key, self._keepalive = session, key, keep
+        self._sessions[fixed] = session
         return session
 
+    def warm(self, delta: np.ndarray, embedding_dim: int, input_size: tuple[int, int]) -> None:
+        """Build the sessions at ``delta`` now (free batch, and the fixed one when set), so the first
+        real images are answered as fast as the rest."""
+        h, w = (int(s) for s in input_size)
+        prototypes = np.ones((1, int(embedding_dim)), np.float32)
+        for rows in sorted({1, self.batch or 1}):
+            self.run(np.zeros((rows, 3, h, w), np.float32), delta, prototypes)
+
     def release(self) -> None:
-        """Free the session (its arena and weights); the next ``run`` builds one again."""
-        self._session, self._key, self._keepalive = None, None, None
+        """Free the sessions (their arenas and weights); the next ``run`` builds them again."""
+        self._sessions, self._key, self._keepalive, self._disabled = {}, None, None, []
 
     def run(self, images: np.ndarray, delta: np.ndarray, prototypes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        session = self._session_for(delta)
-        embeddings, logits = session.run(["embeddings", "logits"], {
+        self._use_delta(delta)
+        fixed = self.batch if self.batch is not None and len(images) == self.batch else None
+        embeddings, logits = self._session(fixed).run(["embeddings", "logits"], {
             "images": np.ascontiguousarray(images, np.float32),
             "prototypes": np.ascontiguousarray(prototypes, np.float32)})
         return embeddings, logits

@@ -29,6 +29,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -38,14 +39,16 @@ import numpy as np
 
 from edgecl.errors import DataError, EdgeclError
 from edgecl.formats.config import DeviceProfile
-from edgecl.formats.images import IMAGE_SUFFIXES, load_rgb
+from edgecl.formats.images import IMAGE_SUFFIXES, load_input
+from edgecl.formats.preprocess import Preprocess
 
 from .drift import DriftMonitor
-from .infer import ServingState, create_runner, describe, need_prototypes, resolve_profile
+from .infer import ServingState, create_runner, describe, need_prototypes, resolve_profile, warm_runner
 from .review import QueueLimits, ReviewQueue, review_dir
 from .state import HEAD, OpenBundle, load_current, open_bundle, read_head
 
 _PARTIAL_SUFFIXES = (".tmp", ".part", ".partial", ".crdownload", ".swp")
+_JSON = json.JSONEncoder(allow_nan=False, separators=(",", ":"))  # one encoder, not one per line
 
 
 @dataclass
@@ -65,6 +68,7 @@ class WatchOptions:
     stats_every_s: float = 10.0          # write the drift statistics at most this often
     heartbeat_s: float = 300.0           # with a device config: send the drift statistics this often (0 = never)
     pass_classes: tuple[str, ...] = ()   # for a line's PLC: "pass" = answered one of these and not unknown
+    prefetch: bool | None = None         # decode the next batch while this one runs; None: when 2+ cores may run
 
 
 # -- 1. complete files ----------------------------------------------------------------------------
@@ -124,23 +128,22 @@ class StateFollower:
     """The committed state to serve, reloaded when HEAD.json (or the config's bundle) changes."""
 
     def __init__(self, bundle_dir: Path, profile: str | Path | DeviceProfile | None, head: str | Enum,
-                 follow_config: bool = True) -> None:
+                 follow_config: bool = True, batch: int | None = None) -> None:
         self.bundle_dir = Path(bundle_dir).resolve()
-        self._profile_arg, self._head = profile, head
+        self._profile_arg, self._head, self._batch = profile, head, batch
         self._config = _config_path_following(self.bundle_dir) if follow_config else None
         self._config_key: tuple[int, int] | None = None
         self._head_key: tuple[int, int, int] | None = None
         self.bundle: OpenBundle = open_bundle(self.bundle_dir)
         self.profile: DeviceProfile = resolve_profile(profile, self.bundle)
-        self.runner = create_runner(self.bundle, self.profile)
+        self.runner = create_runner(self.bundle, self.profile, batch)
         state = load_current(self.bundle)
         need_prototypes(state.prototypes, self.bundle)
         self.serving: ServingState = ServingState.create(self.bundle, state, head)
         self._head_key = self._head_stat()
-        # Build the inference session now (one blank image): the first camera image is then answered as
-        # fast as the rest (B8's p99 otherwise holds the ~0.15 s session build).
-        h, w = self.bundle.manifest.input_size
-        self.serving.classify(self.runner, self.bundle, np.zeros((1, int(h), int(w), 3), np.uint8))
+        # Build the inference sessions now (blank images): the first camera image is then answered as
+        # fast as the rest (B8's p99 otherwise holds the ~0.15 s session builds).
+        warm_runner(self.runner, self.bundle, state.delta)
         self.reloads = 0
         self.last_error: str | None = None
 
@@ -199,7 +202,7 @@ class StateFollower:
             return False
         self.bundle_dir, self.bundle = Path(cfg.bundle).resolve(), bundle
         self.profile = resolve_profile(self._profile_arg, bundle)
-        self.runner = create_runner(bundle, self.profile)
+        self.runner = create_runner(bundle, self.profile, self._batch)
         self._head_key = None
         return True
 
@@ -232,7 +235,7 @@ class RotatingLog:
             path.parent.mkdir(parents=True, exist_ok=True)
 
     def write(self, rows: list[dict[str, Any]]) -> None:
-        text = "".join(json.dumps(r, allow_nan=False, separators=(",", ":")) + "\n" for r in rows)
+        text = "".join(_JSON.encode(r) + "\n" for r in rows)
         if self.path is None:
             self.stream.write(text)
             self.stream.flush()
@@ -280,7 +283,7 @@ class Watcher:
         self.folder = Path(folder)
         if not self.folder.is_dir():
             raise DataError(f"{self.folder} is not a folder", "pass the folder the camera writes images into")
-        self.follower = StateFollower(Path(bundle_dir), profile, opts.head, opts.follow_config)
+        self.follower = StateFollower(Path(bundle_dir), profile, opts.head, opts.follow_config, opts.batch_size)
         self.files = ReadyFiles(self.folder, opts.settle_s)
         self.log = RotatingLog(Path(log) if log else None, int(opts.log_max_mb * 1_000_000), opts.log_keep, stream)
         self.queue = ReviewQueue(review_dir(bundle_dir, opts.review_root), opts.review)
@@ -293,6 +296,12 @@ class Watcher:
         self.on_batch: Callable[[list[dict[str, Any]]], None] | None = None  # tests hook in
         self.policy: AdaptPolicy | None = None  # --adapt-when
         self._backlog: list[Path] = []  # complete files found by the last scan, not served yet
+        self._inputs: list[np.ndarray] = []  # two sets of the model's input rows, used in turn (_input_rows)
+        self._turn = 0
+        self._prefetch: ThreadPoolExecutor | None = None  # the thread decoding the next batch
+        self._pending: tuple[list[Path], Preprocess, Future[_Decoded]] | None = None
+        if opts.prefetch or (opts.prefetch is None and _cores() > 1 and self.follower.profile.threads != 1):
+            self._prefetch = ThreadPoolExecutor(max_workers=1, thread_name_prefix="watch-decode")
 
     def step(self) -> int:
         """One scan and at most one batch; the number of images served."""
@@ -311,31 +320,37 @@ class Watcher:
         started = time.perf_counter()
         follower = self.follower
         m = follower.bundle.manifest
-        pixels, rows, out = [], [], []
-        for path in paths:
-            try:
-                pixels.append(load_rgb(path, m.input_size, m.interpolation))
-                rows.append(path)
-            except DataError as exc:
-                if not path.exists():  # removed since the scan (the camera's own cleanup): nothing to answer
-                    continue
-                out.append({"time": _utc(), "file": path.name, "error": exc.problem})
-                self.report.unreadable += 1
-                self.files.mark_done(path)
+        preprocess = Preprocess.of(m)
+        pending, self._pending = self._pending, None
+        decoded = pending[2].result() if pending is not None else None  # always waited for: its rows get reused
+        if decoded is None or pending is None or pending[0] != paths or pending[1] != preprocess:
+            decoded = _decode(paths, preprocess, self._input_rows(len(paths), preprocess.input_size))
+        if self._prefetch is not None and self._backlog:
+            # The next batch is decoded (Python + Pillow, under the GIL) while onnxruntime runs this one
+            # (which releases it): on 2+ cores the decoding costs no serving time.
+            upcoming = self._backlog[: self.options.batch_size]
+            buffer = self._input_rows(len(upcoming), preprocess.input_size)
+            self._pending = (upcoming, preprocess, self._prefetch.submit(_decode, upcoming, preprocess, buffer))
+        out: list[dict[str, Any]] = []
+        for path, problem in decoded.errors:
+            out.append({"time": _utc(), "file": path.name, "error": problem})
+            self.report.unreadable += 1
+            self.files.mark_done(path)
+        rows = decoded.rows
         serving = follower.serving
         if rows:
-            scored = serving.classify(follower.runner, follower.bundle, np.stack(pixels))
-            for i, path in enumerate(rows):
-                answer = describe(serving, scored, i, top_k=3)
-                line = {"time": _utc(), "file": path.name, "class": answer["class"],
-                        "probability": answer["probability"], "unknown": answer["unknown"],
-                        "unknown_score": answer["unknown_score"], "head": answer["head"],
-                        "bundle_version": m.version, "state": answer["state"]}
+            scored = serving.classify_input(follower.runner, decoded.images)
+            now = _utc()  # the batch's answers are ready at once
+            for i, (path, (name, probability, unknown, unknown_score)) in enumerate(
+                    zip(rows, serving.top1(scored), strict=True)):
+                line = {"time": now, "file": path.name, "class": name, "probability": probability,
+                        "unknown": unknown, "unknown_score": unknown_score, "head": serving.head,
+                        "bundle_version": m.version, "state": serving.state.generation or "bundle"}
                 if self.options.pass_classes:
-                    line["pass"] = answer["class"] in self.options.pass_classes and not answer["unknown"]
-                reason = self._queue_reason(answer)
+                    line["pass"] = name in self.options.pass_classes and not unknown
+                reason = self._queue_reason(unknown, probability)
                 if reason is not None:
-                    item = self.queue.add(path, answer, reason)
+                    item = self.queue.add(path, describe(serving, scored, i, top_k=3), reason)
                     line["queued"] = item is not None
                     self.report.queued += item is not None
                     self.report.not_queued += item is None
@@ -343,23 +358,42 @@ class Watcher:
                 self.files.mark_done(path)
             self.drift.add(scored, serving)
         self.log.write(out)
-        elapsed = time.perf_counter() - started
+        done = time.perf_counter()
         self.report.images += len(rows)
-        self.report.seconds += elapsed
+        self.report.seconds += done - started  # serving time: a prefetch overlaps the previous batch's
         if rows:  # an image's answer waits for its whole batch (decode, inference, log line)
-            self.report.latencies_ms.extend([1000.0 * elapsed] * len(rows))
+            self.report.latencies_ms.extend([1000.0 * (done - decoded.started)] * len(rows))
             del self.report.latencies_ms[:-10_000]  # bounded: the last 10,000 images
         self._save_stats()
         if self.on_batch is not None:
             self.on_batch(out)
         return out
 
-    def _queue_reason(self, answer: dict[str, Any]) -> str | None:
+    def _input_rows(self, n: int, size: tuple[int, int]) -> np.ndarray:
+        """float32 [>= n, 3, H, W]: two sets reused in turn (one being decoded into while onnxruntime
+        reads the other; onnxruntime is done with its set when run returns)."""
+        shape = (max(n, self.options.batch_size), 3, *size)
+        self._turn = 1 - self._turn
+        while len(self._inputs) < 2:
+            self._inputs.append(np.empty(shape, np.float32))
+        if self._inputs[self._turn].shape != shape:
+            self._inputs[self._turn] = np.empty(shape, np.float32)
+        return self._inputs[self._turn]
+
+    def close(self) -> None:
+        """Wait for a running prefetch and stop its thread."""
+        if self._pending is not None:
+            self._pending[2].exception()  # wait; its outcome no longer matters
+            self._pending = None
+        if self._prefetch is not None:
+            self._prefetch.shutdown(wait=True)
+            self._prefetch = None
+
+    def _queue_reason(self, unknown: bool | None, p: float | None) -> str | None:
         if not self.options.queue:
             return None
-        if answer["unknown"]:
+        if unknown:
             return "unknown"
-        p = answer["probability"]
         if p is None or p < self.options.low_confidence:
             return "low-confidence"
         return None
@@ -427,6 +461,7 @@ class Watcher:
         except KeyboardInterrupt:
             pass
         finally:
+            self.close()
             self._save_stats(force=True)
             if self._heartbeat is not None:
                 self._heartbeat.join(timeout=15)
@@ -443,6 +478,38 @@ def latency_summary(latencies_ms: list[float]) -> dict[str, float | None]:
         return {"p50_ms": None, "p99_ms": None}
     a = np.asarray(latencies_ms)
     return {"p50_ms": float(np.percentile(a, 50)), "p99_ms": float(np.percentile(a, 99))}
+
+
+@dataclass
+class _Decoded:
+    """A batch decoded into the model's input rows (``images``: rows of the files that decoded)."""
+    images: np.ndarray
+    rows: list[Path]
+    errors: list[tuple[Path, str]]  # unreadable files still in the folder, with the problem
+    started: float                  # perf_counter when decoding began: the batch's latency counts from here
+
+
+def _decode(paths: list[Path], preprocess: Preprocess, images: np.ndarray) -> _Decoded:
+    """Decode ``paths`` into ``images`` [>= len(paths), 3, H, W]; touches nothing else (runs in the prefetch thread)."""
+    started = time.perf_counter()
+    rows: list[Path] = []
+    errors: list[tuple[Path, str]] = []
+    for path in paths:
+        try:
+            load_input(path, preprocess, images[len(rows)])
+            rows.append(path)
+        except DataError as exc:
+            if path.exists():  # else removed since the scan (the camera's own cleanup): nothing to answer
+                errors.append((path, exc.problem))
+    return _Decoded(images[: len(rows)], rows, errors, started)
+
+
+def _cores() -> int:
+    """The cores this process may run on (taskset / cgroup affinity where the OS tells)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def _utc() -> str:

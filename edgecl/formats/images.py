@@ -24,10 +24,10 @@ from PIL import Image, UnidentifiedImageError
 
 from edgecl.errors import DataError
 from edgecl.formats.preprocess import RESAMPLE as _RESAMPLE
-from edgecl.formats.preprocess import normalize, resize_rgb
+from edgecl.formats.preprocess import Preprocess, normalize, resize_rgb
 from edgecl.progress import progress_bar
 
-__all__ = ["IMAGE_SUFFIXES", "ImageFolder", "LoadedImages", "load_image_folder", "load_rgb", "normalize",
+__all__ = ["IMAGE_SUFFIXES", "ImageFolder", "LoadedImages", "load_image_folder", "load_input", "load_rgb", "normalize",
            "random_view", "scan_image_folder", "two_views"]
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"})
@@ -111,6 +111,21 @@ def load_rgb(path: str | Path, size: Iterable[int], interpolation: str = "biline
         with _open_regular(path) as f, Image.open(f) as im:
             im.load()
             return resize_rgb(im, size, interpolation)
+    except FileNotFoundError as exc:
+        raise DataError(f"image {path} does not exist", "check the path") from exc
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
+        raise DataError(f"cannot decode image {path} ({type(exc).__name__}: {exc})",
+                        "replace or remove the file") from exc
+
+
+def load_input(path: str | Path, preprocess: Preprocess, out: np.ndarray) -> None:
+    """Decode one file straight into the model's input row ``out`` [3, H, W] float32: bit for bit
+    ``preprocess(load_rgb(path, ...)[None])[0]``, with no uint8 RGB copy on the way (`edgecl watch`).
+    Raises DataError if unreadable (``out`` is then left partly written)."""
+    try:
+        with _open_regular(path) as f, Image.open(f) as im:
+            im.load()
+            preprocess.write(im, out)
     except FileNotFoundError as exc:
         raise DataError(f"image {path} does not exist", "check the path") from exc
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:

@@ -1,0 +1,138 @@
+"""`edgecl watch`'s fast path answers exactly what `edgecl predict` answers (B8's speedups change no answer).
+
+The serving path decodes straight into the model's input rows through a lookup table (preprocess.py),
+runs full batches on a session with the batch dimension fixed (ort.InferenceRunner) and takes the
+top answer for a whole batch at once (ServingState.top1): each is checked against the plain path.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from edgecl.device.watch import Watcher, WatchOptions
+from edgecl.formats import manifest as mf
+from edgecl.formats.images import load_input, load_rgb
+from edgecl.formats.preprocess import Preprocess, _normalize_values, normalize
+
+
+def test_the_lookup_table_is_bit_identical_to_the_arithmetic() -> None:
+    pixels = np.random.default_rng(0).integers(0, 256, (3, 9, 7, 3)).astype(np.uint8)
+    pixels[0, 0, 0] = (0, 128, 255)
+    for mean, std in [((0.5,) * 3, (0.5,) * 3), ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))]:
+        got, want = normalize(pixels, mean, std), _normalize_values(pixels, mean, std)
+        assert got.dtype == np.float32 and got.shape == (3, 3, 9, 7) and got.flags.c_contiguous
+        assert got.tobytes() == want.tobytes()
+
+
+def _image(mode: str, size: tuple[int, int], seed: int) -> Image.Image:
+    rgb = Image.fromarray(np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8))
+    if mode == "I;16":
+        return Image.fromarray(np.asarray(rgb.convert("L"), np.uint16) * 257)
+    return rgb.convert(mode)
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "P", "LA", "1", "CMYK", "I;16"])
+@pytest.mark.parametrize("interpolation", ["bilinear", "bicubic", "nearest"])
+def test_load_input_is_normalize_of_load_rgb_bit_for_bit(tmp_path: Path, mode: str, interpolation: str) -> None:
+    preprocess = Preprocess((24, 20), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), interpolation)
+    for i, size in enumerate([(11, 13), (20, 24), (57, 31)]):  # up, same size, down
+        path = tmp_path / f"{mode.replace(';', '')}-{i}.{'jpg' if mode == 'CMYK' else 'png'}"
+        _image(mode, size, i).save(path)
+        assert Image.open(path).mode == mode
+        out = np.full((3, 24, 20), np.nan, np.float32)
+        load_input(path, preprocess, out)
+        want = preprocess(load_rgb(path, preprocess.input_size, interpolation)[None])[0]
+        assert out.tobytes() == want.tobytes(), (mode, size, interpolation)
+
+
+def test_a_fixed_batch_session_gives_the_free_batch_session_s_answers(tiny_bundle: Path) -> None:
+    from edgecl.device.ort import InferenceRunner
+    from edgecl.formats.mask import Mask
+
+    m = mf.load_manifest(tiny_bundle)
+    mask = Mask.load_file(tiny_bundle / mf.MASK)
+    h, w = m.input_size
+    images = normalize(np.random.default_rng(1).integers(0, 256, (4, h, w, 3)).astype(np.uint8), m.mean, m.std)
+    protos = np.random.default_rng(2).normal(size=(3, m.embedding_dim)).astype(np.float32)
+    for delta in (np.zeros(mask.total_selected, np.float32),
+                  np.random.default_rng(0).normal(0, 0.05, mask.total_selected).astype(np.float32)):
+        free = InferenceRunner(tiny_bundle / mf.INFERENCE_MODEL, tiny_bundle / mf.WEIGHTS, mask)
+        fixed = InferenceRunner(tiny_bundle / mf.INFERENCE_MODEL, tiny_bundle / mf.WEIGHTS, mask, batch=4)
+        want, got = free.run(images, delta, protos), fixed.run(images, delta, protos)
+        assert fixed._sessions[4].get_inputs()[0].shape[0] == 4  # the batch really is fixed in that session
+        assert None not in fixed._sessions  # ... and the free one was not built for it
+        for g, e in zip(got, want, strict=True):
+            np.testing.assert_allclose(g, e, rtol=1e-5, atol=1e-6)
+        # other sizes run on the free-batch session
+        np.testing.assert_allclose(fixed.run(images[:3], delta, protos)[0], want[0][:3], rtol=1e-5, atol=1e-6)
+        assert set(fixed._sessions) == {4, None}
+
+
+def test_watch_answers_what_predict_answers(bundle_copy: Path, calib_dir: Path, tmp_path: Path) -> None:
+    from edgecl.device.infer import predict
+
+    cam = tmp_path / "cam"
+    cam.mkdir()
+    sources = sorted(p for d in sorted(calib_dir.iterdir()) for p in sorted(d.iterdir()))[:9]
+    for i, src in enumerate(sources):  # the camera's images in several modes and sizes
+        img = Image.open(src).convert("RGB")
+        mode = ["RGB", "L", "P", "RGBA"][i % 4]
+        img.resize((img.width + 3 * i, img.height)).convert(mode).save(cam / f"{i:02d}.png")
+    opts = WatchOptions(settle_s=0.0, poll_s=0.01, batch_size=4, queue=False)  # 4 + 4 on the fixed session, 1 free
+    log = tmp_path / "watch.jsonl"
+    watcher = Watcher(bundle_copy, cam, opts, log=log)
+    report = watcher.run(once=True)
+    lines = {x["file"]: x for x in map(json.loads, log.read_text().splitlines())}
+    assert report.images == 9 and len(lines) == 9
+    assert set(watcher.follower.runner._sessions) == {4, None}  # both sessions were built before serving
+    files = sorted(cam.iterdir())
+    for answer in predict(bundle_copy, files):
+        line = lines[Path(answer["path"]).name]
+        assert line["class"] == answer["class"] and line["unknown"] == answer["unknown"]
+        assert line["head"] == answer["head"] and line["state"] == answer["state"]
+        # The same numbers up to the last bit of a float32 sum: watch's last batch holds one image, which
+        # onnxruntime multiplies by the prototypes with its matrix-vector kernel (so did watch before the
+        # fixed-batch session); predict's batch of 9 takes the matrix kernel. (1 - cosine: an absolute bound.)
+        assert line["probability"] == pytest.approx(answer["probability"], rel=1e-5, abs=1e-6)
+        assert line["unknown_score"] == pytest.approx(answer["unknown_score"], rel=1e-5, abs=1e-6)
+
+
+def test_decoding_the_next_batch_ahead_changes_no_answer(bundle_copy: Path, calib_dir: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import threading
+
+    from edgecl.device import watch as watch_module
+
+    decoded_in: list[str] = []  # which thread decoded each batch
+    real_decode = watch_module._decode
+
+    def observed(*args: object) -> object:
+        decoded_in.append(threading.current_thread().name)
+        return real_decode(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(watch_module, "_decode", observed)
+    cam = tmp_path / "cam"
+    cam.mkdir()
+    for i, src in enumerate(sorted(p for d in sorted(calib_dir.iterdir()) for p in sorted(d.iterdir()))[:11]):
+        (cam / f"{i:02d}.png").write_bytes(src.read_bytes())
+    (cam / "05-broken.png").write_bytes(b"not an image")  # an unreadable file in a prefetched batch
+    answers = {}
+    for prefetch in (False, True):
+        decoded_in.clear()
+        opts = WatchOptions(settle_s=0.0, poll_s=0.01, batch_size=3, queue=False, prefetch=prefetch)
+        log = tmp_path / f"watch-{prefetch}.jsonl"
+        watcher = Watcher(bundle_copy, cam, opts, log=log)
+        assert (watcher._prefetch is not None) is prefetch
+        report = watcher.run(once=True)
+        assert report.images == 11 and report.unreadable == 1 and len(report.latencies_ms) == 11
+        assert watcher._prefetch is None and watcher._pending is None  # the thread is stopped at the end
+        ahead = [name for name in decoded_in if name.startswith("watch-decode")]
+        assert len(decoded_in) == 4 and len(ahead) == (3 if prefetch else 0)  # 12 files in batches of 3
+        lines = [json.loads(x) for x in log.read_text().splitlines()]
+        answers[prefetch] = sorted((x["file"], x.get("class"), x.get("probability"), x.get("error")) for x in lines)
+    assert answers[True] == answers[False] and len(answers[True]) == 12
