@@ -553,6 +553,19 @@ def attach_fleet_exemplars(bundle_dir: Path, shared: SharedStatistics | None, cl
     m.save(bundle_dir)
 
 
+def answer_from_shared(received: dict[str, delta_format.Delta], shared: SharedStatistics | None,
+                       devices: list[str], manifest: mf.BundleManifest) -> list[str]:
+    """Phase 2: each of ``devices`` (covered by its shared images) that sent no statistics under the
+    candidate answers with those computed from its shared images; one that answered keeps its answer
+    (it embedded every image it holds, the shared ones among them). Returns the devices filled in."""
+    if shared is None:
+        return []
+    filled = [d for d in devices if d not in received and d in shared.per_device]
+    for device in filled:
+        received[device] = statistics_delta(manifest, device, shared.per_device[device])
+    return filled
+
+
 def _shared_note(shared: SharedStatistics | None, devices: list[str]) -> dict[str, Any]:
     """The report's statistics row of each device whose classes came from its shared exemplars."""
     if shared is None:
@@ -718,10 +731,7 @@ def finish(bundle_id: str, server: str, token: str, options: ReleaseOptions) -> 
         # (exact under the candidate). One that answered: its answer wins (it embedded every image it
         # holds, the shared ones among them: adding both would count those twice).
         shared = shared_statistics(rnd, probe)
-        from_shared = [d for d in covered(rnd) if d not in received] if shared is not None else []
-        for device in from_shared:
-            assert shared is not None
-            received[device] = statistics_delta(mf.load_manifest(probe), device, shared.per_device[device])
+        from_shared = answer_from_shared(received, shared, covered(rnd), mf.load_manifest(probe))
         summed, statistics = summed_statistics(rnd, Prototypes.load_file(probe / mf.PROTOTYPES), received)
         statistics.update(_shared_note(shared, from_shared))
         # A class no answering device reports is left out of this version: its device keeps it (pull

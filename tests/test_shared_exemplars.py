@@ -145,3 +145,24 @@ def test_adapt_replays_the_bundles_fleet_exemplars_within_the_budget(tiny_bundle
     assert with_fleet_exemplars(mine, bundle, state, roomy, use=False) is mine
     tight = DeviceProfile(name="t", exemplar_budget_mb=0)
     assert len(with_fleet_exemplars(mine, bundle, state, tight, use=True).labels) == 0
+
+
+def test_a_devices_restat_answer_wins_over_its_shared_images(tiny_bundle):
+    """Phase 2: a covered device that answered keeps its answer (it counts every image it holds, the
+    shared ones among them: both would count those twice); one that did not is answered by its images."""
+    from edgecl.formats.candidate import statistics_delta
+    from edgecl.formats.prototypes import Prototypes
+    from edgecl.release import SharedStatistics, answer_from_shared
+
+    manifest = mf.load_manifest(tiny_bundle)
+    answered = statistics_delta(manifest, "line-a", Prototypes(["bolt"], np.ones((1, 4), np.float32), np.array([12])))
+    shared = SharedStatistics({"line-a": Prototypes(["bolt"], np.zeros((1, 4), np.float32), np.array([5])),
+                               "line-b": Prototypes(["gear"], np.full((1, 4), 2, np.float32), np.array([6]))},
+                              Prototypes.empty(4), ExemplarMemory.empty((8, 8)))
+    received = {"line-a": answered}
+    assert answer_from_shared(received, shared, ["line-a", "line-b"], manifest) == ["line-b"]
+    assert received["line-a"] is answered
+    gear = received["line-b"].prototypes
+    assert gear is not None and gear.classes == ["gear"] and gear.counts.tolist() == [6]
+    assert received["line-b"].samples_seen == 6 and not len(received["line-b"].positions)
+    assert answer_from_shared({}, None, ["line-a"], manifest) == []
