@@ -12,8 +12,9 @@ Phase 1, ``release()`` (`edgecl release`):
     1. current = the newest released version of the lineage (or --bundle-version);
     2. the server merges its counted deltas (each device's newest; strategy and exclusions as
        asked); the merged delta and the counted ones are downloaded and decoded once each;
-    3. candidate = apply(current, the merged delta): its weights, and the current classes'
-       statistics moved by their exemplars' drift (those classes never take a device's numbers);
+    3. candidate = apply(current, the released step: the merged delta in the devices' int4,
+       ``released_step``): its weights, and the current classes' statistics moved by their
+       exemplars' drift (those classes never take a device's numbers);
     4. judged now on what is already final: the candidate scored among the current classes only vs
        the current version on those classes (like with like); the devices' classes are estimates
        until phase 2, so nothing that depends on them is judged yet;
@@ -56,9 +57,11 @@ from edgecl.formats import manifest as mf
 from edgecl.formats.candidate import STAGE, candidate_id, is_candidate_report
 from edgecl.formats.exemplars import ExemplarMemory
 from edgecl.formats.hashing import sha256_file
+from edgecl.formats.mask import Mask
 from edgecl.formats.merge import merge_prototypes
 from edgecl.formats.prototypes import Prototypes
 from edgecl.formats.scoring import restrict, score
+from edgecl.formats.weights_patch import ReleasedStep, attach_weights_patch, quantize_step, released_delta
 from edgecl.http_client import RetryPolicy, ServerRejected, api_json, download, upload
 from edgecl.progress import phase
 
@@ -203,12 +206,18 @@ def upload_bundle(server: str, token: str, bundle_dir: str | Path, policy: Retry
     return answer["bundle"], sent
 
 
-def _publish(server: str, token: str, bundle_dir: Path, canary: list[str], report: dict[str, Any],
-             policy: RetryPolicy, current_dir: Path | None = None) -> int:
-    if current_dir is not None:   # devices on the current version pull the weights as a small patch
-        from edgecl.formats.weights_patch import attach_weights_patch
+def released_step(rnd: Round) -> ReleasedStep:
+    """The weight change this round releases: the server's merged delta in the devices' int4
+    quantization (formats/weights_patch.py). The candidate is built from it and devices on the
+    current version pull it as a patch of a few bytes per value (new = float32(old + value) on both
+    sides: the patched file is byte-identical). Deterministic: phase 2 recomputes it from the merge."""
+    return quantize_step(rnd.merged.to_dense(Mask.load_file(rnd.current_dir / mf.MASK).total_selected))
 
-        attach_weights_patch(bundle_dir, current_dir / mf.WEIGHTS)
+
+def _publish(server: str, token: str, bundle_dir: Path, canary: list[str], report: dict[str, Any],
+             policy: RetryPolicy, current_dir: Path | None = None, step: ReleasedStep | None = None) -> int:
+    if current_dir is not None:   # devices on the current version pull the weights as a small patch
+        attach_weights_patch(bundle_dir, current_dir / mf.WEIGHTS, step, current_dir / mf.MASK)
     bundle, sent = upload_bundle(server, token, bundle_dir, policy)
     api_json(server, token, "POST", "/v1/releases", {"bundle_id": bundle["bundle_id"], "version": bundle["version"],
                                                      "canary": canary, "report": report}, policy=policy)
@@ -443,7 +452,8 @@ def release(bundle_id: str, server: str, token: str, options: ReleaseOptions) ->
         shutil.rmtree(candidate_dir, ignore_errors=True)
         # The candidate ships the current classes only (moved by their exemplars' drift on the host);
         # the devices' classes are added from statistics computed under it.
-        apply_delta(rnd.current_dir, rnd.merged, candidate_dir, progress=False,
+        step = released_step(rnd)
+        apply_delta(rnd.current_dir, released_delta(rnd.merged, step), candidate_dir, progress=False,
                     classes=Prototypes.empty(mf.load_manifest(rnd.current_dir).embedding_dim))
         phase("embedding the held-out images under the current and the candidate backbone")
         embedded = _embed_all(rnd.current_dir, candidate_dir, Path(options.heldout))
@@ -472,13 +482,13 @@ def release(bundle_id: str, server: str, token: str, options: ReleaseOptions) ->
                        "version": version, "merge": rnd.merge, "devices": rnd.own,
                        "options": {"tolerance": options.tolerance}}
             report.uploaded_bytes = _publish(server, token, probe, list(rnd.merge["devices"]), summary,
-                                             options.policy, rnd.current_dir)
+                                             options.policy, rnd.current_dir, step)
             report.published = True
             return report
         final = write_version(candidate_dir, work / "release", bundle_id, version, candidate,
                               sha256_file(rnd.current_dir / mf.MANIFEST))
         report.uploaded_bytes = _publish(server, token, final, list(options.canary),
-                                         _summary(report, options), options.policy, rnd.current_dir)
+                                         _summary(report, options), options.policy, rnd.current_dir, step)
         report.published = True
         return report
     finally:
@@ -586,7 +596,7 @@ def finish(bundle_id: str, server: str, token: str, options: ReleaseOptions) -> 
         final = write_version(probe, work / "release", bundle_id, version, candidate,
                               sha256_file(rnd.current_dir / mf.MANIFEST))
         report.uploaded_bytes = _publish(server, token, final, list(options.canary), _summary(report, options),
-                                         policy, rnd.current_dir)
+                                         policy, rnd.current_dir, released_step(rnd))
         report.published = True
         return report
     finally:
