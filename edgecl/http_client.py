@@ -132,6 +132,7 @@ def upload(server: str, token: str, path: str, data_path: Path, policy: RetryPol
 
 
 ENCODING_HEADER = "X-Edgecl-Encoding"
+ZDICT_BYTES = 32 * 1024   # dict-zlib: the old file's last 32 KiB (zlib's window) is the preset dictionary
 # A download's size comes from the signed manifest; when nothing says how big a file is (an older
 # release, a host-side download), no response may write more than this (an endless answer must
 # not fill the disk). EfficientNet-Lite0's largest bundle file is 13 MB.
@@ -167,9 +168,13 @@ class _Sink:
         import zlib
 
         self.mode = headers.get(ENCODING_HEADER, "identity") or "identity"
-        if self.mode not in ("identity", "zlib", "xor-zlib") or (self.mode == "xor-zlib" and self.old is None):
+        if (self.mode not in ("identity", "zlib", "xor-zlib", "dict-zlib")
+                or (self.mode in ("xor-zlib", "dict-zlib") and self.old is None)):
             raise EdgeclError(f"the server sent an unknown encoding {self.mode[:40]!r}", "update edgecl on the device")
-        if self.mode != "identity":
+        if self.mode == "dict-zlib":    # zlib whose preset dictionary is the old file's last 32 KiB
+            assert self.old is not None
+            self.z = zlib.decompressobj(zdict=self.old[-ZDICT_BYTES:])  # type: ignore[assignment]
+        elif self.mode != "identity":
             self.z = zlib.decompressobj()  # type: ignore[assignment]
 
     def _too_big(self) -> EdgeclError:
@@ -223,13 +228,16 @@ def download(server: str, token: str, path: str, dest: Path, expected_sha256: st
     returns the bytes that crossed the network. A file whose bytes do not hash to
     ``expected_sha256`` is deleted and refused. ``size``: the file's size when known (from the
     signed manifest): nothing longer is written; otherwise at most ``max_bytes``. ``compressed``:
-    ask for zlib; ``old`` (a local file of the same ``size``): ask for a patch against it
-    (``from_sha256``). A broken transfer starts again from the first byte (retry rules of the
+    ask for zlib; ``old`` (a local file under the same name): ask for a patch against it
+    (``from_sha256``: zlib of old XOR new for one of the same size, zlib with the old file as
+    preset dictionary for another). A broken transfer starts again from the first byte (retry rules of the
     push); a disk failure (``DiskError``) and a refusal are not retried."""
     policy = policy or RetryPolicy()
     once = dataclasses.replace(policy, retries=0)
     limit = min(size, max_bytes) if size is not None else max_bytes
-    old_bytes = old.read_bytes() if old is not None and size is not None and old.stat().st_size == size else None
+    # A file the device has under this name: of the same size, the server may send old XOR new; of
+    # another, zlib with the old file as dictionary. The server says which (or neither).
+    old_bytes = old.read_bytes() if old is not None and size is not None and old.is_file() else None
     query = []
     if compressed:
         query.append("encoding=zlib")

@@ -12,10 +12,11 @@ Phase 1, ``release()`` (`edgecl release`):
     1. current = the newest released version of the lineage (or --bundle-version);
     2. the server merges its counted deltas (each device's newest; strategy and exclusions as
        asked); the merged delta and the counted ones are downloaded and decoded once each;
-    3. candidate = apply(current, scale x the merged delta): its weights, and the current classes'
-       statistics moved by their exemplars' drift (those classes never take a device's numbers);
-       ``scale`` (the server's step size, 1 = the merged step whole) damps what one device's step
-       costs the classes it never saw (docs/server.md, "Interference");
+    3. candidate = apply(current, the released step: ``scale`` x the merged delta in the devices'
+       int4, ``released_step``): its weights, and the current classes' statistics moved by their
+       exemplars' drift (those classes never take a device's numbers). ``scale`` (the server's
+       step size, 1 = the merged step whole) damps what one device's step costs the classes it
+       never saw (docs/server.md, "Interference");
     4. judged now on what is already final: the candidate scored among the current classes only vs
        the current version on those classes (like with like); the devices' classes are estimates
        until phase 2, so nothing that depends on them is judged yet;
@@ -47,7 +48,6 @@ the fleet's exemplars (``attach_fleet_exemplars``).
 
 from __future__ import annotations
 
-import dataclasses
 import shutil
 import tempfile
 import time
@@ -65,9 +65,11 @@ from edgecl.formats import manifest as mf
 from edgecl.formats.candidate import STAGE, candidate_id, is_candidate_report, statistics_delta
 from edgecl.formats.exemplars import ExemplarMemory
 from edgecl.formats.hashing import sha256_file
+from edgecl.formats.mask import Mask
 from edgecl.formats.merge import merge_prototypes
 from edgecl.formats.prototypes import Prototypes
 from edgecl.formats.scoring import restrict, score
+from edgecl.formats.weights_patch import ReleasedStep, attach_weights_patch, quantize_step, released_delta
 from edgecl.http_client import RetryPolicy, ServerRejected, api_json, download, upload
 from edgecl.progress import phase
 
@@ -215,12 +217,25 @@ def upload_bundle(server: str, token: str, bundle_dir: str | Path, policy: Retry
     return answer["bundle"], sent
 
 
-def _publish(server: str, token: str, bundle_dir: Path, canary: list[str], report: dict[str, Any],
-             policy: RetryPolicy, current_dir: Path | None = None) -> int:
-    if current_dir is not None:   # devices on the current version pull the weights as a small patch
-        from edgecl.formats.weights_patch import attach_weights_patch
+def released_step(rnd: Round) -> ReleasedStep:
+    """The weight change this round releases: the server's merged delta in the devices' int4
+    quantization (formats/weights_patch.py). The candidate is built from it and devices on the
+    current version pull it as a patch of a few bytes per value (new = float32(old + value) on both
+    sides: the patched file is byte-identical). Deterministic: phase 2 recomputes it from the merge
+    and the scale phase 1 recorded with it."""
+    k = Mask.load_file(rnd.current_dir / mf.MASK).total_selected
+    return quantize_step(scaled_step(rnd.merged.to_dense(k), float(rnd.merge.get("scale", 1.0))))
 
-        attach_weights_patch(bundle_dir, current_dir / mf.WEIGHTS)
+
+def scaled_step(vector: np.ndarray, scale: float) -> np.ndarray:
+    """``scale`` x the merged K-vector, float32 (scale 1: the vector itself)."""
+    return vector if scale == 1.0 else (np.asarray(vector, np.float64) * scale).astype(np.float32)
+
+
+def _publish(server: str, token: str, bundle_dir: Path, canary: list[str], report: dict[str, Any],
+             policy: RetryPolicy, current_dir: Path | None = None, step: ReleasedStep | None = None) -> int:
+    if current_dir is not None:   # devices on the current version pull the weights as a small patch
+        attach_weights_patch(bundle_dir, current_dir / mf.WEIGHTS, step, current_dir / mf.MASK)
     bundle, sent = upload_bundle(server, token, bundle_dir, policy)
     api_json(server, token, "POST", "/v1/releases", {"bundle_id": bundle["bundle_id"], "version": bundle["version"],
                                                      "canary": canary, "report": report}, policy=policy)
@@ -432,15 +447,6 @@ def _report(rnd: Round, version: int, reasons: list[str], table: dict[str, Any],
                          statistics=statistics, not_judged=not_judged)
 
 
-def scaled(merged: delta_format.Delta, scale: float) -> delta_format.Delta:
-    """The merged delta times ``scale`` (float32, as apply reads it); scale 1 is the delta itself.
-    Elements that round to 0 stay counted as changed by the merge (overlap: the merge job's)."""
-    if scale == 1.0:
-        return merged
-    values = (np.asarray(merged.values, np.float64) * scale).astype(np.float32)
-    return dataclasses.replace(merged, values=values)
-
-
 def _work(options: ReleaseOptions) -> tuple[Path, bool]:
     if options.work_dir is not None:
         Path(options.work_dir).mkdir(parents=True, exist_ok=True)
@@ -590,7 +596,8 @@ def release(bundle_id: str, server: str, token: str, options: ReleaseOptions) ->
         shutil.rmtree(candidate_dir, ignore_errors=True)
         # The candidate ships the current classes only (moved by their exemplars' drift on the host);
         # the devices' classes are added from statistics computed under it.
-        apply_delta(rnd.current_dir, scaled(rnd.merged, options.scale), candidate_dir, progress=False,
+        step = released_step(rnd)
+        apply_delta(rnd.current_dir, released_delta(rnd.merged, step), candidate_dir, progress=False,
                     classes=Prototypes.empty(mf.load_manifest(rnd.current_dir).embedding_dim))
         phase("embedding the held-out images under the current and the candidate backbone")
         embedded = _embed_all(rnd.current_dir, candidate_dir, Path(options.heldout))
@@ -627,14 +634,14 @@ def release(bundle_id: str, server: str, token: str, options: ReleaseOptions) ->
                        "version": version, "merge": rnd.merge, "devices": rnd.own, "shared": exact,
                        "options": {"tolerance": options.tolerance, "scale": options.scale}}
             report.uploaded_bytes = _publish(server, token, probe, list(rnd.merge["devices"]), summary,
-                                             options.policy, rnd.current_dir)
+                                             options.policy, rnd.current_dir, step)
             report.published = True
             return report
         final = write_version(candidate_dir, work / "release", bundle_id, version, candidate,
                               sha256_file(rnd.current_dir / mf.MANIFEST))
         attach_fleet_exemplars(final, shared, list(candidate.classes))
         report.uploaded_bytes = _publish(server, token, final, list(options.canary),
-                                         _summary(report, options), options.policy, rnd.current_dir)
+                                         _summary(report, options), options.policy, rnd.current_dir, step)
         report.published = True
         return report
     finally:
@@ -750,7 +757,7 @@ def finish(bundle_id: str, server: str, token: str, options: ReleaseOptions) -> 
                               sha256_file(rnd.current_dir / mf.MANIFEST))
         attach_fleet_exemplars(final, shared, list(candidate.classes))
         report.uploaded_bytes = _publish(server, token, final, list(options.canary), _summary(report, options),
-                                         policy, rnd.current_dir)
+                                         policy, rnd.current_dir, released_step(rnd))
         report.published = True
         return report
     finally:

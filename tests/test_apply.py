@@ -212,32 +212,35 @@ def test_apply_writes_stock_timm_weights_that_load_strict(adapted: Path, calib_d
 
 
 def test_the_release_scale_takes_that_share_of_the_merged_step(adapted: Path, tmp_path: Path) -> None:
-    """`edgecl release --scale s` builds the candidate from current + s x merged delta: every masked
-    weight moves by s times the delta's value there (float32), nothing else moves."""
+    """`edgecl release --scale s` releases s x the merged delta (in the devices' int4): every masked
+    weight moves by s times the delta's value there, within int4's rounding; nothing else moves."""
     from edgecl.formats.weights import load_weights
+    from edgecl.formats.weights_patch import quantize_step, released_delta
     from edgecl.host.apply import apply_delta
-    from edgecl.release import scaled
+    from edgecl.release import scaled_step
 
     d = tmp_path / "d.safetensors"
     assert runner.invoke(app, ["delta", str(adapted), "-o", str(d), "--values", "fp32"]).exit_code == 0
     delta = delta_format.load_file(d)
-    assert scaled(delta, 1.0) is delta
     manifest = mf.load_manifest(adapted)
     vector = delta.to_dense(manifest.selected)
-    assert np.count_nonzero(vector) > 0
+    assert np.count_nonzero(vector) > 0 and scaled_step(vector, 1.0) is vector
     base = load_weights(adapted / mf.WEIGHTS)
     mask = Mask.load_file(adapted / mf.MASK)
+    moved = {}
     for scale in (1.0, 0.5):
         out = tmp_path / f"v2-{scale}"
-        apply_delta(adapted, scaled(delta, scale), out, progress=False)
+        apply_delta(adapted, released_delta(delta, quantize_step(scaled_step(vector, scale))), out, progress=False)
         new = load_weights(out / mf.WEIGHTS)
-        for name, sl in mask.slices().items():
-            idx = mask.indices[name]
-            moved = new[name].reshape(-1)[idx] - base[name].reshape(-1)[idx]
-            np.testing.assert_allclose(moved, scale * vector[sl], rtol=1e-3, atol=1e-6)
+        moved[scale] = np.concatenate([new[n].reshape(-1)[mask.indices[n]] - base[n].reshape(-1)[mask.indices[n]]
+                                       for n in mask.slices()])
+        for name in mask.slices():
             untouched = np.ones(base[name].size, bool)
-            untouched[idx] = False
+            untouched[mask.indices[name]] = False
             assert (new[name].reshape(-1)[untouched] == base[name].reshape(-1)[untouched]).all()
+        # int4 with a scale per 64 values: each value within half a step of its block's largest / 7
+        assert np.abs(moved[scale] - scale * vector).max() <= scale * np.abs(vector).max() / 7
+    assert 0.45 < float(np.abs(moved[0.5]).sum() / np.abs(moved[1.0]).sum()) < 0.55
 
 
 @pytest.mark.parametrize("scale", ["0", "-1", "2.5", "nan"])

@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import threading
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -25,14 +26,23 @@ from test_pull import _next_version, _tree
 
 from edgecl.device.pull import pull
 from edgecl.errors import EdgeclError
+from edgecl.formats import delta as delta_format
 from edgecl.formats import manifest as mf
+from edgecl.formats.mask import Mask
+from edgecl.formats.overlap import OverlapHistory
 from edgecl.formats.signing import generate_private_key, manifest_object, public_key, sign_manifest
+from edgecl.formats.weights import load_weights, weights_to_bytes
 from edgecl.formats.weights_patch import (
+    STEP_BLOCK,
     PatchError,
     apply_patch,
     attach_weights_patch,
     make_patch,
+    make_step_patch,
+    patched_mask,
+    quantize_step,
     read_header,
+    released_delta,
 )
 from edgecl.http_client import DiskError, MalformedAnswer, RetryPolicy, download
 from edgecl.server.service import release_version
@@ -123,6 +133,10 @@ def test_device_pulls_only_its_files_and_the_weights_as_the_release_patch(patche
     patch_size = (patched["v2"] / patched["patch"]).stat().st_size
     assert report.wire_bytes[mf.WEIGHTS] <= patch_size + 64
     assert not (new / mf.RECIPE_WEIGHTS).exists() and not (new / patched["patch"]).exists()
+    # The class table gained a class (another size): zlib with the device's table as dictionary, so
+    # the rows it already holds cost a back-reference each.
+    table = (patched["v2"] / mf.PROTOTYPES).read_bytes()
+    assert report.wire_bytes[mf.PROTOTYPES] < len(zlib.compress(table, 9)) / 2, report.wire_bytes
     device_files = {k: v for k, v in _tree(new).items() if not k.startswith("state")}
     assert device_files == {k: v for k, v in _tree(patched["v2"]).items()
                             if k not in (mf.RECIPE_WEIGHTS, patched["patch"])}
@@ -142,6 +156,157 @@ def test_a_damaged_patch_falls_back_to_the_whole_file(patched, tiny_bundle, tmp_
     assert report.patched == [] and mf.WEIGHTS in report.downloaded
     assert (Path(report.bundle_dir) / mf.WEIGHTS).read_bytes() == (patched["v2"] / mf.WEIGHTS).read_bytes()
 
+
+
+# -- the release's own step (format version 2): positions against the device's mask, int4 values ---------
+def _merged(bundle: Path, share: float = 0.4, seed: int = 2) -> tuple[delta_format.Delta, Mask]:
+    """A merged delta over the bundle's mask as the server writes one: fp32, ``share`` of K moved."""
+    manifest, mask = mf.load_manifest(bundle), Mask.load_file(bundle / mf.MASK)
+    rng = np.random.default_rng(seed)
+    vector = np.where(rng.random(mask.total_selected) < share,
+                      rng.normal(0, 2e-3, mask.total_selected), 0).astype(np.float32)
+    return delta_format.Delta.from_dense(vector, bundle_id=manifest.bundle_id, bundle_version=manifest.version,
+                                         base_sha256=manifest.base_sha256, mask_sha256=manifest.mask_sha256,
+                                         device_id=delta_format.MERGE_DEVICE_ID, samples_seen=100), mask
+
+
+def _stepped_weights(bundle: Path, vector: np.ndarray, mask: Mask) -> bytes:
+    """The weights the host's apply writes for ``vector`` (mask.scatter, canonical bytes)."""
+    base = load_weights(bundle / mf.WEIGHTS)
+    return weights_to_bytes({**base, **mask.scatter(vector, base)})
+
+
+def test_step_patch_is_the_release_rule_bit_for_bit_and_gives_the_next_mask(tiny_bundle) -> None:
+    merged, mask = _merged(tiny_bundle)
+    k = mask.total_selected
+    step = quantize_step(merged.to_dense(k))
+    released = released_delta(merged, step).to_dense(k)
+    # int4 in blocks of 64 moved values: each value within half a step of the merged one, the zeros kept.
+    scale = np.zeros(k, np.float32)
+    scale[step.support] = np.repeat(step.scales, STEP_BLOCK)[:int(step.support.sum())]
+    assert np.all(np.abs(released - merged.to_dense(k)) <= scale / 2 + 1e-12)
+    assert not np.any(released[merged.to_dense(k) == 0])
+    old, new, mask_bytes = (tiny_bundle / mf.WEIGHTS).read_bytes(), _stepped_weights(tiny_bundle, released, mask), \
+        (tiny_bundle / mf.MASK).read_bytes()
+    patch = make_step_patch(old, new, mask_bytes, step)
+    assert patch is not None and read_header(patch)["format_version"] == 2
+    assert apply_patch(old, patch, mask_bytes) == new
+    v1 = make_patch(old, new)
+    assert v1 is not None and len(patch) < len(v1) / 2, (len(patch), len(v1))   # a bit and a nibble per value
+    # The next mask: the same elements, +1 where the step moved one (the host's overlap rule).
+    expected = OverlapHistory.of_mask(mask).record_round(mask, released).with_counts(mask).to_bytes()
+    assert patched_mask(mask_bytes, patch) == expected != mask_bytes
+    # Weights the rule does not give (the merged delta in float, unquantized): no version 2 patch.
+    assert make_step_patch(old, _stepped_weights(tiny_bundle, merged.to_dense(k), mask), mask_bytes, step) is None
+
+
+def test_step_patch_refuses_another_mask_a_newer_version_and_damage(tiny_bundle) -> None:
+    merged, mask = _merged(tiny_bundle, seed=3)
+    step = quantize_step(merged.to_dense(mask.total_selected))
+    old, mask_bytes = (tiny_bundle / mf.WEIGHTS).read_bytes(), (tiny_bundle / mf.MASK).read_bytes()
+    patch = make_step_patch(old, _stepped_weights(tiny_bundle, step.values(), mask), mask_bytes, step)
+    assert patch is not None
+    other = Mask(order=list(mask.order), shapes=dict(mask.shapes), indices=dict(mask.indices),
+                 total_params=mask.total_params, overlap={n: c + 1 for n, c in mask.overlap.items()}).to_bytes()
+    for wrong in (other, None):
+        with pytest.raises(PatchError, match="another mask"):
+            apply_patch(old, patch, wrong)
+    with pytest.raises(PatchError, match="another mask"):
+        patched_mask(other, patch)
+    length = int.from_bytes(patch[8:16], "little")
+    header, body = json.loads(patch[16:16 + length]), zlib.decompress(patch[16 + length:])
+
+    def remade(header: dict, body: bytes) -> bytes:
+        data = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+        return b"ECLPATCH" + len(data).to_bytes(8, "little") + data + zlib.compress(body)
+
+    with pytest.raises(PatchError, match="format version 3"):
+        apply_patch(old, remade({**header, "format_version": 3}, body), mask_bytes)
+    bitmap_bytes = -(-header["k"] // 8)
+    minus_eight = bytearray(body)
+    minus_eight[bitmap_bytes] = (minus_eight[bitmap_bytes] & 0xF0) | 0x08     # -8: outside symmetric int4
+    with pytest.raises(PatchError, match="outside int4"):
+        apply_patch(old, remade(header, bytes(minus_eight)), mask_bytes)
+    cleared = bytearray(body)
+    cleared[0] ^= next(1 << i for i in range(8) if cleared[0] >> i & 1)       # one value fewer than declared
+    with pytest.raises(PatchError, match="bitmap"):
+        apply_patch(old, remade(header, bytes(cleared)), mask_bytes)
+    moved = bytearray(body)
+    moved[bitmap_bytes] ^= 0x01                                               # another value: another result
+    with pytest.raises(PatchError, match="to_sha256"):
+        apply_patch(old, remade(header, bytes(moved)), mask_bytes)
+    for cut in (len(patch) - 3, 40):
+        with pytest.raises(PatchError):
+            apply_patch(old, patch[:cut], mask_bytes)
+
+
+@pytest.fixture(scope="module")
+def stepped(tiny_bundle, tmp_path_factory):
+    """v2 made as `edgecl release` makes it: the merged delta quantized (the released step), applied by
+    the host (`apply_delta`: weights, mask counts, prototypes, graphs), and its version 2 patch
+    against v1; stored and released on a real server."""
+    from edgecl.host.apply import apply_delta
+
+    root = tmp_path_factory.mktemp("stepped")
+    merged, mask = _merged(tiny_bundle, seed=4)
+    step = quantize_step(merged.to_dense(mask.total_selected))
+    v2 = root / "v2"
+    apply_delta(tiny_bundle, released_delta(merged, step), v2, progress=False)
+    name = attach_weights_patch(v2, tiny_bundle / mf.WEIGHTS, step, tiny_bundle / mf.MASK)
+    assert name is not None and read_header((v2 / name).read_bytes())["format_version"] == 2
+    store = Store(root / "store")
+    for folder in (tiny_bundle, v2):
+        add_bundle_dir(store, folder)
+    manifest = mf.load_manifest(v2)
+    release_version(store, manifest.bundle_id, manifest.version)
+    token, _ = store.register_device("cam-1")
+    server = ServerProcess(root / "store").start()
+    yield {"server": server, "token": token, "v2": v2, "patch": name, "public": store.release_public_key(),
+           "store": store}
+    server.stop()
+    store.close()
+
+
+def _device_files(bundle: Path, server_files: dict[str, str]) -> dict[str, str]:
+    return {k: v for k, v in _tree(bundle).items() if not k.startswith("state") and k not in server_files}
+
+
+def test_the_release_step_pulls_as_bits_and_nibbles_and_the_mask_is_made_on_the_device(stepped, tiny_bundle,
+                                                                                         tmp_path):
+    report = pull(_device(tiny_bundle, tmp_path), stepped["server"].url, stepped["token"], stepped["public"],
+                  policy=FAST)
+    new, v2 = Path(report.bundle_dir), stepped["v2"]
+    server_files = mf.load_manifest(v2).server_files
+    assert report.patched == [mf.WEIGHTS] and report.derived == [mf.MASK]
+    assert mf.MASK not in report.downloaded and mf.MASK not in report.wire_bytes
+    assert report.wire_bytes[mf.WEIGHTS] <= (v2 / stepped["patch"]).stat().st_size + 64
+    assert mf.TRAIN_STEP in report.copied and mf.INFERENCE_MODEL in report.copied   # same mask elements
+    assert _device_files(new, server_files) == _device_files(v2, server_files)      # byte-identical, signed
+    print(f"downlink {report.downloaded_bytes:,} B ({report.wire_bytes}), derived {report.derived}")
+
+
+def test_a_mask_the_patch_does_not_give_is_downloaded_and_the_weights_still_patched(stepped, tiny_bundle,
+                                                                                     tmp_path):
+    """A release whose mask is not v1's plus this step (other counts: a release that chose another
+    history) is signed as it is: the derived mask is not taken, the signed one is downloaded.
+    Released after the other tests of this server (the device then pulls v3)."""
+    v3 = tmp_path / "v3"
+    shutil.copytree(stepped["v2"], v3)
+    mask = Mask.load_file(v3 / mf.MASK)
+    Mask(order=list(mask.order), shapes=dict(mask.shapes), indices=dict(mask.indices), total_params=mask.total_params,
+         overlap={n: c + 2 for n, c in mask.overlap.items()}).save_file(v3 / mf.MASK)
+    manifest = json.loads((v3 / mf.MANIFEST).read_text())
+    manifest["mask_sha256"] = manifest["files"][mf.MASK] = hashlib.sha256((v3 / mf.MASK).read_bytes()).hexdigest()
+    manifest["sizes"][mf.MASK], manifest["version"] = (v3 / mf.MASK).stat().st_size, 3
+    (v3 / mf.MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    add_bundle_dir(stepped["store"], v3)
+    release_version(stepped["store"], manifest["bundle_id"], 3)
+    report = pull(_device(tiny_bundle, tmp_path), stepped["server"].url, stepped["token"], stepped["public"],
+                  policy=FAST)
+    assert report.version == 3 and report.patched == [mf.WEIGHTS] and report.derived == []
+    assert mf.MASK in report.downloaded
+    server_files = mf.load_manifest(v3).server_files
+    assert _device_files(Path(report.bundle_dir), server_files) == _device_files(v3, server_files)
 
 # -- answers no honest server gives: a loopback HTTP server that says them -------------------------------
 class _Script(http.server.BaseHTTPRequestHandler):

@@ -5,8 +5,11 @@
 The fleet loop through the CLI on loopback, small so it runs in minutes on 2 cores: Fashion-MNIST
 (`make data`), `edgecl export` of the real Lite0 at 64 px on 40 images x 6 classes, each device adapts
 on 40 images x 2 new classes and pushes an int4 delta (as `make demo`'s devices do), `edgecl release`
-merges and gates v2 (its weights patch made at release time), and device-a runs `edgecl pull --json`.
-Prints one JSON object: the pull's bytes on the wire per file, what changed, and the merge's size.
+merges and gates v2 (the devices answer its statistics round with `edgecl restat`, then `--finish`
+publishes; the weights patch is made at release time), and device-a runs `edgecl pull --json`.
+Prints one JSON object: the pull's bytes on the wire per file (``patched``: the weights as the
+release's patch; ``derived``: the mask made on the device from it), what changed, the release
+check's accuracies, and the merge's size.
 """
 
 from __future__ import annotations
@@ -90,12 +93,24 @@ def main() -> None:
             deltas[device] = delta.stat().st_size
         timings["devices_s"] = time.perf_counter() - t
         t = time.perf_counter()
+        shutil.rmtree(out / "release", ignore_errors=True)    # no bundle of an earlier run is taken for v2
         released = run.json("release", manifest["bundle_id"], "--heldout", str(check), "--server", url, "--token",
                             operator, "--bundle", str(v1), "--work", str(out / "release"), "--json",
                             "--tolerance", str(args.tolerance), ok=(0, 2))
+        if released.get("stage") == "candidate":
+            # The statistics round (docs/server.md): each device re-embeds what it holds under the
+            # candidate and sends its classes' statistics; --finish sums them, judges and publishes v2.
+            for device in devices:
+                token, key = creds[device]
+                run.json("restat", str(out / device / "bundle"), "--server", url, "--token", token,
+                         "--server-key", server_key, "--key", key, "--device-id", device, "--json")
+            released = run.json("release", manifest["bundle_id"], "--heldout", str(check), "--server", url,
+                                "--token", operator, "--bundle", str(v1), "--work", str(out / "release"), "--json",
+                                "--tolerance", str(args.tolerance), "--finish", ok=(0, 2))
         timings["release_s"] = time.perf_counter() - t
         result: dict = {"published": released.get("published"), "reasons": released.get("reasons"),
-                        "delta_bytes": deltas}
+                        "delta_bytes": deltas, "candidate_accuracy": released.get("candidate"),
+                        "current_accuracy": released.get("current")}
         if released.get("published"):
             mine = out / "device-a" / "bundle.v2"
             shutil.rmtree(mine, ignore_errors=True)
@@ -103,7 +118,7 @@ def main() -> None:
             pulled = run.json("pull", str(out / "device-a" / "bundle"), "--out", str(mine), "--server", url,
                               "--token", token, "--server-key", server_key, "--json")
             v2 = json.loads((mine / "manifest.json").read_text())
-            result.update({k: pulled[k] for k in ("downloaded_bytes", "wire_bytes", "copied", "patched",
+            result.update({k: pulled[k] for k in ("downloaded_bytes", "wire_bytes", "copied", "patched", "derived",
                                                   "total_bytes")})
             result["changed_files"] = sorted(n for n, sha in v2["files"].items() if manifest["files"].get(n) != sha)
             result["server_files"] = {n: v2["sizes"].get(n) for n in v2.get("server_files", {})}
@@ -112,7 +127,7 @@ def main() -> None:
             old_w = np.frombuffer((v1 / "weights.safetensors").read_bytes(), "<u4")
             new_w = np.frombuffer((mine / "weights.safetensors").read_bytes(), "<u4")
             result["weights_words_changed"] = int((old_w != new_w).sum()) if old_w.size == new_w.size else None
-            merged = out / "release" / "merged.safetensors"
+            merged = out / "release" / f"delta-{released['merge']['sha256'][:16]}.safetensors"
             result["merged_delta_bytes"] = merged.stat().st_size if merged.exists() else None
         result["timings_s"] = {k: round(v, 1) for k, v in timings.items()}
         print(json.dumps(result, indent=2))

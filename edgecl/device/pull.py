@@ -40,7 +40,7 @@ from edgecl.formats import manifest as mf
 from edgecl.formats.atomic import atomic_dir
 from edgecl.formats.hashing import sha256_file
 from edgecl.formats.signing import manifest_object, parse_public_key, verify_manifest
-from edgecl.formats.weights_patch import apply_patch
+from edgecl.formats.weights_patch import apply_patch, patched_mask, read_header
 from edgecl.http_client import (
     DISK_ERRNOS,
     MAX_DOWNLOAD_BYTES,
@@ -71,6 +71,7 @@ class PullReport:
     wire_bytes: dict[str, int] = field(default_factory=dict)   # per downloaded file: bytes on the network
     copied: list[str] = field(default_factory=list)
     patched: list[str] = field(default_factory=list)          # downloaded as the release's patch against the old file
+    derived: list[str] = field(default_factory=list)          # made on the device from that patch (the mask), not sent
     upgrade: dict[str, Any] = field(default_factory=dict)
 
     def line(self) -> str:
@@ -142,29 +143,49 @@ def parse_release(answer: object, bundle_id: str) -> ReleaseInfo:
     return ReleaseInfo(version, signature, files)
 
 
+@dataclass
+class PatchedFiles:
+    """What the release's weights patch made from the device's own files (each checked against the
+    signed manifest): the weights, and from a version 2 patch the mask with its new overlap counts."""
+
+    wire_bytes: int
+    files: dict[str, bytes]          # name -> bytes whose sha256 the signed manifest lists
+
+
 def _fetch_patched_weights(fetch_file: Callable[[str, str, Path, int], int], manifest: mf.BundleManifest,
-                           old_weights: Path, dest: Path) -> int | None:
-    """The weights as the release's patch against the device's own: bytes on the wire, or None
-    when there is no patch for them or it fails (the caller then downloads the file)."""
+                           old_dir: Path, scratch_dir: Path) -> PatchedFiles | None:
+    """The weights as the release's patch against the device's own (and, when the patch is the
+    release's int4 step over the device's mask, the next mask derived from it): None when there is
+    no patch for them or it fails (the caller then downloads the files)."""
+    old_weights, old_mask = old_dir / mf.WEIGHTS, old_dir / mf.MASK
     old_sha = sha256_file(old_weights) if old_weights.is_file() else ""
     name = manifest.weights_patches.get(old_sha)
     if not name or name not in manifest.server_files or mf.WEIGHTS not in manifest.sizes:
         return None
-    scratch = dest.with_name(name)
+    scratch = scratch_dir / f".{name}"
     try:
         # At most the size the signed manifest gives the patch, and never more than the file itself.
         wire = fetch_file(name, manifest.server_files[name], scratch,
                           min(manifest.sizes.get(name, manifest.sizes[mf.WEIGHTS]), manifest.sizes[mf.WEIGHTS]))
-        new = apply_patch(old_weights.read_bytes(), scratch.read_bytes())
+        patch = scratch.read_bytes()
+        mask = old_mask.read_bytes() if old_mask.is_file() else None
+        new = apply_patch(old_weights.read_bytes(), patch, mask)
         if hashlib.sha256(new).hexdigest() != manifest.files[mf.WEIGHTS]:
             return None
-        dest.write_bytes(new)
-        return wire
+        out = PatchedFiles(wire, {mf.WEIGHTS: new})
+        if mask is not None and read_header(patch)["format_version"] >= 2:
+            # The mask changes each release only by its overlap counts (+1 where the step moved a
+            # weight): derived here, taken only when it is the file the manifest signs.
+            derived = patched_mask(mask, patch)
+            if hashlib.sha256(derived).hexdigest() == manifest.files.get(mf.MASK):
+                out.files[mf.MASK] = derived
+        return out
     except DiskError:
         raise           # the whole file would fail the same way
     except EdgeclError:
         # No such patch, a damaged one (the server refuses to serve a blob that fails its hash: 500
-        # store_damaged), one for another file: the whole file instead; a network that is down fails there.
+        # store_damaged), one for another file or mask: the whole file instead; a network that is
+        # down fails there.
         return None
     finally:
         scratch.unlink(missing_ok=True)
@@ -232,6 +253,10 @@ def fetch_release(old: OpenBundle, release: ReleaseInfo, bundle_id: str, server:
     try:
         with atomic_dir(target) as tmp:
             (tmp / mf.MANIFEST).write_bytes(manifest_bytes)
+            # The weights (and the mask they imply) as the release's patch, when the device lacks them.
+            from_patch = ((_fetch_patched_weights(fetch_file, manifest, old_dir, tmp)
+                           if mf.WEIGHTS in listed and listed[mf.WEIGHTS] not in local else None)
+                          or PatchedFiles(0, {}))
             for name, sha in sorted(listed.items()):
                 dest = tmp / name
                 if sha in local:
@@ -241,12 +266,16 @@ def fetch_release(old: OpenBundle, release: ReleaseInfo, bundle_id: str, server:
                     report.copied.append(name)
                     report.copied_bytes += dest.stat().st_size
                     continue
-                wire = (_fetch_patched_weights(fetch_file, manifest, old_dir / mf.WEIGHTS, dest)
-                        if name == mf.WEIGHTS else None)
-                if wire is None:
-                    wire = fetch_file(name, sha, dest, size_of(name), old_dir / name)
+                if name in from_patch.files:
+                    dest.write_bytes(from_patch.files[name])
+                    if name == mf.WEIGHTS:   # the patch's bytes count once, with the file it made
+                        report.patched.append(name)
+                        wire = from_patch.wire_bytes
+                    else:
+                        report.derived.append(name)
+                        continue
                 else:
-                    report.patched.append(name)
+                    wire = fetch_file(name, sha, dest, size_of(name), old_dir / name)
                 report.wire_bytes[name] = wire
                 report.downloaded_bytes += wire
                 report.downloaded.append(name)

@@ -446,7 +446,9 @@ def bundle_file_path(store: Store, who: Device, bundle_id: str, version: int, na
     return _verified_file(store, sha256, f"{bundle_id} v{version} {name}")
 
 
-ENCODINGS = ("identity", "zlib", "xor-zlib")
+ENCODINGS = ("identity", "zlib", "xor-zlib", "dict-zlib")
+# zlib's window: a preset dictionary (RFC 1950 FDICT) is its last 32 KiB.
+ZDICT_BYTES = 32 * 1024
 
 
 def _cached_encoding(store: Store, kind: str, make: Any) -> Path:
@@ -471,8 +473,9 @@ def encoded_file(store: Store, who: Device, bundle_id: str, version: int, name: 
                  from_sha256: str | None) -> tuple[Path, str]:
     """(file to send, its encoding) for a download. ``from_sha256``: a file the device already has
     (of a release of this lineage it may pull) of the same size: the answer is zlib(old XOR new),
-    mostly zeros when a version changed a few percent of the weights. ``encoding=zlib``: the file
-    zlib-compressed. Either is made once, from blobs whose bytes hash to their names (a damaged
+    mostly zeros when a version changed a few percent of the weights; of another size: zlib with the
+    old file's last 32 KiB as preset dictionary (``dict-zlib``), when that is smaller than plain zlib.
+    ``encoding=zlib``: the file zlib-compressed. Either is made once, from blobs whose bytes hash to their names (a damaged
     blob is a 500, never served nor encoded), and kept in ``STORE/encoded/`` under the sha256 of
     its own bytes, checked on every use; an encoding that is not smaller than the file is not used."""
     import zlib
@@ -481,6 +484,7 @@ def encoded_file(store: Store, who: Device, bundle_id: str, version: int, name: 
 
     target = _allowed_file(store, who, bundle_id, version, name)
     path = _verified_file(store, target, f"{bundle_id} v{version} {name}")
+    options: list[tuple[Path, str]] = []
     if from_sha256 is not None and not SHA_RE.fullmatch(from_sha256):
         raise Rejected("bad_id", 400, "from_sha256 is not a sha256", "name a file of the bundle you have")
     if from_sha256 and from_sha256 != target:
@@ -500,10 +504,20 @@ def encoded_file(store: Store, who: Device, bundle_id: str, version: int, name: 
             cached = _cached_encoding(store, f"xor-{from_sha256}-{target}", xor)
             if cached.stat().st_size < path.stat().st_size:
                 return cached, "xor-zlib"
+        elif old is not None:
+            # Another size (a class table that gained classes): zlib with the old file's end as its
+            # preset dictionary, so the rows both versions hold cost a back-reference each.
+            def with_dictionary() -> bytes:
+                z = zlib.compressobj(9, zdict=old.read_bytes()[-ZDICT_BYTES:])
+                return z.compress(path.read_bytes()) + z.flush()
+
+            options.append((_cached_encoding(store, f"dict-{from_sha256}-{target}", with_dictionary), "dict-zlib"))
     if encoding == "zlib":
-        cached = _cached_encoding(store, f"zlib-{target}", lambda: zlib.compress(path.read_bytes(), 6))
-        if cached.stat().st_size < path.stat().st_size:
-            return cached, "zlib"
+        options.append((_cached_encoding(store, f"zlib-{target}", lambda: zlib.compress(path.read_bytes(), 6)),
+                        "zlib"))
+    best = min(options, key=lambda o: o[0].stat().st_size, default=None)
+    if best is not None and best[0].stat().st_size < path.stat().st_size:
+        return best
     return path, "identity"
 
 

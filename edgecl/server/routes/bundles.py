@@ -77,8 +77,9 @@ async def add_bundle(request: Request) -> JSONResponse:
 async def get_bundle_file(request: Request, bundle_id: str, version: int, name: str,
                           encoding: str | None = None, from_sha256: str | None = None) -> FileResponse:
     """A file of a released bundle version (a device) or of any stored one (an admin).
-    ``encoding=zlib`` and/or ``from_sha256=`` (a file the caller has, same size): the answer's
-    ``X-Edgecl-Encoding`` header says how it is encoded (identity, zlib, xor-zlib)."""
+    ``encoding=zlib`` and/or ``from_sha256=`` (a file the caller has): the answer's
+    ``X-Edgecl-Encoding`` header says how it is encoded (identity, zlib, xor-zlib for a base of the
+    same size, dict-zlib for one of another size)."""
     who = await auth(request)
     store = store_of(request)
     check_name(bundle_id, "bundle id")
