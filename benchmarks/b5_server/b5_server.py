@@ -191,9 +191,10 @@ async def push_all(plans: dict[str, list[tuple[bytes, str, str]]], port_of: dict
     with the server and must cost it as little CPU as possible).
 
     ``rate`` 0: each client pushes back to back (closed loop: the server's throughput; with many
-    clients the latency is mostly waiting in line). ``rate`` R: pushes are scheduled at R per
-    second overall (client i's j-th push at (j * clients + i) / R), and a latency counts from the
-    scheduled time, so a push that had to wait for its client's previous one counts its wait too.
+    clients the latency is mostly waiting in line). ``rate`` R: pushes (valid and invalid) are
+    scheduled at R per second overall, round-robin over the clients (every client's first, then
+    every client's second, ...), and a latency counts from the scheduled time, so a push that had
+    to wait for its client's previous one counts its wait too.
     Each client's first push is a warm-up, before the clock starts (``warmup`` in its record).
     Returns the records and the wall seconds from the first timed push to the last answer."""
     try:
@@ -204,6 +205,9 @@ async def push_all(plans: dict[str, list[tuple[bytes, str, str]]], port_of: dict
         pass
     devices = list(plans)
     encoded = {d: [(request_bytes(data, token), data, expected) for data, token, expected in plans[d]] for d in devices}
+    # Timed pushes in the order (round j, client i), the n-th of them scheduled at n / rate.
+    order = sorted((j, i) for i, d in enumerate(devices) for j in range(len(encoded[d]) - 1))
+    seq = {key: n for n, key in enumerate(order)}
     warm = asyncio.Event()
     warming = [len(devices)]
     t0 = deadline = 0.0
@@ -228,7 +232,7 @@ async def push_all(plans: dict[str, list[tuple[bytes, str, str]]], port_of: dict
             now = time.perf_counter()
             if now > deadline:
                 break
-            scheduled = t0 + (j * len(devices) + i) / rate if rate else now
+            scheduled = t0 + seq[(j, i)] / rate if rate else now
             if scheduled > now:
                 await asyncio.sleep(scheduled - now)
             status, body = await _exchange(port_of[device], conn, request)
@@ -268,7 +272,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1, help="server processes (edgecl serve --workers)")
     parser.add_argument("--max-seconds", type=float, default=300.0, help="bound on the load phase")
     parser.add_argument("--rate", type=float, default=0.0,
-                        help="offered pushes/s over all clients (0: every client pushes back to back)")
+                        help="offered pushes/s over all clients, invalid ones included (0: every client "
+                             "pushes back to back)")
     parser.add_argument("--kill9-clients", type=int, default=8, help="clients of the kill -9 phase (0: skip it)")
     parser.add_argument("--start-postgres", action="store_true", help="start a throwaway PostgreSQL for --db")
     parser.add_argument("--blobs", choices=("folder", "database"), default=None,
