@@ -191,10 +191,12 @@ async def push_all(plans: dict[str, list[tuple[bytes, str, str]]], port_of: dict
     with the server and must cost it as little CPU as possible).
 
     ``rate`` 0: each client pushes back to back (closed loop: the server's throughput; with many
-    clients the latency is mostly waiting in line). ``rate`` R: pushes are scheduled at R per
-    second overall (client i's j-th push at (j * clients + i) / R), and a latency counts from the
-    scheduled time, so a push that had to wait for its client's previous one counts its wait too.
-    Returns the records and the wall seconds from the first push to the last answer."""
+    clients the latency is mostly waiting in line). ``rate`` R: pushes (valid and invalid) are
+    scheduled at R per second overall, round-robin over the clients (every client's first, then
+    every client's second, ...), and a latency counts from the scheduled time, so a push that had
+    to wait for its client's previous one counts its wait too.
+    Each client's first push is a warm-up, before the clock starts (``warmup`` in its record).
+    Returns the records and the wall seconds from the first timed push to the last answer."""
     try:
         import uvloop  # the server extra's event loop, when installed: a lighter client
 
@@ -203,22 +205,40 @@ async def push_all(plans: dict[str, list[tuple[bytes, str, str]]], port_of: dict
         pass
     devices = list(plans)
     encoded = {d: [(request_bytes(data, token), data, expected) for data, token, expected in plans[d]] for d in devices}
-    t0 = time.perf_counter()
-    deadline = t0 + max_seconds
+    # Timed pushes in the order (round j, client i), the n-th of them scheduled at n / rate.
+    order = sorted((j, i) for i, d in enumerate(devices) for j in range(len(encoded[d]) - 1))
+    seq = {key: n for n, key in enumerate(order)}
+    warm = asyncio.Event()
+    warming = [len(devices)]
+    t0 = deadline = 0.0
 
     async def client(i: int, device: str) -> list[dict[str, Any]]:
+        nonlocal t0, deadline
         out: list[dict[str, Any]] = []
         conn: list[Any] = []
-        for j, (request, data, expected) in enumerate(encoded[device]):
+        # Warm-up, untimed: every client's first push, all at once, so each API process has started
+        # its threads and opened their database connections (a running server has) before the clock.
+        request, data, expected = encoded[device][0]
+        status, body = await _exchange(port_of[device], conn, request)
+        out.append({"latency_s": 0.0, "status": status, "expected": expected, "warmup": True,
+                    "error": body.get("error", ""), "sha256": body.get("sha256", ""), "data": data})
+        warming[0] -= 1
+        if not warming[0]:
+            t0 = time.perf_counter()
+            deadline = t0 + max_seconds
+            warm.set()
+        await warm.wait()
+        for j, (request, data, expected) in enumerate(encoded[device][1:]):
             now = time.perf_counter()
             if now > deadline:
                 break
-            scheduled = t0 + (j * len(devices) + i) / rate if rate else now
+            scheduled = t0 + seq[(j, i)] / rate if rate else now
             if scheduled > now:
                 await asyncio.sleep(scheduled - now)
             status, body = await _exchange(port_of[device], conn, request)
             out.append({"latency_s": time.perf_counter() - scheduled, "status": status, "expected": expected,
-                        "error": body.get("error", ""), "sha256": body.get("sha256", ""), "data": data})
+                        "warmup": False, "error": body.get("error", ""), "sha256": body.get("sha256", ""),
+                        "data": data})
         if conn:
             conn[1].close()
         return out
@@ -252,9 +272,12 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1, help="server processes (edgecl serve --workers)")
     parser.add_argument("--max-seconds", type=float, default=300.0, help="bound on the load phase")
     parser.add_argument("--rate", type=float, default=0.0,
-                        help="offered pushes/s over all clients (0: every client pushes back to back)")
+                        help="offered pushes/s over all clients, invalid ones included (0: every client "
+                             "pushes back to back)")
     parser.add_argument("--kill9-clients", type=int, default=8, help="clients of the kill -9 phase (0: skip it)")
     parser.add_argument("--start-postgres", action="store_true", help="start a throwaway PostgreSQL for --db")
+    parser.add_argument("--blobs", choices=("folder", "database"), default=None,
+                        help="where the server keeps bytes (default: folder; database with --replicas)")
     parser.add_argument("--replicas", type=int, default=1, help="API servers, each with its own folder, blobs in "
                                                                 "PostgreSQL (needs --db or --start-postgres)")
     parser.add_argument("--out", default="", help="results file stem (default b5_server[_postgresql])")
@@ -274,9 +297,9 @@ def main() -> None:
 
 def run(args: argparse.Namespace, work: Path) -> None:
     blobs, key_file = None, None
-    if args.replicas > 1:
+    if args.replicas > 1 or args.blobs == "database":
         if not args.db:
-            raise SystemExit("--replicas needs PostgreSQL: --db URL or --start-postgres")
+            raise SystemExit("--replicas and --blobs database need PostgreSQL: --db URL or --start-postgres")
         from edgecl.formats.signing import generate_private_key, write_secret
 
         key_file = str(work / "release.key")
@@ -329,7 +352,9 @@ def run(args: argparse.Namespace, work: Path) -> None:
 
         valid = [r for r in records if not r["expected"]]
         invalid = [r for r in records if r["expected"]]
-        accepted = {r["sha256"]: r["data"] for r in valid if r["status"] in (200, 201)}
+        accepted = {r["sha256"]: r["data"] for r in valid if r["status"] in (200, 201)}   # warm-ups included
+        timed = [r for r in valid if not r["warmup"]]
+        timed_accepted = sum(r["status"] in (200, 201) for r in timed)
         failed_valid = [r for r in valid if r["status"] not in (200, 201)]
         wrong_reason = [r for r in invalid if r["error"] != r["expected"]]
         # Zero lost: every acknowledged delta is listed and byte-identical.
@@ -371,7 +396,7 @@ def run(args: argparse.Namespace, work: Path) -> None:
                 replica.wait(30)
         store.close()
 
-    latencies = np.array([r["latency_s"] for r in valid])
+    latencies = np.array([r["latency_s"] for r in timed])
     result = {
         "machine": machine(),
         "config": {k: v for k, v in vars(args).items()},
@@ -387,8 +412,9 @@ def run(args: argparse.Namespace, work: Path) -> None:
         "invalid_rejected_with_expected_reason": len(invalid) - len(wrong_reason),
         "invalid_codes": sorted({r["error"] for r in invalid}),
         "wall_s": wall_s,
-        "deltas_per_s": len(accepted) / wall_s,
-        "requests_per_s": len(records) / wall_s,
+        "warmup_pushes": len(valid) - len(timed),
+        "deltas_per_s": timed_accepted / wall_s,
+        "requests_per_s": sum(not r["warmup"] for r in records) / wall_s,
         "latency_p50_s": float(np.percentile(latencies, 50)),
         "latency_p99_s": float(np.percentile(latencies, 99)),
         "latency_max_s": float(latencies.max()),
@@ -408,7 +434,7 @@ def run(args: argparse.Namespace, work: Path) -> None:
         ("clients", args.clients), ("storage", result["storage"]),
         ("replicas (blobs)", f"{args.replicas} ({result['blobs']})"),
         ("delta size (median bytes)", result["delta_bytes_median"]),
-        ("valid pushed / accepted", f"{len(valid)} / {len(accepted)}"),
+        ("valid pushed / accepted (warm-ups, untimed)", f"{len(valid)} / {len(accepted)} ({result['warmup_pushes']})"),
         ("invalid pushed / rejected with reason", f"{len(invalid)} / {result['invalid_rejected_with_expected_reason']}"),
         ("deltas/s (accepted)", f"{result['deltas_per_s']:.0f}"),
         ("latency p50 / p99 (s)", f"{result['latency_p50_s']:.3f} / {result['latency_p99_s']:.3f}"),

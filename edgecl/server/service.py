@@ -50,12 +50,16 @@ class Rejected(EdgeclError):
         return {"error": self.code, "message": str(self)}
 
 
-def bundle_open_to(store: Store, who: Device, bundle_id: str, version: int) -> bool:
+Canaries = dict[tuple[str, int], list[str]]      # (bundle, version) released to a canary only -> its devices
+
+
+def bundle_open_to(store: Store, who: Device, bundle_id: str, version: int, canaries: Canaries | None = None) -> bool:
     """A version released to canary devices only is invisible and closed (no push) to every other
-    device; an admin, an unreleased or a fully released version is open."""
+    device; an admin, an unreleased or a fully released version is open. ``canaries``: the canary
+    releases as read with the device (Store.device_for_push) instead of a query now."""
     if who.role == "admin":
         return True
-    canary = store.release_canary(bundle_id, version)
+    canary = canaries.get((bundle_id, version)) if canaries is not None else store.release_canary(bundle_id, version)
     return not canary or who.name in canary
 
 
@@ -68,10 +72,23 @@ def visible_bundles(store: Store, who: Device) -> list[BundleRow]:
     return [b for b in bundles if (b.bundle_id, b.version) not in hidden]
 
 
-def authenticate(store: Store, authorization: str | None, admin: bool = False) -> Device:
+def _bearer_token(authorization: str | None) -> str:
     if not authorization or not authorization.startswith("Bearer "):
         raise Rejected("auth_missing", 401, "no device token", "send 'Authorization: Bearer TOKEN' (edgecl push --token)")
-    device = store.device_for_token(authorization[len("Bearer "):].strip())
+    return authorization[len("Bearer "):].strip()
+
+
+def authenticate(store: Store, authorization: str | None, admin: bool = False) -> Device:
+    return _admitted(store.device_for_token(_bearer_token(authorization)), admin)
+
+
+def authenticate_push(store: Store, authorization: str | None) -> tuple[Device, Canaries]:
+    """``authenticate`` for a push, with the canary releases its check_header needs (one query)."""
+    device, canaries = store.device_for_push(_bearer_token(authorization))
+    return _admitted(device, False), canaries
+
+
+def _admitted(device: Device | None, admin: bool) -> Device:
     if device is None or device.role == "merge":
         raise Rejected("auth_invalid", 401, "unknown device token",
                        "use the token printed by `edgecl server device add`")
@@ -84,8 +101,10 @@ def authenticate(store: Store, authorization: str | None, admin: bool = False) -
     return device
 
 
-def check_header(store: Store, header: D.DeltaHeader, device: Device, max_upload_bytes: int) -> BundleRow:
-    """Everything the header alone can tell, before the body is read."""
+def check_header(store: Store, header: D.DeltaHeader, device: Device, max_upload_bytes: int,
+                 canaries: Canaries | None = None, bundle: BundleRow | None = None) -> BundleRow:
+    """Everything the header alone can tell, before the body is read. With ``canaries`` (read with
+    the device) and ``bundle`` (the header's bundle row, Store.cached_bundle) it needs no database."""
     if header.total_bytes > max_upload_bytes:
         raise Rejected("too_large", 413, f"the delta is {header.total_bytes} bytes, over the {max_upload_bytes}-byte cap",
                        "push a smaller delta (--values int8) or raise the server's --max-upload-mb")
@@ -95,8 +114,9 @@ def check_header(store: Store, header: D.DeltaHeader, device: Device, max_upload
     if header.bundle_version > MAX_DB_INT:
         raise Rejected("metadata_invalid", 400, f"bundle_version {header.bundle_version} is out of range "
                        f"(at most {MAX_DB_INT})", "make the delta from a real bundle version")
-    bundle = store.get_bundle(header.bundle_id, header.bundle_version)
-    if bundle is None or not bundle_open_to(store, device, header.bundle_id, header.bundle_version):
+    if bundle is None or (bundle.bundle_id, bundle.version) != (header.bundle_id, header.bundle_version):
+        bundle = store.get_bundle(header.bundle_id, header.bundle_version)
+    if bundle is None or not bundle_open_to(store, device, header.bundle_id, header.bundle_version, canaries):
         # a canary version is closed to the devices outside its canary, and answers as if unknown
         raise Rejected("bundle_unknown", 422, f"bundle {header.bundle_id} v{header.bundle_version} is not "
                        "registered on this server", "register it first: `edgecl server bundle add BUNDLE_DIR`")

@@ -405,6 +405,18 @@ class Store:
             row = cur.fetchone()
         return Device(row[0], row[1], bytes.fromhex(row[2]), bool(row[3])) if row else None
 
+    def device_for_push(self, token: str) -> tuple[Device | None, dict[tuple[str, int], list[str]]]:
+        """The token's device, and the devices of every release made for a canary only ((bundle,
+        version) -> names), in ONE query: a push needs both (service.check_header), and a database
+        round trip costs more than the few rows of canary releases."""
+        with self._cursor() as cur:
+            cur.execute("SELECT 'device', name, role, hmac_key, revoked, 0, '' FROM devices WHERE token_sha256 = ? "
+                        "UNION ALL SELECT 'canary', bundle_id, '', '', 0, version, canary FROM releases "
+                        "WHERE canary != '[]'", (token_sha256(token),))
+            rows = cur.fetchall()
+        device = next((Device(r[1], r[2], bytes.fromhex(r[3]), bool(r[4])) for r in rows if r[0] == "device"), None)
+        return device, {(r[1], int(r[5])): json.loads(r[6]) for r in rows if r[0] == "canary"}
+
     def _known_device(self, name: str) -> None:
         with self._cursor() as cur:
             cur.execute("SELECT role FROM devices WHERE name = ?", (name,))
@@ -611,9 +623,9 @@ class Store:
         later adds its weight scales)."""
         if not 1 <= version <= MAX_DB_INT:
             return None
-        cached = self._bundles.get((bundle_id, version))
-        if cached is not None and (cached[1] is None or cached[1] > time.monotonic()):
-            return cached[0]
+        cached = self.cached_bundle(bundle_id, version)
+        if cached is not None:
+            return cached
         with self._cursor() as cur:
             cur.execute(f"SELECT {self._BUNDLE_COLUMNS} FROM bundles WHERE bundle_id = ? AND version = ?",
                         (bundle_id, version))
@@ -623,6 +635,13 @@ class Store:
             self._bundles[(bundle_id, version)] = (bundle, None if bundle.scales_sha256
                                                    else time.monotonic() + BUNDLE_CACHE_S)
         return bundle
+
+    def cached_bundle(self, bundle_id: str, version: int) -> BundleRow | None:
+        """get_bundle's answer when this process has it cached (no database); else None."""
+        cached = self._bundles.get((bundle_id, version))
+        if cached is not None and (cached[1] is None or cached[1] > time.monotonic()):
+            return cached[0]
+        return None
 
     def list_bundles(self) -> list[BundleRow]:
         with self._cursor() as cur:

@@ -25,7 +25,7 @@ from edgecl.server.routes.common import (
     limits_of,
     store_of,
 )
-from edgecl.server.service import Rejected, accept_delta, check_header
+from edgecl.server.service import Rejected, accept_delta, authenticate_push, check_header
 
 log = logging.getLogger("edgecl.server")
 router = APIRouter(dependencies=AUTH)
@@ -34,8 +34,8 @@ router = APIRouter(dependencies=AUTH)
 @router.post("/v1/deltas", status_code=201, responses={200: {"description": "already have it"}})
 async def push_delta(request: Request) -> JSONResponse:
     """Body: the delta file's bytes (application/octet-stream). Header: Authorization: Bearer TOKEN."""
-    device = await auth(request)
     store, limits = store_of(request), limits_of(request)
+    device, canaries = await run_in_threadpool(authenticate_push, store, request.headers.get("authorization"))
     cap = limits.max_upload_bytes
     declared = content_length(request)
     if declared is not None and declared > cap:
@@ -49,7 +49,11 @@ async def push_delta(request: Request) -> JSONResponse:
         header = D.read_header(bytes(reader.buf[: 8 + n]))
     except D.DeltaError as exc:
         raise Rejected.from_delta_error(exc) from exc
-    bundle = await run_in_threadpool(check_header, store, header, device, cap)
+    cached = store.cached_bundle(header.bundle_id, header.bundle_version)
+    if cached is not None:     # nothing to ask the database: checked here, without a trip to a thread
+        bundle = check_header(store, header, device, cap, canaries, cached)
+    else:
+        bundle = await run_in_threadpool(check_header, store, header, device, cap, canaries)
     if declared is not None and declared != header.total_bytes:
         code = "truncated" if declared < header.total_bytes else "trailing_data"
         raise Rejected(code, 400, f"the upload is {declared} bytes, the delta's header says {header.total_bytes}",
