@@ -65,6 +65,16 @@ def test_a_refused_adaptation_says_the_backbone_is_unchanged(tmp_path: Path) -> 
     assert "-> kept the UNCHANGED backbone (the adapted one was worse)" in text and "loss at" not in text
 
 
+def test_the_old_classes_guard_says_its_bound(tmp_path: Path) -> None:
+    gate = dict(_adapt_report().gate, max_old_drop=60.0, old_held_out_images=6, prototypes_only_old_accuracy=0.8333,
+                old_confidence=0.95, old_images_needed=5,
+                epochs=[{"epochs": 10, "accuracy": 0.925, "old_accuracy": 0.8333, "old_drop_upper": 45.9}])
+    _step_log(tmp_path, "gen-000002", {10: 1.0})
+    text = "\n".join(summary_lines(_adapt_report(gate=gate), tmp_path, Path("d")))
+    assert ("old classes guarded (--max-old-drop 60 points): unchanged backbone 83.3% on their 6 held-out "
+            "stored images; the kept epoch's 95% bound on their drop 45.9 points") in text
+
+
 def test_the_release_table_names_head_images_columns_and_rule() -> None:
     report = SimpleNamespace(
         bundle_id="f9d0d87c4390425b9db9e7b8ea725ca5", current_version=1, version=2,

@@ -8,7 +8,7 @@
           the device's own rules: exemplars (profile store_images = true), replay at the share given,
           old classes moved by their exemplars' drift, the LDA head carried by the drift map,
           prototypes of a class seen again merged by counts
-  device: `edgecl delta BUNDLE_t -o DELTA_t`
+  device: `edgecl delta BUNDLE_t -o DELTA_t --values V` (V: the rules' delta_values, fp32 unless an arm says)
   eval:   embeddings from BUNDLE_t's inference graph with DELTA_t, in onnxruntime; the heads scored are
           the device's own (its committed prototypes and LDA head), see ``heads()``.
 """
@@ -87,7 +87,8 @@ class EdgeclLearner:
         timed = common.run_timed(cmd, env=common.thread_env(self.threads))
         report = json.loads(timed.stdout[timed.stdout.index("{"):])
         delta_path = self.work / f"delta-{task + 1}.safetensors"
-        self._edgecl("delta", str(bundle), "-o", str(delta_path), "--device-id", "bench")
+        self._edgecl("delta", str(bundle), "-o", str(delta_path), "--device-id", "bench",
+                     "--values", self.rules.delta_values)
         mask = Mask.load_file(bundle / mf.MASK)
         self.bundle, self.delta_path, self._runner = bundle, delta_path, None
         # What the device runs after this task: the bundle's graph with the delta it sent home.

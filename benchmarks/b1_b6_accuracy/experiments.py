@@ -162,7 +162,10 @@ EXPERIMENTS["replay_b1"] = replace(
 EXPERIMENTS["guard_b1"] = replace(
     EXPERIMENTS["defaults_b1"],
     arms=(FROZEN, Arm("edgecl defaults", "edgecl", (1e-2,), DEFAULTS, rules={"replay_seen": True}),
-          Arm("edgecl max-old-drop 1", "edgecl", (1e-2,), DEFAULTS, rules={"replay_seen": True, "max_old_drop": 1.0})),
+          Arm("edgecl max-old-drop 1", "edgecl", (1e-2,), DEFAULTS, rules={"replay_seen": True, "max_old_drop": 1.0}),
+          # the same with the CLI's default delta encoding (int4) in the chained path
+          Arm("edgecl max-old-drop 1 int4", "edgecl", (1e-2,), DEFAULTS,
+              rules={"replay_seen": True, "max_old_drop": 1.0, "delta_values": "int4"})),
     note="the edgecl path with the old classes guarded (--max-old-drop 1) beside the defaults")
 EXPERIMENTS["guard_b6"] = replace(
     EXPERIMENTS["defaults_b6"],

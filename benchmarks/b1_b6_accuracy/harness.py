@@ -95,6 +95,9 @@ class StreamRules:
     old_update: str = "shift"         # old classes: shift (exemplar drift) | sdc | none
     heads: tuple[str, ...] = FAMILIES
     max_old_drop: float | None = None  # edgecl path: `adapt --max-old-drop` (None: not passed)
+    # edgecl path: `edgecl delta --values`. fp32 (exact), as every B1/B6 run before int4 became the CLI's
+    # default (2026-12-06); int4 over five chained rounds is measured as its own arm.
+    delta_values: str = "fp32"
 
 
 class HeadKeeper:

@@ -71,9 +71,11 @@ def run_key(exp: experiments.Experiment, arm: experiments.Arm, lr: float | None,
     return {"bench": exp.bench, "per_class": list(exp.per_class), "size": exp.size, "method": arm.method,
             "lr": lr, "seed": seed, "train": train | {"lr": lr or 0.0, "seed": seed},
             # max_old_drop enters the key only when set, so runs made before it existed are still reused
-            "rules": {k: v for k, v in dataclasses.asdict(rules).items() if k != "max_old_drop"}
+            # (delta_values likewise when not fp32, what every earlier run used)
+            "rules": {k: v for k, v in dataclasses.asdict(rules).items() if k not in ("max_old_drop", "delta_values")}
             | {"heads": list(rules.heads)}
-            | ({"max_old_drop": rules.max_old_drop, "old_guard": OLD_GUARD} if rules.max_old_drop is not None else {}),
+            | ({"max_old_drop": rules.max_old_drop, "old_guard": OLD_GUARD} if rules.max_old_drop is not None else {})
+            | ({"delta_values": rules.delta_values} if rules.delta_values != "fp32" else {}),
             "head_grid": {"lda": list(LDA_SHRINKAGE), "ranpac": list(RANPAC_RIDGE)},
             # the device's do-no-harm gate rule: runs made under an earlier rule are not reused
             **({"gate": EDGECL_GATE} if arm.method == "edgecl" else {})}

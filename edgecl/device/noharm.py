@@ -15,7 +15,7 @@ worse is kept (``choose_epoch``); with none, prototypes only.
 ``--max-old-drop POINTS`` guards the old classes on their held-out exemplars, image by image against
 prototypes only, with a 95% upper confidence bound on the drop (``old_drop_upper``), not the observed
 drop: a few held-out exemplars per class (B1: 4) cannot show a 1-point loss, so an observed "no image
-lost" proves nothing (measured on B1, docs/benchmarks.md#b1-guard). When even losing no image could not
+lost" proves nothing (measured on B1, benchmarks/RESULTS.md#b1-guard). When even losing no image could not
 bring the bound under POINTS (``guard_precheck``), nothing is trained: the run would be refused anyway.
 """
 
