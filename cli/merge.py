@@ -15,7 +15,7 @@ def merge(
     out: Annotated[Path, typer.Option("--out", "-o", help="Merged delta file to write.")] = Path("merged.safetensors"),
     overlap_out: Annotated[Path | None, typer.Option(help="Updated overlap counts (default: OUT with "
                                                              ".overlap.safetensors).")] = None,
-    strategy: Annotated[str, typer.Option(help="Merge strategy: weighted-mean, trimmed-mean or median.")]
+    strategy: Annotated[str, typer.Option(help="Merge strategy: weighted-mean, ties, trimmed-mean or median.")]
     = "weighted-mean",
     trim: Annotated[float | None, typer.Option(help="trimmed-mean: share of votes dropped at each end "
                                                    "(default 0.2).")] = None,

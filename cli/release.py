@@ -25,7 +25,8 @@ def release(
                                                             "newest released).")] = None,
     canary: Annotated[list[str] | None, typer.Option(help="Release to this device only (repeat for several); "
                                                           "`edgecl server release promote` widens it.")] = None,
-    strategy: Annotated[str, typer.Option(help="Merge: weighted-mean, ties, trimmed-mean or median.")] = "weighted-mean",
+    strategy: Annotated[str, typer.Option(help="Merge: ties (sign election), weighted-mean, trimmed-mean or "
+                                                 "median.")] = "ties",
     scale: Annotated[float, typer.Option(help="The server's step: candidate = current + scale x the merged delta "
                                               "(0 < scale <= 2).")] = 1.0,
     trim: Annotated[float | None, typer.Option(help="trimmed-mean: share dropped at each end.")] = None,

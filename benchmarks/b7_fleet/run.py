@@ -303,7 +303,7 @@ def main() -> None:
     ap.add_argument("--test-per-class", type=int, default=100)
     ap.add_argument("--check-per-class", type=int, default=30)
     ap.add_argument("--epochs", type=int, default=0, help="device epochs (0: the bundle's default)")
-    ap.add_argument("--strategies", nargs="+", default=["weighted-mean", "median"],
+    ap.add_argument("--strategies", nargs="+", default=["ties", "weighted-mean", "ties@0.5", "weighted-mean@0.5"],
                     help="merge options, the first shipped; NAME or NAME@SCALE (the release's --scale)")
     ap.add_argument("--recipe", type=Path, default=REPO / "models" / "efficientnet_lite0.toml")
     args = ap.parse_args()
