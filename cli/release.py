@@ -34,6 +34,9 @@ def release(
     exclude_delta: Annotated[list[str] | None, typer.Option(help="Do not count this delta sha256 (repeatable).")]
     = None,
     tolerance: Annotated[float, typer.Option(help="Accuracy drop allowed per class group (0: none).")] = 0.0,
+    class_data: Annotated[Path | None, typer.Option(help="Images of the current version's classes (the folder it was "
+                                                         "exported from): their statistics are recomputed under "
+                                                         "the candidate instead of moved by drift.")] = None,
     finish: Annotated[bool, typer.Option("--finish", help="Phase 2: sum the statistics the devices sent under "
                                                          "the candidate (`edgecl restat`), judge, publish.")] = False,
     statistics_round: Annotated[bool, typer.Option(
@@ -60,7 +63,7 @@ def release(
     options = release_module.ReleaseOptions(
         heldout=heldout, current_dir=bundle, bundle_version=bundle_version, canary=list(canary or []),
         strategy=strategy, scale=scale, trim=trim, exclude_devices=list(exclude_device or []),
-        exclude_deltas=list(exclude_delta or []), tolerance=tolerance, work_dir=work,
+        exclude_deltas=list(exclude_delta or []), tolerance=tolerance, work_dir=work, class_data=class_data,
         statistics_round=statistics_round, wait_s=wait_s)
     # edgecl.release announces its phases with edgecl.progress.phase(); shown on a terminal only.
     run = release_module.finish if finish else release_module.release

@@ -271,8 +271,11 @@ def run_demo(options: DemoOptions, echo: Callable[[str], None] = print) -> DemoR
         t = stage("5/7 fleet: edgecl release (the server merges the devices' deltas -> candidate v2 -> the devices "
                   "send their classes' statistics under it -> judged -> published only if no group is worse)")
         shutil.rmtree(out / "release", ignore_errors=True)     # no bundle of an earlier run is taken for v2
+        # --class-data: the host holds the images v1's classes were exported from, so their statistics
+        # under the candidate are exact too (without it they are moved by their exemplars' drift).
         gate = ["release", manifest["bundle_id"], "--heldout", str(check), "--server", url, "--token", operator,
-                "--bundle", str(bundle_v1), "--work", str(out / "release"), "--json"]
+                "--bundle", str(bundle_v1), "--class-data", str(data / "calib" / "train"), "--work",
+                str(out / "release"), "--json"]
         released = run.json(*gate, ok=(0, 2))
         if released["stage"] == "candidate":
             for device in DEVICES:

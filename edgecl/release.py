@@ -93,6 +93,8 @@ class ReleaseOptions:
     max_share: float | None = None
     exclude_devices: list[str] = field(default_factory=list)
     exclude_deltas: list[str] = field(default_factory=list)
+    class_data: Path | None = None                 # images of the current classes: their statistics recomputed
+                                                   # exactly under the candidate (else moved by drift)
     tolerance: float = 0.0                         # allowed accuracy drop per group (0 = none)
     statistics_round: bool = True                  # False: one phase, the host's estimates for device classes
     wait_s: float = 0.0                            # finish: wait this long for every contributor's statistics
@@ -409,6 +411,33 @@ def _embed_all(current_dir: Path, candidate_dir: Path, heldout: Path) -> Embedde
                     memory.labels)
 
 
+def recompute_current_classes(candidate_dir: Path, folder: Path) -> list[str]:
+    """The statistics of the current version's classes that ``folder`` has images of, recomputed
+    exactly under the candidate's backbone (mean and count of those images), in place of their
+    exemplars' drift estimate: the host that exported the bundle holds the images its classes were
+    made from. The candidate's prototypes file and manifest are rewritten (temp + rename)."""
+    from edgecl.formats.images import load_image_folder
+
+    m = mf.load_manifest(candidate_dir)
+    table = Prototypes.load_file(candidate_dir / mf.PROTOTYPES)
+    images = load_image_folder(folder, m.input_size, m.interpolation, progress=False)
+    known = [c for c in images.classes if c in table.classes]
+    if not known:
+        raise DataError(f"--class-data {folder} has no images of the current version's classes "
+                        f"({', '.join(table.classes)})", "pass the folder the bundle was exported from")
+    embeddings = _embed(candidate_dir, images.pixels)
+    labels = np.asarray([images.classes[i] for i in images.labels])
+    for name in known:
+        rows = embeddings[labels == name]
+        table.upsert(name, rows.astype(np.float64).mean(axis=0), int(len(rows)))
+    table.save_file(candidate_dir / mf.PROTOTYPES)          # formats: temp + rename
+    m.files[mf.PROTOTYPES] = sha256_file(candidate_dir / mf.PROTOTYPES)
+    if mf.PROTOTYPES in m.sizes:
+        m.sizes[mf.PROTOTYPES] = (candidate_dir / mf.PROTOTYPES).stat().st_size
+    m.save(candidate_dir)
+    return known
+
+
 def estimate_in_candidate(base: Prototypes | None, embedded: Embedded) -> Prototypes | None:
     """Classes under the current backbone moved into the candidate's by semantic drift compensation
     on the bundle's exemplars (classstats): the host's estimate for a class whose device sent no
@@ -602,6 +631,9 @@ def release(bundle_id: str, server: str, token: str, options: ReleaseOptions) ->
         step = released_step(rnd)
         apply_delta(rnd.current_dir, released_delta(rnd.merged, step), candidate_dir, progress=False,
                     classes=Prototypes.empty(mf.load_manifest(rnd.current_dir).embedding_dim))
+        if options.class_data is not None:
+            phase("recomputing the current classes' statistics under the candidate (--class-data)")
+            recompute_current_classes(candidate_dir, Path(options.class_data))
         phase("embedding the held-out images under the current and the candidate backbone")
         embedded = _embed_all(rnd.current_dir, candidate_dir, Path(options.heldout))
         estimates = estimate_in_candidate(rnd.baseline_devices(), embedded)

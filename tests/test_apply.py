@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import write_image_folder
 from typer.testing import CliRunner
 
 from edgecl.cli.main import app
+from edgecl.errors import DataError
 from edgecl.formats import delta as delta_format
 from edgecl.formats import manifest as mf
 from edgecl.formats.images import load_image_folder, normalize
@@ -250,3 +253,44 @@ def test_release_refuses_an_absurd_scale_in_one_line(tmp_path: Path, scale: str)
     assert result.exit_code == 1, result.output
     assert f"scale {float(scale)} is outside (0, 2.0]" in result.output and "--scale" in result.output
     assert "Traceback" not in result.output
+
+
+def test_class_data_recomputes_the_current_classes_under_the_candidate(adapted: Path, calib_dir: Path,
+                                                                       tmp_path: Path) -> None:
+    """`edgecl release --class-data DIR`: the candidate's statistics of the classes DIR has images of
+    are those images' mean embedding under the candidate (count = images), not the drift estimate;
+    the manifest names the rewritten file, so the bundle still opens and checks."""
+    from edgecl.device.state import open_bundle
+    from edgecl.formats.prototypes import Prototypes
+    from edgecl.host.apply import apply_delta
+    from edgecl.release import _embed, recompute_current_classes
+
+    d = tmp_path / "d.safetensors"
+    assert runner.invoke(app, ["delta", str(adapted), "-o", str(d), "--values", "fp32"]).exit_code == 0
+    out = tmp_path / "candidate"
+    manifest = mf.load_manifest(adapted)
+    apply_delta(adapted, delta_format.load_file(d), out, progress=False,
+                classes=Prototypes.empty(manifest.embedding_dim))
+    estimated = Prototypes.load_file(out / mf.PROTOTYPES)
+    # Half of each class's images: their mean and count differ from the estimate (which, on this tiny
+    # bundle whose exemplars are all its images, equals the mean of all of them).
+    half = tmp_path / "half"
+    for folder in sorted(calib_dir.iterdir()):
+        (half / folder.name).mkdir(parents=True)
+        for png in sorted(folder.iterdir())[::2]:
+            shutil.copyfile(png, half / folder.name / png.name)
+    known = recompute_current_classes(out, half)
+    exact = Prototypes.load_file(out / mf.PROTOTYPES)
+    images = load_image_folder(half, manifest.input_size)
+    assert sorted(known) == sorted(set(images.classes) & set(estimated.classes)) and known
+    embedded = _embed(out, images.pixels)
+    for name in known:
+        rows = embedded[np.asarray([images.classes[i] for i in images.labels]) == name]
+        i = exact.classes.index(name)
+        np.testing.assert_allclose(exact.means[i], rows.mean(axis=0), rtol=1e-4, atol=1e-5)
+        assert int(exact.counts[i]) == len(rows) < int(estimated.counts[estimated.classes.index(name)])
+    open_bundle(out)      # every file still matches the manifest
+    empty = tmp_path / "empty"
+    write_image_folder(empty, per_class=2, seed=5, names=["bolt", "washer"])       # classes v1 does not know
+    with pytest.raises(DataError, match="has no images of the current version's classes"):
+        recompute_current_classes(out, empty)
