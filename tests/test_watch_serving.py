@@ -73,6 +73,22 @@ def test_a_fixed_batch_session_gives_the_free_batch_session_s_answers(tiny_bundl
         assert set(fixed._sessions) == {4, None}
 
 
+def test_a_graph_whose_batch_cannot_be_fixed_runs_on_the_free_session(tiny_bundle: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    from edgecl.device import ort as ort_module
+    from edgecl.formats.mask import Mask
+
+    monkeypatch.setattr(ort_module, "_BATCH_DIM", "no such dimension")  # as a graph exported with another name
+    m = mf.load_manifest(tiny_bundle)
+    mask = Mask.load_file(tiny_bundle / mf.MASK)
+    runner = ort_module.InferenceRunner(tiny_bundle / mf.INFERENCE_MODEL, tiny_bundle / mf.WEIGHTS, mask, batch=4)
+    h, w = m.input_size
+    images = np.zeros((4, 3, h, w), np.float32)
+    embeddings, _ = runner.run(images, np.zeros(mask.total_selected, np.float32), np.ones((1, m.embedding_dim), np.float32))
+    assert embeddings.shape == (4, m.embedding_dim)
+    assert runner.batch is None and set(runner._sessions) == {None}  # one session, not a useless second one
+
+
 def test_watch_answers_what_predict_answers(bundle_copy: Path, calib_dir: Path, tmp_path: Path) -> None:
     from edgecl.device.infer import predict
 

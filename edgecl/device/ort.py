@@ -218,10 +218,15 @@ class InferenceRunner:
             for name, _value, ort_value in keep:
                 options.add_initializer(name, ort_value)
         session = _open_inference(self._model, options, self._provider, self._disabled)
-        names = {i.name for i in session.get_inputs()}
-        if names != {"images", "prototypes"}:
-            raise BundleError(f"{self._model.name} has inputs {sorted(names)}, expected images, prototypes",
+        inputs = {i.name: i for i in session.get_inputs()}
+        if set(inputs) != {"images", "prototypes"}:
+            raise BundleError(f"{self._model.name} has inputs {sorted(inputs)}, expected images, prototypes",
                               "re-export the bundle with this edgecl version")
+        if fixed is not None and inputs["images"].shape[0] != fixed:
+            # A graph whose batch dimension has another name (or none): the override did nothing, and a
+            # second free-batch session would only cost memory. Serve every size on the free one.
+            self.batch = None
+            return self._session(None)
         self._sessions[fixed] = session
         return session
 
