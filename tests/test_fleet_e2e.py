@@ -68,6 +68,25 @@ def _classes(root: Path, first: int, names: list[str], seed: int, per_class: int
     return root
 
 
+def provision(tmp_path: Path, tiny_bundle: Path, fleet, i: int, name: str, heldout: Path,
+              *init: str) -> tuple[Path, Path, Path, Path]:
+    """Device ``name`` (DEVICES' i-th): its copy of the bundle, `edgecl device init` (plus ``init``
+    options), its training and test images, and its classes' images added to the release's held-out
+    folder. (device bundle, config, training folder, test folder)"""
+    server, _, creds, _, server_key = fleet
+    first, classes = DEVICES[name]
+    device = tmp_path / name / "bundle"
+    shutil.copytree(tiny_bundle, device)
+    config = tmp_path / name / "device.toml"
+    token, key = creds[name]
+    _cli("device", "init", "--server", server.url, "--name", name, "--token", token, "--key", key,
+         "--server-key", server_key, "--bundle", str(device), "--config", str(config), *init)
+    train = _classes(tmp_path / name / "train", first, classes, seed=10 + i, per_class=12)
+    test = _classes(tmp_path / name / "test", first, classes, seed=20 + i, per_class=10)
+    _classes(heldout, first, classes, seed=30 + i, per_class=6)
+    return device, config, train, test
+
+
 def _tree(root: Path) -> dict[str, str]:
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(root.rglob("*")) if p.is_file()}
@@ -161,17 +180,10 @@ def test_provision_adapt_push_release_pull(tmp_path: Path, tiny_bundle: Path, fl
     configs: dict[str, Path] = {}
     heldout = tmp_path / "heldout"
     write_image_folder(heldout, classes=3, per_class=6, seed=99)         # the calibration classes
-    for i, (name, (first, classes)) in enumerate(DEVICES.items()):
-        device = tmp_path / name / "bundle"
-        shutil.copytree(tiny_bundle, device)
-        configs[name] = tmp_path / name / "device.toml"
+    for i, (name, (_, classes)) in enumerate(DEVICES.items()):
+        device, configs[name], train, data[name] = provision(tmp_path, tiny_bundle, fleet, i, name, heldout,
+                                                             "--outbox", str(tmp_path / name / "outbox"))
         token, key = creds[name]
-        _cli("device", "init", "--server", server.url, "--name", name, "--token", token, "--key", key,
-             "--server-key", server_key, "--bundle", str(device), "--outbox", str(tmp_path / name / "outbox"),
-             "--config", str(configs[name]))
-        train = _classes(tmp_path / name / "train", first, classes, seed=10 + i, per_class=12)
-        data[name] = _classes(tmp_path / name / "test", first, classes, seed=20 + i, per_class=10)
-        _classes(heldout, first, classes, seed=30 + i, per_class=6)
         _cli("adapt", str(device), "--data", str(train), "--epochs", "2", "--seed", str(i), "-q")
         own[name] = json.loads(_cli("eval", str(device), "--data", str(data[name]), "--head", "ncm", "--json"))
         # delta and push take the device's name, key, server and token from its config

@@ -10,13 +10,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 import time
 from pathlib import Path
 
 import httpx
 from conftest import write_image_folder
-from test_fleet_e2e import ACCURACY_TOLERANCE, DEVICES, _classes, _cli, fleet  # noqa: F401 (fixture)
+from test_fleet_e2e import ACCURACY_TOLERANCE, DEVICES, _classes, _cli, fleet, provision  # noqa: F401 (fixture)
 
 from edgecl.formats import delta as delta_format
 from edgecl.formats import manifest as mf
@@ -35,17 +34,10 @@ def test_exemplars_shared_round_publishes_without_restat_and_devices_replay_the_
     sizes: dict[str, int] = {}
     heldout = tmp_path / "heldout"
     write_image_folder(heldout, classes=3, per_class=6, seed=99)         # the calibration classes
-    for i, (name, (first, classes)) in enumerate(DEVICES.items()):
-        device = tmp_path / name / "bundle"
-        shutil.copytree(tiny_bundle, device)
-        configs[name] = tmp_path / name / "device.toml"
-        token, key = creds[name]
-        _cli("device", "init", "--server", server.url, "--name", name, "--token", token, "--key", key,
-             "--server-key", server_key, "--bundle", str(device), "--profile", str(profile),
-             "--config", str(configs[name]))
-        train = _classes(tmp_path / name / "train", first, classes, seed=10 + i, per_class=12)
-        data[name] = _classes(tmp_path / name / "test", first, classes, seed=20 + i, per_class=10)
-        _classes(heldout, first, classes, seed=30 + i, per_class=6)
+    for i, (name, (_, classes)) in enumerate(DEVICES.items()):
+        device, configs[name], train, data[name] = provision(tmp_path, tiny_bundle, fleet, i, name, heldout,
+                                                             "--profile", str(profile))
+        key = creds[name][1]
         _cli("adapt", "--config", str(configs[name]), "--data", str(train), "--epochs", "2", "--seed", str(i), "-q")
         own[name] = json.loads(_cli("eval", str(device), "--data", str(data[name]), "--head", "ncm", "--json"))
         path = tmp_path / name / "delta.safetensors"
@@ -114,16 +106,9 @@ def test_a_mixed_round_waits_only_for_the_devices_that_keep_their_images(tmp_pat
     configs: dict[str, Path] = {}
     heldout = tmp_path / "heldout"
     write_image_folder(heldout, classes=3, per_class=6, seed=99)
-    for i, (name, (first, classes)) in enumerate(DEVICES.items()):
-        device = tmp_path / name / "bundle"
-        shutil.copytree(tiny_bundle, device)
-        configs[name] = tmp_path / name / "device.toml"
-        token, key = creds[name]
-        _cli("device", "init", "--server", server.url, "--name", name, "--token", token, "--key", key,
-             "--server-key", server_key, "--bundle", str(device), "--config", str(configs[name]),
-             *(["--profile", str(sharing)] if name == "line-a" else []))
-        train = _classes(tmp_path / name / "train", first, classes, seed=10 + i, per_class=12)
-        _classes(heldout, first, classes, seed=30 + i, per_class=6)
+    for i, name in enumerate(DEVICES):
+        device, configs[name], train, _ = provision(tmp_path, tiny_bundle, fleet, i, name, heldout,
+                                                    *(["--profile", str(sharing)] if name == "line-a" else []))
         _cli("adapt", "--config", str(configs[name]), "--data", str(train), "--epochs", "2", "--seed", str(i), "-q")
         path = tmp_path / name / "delta.safetensors"
         _cli("delta", str(device), "-o", str(path), "--config", str(configs[name]))
