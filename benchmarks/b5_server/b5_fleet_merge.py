@@ -36,12 +36,13 @@ if str(REPO) not in sys.path:
 
 from edgecl.formats import delta as D  # noqa: E402
 from edgecl.formats.mask import Mask  # noqa: E402
+from edgecl.formats.merge import STRATEGIES as MERGE_STRATEGIES  # noqa: E402
 from edgecl.formats.prototypes import Prototypes  # noqa: E402
 
 K_LITE0 = 167_505                # EfficientNet-Lite0's selected elements at the 5% mask
 EMBED_DIM = 1280
 CLASSES = [f"class-{i}" for i in range(10)]
-STRATEGIES = ("weighted-mean", "trimmed-mean", "median")
+STRATEGIES = tuple(MERGE_STRATEGIES)             # every strategy the server offers
 WORK = REPO / "benchmarks" / "out" / "b5_fleet"
 RESULTS = REPO / "benchmarks" / "results"
 
@@ -171,7 +172,9 @@ def main() -> None:
                               "date_utc": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())},
                   "command": " ".join([Path(sys.executable).name, *sys.argv])}
         RESULTS.mkdir(parents=True, exist_ok=True)
-        out = RESULTS / f"b5_fleet_merge-{devices}.json"
+        # A run of some strategies only is its own file: it never overwrites the run of all of them.
+        part = "" if not args.strategy else "-" + "-".join(args.strategy)
+        out = RESULTS / f"b5_fleet_merge-{devices}{part}.json"
         out.write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {out}", flush=True)
 
