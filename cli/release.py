@@ -74,10 +74,16 @@ def release(
     else:
         for line in release_lines(report, name, heldout, tolerance):
             typer.echo(line)
+        small = small_groups(report.groups)
+        if small:
+            fewest = min(int(row["images"]) for row in report.groups.values() if row["images"])
+            typer.echo(f"note: a group is judged on few held-out images here: {small} (one image = "
+                       f"{100 / fewest:.1f} points), too few to tell a drop of a point or two from noise; give "
+                       "--heldout a few hundred images per group (docs/limits.md)", err=True)
     if not report.passed:
         typer.echo("release refused, nothing published: " + "; ".join(report.reasons), err=True)
         if not as_json:
-            typer.echo("next: the devices keep their version; see docs/server.md#release-gate-edgecl-release for what "
+            typer.echo("next: the devices keep their version; see docs/server.md#release-round for what "
                        "to try (--exclude-device, --strategy median, more held-out images)")
         raise typer.Exit(code=EXIT_REFUSED)
     if not as_json and report.stage == "candidate":
@@ -91,6 +97,15 @@ def release(
                    + f"; uploaded {report.uploaded_bytes / 1e6:.1f} MB")
         typer.echo("next: on each device, `edgecl pull`"
                    + ("; then `edgecl server release promote` to widen the canary" if report.canary else ""))
+
+
+SMALL_GROUP = 100      # held-out images below which a group's verdict turns on a few images (B7, seed 7)
+
+
+def small_groups(groups: dict[str, Any]) -> str:
+    """'dev-a (40), dev-b (40)': the judged groups with fewer than SMALL_GROUP held-out images."""
+    return ", ".join(f"{g.removeprefix('device:')} ({row['images']})" for g, row in groups.items()
+                     if row.get("judged", True) and 0 < int(row["images"]) < SMALL_GROUP)
 
 
 def plural(n: int, word: str) -> str:

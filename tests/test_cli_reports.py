@@ -8,7 +8,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from edgecl.cli.adapt import summary_lines
-from edgecl.cli.release import release_lines
+from edgecl.cli.release import release_lines, small_groups
 from edgecl.device.state import STATE_DIR, STEP_LOG
 
 
@@ -96,3 +96,13 @@ def test_the_release_table_names_head_images_columns_and_rule() -> None:
     assert "v1 + 3 deltas (" in release_lines(report, "", Path("h"), 0.01)[0]
     assert "below its baseline by more than 1 point, " in "\n".join(release_lines(report, "", Path("h"), 0.01))
     assert "by more than 2.5 points" in "\n".join(release_lines(report, "", Path("h"), 0.025))
+
+
+def test_release_names_groups_judged_on_too_few_images() -> None:
+    """B7 (seed 7) published a version on 40 check images per device group that its test images put
+    below the frozen baseline: the release says which groups were judged on fewer than 100."""
+
+    groups = {"calibration": {"images": 300, "judged": True}, "device:dev-a": {"images": 40, "judged": True},
+              "device:dev-b": {"images": 0, "judged": False}, "device:dev-c": {"images": 99, "judged": True}}
+    assert small_groups(groups) == "dev-a (40), dev-c (99)"
+    assert small_groups({"calibration": {"images": 100, "judged": True}}) == ""

@@ -232,6 +232,8 @@ def test_provision_adapt_push_release_pull(tmp_path: Path, tiny_bundle: Path, fl
     refused = round_()
     assert refused.exit_code == 2, refused.output
     assert "release refused, nothing published: " in refused.stderr, refused.stderr
+    # 6 held-out images a class: the release says its groups were judged on too few images
+    assert "note: a group is judged on few held-out images here: " in refused.stderr, refused.stderr
     assert releases() == []
     assert _cli("pull", "--config", str(configs["line-a"])).startswith("up to date")   # never a candidate
 
