@@ -425,11 +425,9 @@ def recompute_current_classes(candidate_dir: Path, folder: Path) -> list[str]:
     if not known:
         raise DataError(f"--class-data {folder} has no images of the current version's classes "
                         f"({', '.join(table.classes)})", "pass the folder the bundle was exported from")
-    embeddings = _embed(candidate_dir, images.pixels)
-    labels = np.asarray([images.classes[i] for i in images.labels])
+    sums = classstats.class_sums(_embed(candidate_dir, images.pixels), images.labels, images.classes)
     for name in known:
-        rows = embeddings[labels == name]
-        table.upsert(name, rows.astype(np.float64).mean(axis=0), int(len(rows)))
+        table.upsert(name, *sums[name])
     table.save_file(candidate_dir / mf.PROTOTYPES)          # formats: temp + rename
     m.files[mf.PROTOTYPES] = sha256_file(candidate_dir / mf.PROTOTYPES)
     if mf.PROTOTYPES in m.sizes:
