@@ -76,7 +76,7 @@ def release(
             typer.echo(line)
         small = small_groups(report.groups)
         if small:
-            fewest = min(int(row["images"]) for row in report.groups.values() if row["images"])
+            fewest = min(_few_images(report.groups).values())
             typer.echo(f"note: a group is judged on few held-out images here: {small} (one image = "
                        f"{100 / fewest:.1f} points), too few to tell a drop of a point or two from noise; give "
                        "--heldout a few hundred images per group (docs/limits.md)", err=True)
@@ -102,10 +102,15 @@ def release(
 SMALL_GROUP = 100      # held-out images below which a group's verdict turns on a few images (B7, seed 7)
 
 
+def _few_images(groups: dict[str, Any]) -> dict[str, int]:
+    """The judged groups with fewer than SMALL_GROUP held-out images: group -> images."""
+    return {g: int(row["images"]) for g, row in groups.items()
+            if row.get("judged", True) and 0 < int(row["images"]) < SMALL_GROUP}
+
+
 def small_groups(groups: dict[str, Any]) -> str:
     """'dev-a (40), dev-b (40)': the judged groups with fewer than SMALL_GROUP held-out images."""
-    return ", ".join(f"{g.removeprefix('device:')} ({row['images']})" for g, row in groups.items()
-                     if row.get("judged", True) and 0 < int(row["images"]) < SMALL_GROUP)
+    return ", ".join(f"{g.removeprefix('device:')} ({n})" for g, n in _few_images(groups).items())
 
 
 def plural(n: int, word: str) -> str:
