@@ -21,8 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from edgecl_test_server import ServerProcess
-from test_pull import _next_version, _tree
+from test_pull import _device, _next_version, _tree, serve_release
 
 from edgecl.device.pull import pull
 from edgecl.errors import EdgeclError
@@ -46,7 +45,7 @@ from edgecl.formats.weights_patch import (
 )
 from edgecl.http_client import DiskError, MalformedAnswer, RetryPolicy, download
 from edgecl.server.service import release_version
-from edgecl.server.store import Store, add_bundle_dir
+from edgecl.server.store import add_bundle_dir
 
 FAST = RetryPolicy(retries=2, backoff_s=0.01, max_backoff_s=0.02, timeout_s=10)
 
@@ -105,22 +104,8 @@ def patched(tiny_bundle, tmp_path_factory):
     (v2 / mf.MANIFEST).write_text(json.dumps(manifest, sort_keys=True))
     name = attach_weights_patch(v2, tiny_bundle / mf.WEIGHTS)
     assert name is not None and name in mf.load_manifest(v2).server_files
-    store = Store(root / "store")
-    for folder in (tiny_bundle, v2):
-        add_bundle_dir(store, folder)
-    release_version(store, manifest["bundle_id"], 2)
-    token, _ = store.register_device("cam-1")
-    server = ServerProcess(root / "store").start()
-    yield {"store": store, "server": server, "token": token, "v2": v2, "patch": name,
-           "public": store.release_public_key(), "bundle_id": manifest["bundle_id"]}
-    server.stop()
-    store.close()
-
-
-def _device(tiny_bundle: Path, tmp_path: Path) -> Path:
-    dst = tmp_path / "dev" / "bundle"
-    shutil.copytree(tiny_bundle, dst)
-    return dst
+    for served in serve_release(root / "store", tiny_bundle, v2, ["cam-1"]):
+        yield {**served, "token": served["creds"]["cam-1"][0], "v2": v2, "patch": name}
 
 
 def test_device_pulls_only_its_files_and_the_weights_as_the_release_patch(patched, tiny_bundle, tmp_path):
@@ -254,17 +239,8 @@ def stepped(tiny_bundle, tmp_path_factory):
     apply_delta(tiny_bundle, released_delta(merged, step), v2, progress=False)
     name = attach_weights_patch(v2, tiny_bundle / mf.WEIGHTS, step, tiny_bundle / mf.MASK)
     assert name is not None and read_header((v2 / name).read_bytes())["format_version"] == 2
-    store = Store(root / "store")
-    for folder in (tiny_bundle, v2):
-        add_bundle_dir(store, folder)
-    manifest = mf.load_manifest(v2)
-    release_version(store, manifest.bundle_id, manifest.version)
-    token, _ = store.register_device("cam-1")
-    server = ServerProcess(root / "store").start()
-    yield {"server": server, "token": token, "v2": v2, "patch": name, "public": store.release_public_key(),
-           "store": store}
-    server.stop()
-    store.close()
+    for served in serve_release(root / "store", tiny_bundle, v2, ["cam-1"]):
+        yield {**served, "token": served["creds"]["cam-1"][0], "v2": v2, "patch": name}
 
 
 def _device_files(bundle: Path, server_files: dict[str, str]) -> dict[str, str]:

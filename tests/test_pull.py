@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -62,22 +63,31 @@ def _tree(root: Path) -> dict[str, str]:
             for p in sorted(root.rglob("*")) if p.is_file()}
 
 
+def serve_release(store_dir: Path, v1: Path, v2: Path, devices: list[str]) -> Iterator[dict]:
+    """A real server on a store holding v1 and v2, v2 released, ``devices`` registered: yields the
+    store, the server, each device's (token, key) and the release key; stops both after."""
+    store = Store(store_dir)
+    for folder in (v1, v2):
+        add_bundle_dir(store, folder)
+    manifest = mf.load_manifest(v2)
+    release_version(store, manifest.bundle_id, manifest.version)
+    creds = {d: store.register_device(d) for d in devices}
+    server = ServerProcess(store_dir).start()
+    try:
+        yield {"store": store, "server": server, "creds": creds, "public": store.release_public_key(),
+               "bundle_id": manifest.bundle_id}
+    finally:
+        server.stop()
+        store.close()
+
+
 @pytest.fixture(scope="module")
 def fleet(tiny_bundle, tmp_path_factory):
     root = tmp_path_factory.mktemp("pull")
     v2 = _next_version(tiny_bundle, root / "v2", move_weights=0.02)
-    store = Store(root / "store")
-    for folder in (tiny_bundle, v2):
-        add_bundle_dir(store, folder)
-    manifest = mf.load_manifest(v2)
-    release_version(store, manifest.bundle_id, manifest.version)
-    token, key = store.register_device("cam-1")
-    other, _ = store.register_device("cam-2")
-    server = ServerProcess(root / "store").start()
-    yield {"store": store, "server": server, "token": token, "key": key, "other": other, "v2": v2,
-           "bundle_id": manifest.bundle_id, "public": store.release_public_key()}
-    server.stop()
-    store.close()
+    for served in serve_release(root / "store", tiny_bundle, v2, ["cam-1", "cam-2"]):
+        (token, key), (other, _) = served["creds"]["cam-1"], served["creds"]["cam-2"]
+        yield {**served, "token": token, "key": key, "other": other, "v2": v2}
 
 
 def _device(tiny_bundle: Path, tmp_path: Path) -> Path:
