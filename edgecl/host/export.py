@@ -138,6 +138,7 @@ def _export_inference(model: nn.Module, input_size: list[int], dim: int, path: P
     from onnx import TensorProto
 
     from edgecl.formats.weights import tensor_offsets
+    from edgecl.host.stepgraph import point_to_external  # the train step's graph points the same way
 
     h, w = input_size
     work = path.with_name(path.name + ".raw")
@@ -171,13 +172,7 @@ def _export_inference(model: nn.Module, input_size: list[int], dim: int, path: P
         if init.data_type != TensorProto.FLOAT or tuple(init.dims) != tuple(params[init.name].shape):
             raise ExportError(f"the inference graph's {init.name} is not the float32 parameter it names",
                               "report this with the recipe")
-        offset, length = offsets[init.name]
-        init.ClearField("raw_data")
-        init.data_location = TensorProto.EXTERNAL
-        del init.external_data[:]
-        for key, value in (("location", mf.WEIGHTS), ("offset", str(offset)), ("length", str(length))):
-            entry = init.external_data.add()
-            entry.key, entry.value = key, value
+        point_to_external(init, mf.WEIGHTS, *offsets[init.name])
         seen.add(init.name)
     missing = [n for n in params if n not in seen]
     if missing:

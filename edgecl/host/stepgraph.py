@@ -613,14 +613,22 @@ def externalize_weights(proto: onnx.ModelProto, weights_path: Path) -> int:
         if not init.HasField("raw_data") or init.raw_data != data[offset:offset + length]:
             raise ExportError(f"the step graph's {init.name} is not the weight {weights_path.name} holds",
                               "write the model's own weights beside the graph first (export does)")
-        init.ClearField("raw_data")
-        init.data_location = TensorProto.EXTERNAL
-        del init.external_data[:]
-        for key, value in (("location", weights_path.name), ("offset", str(offset)), ("length", str(length))):
-            entry = init.external_data.add()
-            entry.key, entry.value = key, value
+        point_to_external(init, weights_path.name, offset, length)
         moved += 1
     return moved
+
+
+def point_to_external(init: onnx.TensorProto, location: str, offset: int, length: int) -> None:
+    """Make ``init`` read its bytes from ``location`` (beside the graph) at ``offset``, ``length``:
+    ONNX external data. Both graphs of a bundle read the base weights from weights.safetensors so."""
+    from onnx import TensorProto
+
+    init.ClearField("raw_data")
+    init.data_location = TensorProto.EXTERNAL
+    del init.external_data[:]
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        entry = init.external_data.add()
+        entry.key, entry.value = key, value
 
 
 def export_train_step(model: nn.Module, mask: Mask, proj: nn.Linear, temperature: float, rows: int,
