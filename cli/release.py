@@ -37,6 +37,9 @@ def release(
     class_data: Annotated[Path | None, typer.Option(help="Images of the current version's classes (the folder it was "
                                                          "exported from): their statistics are recomputed under "
                                                          "the candidate instead of moved by drift.")] = None,
+    head: Annotated[str, typer.Option(help="--finish: the head the gate scores with: auto (LDA, the head devices "
+                                           "serve, when every class's scatter is known under both backbones; "
+                                           "else ncm) or ncm.")] = "auto",
     finish: Annotated[bool, typer.Option("--finish", help="Phase 2: sum the statistics the devices sent under "
                                                          "the candidate (`edgecl restat`), judge, publish.")] = False,
     statistics_round: Annotated[bool, typer.Option(
@@ -64,7 +67,7 @@ def release(
         heldout=heldout, current_dir=bundle, bundle_version=bundle_version, canary=list(canary or []),
         strategy=strategy, scale=scale, trim=trim, exclude_devices=list(exclude_device or []),
         exclude_deltas=list(exclude_delta or []), tolerance=tolerance, work_dir=work, class_data=class_data,
-        statistics_round=statistics_round, wait_s=wait_s)
+        statistics_round=statistics_round, wait_s=wait_s, head=head)
     # edgecl.release announces its phases with edgecl.progress.phase(); shown on a terminal only.
     run = release_module.finish if finish else release_module.release
     with phases(0, "release", enabled=not (quiet or as_json)):
@@ -126,6 +129,11 @@ def _scale(merge: dict[str, Any]) -> str:
     return "" if scale == 1.0 else f" x {scale:g}"
 
 
+def _head(report: Any) -> str:
+    head = getattr(report, "head", None) or {"name": "ncm", "why": ""}
+    return f"{head['name']} head" + (f" ({head['why']})" if head.get("why") else "")
+
+
 def release_lines(report: Any, name: str, heldout: Path, tolerance: float) -> list[str]:
     """The release table: every accuracy names its head and its images; the columns and the rule said."""
     merge = report.merge
@@ -134,7 +142,7 @@ def release_lines(report: Any, name: str, heldout: Path, tolerance: float) -> li
     cur, new = report.current_version, report.version
     lines = [f"{title}: v{cur} + {plural(merge['inputs'], 'delta')} ({merge['strategy']} merge{_scale(merge)}; devices: "
              f"{devices}) -> candidate v{new}",
-             f"accuracy on the held-out images in {heldout} (never trained on), ncm head, per class group:",
+             f"accuracy on the held-out images in {heldout} (never trained on), {_head(report)}, per class group:",
              f"  {'group':<26} {'images':>6}  {'candidate':>9}  {'baseline':>9}  {'current':>9}"]
     for group, row in report.groups.items():
         label = f"v{cur}'s own classes" if group == "calibration" else group.replace("device:", "new classes of ")

@@ -145,9 +145,10 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout_s: float = 60.0) -> N
 
 # -- stages ----------------------------------------------------------------------------------------
 def _accuracy(run: Runner, bundle: Path, folder: Path) -> tuple[float, int]:
-    # One head for every stage (a fresh bundle version has no LDA statistics yet): the table compares
-    # backbones, not heads.
-    r = run.json("eval", str(bundle), "--data", str(folder), "--head", "ncm", "--json")
+    # The head the device serves (`--head auto`): LDA once a state has its statistics (every adapt makes
+    # them; a pulled release ships the fleet's), ncm for the exported bundle, which has none yet. Best
+    # against best: the frozen baseline is scored with its LDA head too.
+    r = run.json("eval", str(bundle), "--data", str(folder), "--head", "auto", "--json")
     return 100.0 * float(r["accuracy"]), int(r["images"])
 
 
@@ -291,7 +292,7 @@ def run_demo(options: DemoOptions, echo: Callable[[str], None] = print) -> DemoR
         report.bundle["merged_delta_bytes"] = (out / "release" / f"delta-{released['merge']['sha256'][:16]}"
                                                ".safetensors").stat().st_size
         report.release = {k: released[k] for k in ("passed", "published", "reasons", "groups", "not_judged",
-                                                   "statistics")}
+                                                   "statistics", "head")}
         verdict = ("released: every class group at least the frozen baseline on the release-check images, the "
                    "old classes at least v1" if released["published"] else "refused: " + "; ".join(released["reasons"]))
         echo(f"  v2 {verdict}")
@@ -357,7 +358,8 @@ def run_demo(options: DemoOptions, echo: Callable[[str], None] = print) -> DemoR
 
 def format_table(report: DemoReport) -> str:
     cols = ["old classes", "device-a classes", "device-b classes"]
-    lines = ["", "accuracy (%) per stage (SimpleCIL cosine prototypes over every class known at that stage)",
+    lines = ["", "accuracy (%) per stage over every class known at that stage, with the head the device serves "
+                 "(LDA once a state has its statistics; the exported bundle: cosine prototypes)",
              f"{'stage':<26} {'device':<9} " + " ".join(f"{c:>17}" for c in cols) + "  note"]
     for s in report.stages:
         cells = " ".join(f"{s.accuracy[c]:>17.1f}" if c in s.accuracy else f"{'-':>17}" for c in cols)
@@ -376,7 +378,8 @@ def format_table(report: DemoReport) -> str:
         def pct(x: float | None) -> str:
             return f"{100 * x:>9.1f}" if x is not None else f"{'-':>9}"
 
-        lines += ["", "edgecl release on the release-check images (ncm; " +
+        head = (report.release.get("head") or {}).get("name", "ncm")
+        lines += ["", f"edgecl release on the release-check images ({head} head; " +
                   ("published" if report.release["published"] else "refused, nothing published") + ")",
                   f"{'group':<18} {'images':>6} {'v2':>9} {'frozen':>9} {'v1':>9} {'v2 among v1 classes':>20}"]
         for name, g in report.release["groups"].items():

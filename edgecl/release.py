@@ -29,9 +29,11 @@ Phase 2, ``finish()`` (`edgecl release --finish`):
        reported as *not judged*; the release check judges without it;
     7. the release check (``verdict``): every judged group >= the frozen baseline (same classes, the current backbone,
        every class's statistics under it); the current classes, candidate restricted to them, >=
-       the current version; ``tolerance`` allowed (default 0);
-    8. if it passes: the released version (the candidate's files with the summed statistics) is
-       uploaded, registered and released to every device (or ``canary``).
+       the current version; ``tolerance`` allowed (default 0). Scored with the head the devices
+       serve, LDA, when every class's scatter is known under both backbones (``edgecl.gatehead``:
+       --class-data and the devices' restat answers), else with ncm on every side;
+    8. if it passes: the released version (the candidate's files with the summed statistics, and
+       the pooled scatter the LDA head was judged with, ``fleet_scatter.safetensors``) is uploaded, registered and released to every device (or ``canary``).
 ``statistics_round=False`` runs 1-3, uses the host's estimates for every device class (its
 base-space statistics moved by semantic drift compensation on the bundle's exemplars), and judges
 and publishes in one go (no device has to answer).
@@ -58,17 +60,18 @@ from typing import Any
 
 import numpy as np
 
-from edgecl import classstats
+from edgecl import classstats, gatehead
 from edgecl.errors import DataError, EdgeclError
 from edgecl.formats import delta as delta_format
 from edgecl.formats import manifest as mf
+from edgecl.formats import scatter as sc
 from edgecl.formats.candidate import STAGE, candidate_id, is_candidate_report, statistics_delta
 from edgecl.formats.exemplars import ExemplarMemory
 from edgecl.formats.hashing import sha256_file
 from edgecl.formats.mask import Mask
 from edgecl.formats.merge import merge_prototypes
 from edgecl.formats.prototypes import Prototypes
-from edgecl.formats.scoring import restrict, score
+from edgecl.formats.scoring import restrict
 from edgecl.formats.weights_patch import ReleasedStep, attach_weights_patch, quantize_step, released_delta
 from edgecl.http_client import RetryPolicy, ServerRejected, api_json, download, upload
 from edgecl.progress import phase
@@ -77,6 +80,8 @@ CALIBRATION = "calibration"
 # B7 (benchmarks/b7_fleet/interference.py, round 1): sign election cost the devices' own classes
 # 0.8 points on average against the weighted mean's 2.3, at the same overall accuracy (76.5).
 DEFAULT_STRATEGY = "ties"
+PHASE1_HEAD = gatehead.GateHead("ncm", "phase 1: the devices' classes are estimates until they answer")
+HEADS = ("auto", "ncm")                            # the gate's head: auto = LDA when every scatter is known
 DEFAULT_SCALE = 1.0                                # the server's step: candidate = current + scale x merged
 MAX_SCALE = 2.0
 
@@ -96,6 +101,7 @@ class ReleaseOptions:
     class_data: Path | None = None                 # images of the current classes: their statistics recomputed
                                                    # exactly under the candidate (else moved by drift)
     tolerance: float = 0.0                         # allowed accuracy drop per group (0 = none)
+    head: str = "auto"                             # finish: auto = LDA when every scatter is known, else ncm
     statistics_round: bool = True                  # False: one phase, the host's estimates for device classes
     wait_s: float = 0.0                            # finish: wait this long for every contributor's statistics
     publish: bool = True                           # finish: False judges and reports only (B7 scores options)
@@ -121,6 +127,7 @@ class ReleaseReport:
     stage: str = "released"                        # "candidate" (phase 1 published it), "released", "refused"
     statistics: dict[str, Any] = field(default_factory=dict)  # device -> answered, classes, images
     not_judged: list[str] = field(default_factory=list)       # groups whose device sent no statistics
+    head: dict[str, Any] = field(default_factory=lambda: {"name": "ncm", "why": ""})  # what the gate scored with
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -448,15 +455,18 @@ def estimate_in_candidate(base: Prototypes | None, embedded: Embedded) -> Protot
 
 
 def _judge(rnd: Round, embedded: Embedded, candidate: Prototypes, tolerance: float, not_judged: list[str],
-           provisional: bool = False) -> tuple[dict[str, dict[str, Any]], list[str], dict[str, Any]]:
+           provisional: bool = False, head: gatehead.GateHead = PHASE1_HEAD
+           ) -> tuple[dict[str, dict[str, Any]], list[str], dict[str, Any]]:
     current = Prototypes.load_file(rnd.current_dir / mf.PROTOTYPES)
     devices = rnd.baseline_devices()
     # Like for like: the baseline holds the classes the candidate holds (not those left out of it).
     baseline = union(current, restrict(devices, list(candidate.classes)) if devices is not None else None)
-    evals = {"candidate": score(embedded.heldout["candidate"], embedded.truth, candidate),
-             "restricted": score(embedded.heldout["candidate"], embedded.truth, restrict(candidate, rnd.known)),
-             "baseline": score(embedded.heldout["current"], embedded.truth, baseline),
-             "current": score(embedded.heldout["current"], embedded.truth, current)}
+    under_candidate, under_current, truth = embedded.heldout["candidate"], embedded.heldout["current"], embedded.truth
+    # The candidate among the current classes is served with the candidate's covariance too.
+    evals = {"candidate": head.score("candidate", under_candidate, truth, candidate),
+             "restricted": head.score("candidate", under_candidate, truth, restrict(candidate, rnd.known)),
+             "baseline": head.score("baseline", under_current, truth, baseline),
+             "current": head.score("current", under_current, truth, current)}
     if evals["candidate"] is None:
         raise DataError("the candidate knows none of the classes in the held-out folder",
                         "pass a held-out folder of the fleet's classes")
@@ -470,11 +480,12 @@ def _overall(e: dict[str, Any] | None) -> dict[str, Any]:
 
 
 def _report(rnd: Round, version: int, reasons: list[str], table: dict[str, Any], evals: dict[str, Any],
-            canary: list[str], stage: str, not_judged: list[str], statistics: dict[str, Any]) -> ReleaseReport:
+            canary: list[str], stage: str, not_judged: list[str], statistics: dict[str, Any],
+            head: gatehead.GateHead = PHASE1_HEAD) -> ReleaseReport:
     return ReleaseReport(rnd.bundle_id, rnd.version, version, not reasons, False, reasons, table,
                          _overall(evals["candidate"]), _overall(evals["baseline"]), _overall(evals["current"]),
                          dict(rnd.merge), list(canary), stage=stage if not reasons else "refused",
-                         statistics=statistics, not_judged=not_judged)
+                         statistics=statistics, not_judged=not_judged, head=head.to_json())
 
 
 def _work(options: ReleaseOptions) -> tuple[Path, bool]:
@@ -492,6 +503,8 @@ def _check_args(server: str, token: str, options: ReleaseOptions) -> None:
                           "pass --scale between 0 and 2 (1: the merged step whole; 0.5: half of it)")
     if not Path(options.heldout).is_dir():
         raise DataError(f"held-out folder {options.heldout} not found", "pass --heldout DIR (one folder per class)")
+    if options.head not in HEADS:
+        raise EdgeclError(f"unknown gate head {options.head!r}", f"pass --head {' or '.join(HEADS)}")
 
 
 # -- shared exemplars (the "exemplars shared" mode: profile share_exemplars) --------------------------
@@ -685,7 +698,7 @@ def release(bundle_id: str, server: str, token: str, options: ReleaseOptions) ->
 def _summary(report: ReleaseReport, options: ReleaseOptions) -> dict[str, Any]:
     return {"candidate": report.candidate, "baseline": report.baseline, "current": report.current,
             "groups": report.groups, "merge": report.merge, "tolerance": options.tolerance,
-            "statistics": report.statistics, "not_judged": report.not_judged,
+            "statistics": report.statistics, "not_judged": report.not_judged, "head": report.head,
             "heldout": str(Path(options.heldout).resolve())}
 
 
@@ -743,6 +756,31 @@ def summed_statistics(rnd: Round, current: Prototypes, received: dict[str, delta
     return out, statistics
 
 
+def _gate_head(options: ReleaseOptions, rnd: Round, probe: Path, candidate: Prototypes,
+               received: dict[str, delta_format.Delta]) -> gatehead.GateHead:
+    if options.head == "ncm":
+        return gatehead.NCM
+    host = None
+    if options.class_data is not None:
+        phase("the current classes' scatter under both backbones (--class-data), for the LDA head")
+        host = gatehead.host_pieces(Path(options.class_data), rnd.known,
+                                    {"current": rnd.current_dir, "candidate": probe}, _embed)
+    return gatehead.choose(candidate, rnd.known, received, host, rnd.current_dir)
+
+
+def attach_fleet_scatter(bundle_dir: Path, head: gatehead.GateHead) -> None:
+    """The released bundle ships the pooled scatter its LDA head was judged with (rank 128), listed
+    and hashed in the manifest: a device that pulls it serves what the gate judged."""
+    if head.shipped is None:
+        return
+    path = bundle_dir / mf.FLEET_SCATTER
+    sc.save_file(path, head.shipped, head.shipped_classes)
+    m = mf.load_manifest(bundle_dir)
+    m.files[mf.FLEET_SCATTER] = sha256_file(path)
+    m.sizes[mf.FLEET_SCATTER] = path.stat().st_size
+    m.save(bundle_dir)
+
+
 def finish(bundle_id: str, server: str, token: str, options: ReleaseOptions) -> ReleaseReport:
     """Phase 2: sum the statistics the devices sent under the candidate, judge, publish."""
     _check_args(server, token, options)
@@ -781,14 +819,17 @@ def finish(bundle_id: str, server: str, token: str, options: ReleaseOptions) -> 
         for device in rnd.own:
             statistics.setdefault(device, {"answered": False, "classes": rnd.own[device]})
         version = int(report_in["version"])
-        table, reasons, evals = _judge(rnd, embedded, candidate, options.tolerance, not_judged)
-        report = _report(rnd, version, reasons, table, evals, options.canary, "released", not_judged, statistics)
+        head = _gate_head(options, rnd, probe, candidate, received)
+        table, reasons, evals = _judge(rnd, embedded, candidate, options.tolerance, not_judged, head=head)
+        report = _report(rnd, version, reasons, table, evals, options.canary, "released", not_judged, statistics,
+                         head)
         if reasons or not options.publish:
             return report
         phase("publishing the next version")
         final = write_version(probe, work / "release", bundle_id, version, candidate,
                               sha256_file(rnd.current_dir / mf.MANIFEST))
         attach_fleet_exemplars(final, shared, list(candidate.classes))
+        attach_fleet_scatter(final, head)
         report.uploaded_bytes = _publish(server, token, final, list(options.canary), _summary(report, options),
                                          policy, rnd.current_dir, released_step(rnd))
         report.published = True

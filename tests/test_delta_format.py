@@ -244,7 +244,7 @@ def test_bad_heldout(value):
 
 
 def test_unknown_version():
-    _expect(D.DeltaVersionError, forge(_bytes(), KEY, meta={"format_version": "5"}), match="version")
+    _expect(D.DeltaVersionError, forge(_bytes(), KEY, meta={"format_version": "6"}), match="version")
     _expect(D.DeltaVersionError, forge(_bytes(), KEY, meta={"format": "something-else"}))
 
 

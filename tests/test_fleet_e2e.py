@@ -33,6 +33,7 @@ from edgecl.cli.main import app
 from edgecl.formats import delta as delta_format
 from edgecl.formats import manifest as mf
 from edgecl.formats.mask import Mask
+from edgecl.formats.scatter import RANK_DEVICE
 
 REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -268,10 +269,17 @@ def test_provision_adapt_push_release_pull(tmp_path: Path, tiny_bundle: Path, fl
     for name, (_, classes) in DEVICES.items():
         sent = json.loads(_cli("restat", "--config", str(configs[name]), "--json"))
         assert sent["status"] == "sent" and set(sent["classes"]) == set(classes), sent
-        assert all(n >= 12 for n in sent["classes"].values()) and sent["delta_bytes"] < 20_000, sent
-    out = _cli(*gate, "--finish", "--json")
+        # kilobytes: means and counts, and two rank-16 float16 scatter factors (candidate, current backbone)
+        scatter_bytes = 2 * 2 * manifest.embedding_dim * RANK_DEVICE
+        assert all(n >= 12 for n in sent["classes"].values()) and sent["delta_bytes"] < 20_000 + scatter_bytes, sent
+    # --class-data (images of v1's classes): with them and every device's scatter, the gate judges with the
+    # LDA head, the one the devices serve, and v2 ships the pooled scatter it was judged with.
+    class_data = tmp_path / "class-data"
+    write_image_folder(class_data, classes=3, per_class=8, seed=7)
+    out = _cli(*gate, "--finish", "--json", "--class-data", str(class_data))
     finished = json.loads(out[out.index("{"):])
     assert finished["published"] and finished["not_judged"] == [], finished
+    assert finished["head"]["name"] == "lda", finished["head"]
     assert all(finished["statistics"][n]["answered"] for n in DEVICES)
     calibration = finished["groups"]["calibration"]
     assert calibration["candidate_current_classes"] >= calibration["current"] - ACCURACY_TOLERANCE
@@ -279,8 +287,9 @@ def test_provision_adapt_push_release_pull(tmp_path: Path, tiny_bundle: Path, fl
     v2_row = httpx.get(server.url + "/v1/releases/latest", params={"bundle_id": manifest.bundle_id},
                        headers={"Authorization": f"Bearer {admin}"}).json()
     assert v2_row["report"]["statistics"]["line-a"]["classes"] == DEVICES["line-a"][1]
-    assert "rivet" not in httpx.get(server.url + f"/v1/bundles/{manifest.bundle_id}/2/files/manifest.json",
-                                    headers={"Authorization": f"Bearer {admin}"}).json()["classes"]
+    v2_manifest = httpx.get(server.url + f"/v1/bundles/{manifest.bundle_id}/2/files/manifest.json",
+                            headers={"Authorization": f"Bearer {admin}"}).json()
+    assert "rivet" not in v2_manifest["classes"] and mf.FLEET_SCATTER in v2_manifest["files"]
 
     # line-b first meets a wrong signature (a config pinning another key) and a tampered file:
     # both refused, its bundle and state exactly as they were.
@@ -316,6 +325,8 @@ def test_provision_adapt_push_release_pull(tmp_path: Path, tiny_bundle: Path, fl
         assert set(chose["classes"]) == set(DEVICES[name][1]), chose
         new = Path(report["bundle_dir"])
         assert mf.load_manifest(new).version == 2 and (new / "state" / "HEAD.json").exists()
+        # the device serves v2 with the LDA head the gate judged: the fleet's pooled scatter
+        assert report["upgrade"]["lda_from_release"] is True, report["upgrade"]
         print(f"{name}: downlink {report['downloaded_bytes']:,} B of {report['total_bytes']:,} B "
               f"(per file {report['wire_bytes']}; reused {report['copied']})")
         got = json.loads(_cli("eval", str(new), "--data", str(data[name]), "--head", "ncm", "--json"))

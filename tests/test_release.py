@@ -7,7 +7,8 @@ from __future__ import annotations
 import numpy as np
 
 from edgecl.formats.prototypes import Prototypes
-from edgecl.release import CALIBRATION, restrict, score, verdict
+from edgecl.formats.scoring import restrict, score
+from edgecl.release import CALIBRATION, verdict
 
 
 def _eval(per_class: dict[str, tuple[float, int]]) -> dict:

@@ -36,9 +36,9 @@ from safetensors.numpy import load as _st_load
 from edgecl.errors import DeviceError
 from edgecl.formats.atomic import atomic_write_bytes
 from edgecl.formats.canonical import canonical_safetensors, read_metadata
+from edgecl.formats.scatter import DEFAULT_SHRINKAGE, class_scatter, covariance
 
 LDA_FORMAT = "edgecl-lda"
-DEFAULT_SHRINKAGE = 0.3  # chosen on B1's validation split (grid 0.03 / 0.1 / 0.3), 64 and 96 px
 
 
 def _check(embeddings: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -71,20 +71,14 @@ class LdaHead:
 
     def add(self, embeddings: np.ndarray, labels: np.ndarray) -> None:
         """Accumulate deviations from each class's mean in this batch of one task."""
-        x, y = _check(embeddings, labels)
-        for label in np.unique(y):
-            rows = x[y == label]
-            centred = rows - rows.mean(axis=0)
-            self.scatter += centred.T @ centred
-            self.count += len(rows)
-            self.groups += 1
+        scatter, count, groups = class_scatter(*_check(embeddings, labels))
+        self.scatter += scatter
+        self.count += count
+        self.groups += groups
         self.calibration = None  # its threshold was fitted against the statistics before this task
 
     def covariance(self) -> np.ndarray:
-        dof = max(self.count - self.groups, 1)
-        cov = self.scatter / dof
-        scale = float(np.trace(cov)) / self.dim if self.count else 1.0
-        return (1.0 - self.shrinkage) * cov + self.shrinkage * max(scale, 1e-12) * np.eye(self.dim)
+        return covariance(self.scatter, self.count, self.groups, self.shrinkage)
 
     def move(self, drift: np.ndarray) -> None:
         """Carry the scatter and the means through an affine drift map W [(D + 1), D]: x -> [x, 1] @ W."""

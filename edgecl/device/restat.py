@@ -12,7 +12,9 @@ of its classes, so it alone can compute them under the candidate:
        of its last adaptation when it is still on disk, and its own exemplars (not the ones the
        bundle shipped); each image once (by fingerprint);
     4. push a statistics-only delta against the candidate: no weight change, each class's mean and
-       image count (kilobytes), signed with the device key.
+       image count, and the classes' within-class scatter (what the LDA head needs) under the
+       candidate and under this version's own backbone (the release's frozen baseline), each a
+       rank-16 factor (formats.scatter; 40 kB each for Lite0), signed with the device key.
 
 Nothing of the device's own bundle or state changes. A device that does not answer before the
 operator finishes the round keeps its classes at the host's estimate, and its group is reported as
@@ -37,6 +39,7 @@ from edgecl.formats.candidate import candidate_id, is_candidate_report, statisti
 from edgecl.formats.exemplars import ExemplarMemory
 from edgecl.formats.images import load_image_folder
 from edgecl.formats.prototypes import Prototypes, image_fingerprints
+from edgecl.formats.scatter import RANK_DEVICE, Scatter
 from edgecl.http_client import RetryPolicy, ServerRejected, api_json
 
 from .deltafile import device_identity
@@ -109,6 +112,15 @@ def held_images(bundle: OpenBundle, state: DeviceState) -> tuple[list[str], np.n
     return classes, stacked, np.asarray(labels, np.int64)
 
 
+def _embed(bundle: OpenBundle, pixels: np.ndarray) -> np.ndarray:
+    """Embeddings of ``pixels`` under ``bundle``'s own backbone (no device delta)."""
+    runner = create_runner(bundle, resolve_profile(None, bundle))
+    try:
+        return embed_and_score(runner, bundle, pixels, np.zeros(bundle.mask.total_selected, np.float32))[0]
+    finally:
+        runner.release()
+
+
 def restat(bundle_dir: str | Path, server: str, token: str, server_key: str, device_id: str | None = None,
            key_hex: str | None = None, config: DeviceConfig | None = None,
            policy: RetryPolicy | None = None) -> RestatReport:
@@ -147,17 +159,17 @@ def restat(bundle_dir: str | Path, server: str, token: str, server_key: str, dev
                       policy)
         report.downloaded_bytes = pulled.downloaded_bytes
         candidate = open_bundle(target)
-        runner = create_runner(candidate, resolve_profile(None, candidate))
-        try:
-            embeddings = embed_and_score(runner, candidate, pixels,
-                                         np.zeros(candidate.mask.total_selected, np.float32))[0]
-        finally:
-            runner.release()
+        embeddings = _embed(candidate, pixels)
         sums = classstats.class_sums(embeddings, labels, classes)
         names = [c for c in classes if c in sums]
         table = Prototypes(names, np.stack([sums[c][0] for c in names]).astype(np.float32),
                            np.asarray([sums[c][1] for c in names], np.int64))
-        data = delta_format.save(statistics_delta(candidate.manifest, name, table), key, prototypes_dtype="fp32")
+        stats = statistics_delta(candidate.manifest, name, table)
+        # The same images' scatter under the candidate and under the backbone this device runs without
+        # its own delta (the current version's: the release's frozen baseline).
+        stats.scatter = Scatter.of(embeddings, labels, RANK_DEVICE)
+        stats.base_scatter = Scatter.of(_embed(bundle, pixels), labels, RANK_DEVICE)
+        data = delta_format.save(stats, key, prototypes_dtype="fp32")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     pushed = push_bytes(data, server, token, policy, name="statistics")

@@ -18,8 +18,11 @@ them into the new bundle's state as its first generation:
   computed under NEW's backbone from this device's own images), NEW's statistics and the device's
   carried ones are both scored on the images the device holds of them (``_judge_versions``) and the
   better is kept; the result says which (``chose``);
-- the LDA head's statistics (pooled covariance and class means), carried through the affine drift
-  map fitted on the same exemplars (identity when the device holds none).
+- the LDA head's statistics: when NEW ships the fleet's pooled within-class scatter
+  (``fleet_scatter.safetensors``, the scatter the release gate judged NEW's LDA head with, every
+  class's under NEW's backbone), the device serves with it and NEW's class means; otherwise its own
+  (pooled covariance and class means), carried through the affine drift map fitted on the same
+  exemplars (identity when the device holds none).
 
 The new bundle must descend from the old one (its manifest's parent_sha256), take images of the
 same size, and have no device state yet; nothing is written when a check fails, and the new state
@@ -37,6 +40,7 @@ import numpy as np
 from edgecl import classstats
 from edgecl.errors import DeviceError
 from edgecl.formats import manifest as mf
+from edgecl.formats import scatter as sc
 from edgecl.formats.exemplars import ExemplarMemory
 from edgecl.formats.hashing import sha256_file
 from edgecl.formats.prototypes import Prototypes
@@ -126,6 +130,9 @@ def _upgrade(old: OpenBundle, new: OpenBundle, any_lineage: bool) -> dict[str, A
             # record travels with the statistics it was fitted on, marked; the next adapt refits it.
             lda.calibration = {**carried, "carried_by": "edgecl upgrade (fitted before the drift map moved "
                                                          "these statistics; the next adapt refits it)"}
+    fleet = new.path(mf.FLEET_SCATTER).exists()
+    if fleet:
+        lda = _fleet_head(new, lda)
 
     def write(tmp: Path) -> None:
         prototypes.save_file(tmp / PROTOTYPES)
@@ -141,8 +148,21 @@ def _upgrade(old: OpenBundle, new: OpenBundle, any_lineage: bool) -> dict[str, A
     generation = commit_generation(new, write, meta)
     return {"state": generation, "exemplar_classes": list(memory.classes), "exemplars": int(len(memory.labels)),
             "exemplar_bytes": memory.nbytes, "carried_prototypes": carried_protos,
-            "moved_by_own_exemplars": moved, "lda_moved": lda is not None and bool(before), "chose": choice,
+            "moved_by_own_exemplars": moved, "lda_moved": lda is not None and bool(before) and not fleet,
+            "lda_from_release": fleet, "chose": choice,
             "classes": list(prototypes.classes)}
+
+
+def _fleet_head(new: OpenBundle, own: LdaHead | None) -> LdaHead:
+    """The LDA head NEW was judged with: the fleet's pooled scatter, the class means of the state's
+    prototypes (no means of its own). The device's unknown threshold travels along, marked, as in the
+    drift-moved case: no held-out images here to refit it; the next adapt does."""
+    shipped, _ = sc.load_file(new.path(mf.FLEET_SCATTER), new.manifest.embedding_dim)
+    head = LdaHead(new.manifest.embedding_dim, scatter=shipped.dense(), count=shipped.count, groups=shipped.groups)
+    if own is not None and own.calibration is not None:
+        head.calibration = {**own.calibration, "carried_by": "edgecl upgrade (fitted on this device's statistics "
+                                                             "before the release's; the next adapt refits it)"}
+    return head
 
 
 def _judge_versions(old: OpenBundle, new: OpenBundle, current: DeviceState, released: Prototypes, carried: Prototypes,

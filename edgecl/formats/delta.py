@@ -30,11 +30,13 @@ from edgecl.formats.atomic import atomic_write_bytes
 from edgecl.formats.canonical import canonical_parts
 from edgecl.formats.exemplars import ExemplarMemory
 from edgecl.formats.prototypes import Prototypes
+from edgecl.formats.scatter import MAX_RANK, Scatter
 
 DELTA_FORMAT = "edgecl-delta"
-DELTA_FORMAT_VERSION = 4            # 2 added the optional ``heldout`` report, 3 the optional base-space
-READ_FORMAT_VERSIONS = (1, 2, 3, 4)  # prototypes (``base_classes``), 4 the shared exemplars; each written
-                                     # only when the file holds what it added
+DELTA_FORMAT_VERSION = 5            # 2 added the optional ``heldout`` report, 3 the optional base-space
+READ_FORMAT_VERSIONS = (1, 2, 3, 4, 5)  # prototypes (``base_classes``), 4 the shared exemplars, 5 the classes'
+                                        # within-class scatter (``scatter``, ``base_scatter``); each written
+                                        # only when the file holds what it added
 # Shared exemplars (version 4): a delta holds at most this many images, and their decoded pixels at
 # most this many bytes, whatever its zlib stream claims (a decompression bomb stops here).
 MAX_EXEMPLAR_IMAGES = 4096
@@ -62,12 +64,15 @@ T_POSITIONS, T_BITMAP, T_VALUES, T_SCALES = "delta.positions", "delta.bitmap", "
 T_MEANS, T_COUNTS = "prototypes.means", "prototypes.counts"
 T_BASE_MEANS, T_BASE_COUNTS = "base_prototypes.means", "base_prototypes.counts"
 T_EXEMPLAR_PIXELS, T_EXEMPLAR_LABELS = "exemplars.pixels_zlib", "exemplars.labels"
+# Version 5: the scatter of the images ``prototypes`` counts, under the delta's bundle (``scatter``) and
+# under the backbone before it (``base_scatter``), each a low-rank factor (formats.scatter).
+SCATTER_KEYS = {"scatter": "scatter.factor", "base_scatter": "base_scatter.factor"}
 
 _REQUIRED_KEYS = ("format", "format_version", "bundle_id", "bundle_version", "base_sha256", "mask_sha256",
                   "device_id", "delta_k", "layout", "values_dtype", "steps", "samples_seen", "metrics",
                   "created_utc", "body_sha256", "hmac_sha256")
 _OPTIONAL_KEYS = ("int8_block", "int4_block", "classes", "heldout", "base_classes", "exemplar_classes",
-                  "exemplar_shape")
+                  "exemplar_shape", "scatter", "base_scatter")
 _MAX_REPORT_CLASSES = 1024          # per-class accuracies a held-out report may carry (bounds the header)
 _BLOCK_KEY = {"int8": "int8_block", "int4": "int4_block"}   # quantised encodings and their block-size key
 _QMAX = {"int8": 127, "int4": 7}
@@ -148,6 +153,11 @@ class Delta:
     # Shared exemplars (opt-in, profile ``share_exemplars``): stored images of its own classes (a subset
     # of prototypes' classes), so the host can embed them under any backbone (version 4).
     exemplars: ExemplarMemory | None = None
+    # Within-class scatter of the images ``prototypes`` counts (a statistics delta, `edgecl restat`):
+    # under this delta's bundle, and under the backbone before it (the release's frozen baseline),
+    # what the LDA head needs besides the means (version 5).
+    scatter: Scatter | None = None
+    base_scatter: Scatter | None = None
     # Filled in by load(): how the file stored the values, and its integrity fields.
     values_dtype: str = "fp32"
     body_sha256: str = ""
@@ -415,6 +425,28 @@ def _decode_exemplars(header: DeltaHeader, tensors: dict[str, np.ndarray]) -> Ex
     return ExemplarMemory(classes, np.frombuffer(raw, np.uint8).reshape(shape).copy(), labels)
 
 
+def _encode_scatter(tensors: dict[str, np.ndarray], metadata: dict[str, str], scatter: Scatter, key: str,
+                    tensor: str) -> None:
+    factor = np.asarray(scatter.factor, np.float32)
+    if not np.all(np.isfinite(factor)) or not np.isfinite(scatter.residual) or scatter.residual < 0:
+        raise DeltaEncodeError(f"the {key} holds NaN, infinite or negative values", "recompute the statistics")
+    if factor.size and float(np.max(np.abs(factor))) > 65504.0:
+        raise DeltaEncodeError(f"the {key} exceeds the fp16 range", "recompute the statistics")
+    tensors[tensor] = factor.astype("<f2")
+    metadata[key] = canonical_json({"count": int(scatter.count), "groups": int(scatter.groups),
+                                    "residual": float(scatter.residual)})
+
+
+def _decode_scatter(tensors: dict[str, np.ndarray], meta: dict[str, str], key: str) -> Scatter | None:
+    if key not in meta:
+        return None
+    fields = json.loads(meta[key])
+    factor = tensors[SCATTER_KEYS[key]].astype(np.float32)
+    if not np.all(np.isfinite(factor)):
+        raise DeltaValueError(f"the {key} holds NaN or infinite values", _REMAKE)
+    return Scatter(factor, float(fields["residual"]), int(fields["count"]), int(fields["groups"]))
+
+
 def _serialize(tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> tuple[bytes, bytes, dict]:
     """(header object without padding as bytes, body, header object) in the canonical layout."""
     for name, array in tensors.items():
@@ -496,9 +528,13 @@ def save(delta: Delta, key: bytes | None = None, *, values: str = "fp32", layout
     if delta.exemplars is not None and len(delta.exemplars.labels):
         _encode_exemplars(tensors, metadata, delta.exemplars, list(delta.prototypes.classes)
                           if delta.prototypes is not None else [])
+    for section, tensor in SCATTER_KEYS.items():
+        if getattr(delta, section) is not None:
+            _encode_scatter(tensors, metadata, getattr(delta, section), section, tensor)
     # The lowest version that holds the content: a delta without base-space prototypes stays
     # readable by version-2 readers (devices and servers are not upgraded at once).
-    metadata["format_version"] = ("4" if "exemplar_classes" in metadata else "3" if "base_classes" in metadata
+    metadata["format_version"] = ("5" if "scatter" in metadata or "base_scatter" in metadata
+                                  else "4" if "exemplar_classes" in metadata else "3" if "base_classes" in metadata
                                   else "2")
 
     # The body does not depend on the metadata: hash it, then sign the header that holds the hash.
@@ -580,6 +616,10 @@ def read_header(source: bytes | bytearray | memoryview | str | Path) -> DeltaHea
                                                              or "exemplar_shape" in metadata):
         raise DeltaMetadataError(f"a version {metadata['format_version']} delta carries shared exemplars (added "
                                  "in version 4)", _REMAKE)
+    if metadata.get("format_version") in ("1", "2", "3", "4") and ("scatter" in metadata
+                                                                  or "base_scatter" in metadata):
+        raise DeltaMetadataError(f"a version {metadata['format_version']} delta carries a scatter (added in "
+                                 "version 5)", _REMAKE)
     _check_metadata(metadata, DeltaMetadataError)
     tensors = _check_tensors(header, metadata, DeltaShapeError)
     body_bytes = max((t.end for t in tensors.values()), default=0)
@@ -704,12 +744,18 @@ def decode(header: DeltaHeader, data: bytes) -> Delta:
                                   _REMAKE)
     prototypes = _decode_table(tensors, T_MEANS, T_COUNTS, header.classes, "prototype")
     base_prototypes = _decode_table(tensors, T_BASE_MEANS, T_BASE_COUNTS, header.base_classes, "base-space prototype")
+    scatters = {key: _decode_scatter(tensors, meta, key) for key in SCATTER_KEYS}
+    for key, scatter in scatters.items():
+        if scatter is not None and prototypes is not None and scatter.count != int(prototypes.counts.sum()):
+            raise DeltaShapeError(f"the {key} counts {scatter.count} images, the class statistics "
+                                  f"{int(prototypes.counts.sum())}", _REMAKE)
     return Delta(bundle_id=header.bundle_id, bundle_version=header.bundle_version,
                  base_sha256=header.base_sha256, mask_sha256=header.mask_sha256, device_id=header.device_id,
                  delta_k=k, positions=positions, values=decoded, steps=header.steps,
                  samples_seen=header.samples_seen, metrics=json.loads(meta["metrics"]),
                  created_utc=header.created_utc, prototypes=prototypes, heldout=header.heldout,
                  base_prototypes=base_prototypes, exemplars=_decode_exemplars(header, tensors),
+                 scatter=scatters["scatter"], base_scatter=scatters["base_scatter"],
                  values_dtype=encoding,
                  body_sha256=header.body_sha256, hmac_sha256=header.hmac_sha256)
 
@@ -760,7 +806,8 @@ def _check_metadata(meta: dict[str, Any], err: type[DeltaError]) -> None:
     if not _TIME_RE.fullmatch(meta["created_utc"]):
         raise err(f"created_utc {meta['created_utc']!r} is not YYYY-MM-DDTHH:MM:SSZ", fix)
     for name, kind in (("metrics", dict), ("classes", list), ("heldout", dict), ("base_classes", list),
-                       ("exemplar_classes", list), ("exemplar_shape", list)):
+                       ("exemplar_classes", list), ("exemplar_shape", list), ("scatter", dict),
+                       ("base_scatter", dict)):
         if name not in meta:
             continue
         try:
@@ -773,6 +820,8 @@ def _check_metadata(meta: dict[str, Any], err: type[DeltaError]) -> None:
             _check_metrics(parsed, err)     # before canonical_json, which refuses NaN
         if name == "heldout":
             check_heldout(parsed, err)
+        if name in SCATTER_KEYS and isinstance(parsed, dict):
+            _check_scatter_fields(name, parsed, err, fix)
         if canonical_json(parsed) != meta[name]:
             raise err(f"{name} is not in canonical JSON form", fix)
         if name in ("classes", "base_classes", "exemplar_classes") and (not parsed or len(set(parsed)) != len(parsed)
@@ -792,6 +841,18 @@ def _check_metadata(meta: dict[str, Any], err: type[DeltaError]) -> None:
                 or shape[0] * shape[1] * shape[2] * 3 > MAX_EXEMPLAR_PIXEL_BYTES):
             raise err(f"exemplar_shape {shape} is not [M, H, W, 3] with 1 <= M <= {MAX_EXEMPLAR_IMAGES} and at most "
                       f"{MAX_EXEMPLAR_PIXEL_BYTES} bytes of pixels", fix)
+
+
+def _check_scatter_fields(name: str, fields: dict[str, Any], err: type[DeltaError], fix: str) -> None:
+    """A scatter describes the images ``prototypes`` counts: as many, in as many classes (checked against
+    the tensors in _check_tensors); its residual trace a finite number >= 0."""
+    if set(fields) != {"count", "groups", "residual"} or not all(
+            type(fields[k]) is int and fields[k] >= 1 for k in ("count", "groups")):
+        raise err(f"{name} is not {{count, groups, residual}} with whole counts >= 1", fix)
+    residual = fields["residual"]
+    if isinstance(residual, bool) or not isinstance(residual, (int, float)) or not math.isfinite(residual) \
+            or residual < 0:
+        raise err(f"{name}.residual is {residual!r}, not a finite number >= 0", fix)
 
 
 def _check_accuracy(value: Any) -> bool:
@@ -845,6 +906,7 @@ def _check_tensors(header: dict[str, Any], meta: dict[str, str], err: type[Delta
         expected |= {T_BASE_MEANS, T_BASE_COUNTS}
     if "exemplar_classes" in meta:
         expected |= {T_EXEMPLAR_PIXELS, T_EXEMPLAR_LABELS}
+    expected |= {tensor for key, tensor in SCATTER_KEYS.items() if key in meta}
     if set(infos) != expected:
         raise err(f"tensors are {sorted(infos)}, expected {sorted(expected)} for layout {layout}, {enc}", fix)
 
@@ -893,6 +955,19 @@ def _check_tensors(header: dict[str, Any], meta: dict[str, str], err: type[Delta
         if pixels.dtype != "U8" or len(pixels.shape) != 1 or not 1 <= pixels.shape[0] <= MAX_EXEMPLAR_PIXEL_BYTES:
             raise err(f"{T_EXEMPLAR_PIXELS} is {pixels.dtype}{list(pixels.shape)}, expected U8[L] (a zlib stream)", fix)
         need(T_EXEMPLAR_LABELS, ("I64",), (json.loads(meta["exemplar_shape"])[0],))
+    for key, tensor in SCATTER_KEYS.items():
+        if key not in meta:
+            continue
+        if "classes" not in meta:
+            raise err(f"a {key} without class statistics (it describes the images `prototypes` counts)", fix)
+        factor, dim = infos[tensor], infos[T_MEANS].shape[1]
+        if factor.dtype != "F16" or len(factor.shape) != 2 or factor.shape[0] != dim \
+                or factor.shape[1] > min(MAX_RANK, dim - 1):
+            raise err(f"{tensor} is {factor.dtype}{list(factor.shape)}, expected F16[{dim}, k <= "
+                      f"{min(MAX_RANK, dim - 1)}]", fix)
+        if json.loads(meta[key])["groups"] != len(json.loads(meta["classes"])):
+            raise err(f"{key} counts {json.loads(meta[key])['groups']} classes, the delta carries "
+                      f"{len(json.loads(meta['classes']))}", fix)
     # Byte extents: each tensor's bytes match its shape, laid out back to back in canonical order.
     offset = 0
     for name in sorted(infos, key=lambda n: _layout_key(n, infos[n].dtype)):

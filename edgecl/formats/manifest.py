@@ -30,6 +30,7 @@ HEAD_INIT = "head.safetensors"          # initial projection head: proj.weight [
 MASK = "mask.safetensors"
 PROTOTYPES = "prototypes.safetensors"
 EXEMPLARS = "exemplars.safetensors"     # optional: a few images per calibration class (export --exemplars-per-class)
+FLEET_SCATTER = "fleet_scatter.safetensors"  # optional: the released classes' pooled within-class scatter (LDA head)
 OVERLAP = "overlap.safetensors"         # optional: how often each element was updated in earlier rounds (all of them)
 REQUIRED_FILES = (MANIFEST, TRAIN_STEP, INFERENCE_MODEL, WEIGHTS, HEAD_INIT, MASK, PROTOTYPES)
 # Stored with a version on the server for the host, never downloaded by a device (`server_files`).
@@ -224,7 +225,7 @@ def load_manifest(bundle_dir: str | Path) -> BundleManifest:
 
 
 # Files a device reads when they are present: each must be listed (with its sha256) in `files`.
-READ_IF_PRESENT = (EXEMPLARS,)   # overlap.safetensors is a server file: the device never reads it
+READ_IF_PRESENT = (EXEMPLARS, FLEET_SCATTER)   # overlap.safetensors is a server file: the device never reads it
 
 
 def unlisted_files(bundle_dir: str | Path, manifest: BundleManifest) -> list[str]:

@@ -1,0 +1,122 @@
+"""The head the release gate judges with: the one the devices serve (docs/server.md, "The release round").
+
+A device serves with the LDA head once it has adapted (`--head auto`): class means plus one
+within-class covariance pooled over every class. Judging a release with cosine prototypes (ncm)
+instead compares a head nobody serves, and the weaker one: on the demo's fleet, the frozen v1 scores
+74.8 with ncm and 83.5 with LDA on the test images. Best against best means LDA on both sides.
+
+The LDA head needs every class's scatter under the backbone it scores. Like means and counts, a
+class's scatter adds up only under one backbone, so each piece comes from whoever holds the images:
+
+- the current version's classes: the host's ``--class-data`` (the images the bundle was exported
+  from), embedded under the current and the candidate backbone (exact, dense); or, for the current
+  backbone only, the scatter a released version ships (``fleet_scatter.safetensors``);
+- each device's classes: its statistics delta (`edgecl restat`), which carries their scatter under
+  the candidate (``scatter``) and under the current backbone (``base_scatter``), rank 16.
+
+Three pooled covariances follow: the candidate's (every piece under the candidate: what the devices
+will serve after pulling, so the released bundle ships it), the frozen baseline's (every piece
+under the current backbone), and the current version's (its own classes' pieces). When a piece is
+missing (no ``--class-data``, a device on an edgecl that sends no scatter, a later round whose
+current classes the class data does not cover) the gate judges with ncm on both sides, and says why.
+
+numpy + formats only; the caller passes the embedding function (onnxruntime, the device's code).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgecl.formats import manifest as mf
+from edgecl.formats import scatter as sc
+from edgecl.formats.delta import Delta
+from edgecl.formats.prototypes import Prototypes
+from edgecl.formats.scoring import score
+
+Embed = Callable[[Path, np.ndarray], np.ndarray]     # (bundle folder, uint8 pixels) -> embeddings
+Piece = tuple[list[str], "sc.Scatter | tuple[np.ndarray, int, int]"]   # (classes, scatter)
+
+
+@dataclass
+class GateHead:
+    name: str                                   # "lda" | "ncm"
+    why: str                                    # one line: why this head
+    covariances: dict[str, np.ndarray] = field(default_factory=dict)  # role -> LDA covariance
+    shipped: sc.Scatter | None = None           # the candidate's pooled scatter (ships with the release)
+    shipped_classes: list[str] = field(default_factory=list)
+
+    def score(self, role: str, embeddings: np.ndarray, truth: list[str], table: Prototypes | None
+              ) -> dict[str, Any] | None:
+        """``role``: "candidate" (also the candidate among the current classes: served with the same
+        covariance), "baseline" or "current"."""
+        return score(embeddings, truth, table, self.covariances.get(role) if self.name == "lda" else None)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "why": self.why}
+
+
+NCM = GateHead("ncm", "asked for (--head ncm)")
+
+
+def _covered(pieces: list[Piece]) -> set[str]:
+    return {c for classes, _ in pieces for c in classes}
+
+
+def _pooled(pieces: list[Piece]) -> tuple[np.ndarray, int, int]:
+    return sc.pooled([p for _, p in pieces])
+
+
+def host_pieces(class_data: Path, known: list[str], dirs: dict[str, Path], embed: Embed
+                ) -> dict[str, Piece] | None:
+    """The current classes' exact scatter under each backbone in ``dirs`` (role -> bundle folder), from
+    the images in ``class_data``; None when that folder lacks one of the current classes."""
+    from edgecl.formats.images import load_image_folder
+
+    m = mf.load_manifest(next(iter(dirs.values())))
+    images = load_image_folder(class_data, m.input_size, m.interpolation, progress=False)
+    if not set(known) <= set(images.classes):
+        return None
+    keep = np.isin(images.labels, [images.classes.index(c) for c in known])
+    pixels, labels = images.pixels[keep], images.labels[keep]
+    return {role: (list(known), sc.class_scatter(embed(d, pixels), labels)) for role, d in dirs.items()}
+
+
+def choose(candidate: Prototypes, known: list[str], received: dict[str, Delta], host: dict[str, Piece] | None,
+           current_dir: Path) -> GateHead:
+    """LDA when every class the candidate holds has a scatter under both backbones, else ncm (why)."""
+    dim = int(candidate.means.shape[1])
+    current: list[Piece] = []
+    if host is not None:
+        current.append(host["current"])
+    elif (current_dir / mf.FLEET_SCATTER).exists():
+        shipped, classes = sc.load_file(current_dir / mf.FLEET_SCATTER, dim)
+        if set(known) <= set(classes):
+            current.append((classes, shipped))
+    if not current:
+        return GateHead("ncm", "no scatter of the current classes (pass --class-data, the folder the bundle "
+                               "was exported from)")
+    if host is None:
+        return GateHead("ncm", "the current classes' scatter under the candidate needs --class-data")
+    under_candidate: list[Piece] = [host["candidate"]]
+    under_current: list[Piece] = list(current)
+    for device, d in sorted(received.items()):
+        if d.prototypes is None or not len(d.prototypes):
+            continue
+        if d.scatter is None or d.base_scatter is None:
+            return GateHead("ncm", f"{device} sent no scatter (an edgecl before delta format 5)")
+        under_candidate.append((list(d.prototypes.classes), d.scatter))
+        under_current.append((list(d.prototypes.classes), d.base_scatter))
+    missing = sorted(set(candidate.classes) - (_covered(under_candidate) & _covered(under_current)))
+    if missing:
+        return GateHead("ncm", f"no scatter of {', '.join(missing)[:200]}")
+    pooled = {"candidate": _pooled(under_candidate), "baseline": _pooled(under_current), "current": _pooled(current)}
+    head = GateHead("lda", "every class's scatter under both backbones",
+                    {role: sc.covariance(*p) for role, p in pooled.items()})
+    head.shipped = sc.Scatter.from_dense(*pooled["candidate"], rank=sc.RANK_BUNDLE)
+    head.shipped_classes = sorted(_covered(under_candidate))
+    return head
