@@ -98,8 +98,8 @@ def choose(candidate: Prototypes, known: list[str], received: dict[str, Delta], 
         if set(known) <= set(classes):
             current.append((classes, shipped))
     if not current:
-        return GateHead("ncm", "no scatter of the current classes (pass --class-data, the folder the bundle "
-                               "was exported from)")
+        return GateHead("ncm", "no scatter of the current classes: pass --class-data, the folder the bundle "
+                               "was exported from")
     if host is None:
         return GateHead("ncm", "the current classes' scatter under the candidate needs --class-data")
     under_candidate: list[Piece] = [host["candidate"]]
