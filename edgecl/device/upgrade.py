@@ -110,8 +110,11 @@ def _upgrade(old: OpenBundle, new: OpenBundle, any_lineage: bool) -> dict[str, A
             moved.append(name)
         prototypes.upsert(name, mean, int(current.prototypes.counts[i]))
         prototypes.seen[name] = current.prototypes.seen.get(name, np.zeros(0, np.uint64)).copy()
+    fleet = new.path(mf.FLEET_SCATTER).exists()
+    fleet_head = _fleet_head(new) if fleet else None
     choice = _judge_versions(old, new, current, released, prototypes,
-                             [c for c in carried_protos if c in released.classes])
+                             [c for c in carried_protos if c in released.classes],
+                             fleet_head.covariance() if fleet_head is not None else None)
     if choice.get("kept") == "released":
         for name in choice["classes"]:
             i = released.classes.index(name)
@@ -130,9 +133,11 @@ def _upgrade(old: OpenBundle, new: OpenBundle, any_lineage: bool) -> dict[str, A
             # record travels with the statistics it was fitted on, marked; the next adapt refits it.
             lda.calibration = {**carried, "carried_by": "edgecl upgrade (fitted before the drift map moved "
                                                          "these statistics; the next adapt refits it)"}
-    fleet = new.path(mf.FLEET_SCATTER).exists()
-    if fleet:
-        lda = _fleet_head(new, lda)
+    if fleet_head is not None:
+        if lda is not None and lda.calibration is not None:
+            fleet_head.calibration = {**lda.calibration, "carried_by": "edgecl upgrade (fitted on this device's "
+                                      "statistics before the release's; the next adapt refits it)"}
+        lda = fleet_head
 
     def write(tmp: Path) -> None:
         prototypes.save_file(tmp / PROTOTYPES)
@@ -153,24 +158,21 @@ def _upgrade(old: OpenBundle, new: OpenBundle, any_lineage: bool) -> dict[str, A
             "classes": list(prototypes.classes)}
 
 
-def _fleet_head(new: OpenBundle, own: LdaHead | None) -> LdaHead:
+def _fleet_head(new: OpenBundle) -> LdaHead:
     """The LDA head NEW was judged with: the fleet's pooled scatter, the class means of the state's
-    prototypes (no means of its own). The device's unknown threshold travels along, marked, as in the
-    drift-moved case: no held-out images here to refit it; the next adapt does."""
+    prototypes (no means of its own). The caller carries the device's unknown threshold along, marked,
+    as in the drift-moved case: no held-out images here to refit it; the next adapt does."""
     shipped, _ = sc.load_file(new.path(mf.FLEET_SCATTER), new.manifest.embedding_dim)
-    head = LdaHead(new.manifest.embedding_dim, scatter=shipped.dense(), count=shipped.count, groups=shipped.groups)
-    if own is not None and own.calibration is not None:
-        head.calibration = {**own.calibration, "carried_by": "edgecl upgrade (fitted on this device's statistics "
-                                                             "before the release's; the next adapt refits it)"}
-    return head
+    return LdaHead(new.manifest.embedding_dim, scatter=shipped.dense(), count=shipped.count, groups=shipped.groups)
 
 
 def _judge_versions(old: OpenBundle, new: OpenBundle, current: DeviceState, released: Prototypes, carried: Prototypes,
-                    contested: list[str]) -> dict[str, Any]:
+                    contested: list[str], covariance: np.ndarray | None = None) -> dict[str, Any]:
     """The do-no-harm rule applied to versions: for this device's classes that the new version
     ships, its statistics (the fleet's, computed under the new backbone) against the device's own
-    carried over, each scored among all classes on the images this device holds of them (its task
-    folder, its own exemplars), embedded once under NEW. The better one is kept (a tie keeps the
+    carried over, each scored among all classes (LDA with NEW's fleet scatter when it ships one, else
+    ncm) on the images this device holds of them (its task folder, its own exemplars), embedded once
+    under NEW. The better one is kept (a tie keeps the
     released one, which the statistics round made exact); no image held: the released one."""
     if not contested:
         return {}
@@ -191,7 +193,7 @@ def _judge_versions(old: OpenBundle, new: OpenBundle, current: DeviceState, rele
     for name in [c for c in released.classes if c not in mine.classes]:
         i = released.classes.index(name)
         mine.upsert(name, released.means[i], int(released.counts[i]))
-    accuracy = {k: (score(embeddings, truth, t) or {"accuracy": 0.0})["accuracy"]
+    accuracy = {k: (score(embeddings, truth, t, covariance) or {"accuracy": 0.0})["accuracy"]
                 for k, t in (("released", released_with(released, carried)), ("device", mine))}
     kept = "released" if accuracy["released"] >= accuracy["device"] else "device"
     return {"kept": kept, "classes": contested, "images": int(rows.size), "released_accuracy": accuracy["released"],
