@@ -73,37 +73,41 @@ def _pooled(pieces: list[Piece]) -> tuple[np.ndarray, int, int]:
 
 def host_pieces(class_data: Path, known: list[str], dirs: dict[str, Path], embed: Embed
                 ) -> dict[str, Piece] | None:
-    """The current classes' exact scatter under each backbone in ``dirs`` (role -> bundle folder), from
-    the images in ``class_data``; None when that folder lacks one of the current classes."""
+    """The exact scatter of the current classes ``class_data`` has images of, under each backbone in
+    ``dirs`` (role -> bundle folder); None when it has images of none of them."""
     from edgecl.formats.images import load_image_folder
 
     m = mf.load_manifest(next(iter(dirs.values())))
     images = load_image_folder(class_data, m.input_size, m.interpolation, progress=False)
-    if not set(known) <= set(images.classes):
+    classes = [c for c in images.classes if c in known]
+    if not classes:
         return None
-    keep = np.isin(images.labels, [images.classes.index(c) for c in known])
+    keep = np.isin(images.labels, [images.classes.index(c) for c in classes])
     pixels, labels = images.pixels[keep], images.labels[keep]
-    return {role: (list(known), sc.class_scatter(embed(d, pixels), labels)) for role, d in dirs.items()}
+    return {role: (classes, sc.class_scatter(embed(d, pixels), labels)) for role, d in dirs.items()}
 
 
 def choose(candidate: Prototypes, known: list[str], received: dict[str, Delta], host: dict[str, Piece] | None,
            current_dir: Path) -> GateHead:
     """LDA when every class the candidate holds has a scatter under both backbones, else ncm (why)."""
     dim = int(candidate.means.shape[1])
-    current: list[Piece] = []
-    if host is not None:
-        current.append(host["current"])
-    elif (current_dir / mf.FLEET_SCATTER).exists():
-        shipped, classes = sc.load_file(current_dir / mf.FLEET_SCATTER, dim)
-        if set(known) <= set(classes):
-            current.append((classes, shipped))
-    if not current:
+    if host is None:
         return GateHead("ncm", "no scatter of the current classes: pass --class-data, the folder the bundle "
                                "was exported from")
-    if host is None:
-        return GateHead("ncm", "the current classes' scatter under the candidate needs --class-data")
+    # The current version as released: the scatter it shipped (judged by the last release, every class
+    # it knows), else the host's of its classes.
+    current: list[Piece] = []
+    if (current_dir / mf.FLEET_SCATTER).exists():
+        shipped, classes = sc.load_file(current_dir / mf.FLEET_SCATTER, dim)
+        current = [(classes, shipped)] if set(known) <= set(classes) else []
+    if not current and set(known) <= set(host["current"][0]):
+        current = [host["current"]]
+    if not current:
+        lacking = ", ".join(sorted(set(known) - set(host["current"][0])))[:200]
+        return GateHead("ncm", f"no scatter of the current version's {lacking} (neither --class-data nor a "
+                               "scatter the version ships)")
     under_candidate: list[Piece] = [host["candidate"]]
-    under_current: list[Piece] = list(current)
+    under_current: list[Piece] = [host["current"]]
     for device, d in sorted(received.items()):
         if d.prototypes is None or not len(d.prototypes):
             continue
