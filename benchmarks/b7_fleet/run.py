@@ -12,7 +12,9 @@ adapts the version it runs on new images, sends its int4 delta; the real release
 server subprocess on loopback; every device pulls the released version.
 
 Arms, per round, on the test images of each class group (calibration; each device's classes, seen
-through that device's camera) and overall, ncm head:
+through that device's camera) and overall, with `--head` (default auto: the head the devices serve,
+LDA once a state has its statistics; the release gate judges with LDA too, given the calibration
+images as --class-data and every device's scatter; `--head ncm` is the cosine-prototype run):
 - frozen: the like-for-like frozen baseline (every class's statistics on the current backbone),
   the release gate's own table;
 - alone: each device after adapting, on the groups it knows (its own; calibration);
@@ -117,8 +119,8 @@ def write_data(out: Path, seed: int, train: int, test: int, check: int) -> dict[
     return data
 
 
-def _eval_groups(bundle: Path, groups: dict[str, Path]) -> dict[str, float | None]:
-    """ncm accuracy per group (None: the bundle knows none of its classes)."""
+def _eval_groups(bundle: Path, groups: dict[str, Path], head: str = "auto") -> dict[str, float | None]:
+    """Accuracy per group with ``head`` (None: the bundle knows none of its classes)."""
     from edgecl.device.infer import evaluate
     from edgecl.errors import DataError
 
@@ -127,7 +129,7 @@ def _eval_groups(bundle: Path, groups: dict[str, Path]) -> dict[str, float | Non
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
-                out[name] = float(evaluate(bundle, folder, head="ncm", progress=False)["accuracy"])
+                out[name] = float(evaluate(bundle, folder, head=head, progress=False)["accuracy"])
             except DataError:
                 out[name] = None
     return out
@@ -201,7 +203,7 @@ def run_seed(out: Path, seed: int, args: argparse.Namespace) -> dict[str, Any]:
             for d in DEVICES:
                 adapt(running[d], data[f"{d}/round{r}"], AdaptOptions(epochs=args.epochs or None, seed=seed + r,
                                                                       progress=False))
-                row["alone"][d] = _eval_groups(running[d], groups)
+                row["alone"][d] = _eval_groups(running[d], groups, args.head)
                 delta = out / d / f"delta-{r}.safetensors"
                 rep = make_delta(running[d], delta, device_id=d, key_hex=creds[d][1])
                 row["delta_bytes"][d] = rep.bytes
@@ -211,8 +213,11 @@ def run_seed(out: Path, seed: int, args: argparse.Namespace) -> dict[str, Any]:
             for strategy in [*args.strategies[1:], args.strategies[0]]:
                 shipped = strategy == args.strategies[0]
                 name, _, scale = strategy.partition("@")          # "ties@0.5": the ties merge, half its step
+                # The calibration images (the export's folder) give the current classes' statistics and
+                # scatter under the candidate; with `--head ncm` the gate judges with ncm as before.
                 options = ReleaseOptions(heldout=data["check"], strategy=name, scale=float(scale or 1.0),
-                                         work_dir=out / f"release-{r}-{strategy}")
+                                         work_dir=out / f"release-{r}-{strategy}", class_data=data["calib"],
+                                         head="ncm" if args.head == "ncm" else "auto")
                 phase1 = release(bundle_id, server.url, admin, options)
                 if not phase1.published:
                     row["fleet"][strategy] = {"refused_in_phase_1": phase1.reasons}
@@ -221,7 +226,9 @@ def run_seed(out: Path, seed: int, args: argparse.Namespace) -> dict[str, Any]:
                     sent = restat(running[d], server.url, creds[d][0], server_key, d, creds[d][1])
                     row["statistics_bytes"][d] = sent.delta_bytes
                 scored = finish(bundle_id, server.url, admin, ReleaseOptions(
-                    heldout=data["test_all"], publish=False, work_dir=out / f"score-{r}-{strategy}"))
+                    heldout=data["test_all"], publish=False, work_dir=out / f"score-{r}-{strategy}",
+                    class_data=data["calib"], head=options.head))
+                row.setdefault("gate_head", {})[strategy] = scored.head
                 row["fleet"][strategy] = {g: v["candidate"] for g, v in scored.groups.items()}
                 row["frozen"] = {g: v["baseline"] for g, v in scored.groups.items()}
                 row["current"] = {g: v["current"] for g, v in scored.groups.items()}
@@ -233,7 +240,7 @@ def run_seed(out: Path, seed: int, args: argparse.Namespace) -> dict[str, Any]:
                 for d in DEVICES:
                     report = pull(running[d], server.url, creds[d][0], server_key)
                     running[d] = Path(report.bundle_dir)
-                    row["pulled"][d] = {"groups": _eval_groups(running[d], groups),
+                    row["pulled"][d] = {"groups": _eval_groups(running[d], groups, args.head),
                                         "chose": report.upgrade.get("chose")}
             # centralized: one learner that saw every device's images, round after round
             central = out / "central"
@@ -242,7 +249,7 @@ def run_seed(out: Path, seed: int, args: argparse.Namespace) -> dict[str, Any]:
                 shutil.copytree(v1, central)
             union = _union([data[f"{d}/round{r}"] for d in DEVICES], out / f"union-{r}")
             adapt(central, union, AdaptOptions(epochs=args.epochs or None, seed=seed + r, progress=False))
-            row["centralized"] = _eval_groups(central, groups)
+            row["centralized"] = _eval_groups(central, groups, args.head)
             row["seconds"] = time.perf_counter() - t0
             rounds.append(row)
             print(json.dumps({"seed": seed, **{k: row[k] for k in ("round", "frozen", "fleet", "centralized")
@@ -271,7 +278,8 @@ def _groups_of(row: dict[str, Any]) -> dict[str, dict[str, float | None]]:
 
 def summary(results: dict[str, Any]) -> str:
     """The markdown table: per round, arm x group (mean over seeds, spread when several)."""
-    lines = ["# B7 fleet: accuracy (%) per class group, ncm head", ""]
+    head = results.get("args", {}).get("head", "ncm")     # runs before --head existed were ncm
+    lines = [f"# B7 fleet: accuracy (%) per class group, {'ncm' if head == 'ncm' else 'served (LDA)'} head", ""]
     seeds = results["seeds"]
     for r in range(ROUNDS):
         per_seed = [_groups_of(s["rounds"][r]) for s in seeds if len(s["rounds"]) > r]
@@ -305,6 +313,9 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=0, help="device epochs (0: the bundle's default)")
     ap.add_argument("--strategies", nargs="+", default=["ties", "weighted-mean", "ties@0.5", "weighted-mean@0.5"],
                     help="merge options, the first shipped; NAME or NAME@SCALE (the release's --scale)")
+    ap.add_argument("--head", choices=["auto", "ncm"], default="auto",
+                    help="auto: the head the devices serve (LDA after adapt) and the gate's LDA; ncm: cosine "
+                         "prototypes")
     ap.add_argument("--recipe", type=Path, default=REPO / "models" / "efficientnet_lite0.toml")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
