@@ -18,11 +18,12 @@ def _state_summary(bundle: Path) -> dict[str, Any] | None:
     from edgecl.errors import EdgeclError
 
     try:
-        state = load_current(open_bundle(bundle, verify=False))
+        opened = open_bundle(bundle, verify=False)
+        state = load_current(opened)
     except EdgeclError:
         return None
     return {"generation": state.generation, "classes": list(state.prototypes.classes),
-            "head": resolve_head(state, "auto"), "meta": state.meta}
+            "head": resolve_head(state, "auto", opened), "meta": state.meta}
 
 
 def _what_made(summary: dict[str, Any]) -> str:

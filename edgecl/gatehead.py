@@ -98,7 +98,7 @@ def choose(candidate: Prototypes, known: list[str], received: dict[str, Delta], 
     # it knows), else the host's of its classes.
     current: list[Piece] = []
     if (current_dir / mf.FLEET_SCATTER).exists():
-        shipped, classes = sc.load_file(current_dir / mf.FLEET_SCATTER, dim)
+        shipped, classes, _ = sc.load_file(current_dir / mf.FLEET_SCATTER, dim)
         current = [(classes, shipped)] if set(known) <= set(classes) else []
     if not current and set(known) <= set(host["current"][0]):
         current = [host["current"]]

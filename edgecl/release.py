@@ -768,13 +768,23 @@ def _gate_head(options: ReleaseOptions, rnd: Round, probe: Path, candidate: Prot
     return gatehead.choose(candidate, rnd.known, received, host, rnd.current_dir)
 
 
-def attach_fleet_scatter(bundle_dir: Path, head: gatehead.GateHead) -> None:
+def attach_fleet_scatter(bundle_dir: Path, head: gatehead.GateHead, table: Prototypes, embedded: Embedded) -> None:
     """The released bundle ships the pooled scatter its LDA head was judged with (rank 128), listed
-    and hashed in the manifest: a device that pulls it serves what the gate judged."""
+    and hashed in the manifest: a device that pulls it serves what the gate judged. With it, the LDA
+    head's calibration (unknown threshold at the default false-unknown rate, temperatures) fitted on
+    the held-out images under the released backbone, as `edgecl adapt` fits a device's; without one
+    a device's probabilities would be a softmax at temperature 1 (p = 1.000 for wrong classes)."""
     if head.shipped is None:
         return
+    from edgecl.device.heads import LdaHead
+    from edgecl.device.unknown import calibrate_held_out
+
+    lda = LdaHead(table.means.shape[1], scatter=head.shipped.dense(), count=head.shipped.count,
+                  groups=head.shipped.groups)
+    calibration = calibrate_held_out(table, lda, embedded.heldout["candidate"], embedded.truth)
     path = bundle_dir / mf.FLEET_SCATTER
-    sc.save_file(path, head.shipped, head.shipped_classes)
+    sc.save_file(path, head.shipped, head.shipped_classes,
+                 {**calibration, "fitted_by": "edgecl release (its held-out images)"} if calibration else None)
     m = mf.load_manifest(bundle_dir)
     m.files[mf.FLEET_SCATTER] = sha256_file(path)
     m.sizes[mf.FLEET_SCATTER] = path.stat().st_size
@@ -829,7 +839,7 @@ def finish(bundle_id: str, server: str, token: str, options: ReleaseOptions) -> 
         final = write_version(probe, work / "release", bundle_id, version, candidate,
                               sha256_file(rnd.current_dir / mf.MANIFEST))
         attach_fleet_exemplars(final, shared, list(candidate.classes))
-        attach_fleet_scatter(final, head)
+        attach_fleet_scatter(final, head, candidate, embedded)
         report.uploaded_bytes = _publish(server, token, final, list(options.canary), _summary(report, options),
                                          policy, rnd.current_dir, released_step(rnd))
         report.published = True

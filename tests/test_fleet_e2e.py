@@ -34,6 +34,7 @@ from edgecl.formats import delta as delta_format
 from edgecl.formats import manifest as mf
 from edgecl.formats.mask import Mask
 from edgecl.formats.scatter import RANK_DEVICE
+from edgecl.formats.scatter import load_file as load_scatter
 
 REPO = Path(__file__).resolve().parents[1]
 runner = CliRunner()
@@ -325,8 +326,15 @@ def test_provision_adapt_push_release_pull(tmp_path: Path, tiny_bundle: Path, fl
         assert set(chose["classes"]) == set(DEVICES[name][1]), chose
         new = Path(report["bundle_dir"])
         assert mf.load_manifest(new).version == 2 and (new / "state" / "HEAD.json").exists()
-        # the device serves v2 with the LDA head the gate judged: the fleet's pooled scatter
+        # the device serves v2 with the LDA head the gate judged: the fleet's pooled scatter, calibrated by
+        # the release on its held-out images (an unknown threshold and temperatures, not softmax at T = 1)
         assert report["upgrade"]["lda_from_release"] is True, report["upgrade"]
+        _, _, calibration = load_scatter(new / mf.FLEET_SCATTER, manifest.embedding_dim)
+        assert calibration is not None and calibration["score"] == "relative-mahalanobis", calibration
+        assert calibration["temperature"]["lda"] > 0 and calibration["fitted_by"].startswith("edgecl release")
+        served = json.loads(_cli("predict", str(new), str(next((data[name] / DEVICES[name][1][0]).iterdir())),
+                                 "--json"))
+        assert served[0]["head"] == "lda" and served[0]["unknown"] is not None, served
         print(f"{name}: downlink {report['downloaded_bytes']:,} B of {report['total_bytes']:,} B "
               f"(per file {report['wire_bytes']}; reused {report['copied']})")
         got = json.loads(_cli("eval", str(new), "--data", str(data[name]), "--head", "ncm", "--json"))

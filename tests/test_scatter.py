@@ -111,7 +111,8 @@ def test_the_bundle_file_round_trips_and_refuses_damage(tmp_path):
     scatter = sc.Scatter.of(x, y, rank=8)
     path = tmp_path / "fleet_scatter.safetensors"
     sc.save_file(path, scatter, ["a", "b", "c"])
-    back, classes = sc.load_file(path, 24)
+    back, classes, calibration = sc.load_file(path, 24)
+    assert calibration is None                         # none fitted (edgecl release fits one)
     assert classes == ["a", "b", "c"]
     np.testing.assert_allclose(back.dense(), scatter.dense())
     with pytest.raises(BundleError, match="factor"):

@@ -29,7 +29,7 @@ from edgecl.formats.prototypes import Prototypes, image_fingerprints
 from edgecl.formats.weights import load_weights
 
 from .heads import LdaHead
-from .infer import create_runner, embed_and_score
+from .infer import create_runner, embed_and_score, state_lda
 from .noharm import HeldOut, holdout_split
 from .plan import Plan, check_replay_share
 from .poststeps import MAX_EXEMPLARS_PER_CLASS, Heads, Moved, run_post_steps
@@ -236,7 +236,8 @@ def open_episode(bundle: OpenBundle, data_dir: Path, plan: Plan, profile: Device
                       "check is off for this run (show the device new images of the task's classes to judge)",
                       stacklevel=3)
         split = _split(task, memory, known, plan, False)
-    lda = LdaHead.load_file(current.lda_path) if current.lda_path is not None else LdaHead(int(bundle.manifest.embedding_dim))
+    # A state's own LDA statistics, else the fleet's its bundle ships, else none yet.
+    lda = state_lda(bundle, current) or LdaHead(int(bundle.manifest.embedding_dim))
     episode = Episode(bundle=bundle, plan=plan, profile=profile, data_dir=data_dir, task=task,
                       fingerprints=fingerprints, current=current, memory=memory, known=known,
                       replay_names=replay_names, split=split,

@@ -34,6 +34,7 @@ import numpy as np
 from safetensors.numpy import load as _st_load
 
 from edgecl.errors import DeviceError
+from edgecl.formats import scatter as sc
 from edgecl.formats.atomic import atomic_write_bytes
 from edgecl.formats.canonical import canonical_safetensors, read_metadata
 from edgecl.formats.scatter import DEFAULT_SHRINKAGE, class_scatter, covariance
@@ -142,3 +143,13 @@ class LdaHead:
     @classmethod
     def load_file(cls, path: Path, shrinkage: float = DEFAULT_SHRINKAGE) -> LdaHead:
         return cls.from_bytes(Path(path).read_bytes(), shrinkage)
+
+
+def fleet_head(path: Path, dim: int, shrinkage: float = DEFAULT_SHRINKAGE) -> LdaHead:
+    """The LDA statistics a released version ships (``fleet_scatter.safetensors``: the fleet's pooled
+    within-class scatter under its backbone, the one its release check judged with), with no class
+    means of its own (the state's prototypes are its means) and the calibration the release fitted on
+    its held-out images (unknown threshold, temperatures), if any."""
+    shipped, _, calibration = sc.load_file(path, dim)
+    return LdaHead(dim, shrinkage, scatter=shipped.dense(), count=shipped.count, groups=shipped.groups,
+                   calibration=calibration)

@@ -56,7 +56,7 @@ from edgecl.formats.preprocess import Preprocess
 from edgecl.formats.prototypes import Prototypes
 from edgecl.progress import progress_bar
 
-from .heads import LdaHead
+from .heads import LdaHead, fleet_head
 from .state import INFERENCE_FILES, DeviceState, OpenBundle, load_current, open_bundle, save_verified
 from .unknown import MahalanobisScorer
 
@@ -139,13 +139,28 @@ def need_prototypes(prototypes: Prototypes, bundle: OpenBundle) -> None:
                           "run `edgecl adapt BUNDLE --data DIR --epochs 0` to add classes")
 
 
-def resolve_head(state: DeviceState, head: str | Enum) -> str:
+def has_lda(state: DeviceState, bundle: OpenBundle | None) -> bool:
+    return state.lda_path is not None or (bundle is not None and bundle.path(mf.FLEET_SCATTER).exists())
+
+
+def state_lda(bundle: OpenBundle, state: DeviceState, shrinkage: float | None = None) -> LdaHead | None:
+    """The LDA statistics a state serves with: its own (every adapt makes them), else those its bundle
+    ships (a released version judged with the LDA head: the fleet's pooled scatter); None: neither."""
+    kw = {} if shrinkage is None else {"shrinkage": shrinkage}
+    if state.lda_path is not None:
+        return LdaHead.load_file(state.lda_path, **kw)
+    if bundle.path(mf.FLEET_SCATTER).exists():
+        return fleet_head(bundle.path(mf.FLEET_SCATTER), bundle.manifest.embedding_dim, **kw)
+    return None
+
+
+def resolve_head(state: DeviceState, head: str | Enum, bundle: OpenBundle | None = None) -> str:
     head = head.value if isinstance(head, Enum) else head
     if head not in HEADS:
         raise DeviceError(f"unknown head {head!r}", f"pass one of {', '.join(HEADS)}")
     if head == "auto":
-        return "lda" if state.lda_path is not None else "ncm"
-    if head == "lda" and state.lda_path is None:
+        return "lda" if has_lda(state, bundle) else "ncm"
+    if head == "lda" and not has_lda(state, bundle):
         raise DeviceError("this state has no LDA statistics (they are made by `edgecl adapt`)",
                           "run `edgecl adapt BUNDLE --data DIR` (--epochs 0 is enough), or use --head ncm")
     return head
@@ -177,11 +192,11 @@ class ServingState:
     @classmethod
     def create(cls, bundle: OpenBundle, state: DeviceState, head: str | Enum = "auto",
                shrinkage: float | None = None) -> ServingState:
-        used = resolve_head(state, head)
+        used = resolve_head(state, head, bundle)
         classes = list(state.prototypes.classes)
-        lda = means = scorer = None
-        if state.lda_path is not None:
-            lda = LdaHead.load_file(state.lda_path) if shrinkage is None else LdaHead.load_file(state.lda_path, shrinkage)
+        means = scorer = None
+        lda = state_lda(bundle, state, shrinkage)
+        if lda is not None:
             means = lda.means_for(classes, state.prototypes.means)
             scorer = MahalanobisScorer.create(lda, means)
         score = SCORE_RELATIVE_MAHALANOBIS if scorer is not None else SCORE_COSINE

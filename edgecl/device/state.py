@@ -98,7 +98,7 @@ class OpenBundle:
 
 # The bundle files predict and eval read (train_step.onnx, head and exemplars are adapt's): they hash
 # these only, half the Lite0 bundle's bytes (docs/device.md "What the device checks").
-INFERENCE_FILES = (mf.INFERENCE_MODEL, mf.WEIGHTS, mf.MASK, mf.PROTOTYPES)
+INFERENCE_FILES = (mf.INFERENCE_MODEL, mf.WEIGHTS, mf.MASK, mf.PROTOTYPES, mf.FLEET_SCATTER)
 
 
 def open_bundle(bundle_dir: str | Path, verify: bool = True, uses: tuple[str, ...] | None = None) -> OpenBundle:

@@ -40,12 +40,12 @@ import numpy as np
 from edgecl import classstats
 from edgecl.errors import DeviceError
 from edgecl.formats import manifest as mf
-from edgecl.formats import scatter as sc
 from edgecl.formats.exemplars import ExemplarMemory
 from edgecl.formats.hashing import sha256_file
 from edgecl.formats.prototypes import Prototypes
 from edgecl.formats.scoring import score
 
+from . import heads
 from .heads import LdaHead
 from .infer import create_runner, embed_and_score, resolve_profile
 from .state import (
@@ -111,7 +111,9 @@ def _upgrade(old: OpenBundle, new: OpenBundle, any_lineage: bool) -> dict[str, A
         prototypes.upsert(name, mean, int(current.prototypes.counts[i]))
         prototypes.seen[name] = current.prototypes.seen.get(name, np.zeros(0, np.uint64)).copy()
     fleet = new.path(mf.FLEET_SCATTER).exists()
-    fleet_head = _fleet_head(new) if fleet else None
+    # The LDA head NEW was judged with (heads.fleet_head); the device's unknown threshold travels
+    # along, marked, as in the drift-moved case: no held-out images here to refit it.
+    fleet_head = heads.fleet_head(new.path(mf.FLEET_SCATTER), new.manifest.embedding_dim) if fleet else None
     choice = _judge_versions(old, new, current, released, prototypes,
                              [c for c in carried_protos if c in released.classes],
                              fleet_head.covariance() if fleet_head is not None else None)
@@ -134,7 +136,8 @@ def _upgrade(old: OpenBundle, new: OpenBundle, any_lineage: bool) -> dict[str, A
             lda.calibration = {**carried, "carried_by": "edgecl upgrade (fitted before the drift map moved "
                                                          "these statistics; the next adapt refits it)"}
     if fleet_head is not None:
-        if lda is not None and lda.calibration is not None:
+        # the release's own calibration of these statistics wins; else the device's, marked
+        if fleet_head.calibration is None and lda is not None and lda.calibration is not None:
             fleet_head.calibration = {**lda.calibration, "carried_by": "edgecl upgrade (fitted on this device's "
                                       "statistics before the release's; the next adapt refits it)"}
         lda = fleet_head
@@ -156,14 +159,6 @@ def _upgrade(old: OpenBundle, new: OpenBundle, any_lineage: bool) -> dict[str, A
             "moved_by_own_exemplars": moved, "lda_moved": lda is not None and bool(before) and not fleet,
             "lda_from_release": fleet, "chose": choice,
             "classes": list(prototypes.classes)}
-
-
-def _fleet_head(new: OpenBundle) -> LdaHead:
-    """The LDA head NEW was judged with: the fleet's pooled scatter, the class means of the state's
-    prototypes (no means of its own). The caller carries the device's unknown threshold along, marked,
-    as in the drift-moved case: no held-out images here to refit it; the next adapt does."""
-    shipped, _ = sc.load_file(new.path(mf.FLEET_SCATTER), new.manifest.embedding_dim)
-    return LdaHead(new.manifest.embedding_dim, scatter=shipped.dense(), count=shipped.count, groups=shipped.groups)
 
 
 def _judge_versions(old: OpenBundle, new: OpenBundle, current: DeviceState, released: Prototypes, carried: Prototypes,

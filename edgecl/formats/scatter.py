@@ -25,6 +25,7 @@ import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from safetensors.numpy import load as _st_load
@@ -133,26 +134,34 @@ def check(scatter: Scatter, dim: int, count: int, groups: int) -> str | None:
 FILE_FORMAT = "edgecl-fleet-scatter"
 
 
-def save_file(path: str | Path, scatter: Scatter, classes: list[str]) -> None:
-    """The pooled within-class scatter of ``classes`` under the bundle's backbone (temp + rename)."""
+def save_file(path: str | Path, scatter: Scatter, classes: list[str], calibration: dict[str, Any] | None = None
+              ) -> None:
+    """The pooled within-class scatter of ``classes`` under the bundle's backbone (temp + rename), with the
+    LDA head's calibration record (unknown threshold, temperatures) fitted on held-out images, if any."""
     meta = {"format": FILE_FORMAT, "classes": json.dumps(list(classes)), "count": str(int(scatter.count)),
             "groups": str(int(scatter.groups)), "residual": repr(float(scatter.residual))}
+    if calibration is not None:
+        meta["calibration"] = json.dumps(calibration, sort_keys=True)
     atomic_write_bytes(path, canonical_safetensors({"factor": scatter.factor.astype(np.float16)}, meta))
 
 
-def load_file(path: str | Path, dim: int) -> tuple[Scatter, list[str]]:
-    """Read and check a bundle's scatter file (its sha256 was checked against the manifest already)."""
+def load_file(path: str | Path, dim: int) -> tuple[Scatter, list[str], dict[str, Any] | None]:
+    """Read and check a bundle's scatter file (its sha256 was checked against the manifest already):
+    the scatter, its classes, and its calibration record (None: none fitted)."""
     data = Path(path).read_bytes()
     try:
         meta = read_metadata(data)
         factor = _st_load(data)["factor"].astype(np.float32)
         classes = json.loads(meta["classes"])
+        calibration = json.loads(meta["calibration"]) if "calibration" in meta else None
         scatter = Scatter(factor, float(meta["residual"]), int(meta["count"]), int(meta["groups"]))
     except (KeyError, ValueError, TypeError) as exc:
         raise BundleError(f"{path} is not a scatter file ({exc})", "re-download the bundle version") from exc
     why = check(scatter, dim, scatter.count, scatter.groups) if meta.get("format") == FILE_FORMAT else "its format"
     if why is None and not (isinstance(classes, list) and scatter.count >= scatter.groups >= 1):
         why = "its counts"
+    if why is None and calibration is not None and not isinstance(calibration, dict):
+        why = "its calibration record"
     if why is not None:
         raise BundleError(f"{path} is not a usable scatter file: {why}", "re-download the bundle version")
-    return scatter, classes
+    return scatter, classes, calibration
