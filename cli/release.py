@@ -46,6 +46,9 @@ def release(
         "--statistics-round/--no-statistics-round",
         help="Ask the contributing devices for their classes' statistics under the candidate (two phases); "
              "--no-statistics-round judges and publishes at once with the host's estimates.")] = True,
+    publish: Annotated[bool, typer.Option("--publish/--no-publish",
+                                          help="--finish: --no-publish judges and reports only (e.g. on test "
+                                               "images); the candidate stays open for a real --finish.")] = True,
     wait_s: Annotated[float, typer.Option(help="--finish: wait up to this long for every contributing device's "
                                                "statistics (those that do not answer are not judged).")] = 0.0,
     work: Annotated[Path | None, typer.Option(help="Keep the built bundles here (default: a temp folder).")] = None,
@@ -67,7 +70,7 @@ def release(
         heldout=heldout, current_dir=bundle, bundle_version=bundle_version, canary=list(canary or []),
         strategy=strategy, scale=scale, trim=trim, exclude_devices=list(exclude_device or []),
         exclude_deltas=list(exclude_delta or []), tolerance=tolerance, work_dir=work, class_data=class_data,
-        statistics_round=statistics_round, wait_s=wait_s, head=head)
+        statistics_round=statistics_round, wait_s=wait_s, head=head, publish=publish)
     # edgecl.release announces its phases with edgecl.progress.phase(); shown on a terminal only.
     run = release_module.finish if finish else release_module.release
     with phases(0, "release", enabled=not (quiet or as_json)):
@@ -94,6 +97,9 @@ def release(
                    f"uploaded {report.uploaded_bytes / 1e6:.2f} MB")
         typer.echo(f"next: on each of those devices, `edgecl restat`; then `edgecl release {bundle_id} --finish "
                    f"--heldout {heldout}`")
+    elif not as_json and not report.published:
+        typer.echo(f"judged only (--no-publish): v{report.version} passes; nothing published, the candidate stays "
+                   f"open for `edgecl release {bundle_id} --finish`")
     elif not as_json:
         typer.echo(f"released {bundle_id} v{report.version} (signed by the server)"
                    + (f" to {', '.join(report.canary)} only" if report.canary else " to every device")
