@@ -335,6 +335,10 @@ def test_provision_adapt_push_release_pull(tmp_path: Path, tiny_bundle: Path, fl
         served = json.loads(_cli("predict", str(new), str(next((data[name] / DEVICES[name][1][0]).iterdir())),
                                  "--json"))
         assert served[0]["head"] == "lda" and served[0]["unknown"] is not None, served
+        # a fresh install of v2 (no device state of its own) serves the same head from the bundle's file
+        fresh = tmp_path / f"{name}-fresh-v2"
+        shutil.copytree(new, fresh, ignore=shutil.ignore_patterns("state"))
+        assert json.loads(_cli("eval", str(fresh), "--data", str(data[name]), "--json"))["head"] == "lda"
         print(f"{name}: downlink {report['downloaded_bytes']:,} B of {report['total_bytes']:,} B "
               f"(per file {report['wire_bytes']}; reused {report['copied']})")
         got = json.loads(_cli("eval", str(new), "--data", str(data[name]), "--head", "ncm", "--json"))
