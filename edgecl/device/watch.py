@@ -143,7 +143,7 @@ class StateFollower:
         self._head_key = self._head_stat()
         # Build the inference sessions now (blank images): the first camera image is then answered as
         # fast as the rest (B8's p99 otherwise holds the ~0.15 s session builds).
-        warm_runner(self.runner, self.bundle, state.delta)
+        warm_runner(self.runner, self.bundle, self.serving.state.delta)
         self.reloads = 0
         self.last_error: str | None = None
 
