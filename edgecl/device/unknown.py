@@ -61,18 +61,25 @@ class MahalanobisScorer:
     def create(cls, lda: LdaHead, means: np.ndarray) -> MahalanobisScorer:
         means = np.atleast_2d(np.asarray(means, np.float64))
         centre = means.mean(axis=0)
-        between = (means - centre).T @ (means - centre) / len(means)
-        total = lda.scatter / max(lda.count - lda.groups, 1) + between
+        spread = means - centre
+        # D x D float64 matrices are 13 MB each at Lite0's D = 1280: built in place, one or two alive at a
+        # time, so a state load (watch reloads one after every adapt) does not leave ~100 MB in the heap.
+        within = _inverse(lda.covariance())
+        background = lda.scatter / max(lda.count - lda.groups, 1)
+        background += spread.T @ spread / len(means)  # the total covariance: within-class + between class means
         # The background is shrunk like the head's covariance, towards ITS OWN mean variance. Adding the
         # between-class covariance to the already shrunk within-class one keeps the within-class
         # isotropic floor, far below the spread of the class means: B9's near AUROC 0.81 instead of 0.92.
-        dim = total.shape[0]
-        background = (1.0 - lda.shrinkage) * total + lda.shrinkage * max(float(np.trace(total)) / dim, 1e-12) * np.eye(dim)
-        within = _inverse(lda.covariance())
+        dim = background.shape[0]
+        floor = lda.shrinkage * max(float(np.trace(background)) / dim, 1e-12)
+        background *= 1.0 - lda.shrinkage
+        background.flat[:: dim + 1] += floor
         back = _inverse(background)
+        del background
         linear = np.concatenate([within @ means.T, (back @ centre)[:, None]], axis=1)
         offsets = np.concatenate([np.einsum("cd,dc->c", means, linear[:, :-1]), [centre @ linear[:, -1]]])
-        return cls(_factor_blocks(within - back), linear.astype(np.float32), offsets, within)
+        quadratic = np.subtract(within, back, out=back)  # S^-1 - B^-1, in B^-1's memory
+        return cls(_factor_blocks(quadratic), linear.astype(np.float32), offsets, within)
 
     def distances(self, embeddings: np.ndarray) -> np.ndarray:
         """[N, C] squared Mahalanobis distance to each class mean (float64; for reports and tests)."""
