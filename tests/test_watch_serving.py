@@ -247,3 +247,25 @@ def test_watch_serves_an_adapted_state_as_its_weights_and_statistics_define_it(b
         line = lines[path.name]
         assert line["head"] == "lda" and line["class"] == classes[int(np.argmax(logits[i]))]
         assert line["unknown_score"] == pytest.approx(unknown[i], abs=bound)
+
+
+def test_numpy_s_blas_runs_on_one_thread_while_watch_serves(bundle_copy: Path, calib_dir: Path, tmp_path: Path) -> None:
+    """onnxruntime's pool owns the cores: OpenBLAS's own threads would busy-wait against it after each
+    per-batch product (B8 at 2 threads, an LDA state: a fifth of the images/s). Restored afterwards."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    cam = tmp_path / "cam"
+    cam.mkdir()
+    for i, src in enumerate(sorted(p for d in sorted(calib_dir.iterdir()) for p in sorted(d.iterdir()))[:5]):
+        (cam / f"{i:02d}.png").write_bytes(src.read_bytes())
+    seen: list[set[int]] = []
+    with threadpool_limits(limits=2, user_api="blas"):  # as on a 2-core device
+        blas = [x for x in threadpool_info() if x["user_api"] == "blas"]
+        assert blas and {x["num_threads"] for x in blas} == {2}
+        watcher = Watcher(bundle_copy, cam, WatchOptions(settle_s=0.0, poll_s=0.01, batch_size=2, queue=False),
+                          log=tmp_path / "w.jsonl")
+        watcher.on_batch = lambda _: seen.append(
+            {x["num_threads"] for x in threadpool_info() if x["user_api"] == "blas"})
+        assert watcher.run(once=True).images == 5
+        assert seen == [{1}] * 3
+        assert {x["num_threads"] for x in threadpool_info() if x["user_api"] == "blas"} == {2}
