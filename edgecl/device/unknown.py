@@ -62,8 +62,8 @@ class MahalanobisScorer:
         means = np.atleast_2d(np.asarray(means, np.float64))
         centre = means.mean(axis=0)
         spread = means - centre
-        # D x D float64 matrices are 13 MB each at Lite0's D = 1280: built in place, one or two alive at a
-        # time, so a state load (watch reloads one after every adapt) does not leave ~100 MB in the heap.
+        # D x D float64 matrices are 13 MB each at Lite0's D = 1280: built in place, fewer alive at a time
+        # (watch loads a state after every adapt; its RSS after ServingState.create: +120 -> +74 MB).
         within = _inverse(lda.covariance())
         background = lda.scatter / max(lda.count - lda.groups, 1)
         background += spread.T @ spread / len(means)  # the total covariance: within-class + between class means
