@@ -107,6 +107,43 @@ def test_float32_scores_keep_the_ranking_at_a_lite0_sized_embedding() -> None:
     assert (np.argsort(got) == np.argsort(want)).mean() > 0.98
 
 
+def test_the_triangular_factor_gives_the_full_quadratic_form_s_scores(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Serving multiplies by the Cholesky factor of Q = S^-1 - B^-1 in triangular column blocks: the
+    scores of the whole matrix Q (the form it replaces), with several blocks really used."""
+    from edgecl.device import unknown as unknown_module
+
+    monkeypatch.setattr(unknown_module, "_FACTOR_BLOCK", 5)  # D = 16: blocks of 5, 5, 5 and 1 columns
+    x, y = _gaussians(100, MEANS, 0)
+    lda = LdaHead(16, shrinkage=0.1)
+    lda.add(x, y)
+    scorer = MahalanobisScorer.create(lda, MEANS)
+    assert [(first, block.shape) for first, block in scorer.factor] == [(0, (16, 5)), (5, (11, 5)), (10, (6, 5)),
+                                                                        (15, (1, 1))]
+    centre = MEANS.mean(0)
+    total = lda.scatter / (lda.count - lda.groups) + (MEANS - centre).T @ (MEANS - centre) / len(MEANS)
+    background = 0.9 * total + 0.1 * np.trace(total) / 16 * np.eye(16)
+    q = np.linalg.inv(lda.covariance()) - np.linalg.inv(background)
+    probe = np.random.default_rng(4).normal(size=(9, 16)) * 3
+    lin = probe @ scorer.linear.astype(np.float64)
+    want = np.einsum("nd,de,ne->n", probe, q, probe) + np.min(scorer.offsets[:-1] - 2 * lin[:, :-1], axis=1) \
+        - (scorer.offsets[-1] - 2 * lin[:, -1])
+    np.testing.assert_allclose(scorer.unknown_scores(probe), want, rtol=1e-5, atol=1e-4)
+
+
+def test_one_class_statistics_score_without_a_factorisation_error() -> None:
+    """With one class the background is the within-class Gaussian itself: Q = 0, which Cholesky refuses;
+    the scorer factors it through its eigenvalues and scores the definition (the two distances cancel)."""
+    means = MEANS[:1]
+    x, y = _gaussians(50, means, 1)
+    lda = LdaHead(16, shrinkage=0.1)
+    lda.add(x, y)
+    scorer = MahalanobisScorer.create(lda, means)
+    probe = np.random.default_rng(5).normal(size=(6, 16))
+    got = scorer.unknown_scores(probe)
+    assert np.all(np.isfinite(got))
+    np.testing.assert_allclose(got, 0.0, atol=1e-4 * scorer.distances(probe).max())
+
+
 def test_calibrated_threshold_flags_the_target_share_of_new_known_images_and_most_unknown_ones() -> None:
     train, y_train = _gaussians(300, MEANS, 0)
     held, y_held = _gaussians(250, MEANS, 1)

@@ -152,3 +152,120 @@ def test_decoding_the_next_batch_ahead_changes_no_answer(bundle_copy: Path, cali
         lines = [json.loads(x) for x in log.read_text().splitlines()]
         answers[prefetch] = sorted((x["file"], x.get("class"), x.get("probability"), x.get("error")) for x in lines)
     assert answers[True] == answers[False] and len(answers[True]) == 12
+
+
+def test_a_frozen_delta_is_known_by_identity_and_a_writable_one_by_its_values(tiny_bundle: Path) -> None:
+    """ServingState's delta is a read-only copy the runner recognises without hashing it per batch; a
+    writable array changed in place is still seen by its values."""
+    from edgecl.device.ort import InferenceRunner, frozen_delta
+    from edgecl.formats.mask import Mask
+
+    m = mf.load_manifest(tiny_bundle)
+    mask = Mask.load_file(tiny_bundle / mf.MASK)
+    h, w = m.input_size
+    images = normalize(np.random.default_rng(1).integers(0, 256, (3, h, w, 3)).astype(np.uint8), m.mean, m.std)
+    protos = np.ones((1, m.embedding_dim), np.float32)
+    delta = np.random.default_rng(0).normal(0, 0.05, mask.total_selected).astype(np.float32)
+    frozen = frozen_delta(delta)
+    with pytest.raises(ValueError):
+        frozen[0] = 1.0  # read-only: the values the runner's sessions were built with stay
+    runner = InferenceRunner(tiny_bundle / mf.INFERENCE_MODEL, tiny_bundle / mf.WEIGHTS, mask)
+    plain = InferenceRunner(tiny_bundle / mf.INFERENCE_MODEL, tiny_bundle / mf.WEIGHTS, mask)
+    want = plain.run(images, delta, protos)[0]
+    assert np.array_equal(runner.run(images, frozen, protos)[0], want)
+    assert np.array_equal(runner.run(images, frozen, protos)[0], want)  # the second call: by identity
+    at_zero = plain.run(images, np.zeros_like(delta), protos)[0]
+    assert np.array_equal(runner.run(images, frozen_delta(np.zeros_like(delta)), protos)[0], at_zero)
+    moving = delta.copy()  # a writable array: changed in place between calls, re-read every call
+    first = runner.run(images, moving, protos)[0]
+    moving[:] = 0.0
+    assert np.array_equal(first, want) and np.array_equal(runner.run(images, moving, protos)[0], at_zero)
+
+
+def test_watch_serves_an_adapted_state_as_its_weights_and_statistics_define_it(bundle_copy: Path, calib_dir: Path,
+                                                                               tmp_path: Path) -> None:
+    """After `adapt` moves the backbone (a non-zero delta, LDA statistics), the same watch process serves
+    the new state: the embeddings of W0 + scatter(delta) from a runner of its own, the LDA head's
+    float64 logits and the relative Mahalanobis score's float64 definition."""
+    from edgecl.device.adapt import adapt
+    from edgecl.device.heads import LdaHead
+    from edgecl.device.ort import InferenceRunner
+    from edgecl.device.plan import AdaptOptions
+    from edgecl.device.state import load_current, open_bundle
+
+    cam = tmp_path / "cam"
+    cam.mkdir()
+    sources = sorted(p for d in sorted(calib_dir.iterdir()) for p in sorted(d.iterdir()))[::3][:10]
+    opts = WatchOptions(settle_s=0.0, poll_s=0.01, batch_size=4, queue=False)
+    log = tmp_path / "watch.jsonl"
+    watcher = Watcher(bundle_copy, cam, opts, log=log)
+    for i, src in enumerate(sources[:4]):
+        (cam / f"before-{i:02d}.png").write_bytes(src.read_bytes())
+    watcher.files.scan()
+    assert watcher.step() == 4
+    adapt(bundle_copy, calib_dir, AdaptOptions(epochs=1, gate=False, progress=False))
+    bundle = open_bundle(bundle_copy)
+    state = load_current(bundle)
+    assert np.count_nonzero(state.delta) > 0 and state.lda_path is not None
+    for i, src in enumerate(sources):
+        (cam / f"after-{i:02d}.png").write_bytes(src.read_bytes())
+    watcher.files.scan()
+    while watcher.step():  # 4 + 4 on the fixed-batch session, then 2 on the free one
+        pass
+    lines = {x["file"]: x for x in map(json.loads, log.read_text().splitlines()) if x["file"].startswith("after-")}
+    assert len(lines) == len(sources) and {x["state"] for x in lines.values()} == {"gen-000001"}
+
+    m = bundle.manifest
+    files = sorted(cam.glob("after-*.png"))
+    images = Preprocess.of(m)(np.stack([load_rgb(p, m.input_size, m.interpolation) for p in files]))
+    runner = InferenceRunner(bundle.path(mf.INFERENCE_MODEL), bundle.path(mf.WEIGHTS), bundle.mask)
+    z = runner.run(images, np.array(state.delta), state.prototypes.means)[0].astype(np.float64)
+    lda = LdaHead.load_file(state.lda_path)
+    classes = list(state.prototypes.classes)
+    means = lda.means_for(classes, state.prototypes.means)
+    logits = lda.logits(z, means)
+    inv = np.linalg.inv(lda.covariance())
+    centre = means.mean(0)
+    total = lda.scatter / (lda.count - lda.groups) + (means - centre).T @ (means - centre) / len(means)
+    dim = len(centre)
+    background = (1 - lda.shrinkage) * total + lda.shrinkage * np.trace(total) / dim * np.eye(dim)
+
+    def relative_mahalanobis(z: np.ndarray) -> np.ndarray:
+        d = z[:, None, :] - means[None]
+        return np.einsum("ncd,de,nce->nc", d, inv, d).min(1) - np.einsum(
+            "nd,de,ne->n", z - centre, np.linalg.inv(background), z - centre)
+
+    unknown = relative_mahalanobis(z)
+    # float32 scoring: the test model's embeddings are tiny (norm ~0.05), so its covariance's inverse is
+    # large and the terms of the score cancel to about 4 significant digits of its largest magnitude
+    # (the whole float32 matrix Q of the code before gave the same: 4.8e-3 here, the factor 6.2e-3).
+    # At Lite0's magnitudes (D = 1280) the scores stay within 1e-4 of their spread (test_unknown.py).
+    bound = 1e-3 * np.abs(unknown).max()
+    at_w0 = runner.run(images, np.zeros_like(state.delta), state.prototypes.means)[0].astype(np.float64)
+    assert np.abs(relative_mahalanobis(at_w0) - unknown).max() > 10 * bound  # the base weights would be seen
+    for i, path in enumerate(files):
+        line = lines[path.name]
+        assert line["head"] == "lda" and line["class"] == classes[int(np.argmax(logits[i]))]
+        assert line["unknown_score"] == pytest.approx(unknown[i], abs=bound)
+
+
+def test_numpy_s_blas_runs_on_one_thread_while_watch_serves(bundle_copy: Path, calib_dir: Path, tmp_path: Path) -> None:
+    """onnxruntime's pool owns the cores: OpenBLAS's own threads would busy-wait against it after each
+    per-batch product (B8 at 2 threads, an LDA state: a fifth of the images/s). Restored afterwards."""
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    cam = tmp_path / "cam"
+    cam.mkdir()
+    for i, src in enumerate(sorted(p for d in sorted(calib_dir.iterdir()) for p in sorted(d.iterdir()))[:5]):
+        (cam / f"{i:02d}.png").write_bytes(src.read_bytes())
+    seen: list[set[int]] = []
+    with threadpool_limits(limits=2, user_api="blas"):  # as on a 2-core device
+        blas = [x for x in threadpool_info() if x["user_api"] == "blas"]
+        assert blas and {x["num_threads"] for x in blas} == {2}
+        watcher = Watcher(bundle_copy, cam, WatchOptions(settle_s=0.0, poll_s=0.01, batch_size=2, queue=False),
+                          log=tmp_path / "w.jsonl")
+        watcher.on_batch = lambda _: seen.append(
+            {x["num_threads"] for x in threadpool_info() if x["user_api"] == "blas"})
+        assert watcher.run(once=True).images == 5
+        assert seen == [{1}] * 3
+        assert {x["num_threads"] for x in threadpool_info() if x["user_api"] == "blas"} == {2}

@@ -32,7 +32,7 @@ import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -192,7 +192,10 @@ class ServingState:
     @classmethod
     def create(cls, bundle: OpenBundle, state: DeviceState, head: str | Enum = "auto",
                shrinkage: float | None = None) -> ServingState:
+        from .ort import frozen_delta  # the one module touching onnxruntime
         used = resolve_head(state, head, bundle)
+        # A read-only copy of the delta the runner knows by identity: serving does not re-hash it every batch.
+        state = replace(state, delta=frozen_delta(state.delta))
         classes = list(state.prototypes.classes)
         means = scorer = None
         lda = state_lda(bundle, state, shrinkage)

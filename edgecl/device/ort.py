@@ -165,6 +165,7 @@ class InferenceRunner:
         self._sessions: dict[int | None, Any] = {}  # fixed batch (None: free) -> session, at delta ``_key``
         self._keepalive: Any = None
         self._disabled: list[str] = []
+        self._frozen: np.ndarray | None = None  # the caller's array at ``_key`` when it cannot change (frozen_delta)
 
     def _patched_file(self, delta: np.ndarray) -> bytearray:
         """weights.safetensors' bytes with W0 + scatter(delta) at the masked tensors' offsets."""
@@ -183,10 +184,19 @@ class InferenceRunner:
         return buf
 
     def _use_delta(self, delta: np.ndarray) -> None:
-        """Make ``delta`` current: drop the sessions of the previous one, patch the weights once for the next."""
+        """Make ``delta`` current: drop the sessions of the previous one, patch the weights once for the next.
+
+        A delta is known by the SHA-256 of its values; a frozen array (``frozen_delta``: read-only,
+        owning its values) passed again is known by identity, without hashing its K floats per call
+        (B8: 0.4 ms of a 13 ms batch at Lite0's K = 167,505)."""
+        if delta is self._frozen:
+            return
+        given = delta
         delta = np.ascontiguousarray(delta, np.float32)
         key = hashlib.sha256(delta.tobytes()).digest() if np.any(delta) else b"zero"
+        frozen = given if _is_frozen(given) else None
         if key == self._key:
+            self._frozen = frozen
             return
         self.release()  # the old sessions' arenas and weights go before the new ones are built
         keep: Any = None
@@ -202,7 +212,7 @@ class InferenceRunner:
                     keep.append((name, value, ort.OrtValue.ortvalue_from_numpy(value)))
                 disabled = ["NchwcTransformer"]
         # ORT borrows the buffers for the sessions' lifetime: keep them referenced with them.
-        self._key, self._keepalive, self._disabled = key, keep, disabled
+        self._key, self._keepalive, self._disabled, self._frozen = key, keep, disabled, frozen
 
     def _session(self, fixed: int | None) -> Any:
         session = self._sessions.get(fixed)
@@ -240,7 +250,7 @@ class InferenceRunner:
 
     def release(self) -> None:
         """Free the sessions (their arenas and weights); the next ``run`` builds them again."""
-        self._sessions, self._key, self._keepalive, self._disabled = {}, None, None, []
+        self._sessions, self._key, self._keepalive, self._disabled, self._frozen = {}, None, None, [], None
 
     def run(self, images: np.ndarray, delta: np.ndarray, prototypes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         self._use_delta(delta)
@@ -249,6 +259,19 @@ class InferenceRunner:
             "images": np.ascontiguousarray(images, np.float32),
             "prototypes": np.ascontiguousarray(prototypes, np.float32)})
         return embeddings, logits
+
+
+def frozen_delta(delta: np.ndarray) -> np.ndarray:
+    """A read-only float32 copy of ``delta`` that owns its values: nothing can change them without
+    first making it writable again, so ``InferenceRunner`` recognises it by identity on every call."""
+    frozen = np.array(delta, dtype=np.float32, copy=True)
+    frozen.flags.writeable = False
+    return frozen
+
+
+def _is_frozen(delta: Any) -> bool:
+    return isinstance(delta, np.ndarray) and delta.dtype == np.float32 and delta.flags.owndata \
+        and not delta.flags.writeable and delta.flags.c_contiguous
 
 
 def _load_base(path: Path, mask: Mask) -> dict[str, np.ndarray]:

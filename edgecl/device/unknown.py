@@ -39,17 +39,20 @@ from .heads import LdaHead
 
 @dataclass
 class MahalanobisScorer:
-    """The LDA statistics prepared once, in float64; then per batch of N images one [N, D] x [D, D]
-    float32 product.
+    """The LDA statistics prepared once, in float64; then per batch of N images one triangular
+    [N, D] x [D, D] float32 product.
 
     relative MD = min_c (z - m_c)' S^-1 (z - m_c) - (z - m_0)' B^-1 (z - m_0)
-                = z' (S^-1 - B^-1) z + min_c (m_c' S^-1 m_c - 2 z' S^-1 m_c) - (m_0' B^-1 m_0 - 2 z' B^-1 m_0),
-    so serving multiplies by one D x D matrix (S^-1 - B^-1) and a D x (C + 1) one. B8: the two
-    float64 whitenings it replaces cost about 0.25 ms an image at D = 1280 (streaming 26 MB of
-    factors per batch), a fifth of watch's time. float32 keeps about 6 significant digits of the
-    scores, far finer than the calibrated threshold; calibration uses the same code."""
+                = z' Q z + min_c (m_c' S^-1 m_c - 2 z' S^-1 m_c) - (m_0' B^-1 m_0 - 2 z' B^-1 m_0),
+    Q = S^-1 - B^-1, so serving needs one quadratic form in Q and a D x (C + 1) product. B is S plus
+    the (shrunk) covariance of the class means, so Q is positive semi-definite and z' Q z = |z L|^2
+    with L its lower-triangular Cholesky factor: half the multiply-adds and half the bytes of Q
+    itself (B8: the quadratic form is D^2 work per image, 0.1 ms of watch's ~1 ms per image at
+    D = 1280 with Q taken whole, its 6.5 MB pushed out of cache by each batch's forward). float32
+    keeps about 6 significant digits of the scores, far finer than the calibrated threshold;
+    calibration uses the same code."""
 
-    quadratic: np.ndarray          # [D, D] float32: S^-1 - B^-1
+    factor: tuple[tuple[int, np.ndarray], ...]  # F with F F' = Q in column blocks: (first row, F[first:, cols]) float32
     linear: np.ndarray             # [D, C + 1] float32: S^-1 m_c for every class, then B^-1 m_0
     offsets: np.ndarray            # [C + 1] float64: m_c' S^-1 m_c, then m_0' B^-1 m_0
     within: np.ndarray             # [D, D] float64 S^-1 (``distances`` only: not on the serving path)
@@ -58,18 +61,25 @@ class MahalanobisScorer:
     def create(cls, lda: LdaHead, means: np.ndarray) -> MahalanobisScorer:
         means = np.atleast_2d(np.asarray(means, np.float64))
         centre = means.mean(axis=0)
-        between = (means - centre).T @ (means - centre) / len(means)
-        total = lda.scatter / max(lda.count - lda.groups, 1) + between
+        spread = means - centre
+        # D x D float64 matrices are 13 MB each at Lite0's D = 1280: built in place, fewer alive at a time
+        # (watch loads a state after every adapt; its RSS after ServingState.create: +120 -> +74 MB).
+        within = _inverse(lda.covariance())
+        background = lda.scatter / max(lda.count - lda.groups, 1)
+        background += spread.T @ spread / len(means)  # the total covariance: within-class + between class means
         # The background is shrunk like the head's covariance, towards ITS OWN mean variance. Adding the
         # between-class covariance to the already shrunk within-class one keeps the within-class
         # isotropic floor, far below the spread of the class means: B9's near AUROC 0.81 instead of 0.92.
-        dim = total.shape[0]
-        background = (1.0 - lda.shrinkage) * total + lda.shrinkage * max(float(np.trace(total)) / dim, 1e-12) * np.eye(dim)
-        within = _inverse(lda.covariance())
+        dim = background.shape[0]
+        floor = lda.shrinkage * max(float(np.trace(background)) / dim, 1e-12)
+        background *= 1.0 - lda.shrinkage
+        background.flat[:: dim + 1] += floor
         back = _inverse(background)
+        del background
         linear = np.concatenate([within @ means.T, (back @ centre)[:, None]], axis=1)
         offsets = np.concatenate([np.einsum("cd,dc->c", means, linear[:, :-1]), [centre @ linear[:, -1]]])
-        return cls((within - back).astype(np.float32), linear.astype(np.float32), offsets, within)
+        quadratic = np.subtract(within, back, out=back)  # S^-1 - B^-1, in B^-1's memory
+        return cls(_factor_blocks(quadratic), linear.astype(np.float32), offsets, within)
 
     def distances(self, embeddings: np.ndarray) -> np.ndarray:
         """[N, C] squared Mahalanobis distance to each class mean (float64; for reports and tests)."""
@@ -80,10 +90,35 @@ class MahalanobisScorer:
     def unknown_scores(self, embeddings: np.ndarray) -> np.ndarray:
         """[N] relative Mahalanobis: the nearest class's distance minus the background's."""
         z = np.asarray(embeddings, np.float32)
-        quad = np.sum((z @ self.quadratic) * z, axis=1, dtype=np.float64)
+        projected = np.empty((len(z), sum(block.shape[1] for _, block in self.factor)), np.float32)
+        column = 0
+        for first, block in self.factor:  # z @ F, skipping the zeros above the triangle
+            np.matmul(z[:, first:], block, out=projected[:, column:column + block.shape[1]])
+            column += block.shape[1]
+        quad = np.einsum("nk,nk->n", projected, projected, dtype=np.float64)
         lin = (z @ self.linear).astype(np.float64)
         nearest = np.min(self.offsets[:-1] - 2.0 * lin[:, :-1], axis=1)
         return quad + nearest - (self.offsets[-1] - 2.0 * lin[:, -1])
+
+
+_FACTOR_BLOCK = 64  # columns per block of the triangular factor (B8 at D = 1280: 64 beat 128 and 256)
+
+
+def _factor_blocks(quadratic: np.ndarray) -> tuple[tuple[int, np.ndarray], ...]:
+    """F with F F' = ``quadratic`` (symmetric positive semi-definite) as float32 column blocks
+    (first row, F[first:, columns]).
+
+    F is the lower-triangular Cholesky factor, so the rows of a block above its first column are
+    zero: neither stored nor multiplied. A matrix Cholesky refuses (semi-definite to rounding: one
+    class, where B = S and Q = 0) is factored through its eigenvalues, clipped at 0: one full block."""
+    q = np.asarray(quadratic, np.float64)
+    try:
+        low = np.linalg.cholesky(q)
+    except np.linalg.LinAlgError:
+        values, vectors = np.linalg.eigh(q)
+        return ((0, np.ascontiguousarray(vectors * np.sqrt(np.clip(values, 0.0, None)), np.float32)),)
+    return tuple((j, np.ascontiguousarray(low[j:, j:j + _FACTOR_BLOCK], np.float32))
+                 for j in range(0, len(low), _FACTOR_BLOCK))
 
 
 def _inverse(cov: np.ndarray) -> np.ndarray:

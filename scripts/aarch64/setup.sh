@@ -42,7 +42,7 @@ for deb in "$CACHE"/debs/*.deb; do dpkg -x "$deb" "$CACHE/sysroot"; done
 pip download -q --only-binary=:all: --platform manylinux_2_28_aarch64 --platform manylinux2014_aarch64 \
   --platform manylinux_2_17_aarch64 --python-version 3.11 --implementation cp --abi cp311 --abi abi3 --abi none \
   -d "$CACHE/wheels" "onnxruntime==$ORT_VERSION" numpy==2.4.6 pillow==13.0.0 safetensors==0.8.0 \
-  typer==0.29.2 tqdm==4.70.1
+  typer==0.29.2 tqdm==4.70.1 threadpoolctl==3.8.0
 for whl in "$CACHE"/wheels/*.whl; do python3 -m zipfile -e "$whl" "$CACHE/site"; done
 
 touch "$STAMP"
