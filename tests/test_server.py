@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 from edgecl.formats import delta as D
 from edgecl.formats.mask import overlap_from_bytes
 from edgecl.formats.merge import merge_deltas
+from edgecl.formats.scatter import Scatter
 
 
 @pytest.fixture(scope="module")
@@ -308,6 +309,13 @@ def test_absurd_counts_and_values_are_refused_with_a_reason(env):
     body = bytearray(good[8 + header.header_bytes:])
     body[means.begin:means.begin + 4] = np.array([1e30], "<f4").tobytes()
     cases.append(("1e30 prototype", forge(good, key, body=bytes(body)), 422, "values_out_of_range"))
+    # a statistics delta whose scatter claims an absurd spread (trace 1e30 per image): what the release's
+    # LDA head would turn into a useless covariance
+    absurd = D.load(good, key)
+    assert absurd.prototypes is not None
+    absurd.scatter = Scatter(np.zeros((absurd.prototypes.means.shape[1], 2), np.float32), 1e30 * 64,
+                             int(absurd.prototypes.counts.sum()), len(absurd.prototypes.classes))
+    cases.append(("1e30 scatter", D.save(absurd, key), 422, "values_out_of_range"))
     for name, data, status, code in cases:
         response = _push(server, fleet, "dev-0", data)
         assert (response.status_code, response.json()["error"]) == (status, code), (name, response.text)

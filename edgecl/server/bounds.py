@@ -22,6 +22,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -82,8 +83,10 @@ def limits_for(mask_bytes: bytes, scales: dict | None) -> Limits:
 
 
 def out_of_range(limits: Limits, positions: np.ndarray, values: np.ndarray,
-                 prototype_means: np.ndarray | None) -> str:
-    """"" when every value is inside its bound, else the problem in one line."""
+                 prototype_means: np.ndarray | None, scatters: dict[str, Any] | None = None) -> str:
+    """"" when every value is inside its bound, else the problem in one line. ``scatters`` (name ->
+    formats.scatter.Scatter): a statistics delta's within-class scatter, bounded per image by what
+    embeddings inside the prototype bound can spread: trace / count <= D x (2 x prototype bound)^2."""
     positions = np.asarray(positions, np.int64)
     if positions.size:
         bound = limits.per_element[positions]
@@ -99,4 +102,11 @@ def out_of_range(limits: Limits, positions: np.ndarray, values: np.ndarray,
         peak = float(np.max(np.abs(prototype_means)))
         if peak > limits.prototype:
             return f"a prototype value is {peak:.3g}, over the bound {limits.prototype:.3g}"
+    for name, scatter in (scatters or {}).items():
+        if scatter is None:
+            continue
+        per_image = (float(np.sum(np.square(scatter.factor, dtype=np.float64))) + scatter.residual) / max(scatter.count, 1)
+        bound = scatter.dim * (2.0 * limits.prototype) ** 2
+        if not per_image <= bound:
+            return f"the {name}'s trace per image is {per_image:.3g}, over the bound {bound:.3g}"
     return ""

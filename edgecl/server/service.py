@@ -220,7 +220,8 @@ def accept_delta(store: Store, data: bytes, header: D.DeltaHeader, device: Devic
                        "a delta shares exemplars only of images the device counted: make it again with `edgecl delta`")
     try:
         problem = out_of_range(store.value_limits(bundle), delta.positions, delta.values,
-                               protos.means if protos is not None else None)
+                               protos.means if protos is not None else None,
+                               {"scatter": delta.scatter, "base_scatter": delta.base_scatter})
     except StoreError as exc:
         raise Rejected("store_damaged", 500, exc.problem, exc.fix) from exc
     if problem:
