@@ -455,12 +455,14 @@ def estimate_in_candidate(base: Prototypes | None, embedded: Embedded) -> Protot
 
 
 def _judge(rnd: Round, embedded: Embedded, candidate: Prototypes, tolerance: float, not_judged: list[str],
-           provisional: bool = False, head: gatehead.GateHead = PHASE1_HEAD
+           provisional: bool = False, head: gatehead.GateHead = PHASE1_HEAD, baseline: Prototypes | None = None
            ) -> tuple[dict[str, dict[str, Any]], list[str], dict[str, Any]]:
     current = Prototypes.load_file(rnd.current_dir / mf.PROTOTYPES)
     devices = rnd.baseline_devices()
-    # Like for like: the baseline holds the classes the candidate holds (not those left out of it).
-    baseline = union(current, restrict(devices, list(candidate.classes)) if devices is not None else None)
+    # Like for like: the baseline holds the classes the candidate holds (not those left out of it),
+    # from the same images where the devices' answers give them under the current backbone.
+    baseline = (restrict(baseline, list(candidate.classes)) if baseline is not None else
+                union(current, restrict(devices, list(candidate.classes)) if devices is not None else None))
     under_candidate, under_current, truth = embedded.heldout["candidate"], embedded.heldout["current"], embedded.truth
     # The candidate among the current classes is served with the candidate's covariance too.
     evals = {"candidate": head.score("candidate", under_candidate, truth, candidate),
@@ -733,16 +735,18 @@ def answers(server: str, token: str, row: dict[str, Any], policy: RetryPolicy) -
     return newest
 
 
-def summed_statistics(rnd: Round, current: Prototypes, received: dict[str, delta_format.Delta]
-                      ) -> tuple[Prototypes, dict[str, Any]]:
+def summed_statistics(rnd: Round, current: Prototypes, received: dict[str, delta_format.Delta],
+                      base: bool = False) -> tuple[Prototypes, dict[str, Any]]:
     """Class statistics under the candidate, summed exactly over the devices that answered
     (classstats.merge_by_counts). A device's rows count only for classes it reports images for
     under the candidate (counts bounded at push by what it saw); a class the current version knows
-    adds the devices' images to the current statistics (moved to the candidate) by counts."""
+    adds the devices' images to the current statistics (moved to the candidate) by counts.
+    ``base``: the same sum under the current backbone (the answers' ``base_prototypes``, ``current``
+    the current version's table): the frozen baseline of the same images."""
     sources: dict[str, list[tuple[np.ndarray, int]]] = {}
     statistics: dict[str, Any] = {}
     for device, d in received.items():
-        table = d.prototypes or Prototypes.empty(int(current.means.shape[1]))
+        table = (d.base_prototypes if base else d.prototypes) or Prototypes.empty(int(current.means.shape[1]))
         statistics[device] = {"answered": True, "classes": list(table.classes), "images": int(table.counts.sum())}
         for i, name in enumerate(table.classes):
             sources.setdefault(name, []).append((table.means[i], int(table.counts[i])))
@@ -830,7 +834,13 @@ def finish(bundle_id: str, server: str, token: str, options: ReleaseOptions) -> 
             statistics.setdefault(device, {"answered": False, "classes": rnd.own[device]})
         version = int(report_in["version"])
         head = _gate_head(options, rnd, probe, candidate, received)
-        table, reasons, evals = _judge(rnd, embedded, candidate, options.tolerance, not_judged, head=head)
+        # The frozen baseline of the same images: every answer carries its classes' means under the
+        # current backbone too (edgecl restat since delta format 5), the devices' images of the current
+        # classes among them; else the devices' own classes from their pushed deltas.
+        frozen = (summed_statistics(rnd, Prototypes.load_file(rnd.current_dir / mf.PROTOTYPES), received, base=True)[0]
+                  if received and all(d.base_prototypes is not None for d in received.values()) else None)
+        table, reasons, evals = _judge(rnd, embedded, candidate, options.tolerance, not_judged, head=head,
+                                       baseline=frozen)
         report = _report(rnd, version, reasons, table, evals, options.canary, "released", not_judged, statistics,
                          head)
         if reasons or not options.publish:

@@ -122,3 +122,25 @@ def test_statistics_sent_under_the_candidate_add_up_to_the_centralized_ones():
         np.testing.assert_allclose(summed.means[i], images[name].mean(0), rtol=1e-5, atol=1e-6)
         assert int(summed.counts[i]) == len(images[name])
     assert statistics["line-b"] == {"answered": True, "classes": ["gear"], "images": 20}
+
+
+def test_the_frozen_baseline_counts_the_same_images_as_the_candidate():
+    """A device's answer carries its classes' means under the candidate and under the current backbone;
+    its images of a class the current version knows join that class on both sides, by counts."""
+    from edgecl.formats.delta import Delta
+    from edgecl.release import summed_statistics
+
+    current = Prototypes(["bolt"], np.array([[1.0, 0.0]], np.float32), np.array([30]))
+    answer = Delta(bundle_id="b", bundle_version=2, base_sha256="0" * 64, mask_sha256="f" * 64, device_id="cam",
+                   delta_k=1, positions=np.zeros(0, np.int32), values=np.zeros(0, np.float32),
+                   prototypes=Prototypes(["bolt", "gear"], np.array([[0.0, 1.0], [5.0, 5.0]], np.float32),
+                                         np.array([10, 4])),
+                   base_prototypes=Prototypes(["bolt", "gear"], np.array([[0.0, 2.0], [6.0, 6.0]], np.float32),
+                                              np.array([10, 4])))
+    candidate, statistics = summed_statistics(None, current, {"cam": answer})   # type: ignore[arg-type]
+    frozen, _ = summed_statistics(None, current, {"cam": answer}, base=True)  # type: ignore[arg-type]
+    assert statistics["cam"] == {"answered": True, "classes": ["bolt", "gear"], "images": 14}
+    np.testing.assert_allclose(candidate.means[candidate.classes.index("bolt")], [0.75, 0.25])
+    np.testing.assert_allclose(frozen.means[frozen.classes.index("bolt")], [0.75, 0.5])
+    np.testing.assert_allclose(frozen.means[frozen.classes.index("gear")], [6.0, 6.0])
+    assert frozen.counts.tolist() == candidate.counts.tolist() == [40, 4]

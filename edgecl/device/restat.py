@@ -12,8 +12,8 @@ of its classes, so it alone can compute them under the candidate:
        of its last adaptation when it is still on disk, and its own exemplars (not the ones the
        bundle shipped); each image once (by fingerprint);
     4. push a statistics-only delta against the candidate: no weight change, each class's mean and
-       image count, and the classes' within-class scatter (what the LDA head needs) under the
-       candidate and under this version's own backbone (the release's frozen baseline), each a
+       image count, and the classes' means and within-class scatter (what the LDA head needs) under
+       this version's own backbone too (the release's frozen baseline, the same images), each scatter a
        rank-16 factor (formats.scatter; 40 kB each for Lite0), signed with the device key.
 
 Nothing of the device's own bundle or state changes. A device that does not answer before the
@@ -168,7 +168,12 @@ def restat(bundle_dir: str | Path, server: str, token: str, server_key: str, dev
         # The same images' scatter under the candidate and under the backbone this device runs without
         # its own delta (the current version's: the release's frozen baseline).
         stats.scatter = Scatter.of(embeddings, labels, RANK_DEVICE)
-        stats.base_scatter = Scatter.of(_embed(bundle, pixels), labels, RANK_DEVICE)
+        base = _embed(bundle, pixels)
+        stats.base_scatter = Scatter.of(base, labels, RANK_DEVICE)
+        # and their means, so the frozen baseline counts the same images as the candidate
+        base_sums = classstats.class_sums(base, labels, classes)
+        stats.base_prototypes = Prototypes(names, np.stack([base_sums[c][0] for c in names]).astype(np.float32),
+                                           table.counts.copy())
         data = delta_format.save(stats, key, prototypes_dtype="fp32")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
