@@ -46,6 +46,11 @@ def release(
         "--statistics-round/--no-statistics-round",
         help="Ask the contributing devices for their classes' statistics under the candidate (two phases); "
              "--no-statistics-round judges and publishes at once with the host's estimates.")] = True,
+    update_known: Annotated[bool, typer.Option(
+        "--update-known/--no-update-known",
+        help="--finish: the devices' images of the current version's classes join those classes' statistics "
+             "(off: another camera's view of a class moves its mean away from the images it was made from; "
+             "docs/server.md#release-round).")] = False,
     publish: Annotated[bool, typer.Option("--publish/--no-publish",
                                           help="--finish: --no-publish judges and reports only (e.g. on test "
                                                "images); the candidate stays open for a real --finish.")] = True,
@@ -70,7 +75,8 @@ def release(
         heldout=heldout, current_dir=bundle, bundle_version=bundle_version, canary=list(canary or []),
         strategy=strategy, scale=scale, trim=trim, exclude_devices=list(exclude_device or []),
         exclude_deltas=list(exclude_delta or []), tolerance=tolerance, work_dir=work, class_data=class_data,
-        statistics_round=statistics_round, wait_s=wait_s, head=head, publish=publish)
+        statistics_round=statistics_round, wait_s=wait_s, head=head, publish=publish,
+        update_known=update_known)
     # edgecl.release announces its phases with edgecl.progress.phase(); shown on a terminal only.
     run = release_module.finish if finish else release_module.release
     with phases(0, "release", enabled=not (quiet or as_json)):

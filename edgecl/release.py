@@ -102,6 +102,10 @@ class ReleaseOptions:
                                                    # exactly under the candidate (else moved by drift)
     tolerance: float = 0.0                         # allowed accuracy drop per group (0 = none)
     head: str = "auto"                             # finish: auto = LDA when every scatter is known, else ncm
+    # finish: the devices' images of the current version's classes join those classes' statistics. Off
+    # by default: B7 (devices seeing classes 0-1 through their own cameras) measured the clean images of
+    # those classes 15 points lower with LDA (5 with ncm) with them in (benchmarks/RESULTS.md#b7).
+    update_known: bool = False
     statistics_round: bool = True                  # False: one phase, the host's estimates for device classes
     wait_s: float = 0.0                            # finish: wait this long for every contributor's statistics
     publish: bool = True                           # finish: False judges and reports only (B7 scores options)
@@ -736,11 +740,12 @@ def answers(server: str, token: str, row: dict[str, Any], policy: RetryPolicy) -
 
 
 def summed_statistics(rnd: Round, current: Prototypes, received: dict[str, delta_format.Delta],
-                      base: bool = False) -> tuple[Prototypes, dict[str, Any]]:
+                      base: bool = False, update_known: bool = True) -> tuple[Prototypes, dict[str, Any]]:
     """Class statistics under the candidate, summed exactly over the devices that answered
     (classstats.merge_by_counts). A device's rows count only for classes it reports images for
     under the candidate (counts bounded at push by what it saw); a class the current version knows
-    adds the devices' images to the current statistics (moved to the candidate) by counts.
+    adds the devices' images to the current statistics (moved to the candidate) by counts, unless
+    ``update_known`` is False (then those rows are not read).
     ``base``: the same sum under the current backbone (the answers' ``base_prototypes``, ``current``
     the current version's table): the frozen baseline of the same images."""
     sources: dict[str, list[tuple[np.ndarray, int]]] = {}
@@ -749,7 +754,8 @@ def summed_statistics(rnd: Round, current: Prototypes, received: dict[str, delta
         table = (d.base_prototypes if base else d.prototypes) or Prototypes.empty(int(current.means.shape[1]))
         statistics[device] = {"answered": True, "classes": list(table.classes), "images": int(table.counts.sum())}
         for i, name in enumerate(table.classes):
-            sources.setdefault(name, []).append((table.means[i], int(table.counts[i])))
+            if update_known or name not in current.classes:
+                sources.setdefault(name, []).append((table.means[i], int(table.counts[i])))
     out = current.copy()
     for name, rows in sources.items():
         if name in current.classes:
@@ -824,7 +830,8 @@ def finish(bundle_id: str, server: str, token: str, options: ReleaseOptions) -> 
         # holds, the shared ones among them: adding both would count those twice).
         shared = shared_statistics(rnd, probe)
         from_shared = answer_from_shared(received, shared, covered(rnd), mf.load_manifest(probe))
-        summed, statistics = summed_statistics(rnd, Prototypes.load_file(probe / mf.PROTOTYPES), received)
+        summed, statistics = summed_statistics(rnd, Prototypes.load_file(probe / mf.PROTOTYPES), received,
+                                               update_known=options.update_known)
         statistics.update(_shared_note(shared, from_shared))
         # A class no answering device reports is left out of this version: its device keeps it (pull
         # carries the classes a version lacks) and sends it next round; its group is not judged.
@@ -837,7 +844,8 @@ def finish(bundle_id: str, server: str, token: str, options: ReleaseOptions) -> 
         # The frozen baseline of the same images: every answer carries its classes' means under the
         # current backbone too (edgecl restat since delta format 5), the devices' images of the current
         # classes among them; else the devices' own classes from their pushed deltas.
-        frozen = (summed_statistics(rnd, Prototypes.load_file(rnd.current_dir / mf.PROTOTYPES), received, base=True)[0]
+        frozen = (summed_statistics(rnd, Prototypes.load_file(rnd.current_dir / mf.PROTOTYPES), received, base=True,
+                                    update_known=options.update_known)[0]
                   if received and all(d.base_prototypes is not None for d in received.values()) else None)
         table, reasons, evals = _judge(rnd, embedded, candidate, options.tolerance, not_judged, head=head,
                                        baseline=frozen)

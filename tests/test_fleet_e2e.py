@@ -257,7 +257,15 @@ def test_provision_adapt_push_release_pull(tmp_path: Path, tiny_bundle: Path, fl
                        base_sha256=cand_manifest["base_sha256"], mask_sha256=cand_manifest["mask_sha256"])
     pushed = push_raw(rolled)
     assert pushed.status_code == 201, pushed.text
-    refused = runner.invoke(app, [*gate, "--finish"])
+    # By default a device's rows of the current classes are not read at all (--update-known is off), so
+    # the rolled statistics change nothing: judged only, the candidate's current classes are v1's own.
+    ignored = runner.invoke(app, [*gate, "--finish", "--no-publish", "--json"])
+    judged = json.loads(ignored.stdout[ignored.stdout.index("{"):])
+    assert judged["statistics"]["line-c"]["answered"], judged
+    assert judged["groups"]["calibration"]["candidate_current_classes"] >= \
+        judged["groups"]["calibration"]["current"] - ACCURACY_TOLERANCE, judged["groups"]
+    # With --update-known they are summed in, and the same-classes comparison refuses them.
+    refused = runner.invoke(app, [*gate, "--finish", "--update-known"])
     assert refused.exit_code == 2, refused.output
     assert "calibration: candidate on the current classes" in refused.stderr, refused.stderr
     assert releases() == []
