@@ -33,7 +33,8 @@ Phase 2, ``finish()`` (`edgecl release --finish`):
        serve, LDA, when every class's scatter is known under both backbones (``edgecl.gatehead``:
        --class-data and the devices' restat answers), else with ncm on every side;
     8. if it passes: the released version (the candidate's files with the summed statistics, and
-       the pooled scatter the LDA head was judged with, ``fleet_scatter.safetensors``) is uploaded, registered and released to every device (or ``canary``).
+       the pooled scatter the LDA head was judged with, ``fleet_scatter.safetensors``) is uploaded,
+       registered and released to every device (or ``canary``).
 ``statistics_round=False`` runs 1-3, uses the host's estimates for every device class (its
 base-space statistics moved by semantic drift compensation on the bundle's exemplars), and judges
 and publishes in one go (no device has to answer).
@@ -752,10 +753,13 @@ def summed_statistics(rnd: Round, current: Prototypes, received: dict[str, delta
     statistics: dict[str, Any] = {}
     for device, d in received.items():
         table = (d.base_prototypes if base else d.prototypes) or Prototypes.empty(int(current.means.shape[1]))
-        statistics[device] = {"answered": True, "classes": list(table.classes), "images": int(table.counts.sum())}
-        for i, name in enumerate(table.classes):
-            if update_known or name not in current.classes:
-                sources.setdefault(name, []).append((table.means[i], int(table.counts[i])))
+        read = [i for i, name in enumerate(table.classes) if update_known or name not in current.classes]
+        statistics[device] = {"answered": True, "classes": [table.classes[i] for i in read],
+                              "images": int(table.counts[read].sum())}
+        if len(read) < len(table.classes):
+            statistics[device]["not_read"] = [c for c in table.classes if c in current.classes]
+        for i in read:
+            sources.setdefault(table.classes[i], []).append((table.means[i], int(table.counts[i])))
     out = current.copy()
     for name, rows in sources.items():
         if name in current.classes:

@@ -144,3 +144,8 @@ def test_the_frozen_baseline_counts_the_same_images_as_the_candidate():
     np.testing.assert_allclose(frozen.means[frozen.classes.index("bolt")], [0.75, 0.5])
     np.testing.assert_allclose(frozen.means[frozen.classes.index("gear")], [6.0, 6.0])
     assert frozen.counts.tolist() == candidate.counts.tolist() == [40, 4]
+    # --update-known off (the release's default): the device's row of the known class is not read
+    mine, said = summed_statistics(None, current, {"cam": answer}, update_known=False)  # type: ignore[arg-type]
+    np.testing.assert_allclose(mine.means[mine.classes.index("bolt")], [1.0, 0.0])
+    assert mine.counts.tolist() == [30, 4]
+    assert said["cam"] == {"answered": True, "classes": ["gear"], "images": 4, "not_read": ["bolt"]}
