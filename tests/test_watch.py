@@ -262,8 +262,10 @@ def test_a_running_watch_process_serves_adapt_s_new_state(bundle_copy: Path, cal
     cam.mkdir()
     log = tmp_path / "watch.jsonl"
     cli = [sys.executable, "-m", "edgecl.cli.main"]
+    # PYTHONFAULTHANDLER: should it ever not stop on Ctrl-C, SIGABRT makes it print every thread's stack.
     proc = subprocess.Popen([*cli, "watch", str(bundle_copy), str(cam), "--log", str(log), "--settle-s", "0",
-                             "--poll-s", "0.05"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "--poll-s", "0.05"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONFAULTHANDLER": "1"})
 
     def lines() -> list[dict]:
         return [json.loads(x) for x in log.read_text().splitlines()] if log.exists() else []
@@ -274,6 +276,7 @@ def test_a_running_watch_process_serves_adapt_s_new_state(bundle_copy: Path, cal
             time.sleep(0.1)
         return lines()
 
+    served: list[dict] = []
     try:
         _camera(cam, calib_dir, 2)
         assert len(wait_for(2)) == 2
@@ -284,7 +287,13 @@ def test_a_running_watch_process_serves_adapt_s_new_state(bundle_copy: Path, cal
         served = wait_for(4)
     finally:
         proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=60)
+        try:
+            out, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.send_signal(signal.SIGABRT)
+            out, err = proc.communicate(timeout=30)
+            raise AssertionError(f"watch did not stop within 60 s of Ctrl-C ({len(served)} lines served); its "
+                                 f"threads:\n{err[-6000:]}") from None
     assert proc.returncode == 0, err
     assert [x["state"] for x in served] == ["bundle", "bundle", "gen-000001", "gen-000001"]
     assert "served 4 images" in err and "Traceback" not in err
