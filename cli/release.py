@@ -36,7 +36,8 @@ def release(
     tolerance: Annotated[float, typer.Option(help="Accuracy drop allowed per class group (0: none).")] = 0.0,
     class_data: Annotated[Path | None, typer.Option(help="Images of the current version's classes (the folder it was "
                                                          "exported from): their statistics are recomputed under "
-                                                         "the candidate instead of moved by drift.")] = None,
+                                                         "the candidate instead of moved by drift; with --finish "
+                                                         "their scatter lets the gate judge with the LDA head.")] = None,
     head: Annotated[str, typer.Option(help="--finish: the head the gate scores with: auto (LDA, the head devices "
                                            "serve, when every class's scatter is known under both backbones; "
                                            "else ncm) or ncm.")] = "auto",
