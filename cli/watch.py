@@ -52,8 +52,9 @@ def watch(
     if adapt_when:
         watcher.policy = AdaptPolicy(watcher, adapt_when)
     if not once:
-        typer.echo(f"watching {folder} with {bundle} (state {watcher.follower.generation}); Ctrl-C stops",
-                   err=True)
+        _stop_on_signals()
+        typer.echo(f"watching {folder} with {bundle} (state {watcher.follower.generation}); Ctrl-C or SIGTERM "
+                   "stops", err=True)
     report = watcher.run(once=once)
     lat = latency_summary(report.latencies_ms)
     rate = f"{report.images / report.seconds:.1f} images/s" if report.seconds else "-"
@@ -61,6 +62,20 @@ def watch(
     typer.echo(f"served {report.images} images ({report.unreadable} unreadable), {rate}, p50 {p50} ms; queued "
                f"{report.queued} for review ({report.not_queued} not: queue full or disk low); "
                f"next: `edgecl review {bundle}`", err=True)
+
+
+def _stop_on_signals() -> None:
+    """Ctrl-C and a service manager's SIGTERM end the loop the same way (KeyboardInterrupt: the decode
+    thread joined, the drift statistics saved, the summary printed). Python leaves SIGINT ignored when
+    the process started with it ignored (a background job of a non-interactive shell), and SIGTERM
+    would otherwise end it without any of that."""
+    import signal
+
+    def stop(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, stop)
 
 
 def register(app: typer.Typer) -> None:
