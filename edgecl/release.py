@@ -398,15 +398,10 @@ class Embedded:
 
 
 def _embed(bundle_dir: Path, pixels: np.ndarray) -> np.ndarray:
-    from edgecl.device.infer import create_runner, embed_and_score, resolve_profile
+    from edgecl.device.infer import embed_own_weights
     from edgecl.device.state import open_bundle
 
-    bundle = open_bundle(bundle_dir)
-    runner = create_runner(bundle, resolve_profile(None, bundle))
-    try:
-        return embed_and_score(runner, bundle, pixels, np.zeros(bundle.mask.total_selected, np.float32))[0]
-    finally:
-        runner.release()
+    return embed_own_weights(open_bundle(bundle_dir), pixels)
 
 
 def _embed_all(current_dir: Path, candidate_dir: Path, heldout: Path) -> Embedded:

@@ -133,6 +133,16 @@ def embed_and_score(runner, bundle: OpenBundle, pixels: np.ndarray, delta: np.nd
     return np.concatenate(embeddings).astype(np.float32), np.concatenate(logits).astype(np.float32)
 
 
+def embed_own_weights(bundle: OpenBundle, pixels: np.ndarray) -> np.ndarray:
+    """Embeddings [N, D] of uint8 ``pixels`` under ``bundle``'s own weights (no device delta), on a
+    runner opened for this call and released after it."""
+    runner = create_runner(bundle, resolve_profile(None, bundle))
+    try:
+        return embed_and_score(runner, bundle, pixels, np.zeros(bundle.mask.total_selected, np.float32))[0]
+    finally:
+        runner.release()
+
+
 def need_prototypes(prototypes: Prototypes, bundle: OpenBundle) -> None:
     if len(prototypes) == 0:
         raise DeviceError(f"{bundle.root} has no class prototypes yet",

@@ -43,7 +43,7 @@ from edgecl.formats.scatter import RANK_DEVICE, Scatter
 from edgecl.http_client import RetryPolicy, ServerRejected, api_json
 
 from .deltafile import device_identity
-from .infer import create_runner, embed_and_score, resolve_profile
+from .infer import embed_own_weights
 from .provision import DeviceConfig
 from .pull import PullReport, fetch_release, parse_release, server_public_key
 from .push import ALREADY, SENT, push_bytes
@@ -112,15 +112,6 @@ def held_images(bundle: OpenBundle, state: DeviceState) -> tuple[list[str], np.n
     return classes, stacked, np.asarray(labels, np.int64)
 
 
-def _embed(bundle: OpenBundle, pixels: np.ndarray) -> np.ndarray:
-    """Embeddings of ``pixels`` under ``bundle``'s own backbone (no device delta)."""
-    runner = create_runner(bundle, resolve_profile(None, bundle))
-    try:
-        return embed_and_score(runner, bundle, pixels, np.zeros(bundle.mask.total_selected, np.float32))[0]
-    finally:
-        runner.release()
-
-
 def restat(bundle_dir: str | Path, server: str, token: str, server_key: str, device_id: str | None = None,
            key_hex: str | None = None, config: DeviceConfig | None = None,
            policy: RetryPolicy | None = None) -> RestatReport:
@@ -159,7 +150,7 @@ def restat(bundle_dir: str | Path, server: str, token: str, server_key: str, dev
                       policy)
         report.downloaded_bytes = pulled.downloaded_bytes
         candidate = open_bundle(target)
-        embeddings = _embed(candidate, pixels)
+        embeddings = embed_own_weights(candidate, pixels)
         sums = classstats.class_sums(embeddings, labels, classes)
         names = [c for c in classes if c in sums]
         table = Prototypes(names, np.stack([sums[c][0] for c in names]).astype(np.float32),
@@ -168,7 +159,7 @@ def restat(bundle_dir: str | Path, server: str, token: str, server_key: str, dev
         # The same images' scatter under the candidate and under the backbone this device runs without
         # its own delta (the current version's: the release's frozen baseline).
         stats.scatter = Scatter.of(embeddings, labels, RANK_DEVICE)
-        base = _embed(bundle, pixels)
+        base = embed_own_weights(bundle, pixels)
         stats.base_scatter = Scatter.of(base, labels, RANK_DEVICE)
         # and their means, so the frozen baseline counts the same images as the candidate
         base_sums = classstats.class_sums(base, labels, classes)

@@ -47,7 +47,7 @@ from edgecl.formats.scoring import score
 
 from . import heads
 from .heads import LdaHead
-from .infer import create_runner, embed_and_score, resolve_profile
+from .infer import create_runner, embed_and_score, embed_own_weights, resolve_profile
 from .state import (
     EXEMPLARS,
     LDA,
@@ -178,11 +178,7 @@ def _judge_versions(old: OpenBundle, new: OpenBundle, current: DeviceState, rele
     if not rows.size:
         return {"kept": "released", "classes": contested, "images": 0,
                 "why": "no image of these classes held on the device to judge them"}
-    runner = create_runner(new, resolve_profile(None, new))
-    try:
-        embeddings = embed_and_score(runner, new, pixels[rows], np.zeros(new.mask.total_selected, np.float32))[0]
-    finally:
-        runner.release()
+    embeddings = embed_own_weights(new, pixels[rows])
     truth = [classes[j] for j in labels[rows]]
     mine = carried.copy()
     for name in [c for c in released.classes if c not in mine.classes]:
