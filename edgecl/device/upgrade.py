@@ -110,10 +110,9 @@ def _upgrade(old: OpenBundle, new: OpenBundle, any_lineage: bool) -> dict[str, A
             moved.append(name)
         prototypes.upsert(name, mean, int(current.prototypes.counts[i]))
         prototypes.seen[name] = current.prototypes.seen.get(name, np.zeros(0, np.uint64)).copy()
-    fleet = new.path(mf.FLEET_SCATTER).exists()
-    # The LDA head NEW was judged with (heads.fleet_head); the device's unknown threshold travels
-    # along, marked, as in the drift-moved case: no held-out images here to refit it.
-    fleet_head = heads.fleet_head(new.path(mf.FLEET_SCATTER), new.manifest.embedding_dim) if fleet else None
+    # The LDA head NEW was judged with (heads.fleet_head), when it ships one.
+    scatter_file = new.path(mf.FLEET_SCATTER)
+    fleet_head = heads.fleet_head(scatter_file, new.manifest.embedding_dim) if scatter_file.exists() else None
     choice = _judge_versions(old, new, current, released, prototypes,
                              [c for c in carried_protos if c in released.classes],
                              fleet_head.covariance() if fleet_head is not None else None)
@@ -125,7 +124,14 @@ def _upgrade(old: OpenBundle, new: OpenBundle, any_lineage: bool) -> dict[str, A
             prototypes.upsert(name, released.means[i], int(released.counts[i]))
         moved = [c for c in moved if c not in choice["classes"]]
     lda = LdaHead.load_file(current.lda_path) if current.lda_path is not None else None
-    if lda is not None and before:
+    if fleet_head is not None:
+        # NEW's own head replaces the device's (no drift map to fit): the release's calibration of these
+        # statistics wins; else the device's, marked
+        if fleet_head.calibration is None and lda is not None and lda.calibration is not None:
+            fleet_head.calibration = {**lda.calibration, "carried_by": "edgecl upgrade (fitted on this device's "
+                                      "statistics before the release's; the next adapt refits it)"}
+        lda = fleet_head
+    elif lda is not None and before:
         carried = lda.calibration
         lda.move(classstats.fit_linear_drift(np.concatenate(list(before.values())), np.concatenate(list(after.values()))))
         if carried is not None:
@@ -135,12 +141,6 @@ def _upgrade(old: OpenBundle, new: OpenBundle, any_lineage: bool) -> dict[str, A
             # record travels with the statistics it was fitted on, marked; the next adapt refits it.
             lda.calibration = {**carried, "carried_by": "edgecl upgrade (fitted before the drift map moved "
                                                          "these statistics; the next adapt refits it)"}
-    if fleet_head is not None:
-        # the release's own calibration of these statistics wins; else the device's, marked
-        if fleet_head.calibration is None and lda is not None and lda.calibration is not None:
-            fleet_head.calibration = {**lda.calibration, "carried_by": "edgecl upgrade (fitted on this device's "
-                                      "statistics before the release's; the next adapt refits it)"}
-        lda = fleet_head
 
     def write(tmp: Path) -> None:
         prototypes.save_file(tmp / PROTOTYPES)
@@ -156,8 +156,8 @@ def _upgrade(old: OpenBundle, new: OpenBundle, any_lineage: bool) -> dict[str, A
     generation = commit_generation(new, write, meta)
     return {"state": generation, "exemplar_classes": list(memory.classes), "exemplars": int(len(memory.labels)),
             "exemplar_bytes": memory.nbytes, "carried_prototypes": carried_protos,
-            "moved_by_own_exemplars": moved, "lda_moved": lda is not None and bool(before) and not fleet,
-            "lda_from_release": fleet, "chose": choice,
+            "moved_by_own_exemplars": moved, "lda_moved": lda is not None and bool(before) and fleet_head is None,
+            "lda_from_release": fleet_head is not None, "chose": choice,
             "classes": list(prototypes.classes)}
 
 
