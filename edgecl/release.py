@@ -785,11 +785,10 @@ def attach_fleet_scatter(bundle_dir: Path, head: gatehead.GateHead, table: Proto
     a device's probabilities would be a softmax at temperature 1 (p = 1.000 for wrong classes)."""
     if head.shipped is None:
         return
-    from edgecl.device.heads import LdaHead
+    from edgecl.device.heads import scatter_head
     from edgecl.device.unknown import calibrate_held_out
 
-    lda = LdaHead(table.means.shape[1], scatter=head.shipped.dense(), count=head.shipped.count,
-                  groups=head.shipped.groups)
+    lda = scatter_head(head.shipped)
     calibration = calibrate_held_out(table, lda, embedded.heldout["candidate"], embedded.truth)
     path = bundle_dir / mf.FLEET_SCATTER
     sc.save_file(path, head.shipped, head.shipped_classes,

@@ -151,5 +151,11 @@ def fleet_head(path: Path, dim: int, shrinkage: float = DEFAULT_SHRINKAGE) -> Ld
     means of its own (the state's prototypes are its means) and the calibration the release fitted on
     its held-out images (unknown threshold, temperatures), if any."""
     shipped, _, calibration = sc.load_file(path, dim)
-    return LdaHead(dim, shrinkage, scatter=shipped.dense(), count=shipped.count, groups=shipped.groups,
-                   calibration=calibration)
+    head = scatter_head(shipped, shrinkage)
+    head.calibration = calibration
+    return head
+
+
+def scatter_head(scatter: sc.Scatter, shrinkage: float = DEFAULT_SHRINKAGE) -> LdaHead:
+    """An LDA head of a low-rank scatter (no class means of its own, no calibration)."""
+    return LdaHead(scatter.dim, shrinkage, scatter=scatter.dense(), count=scatter.count, groups=scatter.groups)
