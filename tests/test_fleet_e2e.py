@@ -89,6 +89,19 @@ def provision(tmp_path: Path, tiny_bundle: Path, fleet, i: int, name: str, heldo
     return device, config, train, test
 
 
+def adapt_and_delta(tmp_path: Path, name: str, i: int, device: Path, config: Path, train: Path, test: Path,
+                    key: str) -> tuple[dict, Path, delta_format.Delta, str]:
+    """Device ``name`` adapts (2 epochs, seed ``i``) on its training images, scores its test images (ncm)
+    and writes its signed delta: (its accuracy report, the delta's path, the delta decoded with its key,
+    what `edgecl delta` printed)."""
+    _cli("adapt", "--config", str(config), "--data", str(train), "--epochs", "2", "--seed", str(i), "-q")
+    own = json.loads(_cli("eval", str(device), "--data", str(test), "--head", "ncm", "--json"))
+    path = tmp_path / name / "delta.safetensors"
+    # delta (and push) take the device's name, key, server and token from its config
+    out = _cli("delta", str(device), "-o", str(path), "--config", str(config))
+    return own, path, delta_format.load_file(path, delta_format.parse_key(key)), out
+
+
 def _tree(root: Path) -> dict[str, str]:
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
             for p in sorted(root.rglob("*")) if p.is_file()}
@@ -185,13 +198,8 @@ def test_provision_adapt_push_release_pull(tmp_path: Path, tiny_bundle: Path, fl
     for i, (name, (_, classes)) in enumerate(DEVICES.items()):
         device, configs[name], train, data[name] = provision(tmp_path, tiny_bundle, fleet, i, name, heldout,
                                                              "--outbox", str(tmp_path / name / "outbox"))
-        token, key = creds[name]
-        _cli("adapt", str(device), "--data", str(train), "--epochs", "2", "--seed", str(i), "-q")
-        own[name] = json.loads(_cli("eval", str(device), "--data", str(data[name]), "--head", "ncm", "--json"))
-        # delta and push take the device's name, key, server and token from its config
-        path = tmp_path / name / "delta.safetensors"
-        _cli("delta", str(device), "-o", str(path), "--config", str(configs[name]))
-        d = delta_format.load_file(path, delta_format.parse_key(key))
+        own[name], path, d, _ = adapt_and_delta(tmp_path, name, i, device, configs[name], train, data[name],
+                                                creds[name][1])
         assert d.device_id == name and set(classes) <= set(d.prototypes.classes)
         # adapt's gate measured the device on held-out images; the delta carries it. (The gate may keep
         # the backbone as it was when adapting did not help on its few held-out images: then the

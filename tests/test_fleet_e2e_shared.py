@@ -15,7 +15,15 @@ from pathlib import Path
 
 import httpx
 from conftest import write_image_folder
-from test_fleet_e2e import ACCURACY_TOLERANCE, DEVICES, _classes, _cli, fleet, provision  # noqa: F401 (fixture)
+from test_fleet_e2e import (  # noqa: F401 (fleet: the fixture)
+    ACCURACY_TOLERANCE,
+    DEVICES,
+    _classes,
+    _cli,
+    adapt_and_delta,
+    fleet,
+    provision,
+)
 
 from edgecl.formats import delta as delta_format
 from edgecl.formats import manifest as mf
@@ -37,12 +45,8 @@ def test_exemplars_shared_round_publishes_without_restat_and_devices_replay_the_
     for i, (name, (_, classes)) in enumerate(DEVICES.items()):
         device, configs[name], train, data[name] = provision(tmp_path, tiny_bundle, fleet, i, name, heldout,
                                                              "--profile", str(profile))
-        key = creds[name][1]
-        _cli("adapt", "--config", str(configs[name]), "--data", str(train), "--epochs", "2", "--seed", str(i), "-q")
-        own[name] = json.loads(_cli("eval", str(device), "--data", str(data[name]), "--head", "ncm", "--json"))
-        path = tmp_path / name / "delta.safetensors"
-        out = _cli("delta", str(device), "-o", str(path), "--config", str(configs[name]))
-        d = delta_format.load_file(path, delta_format.parse_key(key))
+        own[name], path, d, out = adapt_and_delta(tmp_path, name, i, device, configs[name], train, data[name],
+                                                  creds[name][1])
         # its own classes' stored exemplars only, bounded by what it counted, and their size reported
         assert d.exemplars is not None and sorted(d.exemplars.classes) == sorted(classes), d.exemplars.classes
         header = delta_format.read_header(path)
