@@ -2,11 +2,16 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.edgecl-installed
+MIN_FREE_GIB ?= 8
 
 .PHONY: demo test lint bench clean-venv data system-deps test-aarch64
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
+	@# torch's wheel alone unpacks to ~5.5 GB: say so before pip fails half-way with ENOSPC.
+	@free=$$(df -Pk $(VENV) | awk 'NR==2 {print int($$4/1048576)}'); \
+	  if [ "$$free" -lt $(MIN_FREE_GIB) ] && ! $(PY) -c 'import torch' 2>/dev/null; then \
+	    echo "only $$free GiB free under $(VENV); the environment needs about $(MIN_FREE_GIB) GiB: free disk space or set VENV=/a/roomier/path"; exit 1; fi
 	$(PY) -m pip install -q --upgrade pip
 	# torch/torchvision come from local disk on this machine kind (see README "Install").
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
