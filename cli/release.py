@@ -53,8 +53,10 @@ def release(
              "(off: another camera's view of a class moves its mean away from the images it was made from; "
              "docs/server.md#release-round).")] = False,
     publish: Annotated[bool, typer.Option("--publish/--no-publish",
-                                          help="--finish: --no-publish judges and reports only (e.g. on test "
-                                               "images); the candidate stays open for a real --finish.")] = True,
+                                          help="--no-publish judges and reports only (e.g. on test images): with "
+                                               "--finish the candidate stays open for a real --finish; without, "
+                                               "a round that needs no statistics round (every device shared its "
+                                               "exemplars, or --no-statistics-round) publishes nothing.")] = True,
     wait_s: Annotated[float, typer.Option(help="--finish: wait up to this long for every contributing device's "
                                                "statistics (those that do not answer are not judged).")] = 0.0,
     work: Annotated[Path | None, typer.Option(help="Keep the built bundles here (default: a temp folder).")] = None,
@@ -105,8 +107,9 @@ def release(
         typer.echo(f"next: on each of those devices, `edgecl restat`; then `edgecl release {bundle_id} --finish "
                    f"--heldout {heldout}`")
     elif not as_json and not report.published:
-        typer.echo(f"judged only (--no-publish): v{report.version} passes; nothing published, the candidate stays "
-                   f"open for `edgecl release {bundle_id} --finish`")
+        typer.echo(f"judged only (--no-publish): v{report.version} passes; nothing published"
+                   + (f", the candidate stays open for `edgecl release {bundle_id} --finish`" if finish else
+                      "; the same command without --no-publish releases it"))
     elif not as_json:
         typer.echo(f"released {bundle_id} v{report.version} (signed by the server)"
                    + (f" to {', '.join(report.canary)} only" if report.canary else " to every device")

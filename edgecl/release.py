@@ -66,7 +66,7 @@ from edgecl.errors import DataError, EdgeclError
 from edgecl.formats import delta as delta_format
 from edgecl.formats import manifest as mf
 from edgecl.formats import scatter as sc
-from edgecl.formats.candidate import STAGE, candidate_id, is_candidate_report, statistics_delta
+from edgecl.formats.candidate import STAGE, candidate_id, is_candidate_report, statistics_answer
 from edgecl.formats.exemplars import ExemplarMemory
 from edgecl.formats.hashing import sha256_file
 from edgecl.formats.mask import Mask
@@ -538,46 +538,46 @@ def covered(rnd: Round) -> list[str]:
 
 @dataclass
 class SharedStatistics:
-    per_device: dict[str, Prototypes]     # device -> its shared classes' mean and count under the candidate
+    answers: dict[str, delta_format.Delta]  # device -> its shared classes' statistics answer (as restat's)
     table: Prototypes                     # per class, summed exactly over the devices (classstats)
     fleet: ExemplarMemory                 # what the released bundle ships of them (herding, a cap per class)
 
 
 def shared_statistics(rnd: Round, candidate_dir: Path) -> SharedStatistics | None:
-    """The shared exemplars embedded under the candidate's own graph (onnxruntime, once for all),
-    each device's classes' statistics from them, and their exact sum over devices per class
+    """The shared exemplars embedded under the candidate's and the current version's own graphs
+    (onnxruntime, once each for all), each device's answer from them as `edgecl restat` would send it
+    from the same images (``statistics_answer``: means, counts and scatter under both backbones, so
+    the gate judges mode 2 with the LDA head too), and the exact sum over devices per class
     (classstats.merge_by_counts). None when no device shared any."""
     devices = sorted(rnd.shared)
     if not devices:
         return None
     pixels = np.concatenate([rnd.shared[d].pixels for d in devices])
-    embeddings = _embed(candidate_dir, pixels)
-    dim = int(embeddings.shape[1])
-    per_device: dict[str, Prototypes] = {}
+    embeddings, base = _embed(candidate_dir, pixels), _embed(rnd.current_dir, pixels)
+    manifest = mf.load_manifest(candidate_dir)
+    answers: dict[str, delta_format.Delta] = {}
     pooled: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}      # class -> (pixels, embeddings) per device
     start = 0
     for device in devices:
         memory = rnd.shared[device]
-        rows = embeddings[start:start + len(memory.labels)]
-        start += len(memory.labels)
-        sums = classstats.class_sums(rows, memory.labels, memory.classes)
-        table = Prototypes.empty(dim)
-        for name, (mean, count) in sums.items():
-            table.upsert(name, mean, count)
+        rows = slice(start, start + len(memory.labels))
+        start = rows.stop
+        answers[device] = statistics_answer(manifest, device, list(memory.classes), memory.labels,
+                                            embeddings[rows], base[rows])
+        for name in answers[device].prototypes.classes:  # type: ignore[union-attr]
             mask = memory.labels == memory.classes.index(name)
-            pooled.setdefault(name, []).append((memory.pixels[mask], rows[mask]))
-        per_device[device] = table
-    summed = Prototypes.empty(dim)
+            pooled.setdefault(name, []).append((memory.pixels[mask], embeddings[rows][mask]))
+    summed = Prototypes.empty(int(embeddings.shape[1]))
     chosen: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for name, parts in pooled.items():
-        sources = [(t.means[t.classes.index(name)], int(t.counts[t.classes.index(name)]))
-                   for t in per_device.values() if name in t.classes]
-        mean, count = classstats.merge_by_counts([m for m, _ in sources], [c for _, c in sources])
+        tables = [a.prototypes for a in answers.values() if a.prototypes is not None and name in a.prototypes.classes]
+        mean, count = classstats.merge_by_counts([t.means[t.classes.index(name)] for t in tables],
+                                                 [int(t.counts[t.classes.index(name)]) for t in tables])
         summed.upsert(name, mean, count)
         chosen[name] = (np.concatenate([p for p, _ in parts]), np.concatenate([e for _, e in parts]))
     size = (int(pixels.shape[1]), int(pixels.shape[2]))
     fleet = ExemplarMemory.empty(size).update(chosen, budget_bytes=1 << 62, max_per_class=SHIPPED_EXEMPLARS_PER_CLASS)
-    return SharedStatistics(per_device, summed, fleet)
+    return SharedStatistics(answers, summed, fleet)
 
 
 def attach_fleet_exemplars(bundle_dir: Path, shared: SharedStatistics | None, classes: list[str]) -> None:
@@ -605,15 +605,15 @@ def attach_fleet_exemplars(bundle_dir: Path, shared: SharedStatistics | None, cl
 
 
 def answer_from_shared(received: dict[str, delta_format.Delta], shared: SharedStatistics | None,
-                       devices: list[str], manifest: mf.BundleManifest) -> list[str]:
-    """Phase 2: each of ``devices`` (covered by its shared images) that sent no statistics under the
-    candidate answers with those computed from its shared images; one that answered keeps its answer
-    (it embedded every image it holds, the shared ones among them). Returns the devices filled in."""
+                       devices: list[str]) -> list[str]:
+    """Each of ``devices`` (covered by its shared images) that sent no statistics under the candidate
+    answers with those computed from its shared images; one that answered keeps its answer (it
+    embedded every image it holds, the shared ones among them). Returns the devices filled in."""
     if shared is None:
         return []
-    filled = [d for d in devices if d not in received and d in shared.per_device]
+    filled = [d for d in devices if d not in received and d in shared.answers]
     for device in filled:
-        received[device] = statistics_delta(manifest, device, shared.per_device[device])
+        received[device] = shared.answers[device]
     return filled
 
 
@@ -621,8 +621,13 @@ def _shared_note(shared: SharedStatistics | None, devices: list[str]) -> dict[st
     """The report's statistics row of each device whose classes came from its shared exemplars."""
     if shared is None:
         return {}
-    return {d: {"answered": False, "source": "shared exemplars", "classes": list(shared.per_device[d].classes),
-                "images": int(shared.per_device[d].counts.sum())} for d in devices if d in shared.per_device}
+    rows: dict[str, Any] = {}
+    for d in devices:
+        table = shared.answers[d].prototypes if d in shared.answers else None
+        if table is not None:
+            rows[d] = {"answered": False, "source": "shared exemplars", "classes": list(table.classes),
+                       "images": int(table.counts.sum())}
+    return rows
 
 
 # -- phase 1 -------------------------------------------------------------------------------------
@@ -661,17 +666,25 @@ def release(bundle_id: str, server: str, token: str, options: ReleaseOptions) ->
         waiting = [g for g in devices if g.removeprefix("device:") not in exact]
         statistics_round = options.statistics_round and bool(waiting)
         not_judged = waiting if statistics_round else []
+        head, frozen = PHASE1_HEAD, None
+        if not statistics_round:
+            # Judged for good now: the covered devices answer from their shared images as they would in
+            # phase 2, so the gate scores with the LDA head when every class's scatter is known (a class
+            # judged on the host's estimate has none: ncm, and the report says why).
+            received: dict[str, delta_format.Delta] = {}
+            answer_from_shared(received, shared, exact)
+            head = _gate_head(options, rnd, candidate_dir, candidate, received)
+            frozen = same_images_baseline(rnd, received, options.update_known) if not waiting else None
         table, reasons, evals = _judge(rnd, embedded, candidate, options.tolerance, not_judged,
-                                       provisional=statistics_round)
+                                       provisional=statistics_round, head=head, baseline=frozen)
         stage = "candidate" if statistics_round else "released"
         report = _report(rnd, version, reasons, table, evals, options.canary, stage, not_judged,
                          {d: {"answered": False, "classes": c} for d, c in rnd.own.items()}
-                         | _shared_note(shared, exact))
+                         | _shared_note(shared, exact), head)
         if reasons:
             return report
-        phase("publishing the candidate to the contributing devices" if statistics_round
-              else "publishing the next version")
         if statistics_round:
+            phase("publishing the candidate to the contributing devices")
             # Its own version number in the candidate lineage: a refused round's candidate stays
             # registered there, and the next try (other exclusions, other deltas) is another one.
             taken = [b["version"] for b in api_json(server, token, "GET", "/v1/bundles", policy=options.policy)
@@ -685,12 +698,9 @@ def release(bundle_id: str, server: str, token: str, options: ReleaseOptions) ->
                                              options.policy, rnd.current_dir, step)
             report.published = True
             return report
-        final = write_version(candidate_dir, work / "release", bundle_id, version, candidate,
-                              sha256_file(rnd.current_dir / mf.MANIFEST))
-        attach_fleet_exemplars(final, shared, list(candidate.classes))
-        report.uploaded_bytes = _publish(server, token, final, list(options.canary),
-                                         _summary(report, options), options.policy, rnd.current_dir, step)
-        report.published = True
+        if options.publish:
+            publish_version(server, token, candidate_dir, work, rnd, candidate, shared, head, embedded, options,
+                            report)
         return report
     finally:
         if temporary:
@@ -799,6 +809,32 @@ def attach_fleet_scatter(bundle_dir: Path, head: gatehead.GateHead, table: Proto
     m.save(bundle_dir)
 
 
+def same_images_baseline(rnd: Round, received: dict[str, delta_format.Delta], update_known: bool
+                         ) -> Prototypes | None:
+    """The frozen baseline of the images the candidate's statistics count: the current version's table
+    plus the answers' means under the current backbone. None when an answer lacks them (an edgecl
+    before delta format 5): the gate then takes the devices' own classes from their pushed deltas."""
+    if not received or any(d.base_prototypes is None for d in received.values()):
+        return None
+    current = Prototypes.load_file(rnd.current_dir / mf.PROTOTYPES)
+    return summed_statistics(rnd, current, received, base=True, update_known=update_known)[0]
+
+
+def publish_version(server: str, token: str, source: Path, work: Path, rnd: Round, table: Prototypes,
+                    shared: SharedStatistics | None, head: gatehead.GateHead, embedded: Embedded,
+                    options: ReleaseOptions, report: ReleaseReport) -> None:
+    """The judged version, released: ``source``'s files with ``table``, the fleet's shared exemplars
+    and the scatter its LDA head was judged with; uploaded, signed and released by the server."""
+    phase("publishing the next version")
+    final = write_version(source, work / "release", rnd.bundle_id, report.version, table,
+                          sha256_file(rnd.current_dir / mf.MANIFEST))
+    attach_fleet_exemplars(final, shared, list(table.classes))
+    attach_fleet_scatter(final, head, table, embedded)
+    report.uploaded_bytes = _publish(server, token, final, list(options.canary), _summary(report, options),
+                                     options.policy, rnd.current_dir, released_step(rnd))
+    report.published = True
+
+
 def finish(bundle_id: str, server: str, token: str, options: ReleaseOptions) -> ReleaseReport:
     """Phase 2: sum the statistics the devices sent under the candidate, judge, publish."""
     _check_args(server, token, options)
@@ -827,7 +863,7 @@ def finish(bundle_id: str, server: str, token: str, options: ReleaseOptions) -> 
         # (exact under the candidate). One that answered: its answer wins (it embedded every image it
         # holds, the shared ones among them: adding both would count those twice).
         shared = shared_statistics(rnd, probe)
-        from_shared = answer_from_shared(received, shared, covered(rnd), mf.load_manifest(probe))
+        from_shared = answer_from_shared(received, shared, covered(rnd))
         summed, statistics = summed_statistics(rnd, Prototypes.load_file(probe / mf.PROTOTYPES), received,
                                                update_known=options.update_known)
         statistics.update(_shared_note(shared, from_shared))
@@ -842,15 +878,16 @@ def finish(bundle_id: str, server: str, token: str, options: ReleaseOptions) -> 
         # The frozen baseline of the same images: every answer carries its classes' means under the
         # current backbone too (edgecl restat since delta format 5), the devices' images of the current
         # classes among them; else the devices' own classes from their pushed deltas.
-        frozen = (summed_statistics(rnd, Prototypes.load_file(rnd.current_dir / mf.PROTOTYPES), received, base=True,
-                                    update_known=options.update_known)[0]
-                  if received and all(d.base_prototypes is not None for d in received.values()) else None)
+        # The frozen baseline of the same images (every answer carries its classes' means under the
+        # current backbone too since delta format 5; else the devices' own classes from their deltas).
+        frozen = same_images_baseline(rnd, received, options.update_known)
         table, reasons, evals = _judge(rnd, embedded, candidate, options.tolerance, not_judged, head=head,
                                        baseline=frozen)
         report = _report(rnd, version, reasons, table, evals, options.canary, "released", not_judged, statistics,
                          head)
-        if reasons or not options.publish:
-            return report
+        if not reasons and options.publish:
+            publish_version(server, token, probe, work, rnd, candidate, shared, head, embedded, options, report)
+        return report
         phase("publishing the next version")
         final = write_version(probe, work / "release", bundle_id, version, candidate,
                               sha256_file(rnd.current_dir / mf.MANIFEST))

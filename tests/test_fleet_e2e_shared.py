@@ -57,20 +57,32 @@ def test_exemplars_shared_round_publishes_without_restat_and_devices_replay_the_
               f"({len(d.exemplars.labels)} images)")
         assert "sent" in _cli("push", str(path), "--config", str(configs[name]))
 
-    # One command: the host embeds the shared images under the candidate; every device class is exact, so
-    # no device has to answer `edgecl restat`: v2 is judged by the full gate and published now.
-    out = _cli("release", str(tiny_bundle), "--heldout", str(heldout), "--server", server.url, "--token", admin,
-               "--tolerance", str(ACCURACY_TOLERANCE), "--exclude-device", "line-c", "--json")
+    # One command: the host embeds the shared images under the candidate and the current version; every
+    # device class is exact, so no device has to answer `edgecl restat`: v2 is judged by the full gate,
+    # with the LDA head the devices serve (the shared images give their classes' scatter under both
+    # backbones, --class-data the calibration classes'), and published now. --no-publish first: the
+    # same judgement, nothing released.
+    gate = ["release", str(tiny_bundle), "--heldout", str(heldout), "--class-data", str(heldout), "--server",
+            server.url, "--token", admin, "--tolerance", str(ACCURACY_TOLERANCE), "--exclude-device", "line-c"]
+    admin_h = {"Authorization": f"Bearer {admin}"}
+
+    def releases() -> list[tuple[str, int]]:
+        rows = httpx.get(server.url + "/v1/releases", params={"bundle_id": manifest.bundle_id},
+                         headers=admin_h).json()["releases"]
+        return [(r["bundle_id"], r["version"]) for r in rows]
+
+    judged = _cli(*gate, "--no-publish")
+    assert "judged only (--no-publish): v2 passes; nothing published" in judged, judged
+    assert releases() == []
+    out = _cli(*gate, "--json")
     report = json.loads(out[out.index("{"):])
     assert report["published"] and report["stage"] == "released" and report["not_judged"] == [], report
+    assert report["head"]["name"] == "lda", report["head"]
     for name, (_, classes) in DEVICES.items():
         row = report["statistics"][name]
         assert row["source"] == "shared exemplars" and sorted(row["classes"]) == sorted(classes), row
         assert report["groups"][f"device:{name}"]["judged"], report["groups"]
-    admin_h = {"Authorization": f"Bearer {admin}"}
-    released = httpx.get(server.url + "/v1/releases", params={"bundle_id": manifest.bundle_id},
-                         headers=admin_h).json()["releases"]
-    assert [(r["bundle_id"], r["version"]) for r in released] == [(manifest.bundle_id, 2)]
+    assert releases() == [(manifest.bundle_id, 2)]
     # v2 ships the fleet's exemplars: the calibration classes' and both devices', listed and hashed.
     v2 = httpx.get(server.url + f"/v1/bundles/{manifest.bundle_id}/2/files/manifest.json", headers=admin_h).json()
     shipped_bytes = httpx.get(server.url + f"/v1/bundles/{manifest.bundle_id}/2/files/{mf.EXEMPLARS}",
@@ -80,6 +92,7 @@ def test_exemplars_shared_round_publishes_without_restat_and_devices_replay_the_
     fleet_classes = [c for _, cs in DEVICES.values() for c in cs]
     assert set(manifest.classes) | set(fleet_classes) <= set(shipped.classes), shipped.classes
     assert set(fleet_classes) <= set(v2["classes"])
+    assert mf.FLEET_SCATTER in v2["files"]          # the head it was judged with ships with it
 
     # Both devices pull v2; it classifies each device's data no worse than the device did.
     for name in DEVICES:

@@ -120,3 +120,33 @@ def test_the_bundle_file_round_trips_and_refuses_damage(tmp_path):
     path.write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{}      ")
     with pytest.raises(BundleError, match="not a scatter file"):
         sc.load_file(path, 24)
+
+
+def test_statistics_answer_is_one_devices_images_under_both_backbones():
+    """restat (device) and the release's shared exemplars (host) build a statistics answer the same way:
+    means and counts under the candidate and the current backbone, the scatter under both, version 5."""
+    from types import SimpleNamespace
+
+    from edgecl.formats.candidate import statistics_answer
+
+    x, y = _classes(5)
+    base = x * 0.5 + 1.0                                 # the same images under another backbone
+    manifest = SimpleNamespace(bundle_id="b", version=2, base_sha256="0" * 64, mask_sha256="f" * 64, selected=10)
+    # labels index ``classes``; a class with no image ("d") is left out, the others keep their order
+    got = statistics_answer(manifest, "dev-a", ["a", "b", "c", "d"], y, x, base)
+    assert got.prototypes is not None and got.base_prototypes is not None
+    assert got.prototypes.classes == got.base_prototypes.classes == ["a", "b", "c"]
+    assert got.prototypes.counts.tolist() == got.base_prototypes.counts.tolist() == [40, 40, 40]
+    assert got.samples_seen == 120 and not len(got.positions)
+    for c in range(3):
+        assert np.allclose(got.prototypes.means[c], x[y == c].mean(0), atol=1e-5)
+        assert np.allclose(got.base_prototypes.means[c], base[y == c].mean(0), atol=1e-5)
+    assert got.scatter is not None and got.base_scatter is not None
+    for scatter, emb in ((got.scatter, x), (got.base_scatter, base)):
+        dense, count, groups = sc.class_scatter(emb, y)
+        assert (scatter.count, scatter.groups) == (count, groups) == (120, 3)
+        assert scatter.factor.shape[1] == sc.RANK_DEVICE
+        assert np.trace(scatter.dense()) == pytest.approx(np.trace(dense), rel=1e-4)
+    loaded = D.load(D.save(got, KEY))
+    assert D.read_header(D.save(got, KEY)).metadata["format_version"] == "5"
+    assert loaded.base_prototypes is not None and loaded.base_prototypes.classes == ["a", "b", "c"]

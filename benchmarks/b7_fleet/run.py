@@ -22,7 +22,11 @@ images as --class-data and every device's scatter; `--head ncm` is the cosine-pr
   the test images, not published); the first strategy is the shipped one and is published;
 - pulled: each device after `pull` of the released version, on every group;
 - centralized: one learner adapting the round's version on every device's images (the upper bound).
-Mode 2 (shared exemplars) is not implemented (docs/server.md), so it has no arm.
+`--share-exemplars` runs the seed in mode 2 (docs/server.md#exemplars-shared): every delta carries the
+device's stored exemplars of its own classes, the release computes their statistics (and scatter)
+under the candidate from those images, so no device runs `restat` and phase 1 judges and publishes at
+once; the released version ships the fleet's exemplars, so each device replays every class from the
+next round on. Each option is scored with `release(publish=False)` on the test images.
 
 Every number comes from the product's own functions; nothing is re-coded here. Results:
 OUT/b7.json (every table), OUT/b7.md (the summary table: per round, arm x group).
@@ -170,7 +174,7 @@ def run_seed(out: Path, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     from edgecl.device.push import push_files
     from edgecl.device.restat import restat
     from edgecl.host.export import ExportOptions, export_bundle
-    from edgecl.release import ReleaseOptions, finish, release, upload_bundle
+    from edgecl.release import ReleaseOptions, ReleaseReport, finish, release, upload_bundle
     from edgecl.server.store import Store
 
     data = write_data(out / "data", seed, args.train_per_class, args.test_per_class, args.check_per_class)
@@ -205,8 +209,10 @@ def run_seed(out: Path, seed: int, args: argparse.Namespace) -> dict[str, Any]:
                                                                       progress=False))
                 row["alone"][d] = _eval_groups(running[d], groups, args.head)
                 delta = out / d / f"delta-{r}.safetensors"
-                rep = make_delta(running[d], delta, device_id=d, key_hex=creds[d][1])
+                rep = make_delta(running[d], delta, device_id=d, key_hex=creds[d][1],
+                                 share_exemplars=args.share_exemplars)
                 row["delta_bytes"][d] = rep.bytes
+                row.setdefault("shared_exemplars", {})[d] = rep.exemplars
                 push_files([delta], server.url, creds[d][0])
             # The other merge options are scored first (judged on the test images, not published): the
             # shipped one (the first) then publishes, and the next round starts from it.
@@ -218,6 +224,23 @@ def run_seed(out: Path, seed: int, args: argparse.Namespace) -> dict[str, Any]:
                 options = ReleaseOptions(heldout=data["check"], strategy=name, scale=float(scale or 1.0),
                                          work_dir=out / f"release-{r}-{strategy}", class_data=data["calib"],
                                          head="ncm" if args.head == "ncm" else "auto")
+                scored: ReleaseReport
+                if args.share_exemplars:
+                    # Mode 2: one phase. Scored on the test images without publishing, then the shipped
+                    # option judged on the check images and published.
+                    scored = release(bundle_id, server.url, admin, ReleaseOptions(
+                        **{**vars(options), "heldout": data["test_all"], "publish": False,
+                           "work_dir": out / f"score-{r}-{strategy}"}))
+                    row.setdefault("gate_head", {})[strategy] = scored.head
+                    row["fleet"][strategy] = {g: v["candidate"] for g, v in scored.groups.items()}
+                    row["frozen"] = {g: v["baseline"] for g, v in scored.groups.items()}
+                    row["current"] = {g: v["current"] for g, v in scored.groups.items()}
+                    row.setdefault("statistics_sources", {})[strategy] = scored.statistics
+                    if shipped:
+                        final = release(bundle_id, server.url, admin, options)
+                        row["released"] = {"published": final.published, "reasons": final.reasons,
+                                           "groups": final.groups}
+                    continue
                 phase1 = release(bundle_id, server.url, admin, options)
                 if not phase1.published:
                     row["fleet"][strategy] = {"refused_in_phase_1": phase1.reasons}
@@ -279,7 +302,9 @@ def _groups_of(row: dict[str, Any]) -> dict[str, dict[str, float | None]]:
 def summary(results: dict[str, Any]) -> str:
     """The markdown table: per round, arm x group (mean over seeds, spread when several)."""
     head = results.get("args", {}).get("head", "ncm")     # runs before --head existed were ncm
-    lines = [f"# B7 fleet: accuracy (%) per class group, {'ncm' if head == 'ncm' else 'served (LDA)'} head", ""]
+    mode = "mode 2, shared exemplars" if results.get("args", {}).get("share_exemplars") == "True" else "mode 1"
+    lines = [f"# B7 fleet ({mode}): accuracy (%) per class group, {'ncm' if head == 'ncm' else 'served (LDA)'} head",
+             ""]
     seeds = results["seeds"]
     for r in range(ROUNDS):
         per_seed = [_groups_of(s["rounds"][r]) for s in seeds if len(s["rounds"]) > r]
@@ -316,6 +341,8 @@ def main() -> None:
     ap.add_argument("--head", choices=["auto", "ncm"], default="auto",
                     help="auto: the head the devices serve (LDA after adapt) and the gate's LDA; ncm: cosine "
                          "prototypes")
+    ap.add_argument("--share-exemplars", action="store_true",
+                    help="mode 2: devices share their exemplars of their own classes (profile share_exemplars)")
     ap.add_argument("--recipe", type=Path, default=REPO / "models" / "efficientnet_lite0.toml")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)

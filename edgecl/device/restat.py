@@ -31,15 +31,13 @@ from pathlib import Path
 
 import numpy as np
 
-from edgecl import classstats
 from edgecl.errors import DataError, EdgeclError
 from edgecl.formats import delta as delta_format
 from edgecl.formats import manifest as mf
-from edgecl.formats.candidate import candidate_id, is_candidate_report, statistics_delta
+from edgecl.formats.candidate import candidate_id, is_candidate_report, statistics_answer
 from edgecl.formats.exemplars import ExemplarMemory
 from edgecl.formats.images import load_image_folder
-from edgecl.formats.prototypes import Prototypes, image_fingerprints
-from edgecl.formats.scatter import RANK_DEVICE, Scatter
+from edgecl.formats.prototypes import image_fingerprints
 from edgecl.http_client import RetryPolicy, ServerRejected, api_json
 
 from .deltafile import device_identity
@@ -150,21 +148,12 @@ def restat(bundle_dir: str | Path, server: str, token: str, server_key: str, dev
                       policy)
         report.downloaded_bytes = pulled.downloaded_bytes
         candidate = open_bundle(target)
-        embeddings = embed_own_weights(candidate, pixels)
-        sums = classstats.class_sums(embeddings, labels, classes)
-        names = [c for c in classes if c in sums]
-        table = Prototypes(names, np.stack([sums[c][0] for c in names]).astype(np.float32),
-                           np.asarray([sums[c][1] for c in names], np.int64))
-        stats = statistics_delta(candidate.manifest, name, table)
-        # The same images' scatter under the candidate and under the backbone this device runs without
-        # its own delta (the current version's: the release's frozen baseline).
-        stats.scatter = Scatter.of(embeddings, labels, RANK_DEVICE)
-        base = embed_own_weights(bundle, pixels)
-        stats.base_scatter = Scatter.of(base, labels, RANK_DEVICE)
-        # and their means, so the frozen baseline counts the same images as the candidate
-        base_sums = classstats.class_sums(base, labels, classes)
-        stats.base_prototypes = Prototypes(names, np.stack([base_sums[c][0] for c in names]).astype(np.float32),
-                                           table.counts.copy())
+        # The same images under the candidate and under the backbone this device runs without its own
+        # delta (the current version's: the release's frozen baseline counts the same images).
+        stats = statistics_answer(candidate.manifest, name, classes, labels, embed_own_weights(candidate, pixels),
+                                  embed_own_weights(bundle, pixels))
+        table = stats.prototypes
+        assert table is not None
         data = delta_format.save(stats, key, prototypes_dtype="fp32")
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
