@@ -42,11 +42,12 @@ and publishes in one go (no device has to answer).
 Held-out images are embedded once per backbone (current, candidate); every accuracy is a table of
 class statistics scored on those embeddings (the frozen baseline is never written as a bundle).
 
-Mode 2, exemplars shared (a device profile's ``share_exemplars``; ``shared_statistics``): a counted
-delta's images of its own classes are embedded under the candidate by the host, so those classes are
-exact in phase 1; when every contributing device shared all its classes, phase 1 judges and publishes
-at once (no restat). A device's restat answer wins over its shared images. The released version ships
-the fleet's exemplars (``attach_fleet_exemplars``).
+Mode 2, exemplars shared (a device profile's ``share_exemplars``; ``edgecl.shared_exemplars``): a
+counted delta's images of its own classes are embedded under the candidate and the current version by
+the host, so those classes are exact in phase 1; when every contributing device shared all its
+classes, phase 1 judges (with the LDA head when every scatter is known) and publishes at once (no
+restat). A device's restat answer wins over its shared images. The released version ships the fleet's
+exemplars.
 """
 
 from __future__ import annotations
@@ -62,11 +63,12 @@ from typing import Any
 import numpy as np
 
 from edgecl import classstats, gatehead
+from edgecl import shared_exemplars as se
 from edgecl.errors import DataError, EdgeclError
 from edgecl.formats import delta as delta_format
 from edgecl.formats import manifest as mf
 from edgecl.formats import scatter as sc
-from edgecl.formats.candidate import STAGE, candidate_id, is_candidate_report, statistics_answer
+from edgecl.formats.candidate import STAGE, candidate_id, is_candidate_report
 from edgecl.formats.exemplars import ExemplarMemory
 from edgecl.formats.hashing import sha256_file
 from edgecl.formats.mask import Mask
@@ -382,7 +384,7 @@ def _load_round(bundle_id: str, server: str, token: str, options: ReleaseOptions
         own[device] = classes
         if table is not None and len(table):
             base_tables[device] = table
-        memory = own_exemplars(d, classes, size)
+        memory = se.own_exemplars(d, classes, size)
         if memory is not None:
             shared[device] = memory
     return Round(bundle_id, current_dir, current_row, merge, merged, own, base_tables, known, shared)
@@ -509,127 +511,6 @@ def _check_args(server: str, token: str, options: ReleaseOptions) -> None:
         raise EdgeclError(f"unknown gate head {options.head!r}", f"pass --head {' or '.join(HEADS)}")
 
 
-# -- shared exemplars (the "exemplars shared" mode: profile share_exemplars) --------------------------
-SHIPPED_EXEMPLARS_PER_CLASS = 20   # the fleet's exemplars a released bundle ships per class (export's default)
-
-
-def own_exemplars(d: delta_format.Delta, own: list[str], size: tuple[int, ...]) -> ExemplarMemory | None:
-    """A counted delta's shared exemplars of its own classes only (those the current version does not
-    know): images of any other class are never read, like its statistics (issue 21's poison rule; the
-    server bounded each class's images by its count). None when it shares none of them, or images of
-    another size than the current version takes."""
-    memory = d.exemplars
-    if memory is None or tuple(memory.pixels.shape[1:3]) != tuple(size):
-        return None
-    names = [c for c in memory.classes if c in own]
-    if not names:
-        return None
-    keep = np.isin(memory.labels, [memory.classes.index(c) for c in names])
-    remap = np.asarray([names.index(c) if c in names else -1 for c in memory.classes], np.int64)
-    return ExemplarMemory(names, memory.pixels[keep], remap[memory.labels[keep]])
-
-
-def covered(rnd: Round) -> list[str]:
-    """The devices whose every own class comes with shared exemplars: the host computes their
-    statistics under the candidate itself, so they need not answer `edgecl restat`."""
-    return sorted(d for d, classes in rnd.own.items()
-                  if classes and d in rnd.shared and set(classes) <= set(rnd.shared[d].classes))
-
-
-@dataclass
-class SharedStatistics:
-    answers: dict[str, delta_format.Delta]  # device -> its shared classes' statistics answer (as restat's)
-    table: Prototypes                     # per class, summed exactly over the devices (classstats)
-    fleet: ExemplarMemory                 # what the released bundle ships of them (herding, a cap per class)
-
-
-def shared_statistics(rnd: Round, candidate_dir: Path) -> SharedStatistics | None:
-    """The shared exemplars embedded under the candidate's and the current version's own graphs
-    (onnxruntime, once each for all), each device's answer from them as `edgecl restat` would send it
-    from the same images (``statistics_answer``: means, counts and scatter under both backbones, so
-    the gate judges mode 2 with the LDA head too), and the exact sum over devices per class
-    (classstats.merge_by_counts). None when no device shared any."""
-    devices = sorted(rnd.shared)
-    if not devices:
-        return None
-    pixels = np.concatenate([rnd.shared[d].pixels for d in devices])
-    embeddings, base = _embed(candidate_dir, pixels), _embed(rnd.current_dir, pixels)
-    manifest = mf.load_manifest(candidate_dir)
-    answers: dict[str, delta_format.Delta] = {}
-    pooled: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {}      # class -> (pixels, embeddings) per device
-    start = 0
-    for device in devices:
-        memory = rnd.shared[device]
-        rows = slice(start, start + len(memory.labels))
-        start = rows.stop
-        answers[device] = statistics_answer(manifest, device, list(memory.classes), memory.labels,
-                                            embeddings[rows], base[rows])
-        for name in answers[device].prototypes.classes:  # type: ignore[union-attr]
-            mask = memory.labels == memory.classes.index(name)
-            pooled.setdefault(name, []).append((memory.pixels[mask], embeddings[rows][mask]))
-    summed = Prototypes.empty(int(embeddings.shape[1]))
-    chosen: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-    for name, parts in pooled.items():
-        tables = [a.prototypes for a in answers.values() if a.prototypes is not None and name in a.prototypes.classes]
-        mean, count = classstats.merge_by_counts([t.means[t.classes.index(name)] for t in tables],
-                                                 [int(t.counts[t.classes.index(name)]) for t in tables])
-        summed.upsert(name, mean, count)
-        chosen[name] = (np.concatenate([p for p, _ in parts]), np.concatenate([e for _, e in parts]))
-    size = (int(pixels.shape[1]), int(pixels.shape[2]))
-    fleet = ExemplarMemory.empty(size).update(chosen, budget_bytes=1 << 62, max_per_class=SHIPPED_EXEMPLARS_PER_CLASS)
-    return SharedStatistics(answers, summed, fleet)
-
-
-def attach_fleet_exemplars(bundle_dir: Path, shared: SharedStatistics | None, classes: list[str]) -> None:
-    """The released bundle ships the fleet's exemplars: its own ``exemplars.safetensors`` (the
-    calibration classes') plus the shared ones of the classes it ships, listed and hashed in the
-    manifest like every file a device keeps (the device checks it before reading it)."""
-    if shared is None:
-        return
-    take = [c for c in shared.fleet.classes if c in classes]
-    if not take:
-        return
-    path = bundle_dir / mf.EXEMPLARS
-    m = mf.load_manifest(bundle_dir)
-    base = ExemplarMemory.load_file(path) if path.exists() else ExemplarMemory.empty(
-        (int(m.input_size[0]), int(m.input_size[1])))
-    take = [c for c in take if c not in base.classes]
-    pixels = [base.pixels] + [shared.fleet.of_class(c) for c in take]
-    labels = [base.labels] + [np.full(len(shared.fleet.of_class(c)), len(base.classes) + j, np.int64)
-                              for j, c in enumerate(take)]
-    ExemplarMemory(list(base.classes) + take, np.concatenate(pixels).astype(np.uint8),
-                   np.concatenate(labels)).save_file(path)
-    m.files[mf.EXEMPLARS] = sha256_file(path)
-    m.sizes[mf.EXEMPLARS] = path.stat().st_size
-    m.save(bundle_dir)
-
-
-def answer_from_shared(received: dict[str, delta_format.Delta], shared: SharedStatistics | None,
-                       devices: list[str]) -> list[str]:
-    """Each of ``devices`` (covered by its shared images) that sent no statistics under the candidate
-    answers with those computed from its shared images; one that answered keeps its answer (it
-    embedded every image it holds, the shared ones among them). Returns the devices filled in."""
-    if shared is None:
-        return []
-    filled = [d for d in devices if d not in received and d in shared.answers]
-    for device in filled:
-        received[device] = shared.answers[device]
-    return filled
-
-
-def _shared_note(shared: SharedStatistics | None, devices: list[str]) -> dict[str, Any]:
-    """The report's statistics row of each device whose classes came from its shared exemplars."""
-    if shared is None:
-        return {}
-    rows: dict[str, Any] = {}
-    for d in devices:
-        table = shared.answers[d].prototypes if d in shared.answers else None
-        if table is not None:
-            rows[d] = {"answered": False, "source": "shared exemplars", "classes": list(table.classes),
-                       "images": int(table.counts.sum())}
-    return rows
-
-
 # -- phase 1 -------------------------------------------------------------------------------------
 def release(bundle_id: str, server: str, token: str, options: ReleaseOptions) -> ReleaseReport:
     """Phase 1 (or the whole round with ``statistics_round=False``). Raises nothing for a refusal:
@@ -657,8 +538,8 @@ def release(bundle_id: str, server: str, token: str, options: ReleaseOptions) ->
         estimates = estimate_in_candidate(rnd.baseline_devices(), embedded)
         # Shared exemplars (mode 2): their classes' statistics are exact under the candidate already, so
         # a round whose every device shared them needs no `edgecl restat` and publishes now.
-        shared = shared_statistics(rnd, candidate_dir)
-        exact = covered(rnd)
+        shared = se.shared_statistics(rnd.shared, candidate_dir, rnd.current_dir, _embed)
+        exact = se.covered(rnd.own, rnd.shared)
         candidate = union(Prototypes.load_file(candidate_dir / mf.PROTOTYPES), estimates,
                           shared.table if shared is not None else None)
         version = mf.load_manifest(candidate_dir).version
@@ -672,7 +553,7 @@ def release(bundle_id: str, server: str, token: str, options: ReleaseOptions) ->
             # phase 2, so the gate scores with the LDA head when every class's scatter is known (a class
             # judged on the host's estimate has none: ncm, and the report says why).
             received: dict[str, delta_format.Delta] = {}
-            answer_from_shared(received, shared, exact)
+            se.answer_from_shared(received, shared, exact)
             head = _gate_head(options, rnd, candidate_dir, candidate, received)
             frozen = same_images_baseline(rnd, received, options.update_known) if not waiting else None
         table, reasons, evals = _judge(rnd, embedded, candidate, options.tolerance, not_judged,
@@ -680,7 +561,7 @@ def release(bundle_id: str, server: str, token: str, options: ReleaseOptions) ->
         stage = "candidate" if statistics_round else "released"
         report = _report(rnd, version, reasons, table, evals, options.canary, stage, not_judged,
                          {d: {"answered": False, "classes": c} for d, c in rnd.own.items()}
-                         | _shared_note(shared, exact), head)
+                         | se.shared_note(shared, exact), head)
         if reasons:
             return report
         if statistics_round:
@@ -821,14 +702,14 @@ def same_images_baseline(rnd: Round, received: dict[str, delta_format.Delta], up
 
 
 def publish_version(server: str, token: str, source: Path, work: Path, rnd: Round, table: Prototypes,
-                    shared: SharedStatistics | None, head: gatehead.GateHead, embedded: Embedded,
+                    shared: se.SharedStatistics | None, head: gatehead.GateHead, embedded: Embedded,
                     options: ReleaseOptions, report: ReleaseReport) -> None:
     """The judged version, released: ``source``'s files with ``table``, the fleet's shared exemplars
     and the scatter its LDA head was judged with; uploaded, signed and released by the server."""
     phase("publishing the next version")
     final = write_version(source, work / "release", rnd.bundle_id, report.version, table,
                           sha256_file(rnd.current_dir / mf.MANIFEST))
-    attach_fleet_exemplars(final, shared, list(table.classes))
+    se.attach_fleet_exemplars(final, shared, list(table.classes))
     attach_fleet_scatter(final, head, table, embedded)
     report.uploaded_bytes = _publish(server, token, final, list(options.canary), _summary(report, options),
                                      options.policy, rnd.current_dir, released_step(rnd))
@@ -862,11 +743,11 @@ def finish(bundle_id: str, server: str, token: str, options: ReleaseOptions) -> 
         # A device that shared exemplars of all its classes and did not answer: its statistics from them
         # (exact under the candidate). One that answered: its answer wins (it embedded every image it
         # holds, the shared ones among them: adding both would count those twice).
-        shared = shared_statistics(rnd, probe)
-        from_shared = answer_from_shared(received, shared, covered(rnd))
+        shared = se.shared_statistics(rnd.shared, probe, rnd.current_dir, _embed)
+        from_shared = se.answer_from_shared(received, shared, se.covered(rnd.own, rnd.shared))
         summed, statistics = summed_statistics(rnd, Prototypes.load_file(probe / mf.PROTOTYPES), received,
                                                update_known=options.update_known)
-        statistics.update(_shared_note(shared, from_shared))
+        statistics.update(se.shared_note(shared, from_shared))
         # A class no answering device reports is left out of this version: its device keeps it (pull
         # carries the classes a version lacks) and sends it next round; its group is not judged.
         candidate = summed
@@ -875,9 +756,6 @@ def finish(bundle_id: str, server: str, token: str, options: ReleaseOptions) -> 
             statistics.setdefault(device, {"answered": False, "classes": rnd.own[device]})
         version = int(report_in["version"])
         head = _gate_head(options, rnd, probe, candidate, received)
-        # The frozen baseline of the same images: every answer carries its classes' means under the
-        # current backbone too (edgecl restat since delta format 5), the devices' images of the current
-        # classes among them; else the devices' own classes from their pushed deltas.
         # The frozen baseline of the same images (every answer carries its classes' means under the
         # current backbone too since delta format 5; else the devices' own classes from their deltas).
         frozen = same_images_baseline(rnd, received, options.update_known)
@@ -887,15 +765,6 @@ def finish(bundle_id: str, server: str, token: str, options: ReleaseOptions) -> 
                          head)
         if not reasons and options.publish:
             publish_version(server, token, probe, work, rnd, candidate, shared, head, embedded, options, report)
-        return report
-        phase("publishing the next version")
-        final = write_version(probe, work / "release", bundle_id, version, candidate,
-                              sha256_file(rnd.current_dir / mf.MANIFEST))
-        attach_fleet_exemplars(final, shared, list(candidate.classes))
-        attach_fleet_scatter(final, head, candidate, embedded)
-        report.uploaded_bytes = _publish(server, token, final, list(options.canary), _summary(report, options),
-                                         policy, rnd.current_dir, released_step(rnd))
-        report.published = True
         return report
     finally:
         if temporary:

@@ -77,7 +77,7 @@ def test_the_host_reads_shared_images_of_the_devices_own_classes_only():
     """Issue 21's poison rule: a delta's images of a class the current version knows are never read,
     nor images of another size."""
     from edgecl.formats.prototypes import Prototypes
-    from edgecl.release import own_exemplars
+    from edgecl.shared_exemplars import own_exemplars
 
     rng = np.random.default_rng(2)
     memory = ExemplarMemory(["class0", "bolt", "nut"], rng.integers(0, 256, (6, 8, 8, 3), dtype=np.uint8),
@@ -97,7 +97,7 @@ def test_the_host_reads_shared_images_of_the_devices_own_classes_only():
 
 def test_released_bundle_lists_and_hashes_the_fleets_exemplars(tiny_bundle, tmp_path):
     from edgecl.formats.prototypes import Prototypes
-    from edgecl.release import SharedStatistics, attach_fleet_exemplars
+    from edgecl.shared_exemplars import SharedStatistics, attach_fleet_exemplars
 
     bundle = tmp_path / "v2"
     shutil.copytree(tiny_bundle, bundle)
@@ -152,7 +152,7 @@ def test_a_devices_restat_answer_wins_over_its_shared_images(tiny_bundle):
     shared ones among them: both would count those twice); one that did not is answered by its images."""
     from edgecl.formats.candidate import statistics_delta
     from edgecl.formats.prototypes import Prototypes
-    from edgecl.release import SharedStatistics, answer_from_shared
+    from edgecl.shared_exemplars import SharedStatistics, answer_from_shared
 
     manifest = mf.load_manifest(tiny_bundle)
     answered = statistics_delta(manifest, "line-a", Prototypes(["bolt"], np.ones((1, 4), np.float32), np.array([12])))
