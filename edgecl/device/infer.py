@@ -96,13 +96,16 @@ def _one_line_runtime_errors(what: str) -> Iterator[None]:
                           "re-copy the bundle from the host; if it persists, re-export it") from exc
 
 
-def create_runner(bundle: OpenBundle, profile: DeviceProfile, batch: int | None = None):  # noqa: ANN201 - InferenceRunner
+def create_runner(bundle: OpenBundle, profile: DeviceProfile, batch: int | None = None,  # noqa: ANN201 - InferenceRunner
+                  spin: bool = True):
     """The inference runner; ``batch``: the batch size most calls will use (a session with it fixed
-    runs them, ort.InferenceRunner)."""
+    runs them, ort.InferenceRunner); ``spin`` False: onnxruntime's threads sleep between operators
+    instead of busy-waiting (a server that decodes the next batch meanwhile: watch)."""
     from .ort import InferenceRunner  # the one module touching onnxruntime
     with _one_line_runtime_errors(mf.INFERENCE_MODEL):
         return InferenceRunner(bundle.path(mf.INFERENCE_MODEL), bundle.path(mf.WEIGHTS), bundle.mask,
-                               threads=profile.threads, provider=profile.execution_provider, batch=batch)
+                               threads=profile.threads, provider=profile.execution_provider, batch=batch,
+                               spin=spin)
 
 
 def warm_runner(runner, bundle: OpenBundle, delta: np.ndarray) -> None:  # noqa: ANN001

@@ -137,7 +137,7 @@ class StateFollower:
         self._head_key: tuple[int, int, int] | None = None
         self.bundle: OpenBundle = open_bundle(self.bundle_dir)
         self.profile: DeviceProfile = resolve_profile(profile, self.bundle)
-        self.runner = create_runner(self.bundle, self.profile, batch)
+        self.runner = create_runner(self.bundle, self.profile, batch, spin=False)
         state = load_current(self.bundle)
         need_prototypes(state.prototypes, self.bundle)
         self.serving: ServingState = ServingState.create(self.bundle, state, head)
@@ -203,7 +203,7 @@ class StateFollower:
             return False
         self.bundle_dir, self.bundle = Path(cfg.bundle).resolve(), bundle
         self.profile = resolve_profile(self._profile_arg, bundle)
-        self.runner = create_runner(bundle, self.profile, self._batch)
+        self.runner = create_runner(bundle, self.profile, self._batch, spin=False)
         self._head_key = None
         return True
 
