@@ -81,9 +81,10 @@ def shared_statistics(shared: dict[str, ExemplarMemory], candidate_dir: Path, cu
         start = rows.stop
         answers[device] = statistics_answer(manifest, device, list(memory.classes), memory.labels,
                                             embeddings[rows], base[rows])
-        for name in answers[device].prototypes.classes:  # type: ignore[union-attr]
-            mask = memory.labels == memory.classes.index(name)
-            pooled.setdefault(name, []).append((memory.pixels[mask], embeddings[rows][mask]))
+        for j, name in enumerate(memory.classes):
+            mask = memory.labels == j
+            if mask.any():                     # a class listed with no image has no statistics to ship
+                pooled.setdefault(name, []).append((memory.pixels[mask], embeddings[rows][mask]))
     summed = Prototypes.empty(int(embeddings.shape[1]))
     chosen: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for name, parts in pooled.items():
