@@ -580,8 +580,8 @@ def release(bundle_id: str, server: str, token: str, options: ReleaseOptions) ->
             report.published = True
             return report
         if options.publish:
-            publish_version(server, token, candidate_dir, work, rnd, candidate, shared, head, embedded, options,
-                            report)
+            publish_version(server, token, candidate_dir, work, rnd, step, candidate, shared, head, embedded,
+                            options, report)
         return report
     finally:
         if temporary:
@@ -701,9 +701,9 @@ def same_images_baseline(rnd: Round, received: dict[str, delta_format.Delta], up
     return summed_statistics(rnd, current, received, base=True, update_known=update_known)[0]
 
 
-def publish_version(server: str, token: str, source: Path, work: Path, rnd: Round, table: Prototypes,
-                    shared: se.SharedStatistics | None, head: gatehead.GateHead, embedded: Embedded,
-                    options: ReleaseOptions, report: ReleaseReport) -> None:
+def publish_version(server: str, token: str, source: Path, work: Path, rnd: Round, step: ReleasedStep,
+                    table: Prototypes, shared: se.SharedStatistics | None, head: gatehead.GateHead,
+                    embedded: Embedded, options: ReleaseOptions, report: ReleaseReport) -> None:
     """The judged version, released: ``source``'s files with ``table``, the fleet's shared exemplars
     and the scatter its LDA head was judged with; uploaded, signed and released by the server."""
     phase("publishing the next version")
@@ -712,7 +712,7 @@ def publish_version(server: str, token: str, source: Path, work: Path, rnd: Roun
     se.attach_fleet_exemplars(final, shared, list(table.classes))
     attach_fleet_scatter(final, head, table, embedded)
     report.uploaded_bytes = _publish(server, token, final, list(options.canary), _summary(report, options),
-                                     options.policy, rnd.current_dir, released_step(rnd))
+                                     options.policy, rnd.current_dir, step)
     report.published = True
 
 
@@ -764,7 +764,8 @@ def finish(bundle_id: str, server: str, token: str, options: ReleaseOptions) -> 
         report = _report(rnd, version, reasons, table, evals, options.canary, "released", not_judged, statistics,
                          head)
         if not reasons and options.publish:
-            publish_version(server, token, probe, work, rnd, candidate, shared, head, embedded, options, report)
+            publish_version(server, token, probe, work, rnd, released_step(rnd), candidate, shared, head,
+                            embedded, options, report)
         return report
     finally:
         if temporary:
