@@ -548,14 +548,19 @@ def release(bundle_id: str, server: str, token: str, options: ReleaseOptions) ->
         statistics_round = options.statistics_round and bool(waiting)
         not_judged = waiting if statistics_round else []
         head, frozen = PHASE1_HEAD, None
-        if not statistics_round:
+        if not statistics_round and not waiting:
             # Judged for good now: the covered devices answer from their shared images as they would in
-            # phase 2, so the gate scores with the LDA head when every class's scatter is known (a class
-            # judged on the host's estimate has none: ncm, and the report says why).
+            # phase 2, so the gate scores with the LDA head when every class's scatter is known.
             received: dict[str, delta_format.Delta] = {}
             se.answer_from_shared(received, shared, exact)
             head = _gate_head(options, rnd, candidate_dir, candidate, received)
-            frozen = same_images_baseline(rnd, received, options.update_known) if not waiting else None
+            frozen = same_images_baseline(rnd, received, options.update_known)
+        elif not statistics_round:
+            # --no-statistics-round with devices that shared nothing: their classes are the host's
+            # estimates, which carry no scatter, so ncm; known before --class-data is embedded twice.
+            head = gatehead.NCM if options.head == "ncm" else gatehead.GateHead(
+                "ncm", f"no scatter of {', '.join(w.removeprefix('device:') for w in waiting)[:200]}'s classes "
+                       "(the host's estimates: --no-statistics-round)")
         table, reasons, evals = _judge(rnd, embedded, candidate, options.tolerance, not_judged,
                                        provisional=statistics_round, head=head, baseline=frozen)
         stage = "candidate" if statistics_round else "released"
