@@ -95,6 +95,13 @@ def release(
             typer.echo(f"note: a group is judged on few held-out images here: {small} (one image = "
                        f"{100 / fewest:.1f} points), too few to tell a drop of a point or two from noise; give "
                        "--heldout a few hundred images per group (docs/limits.md)", err=True)
+    if report.estimated and not as_json:
+        typer.echo(("the current classes " if report.stage == "candidate" else "no device answered for the classes ")
+                   + ", ".join(report.estimated)[:300]
+                   + (" (added by devices in earlier rounds; the host holds no image of them) are placed under the "
+                      "candidate by the devices that hold their images, in phase 2; until then the host's drift "
+                      "estimate, not judged" if report.stage == "candidate" else
+                      ": they keep the host's drift estimate under the candidate"))
     if not report.passed:
         typer.echo("release refused, nothing published: " + "; ".join(report.reasons), err=True)
         if not as_json:

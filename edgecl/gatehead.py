@@ -9,8 +9,10 @@ The LDA head needs every class's scatter under the backbone it scores. Like mean
 class's scatter adds up only under one backbone, so each piece comes from whoever holds the images:
 
 - the current version's classes: the host's ``--class-data`` (the images the bundle was exported
-  from), embedded under the current and the candidate backbone (exact, dense); or, for the current
-  backbone only, the scatter a released version ships (``fleet_scatter.safetensors``);
+  from), embedded under the current and the candidate backbone (exact, dense); a current class the
+  class data lacks (one a device added in an earlier round) from the exemplars the current version
+  ships of it (mode 2 ships the fleet's: ``exemplar_pieces``); or, for the current backbone only,
+  the scatter a released version ships (``fleet_scatter.safetensors``);
 - each device's classes: its statistics delta (`edgecl restat`), which carries their scatter under
   the candidate (``scatter``) and under the current backbone (``base_scatter``), rank 16.
 
@@ -85,6 +87,29 @@ def host_pieces(class_data: Path, known: list[str], dirs: dict[str, Path], embed
     keep = np.isin(images.labels, [images.classes.index(c) for c in classes])
     pixels, labels = images.pixels[keep], images.labels[keep]
     return {role: (classes, sc.class_scatter(embed(d, pixels), labels)) for role, d in dirs.items()}
+
+
+def exemplar_pieces(host: dict[str, Piece] | None, known: list[str], classes: list[str], labels: np.ndarray,
+                    embedded: dict[str, np.ndarray]) -> dict[str, Piece] | None:
+    """``host`` with the scatter of the current classes it lacks added from the exemplars the current
+    version ships of them (``classes``/``labels``: the exemplars; ``embedded``: role -> their
+    embeddings under that backbone). A class a device added in an earlier round has no image in the
+    host's class data; in mode 2 the version ships the fleet's exemplars of it (20 a class), exact
+    under both backbones on those images, so a round after a release still judges with LDA."""
+    have = set(host["current"][0]) if host else set()
+    wanted = [c for c in known if c not in have and c in classes]
+    if not wanted or not embedded:
+        return host
+    keep = np.isin(labels, [classes.index(c) for c in wanted])
+    out: dict[str, Piece] = {}
+    for role, x in embedded.items():
+        piece = sc.class_scatter(x[keep], labels[keep])
+        if host is not None:
+            names, scatter = host[role]
+            out[role] = ([*names, *wanted], sc.pooled([scatter, piece]))
+        else:
+            out[role] = (wanted, piece)
+    return out
 
 
 def choose(candidate: Prototypes, known: list[str], received: dict[str, Delta], host: dict[str, Piece] | None,

@@ -134,6 +134,9 @@ class ReleaseReport:
     stage: str = "released"                        # "candidate" (phase 1 published it), "released", "refused"
     statistics: dict[str, Any] = field(default_factory=dict)  # device -> answered, classes, images
     not_judged: list[str] = field(default_factory=list)       # groups whose device sent no statistics
+    # current classes placed by the devices that hold their images (placed_by_devices) that no device
+    # answered for: the host's drift estimate under the candidate
+    estimated: list[str] = field(default_factory=list)
     head: dict[str, Any] = field(default_factory=lambda: {"name": "ncm", "why": ""})  # what the gate scored with
 
     def to_json(self) -> dict[str, Any]:
@@ -301,6 +304,7 @@ class Round:
     base_tables: dict[str, Prototypes]             # device -> those classes under the current backbone
     known: list[str]                               # the current version's classes
     shared: dict[str, ExemplarMemory] = field(default_factory=dict)  # device -> its shared exemplars of `own`
+    reported: dict[str, list[str]] = field(default_factory=dict)     # device -> current classes it saw images of
 
     @property
     def version(self) -> int:
@@ -377,6 +381,7 @@ def _load_round(bundle_id: str, server: str, token: str, options: ReleaseOptions
     own: dict[str, list[str]] = {}
     base_tables: dict[str, Prototypes] = {}
     shared: dict[str, ExemplarMemory] = {}
+    reported: dict[str, list[str]] = {}
     size = tuple(int(v) for v in mf.load_manifest(current_dir).input_size)
     for sha, device in zip(merge["deltas"], merge["devices"], strict=True):
         d = _get_delta(server, token, sha, work, policy)
@@ -387,7 +392,23 @@ def _load_round(bundle_id: str, server: str, token: str, options: ReleaseOptions
         memory = se.own_exemplars(d, classes, size)
         if memory is not None:
             shared[device] = memory
-    return Round(bundle_id, current_dir, current_row, merge, merged, own, base_tables, known, shared)
+        if d.prototypes is not None:
+            reported[device] = [c for c, n in zip(d.prototypes.classes, d.prototypes.counts.tolist(), strict=True)
+                                if c in known and n > 0]
+    return Round(bundle_id, current_dir, current_row, merge, merged, own, base_tables, known, shared, reported)
+
+
+def placed_by_devices(rnd: Round, placed: set[str]) -> tuple[list[str], list[str]]:
+    """(classes, devices): the current classes the host holds no image of (none in --class-data,
+    ``placed``'s first part, no exemplar in the current version) and the contributing devices that
+    report images of them. In the default mode those are the classes devices added in earlier
+    rounds: their images stay on the devices, so a later round's candidate gets their statistics
+    the way it gets a new class's, from the devices holding the images (`edgecl restat`), which
+    replace the current ones (those were computed under the current backbone). Phase 1 holds the
+    host's drift estimate of them meanwhile."""
+    classes = [c for c in rnd.known if c not in placed]
+    devices = sorted(d for d, reported in rnd.reported.items() if set(reported) & set(classes))
+    return classes, devices
 
 
 # -- embeddings: once per backbone ---------------------------------------------------------------
@@ -397,6 +418,7 @@ class Embedded:
     heldout: dict[str, np.ndarray]     # backbone ("current" / "candidate") -> held-out embeddings
     exemplars: dict[str, np.ndarray]   # backbone -> the current version's exemplars' embeddings
     exemplar_labels: np.ndarray
+    exemplar_classes: list[str] = field(default_factory=list)
 
 
 def _embed(bundle_dir: Path, pixels: np.ndarray) -> np.ndarray:
@@ -417,7 +439,7 @@ def _embed_all(current_dir: Path, candidate_dir: Path, heldout: Path) -> Embedde
     dirs = {"current": current_dir, "candidate": candidate_dir}
     return Embedded(truth, {k: _embed(d, images.pixels) for k, d in dirs.items()},
                     {k: _embed(d, memory.pixels) for k, d in dirs.items()} if len(memory.pixels) else {},
-                    memory.labels)
+                    memory.labels, list(memory.classes))
 
 
 def recompute_current_classes(candidate_dir: Path, folder: Path) -> list[str]:
@@ -457,8 +479,10 @@ def estimate_in_candidate(base: Prototypes | None, embedded: Embedded) -> Protot
 
 
 def _judge(rnd: Round, embedded: Embedded, candidate: Prototypes, tolerance: float, not_judged: list[str],
-           provisional: bool = False, head: gatehead.GateHead = PHASE1_HEAD, baseline: Prototypes | None = None
-           ) -> tuple[dict[str, dict[str, Any]], list[str], dict[str, Any]]:
+           provisional: bool = False, head: gatehead.GateHead = PHASE1_HEAD, baseline: Prototypes | None = None,
+           estimated: list[str] | None = None) -> tuple[dict[str, dict[str, Any]], list[str], dict[str, Any]]:
+    """``estimated``: current classes the candidate holds as the host's estimate until the devices answer
+    (phase 1): their images are scored, their accuracy is not judged yet."""
     current = Prototypes.load_file(rnd.current_dir / mf.PROTOTYPES)
     devices = rnd.baseline_devices()
     # Like for like: the baseline holds the classes the candidate holds (not those left out of it),
@@ -474,7 +498,10 @@ def _judge(rnd: Round, embedded: Embedded, candidate: Prototypes, tolerance: flo
     if evals["candidate"] is None:
         raise DataError("the candidate knows none of the classes in the held-out folder",
                         "pass a held-out folder of the fleet's classes")
-    table, reasons = verdict(rnd.groups(), evals["candidate"], evals["baseline"] or {"per_class": {}}, evals["current"],
+    groups = rnd.groups()
+    if estimated:
+        groups[CALIBRATION] = [c for c in groups[CALIBRATION] if c not in estimated]
+    table, reasons = verdict(groups, evals["candidate"], evals["baseline"] or {"per_class": {}}, evals["current"],
                           tolerance, restricted=evals["restricted"], not_judged=not_judged, provisional=provisional)
     return table, reasons, evals
 
@@ -530,22 +557,28 @@ def release(bundle_id: str, server: str, token: str, options: ReleaseOptions) ->
         step = released_step(rnd)
         apply_delta(rnd.current_dir, released_delta(rnd.merged, step), candidate_dir, progress=False,
                     classes=Prototypes.empty(mf.load_manifest(rnd.current_dir).embedding_dim))
+        recomputed: list[str] = []
         if options.class_data is not None:
             phase("recomputing the current classes' statistics under the candidate (--class-data)")
-            recompute_current_classes(candidate_dir, Path(options.class_data))
+            recomputed = recompute_current_classes(candidate_dir, Path(options.class_data))
         phase("embedding the held-out images under the current and the candidate backbone")
         embedded = _embed_all(rnd.current_dir, candidate_dir, Path(options.heldout))
         estimates = estimate_in_candidate(rnd.baseline_devices(), embedded)
+        # Current classes the host holds no image of (added by devices in earlier rounds, default mode):
+        # the host's drift estimate now; the devices that hold their images answer for them in phase 2.
+        orphans, holders = placed_by_devices(rnd, set(recomputed) | set(embedded.exemplar_classes))
+        moved = estimate_in_candidate(restrict(Prototypes.load_file(rnd.current_dir / mf.PROTOTYPES), orphans),
+                                      embedded) if orphans else None
+        current_classes = union(Prototypes.load_file(candidate_dir / mf.PROTOTYPES), moved)
         # Shared exemplars (mode 2): their classes' statistics are exact under the candidate already, so
         # a round whose every device shared them needs no `edgecl restat` and publishes now.
         shared = se.shared_statistics(rnd.shared, candidate_dir, rnd.current_dir, _embed)
         exact = se.covered(rnd.own, rnd.shared)
-        candidate = union(Prototypes.load_file(candidate_dir / mf.PROTOTYPES), estimates,
-                          shared.table if shared is not None else None)
+        candidate = union(current_classes, estimates, shared.table if shared is not None else None)
         version = mf.load_manifest(candidate_dir).version
         devices = [g for g in rnd.groups() if g != CALIBRATION]
         waiting = [g for g in devices if g.removeprefix("device:") not in exact]
-        statistics_round = options.statistics_round and bool(waiting)
+        statistics_round = options.statistics_round and bool(waiting or holders)
         not_judged = waiting if statistics_round else []
         head, frozen = PHASE1_HEAD, None
         if not statistics_round and not waiting:
@@ -553,7 +586,7 @@ def release(bundle_id: str, server: str, token: str, options: ReleaseOptions) ->
             # phase 2, so the gate scores with the LDA head when every class's scatter is known.
             received: dict[str, delta_format.Delta] = {}
             se.answer_from_shared(received, shared, exact)
-            head = _gate_head(options, rnd, candidate_dir, candidate, received)
+            head = _gate_head(options, rnd, candidate_dir, candidate, received, embedded)
             frozen = same_images_baseline(rnd, received, options.update_known)
         elif not statistics_round:
             # --no-statistics-round with devices that shared nothing: their classes are the host's
@@ -562,11 +595,13 @@ def release(bundle_id: str, server: str, token: str, options: ReleaseOptions) ->
                 "ncm", f"no scatter of {', '.join(w.removeprefix('device:') for w in waiting)[:200]}'s classes "
                        "(the host's estimates: --no-statistics-round)")
         table, reasons, evals = _judge(rnd, embedded, candidate, options.tolerance, not_judged,
-                                       provisional=statistics_round, head=head, baseline=frozen)
+                                       provisional=statistics_round, head=head, baseline=frozen,
+                                       estimated=orphans if statistics_round else [])
         stage = "candidate" if statistics_round else "released"
         report = _report(rnd, version, reasons, table, evals, options.canary, stage, not_judged,
                          {d: {"answered": False, "classes": c} for d, c in rnd.own.items()}
                          | se.shared_note(shared, exact), head)
+        report.estimated = orphans
         if reasons:
             return report
         if statistics_round:
@@ -576,9 +611,10 @@ def release(bundle_id: str, server: str, token: str, options: ReleaseOptions) ->
             taken = [b["version"] for b in api_json(server, token, "GET", "/v1/bundles", policy=options.policy)
                      ["bundles"] if b["bundle_id"] == candidate_id(bundle_id)]
             probe = write_version(candidate_dir, work / "statistics-candidate", candidate_id(bundle_id),
-                                  max(taken, default=0) + 1, Prototypes.load_file(candidate_dir / mf.PROTOTYPES), "")
+                                  max(taken, default=0) + 1, current_classes, "")
             summary = {"stage": STAGE, "bundle_id": bundle_id, "current_version": rnd.version,
                        "version": version, "merge": rnd.merge, "devices": rnd.own, "shared": exact,
+                       "placed_by_devices": orphans,
                        "options": {"tolerance": options.tolerance, "scale": options.scale}}
             report.uploaded_bytes = _publish(server, token, probe, list(rnd.merge["devices"]), summary,
                                              options.policy, rnd.current_dir, step)
@@ -632,28 +668,32 @@ def answers(server: str, token: str, row: dict[str, Any], policy: RetryPolicy) -
 
 
 def summed_statistics(rnd: Round, current: Prototypes, received: dict[str, delta_format.Delta],
-                      base: bool = False, update_known: bool = True) -> tuple[Prototypes, dict[str, Any]]:
+                      base: bool = False, update_known: bool = True, replace: tuple[str, ...] | list[str] = ()
+                      ) -> tuple[Prototypes, dict[str, Any]]:
     """Class statistics under the candidate, summed exactly over the devices that answered
     (classstats.merge_by_counts). A device's rows count only for classes it reports images for
     under the candidate (counts bounded at push by what it saw); a class the current version knows
     adds the devices' images to the current statistics (moved to the candidate) by counts, unless
-    ``update_known`` is False (then those rows are not read).
+    ``update_known`` is False (then those rows are not read). A class in ``replace`` (the current
+    classes placed by devices, ``placed_by_devices``) takes the answers' sum alone: its current
+    statistics were computed under another backbone; with no answer it keeps them.
     ``base``: the same sum under the current backbone (the answers' ``base_prototypes``, ``current``
     the current version's table): the frozen baseline of the same images."""
     sources: dict[str, list[tuple[np.ndarray, int]]] = {}
     statistics: dict[str, Any] = {}
     for device, d in received.items():
         table = (d.base_prototypes if base else d.prototypes) or Prototypes.empty(int(current.means.shape[1]))
-        read = [i for i, name in enumerate(table.classes) if update_known or name not in current.classes]
+        read = [i for i, name in enumerate(table.classes)
+                if update_known or name not in current.classes or name in replace]
         statistics[device] = {"answered": True, "classes": [table.classes[i] for i in read],
                               "images": int(table.counts[read].sum())}
         if len(read) < len(table.classes):
-            statistics[device]["not_read"] = [c for c in table.classes if c in current.classes]
+            statistics[device]["not_read"] = [c for i, c in enumerate(table.classes) if i not in read]
         for i in read:
             sources.setdefault(table.classes[i], []).append((table.means[i], int(table.counts[i])))
     out = current.copy()
     for name, rows in sources.items():
-        if name in current.classes:
+        if name in current.classes and name not in replace:
             j = current.classes.index(name)
             rows = [(current.means[j], int(current.counts[j])), *rows]
         mean, count = classstats.merge_by_counts([m for m, _ in rows], [c for _, c in rows])
@@ -662,7 +702,7 @@ def summed_statistics(rnd: Round, current: Prototypes, received: dict[str, delta
 
 
 def _gate_head(options: ReleaseOptions, rnd: Round, probe: Path, candidate: Prototypes,
-               received: dict[str, delta_format.Delta]) -> gatehead.GateHead:
+               received: dict[str, delta_format.Delta], embedded: Embedded) -> gatehead.GateHead:
     if options.head == "ncm":
         return gatehead.NCM
     host = None
@@ -670,6 +710,9 @@ def _gate_head(options: ReleaseOptions, rnd: Round, probe: Path, candidate: Prot
         phase("the current classes' scatter under both backbones (--class-data), for the LDA head")
         host = gatehead.host_pieces(Path(options.class_data), rnd.known,
                                     {"current": rnd.current_dir, "candidate": probe}, _embed)
+        # Classes devices added in earlier rounds: from the exemplars the current version ships of them.
+        host = gatehead.exemplar_pieces(host, rnd.known, embedded.exemplar_classes, embedded.exemplar_labels,
+                                        embedded.exemplars)
     return gatehead.choose(candidate, rnd.known, received, host, rnd.current_dir)
 
 
@@ -695,15 +738,15 @@ def attach_fleet_scatter(bundle_dir: Path, head: gatehead.GateHead, table: Proto
     m.save(bundle_dir)
 
 
-def same_images_baseline(rnd: Round, received: dict[str, delta_format.Delta], update_known: bool
-                         ) -> Prototypes | None:
+def same_images_baseline(rnd: Round, received: dict[str, delta_format.Delta], update_known: bool,
+                         replace: tuple[str, ...] | list[str] = ()) -> Prototypes | None:
     """The frozen baseline of the images the candidate's statistics count: the current version's table
     plus the answers' means under the current backbone. None when an answer lacks them (an edgecl
     before delta format 5): the gate then takes the devices' own classes from their pushed deltas."""
     if not received or any(d.base_prototypes is None for d in received.values()):
         return None
     current = Prototypes.load_file(rnd.current_dir / mf.PROTOTYPES)
-    return summed_statistics(rnd, current, received, base=True, update_known=update_known)[0]
+    return summed_statistics(rnd, current, received, base=True, update_known=update_known, replace=replace)[0]
 
 
 def publish_version(server: str, token: str, source: Path, work: Path, rnd: Round, step: ReleasedStep,
@@ -750,8 +793,9 @@ def finish(bundle_id: str, server: str, token: str, options: ReleaseOptions) -> 
         # holds, the shared ones among them: adding both would count those twice).
         shared = se.shared_statistics(rnd.shared, probe, rnd.current_dir, _embed)
         from_shared = se.answer_from_shared(received, shared, se.covered(rnd.own, rnd.shared))
+        orphans = [str(c) for c in report_in.get("placed_by_devices", [])]
         summed, statistics = summed_statistics(rnd, Prototypes.load_file(probe / mf.PROTOTYPES), received,
-                                               update_known=options.update_known)
+                                               update_known=options.update_known, replace=orphans)
         statistics.update(se.shared_note(shared, from_shared))
         # A class no answering device reports is left out of this version: its device keeps it (pull
         # carries the classes a version lacks) and sends it next round; its group is not judged.
@@ -760,14 +804,16 @@ def finish(bundle_id: str, server: str, token: str, options: ReleaseOptions) -> 
         for device in rnd.own:
             statistics.setdefault(device, {"answered": False, "classes": rnd.own[device]})
         version = int(report_in["version"])
-        head = _gate_head(options, rnd, probe, candidate, received)
+        head = _gate_head(options, rnd, probe, candidate, received, embedded)
         # The frozen baseline of the same images (every answer carries its classes' means under the
         # current backbone too since delta format 5; else the devices' own classes from their deltas).
-        frozen = same_images_baseline(rnd, received, options.update_known)
+        frozen = same_images_baseline(rnd, received, options.update_known, orphans)
         table, reasons, evals = _judge(rnd, embedded, candidate, options.tolerance, not_judged, head=head,
                                        baseline=frozen)
         report = _report(rnd, version, reasons, table, evals, options.canary, "released", not_judged, statistics,
                          head)
+        answered = {c for d in received.values() if d.prototypes is not None for c in d.prototypes.classes}
+        report.estimated = [c for c in orphans if c not in answered]
         if not reasons and options.publish:
             publish_version(server, token, probe, work, rnd, released_step(rnd), candidate, shared, head,
                             embedded, options, report)

@@ -366,6 +366,31 @@ def test_provision_adapt_push_release_pull(tmp_path: Path, tiny_bundle: Path, fl
 
     v2_device = Path(load_device_config(configs["line-a"]).bundle)      # pull moved the config on
     assert v2_device.name == "bundle.v2"
+    # A round after a release, default mode: v2 knows line-a's and line-b's classes, whose images stayed
+    # on those devices (v2 ships exemplars of v1's classes only; --class-data covers v1's). Both adapt
+    # again on v2 and push; phase 1 asks them to place their classes under the candidate (the host's
+    # drift estimate until then, not judged); their answers replace those classes' statistics on both
+    # sides, and every class has its scatter, so the gate judges with LDA.
+    for i, name in enumerate(DEVICES):
+        _cli("adapt", "--config", str(configs[name]), "--data", str(data[name]), "--epochs", "1", "--seed", str(i), "-q")
+        again = tmp_path / name / "delta-round2.safetensors"
+        _cli("delta", str(load_device_config(configs[name]).bundle), "-o", str(again), "--config", str(configs[name]))
+        assert "sent" in _cli("push", str(again), "--config", str(configs[name]))
+    device_classes = [c for _, classes in DEVICES.values() for c in classes]
+    out = _cli(*gate, "--class-data", str(class_data))
+    assert "candidate v3 sent to line-a, line-b " in out, out
+    assert f"the current classes {', '.join(device_classes)} (added by devices in earlier rounds" in out, out
+    for name, (_, classes) in DEVICES.items():
+        sent = json.loads(_cli("restat", "--config", str(configs[name]), "--json"))
+        assert sent["status"] == "sent" and set(sent["classes"]) == set(classes), sent
+    # (judged only: passed or refused by a tiny model's accuracy, the statistics are what this checks)
+    result = runner.invoke(app, [*gate, "--finish", "--no-publish", "--json", "--class-data", str(class_data)])
+    assert result.exit_code in (0, 2), result.output
+    judged = json.loads(result.stdout[result.stdout.index("{"):])
+    assert judged["estimated"] == [] and judged["head"]["name"] == "lda", judged
+    assert {n: sorted(judged["statistics"][n]["classes"]) for n in DEVICES} == \
+        {n: sorted(c) for n, (_, c) in DEVICES.items()}, judged["statistics"]
+    assert releases()[-1]["version"] == 2                                # judged only
     _cli("adapt", str(v2_device), "--data", str(data["line-a"]), "--epochs", "0", "-q")
     path = tmp_path / "line-a" / "delta-v2.safetensors"
     _cli("delta", str(v2_device), "-o", str(path), "--config", str(configs["line-a"]))
@@ -373,9 +398,11 @@ def test_provision_adapt_push_release_pull(tmp_path: Path, tiny_bundle: Path, fl
     assert "sent" in _cli("push", str(path), "--config", str(configs["line-a"]))
     listed = {d["name"]: d for d in httpx.get(server.url + "/v1/devices",
                                              headers={"Authorization": f"Bearer {admin}"}).json()["devices"]}
-    assert all(listed[n]["last_version"] == 2 and listed[n]["last_heldout"]["after"] for n in DEVICES)
-    # One phase (--no-statistics-round): line-a's delta moves no weight and adds no class, so v3 is v2
-    # as it is: judged at once (nothing to wait for) and published.
+    # (line-b's last push was its statistics answer to the round-2 candidate, another lineage's version)
+    assert listed["line-a"]["last_version"] == 2 and all(listed[n]["last_heldout"]["after"] for n in DEVICES), \
+        {n: (listed[n]["last_version"], str(listed[n]["last_heldout"])[:80]) for n in DEVICES}
+    # One phase (--no-statistics-round, line-b's round-2 delta left out): line-a's delta moves no weight
+    # and adds no class, so v3 is v2 as it is: judged at once (nothing to wait for) and published.
     out = _cli("release", str(v2_device), "--heldout", str(heldout), "--server", server.url, "--token", admin,
-               "--no-statistics-round")
+               "--no-statistics-round", "--exclude-device", "line-b")
     assert f"released {manifest.bundle_id} v3" in out, out

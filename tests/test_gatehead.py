@@ -102,3 +102,29 @@ def test_a_poisoned_scatter_is_refused_by_the_same_classes_comparison(tmp_path: 
     assert head.name == "lda"
     _, reasons = _judge(head, train, test)
     assert any(r.startswith("calibration: candidate on the current classes") for r in reasons), reasons
+
+
+def test_a_current_class_the_class_data_lacks_takes_its_scatter_from_the_versions_exemplars(tmp_path: Path):
+    """A round after a release: the current version knows gear (a device added it in round 1; mode 2
+    ships its exemplars), the host's class data only bolt and nut. The exemplars' scatter completes the
+    current classes under both backbones, so the gate judges with LDA instead of falling back to ncm."""
+    train, _ = _data(0)
+    known = KNOWN + OWN                                  # gear is a current class now
+    host = {role: _piece(train, KNOWN) for role in ("current", "candidate")}
+    exemplars = np.concatenate([train[c][:20] for c in known])
+    labels = np.repeat(np.arange(len(known)), 20)
+    table = _table(train, known)
+    assert gatehead.choose(table, known, {}, host, tmp_path).why == "no scatter of the current version's gear " \
+        "(neither --class-data nor a scatter the version ships)"
+    filled = gatehead.exemplar_pieces(host, known, known, labels, {"current": exemplars, "candidate": exemplars})
+    assert filled is not None and filled["candidate"][0] == [*KNOWN, "gear"]
+    dense, count, groups = filled["candidate"][1]                           # type: ignore[misc]
+    alone = sc.class_scatter(train["gear"][:20], np.zeros(20))
+    np.testing.assert_allclose(dense, host["candidate"][1][0] + alone[0])   # type: ignore[index]
+    assert (count, groups) == (120 + 20, 3)
+    head = gatehead.choose(table, known, {}, filled, tmp_path)
+    assert head.name == "lda" and head.shipped_classes == sorted(known), head.why
+    # a class neither the class data nor the exemplars hold stays missing: ncm, and why
+    partial = gatehead.exemplar_pieces(host, known, KNOWN, labels[:40], {"current": exemplars[:40],
+                                                                         "candidate": exemplars[:40]})
+    assert partial is host and gatehead.choose(table, known, {}, partial, tmp_path).name == "ncm"

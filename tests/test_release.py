@@ -149,3 +149,44 @@ def test_the_frozen_baseline_counts_the_same_images_as_the_candidate():
     np.testing.assert_allclose(mine.means[mine.classes.index("bolt")], [1.0, 0.0])
     assert mine.counts.tolist() == [30, 4]
     assert said["cam"] == {"answered": True, "classes": ["gear"], "images": 4, "not_read": ["bolt"]}
+    # A current class the host holds no image of (added by a device in an earlier round) is placed by the
+    # devices that hold its images: their answers replace its statistics on both sides, whatever
+    # --update-known says (the current row was computed under the current backbone, from the same kind
+    # of images: adding it would count them twice and mix backbones).
+    placed, said = summed_statistics(None, current, {"cam": answer}, update_known=False,  # type: ignore[arg-type]
+                                     replace=["bolt"])
+    frozen, _ = summed_statistics(None, current, {"cam": answer}, base=True, update_known=False,  # type: ignore[arg-type]
+                                  replace=["bolt"])
+    np.testing.assert_allclose(placed.means[placed.classes.index("bolt")], [0.0, 1.0])
+    np.testing.assert_allclose(frozen.means[frozen.classes.index("bolt")], [0.0, 2.0])
+    assert placed.counts.tolist() == frozen.counts.tolist() == [10, 4]
+    assert said["cam"] == {"answered": True, "classes": ["bolt", "gear"], "images": 14}
+    # with no answer, it keeps what it had
+    kept, _ = summed_statistics(None, current, {}, update_known=False, replace=["bolt"])  # type: ignore[arg-type]
+    np.testing.assert_allclose(kept.means, current.means)
+
+
+def test_the_current_classes_the_host_cannot_place_are_asked_of_the_devices_that_saw_them():
+    """Round 2 of the default mode: v2 knows the calibration classes (the host's class data and exemplars)
+    and gear, which line-a added in round 1 (its images stayed on line-a). line-a's new delta reports
+    gear again, line-b's only bolt: gear is placed by line-a; nobody is asked for bolt."""
+    from pathlib import Path
+
+    from edgecl.formats.delta import Delta
+    from edgecl.release import Round, placed_by_devices
+
+    def delta(device: str, classes: list[str], counts: list[int]) -> Delta:
+        return Delta(bundle_id="b", bundle_version=2, base_sha256="0" * 64, mask_sha256="f" * 64, device_id=device,
+                     delta_k=1, positions=np.zeros(0, np.int32), values=np.zeros(0, np.float32),
+                     prototypes=Prototypes(classes, np.zeros((len(classes), 2), np.float32), np.asarray(counts)))
+
+    known = ["bolt", "nut", "gear"]
+    reported = {n: [c for c, k in zip(d.prototypes.classes, d.prototypes.counts.tolist(), strict=True)
+                    if c in known and k > 0]
+                for n, d in {"line-a": delta("line-a", ["gear", "cog"], [12, 5]),
+                             "line-b": delta("line-b", ["bolt", "gear"], [9, 0])}.items()}
+    rnd = Round("b", Path("."), {"version": 2}, {}, None, {"line-a": ["cog"], "line-b": []}, {}, known,  # type: ignore[arg-type]
+                reported=reported)
+    assert placed_by_devices(rnd, {"bolt", "nut"}) == (["gear"], ["line-a"])
+    assert placed_by_devices(rnd, {"bolt", "nut", "gear"}) == ([], [])    # mode 2: v2 ships gear's exemplars
+    assert placed_by_devices(rnd, set()) == (known, ["line-a", "line-b"])
