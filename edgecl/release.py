@@ -16,7 +16,9 @@ Phase 1, ``release()`` (`edgecl release`):
        int4, ``released_step``): its weights, and the current classes' statistics moved by their
        exemplars' drift (those classes never take a device's numbers). ``scale`` (the server's
        step size, 1 = the merged step whole) damps what one device's step costs the classes it
-       never saw (docs/server.md, "Interference");
+       never saw (docs/server.md, "Interference"). Current classes the host holds no image of (added
+       by devices in earlier rounds, ``placed_by_devices``) take the host's drift estimate until the
+       devices that hold their images answer in phase 2;
     4. judged now on what is already final: the candidate scored among the current classes only vs
        the current version on those classes (like with like); the devices' classes are estimates
        until phase 2, so nothing that depends on them is judged yet;

@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/b7_fleet/run.py --out runs/b7 [--seeds 1993 1994 1995]
         [--train-per-class 100] [--test-per-class 100] [--check-per-class 30] [--epochs 0 (bundle default)]
-        [--strategies weighted-mean ties weighted-mean@0.5 median] [--recipe models/efficientnet_lite0.toml]
+        [--strategies weighted-mean ties weighted-mean@0.5 median] [--tolerance 0.0]
+        [--recipe models/efficientnet_lite0.toml]
 
 Fashion-MNIST at 64 px. The bundle v1 knows the calibration classes 0-3; device A adds 4-5, B 6-7,
 C 8 and D 9; C and D see everything through their own camera (B6's domains `blur-noise`,
@@ -223,7 +224,7 @@ def run_seed(out: Path, seed: int, args: argparse.Namespace) -> dict[str, Any]:
                 # scatter under the candidate; with `--head ncm` the gate judges with ncm as before.
                 options = ReleaseOptions(heldout=data["check"], strategy=name, scale=float(scale or 1.0),
                                          work_dir=out / f"release-{r}-{strategy}", class_data=data["calib"],
-                                         head="ncm" if args.head == "ncm" else "auto")
+                                         head="ncm" if args.head == "ncm" else "auto", tolerance=args.tolerance)
                 scored: ReleaseReport
                 if args.share_exemplars:
                     # Mode 2: one phase. Scored on the test images without publishing, then the shipped
@@ -255,6 +256,8 @@ def run_seed(out: Path, seed: int, args: argparse.Namespace) -> dict[str, Any]:
                 row["fleet"][strategy] = {g: v["candidate"] for g, v in scored.groups.items()}
                 row["frozen"] = {g: v["baseline"] for g, v in scored.groups.items()}
                 row["current"] = {g: v["current"] for g, v in scored.groups.items()}
+                row.setdefault("statistics_sources", {})[strategy] = {**scored.statistics,
+                                                                     "estimated": scored.estimated}
                 if shipped:
                     final = finish(bundle_id, server.url, admin, options)
                     row["released"] = {"published": final.published, "reasons": final.reasons,
@@ -343,6 +346,8 @@ def main() -> None:
                          "prototypes")
     ap.add_argument("--share-exemplars", action="store_true",
                     help="mode 2: devices share their exemplars of their own classes (profile share_exemplars)")
+    ap.add_argument("--tolerance", type=float, default=0.0,
+                    help="the release gate's allowed drop per group (edgecl release --tolerance; 0: none)")
     ap.add_argument("--recipe", type=Path, default=REPO / "models" / "efficientnet_lite0.toml")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
