@@ -109,7 +109,8 @@ def release(
                        "to try (--exclude-device, --strategy median, more held-out images)")
         raise typer.Exit(code=EXIT_REFUSED)
     if not as_json and report.stage == "candidate":
-        typer.echo(f"candidate v{report.version} sent to {', '.join(report.merge['devices'])} for their statistics; "
+        typer.echo(f"candidate v{report.version} sent to {', '.join(report.asked or report.merge['devices'])} for their "
+                   "statistics; "
                    f"uploaded {report.uploaded_bytes / 1e6:.2f} MB")
         typer.echo(f"next: on each of those devices, `edgecl restat`; then `edgecl release {bundle_id} --finish "
                    f"--heldout {heldout}`")

@@ -139,6 +139,7 @@ class ReleaseReport:
     # current classes placed by the devices that hold their images (placed_by_devices) that no device
     # answered for: the host's drift estimate under the candidate
     estimated: list[str] = field(default_factory=list)
+    asked: list[str] = field(default_factory=list)            # phase 1: the devices the candidate went to
     head: dict[str, Any] = field(default_factory=lambda: {"name": "ncm", "why": ""})  # what the gate scored with
 
     def to_json(self) -> dict[str, Any]:
@@ -307,6 +308,9 @@ class Round:
     known: list[str]                               # the current version's classes
     shared: dict[str, ExemplarMemory] = field(default_factory=dict)  # device -> its shared exemplars of `own`
     reported: dict[str, list[str]] = field(default_factory=dict)     # device -> current classes it saw images of
+    # device -> the current classes the current version's release counted from it (its report's
+    # statistics): who holds their images, also when it sends no delta this round
+    placed: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def version(self) -> int:
@@ -397,20 +401,61 @@ def _load_round(bundle_id: str, server: str, token: str, options: ReleaseOptions
         if d.prototypes is not None:
             reported[device] = [c for c, n in zip(d.prototypes.classes, d.prototypes.counts.tolist(), strict=True)
                                 if c in known and n > 0]
-    return Round(bundle_id, current_dir, current_row, merge, merged, own, base_tables, known, shared, reported)
+    placed = _placed(server, token, bundle_id, int(current_row["version"]), known, policy)
+    return Round(bundle_id, current_dir, current_row, merge, merged, own, base_tables, known, shared, reported,
+                 placed)
 
 
 def placed_by_devices(rnd: Round, placed: set[str]) -> tuple[list[str], list[str]]:
     """(classes, devices): the current classes the host holds no image of (none in --class-data,
-    ``placed``'s first part, no exemplar in the current version) and the contributing devices that
-    report images of them. In the default mode those are the classes devices added in earlier
+    ``placed``'s first part, no exemplar in the current version) and the devices holding images of
+    them: the contributors whose deltas report them, and the devices the current version's release
+    counted them from (``Round.placed``: a device that sends no delta this round still holds the
+    images of the classes it added). In the default mode those are the classes devices added in earlier
     rounds: their images stay on the devices, so a later round's candidate gets their statistics
     the way it gets a new class's, from the devices holding the images (`edgecl restat`), which
     replace the current ones (those were computed under the current backbone). Phase 1 holds the
     host's drift estimate of them meanwhile."""
     classes = [c for c in rnd.known if c not in placed]
-    devices = sorted(d for d, reported in rnd.reported.items() if set(reported) & set(classes))
-    return classes, devices
+    devices = sorted(d for table in (rnd.reported, rnd.placed) for d, held in table.items() if set(held) & set(classes))
+    return classes, sorted(set(devices))
+
+
+def _placed(server: str, token: str, bundle_id: str, version: int, known: list[str], policy: RetryPolicy
+            ) -> dict[str, list[str]]:
+    """device -> the current classes the release of ``version`` counted from that device (its report's
+    ``statistics``; a device it asked and that did not answer is listed with the classes it holds)."""
+    try:
+        row = api_json(server, token, "GET", f"/v1/releases/latest?bundle_id={bundle_id}", policy=policy)
+    except ServerRejected as exc:
+        if exc.code != "not_found":
+            raise
+        return {}
+    if int(row.get("version", -1)) != version:
+        return {}
+    statistics = (row.get("report") or {}).get("statistics") or {}
+    out: dict[str, list[str]] = {}
+    for device, entry in statistics.items():
+        classes = entry.get("classes") if isinstance(entry, dict) else None
+        if isinstance(classes, list) and delta_format.NAME_RE.fullmatch(str(device)):
+            held = [c for c in classes if c in known]
+            if held:
+                out[str(device)] = held
+    return out
+
+
+def held_note(rnd: Round, orphans: list[str], statistics: dict[str, Any]) -> dict[str, Any]:
+    """``statistics`` (device -> answered, classes) with each device that holds images of ``orphans``
+    and did not answer listed with those classes: the next round's release reads who holds them from
+    this report (``_placed``)."""
+    for device in sorted(set(rnd.placed) | set(rnd.reported)):
+        held = [c for c in orphans if c in rnd.placed.get(device, []) or c in rnd.reported.get(device, [])]
+        if not held:
+            continue
+        entry = statistics.setdefault(device, {"answered": False, "classes": []})
+        if not entry.get("answered"):
+            entry["classes"] = list(dict.fromkeys([*entry.get("classes", []), *held]))
+    return statistics
 
 
 # -- embeddings: once per backbone ---------------------------------------------------------------
@@ -601,8 +646,8 @@ def release(bundle_id: str, server: str, token: str, options: ReleaseOptions) ->
                                        estimated=orphans if statistics_round else [])
         stage = "candidate" if statistics_round else "released"
         report = _report(rnd, version, reasons, table, evals, options.canary, stage, not_judged,
-                         {d: {"answered": False, "classes": c} for d, c in rnd.own.items()}
-                         | se.shared_note(shared, exact), head)
+                         held_note(rnd, orphans, {d: {"answered": False, "classes": c} for d, c in rnd.own.items()}
+                                   | se.shared_note(shared, exact)), head)
         report.estimated = orphans
         if reasons:
             return report
@@ -616,9 +661,10 @@ def release(bundle_id: str, server: str, token: str, options: ReleaseOptions) ->
                                   max(taken, default=0) + 1, current_classes, "")
             summary = {"stage": STAGE, "bundle_id": bundle_id, "current_version": rnd.version,
                        "version": version, "merge": rnd.merge, "devices": rnd.own, "shared": exact,
-                       "placed_by_devices": orphans,
+                       "placed_by_devices": orphans, "asked": holders,
                        "options": {"tolerance": options.tolerance, "scale": options.scale}}
-            report.uploaded_bytes = _publish(server, token, probe, list(rnd.merge["devices"]), summary,
+            report.asked = sorted(set(rnd.merge["devices"]) | set(holders))
+            report.uploaded_bytes = _publish(server, token, probe, report.asked, summary,
                                              options.policy, rnd.current_dir, step)
             report.published = True
             return report
@@ -663,8 +709,9 @@ def answers(server: str, token: str, row: dict[str, Any], policy: RetryPolicy) -
     rows = api_json(server, token, "GET", f"/v1/deltas?bundle_id={urllib.parse.quote(row['bundle_id'])}"
                     f"&version={row['version']}", policy=policy)["deltas"]
     newest: dict[str, str] = {}
+    asked = set(report["devices"]) | set(report.get("asked", []))
     for r in rows:                     # oldest first: the last one of a device wins
-        if r["device"] in report["devices"]:
+        if r["device"] in asked:
             newest[r["device"]] = r["sha256"]
     return newest
 
@@ -773,7 +820,7 @@ def finish(bundle_id: str, server: str, token: str, options: ReleaseOptions) -> 
     row = open_candidate(bundle_id, server, token, policy)
     report_in: dict[str, Any] = row["report"]
     # Devices that shared exemplars of all their classes need not answer (their statistics come from them).
-    expected = set(report_in["devices"]) - set(report_in.get("shared", []))
+    expected = (set(report_in["devices"]) | set(report_in.get("asked", []))) - set(report_in.get("shared", []))
     deadline = time.monotonic() + max(options.wait_s, 0.0)
     phase("collecting the devices' statistics under the candidate")
     got = answers(server, token, row, policy)
@@ -805,6 +852,7 @@ def finish(bundle_id: str, server: str, token: str, options: ReleaseOptions) -> 
         not_judged = [f"device:{d}" for d, classes in rnd.own.items() if d not in received and classes]
         for device in rnd.own:
             statistics.setdefault(device, {"answered": False, "classes": rnd.own[device]})
+        held_note(rnd, orphans, statistics)
         version = int(report_in["version"])
         head = _gate_head(options, rnd, probe, candidate, received, embedded)
         # The frozen baseline of the same images (every answer carries its classes' means under the

@@ -173,7 +173,7 @@ def test_the_current_classes_the_host_cannot_place_are_asked_of_the_devices_that
     from pathlib import Path
 
     from edgecl.formats.delta import Delta
-    from edgecl.release import Round, placed_by_devices
+    from edgecl.release import Round, held_note, placed_by_devices
 
     def delta(device: str, classes: list[str], counts: list[int]) -> Delta:
         return Delta(bundle_id="b", bundle_version=2, base_sha256="0" * 64, mask_sha256="f" * 64, device_id=device,
@@ -190,3 +190,12 @@ def test_the_current_classes_the_host_cannot_place_are_asked_of_the_devices_that
     assert placed_by_devices(rnd, {"bolt", "nut"}) == (["gear"], ["line-a"])
     assert placed_by_devices(rnd, {"bolt", "nut", "gear"}) == ([], [])    # mode 2: v2 ships gear's exemplars
     assert placed_by_devices(rnd, set()) == (known, ["line-a", "line-b"])
+    # line-c sends no delta this round, but v2's release counted gear from it: it holds gear's images too
+    rnd.placed = {"line-c": ["gear"]}
+    assert placed_by_devices(rnd, {"bolt", "nut"}) == (["gear"], ["line-a", "line-c"])
+    # who did not answer stays listed with what it holds, so the round after this one asks it again
+    said = held_note(rnd, ["gear"], {"line-a": {"answered": True, "classes": ["gear", "cog"], "images": 17},
+                                     "line-b": {"answered": False, "classes": []}})
+    assert said == {"line-a": {"answered": True, "classes": ["gear", "cog"], "images": 17},
+                    "line-b": {"answered": False, "classes": []},
+                    "line-c": {"answered": False, "classes": ["gear"]}}
