@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/b7_fleet/run.py --out runs/b7 [--seeds 1993 1994 1995]
         [--train-per-class 100] [--test-per-class 100] [--check-per-class 30] [--epochs 0 (bundle default)]
-        [--strategies weighted-mean ties weighted-mean@0.5 median] [--tolerance 0.0]
+        [--strategies weighted-mean ties weighted-mean@0.5 median] [--rounds 2] [--tolerance 0.0]
         [--recipe models/efficientnet_lite0.toml]
 
 Fashion-MNIST at 64 px. The bundle v1 knows the calibration classes 0-3; device A adds 4-5, B 6-7,
@@ -64,7 +64,7 @@ DEVICES: dict[str, tuple[list[int], str]] = {       # name -> (own classes, came
     "dev-a": ([4, 5], "clean"), "dev-b": ([6, 7], "clean"),
     "dev-c": ([8], "blur-noise"), "dev-d": ([9], "dim-jpeg")}
 SHARED = [0, 1]                                      # calibration classes the camera devices also see
-ROUNDS = 2
+ROUNDS = 2                                           # default; --rounds
 SIZE = 64
 
 
@@ -79,7 +79,7 @@ def _write(root: Path, images: np.ndarray, rows_by_class: dict[int, np.ndarray],
     return root
 
 
-def write_data(out: Path, seed: int, train: int, test: int, check: int) -> dict[str, Any]:
+def write_data(out: Path, seed: int, train: int, test: int, check: int, rounds: int = ROUNDS) -> dict[str, Any]:
     """Disjoint image sets: calibration (export), per device and round its training images, the gate's
     check images, and the test images of every group (device classes through the device's camera)."""
     tr_x, tr_y = load_fashion_mnist("train")
@@ -87,13 +87,13 @@ def write_data(out: Path, seed: int, train: int, test: int, check: int) -> dict[
     owner = {c: d for d, (cs, _) in DEVICES.items() for c in cs}
     cameras = sum(1 for _, cam in DEVICES.values() if cam != "clean")
     # per class: [calibration] + a set per (round, device that trains on it) + [check]
-    need = {c: [train] * (1 + ROUNDS * ((c in owner) + (cameras if c in SHARED else 0))) + [check] for c in range(10)}
+    need = {c: [train] * (1 + rounds * ((c in owner) + (cameras if c in SHARED else 0))) + [check] for c in range(10)}
     parts = {c: per_class_subsample(tr_y, c, need[c], seed) for c in range(10)}
     test_parts = {c: per_class_subsample(te_y, c, [test], seed) for c in range(10)}
     data: dict[str, Any] = {"calib": _write(out / "calib", tr_x, {c: parts[c][0] for c in CALIBRATION}, "clean", seed)}
     check_rows: dict[str, dict[int, np.ndarray]] = {}
     cursor = {c: 1 for c in range(10)}
-    for r in range(ROUNDS):
+    for r in range(rounds):
         for name, (own, camera) in DEVICES.items():
             rows = {c: parts[c][cursor[c]] for c in own}
             for c in own:
@@ -178,7 +178,8 @@ def run_seed(out: Path, seed: int, args: argparse.Namespace) -> dict[str, Any]:
     from edgecl.release import ReleaseOptions, ReleaseReport, finish, release, upload_bundle
     from edgecl.server.store import Store
 
-    data = write_data(out / "data", seed, args.train_per_class, args.test_per_class, args.check_per_class)
+    data = write_data(out / "data", seed, args.train_per_class, args.test_per_class, args.check_per_class,
+                      args.rounds)
     groups: dict[str, Path] = data["groups"]
     v1 = out / "v1"
     shutil.rmtree(v1, ignore_errors=True)
@@ -201,7 +202,7 @@ def run_seed(out: Path, seed: int, args: argparse.Namespace) -> dict[str, Any]:
         for d in DEVICES:
             shutil.rmtree(out / d, ignore_errors=True)
             shutil.copytree(v1, running[d])
-        for r in range(1, ROUNDS + 1):
+        for r in range(1, args.rounds + 1):
             t0 = time.perf_counter()
             row: dict[str, Any] = {"round": r, "alone": {}, "fleet": {}, "pulled": {}, "statistics_bytes": {},
                                    "delta_bytes": {}}
@@ -309,7 +310,7 @@ def summary(results: dict[str, Any]) -> str:
     lines = [f"# B7 fleet ({mode}): accuracy (%) per class group, {'ncm' if head == 'ncm' else 'served (LDA)'} head",
              ""]
     seeds = results["seeds"]
-    for r in range(ROUNDS):
+    for r in range(max((len(s["rounds"]) for s in seeds), default=0)):
         per_seed = [_groups_of(s["rounds"][r]) for s in seeds if len(s["rounds"]) > r]
         if not per_seed:
             continue
@@ -346,6 +347,7 @@ def main() -> None:
                          "prototypes")
     ap.add_argument("--share-exemplars", action="store_true",
                     help="mode 2: devices share their exemplars of their own classes (profile share_exemplars)")
+    ap.add_argument("--rounds", type=int, default=ROUNDS, help="release rounds (each device adapts on new images)")
     ap.add_argument("--tolerance", type=float, default=0.0,
                     help="the release gate's allowed drop per group (edgecl release --tolerance; 0: none)")
     ap.add_argument("--recipe", type=Path, default=REPO / "models" / "efficientnet_lite0.toml")
