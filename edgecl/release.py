@@ -406,19 +406,26 @@ def _load_round(bundle_id: str, server: str, token: str, options: ReleaseOptions
                  placed)
 
 
-def placed_by_devices(rnd: Round, placed: set[str]) -> tuple[list[str], list[str]]:
-    """(classes, devices): the current classes the host holds no image of (none in --class-data,
-    ``placed``'s first part, no exemplar in the current version) and the devices holding images of
-    them: the contributors whose deltas report them, and the devices the current version's release
-    counted them from (``Round.placed``: a device that sends no delta this round still holds the
-    images of the classes it added). In the default mode those are the classes devices added in earlier
-    rounds: their images stay on the devices, so a later round's candidate gets their statistics
-    the way it gets a new class's, from the devices holding the images (`edgecl restat`), which
-    replace the current ones (those were computed under the current backbone). Phase 1 holds the
-    host's drift estimate of them meanwhile."""
-    classes = [c for c in rnd.known if c not in placed]
-    devices = sorted(d for table in (rnd.reported, rnd.placed) for d, held in table.items() if set(held) & set(classes))
-    return classes, sorted(set(devices))
+def placed_by_devices(rnd: Round, placed: set[str]) -> dict[str, list[str]]:
+    """class -> the devices that place it: the current classes the host holds no image of (none in
+    --class-data, ``placed``'s first part, no exemplar in the current version), each with the devices
+    holding its images. In the default mode those are the classes devices added in earlier rounds:
+    their images stay on the devices, so a later round's candidate gets their statistics the way it
+    gets a new class's, from the devices holding the images (`edgecl restat`), which replace the
+    current ones (computed under the current backbone). Phase 1 holds the host's drift estimate of
+    them meanwhile.
+
+    Who places a class: the devices the current version's release counted it from (``Round.placed``;
+    also when they send no delta this round), like the device that added it. Another device that
+    reports images of it (a camera seeing it from its own angle) does not, as it does not update a
+    calibration class (``--update-known`` lets it): its view would move the class away from the
+    images it was made from, and a device never speaks for a class it was not counted for. A class
+    no release counted (a version registered by hand) is placed by the contributors that report it."""
+    out: dict[str, list[str]] = {}
+    for name in (c for c in rnd.known if c not in placed):
+        owners = sorted(d for d, held in rnd.placed.items() if name in held)
+        out[name] = owners or sorted(d for d, held in rnd.reported.items() if name in held)
+    return out
 
 
 def _placed(server: str, token: str, bundle_id: str, version: int, known: list[str], policy: RetryPolicy
@@ -444,12 +451,12 @@ def _placed(server: str, token: str, bundle_id: str, version: int, known: list[s
     return out
 
 
-def held_note(rnd: Round, orphans: list[str], statistics: dict[str, Any]) -> dict[str, Any]:
-    """``statistics`` (device -> answered, classes) with each device that holds images of ``orphans``
-    and did not answer listed with those classes: the next round's release reads who holds them from
-    this report (``_placed``)."""
-    for device in sorted(set(rnd.placed) | set(rnd.reported)):
-        held = [c for c in orphans if c in rnd.placed.get(device, []) or c in rnd.reported.get(device, [])]
+def held_note(orphans: dict[str, list[str]], statistics: dict[str, Any]) -> dict[str, Any]:
+    """``statistics`` (device -> answered, classes) with each device that places classes of
+    ``orphans`` (class -> devices) and did not answer listed with those classes: the next round's
+    release reads who holds them from this report (``_placed``)."""
+    for device in sorted({d for devices in orphans.values() for d in devices}):
+        held = [c for c, devices in orphans.items() if device in devices]
         if not held:
             continue
         entry = statistics.setdefault(device, {"answered": False, "classes": []})
@@ -613,9 +620,10 @@ def release(bundle_id: str, server: str, token: str, options: ReleaseOptions) ->
         estimates = estimate_in_candidate(rnd.baseline_devices(), embedded)
         # Current classes the host holds no image of (added by devices in earlier rounds, default mode):
         # the host's drift estimate now; the devices that hold their images answer for them in phase 2.
-        orphans, holders = placed_by_devices(rnd, set(recomputed) | set(embedded.exemplar_classes))
-        moved = estimate_in_candidate(restrict(Prototypes.load_file(rnd.current_dir / mf.PROTOTYPES), orphans),
-                                      embedded) if orphans else None
+        orphans = placed_by_devices(rnd, set(recomputed) | set(embedded.exemplar_classes))
+        holders = sorted({d for devices in orphans.values() for d in devices})
+        moved = estimate_in_candidate(restrict(Prototypes.load_file(rnd.current_dir / mf.PROTOTYPES),
+                                               list(orphans)), embedded) if orphans else None
         current_classes = union(Prototypes.load_file(candidate_dir / mf.PROTOTYPES), moved)
         # Shared exemplars (mode 2): their classes' statistics are exact under the candidate already, so
         # a round whose every device shared them needs no `edgecl restat` and publishes now.
@@ -643,12 +651,12 @@ def release(bundle_id: str, server: str, token: str, options: ReleaseOptions) ->
                        "(the host's estimates: --no-statistics-round)")
         table, reasons, evals = _judge(rnd, embedded, candidate, options.tolerance, not_judged,
                                        provisional=statistics_round, head=head, baseline=frozen,
-                                       estimated=orphans if statistics_round else [])
+                                       estimated=list(orphans) if statistics_round else [])
         stage = "candidate" if statistics_round else "released"
         report = _report(rnd, version, reasons, table, evals, options.canary, stage, not_judged,
-                         held_note(rnd, orphans, {d: {"answered": False, "classes": c} for d, c in rnd.own.items()}
+                         held_note(orphans, {d: {"answered": False, "classes": c} for d, c in rnd.own.items()}
                                    | se.shared_note(shared, exact)), head)
-        report.estimated = orphans
+        report.estimated = list(orphans)
         if reasons:
             return report
         if statistics_round:
@@ -717,23 +725,25 @@ def answers(server: str, token: str, row: dict[str, Any], policy: RetryPolicy) -
 
 
 def summed_statistics(rnd: Round, current: Prototypes, received: dict[str, delta_format.Delta],
-                      base: bool = False, update_known: bool = True, replace: tuple[str, ...] | list[str] = ()
+                      base: bool = False, update_known: bool = True, replace: dict[str, list[str]] | None = None
                       ) -> tuple[Prototypes, dict[str, Any]]:
     """Class statistics under the candidate, summed exactly over the devices that answered
     (classstats.merge_by_counts). A device's rows count only for classes it reports images for
     under the candidate (counts bounded at push by what it saw); a class the current version knows
     adds the devices' images to the current statistics (moved to the candidate) by counts, unless
-    ``update_known`` is False (then those rows are not read). A class in ``replace`` (the current
-    classes placed by devices, ``placed_by_devices``) takes the answers' sum alone: its current
-    statistics were computed under another backbone; with no answer it keeps them.
+    ``update_known`` is False (then those rows are not read). A class in ``replace`` (class -> the
+    devices that place it, ``placed_by_devices``) takes the sum of those devices' answers alone (any
+    device's with ``update_known``): its current statistics were computed under another backbone;
+    with no answer it keeps them.
     ``base``: the same sum under the current backbone (the answers' ``base_prototypes``, ``current``
     the current version's table): the frozen baseline of the same images."""
+    replace = replace or {}
     sources: dict[str, list[tuple[np.ndarray, int]]] = {}
     statistics: dict[str, Any] = {}
     for device, d in received.items():
         table = (d.base_prototypes if base else d.prototypes) or Prototypes.empty(int(current.means.shape[1]))
         read = [i for i, name in enumerate(table.classes)
-                if update_known or name not in current.classes or name in replace]
+                if update_known or name not in current.classes or device in replace.get(name, ())]
         statistics[device] = {"answered": True, "classes": [table.classes[i] for i in read],
                               "images": int(table.counts[read].sum())}
         if len(read) < len(table.classes):
@@ -788,7 +798,7 @@ def attach_fleet_scatter(bundle_dir: Path, head: gatehead.GateHead, table: Proto
 
 
 def same_images_baseline(rnd: Round, received: dict[str, delta_format.Delta], update_known: bool,
-                         replace: tuple[str, ...] | list[str] = ()) -> Prototypes | None:
+                         replace: dict[str, list[str]] | None = None) -> Prototypes | None:
     """The frozen baseline of the images the candidate's statistics count: the current version's table
     plus the answers' means under the current backbone. None when an answer lacks them (an edgecl
     before delta format 5): the gate then takes the devices' own classes from their pushed deltas."""
@@ -842,7 +852,7 @@ def finish(bundle_id: str, server: str, token: str, options: ReleaseOptions) -> 
         # holds, the shared ones among them: adding both would count those twice).
         shared = se.shared_statistics(rnd.shared, probe, rnd.current_dir, _embed)
         from_shared = se.answer_from_shared(received, shared, se.covered(rnd.own, rnd.shared))
-        orphans = [str(c) for c in report_in.get("placed_by_devices", [])]
+        orphans = {str(c): [str(d) for d in devices] for c, devices in (report_in.get("placed_by_devices") or {}).items()}
         summed, statistics = summed_statistics(rnd, Prototypes.load_file(probe / mf.PROTOTYPES), received,
                                                update_known=options.update_known, replace=orphans)
         statistics.update(se.shared_note(shared, from_shared))
@@ -852,7 +862,7 @@ def finish(bundle_id: str, server: str, token: str, options: ReleaseOptions) -> 
         not_judged = [f"device:{d}" for d, classes in rnd.own.items() if d not in received and classes]
         for device in rnd.own:
             statistics.setdefault(device, {"answered": False, "classes": rnd.own[device]})
-        held_note(rnd, orphans, statistics)
+        held_note(orphans, statistics)
         version = int(report_in["version"])
         head = _gate_head(options, rnd, probe, candidate, received, embedded)
         # The frozen baseline of the same images (every answer carries its classes' means under the
@@ -862,8 +872,9 @@ def finish(bundle_id: str, server: str, token: str, options: ReleaseOptions) -> 
                                        baseline=frozen)
         report = _report(rnd, version, reasons, table, evals, options.canary, "released", not_judged, statistics,
                          head)
-        answered = {c for d in received.values() if d.prototypes is not None for c in d.prototypes.classes}
-        report.estimated = [c for c in orphans if c not in answered]
+        report.estimated = [c for c, devices in orphans.items()
+                            if not any(c in statistics.get(d, {}).get("classes", []) and statistics[d].get("answered")
+                                       for d in devices)]
         if not reasons and options.publish:
             publish_version(server, token, probe, work, rnd, released_step(rnd), candidate, shared, head,
                             embedded, options, report)

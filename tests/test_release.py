@@ -154,22 +154,27 @@ def test_the_frozen_baseline_counts_the_same_images_as_the_candidate():
     # --update-known says (the current row was computed under the current backbone, from the same kind
     # of images: adding it would count them twice and mix backbones).
     placed, said = summed_statistics(None, current, {"cam": answer}, update_known=False,  # type: ignore[arg-type]
-                                     replace=["bolt"])
+                                     replace={"bolt": ["cam"]})
     frozen, _ = summed_statistics(None, current, {"cam": answer}, base=True, update_known=False,  # type: ignore[arg-type]
-                                  replace=["bolt"])
+                                  replace={"bolt": ["cam"]})
     np.testing.assert_allclose(placed.means[placed.classes.index("bolt")], [0.0, 1.0])
     np.testing.assert_allclose(frozen.means[frozen.classes.index("bolt")], [0.0, 2.0])
     assert placed.counts.tolist() == frozen.counts.tolist() == [10, 4]
     assert said["cam"] == {"answered": True, "classes": ["bolt", "gear"], "images": 14}
-    # with no answer, it keeps what it had
-    kept, _ = summed_statistics(None, current, {}, update_known=False, replace=["bolt"])  # type: ignore[arg-type]
+    # with no answer, it keeps what it had; a device that does not place it is not read for it
+    kept, _ = summed_statistics(None, current, {}, update_known=False, replace={"bolt": ["cam"]})  # type: ignore[arg-type]
     np.testing.assert_allclose(kept.means, current.means)
+    other, said = summed_statistics(None, current, {"cam": answer}, update_known=False,  # type: ignore[arg-type]
+                                    replace={"bolt": ["line-a"]})
+    np.testing.assert_allclose(other.means[other.classes.index("bolt")], [1.0, 0.0])
+    assert said["cam"]["not_read"] == ["bolt"]
 
 
 def test_the_current_classes_the_host_cannot_place_are_asked_of_the_devices_that_saw_them():
     """Round 2 of the default mode: v2 knows the calibration classes (the host's class data and exemplars)
     and gear, which line-a added in round 1 (its images stayed on line-a). line-a's new delta reports
-    gear again, line-b's only bolt: gear is placed by line-a; nobody is asked for bolt."""
+    gear again, line-b's only bolt: gear is placed by line-a; nobody is asked for bolt. Once a release
+    says who it counted gear from, only that device places it."""
     from pathlib import Path
 
     from edgecl.formats.delta import Delta
@@ -187,15 +192,17 @@ def test_the_current_classes_the_host_cannot_place_are_asked_of_the_devices_that
                              "line-b": delta("line-b", ["bolt", "gear"], [9, 0])}.items()}
     rnd = Round("b", Path("."), {"version": 2}, {}, None, {"line-a": ["cog"], "line-b": []}, {}, known,  # type: ignore[arg-type]
                 reported=reported)
-    assert placed_by_devices(rnd, {"bolt", "nut"}) == (["gear"], ["line-a"])
-    assert placed_by_devices(rnd, {"bolt", "nut", "gear"}) == ([], [])    # mode 2: v2 ships gear's exemplars
-    assert placed_by_devices(rnd, set()) == (known, ["line-a", "line-b"])
-    # line-c sends no delta this round, but v2's release counted gear from it: it holds gear's images too
+    # a version registered by hand (no release report): the contributors that report a class place it
+    assert placed_by_devices(rnd, {"bolt", "nut"}) == {"gear": ["line-a"]}
+    assert placed_by_devices(rnd, {"bolt", "nut", "gear"}) == {}     # mode 2: v2 ships gear's exemplars
+    assert placed_by_devices(rnd, set()) == {"bolt": ["line-b"], "nut": [], "gear": ["line-a"]}
+    # v2's release counted gear from line-c (which sends no delta this round): line-c places it, alone;
+    # line-a's images of gear (another view of it) are not read for it
     rnd.placed = {"line-c": ["gear"]}
-    assert placed_by_devices(rnd, {"bolt", "nut"}) == (["gear"], ["line-a", "line-c"])
-    # who did not answer stays listed with what it holds, so the round after this one asks it again
-    said = held_note(rnd, ["gear"], {"line-a": {"answered": True, "classes": ["gear", "cog"], "images": 17},
-                                     "line-b": {"answered": False, "classes": []}})
-    assert said == {"line-a": {"answered": True, "classes": ["gear", "cog"], "images": 17},
+    assert placed_by_devices(rnd, {"bolt", "nut"}) == {"gear": ["line-c"]}
+    # who did not answer stays listed with what it places, so the round after this one asks it again
+    said = held_note({"gear": ["line-c"]}, {"line-a": {"answered": True, "classes": ["cog"], "images": 5},
+                                             "line-b": {"answered": False, "classes": []}})
+    assert said == {"line-a": {"answered": True, "classes": ["cog"], "images": 5},
                     "line-b": {"answered": False, "classes": []},
                     "line-c": {"answered": False, "classes": ["gear"]}}
