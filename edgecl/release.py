@@ -17,7 +17,7 @@ Phase 1, ``release()`` (`edgecl release`):
        exemplars' drift (those classes never take a device's numbers). ``scale`` (the server's
        step size, 1 = the merged step whole) damps what one device's step costs the classes it
        never saw (docs/server.md, "Interference"). Current classes the host holds no image of (added
-       by devices in earlier rounds, ``placed_by_devices``) take the host's drift estimate until the
+       by devices in earlier rounds, edgecl.placement) take the host's drift estimate until the
        devices that hold their images answer in phase 2;
     4. judged now on what is already final: the candidate scored among the current classes only vs
        the current version on those classes (like with like); the devices' classes are estimates
@@ -64,7 +64,7 @@ from typing import Any
 
 import numpy as np
 
-from edgecl import classstats, gatehead
+from edgecl import classstats, gatehead, placement
 from edgecl import shared_exemplars as se
 from edgecl.errors import DataError, EdgeclError
 from edgecl.formats import delta as delta_format
@@ -136,7 +136,7 @@ class ReleaseReport:
     stage: str = "released"                        # "candidate" (phase 1 published it), "released", "refused"
     statistics: dict[str, Any] = field(default_factory=dict)  # device -> answered, classes, images
     not_judged: list[str] = field(default_factory=list)       # groups whose device sent no statistics
-    # current classes placed by the devices that hold their images (placed_by_devices) that no device
+    # current classes placed by the devices that hold their images (edgecl.placement) that no device
     # answered for: the host's drift estimate under the candidate
     estimated: list[str] = field(default_factory=list)
     asked: list[str] = field(default_factory=list)            # phase 1: the devices the candidate went to
@@ -309,7 +309,7 @@ class Round:
     shared: dict[str, ExemplarMemory] = field(default_factory=dict)  # device -> its shared exemplars of `own`
     reported: dict[str, list[str]] = field(default_factory=dict)     # device -> current classes it saw images of
     # device -> the current classes the current version's release counted from it (its report's
-    # statistics): who holds their images, also when it sends no delta this round
+    # statistics, placement.counted_by_release): who holds their images, also when it sends no delta now
     placed: dict[str, list[str]] = field(default_factory=dict)
 
     @property
@@ -401,68 +401,22 @@ def _load_round(bundle_id: str, server: str, token: str, options: ReleaseOptions
         if d.prototypes is not None:
             reported[device] = [c for c, n in zip(d.prototypes.classes, d.prototypes.counts.tolist(), strict=True)
                                 if c in known and n > 0]
-    placed = _placed(server, token, bundle_id, int(current_row["version"]), known, policy)
+    placed = _counted(server, token, bundle_id, int(current_row["version"]), known, policy)
     return Round(bundle_id, current_dir, current_row, merge, merged, own, base_tables, known, shared, reported,
                  placed)
 
 
-def placed_by_devices(rnd: Round, placed: set[str]) -> dict[str, list[str]]:
-    """class -> the devices that place it: the current classes the host holds no image of (none in
-    --class-data, ``placed``'s first part, no exemplar in the current version), each with the devices
-    holding its images. In the default mode those are the classes devices added in earlier rounds:
-    their images stay on the devices, so a later round's candidate gets their statistics the way it
-    gets a new class's, from the devices holding the images (`edgecl restat`), which replace the
-    current ones (computed under the current backbone). Phase 1 holds the host's drift estimate of
-    them meanwhile.
-
-    Who places a class: the devices the current version's release counted it from (``Round.placed``;
-    also when they send no delta this round), like the device that added it. Another device that
-    reports images of it (a camera seeing it from its own angle) does not, as it does not update a
-    calibration class (``--update-known`` lets it): its view would move the class away from the
-    images it was made from, and a device never speaks for a class it was not counted for. A class
-    no release counted (a version registered by hand) is placed by the contributors that report it."""
-    out: dict[str, list[str]] = {}
-    for name in (c for c in rnd.known if c not in placed):
-        owners = sorted(d for d, held in rnd.placed.items() if name in held)
-        out[name] = owners or sorted(d for d, held in rnd.reported.items() if name in held)
-    return out
-
-
-def _placed(server: str, token: str, bundle_id: str, version: int, known: list[str], policy: RetryPolicy
-            ) -> dict[str, list[str]]:
-    """device -> the current classes the release of ``version`` counted from that device (its report's
-    ``statistics``; a device it asked and that did not answer is listed with the classes it holds)."""
+def _counted(server: str, token: str, bundle_id: str, version: int, known: list[str], policy: RetryPolicy
+             ) -> dict[str, list[str]]:
+    """device -> the current classes the release of ``version`` counted from it (placement)."""
     try:
         row = api_json(server, token, "GET", f"/v1/releases/latest?bundle_id={bundle_id}", policy=policy)
     except ServerRejected as exc:
         if exc.code != "not_found":
             raise
         return {}
-    if int(row.get("version", -1)) != version:
-        return {}
-    statistics = (row.get("report") or {}).get("statistics") or {}
-    out: dict[str, list[str]] = {}
-    for device, entry in statistics.items():
-        classes = entry.get("classes") if isinstance(entry, dict) else None
-        if isinstance(classes, list) and delta_format.NAME_RE.fullmatch(str(device)):
-            held = [c for c in classes if c in known]
-            if held:
-                out[str(device)] = held
-    return out
-
-
-def held_note(orphans: dict[str, list[str]], statistics: dict[str, Any]) -> dict[str, Any]:
-    """``statistics`` (device -> answered, classes) with each device that places classes of
-    ``orphans`` (class -> devices) and did not answer listed with those classes: the next round's
-    release reads who holds them from this report (``_placed``)."""
-    for device in sorted({d for devices in orphans.values() for d in devices}):
-        held = [c for c, devices in orphans.items() if device in devices]
-        if not held:
-            continue
-        entry = statistics.setdefault(device, {"answered": False, "classes": []})
-        if not entry.get("answered"):
-            entry["classes"] = list(dict.fromkeys([*entry.get("classes", []), *held]))
-    return statistics
+    return placement.counted_by_release(row.get("report") or {}, known) if int(row.get("version", -1)) == version \
+        else {}
 
 
 # -- embeddings: once per backbone ---------------------------------------------------------------
@@ -620,7 +574,8 @@ def release(bundle_id: str, server: str, token: str, options: ReleaseOptions) ->
         estimates = estimate_in_candidate(rnd.baseline_devices(), embedded)
         # Current classes the host holds no image of (added by devices in earlier rounds, default mode):
         # the host's drift estimate now; the devices that hold their images answer for them in phase 2.
-        orphans = placed_by_devices(rnd, set(recomputed) | set(embedded.exemplar_classes))
+        orphans = placement.placed_by_devices(rnd.known, set(recomputed) | set(embedded.exemplar_classes),
+                                              rnd.placed, rnd.reported)
         holders = sorted({d for devices in orphans.values() for d in devices})
         moved = estimate_in_candidate(restrict(Prototypes.load_file(rnd.current_dir / mf.PROTOTYPES),
                                                list(orphans)), embedded) if orphans else None
@@ -654,7 +609,7 @@ def release(bundle_id: str, server: str, token: str, options: ReleaseOptions) ->
                                        estimated=list(orphans) if statistics_round else [])
         stage = "candidate" if statistics_round else "released"
         report = _report(rnd, version, reasons, table, evals, options.canary, stage, not_judged,
-                         held_note(orphans, {d: {"answered": False, "classes": c} for d, c in rnd.own.items()}
+                         placement.held_note(orphans, {d: {"answered": False, "classes": c} for d, c in rnd.own.items()}
                                    | se.shared_note(shared, exact)), head)
         report.estimated = list(orphans)
         if reasons:
@@ -732,7 +687,7 @@ def summed_statistics(rnd: Round, current: Prototypes, received: dict[str, delta
     under the candidate (counts bounded at push by what it saw); a class the current version knows
     adds the devices' images to the current statistics (moved to the candidate) by counts, unless
     ``update_known`` is False (then those rows are not read). A class in ``replace`` (class -> the
-    devices that place it, ``placed_by_devices``) takes the sum of those devices' answers alone (any
+    devices that place it, ``placement.placed_by_devices``) takes the sum of those devices' answers alone (any
     device's with ``update_known``): its current statistics were computed under another backbone;
     with no answer it keeps them.
     ``base``: the same sum under the current backbone (the answers' ``base_prototypes``, ``current``
@@ -862,7 +817,7 @@ def finish(bundle_id: str, server: str, token: str, options: ReleaseOptions) -> 
         not_judged = [f"device:{d}" for d, classes in rnd.own.items() if d not in received and classes]
         for device in rnd.own:
             statistics.setdefault(device, {"answered": False, "classes": rnd.own[device]})
-        held_note(orphans, statistics)
+        placement.held_note(orphans, statistics)
         version = int(report_in["version"])
         head = _gate_head(options, rnd, probe, candidate, received, embedded)
         # The frozen baseline of the same images (every answer carries its classes' means under the
