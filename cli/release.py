@@ -50,7 +50,8 @@ def release(
     update_known: Annotated[bool, typer.Option(
         "--update-known/--no-update-known",
         help="--finish: the devices' images of the current version's classes join those classes' statistics "
-             "(off: another camera's view of a class moves its mean away from the images it was made from; "
+             "(off: another camera's view of a class moves its mean away from the images it was made from; a "
+             "class a device added in an earlier round is re-placed by that device either way; "
              "docs/server.md#release-round).")] = False,
     publish: Annotated[bool, typer.Option("--publish/--no-publish",
                                           help="--no-publish judges and reports only (e.g. on test images): with "
