@@ -308,9 +308,6 @@ class Round:
     known: list[str]                               # the current version's classes
     shared: dict[str, ExemplarMemory] = field(default_factory=dict)  # device -> its shared exemplars of `own`
     reported: dict[str, list[str]] = field(default_factory=dict)     # device -> current classes it saw images of
-    # device -> the current classes the current version's release counted from it (its report's
-    # statistics, placement.counted_by_release): who holds their images, also when it sends no delta now
-    placed: dict[str, list[str]] = field(default_factory=dict)
 
     @property
     def version(self) -> int:
@@ -401,9 +398,7 @@ def _load_round(bundle_id: str, server: str, token: str, options: ReleaseOptions
         if d.prototypes is not None:
             reported[device] = [c for c, n in zip(d.prototypes.classes, d.prototypes.counts.tolist(), strict=True)
                                 if c in known and n > 0]
-    placed = _counted(server, token, bundle_id, int(current_row["version"]), known, policy)
-    return Round(bundle_id, current_dir, current_row, merge, merged, own, base_tables, known, shared, reported,
-                 placed)
+    return Round(bundle_id, current_dir, current_row, merge, merged, own, base_tables, known, shared, reported)
 
 
 def _counted(server: str, token: str, bundle_id: str, version: int, known: list[str], policy: RetryPolicy
@@ -574,8 +569,9 @@ def release(bundle_id: str, server: str, token: str, options: ReleaseOptions) ->
         estimates = estimate_in_candidate(rnd.baseline_devices(), embedded)
         # Current classes the host holds no image of (added by devices in earlier rounds, default mode):
         # the host's drift estimate now; the devices that hold their images answer for them in phase 2.
+        counted = _counted(server, token, bundle_id, rnd.version, rnd.known, options.policy)
         orphans = placement.placed_by_devices(rnd.known, set(recomputed) | set(embedded.exemplar_classes),
-                                              rnd.placed, rnd.reported)
+                                              counted, rnd.reported)
         holders = sorted({d for devices in orphans.values() for d in devices})
         moved = estimate_in_candidate(restrict(Prototypes.load_file(rnd.current_dir / mf.PROTOTYPES),
                                                list(orphans)), embedded) if orphans else None
