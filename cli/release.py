@@ -58,6 +58,10 @@ def release(
                                                "--finish the candidate stays open for a real --finish; without, "
                                                "a round that needs no statistics round (every device shared its "
                                                "exemplars, or --no-statistics-round) publishes nothing.")] = True,
+    consolidate: Annotated[int, typer.Option(
+        help="Epochs of the devices' own training rule on the fleet's exemplars of every class, from the merged "
+             "delta, before the candidate is judged (needs exemplars of every class: mode 2, every contributing "
+             "device shares them; docs/server.md#interference). 0: none.", min=0, max=50)] = 0,
     wait_s: Annotated[float, typer.Option(help="--finish: wait up to this long for every contributing device's "
                                                "statistics (those that do not answer are not judged).")] = 0.0,
     work: Annotated[Path | None, typer.Option(help="Keep the built bundles here (default: a temp folder).")] = None,
@@ -80,7 +84,7 @@ def release(
         strategy=strategy, scale=scale, trim=trim, exclude_devices=list(exclude_device or []),
         exclude_deltas=list(exclude_delta or []), tolerance=tolerance, work_dir=work, class_data=class_data,
         statistics_round=statistics_round, wait_s=wait_s, head=head, publish=publish,
-        update_known=update_known)
+        update_known=update_known, consolidate_epochs=consolidate)
     # edgecl.release announces its phases with edgecl.progress.phase(); shown on a terminal only.
     run = release_module.finish if finish else release_module.release
     with phases(0, "release", enabled=not (quiet or as_json)):
@@ -90,6 +94,11 @@ def release(
     else:
         for line in release_lines(report, name, heldout, tolerance):
             typer.echo(line)
+        if report.consolidation:
+            c = report.consolidation
+            typer.echo(f"consolidated: {c['epochs']} epochs, {c['steps']} steps on {c['images']} exemplar images "
+                       f"of {len(c['classes'])} classes (loss {c['first_loss']:.3f} -> {c['last_loss']:.3f}, "
+                       f"{c['seconds']:.0f} s)")
         small = small_groups(report.groups)
         if small:
             fewest = min(_few_images(report.groups).values())

@@ -89,6 +89,7 @@ PHASE1_HEAD = gatehead.GateHead("ncm", "phase 1: the devices' classes are estima
 HEADS = ("auto", "ncm")                            # the gate's head: auto = LDA when every scatter is known
 DEFAULT_SCALE = 1.0                                # the server's step: candidate = current + scale x merged
 MAX_SCALE = 2.0
+MAX_CONSOLIDATE_EPOCHS = 50
 
 
 @dataclass
@@ -112,6 +113,9 @@ class ReleaseOptions:
     # those classes 15 points lower with LDA (5 with ncm) with them in (benchmarks/RESULTS.md#b7).
     update_known: bool = False
     statistics_round: bool = True                  # False: one phase, the host's estimates for device classes
+    # epochs of the devices' training rule on the fleet's exemplars of every class, from the merged delta
+    # (edgecl.device.consolidate; mode 2 only: every class needs exemplars); 0 = none
+    consolidate_epochs: int = 0
     wait_s: float = 0.0                            # finish: wait this long for every contributor's statistics
     publish: bool = True                           # finish: False judges and reports only (B7 scores options)
     work_dir: Path | None = None                   # where the bundles are built (default: a temp folder, removed)
@@ -141,6 +145,7 @@ class ReleaseReport:
     estimated: list[str] = field(default_factory=list)
     asked: list[str] = field(default_factory=list)            # phase 1: the devices the candidate went to
     head: dict[str, Any] = field(default_factory=lambda: {"name": "ncm", "why": ""})  # what the gate scored with
+    consolidation: dict[str, Any] | None = None              # --consolidate: what it trained on, its losses
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -250,6 +255,21 @@ def released_step(rnd: Round) -> ReleasedStep:
     and the scale phase 1 recorded with it."""
     k = Mask.load_file(rnd.current_dir / mf.MASK).total_selected
     return quantize_step(scaled_step(rnd.merged.to_dense(k), float(rnd.merge.get("scale", 1.0))))
+
+
+def consolidate_step(rnd: Round, step: ReleasedStep, epochs: int) -> Any:
+    """The released step after ``epochs`` of the devices' training rule on the fleet's exemplars of
+    every class (edgecl.device.consolidate), from the step as merged. Only in a round where the host
+    holds exemplars of every class (mode 2): DataError naming the classes that have none."""
+    from edgecl.device.consolidate import consolidate
+
+    size = tuple(int(v) for v in mf.load_manifest(rnd.current_dir).input_size)
+    memory, missing = se.fleet_memory(rnd.current_dir / mf.EXEMPLARS, rnd.known, rnd.own, rnd.shared, size)
+    if missing:
+        raise DataError(f"--consolidate needs exemplars of every class; none of {', '.join(missing)[:200]}",
+                        "set share_exemplars = true in those devices' profiles (docs/server.md#exemplars-shared), "
+                        "or drop --consolidate")
+    return consolidate(rnd.current_dir, step.values(), memory, epochs)
 
 
 def scaled_step(vector: np.ndarray, scale: float) -> np.ndarray:
@@ -539,6 +559,9 @@ def _check_args(server: str, token: str, options: ReleaseOptions) -> None:
         raise DataError(f"held-out folder {options.heldout} not found", "pass --heldout DIR (one folder per class)")
     if options.head not in HEADS:
         raise EdgeclError(f"unknown gate head {options.head!r}", f"pass --head {' or '.join(HEADS)}")
+    if not 0 <= int(options.consolidate_epochs) <= MAX_CONSOLIDATE_EPOCHS:
+        raise EdgeclError(f"--consolidate {options.consolidate_epochs} is outside 0..{MAX_CONSOLIDATE_EPOCHS}",
+                          "pass a few epochs (docs/server.md#interference), or 0 for none")
 
 
 # -- phase 1 -------------------------------------------------------------------------------------
@@ -558,6 +581,11 @@ def release(bundle_id: str, server: str, token: str, options: ReleaseOptions) ->
         # The candidate ships the current classes only (moved by their exemplars' drift on the host);
         # the devices' classes are added from statistics computed under it.
         step = released_step(rnd)
+        consolidation = None
+        if options.consolidate_epochs:
+            phase(f"consolidating the merged delta: {options.consolidate_epochs} epochs on the fleet's exemplars")
+            consolidation = consolidate_step(rnd, step, options.consolidate_epochs)
+            step = quantize_step(consolidation.delta)
         apply_delta(rnd.current_dir, released_delta(rnd.merged, step), candidate_dir, progress=False,
                     classes=Prototypes.empty(mf.load_manifest(rnd.current_dir).embedding_dim))
         recomputed: list[str] = []
@@ -585,6 +613,9 @@ def release(bundle_id: str, server: str, token: str, options: ReleaseOptions) ->
         devices = [g for g in rnd.groups() if g != CALIBRATION]
         waiting = [g for g in devices if g.removeprefix("device:") not in exact]
         statistics_round = options.statistics_round and bool(waiting or holders)
+        if consolidation is not None and (waiting or holders):  # consolidate_step checked every class's exemplars
+            raise EdgeclError(f"a consolidated round must be judged in one phase; waiting for {waiting + holders}",
+                              "drop --consolidate")
         not_judged = waiting if statistics_round else []
         head, frozen = PHASE1_HEAD, None
         if not statistics_round and not waiting:
@@ -608,6 +639,7 @@ def release(bundle_id: str, server: str, token: str, options: ReleaseOptions) ->
                          placement.held_note(orphans, {d: {"answered": False, "classes": c} for d, c in rnd.own.items()}
                                    | se.shared_note(shared, exact)), head)
         report.estimated = list(orphans)
+        report.consolidation = consolidation.to_json() if consolidation is not None else None
         if reasons:
             return report
         if statistics_round:
@@ -777,6 +809,9 @@ def publish_version(server: str, token: str, source: Path, work: Path, rnd: Roun
 def finish(bundle_id: str, server: str, token: str, options: ReleaseOptions) -> ReleaseReport:
     """Phase 2: sum the statistics the devices sent under the candidate, judge, publish."""
     _check_args(server, token, options)
+    if options.consolidate_epochs:
+        raise EdgeclError("--consolidate applies to a round judged in one phase, not to --finish",
+                          "drop --consolidate (a consolidated round needs no statistics round)")
     policy = options.policy
     row = open_candidate(bundle_id, server, token, policy)
     report_in: dict[str, Any] = row["report"]

@@ -146,3 +146,28 @@ def shared_note(shared: SharedStatistics | None, devices: list[str]) -> dict[str
             rows[d] = {"answered": False, "source": "shared exemplars", "classes": list(table.classes),
                        "images": int(table.counts.sum())}
     return rows
+
+
+def fleet_memory(version_exemplars: Path, known: list[str], own: dict[str, list[str]],
+                 shared: dict[str, ExemplarMemory], size: tuple[int, ...]) -> tuple[ExemplarMemory, list[str]]:
+    """Exemplars of every class a candidate will serve, for `edgecl release --consolidate`: the current
+    version's (its calibration classes', and the fleet's it ships after a mode-2 release) plus each
+    counted device's shared exemplars of its own classes. Returns them and the classes that have none
+    (the current version's classes it ships no exemplar of, a device's classes it did not share)."""
+    base = ExemplarMemory.load_file(version_exemplars) if version_exemplars.exists() else \
+        ExemplarMemory.empty((int(size[0]), int(size[1])))
+    classes, pixels, labels = list(base.classes), [base.pixels], [base.labels]
+    for device in sorted(shared):
+        memory = shared[device]
+        for j, name in enumerate(memory.classes):
+            rows = memory.labels == j
+            if not rows.any():
+                continue
+            if name not in classes:
+                classes.append(name)
+            pixels.append(memory.pixels[rows])
+            labels.append(np.full(int(rows.sum()), classes.index(name), np.int64))
+    have = {classes[i] for i in np.unique(np.concatenate(labels)).tolist()} if classes else set()
+    wanted = list(known) + [c for d in sorted(own) for c in own[d] if c not in known]
+    missing = [c for c in dict.fromkeys(wanted) if c not in have]
+    return ExemplarMemory(classes, np.concatenate(pixels).astype(np.uint8), np.concatenate(labels)), missing

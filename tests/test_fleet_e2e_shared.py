@@ -40,6 +40,7 @@ def test_exemplars_shared_round_publishes_without_restat_and_devices_replay_the_
     data: dict[str, Path] = {}
     own: dict[str, dict] = {}
     sizes: dict[str, int] = {}
+    shared_images = 0
     heldout = tmp_path / "heldout"
     write_image_folder(heldout, classes=3, per_class=6, seed=99)         # the calibration classes
     for i, (name, (_, classes)) in enumerate(DEVICES.items()):
@@ -53,6 +54,7 @@ def test_exemplars_shared_round_publishes_without_restat_and_devices_replay_the_
         assert header.metadata["format_version"] == "4"
         assert f"shares {len(d.exemplars.labels)} exemplar images of 2 class(es): {header.exemplar_bytes:,} B" in out
         sizes[name] = path.stat().st_size
+        shared_images += len(d.exemplars.labels)
         print(f"{name}: delta {sizes[name]:,} B, of which shared exemplars {header.exemplar_bytes:,} B "
               f"({len(d.exemplars.labels)} images)")
         assert "sent" in _cli("push", str(path), "--config", str(configs[name]))
@@ -71,8 +73,22 @@ def test_exemplars_shared_round_publishes_without_restat_and_devices_replay_the_
                          headers=admin_h).json()["releases"]
         return [(r["bundle_id"], r["version"]) for r in rows]
 
-    judged = _cli(*gate, "--no-publish")
+    judged = _cli(*gate, "--no-publish", "--work", str(tmp_path / "plain"))
     assert "judged only (--no-publish): v2 passes; nothing published" in judged, judged
+    assert releases() == []
+    # --consolidate: the merged delta trained further on the fleet's exemplars of every class (the
+    # bundle's calibration exemplars and both devices' shared ones) before it is judged; a real run of
+    # the step graph, so the candidate's weights differ from the plain merge's.
+    out = _cli(*gate, "--no-publish", "--consolidate", "2", "--work", str(tmp_path / "consolidated"), "--json")
+    consolidated = json.loads(out[out.index("{"):])
+    c = consolidated["consolidation"]
+    version_exemplars = ExemplarMemory.load_file(tiny_bundle / mf.EXEMPLARS)
+    assert c["epochs"] == 2 and c["steps"] > 0 and c["images"] == len(version_exemplars.labels) + shared_images, c
+    assert set(manifest.classes) | {x for _, cs in DEVICES.values() for x in cs} <= set(c["classes"]), c
+    assert c["first_loss"] > 0 and c["last_loss"] > 0 and c["moved"] > 0, c
+    assert consolidated["head"]["name"] == "lda" and not consolidated["published"], consolidated
+    weights = [(tmp_path / w / "candidate" / mf.WEIGHTS).read_bytes() for w in ("plain", "consolidated")]
+    assert weights[0] != weights[1]
     assert releases() == []
     out = _cli(*gate, "--json")
     report = json.loads(out[out.index("{"):])
@@ -133,6 +149,9 @@ def test_a_mixed_round_waits_only_for_the_devices_that_keep_their_images(tmp_pat
         assert "sent" in _cli("push", str(path), "--config", str(configs[name]))
     gate = ["release", str(tiny_bundle), "--heldout", str(heldout), "--server", server.url, "--token", admin,
             "--tolerance", str(ACCURACY_TOLERANCE), "--exclude-device", "line-c"]
+    # consolidation needs exemplars of every class: line-b keeps its images, so it is refused, naming them
+    refused = _cli(*gate, "--consolidate", "1", code=1)
+    assert "--consolidate needs exemplars of every class; none of " + ", ".join(DEVICES["line-b"][1]) in refused, refused
     out = _cli(*gate, "--json")
     first = json.loads(out[out.index("{"):])
     assert first["stage"] == "candidate" and first["not_judged"] == ["device:line-b"], first

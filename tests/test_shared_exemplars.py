@@ -165,3 +165,29 @@ def test_a_devices_restat_answer_wins_over_its_shared_images(tiny_bundle):
     assert answer_from_shared(received, shared, ["line-a", "line-b"]) == ["line-b"]
     assert received["line-a"] is answered and received["line-b"] is gear
     assert answer_from_shared({}, None, ["line-a"]) == []
+
+
+def test_fleet_memory_joins_the_versions_and_the_devices_exemplars_and_names_what_has_none(tmp_path):
+    """`release --consolidate`'s training data: the current version's exemplars plus each device's shared
+    ones of its own classes, one label space; a class nobody holds an image of is named."""
+    from edgecl.shared_exemplars import fleet_memory
+
+    rng = np.random.default_rng(0)
+
+    def memory(classes: list[str], per: int) -> ExemplarMemory:
+        labels = np.repeat(np.arange(len(classes)), per).astype(np.int64)
+        return ExemplarMemory(classes, rng.integers(0, 255, (len(labels), 8, 8, 3), np.uint8), labels)
+
+    version = memory(["a", "b"], 3)
+    version.save_file(tmp_path / "exemplars.safetensors")
+    shared = {"dev-1": memory(["c"], 2), "dev-2": memory(["d", "e"], 4)}
+    own = {"dev-1": ["c"], "dev-2": ["d", "e"], "dev-3": ["f"]}
+    joined, missing = fleet_memory(tmp_path / "exemplars.safetensors", ["a", "b"], own, shared, (8, 8))
+    assert missing == ["f"]
+    assert joined.classes == ["a", "b", "c", "d", "e"]
+    assert [int((joined.labels == i).sum()) for i in range(5)] == [3, 3, 2, 4, 4]
+    assert np.array_equal(joined.of_class("d"), shared["dev-2"].of_class("d"))
+    assert np.array_equal(joined.of_class("a"), version.of_class("a"))
+    # no exemplar file in the version: its classes are named too
+    _, missing = fleet_memory(tmp_path / "none.safetensors", ["a", "b"], own, shared, (8, 8))
+    assert missing == ["a", "b", "f"]

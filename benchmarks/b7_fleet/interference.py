@@ -5,7 +5,8 @@
 Every backbone of the round is scored the same way, so the rows compare like with like:
 - frozen: the round's current version (v1 for round 1; ``--current`` for a later round);
 - <device> alone: the current version + that device's own pushed delta (int4, as it was sent);
-- fleet/<option>: the candidate each merge option built in the round (run.py's release-R-OPTION/candidate).
+- fleet/<option>: the candidate each merge option built in the round (run.py's release-R-OPTION/candidate,
+  or score-R-OPTION/candidate in mode 2, where e.g. ``ties+c3`` is the ties merge consolidated 3 epochs).
 Under each backbone every class's mean is computed from all the round's training images of it (the
 calibration images, every device's images: what a statistics round would sum exactly), and the
 test images of every group are classified by the nearest mean (ncm, cosine: the release check's head).
@@ -89,9 +90,11 @@ def main() -> None:
             apply_delta(current, delta_format.load_file(run / d / f"delta-{r}.safetensors"), out, progress=False,
                         classes=Prototypes.empty(m.embedding_dim))
         backbones[f"{d} alone"] = out
-    for folder in sorted(run.glob(f"release-{r}-*")):
-        if (folder / "candidate" / mf.MANIFEST).exists():
-            backbones[f"fleet/{folder.name.removeprefix(f'release-{r}-')}"] = folder / "candidate"
+    # mode 1 builds each option's candidate under release-R-OPTION; mode 2 scores each under score-R-OPTION
+    for prefix in (f"release-{r}-", f"score-{r}-"):
+        for folder in sorted(run.glob(f"{prefix}*")):
+            if (folder / "candidate" / mf.MANIFEST).exists():
+                backbones.setdefault(f"fleet/{folder.name.removeprefix(prefix)}", folder / "candidate")
     rows = {name: score_backbone(path, train, tests) for name, path in backbones.items()}
     groups = [*tests, "overall"]
     lines = [f"| backbone (round {r}) | " + " | ".join(groups) + " |", "|---|" + "---|" * len(groups)]

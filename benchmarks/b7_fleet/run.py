@@ -220,12 +220,16 @@ def run_seed(out: Path, seed: int, args: argparse.Namespace) -> dict[str, Any]:
             # shipped one (the first) then publishes, and the next round starts from it.
             for strategy in [*args.strategies[1:], args.strategies[0]]:
                 shipped = strategy == args.strategies[0]
-                name, _, scale = strategy.partition("@")          # "ties@0.5": the ties merge, half its step
+                # "ties@0.5": the ties merge, half its step; "ties+c3": then 3 epochs of consolidation on the
+                # fleet's exemplars (mode 2 only: `edgecl release --consolidate 3`)
+                spec, _, epochs = strategy.partition("+c")
+                name, _, scale = spec.partition("@")
                 # The calibration images (the export's folder) give the current classes' statistics and
                 # scatter under the candidate; with `--head ncm` the gate judges with ncm as before.
                 options = ReleaseOptions(heldout=data["check"], strategy=name, scale=float(scale or 1.0),
                                          work_dir=out / f"release-{r}-{strategy}", class_data=data["calib"],
-                                         head="ncm" if args.head == "ncm" else "auto", tolerance=args.tolerance)
+                                         head="ncm" if args.head == "ncm" else "auto", tolerance=args.tolerance,
+                                         consolidate_epochs=int(epochs or 0))
                 scored: ReleaseReport
                 if args.share_exemplars:
                     # Mode 2: one phase. Scored on the test images without publishing, then the shipped
@@ -238,6 +242,8 @@ def run_seed(out: Path, seed: int, args: argparse.Namespace) -> dict[str, Any]:
                     row["frozen"] = {g: v["baseline"] for g, v in scored.groups.items()}
                     row["current"] = {g: v["current"] for g, v in scored.groups.items()}
                     row.setdefault("statistics_sources", {})[strategy] = scored.statistics
+                    if scored.consolidation:
+                        row.setdefault("consolidation", {})[strategy] = scored.consolidation
                     if shipped:
                         final = release(bundle_id, server.url, admin, options)
                         row["released"] = {"published": final.published, "reasons": final.reasons,
@@ -341,7 +347,8 @@ def main() -> None:
     ap.add_argument("--check-per-class", type=int, default=30)
     ap.add_argument("--epochs", type=int, default=0, help="device epochs (0: the bundle's default)")
     ap.add_argument("--strategies", nargs="+", default=["ties", "weighted-mean", "ties@0.5", "weighted-mean@0.5"],
-                    help="merge options, the first shipped; NAME or NAME@SCALE (the release's --scale)")
+                    help="merge options, the first shipped; NAME, NAME@SCALE (the release's --scale), "
+                         "NAME+cEPOCHS (--consolidate EPOCHS; with --share-exemplars)")
     ap.add_argument("--head", choices=["auto", "ncm"], default="auto",
                     help="auto: the head the devices serve (LDA after adapt) and the gate's LDA; ncm: cosine "
                          "prototypes")
