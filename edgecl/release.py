@@ -18,7 +18,9 @@ Phase 1, ``release()`` (`edgecl release`):
        step size, 1 = the merged step whole) damps what one device's step costs the classes it
        never saw (docs/server.md, "Interference"). Current classes the host holds no image of (added
        by devices in earlier rounds, edgecl.placement) take the host's drift estimate until the
-       devices that hold their images answer in phase 2;
+       devices that hold their images answer in phase 2. With ``consolidate_epochs`` (mode 2: the
+       host holds exemplars of every class) the step is first trained that many epochs by the
+       devices' own rule on those exemplars (edgecl.device.consolidate; docs/server.md#consolidate);
     4. judged now on what is already final: the candidate scored among the current classes only vs
        the current version on those classes (like with like); the devices' classes are estimates
        until phase 2, so nothing that depends on them is judged yet;
@@ -60,7 +62,7 @@ import time
 import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -80,6 +82,9 @@ from edgecl.formats.scoring import restrict
 from edgecl.formats.weights_patch import ReleasedStep, attach_weights_patch, quantize_step, released_delta
 from edgecl.http_client import RetryPolicy, ServerRejected, api_json, download, upload
 from edgecl.progress import phase
+
+if TYPE_CHECKING:                                  # the device side is imported where it runs
+    from edgecl.device.consolidate import Consolidated
 
 CALIBRATION = "calibration"
 # B7 (benchmarks/b7_fleet/interference.py, round 1): sign election cost the devices' own classes
@@ -257,7 +262,7 @@ def released_step(rnd: Round) -> ReleasedStep:
     return quantize_step(scaled_step(rnd.merged.to_dense(k), float(rnd.merge.get("scale", 1.0))))
 
 
-def consolidate_step(rnd: Round, step: ReleasedStep, epochs: int) -> Any:
+def consolidate_step(rnd: Round, step: ReleasedStep, epochs: int) -> Consolidated:
     """The released step after ``epochs`` of the devices' training rule on the fleet's exemplars of
     every class (edgecl.device.consolidate), from the step as merged. Only in a round where the host
     holds exemplars of every class (mode 2): DataError naming the classes that have none."""
