@@ -58,10 +58,11 @@ def release(
                                                "--finish the candidate stays open for a real --finish; without, "
                                                "a round that needs no statistics round (every device shared its "
                                                "exemplars, or --no-statistics-round) publishes nothing.")] = True,
-    consolidate: Annotated[int, typer.Option(
+    consolidate: Annotated[int | None, typer.Option(
         help="Epochs of the devices' own training rule on the fleet's exemplars of every class, from the merged "
              "delta, before the candidate is judged (needs exemplars of every class: mode 2, every contributing "
-             "device shares them; docs/server.md#interference). 0: none.", min=0, max=50)] = 0,
+             "device shares them; docs/server.md#consolidate). 0: none. Default: 10 in a round where the host "
+             "holds exemplars of every class, else none.", min=0, max=50, show_default=False)] = None,
     wait_s: Annotated[float, typer.Option(help="--finish: wait up to this long for every contributing device's "
                                                "statistics (those that do not answer are not judged).")] = 0.0,
     work: Annotated[Path | None, typer.Option(help="Keep the built bundles here (default: a temp folder).")] = None,

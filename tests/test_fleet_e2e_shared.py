@@ -73,7 +73,7 @@ def test_exemplars_shared_round_publishes_without_restat_and_devices_replay_the_
                          headers=admin_h).json()["releases"]
         return [(r["bundle_id"], r["version"]) for r in rows]
 
-    judged = _cli(*gate, "--no-publish", "--work", str(tmp_path / "plain"))
+    judged = _cli(*gate, "--no-publish", "--consolidate", "0", "--work", str(tmp_path / "plain"))
     assert "judged only (--no-publish): v2 passes; nothing published" in judged, judged
     assert releases() == []
     # --consolidate: the merged delta trained further on the fleet's exemplars of every class (the
@@ -93,6 +93,8 @@ def test_exemplars_shared_round_publishes_without_restat_and_devices_replay_the_
     out = _cli(*gate, "--json")
     report = json.loads(out[out.index("{"):])
     assert report["published"] and report["stage"] == "released" and report["not_judged"] == [], report
+    # by default a round whose every class has exemplars is consolidated (release.DEFAULT_CONSOLIDATE_EPOCHS)
+    assert report["consolidation"]["epochs"] == 10 and report["consolidation"]["images"] == c["images"], report
     assert report["head"]["name"] == "lda", report["head"]
     for name, (_, classes) in DEVICES.items():
         row = report["statistics"][name]
@@ -155,6 +157,7 @@ def test_a_mixed_round_waits_only_for_the_devices_that_keep_their_images(tmp_pat
     out = _cli(*gate, "--json")
     first = json.loads(out[out.index("{"):])
     assert first["stage"] == "candidate" and first["not_judged"] == ["device:line-b"], first
+    assert first["consolidation"] is None                # line-b's classes have no exemplar: not by default
     assert first["statistics"]["line-a"]["source"] == "shared exemplars"
     sent = json.loads(_cli("restat", "--config", str(configs["line-b"]), "--json"))
     assert sent["status"] == "sent", sent
