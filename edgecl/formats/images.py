@@ -105,6 +105,14 @@ def _open_regular(path: str | Path):  # noqa: ANN202 - a binary file object
         raise
 
 
+def _why(exc: BaseException) -> str:
+    """The decoder's reason, the same for the same file: Pillow names an unidentified file by the file
+    object it was given (``<_io.BufferedReader name=21>``, a descriptor number that changes run to run)."""
+    if isinstance(exc, UnidentifiedImageError):
+        return "UnidentifiedImageError: not an image format Pillow can identify"
+    return f"{type(exc).__name__}: {exc}"
+
+
 def load_rgb(path: str | Path, size: Iterable[int], interpolation: str = "bilinear") -> np.ndarray:
     """Decode one file to uint8 [H, W, 3], resized to ``size`` = (H, W). Raises DataError if unreadable."""
     try:
@@ -114,8 +122,7 @@ def load_rgb(path: str | Path, size: Iterable[int], interpolation: str = "biline
     except FileNotFoundError as exc:
         raise DataError(f"image {path} does not exist", "check the path") from exc
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise DataError(f"cannot decode image {path} ({type(exc).__name__}: {exc})",
-                        "replace or remove the file") from exc
+        raise DataError(f"cannot decode image {path} ({_why(exc)})", "replace or remove the file") from exc
 
 
 def load_input(path: str | Path, preprocess: Preprocess, out: np.ndarray) -> None:
@@ -129,8 +136,7 @@ def load_input(path: str | Path, preprocess: Preprocess, out: np.ndarray) -> Non
     except FileNotFoundError as exc:
         raise DataError(f"image {path} does not exist", "check the path") from exc
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as exc:
-        raise DataError(f"cannot decode image {path} ({type(exc).__name__}: {exc})",
-                        "replace or remove the file") from exc
+        raise DataError(f"cannot decode image {path} ({_why(exc)})", "replace or remove the file") from exc
 
 
 def load_image_folder(root: str | Path, size: Iterable[int], interpolation: str = "bilinear",
