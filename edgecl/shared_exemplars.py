@@ -111,12 +111,7 @@ def attach_fleet_exemplars(bundle_dir: Path, shared: SharedStatistics | None, cl
     m = mf.load_manifest(bundle_dir)
     base = ExemplarMemory.load_file(path) if path.exists() else ExemplarMemory.empty(
         (int(m.input_size[0]), int(m.input_size[1])))
-    take = [c for c in take if c not in base.classes]
-    pixels = [base.pixels] + [shared.fleet.of_class(c) for c in take]
-    labels = [base.labels] + [np.full(len(shared.fleet.of_class(c)), len(base.classes) + j, np.int64)
-                              for j, c in enumerate(take)]
-    ExemplarMemory(list(base.classes) + take, np.concatenate(pixels).astype(np.uint8),
-                   np.concatenate(labels)).save_file(path)
+    base.joined(shared.fleet, [c for c in take if c not in base.classes]).save_file(path)
     m.files[mf.EXEMPLARS] = sha256_file(path)
     m.sizes[mf.EXEMPLARS] = path.stat().st_size
     m.save(bundle_dir)
@@ -156,18 +151,9 @@ def fleet_memory(version_exemplars: Path, known: list[str], own: dict[str, list[
     (the current version's classes it ships no exemplar of, a device's classes it did not share)."""
     base = ExemplarMemory.load_file(version_exemplars) if version_exemplars.exists() else \
         ExemplarMemory.empty((int(size[0]), int(size[1])))
-    classes, pixels, labels = list(base.classes), [base.pixels], [base.labels]
     for device in sorted(shared):
         memory = shared[device]
-        for j, name in enumerate(memory.classes):
-            rows = memory.labels == j
-            if not rows.any():
-                continue
-            if name not in classes:
-                classes.append(name)
-            pixels.append(memory.pixels[rows])
-            labels.append(np.full(int(rows.sum()), classes.index(name), np.int64))
-    have = {classes[i] for i in np.unique(np.concatenate(labels)).tolist()} if classes else set()
+        base = base.joined(memory, [c for c in memory.classes if len(memory.of_class(c))])
+    have = {base.classes[i] for i in np.unique(base.labels).tolist()}
     wanted = list(known) + [c for d in sorted(own) for c in own[d] if c not in known]
-    missing = [c for c in dict.fromkeys(wanted) if c not in have]
-    return ExemplarMemory(classes, np.concatenate(pixels).astype(np.uint8), np.concatenate(labels)), missing
+    return base, [c for c in dict.fromkeys(wanted) if c not in have]

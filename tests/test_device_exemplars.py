@@ -34,3 +34,18 @@ def test_budget_is_split_over_classes_and_old_classes_shrink(tmp_path):
     loaded = ExemplarMemory.load_file(tmp_path / "ex.safetensors")
     assert loaded.classes == ["a", "b"] and np.array_equal(loaded.pixels, memory.pixels)
     assert per_class_quota(100, 10, 3, 2) == 2 and per_class_quota(100, 10, 0, 2) == 0
+
+
+def test_joined_appends_the_classes_taken_and_keeps_one_label_per_name():
+    from edgecl.formats.exemplars import ExemplarMemory
+
+    rng = np.random.default_rng(3)
+    px = lambda n: rng.integers(0, 255, (n, 4, 4, 3), np.uint8)  # noqa: E731
+    a = ExemplarMemory(["x", "y"], px(3), np.array([0, 1, 0], np.int64))
+    b = ExemplarMemory(["y", "z", "w"], px(4), np.array([0, 1, 1, 0], np.int64))
+    out = a.joined(b, ["z", "y", "v"])
+    assert out.classes == ["x", "y", "z", "v"]              # "v": named, no image in b
+    assert np.array_equal(out.of_class("x"), a.of_class("x"))
+    assert np.array_equal(out.of_class("y"), np.concatenate([a.of_class("y"), b.of_class("y")]))
+    assert np.array_equal(out.of_class("z"), b.of_class("z")) and len(out.of_class("v")) == 0
+    assert "w" not in out.classes and len(out.labels) == 3 + 4

@@ -95,7 +95,7 @@ def _upgrade(old: OpenBundle, new: OpenBundle, any_lineage: bool) -> dict[str, A
         shipped_classes = set(shipped.classes)
         missing = [c for c in shipped.classes if c not in memory.classes]
         if missing:
-            memory = _union(memory, shipped, missing)
+            memory = memory.joined(shipped, missing)
     prototypes = bundle_prototypes(new)
     carried_protos = [c for c in current.prototypes.classes if c not in prototypes.classes
                       or (own is not None and c in own.classes and c not in shipped_classes)]
@@ -212,9 +212,3 @@ def embed_both(old: OpenBundle, new: OpenBundle, memory: ExemplarMemory, delta: 
         finally:
             runner.release()
     return out[0], out[1]
-
-
-def _union(a: ExemplarMemory, b: ExemplarMemory, take: list[str]) -> ExemplarMemory:
-    pixels = [a.pixels] + [b.of_class(c) for c in take]
-    labels = [a.labels] + [np.full(len(b.of_class(c)), len(a.classes) + j, np.int64) for j, c in enumerate(take)]
-    return ExemplarMemory(list(a.classes) + take, np.concatenate(pixels).astype(np.uint8), np.concatenate(labels))

@@ -79,6 +79,18 @@ class ExemplarMemory:
             return self.pixels[:0]
         return self.pixels[self.labels == self.classes.index(name)]
 
+    def joined(self, other: ExemplarMemory, take: list[str]) -> ExemplarMemory:
+        """This memory plus ``other``'s images of the classes ``take``, appended after this memory's
+        (a class both hold keeps one label, its new images after its old ones; a class named in
+        ``take`` that ``other`` has no image of is listed with none)."""
+        classes = list(self.classes) + [c for c in dict.fromkeys(take) if c not in self.classes]
+        pixels, labels = [self.pixels], [self.labels]
+        for name in dict.fromkeys(take):
+            images = other.of_class(name)
+            pixels.append(images)
+            labels.append(np.full(len(images), classes.index(name), np.int64))
+        return ExemplarMemory(classes, np.concatenate(pixels).astype(np.uint8), np.concatenate(labels))
+
     def update(self, new: dict[str, tuple[np.ndarray, np.ndarray]], budget_bytes: int,
                max_per_class: int) -> ExemplarMemory:
         """New memory: classes in ``new`` (name -> (pixels, embeddings)) replaced by their herding
