@@ -241,3 +241,24 @@ def test_the_product_never_imports_the_benchmarks_or_the_tests() -> None:
             offenders += [f"{path.relative_to(REPO)}:{node.lineno} {n}" for n in names
                           if n.split(".")[0] in ("benchmarks", "tests", "conftest")]
     assert not offenders
+
+
+def test_b7_merge_options_rules_by_hand() -> None:
+    """benchmarks/b7_fleet/merge_options.py: the product's rules come from edgecl.formats.merge; the
+    ones it writes itself (sum, ties-trim, ties-sum, max-magnitude) on three small deltas by hand."""
+    from benchmarks.b7_fleet.merge_options import merge
+
+    d1 = np.array([0.4, -0.1, 0.0, 0.2], np.float32)
+    d2 = np.array([-0.2, -0.3, 0.5, 0.1], np.float32)
+    d3 = np.array([0.1, 0.2, 0.0, -0.9], np.float32)
+    w = np.array([0.5, 0.25, 0.25])
+    dense = [d1, d2, d3]
+    # ties: sign of the weighted sum; weighted mean of the agreeing values
+    np.testing.assert_allclose(merge("ties", dense, w), [(0.5 * 0.4 + 0.25 * 0.1) / 0.75, (0.5 * -0.1 + 0.25 * -0.3) / 0.75,
+                                                          0.5, -0.9], rtol=1e-6)
+    np.testing.assert_allclose(merge("sum@0.5", dense, w), 0.5 * (d1 + d2 + d3), rtol=1e-6)
+    np.testing.assert_allclose(merge("max-magnitude", dense, w), [0.4, -0.3, 0.5, -0.9])
+    np.testing.assert_allclose(merge("ties-sum@1", dense, w), [0.5, -0.4, 0.5, -0.9], rtol=1e-6)
+    # keeping every value, the trim is ties itself; keeping one of three, each device keeps its largest
+    np.testing.assert_allclose(merge("ties-trim@1.0", dense, w), merge("ties", dense, w), rtol=1e-6)
+    np.testing.assert_allclose(merge("ties-trim@0.34", dense, w), [0.4, -0.3, 0.5, -0.9], rtol=1e-6)
