@@ -15,11 +15,15 @@ def demo(
     epochs: Annotated[int, typer.Option(help="Device epochs (0 = the bundle's default, or 1 with --fast).")] = 0,
     threads: Annotated[int, typer.Option(help="onnxruntime threads per device process (0 = default).")] = 0,
     fresh: Annotated[bool, typer.Option("--fresh", help="Delete OUT first.")] = False,
+    share_exemplars: Annotated[bool, typer.Option("--share-exemplars", help=(
+        "Both devices share their exemplar images (mode 2): a one-phase release that consolidates the "
+        "merged step on them."))] = False,
 ) -> None:
     """Run export -> two devices adapt -> deltas -> server -> push -> merge -> apply, and print the table."""
     from edgecl.demo import DemoOptions, run_demo
 
-    run_demo(DemoOptions(out=out, fast=fast, epochs=epochs, threads=threads, fresh=fresh), echo=typer.echo)
+    run_demo(DemoOptions(out=out, fast=fast, epochs=epochs, threads=threads, fresh=fresh,
+                         share_exemplars=share_exemplars), echo=typer.echo)
 
 
 def register(app: typer.Typer) -> None:

@@ -63,6 +63,9 @@ class DemoOptions:
     threads: int = 0                    # onnxruntime threads per device process; 0 = its default
     recipe: Path = RECIPE               # the embedded default: ImageNet-pretrained EfficientNet-Lite0
     fresh: bool = False                 # remove OUT first (else the data folders are reused)
+    # Mode 2 (docs/server.md#exemplars-shared): both devices' profiles share their exemplars, so the
+    # release is one phase (no `restat`) and consolidates the merged step on the fleet's exemplars.
+    share_exemplars: bool = False
 
     def resolved(self) -> DemoOptions:
         d = asdict(self)
@@ -207,7 +210,8 @@ def run_demo(options: DemoOptions, echo: Callable[[str], None] = print) -> DemoR
               "device-b classes": data / "device-b" / "test"}
     report.timings_s["data"] = time.perf_counter() - t
     profile = out / "device.toml"
-    profile.write_text(f'name = "demo-device"\nthreads = {opts.threads}\nbatch_size = 32\n')
+    profile.write_text(f'name = "demo-device"\nthreads = {opts.threads}\nbatch_size = 32\n'
+                       + ("share_exemplars = true\n" if opts.share_exemplars else ""))
 
     # 2. export --------------------------------------------------------------------------------------
     t = stage("2/7 host: edgecl export (MI-Fisher scores on the calibration images, 5% mask, train_step.onnx + "
@@ -274,7 +278,7 @@ def run_demo(options: DemoOptions, echo: Callable[[str], None] = print) -> DemoR
             delta_path = out / device / "delta.safetensors"
             token, key = creds[device]
             run("delta", str(bundle), "-o", str(delta_path), "--values", DELTA_VALUES, "--device-id", device,
-                "--key", key, show_stdout=True)
+                "--key", key, *(["--share-exemplars"] if opts.share_exemplars else []), show_stdout=True)
             run("push", str(delta_path), "--server", url, "--token", token, show_stdout=True)
             report.devices[device] = {
                 "steps": adapted["steps"], "step_s_median": adapted["step_seconds_median"],
@@ -290,7 +294,21 @@ def run_demo(options: DemoOptions, echo: Callable[[str], None] = print) -> DemoR
         gate = ["release", manifest["bundle_id"], "--heldout", str(check), "--server", url, "--token", operator,
                 "--bundle", str(bundle_v1), "--class-data", str(data / "calib" / "train"), "--work",
                 str(out / "release"), "--json"]
-        released = run.json(*gate, ok=(0, 2))
+        if opts.share_exemplars:
+            # One phase: the host embeds the shared exemplars itself. Judge only, on the test images
+            # first (the same deterministic round, not published), then the real release on the check.
+            on_test = run.json(*[a if a != str(check) else str(test_all) for a in gate], "--no-publish", ok=(0, 2))
+            report.stages.append(Stage("frozen baseline (v1)", "fleet", _fleet_row(on_test, "baseline"),
+                                       "like for like: v1, the release's statistics of all 10 classes"))
+            released = run.json(*gate, ok=(0, 2))
+            if not released["published"]:
+                report.stages.append(Stage("candidate v2", "fleet", _fleet_row(on_test, "candidate"),
+                                           "refused; the release's statistics of all 10 classes"))
+            if released.get("consolidation"):
+                c = released["consolidation"]
+                echo(f"    consolidated: {c['epochs']} epochs, {c['steps']} steps on {c['images']} shared exemplars")
+        else:
+            released = run.json(*gate, ok=(0, 2))
         if released["stage"] == "candidate":
             for device in DEVICES:
                 sent = run.json("restat", str(out / device / "bundle"), "--server", url, "--token", creds[device][0],
@@ -313,8 +331,8 @@ def run_demo(options: DemoOptions, echo: Callable[[str], None] = print) -> DemoR
             shutil.copytree(out / "release" / "release", out / "bundle-v2")
         report.bundle["merged_delta_bytes"] = (out / "release" / f"delta-{released['merge']['sha256'][:16]}"
                                                ".safetensors").stat().st_size
-        report.release = {k: released[k] for k in ("passed", "published", "reasons", "groups", "not_judged",
-                                                   "statistics", "head")}
+        report.release = {k: released.get(k) for k in ("passed", "published", "reasons", "groups", "not_judged",
+                                                       "statistics", "head", "consolidation")}
         verdict = ("released: every class group at least the frozen baseline on the release-check images, the "
                    "old classes at least v1" if released["published"] else "refused: " + "; ".join(released["reasons"]))
         echo(f"  v2 {verdict}")
