@@ -225,3 +225,57 @@ def test_lda_head_statistics_are_kept_by_adapt_and_used_by_eval_and_predict(bund
     path.write_bytes(path.read_bytes()[:100])
     result = runner.invoke(app, ["eval", str(bundle_copy), "--data", str(first_task)])
     assert result.exit_code == 1 and "lda.safetensors does not match its sha256 in meta.json" in result.output
+
+
+def test_upgrade_recomputes_the_devices_own_classes_a_version_made_from_its_shared_exemplars(
+        bundle_copy, first_task, second_task, tmp_path):
+    """Mode 2: v2 ships fox's exemplars (device B shared them) and fox's statistics made from those
+    alone, here a poor mean. The pull judges them against fox recomputed under v2 from every image B
+    holds of it, keeps the better (B's), says so, and installs exactly that mean."""
+    from edgecl.device.state import load_current, open_bundle
+    from edgecl.formats import manifest as mf
+    from edgecl.formats.exemplars import ExemplarMemory
+    from edgecl.formats.hashing import sha256_file
+    from edgecl.formats.images import load_image_folder
+    from edgecl.formats.prototypes import Prototypes
+
+    device_a, device_b = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(bundle_copy, device_a)
+    shutil.copytree(bundle_copy, device_b)
+    _adapt(device_a, first_task, epochs=3, lr=0.5)
+    _adapt(device_b, second_task, epochs=0)
+    deltas = []
+    for name, bundle in (("a", device_a), ("b", device_b)):
+        deltas.append(str(tmp_path / f"{name}.safetensors"))
+        assert runner.invoke(app, ["delta", str(bundle), "-o", deltas[-1], "--device-id", f"line-{name}"]).exit_code == 0
+    v2 = tmp_path / "v2"
+    assert runner.invoke(app, ["apply", str(bundle_copy), *deltas, "-o", str(v2)]).exit_code == 0
+    # what a mode-2 release ships: fox's exemplars, and fox's mean from them (made poor here: the cat's)
+    shared = ExemplarMemory.load_file(load_current(open_bundle(device_b)).exemplars_path)
+    shipped = ExemplarMemory.load_file(v2 / mf.EXEMPLARS)
+    shipped.joined(shared, ["fox"]).save_file(v2 / mf.EXEMPLARS)
+    table = Prototypes.load_file(v2 / mf.PROTOTYPES)
+    table.upsert("fox", table.means[table.classes.index("cat")], 3)
+    table.save_file(v2 / mf.PROTOTYPES)
+    m = mf.load_manifest(v2)
+    for name in (mf.EXEMPLARS, mf.PROTOTYPES):
+        m.files[name] = sha256_file(v2 / name)
+        if name in m.sizes:
+            m.sizes[name] = (v2 / name).stat().st_size
+    m.save(v2)
+
+    result = runner.invoke(app, ["upgrade", str(device_b), str(v2), "--json"])
+    assert result.exit_code == 0, result.output
+    chose = json.loads(result.output)["chose"]
+    assert chose["recomputed"] == ["fox"] and chose["classes"] == ["fox"], chose
+    assert chose["kept"] == "device" and chose["device_accuracy"] > chose["released_accuracy"], chose
+    assert "recomputed_means" not in chose
+    fox = load_image_folder(second_task, m.input_size, m.interpolation)
+    assert chose["images"] == len(fox.labels)          # the task folder; its exemplars are among those images
+    truth = _embed_mean(v2, fox.pixels, np.zeros(open_bundle(v2).mask.total_selected, np.float32))
+    upgraded = load_current(open_bundle(v2)).prototypes
+    i = upgraded.classes.index("fox")
+    np.testing.assert_allclose(upgraded.means[i], truth, rtol=1e-4, atol=1e-5)
+    assert upgraded.counts[i] == len(fox.labels)
+    # the classes it did not learn keep v2's statistics
+    assert np.array_equal(upgraded.means[upgraded.classes.index("cat")], table.means[table.classes.index("cat")])

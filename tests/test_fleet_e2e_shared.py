@@ -41,6 +41,7 @@ def test_exemplars_shared_round_publishes_without_restat_and_devices_replay_the_
     own: dict[str, dict] = {}
     sizes: dict[str, int] = {}
     shared_images = 0
+    shared_per_device: dict[str, int] = {}
     heldout = tmp_path / "heldout"
     write_image_folder(heldout, classes=3, per_class=6, seed=99)         # the calibration classes
     for i, (name, (_, classes)) in enumerate(DEVICES.items()):
@@ -55,6 +56,7 @@ def test_exemplars_shared_round_publishes_without_restat_and_devices_replay_the_
         assert f"shares {len(d.exemplars.labels)} exemplar images of 2 class(es): {header.exemplar_bytes:,} B" in out
         sizes[name] = path.stat().st_size
         shared_images += len(d.exemplars.labels)
+        shared_per_device[name] = len(d.exemplars.labels)
         print(f"{name}: delta {sizes[name]:,} B, of which shared exemplars {header.exemplar_bytes:,} B "
               f"({len(d.exemplars.labels)} images)")
         assert "sent" in _cli("push", str(path), "--config", str(configs[name]))
@@ -116,6 +118,12 @@ def test_exemplars_shared_round_publishes_without_restat_and_devices_replay_the_
     for name in DEVICES:
         pulled = json.loads(_cli("pull", "--config", str(configs[name]), "--json"))
         assert pulled["status"] == "upgraded" and pulled["version"] == 2, pulled
+        # v2's statistics of the device's classes came from the exemplars it shared: the pull judges
+        # them against its own, recomputed under v2 from every image it holds, and says which it kept
+        chose = pulled["upgrade"]["chose"]
+        assert sorted(chose["recomputed"]) == sorted(DEVICES[name][1]) == sorted(chose["classes"]), chose
+        assert chose["kept"] in ("released", "device") and chose["images"] >= shared_per_device[name], chose
+        assert (chose["kept"] == "device") == (chose["device_accuracy"] > chose["released_accuracy"]), chose
         got = json.loads(_cli("eval", pulled["bundle_dir"], "--data", str(data[name]), "--head", "ncm", "--json"))
         print(f"{name}: device {own[name]['accuracy']:.3f}  v2 {got['accuracy']:.3f}")
         assert got["accuracy"] >= own[name]["accuracy"] - ACCURACY_TOLERANCE, (name, own[name], got)

@@ -113,9 +113,15 @@ def _upgrade(old: OpenBundle, new: OpenBundle, any_lineage: bool) -> dict[str, A
     # The LDA head NEW was judged with (heads.fleet_head), when it ships one.
     scatter_file = new.path(mf.FLEET_SCATTER)
     fleet_head = heads.fleet_head(scatter_file, new.manifest.embedding_dim) if scatter_file.exists() else None
+    # This device's classes whose exemplars NEW ships (it shared them: mode 2): NEW's statistics of
+    # them come from those 20 images a class, and a consolidated release trained on them; the device
+    # holds all the images it learned them from, so it judges NEW's against its own recomputed under NEW.
+    added = set(current.prototypes.classes) - set(bundle_prototypes(old).classes)   # the classes it learned
+    recompute = [c for c in (own.classes if own is not None else []) if c in added and c in shipped_classes
+                 and c in released.classes and c not in carried_protos]
     choice = _judge_versions(old, new, current, released, prototypes,
-                             [c for c in carried_protos if c in released.classes],
-                             fleet_head.covariance() if fleet_head is not None else None)
+                             [c for c in carried_protos if c in released.classes] + recompute,
+                             fleet_head.covariance() if fleet_head is not None else None, recompute)
     if choice.get("kept") == "released":
         for name in choice["classes"]:
             i = released.classes.index(name)
@@ -123,6 +129,11 @@ def _upgrade(old: OpenBundle, new: OpenBundle, any_lineage: bool) -> dict[str, A
             # `edgecl restat` sent them), so a later adapt on them replaces rather than adds them
             prototypes.upsert(name, released.means[i], int(released.counts[i]))
         moved = [c for c in moved if c not in choice["classes"]]
+    elif choice.get("kept") == "device":
+        for name, (mean, count) in choice.pop("recomputed_means", {}).items():
+            prototypes.upsert(name, mean, count)
+            prototypes.seen[name] = current.prototypes.seen.get(name, np.zeros(0, np.uint64)).copy()
+    choice.pop("recomputed_means", None)
     lda = LdaHead.load_file(current.lda_path) if current.lda_path is not None else None
     if fleet_head is not None:
         # NEW's own head replaces the device's (no drift map to fit): the release's calibration of these
@@ -162,13 +173,19 @@ def _upgrade(old: OpenBundle, new: OpenBundle, any_lineage: bool) -> dict[str, A
 
 
 def _judge_versions(old: OpenBundle, new: OpenBundle, current: DeviceState, released: Prototypes, carried: Prototypes,
-                    contested: list[str], covariance: np.ndarray | None = None) -> dict[str, Any]:
+                    contested: list[str], covariance: np.ndarray | None = None,
+                    recompute: list[str] | None = None) -> dict[str, Any]:
     """The do-no-harm rule applied to versions: for this device's classes that the new version
     ships, its statistics (the fleet's, computed under the new backbone) against the device's own
     carried over, each scored among all classes (LDA with NEW's fleet scatter when it ships one, else
     ncm) on the images this device holds of them (its task folder, its own exemplars), embedded once
     under NEW. The better one is kept (a tie keeps the
-    released one, which the statistics round made exact); no image held: the released one."""
+    released one, which the statistics round made exact); no image held: the released one.
+
+    The classes in ``recompute`` (NEW made their statistics from the exemplars this device shared)
+    are, on the device's side, the means of all the images it holds of them under NEW (what a
+    statistics round would have sent); when the device's side wins they are returned in
+    ``recomputed_means`` (class -> (mean, images))."""
     if not contested:
         return {}
     from .restat import held_images
@@ -181,14 +198,24 @@ def _judge_versions(old: OpenBundle, new: OpenBundle, current: DeviceState, rele
     embeddings = embed_own_weights(new, pixels[rows])
     truth = [classes[j] for j in labels[rows]]
     mine = carried.copy()
+    recomputed: dict[str, tuple[np.ndarray, int]] = {}
+    for name in recompute or []:
+        held = np.asarray(truth) == name
+        if held.any():
+            recomputed[name] = (embeddings[held].astype(np.float64).mean(axis=0), int(held.sum()))
+            mine.upsert(name, *recomputed[name])
     for name in [c for c in released.classes if c not in mine.classes]:
         i = released.classes.index(name)
         mine.upsert(name, released.means[i], int(released.counts[i]))
     accuracy = {k: (score(embeddings, truth, t, covariance) or {"accuracy": 0.0})["accuracy"]
                 for k, t in (("released", released_with(released, carried)), ("device", mine))}
     kept = "released" if accuracy["released"] >= accuracy["device"] else "device"
-    return {"kept": kept, "classes": contested, "images": int(rows.size), "released_accuracy": accuracy["released"],
-            "device_accuracy": accuracy["device"]}
+    out = {"kept": kept, "classes": contested, "images": int(rows.size), "released_accuracy": accuracy["released"],
+           "device_accuracy": accuracy["device"]}
+    if recomputed:
+        out["recomputed"] = sorted(recomputed)
+        out["recomputed_means"] = recomputed
+    return out
 
 
 def released_with(released: Prototypes, carried: Prototypes) -> Prototypes:
