@@ -16,8 +16,8 @@ def demo(
     threads: Annotated[int, typer.Option(help="onnxruntime threads per device process (0 = default).")] = 0,
     fresh: Annotated[bool, typer.Option("--fresh", help="Delete OUT first.")] = False,
     share_exemplars: Annotated[bool, typer.Option("--share-exemplars", help=(
-        "Both devices share their exemplar images (mode 2): a one-phase release that consolidates the "
-        "merged step on them."))] = False,
+        "Both devices share their exemplar images (mode 2): the release consolidates the merged step on them, "
+        "then asks both devices for their classes' statistics (--ask-shared)."))] = False,
 ) -> None:
     """Run export -> two devices adapt -> deltas -> server -> push -> merge -> apply, and print the table."""
     from edgecl.demo import DemoOptions, run_demo

@@ -47,6 +47,11 @@ def release(
         "--statistics-round/--no-statistics-round",
         help="Ask the contributing devices for their classes' statistics under the candidate (two phases); "
              "--no-statistics-round judges and publishes at once with the host's estimates.")] = True,
+    ask_shared: Annotated[bool, typer.Option(
+        "--ask-shared", help="Ask the devices that shared their exemplars for their statistics too (`edgecl "
+                             "restat`: every image they hold, not 20 a class): a two-phase round even when every "
+                             "device shared them, consolidated as in one phase (docs/server.md#exemplars-shared).")]
+    = False,
     update_known: Annotated[bool, typer.Option(
         "--update-known/--no-update-known",
         help="--finish: the devices' images of the current version's classes join those classes' statistics "
@@ -85,7 +90,7 @@ def release(
         strategy=strategy, scale=scale, trim=trim, exclude_devices=list(exclude_device or []),
         exclude_deltas=list(exclude_delta or []), tolerance=tolerance, work_dir=work, class_data=class_data,
         statistics_round=statistics_round, wait_s=wait_s, head=head, publish=publish,
-        update_known=update_known, consolidate_epochs=consolidate)
+        update_known=update_known, consolidate_epochs=consolidate, ask_shared=ask_shared)
     # edgecl.release announces its phases with edgecl.progress.phase(); shown on a terminal only.
     run = release_module.finish if finish else release_module.release
     with phases(0, "release", enabled=not (quiet or as_json)):

@@ -63,8 +63,8 @@ class DemoOptions:
     threads: int = 0                    # onnxruntime threads per device process; 0 = its default
     recipe: Path = RECIPE               # the embedded default: ImageNet-pretrained EfficientNet-Lite0
     fresh: bool = False                 # remove OUT first (else the data folders are reused)
-    # Mode 2 (docs/server.md#exemplars-shared): both devices' profiles share their exemplars, so the
-    # release is one phase (no `restat`) and consolidates the merged step on the fleet's exemplars.
+    # Mode 2 (docs/server.md#exemplars-shared): both devices' profiles share their exemplars; the
+    # release consolidates the merged step on the fleet's exemplars and asks the devices (--ask-shared).
     share_exemplars: bool = False
 
     def resolved(self) -> DemoOptions:
@@ -293,22 +293,14 @@ def run_demo(options: DemoOptions, echo: Callable[[str], None] = print) -> DemoR
         # under the candidate are exact too (without it they are moved by their exemplars' drift).
         gate = ["release", manifest["bundle_id"], "--heldout", str(check), "--server", url, "--token", operator,
                 "--bundle", str(bundle_v1), "--class-data", str(data / "calib" / "train"), "--work",
-                str(out / "release"), "--json"]
-        if opts.share_exemplars:
-            # One phase: the host embeds the shared exemplars itself. Judge only, on the test images
-            # first (the same deterministic round, not published), then the real release on the check.
-            on_test = run.json(*[a if a != str(check) else str(test_all) for a in gate], "--no-publish", ok=(0, 2))
-            report.stages.append(Stage("frozen baseline (v1)", "fleet", _fleet_row(on_test, "baseline"),
-                                       "like for like: v1, the release's statistics of all 10 classes"))
-            released = run.json(*gate, ok=(0, 2))
-            if not released["published"]:
-                report.stages.append(Stage("candidate v2", "fleet", _fleet_row(on_test, "candidate"),
-                                           "refused; the release's statistics of all 10 classes"))
-            if released.get("consolidation"):
-                c = released["consolidation"]
-                echo(f"    consolidated: {c['epochs']} epochs, {c['steps']} steps on {c['images']} shared exemplars")
-        else:
-            released = run.json(*gate, ok=(0, 2))
+                str(out / "release"), "--json",
+                # mode 2: the release consolidates on the shared exemplars and still asks both devices for
+                # their classes' statistics of every image they hold (not of their 20 exemplars a class)
+                *(["--ask-shared"] if opts.share_exemplars else [])]
+        released = run.json(*gate, ok=(0, 2))
+        if released.get("consolidation"):
+            c = released["consolidation"]
+            echo(f"    consolidated: {c['epochs']} epochs, {c['steps']} steps on {c['images']} shared exemplars")
         if released["stage"] == "candidate":
             for device in DEVICES:
                 sent = run.json("restat", str(out / device / "bundle"), "--server", url, "--token", creds[device][0],

@@ -122,6 +122,9 @@ class ReleaseOptions:
     # those classes 15 points lower with LDA (5 with ncm) with them in (benchmarks/RESULTS.md#b7).
     update_known: bool = False
     statistics_round: bool = True                  # False: one phase, the host's estimates for device classes
+    # True: the devices that shared exemplars are asked too (`edgecl restat`: the statistics of every
+    # image they hold, not of 20 a class), so their round has two phases; a consolidated one as well
+    ask_shared: bool = False
     # epochs of the devices' training rule on the fleet's exemplars of every class, from the merged delta
     # (edgecl.device.consolidate; every class needs exemplars: mode 2); 0 = none; None = auto:
     # DEFAULT_CONSOLIDATE_EPOCHS in a round where the host holds exemplars of every class, else none
@@ -287,6 +290,20 @@ def consolidate_step(rnd: Round, step: ReleasedStep, epochs: int | None) -> Cons
     from edgecl.device.consolidate import consolidate
 
     return consolidate(rnd.current_dir, step.values(), memory, epochs)
+
+
+def phase1_step(rnd: Round, consolidation: dict[str, Any] | None) -> ReleasedStep:
+    """The step phase 1 built the statistics candidate from, again: the merge's, consolidated as
+    phase 1 recorded (``--ask-shared``). The consolidation is deterministic (the devices' rule at the
+    bundle's seed, on the same exemplars in the same order), so its patch is the step's own (a few
+    bytes a value); the published weights are the candidate's either way."""
+    step = released_step(rnd)
+    epochs = int((consolidation or {}).get("epochs") or 0)
+    if epochs:
+        again = consolidate_step(rnd, step, epochs)
+        if again is not None:
+            step = quantize_step(again.delta)
+    return step
 
 
 def scaled_step(vector: np.ndarray, scale: float) -> np.ndarray:
@@ -626,11 +643,12 @@ def release(bundle_id: str, server: str, token: str, options: ReleaseOptions) ->
         candidate = union(current_classes, estimates, shared.table if shared is not None else None)
         version = mf.load_manifest(candidate_dir).version
         devices = [g for g in rnd.groups() if g != CALIBRATION]
-        waiting = [g for g in devices if g.removeprefix("device:") not in exact]
+        waiting = [g for g in devices if options.ask_shared or g.removeprefix("device:") not in exact]
         statistics_round = options.statistics_round and bool(waiting or holders)
-        if consolidation is not None and (waiting or holders):  # consolidate_step checked every class's exemplars
-            raise EdgeclError(f"a consolidated round must be judged in one phase; waiting for {waiting + holders}",
-                              "drop --consolidate")
+        if consolidation is not None and (waiting or holders) and not options.ask_shared:
+            # consolidate_step checked every class's exemplars, so only placed classes' devices can wait here
+            raise EdgeclError(f"a consolidated round waits for {waiting + holders}", "pass --ask-shared to ask "
+                              "them in a second phase, or drop --consolidate")
         not_judged = waiting if statistics_round else []
         head, frozen = PHASE1_HEAD, None
         if not statistics_round and not waiting:
@@ -666,7 +684,10 @@ def release(bundle_id: str, server: str, token: str, options: ReleaseOptions) ->
             probe = write_version(candidate_dir, work / "statistics-candidate", candidate_id(bundle_id),
                                   max(taken, default=0) + 1, current_classes, "")
             summary = {"stage": STAGE, "bundle_id": bundle_id, "current_version": rnd.version,
-                       "version": version, "merge": rnd.merge, "devices": rnd.own, "shared": exact,
+                       "version": version, "merge": rnd.merge, "devices": rnd.own,
+                       # devices --finish need not wait for (their shared exemplars answer for them)
+                       "shared": [] if options.ask_shared else exact,
+                       "consolidation": report.consolidation,   # --finish repeats it for the released step
                        "placed_by_devices": orphans, "asked": holders,
                        "options": {"tolerance": options.tolerance, "scale": options.scale}}
             report.asked = sorted(set(rnd.merge["devices"]) | set(holders))
@@ -876,9 +897,10 @@ def finish(bundle_id: str, server: str, token: str, options: ReleaseOptions) -> 
         report.estimated = [c for c, devices in orphans.items()
                             if not any(c in statistics.get(d, {}).get("classes", []) and statistics[d].get("answered")
                                        for d in devices)]
+        report.consolidation = report_in.get("consolidation")
         if not reasons and options.publish:
-            publish_version(server, token, probe, work, rnd, released_step(rnd), candidate, shared, head,
-                            embedded, options, report)
+            publish_version(server, token, probe, work, rnd, phase1_step(rnd, report.consolidation), candidate,
+                            shared, head, embedded, options, report)
         return report
     finally:
         if temporary:

@@ -185,3 +185,54 @@ def test_a_mixed_round_waits_only_for_the_devices_that_keep_their_images(tmp_pat
         server.url + f"/v1/bundles/{manifest.bundle_id}/2/files/{mf.EXEMPLARS}", headers=admin_h).content)
     # only the images line-a shared travel: line-b's stay on line-b
     assert set(DEVICES["line-a"][1]) <= set(shipped.classes) and not set(DEVICES["line-b"][1]) & set(shipped.classes)
+
+
+def test_ask_shared_consolidates_then_asks_every_device_for_the_statistics_of_all_its_images(
+        tmp_path: Path, tiny_bundle: Path, fleet) -> None:  # noqa: F811
+    """Both devices share their exemplars; `--ask-shared`: phase 1 consolidates the merged step on the
+    fleet's exemplars and sends that candidate; both answer `edgecl restat` (every image they hold);
+    --finish judges with their answers and publishes weights that are the candidate's, pulled as the
+    consolidated step's own patch (phase 2 repeats the consolidation bit for bit)."""
+    server, store, creds, admin, server_key = fleet
+    manifest = mf.load_manifest(tiny_bundle)
+    sharing = tmp_path / "sharing.toml"
+    sharing.write_text('name = "sharing"\nstore_images = true\nshare_exemplars = true\n')
+    configs: dict[str, Path] = {}
+    heldout = tmp_path / "heldout"
+    write_image_folder(heldout, classes=3, per_class=6, seed=99)
+    for i, name in enumerate(DEVICES):
+        device, configs[name], train, _ = provision(tmp_path, tiny_bundle, fleet, i, name, heldout,
+                                                    "--profile", str(sharing))
+        _cli("adapt", "--config", str(configs[name]), "--data", str(train), "--epochs", "2", "--seed", str(i), "-q")
+        path = tmp_path / name / "delta.safetensors"
+        _cli("delta", str(device), "-o", str(path), "--config", str(configs[name]))
+        assert delta_format.load_file(path).exemplars is not None
+        assert "sent" in _cli("push", str(path), "--config", str(configs[name]))
+    gate = ["release", str(tiny_bundle), "--heldout", str(heldout), "--class-data", str(heldout), "--server",
+            server.url, "--token", admin, "--tolerance", str(ACCURACY_TOLERANCE), "--exclude-device", "line-c",
+            "--work", str(tmp_path / "work")]
+    out = _cli(*gate, "--ask-shared", "--consolidate", "2", "--json")
+    first = json.loads(out[out.index("{"):])
+    assert first["stage"] == "candidate" and first["consolidation"]["epochs"] == 2, first
+    assert sorted(first["not_judged"]) == [f"device:{d}" for d in sorted(DEVICES)], first
+    for name in DEVICES:
+        sent = json.loads(_cli("restat", "--config", str(configs[name]), "--json"))
+        assert sent["status"] == "sent", sent
+    out = _cli(*gate, "--finish", "--json")
+    finished = json.loads(out[out.index("{"):])
+    assert finished["published"] and finished["not_judged"] == [], finished
+    assert finished["consolidation"] == first["consolidation"], finished["consolidation"]
+    for name in DEVICES:
+        assert finished["statistics"][name]["answered"], finished["statistics"]
+    admin_h = {"Authorization": f"Bearer {admin}"}
+    v2 = httpx.get(server.url + f"/v1/bundles/{manifest.bundle_id}/2/files/manifest.json", headers=admin_h).json()
+    released = httpx.get(server.url + f"/v1/bundles/{manifest.bundle_id}/2/files/{mf.WEIGHTS}", headers=admin_h).content
+    assert released == (tmp_path / "work" / "statistics-candidate" / mf.WEIGHTS).read_bytes()
+    # the consolidation repeated in phase 2 gave the same step: the devices pull it as the step's patch
+    patch_name = v2["weights_patches"][hashlib.sha256((tiny_bundle / mf.WEIGHTS).read_bytes()).hexdigest()]
+    patch = httpx.get(server.url + f"/v1/bundles/{manifest.bundle_id}/2/files/{patch_name}", headers=admin_h).content
+    from edgecl.formats.weights_patch import MODE_STEP, read_header
+    assert read_header(patch)["mode"] == MODE_STEP
+    for name in DEVICES:
+        pulled = json.loads(_cli("pull", "--config", str(configs[name]), "--json"))
+        assert pulled["status"] == "upgraded" and pulled["version"] == 2, pulled
