@@ -145,13 +145,9 @@ def test_upgrade_carries_exemplars_and_local_classes_to_the_next_version(bundle_
     assert runner.invoke(app, ["upgrade", str(bundle_copy), str(v2), "--json"]).exit_code == 0
 
 
-def test_upgrade_moves_the_devices_own_classes_into_a_fleet_version_by_their_exemplars(
-        bundle_copy, first_task, second_task, tmp_path):
-    """Device B added fox without training; v2 carries device A's trained delta. The host could move
-    fox's prototype only by the calibration exemplars' drift; the upgrade moves it by fox's own."""
-    from edgecl.device.state import load_current, open_bundle
-    from edgecl.formats.images import load_image_folder
-
+def _fleet_version(bundle_copy: Path, first_task: Path, second_task: Path, tmp_path: Path) -> tuple[Path, Path]:
+    """Device A trains on cat and dog, device B adds fox without training; v2 = v1 + both deltas
+    (`edgecl apply`). Returns device B's bundle and v2."""
     device_a, device_b = tmp_path / "a", tmp_path / "b"
     shutil.copytree(bundle_copy, device_a)
     shutil.copytree(bundle_copy, device_b)
@@ -163,6 +159,17 @@ def test_upgrade_moves_the_devices_own_classes_into_a_fleet_version_by_their_exe
         assert runner.invoke(app, ["delta", str(bundle), "-o", deltas[-1], "--device-id", f"line-{name}"]).exit_code == 0
     v2 = tmp_path / "v2"
     assert runner.invoke(app, ["apply", str(bundle_copy), *deltas, "-o", str(v2)]).exit_code == 0
+    return device_b, v2
+
+
+def test_upgrade_moves_the_devices_own_classes_into_a_fleet_version_by_their_exemplars(
+        bundle_copy, first_task, second_task, tmp_path):
+    """Device B added fox without training; v2 carries device A's trained delta. The host could move
+    fox's prototype only by the calibration exemplars' drift; the upgrade moves it by fox's own."""
+    from edgecl.device.state import load_current, open_bundle
+    from edgecl.formats.images import load_image_folder
+
+    device_b, v2 = _fleet_version(bundle_copy, first_task, second_task, tmp_path)
     fleet = load_current(open_bundle(v2)).prototypes
     result = runner.invoke(app, ["upgrade", str(device_b), str(v2), "--json"])
     assert result.exit_code == 0, result.output
@@ -239,17 +246,7 @@ def test_upgrade_recomputes_the_devices_own_classes_a_version_made_from_its_shar
     from edgecl.formats.images import load_image_folder
     from edgecl.formats.prototypes import Prototypes
 
-    device_a, device_b = tmp_path / "a", tmp_path / "b"
-    shutil.copytree(bundle_copy, device_a)
-    shutil.copytree(bundle_copy, device_b)
-    _adapt(device_a, first_task, epochs=3, lr=0.5)
-    _adapt(device_b, second_task, epochs=0)
-    deltas = []
-    for name, bundle in (("a", device_a), ("b", device_b)):
-        deltas.append(str(tmp_path / f"{name}.safetensors"))
-        assert runner.invoke(app, ["delta", str(bundle), "-o", deltas[-1], "--device-id", f"line-{name}"]).exit_code == 0
-    v2 = tmp_path / "v2"
-    assert runner.invoke(app, ["apply", str(bundle_copy), *deltas, "-o", str(v2)]).exit_code == 0
+    device_b, v2 = _fleet_version(bundle_copy, first_task, second_task, tmp_path)
     # what a mode-2 release ships: fox's exemplars, and fox's mean from them (made poor here: the cat's)
     shared = ExemplarMemory.load_file(load_current(open_bundle(device_b)).exemplars_path)
     shipped = ExemplarMemory.load_file(v2 / mf.EXEMPLARS)

@@ -137,13 +137,11 @@ def test_exemplars_shared_round_publishes_without_restat_and_devices_replay_the_
         assert replayed.get(other, 0) > 0, replayed
 
 
-def test_a_mixed_round_waits_only_for_the_devices_that_keep_their_images(tmp_path: Path, tiny_bundle: Path,
-                                                                          fleet) -> None:  # noqa: F811
-    """line-a shares its exemplars, line-b keeps its images (the default profile): phase 1 sends the
-    candidate; only line-b answers `edgecl restat`; --finish takes line-a's classes from its shared images
-    (exact under the candidate) and line-b's from its answer, judges both and publishes."""
-    server, store, creds, admin, server_key = fleet
-    manifest = mf.load_manifest(tiny_bundle)
+def _adapt_and_push(tmp_path: Path, tiny_bundle: Path, fleet, sharing_devices: set[str]  # noqa: ANN001, F811
+                    ) -> tuple[dict[str, Path], Path]:
+    """Every device of DEVICES provisioned (those in ``sharing_devices`` with ``share_exemplars =
+    true``), adapted 2 epochs on its classes, its delta pushed; returns their configs and the held-out
+    images of the calibration classes."""
     sharing = tmp_path / "sharing.toml"
     sharing.write_text('name = "sharing"\nstore_images = true\nshare_exemplars = true\n')
     configs: dict[str, Path] = {}
@@ -151,12 +149,23 @@ def test_a_mixed_round_waits_only_for_the_devices_that_keep_their_images(tmp_pat
     write_image_folder(heldout, classes=3, per_class=6, seed=99)
     for i, name in enumerate(DEVICES):
         device, configs[name], train, _ = provision(tmp_path, tiny_bundle, fleet, i, name, heldout,
-                                                    *(["--profile", str(sharing)] if name == "line-a" else []))
+                                                    *(["--profile", str(sharing)] if name in sharing_devices else []))
         _cli("adapt", "--config", str(configs[name]), "--data", str(train), "--epochs", "2", "--seed", str(i), "-q")
         path = tmp_path / name / "delta.safetensors"
         _cli("delta", str(device), "-o", str(path), "--config", str(configs[name]))
-        assert (delta_format.load_file(path).exemplars is not None) == (name == "line-a")
+        assert (delta_format.load_file(path).exemplars is not None) == (name in sharing_devices)
         assert "sent" in _cli("push", str(path), "--config", str(configs[name]))
+    return configs, heldout
+
+
+def test_a_mixed_round_waits_only_for_the_devices_that_keep_their_images(tmp_path: Path, tiny_bundle: Path,
+                                                                          fleet) -> None:  # noqa: F811
+    """line-a shares its exemplars, line-b keeps its images (the default profile): phase 1 sends the
+    candidate; only line-b answers `edgecl restat`; --finish takes line-a's classes from its shared images
+    (exact under the candidate) and line-b's from its answer, judges both and publishes."""
+    server, store, creds, admin, server_key = fleet
+    manifest = mf.load_manifest(tiny_bundle)
+    configs, heldout = _adapt_and_push(tmp_path, tiny_bundle, fleet, {"line-a"})
     gate = ["release", str(tiny_bundle), "--heldout", str(heldout), "--server", server.url, "--token", admin,
             "--tolerance", str(ACCURACY_TOLERANCE), "--exclude-device", "line-c"]
     # consolidation needs exemplars of every class: line-b keeps its images, so it is refused, naming them
@@ -195,19 +204,7 @@ def test_ask_shared_consolidates_then_asks_every_device_for_the_statistics_of_al
     consolidated step's own patch (phase 2 repeats the consolidation bit for bit)."""
     server, store, creds, admin, server_key = fleet
     manifest = mf.load_manifest(tiny_bundle)
-    sharing = tmp_path / "sharing.toml"
-    sharing.write_text('name = "sharing"\nstore_images = true\nshare_exemplars = true\n')
-    configs: dict[str, Path] = {}
-    heldout = tmp_path / "heldout"
-    write_image_folder(heldout, classes=3, per_class=6, seed=99)
-    for i, name in enumerate(DEVICES):
-        device, configs[name], train, _ = provision(tmp_path, tiny_bundle, fleet, i, name, heldout,
-                                                    "--profile", str(sharing))
-        _cli("adapt", "--config", str(configs[name]), "--data", str(train), "--epochs", "2", "--seed", str(i), "-q")
-        path = tmp_path / name / "delta.safetensors"
-        _cli("delta", str(device), "-o", str(path), "--config", str(configs[name]))
-        assert delta_format.load_file(path).exemplars is not None
-        assert "sent" in _cli("push", str(path), "--config", str(configs[name]))
+    configs, heldout = _adapt_and_push(tmp_path, tiny_bundle, fleet, set(DEVICES))
     gate = ["release", str(tiny_bundle), "--heldout", str(heldout), "--class-data", str(heldout), "--server",
             server.url, "--token", admin, "--tolerance", str(ACCURACY_TOLERANCE), "--exclude-device", "line-c",
             "--work", str(tmp_path / "work")]
