@@ -229,9 +229,9 @@ def run_seed(out: Path, seed: int, args: argparse.Namespace) -> dict[str, Any]:
                 options = ReleaseOptions(heldout=data["check"], strategy=name, scale=float(scale or 1.0),
                                          work_dir=out / f"release-{r}-{strategy}", class_data=data["calib"],
                                          head="ncm" if args.head == "ncm" else "auto", tolerance=args.tolerance,
-                                         consolidate_epochs=int(epochs or 0))
+                                         consolidate_epochs=int(epochs or 0), ask_shared=args.ask_shared)
                 scored: ReleaseReport
-                if args.share_exemplars:
+                if args.share_exemplars and not args.ask_shared:
                     # Mode 2: one phase. Scored on the test images without publishing, then the shipped
                     # option judged on the check images and published.
                     scored = release(bundle_id, server.url, admin, ReleaseOptions(
@@ -313,6 +313,8 @@ def summary(results: dict[str, Any]) -> str:
     """The markdown table: per round, arm x group (mean over seeds, spread when several)."""
     head = results.get("args", {}).get("head", "ncm")     # runs before --head existed were ncm
     mode = "mode 2, shared exemplars" if results.get("args", {}).get("share_exemplars") == "True" else "mode 1"
+    if results.get("args", {}).get("ask_shared") == "True":
+        mode += ", devices asked (--ask-shared)"
     lines = [f"# B7 fleet ({mode}): accuracy (%) per class group, {'ncm' if head == 'ncm' else 'served (LDA)'} head",
              ""]
     seeds = results["seeds"]
@@ -354,6 +356,9 @@ def main() -> None:
                          "prototypes")
     ap.add_argument("--share-exemplars", action="store_true",
                     help="mode 2: devices share their exemplars of their own classes (profile share_exemplars)")
+    ap.add_argument("--ask-shared", action="store_true",
+                    help="with --share-exemplars: every release also asks the devices for their statistics "
+                         "(edgecl release --ask-shared; two phases, `restat` on every device)")
     ap.add_argument("--rounds", type=int, default=ROUNDS, help="release rounds (each device adapts on new images)")
     ap.add_argument("--tolerance", type=float, default=0.0,
                     help="the release gate's allowed drop per group (edgecl release --tolerance; 0: none)")
