@@ -846,8 +846,8 @@ def finish(bundle_id: str, server: str, token: str, options: ReleaseOptions) -> 
     """Phase 2: sum the statistics the devices sent under the candidate, judge, publish."""
     _check_args(server, token, options)
     if options.consolidate_epochs:
-        raise EdgeclError("--consolidate applies to a round judged in one phase, not to --finish",
-                          "drop --consolidate (a round that needs --finish is never consolidated)")
+        raise EdgeclError("--consolidate applies to phase 1, not to --finish",
+                          "drop --consolidate (--finish repeats the consolidation phase 1 recorded, if any)")
     policy = options.policy
     row = open_candidate(bundle_id, server, token, policy)
     report_in: dict[str, Any] = row["report"]

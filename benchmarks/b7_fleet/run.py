@@ -36,6 +36,7 @@ OUT/b7.json (every table), OUT/b7.md (the summary table: per round, arm x group)
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -265,8 +266,8 @@ def run_seed(out: Path, seed: int, args: argparse.Namespace) -> dict[str, Any]:
                 row["current"] = {g: v["current"] for g, v in scored.groups.items()}
                 row.setdefault("statistics_sources", {})[strategy] = {**scored.statistics,
                                                                      "estimated": scored.estimated}
-                if shipped:
-                    final = finish(bundle_id, server.url, admin, options)
+                if shipped:   # --finish repeats the consolidation phase 1 recorded (never asked for again)
+                    final = finish(bundle_id, server.url, admin, dataclasses.replace(options, consolidate_epochs=None))
                     row["released"] = {"published": final.published, "reasons": final.reasons,
                                        "groups": final.groups}
             if row.get("released", {}).get("published"):
