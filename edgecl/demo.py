@@ -293,11 +293,10 @@ def run_demo(options: DemoOptions, echo: Callable[[str], None] = print) -> DemoR
         # under the candidate are exact too (without it they are moved by their exemplars' drift).
         gate = ["release", manifest["bundle_id"], "--heldout", str(check), "--server", url, "--token", operator,
                 "--bundle", str(bundle_v1), "--class-data", str(data / "calib" / "train"), "--work",
-                str(out / "release"), "--json",
-                # mode 2: the release consolidates on the shared exemplars and still asks both devices for
-                # their classes' statistics of every image they hold (not of their 20 exemplars a class)
-                *(["--ask-shared"] if opts.share_exemplars else [])]
-        released = run.json(*gate, ok=(0, 2))
+                str(out / "release"), "--json"]
+        # mode 2: the release consolidates on the shared exemplars and still asks both devices for their
+        # classes' statistics of every image they hold (not of their 20 exemplars a class)
+        released = run.json(*gate, *(["--ask-shared"] if opts.share_exemplars else []), ok=(0, 2))
         if released.get("consolidation"):
             c = released["consolidation"]
             echo(f"    consolidated: {c['epochs']} epochs, {c['steps']} steps on {c['images']} shared exemplars")

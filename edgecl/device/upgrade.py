@@ -122,6 +122,7 @@ def _upgrade(old: OpenBundle, new: OpenBundle, any_lineage: bool) -> dict[str, A
     choice = _judge_versions(old, new, current, released, prototypes,
                              [c for c in carried_protos if c in released.classes] + recompute,
                              fleet_head.covariance() if fleet_head is not None else None, recompute)
+    recomputed = choice.pop("recomputed_means", {})
     if choice.get("kept") == "released":
         for name in choice["classes"]:
             i = released.classes.index(name)
@@ -130,10 +131,9 @@ def _upgrade(old: OpenBundle, new: OpenBundle, any_lineage: bool) -> dict[str, A
             prototypes.upsert(name, released.means[i], int(released.counts[i]))
         moved = [c for c in moved if c not in choice["classes"]]
     elif choice.get("kept") == "device":
-        for name, (mean, count) in choice.pop("recomputed_means", {}).items():
+        for name, (mean, count) in recomputed.items():
             prototypes.upsert(name, mean, count)
             prototypes.seen[name] = current.prototypes.seen.get(name, np.zeros(0, np.uint64)).copy()
-    choice.pop("recomputed_means", None)
     lda = LdaHead.load_file(current.lda_path) if current.lda_path is not None else None
     if fleet_head is not None:
         # NEW's own head replaces the device's (no drift map to fit): the release's calibration of these
