@@ -53,10 +53,10 @@ MAX_SHARE = 0.5          # edgecl.formats.merge.DEFAULT_MAX_SHARE
 DEVICE_RANK = 16         # edgecl.formats.scatter.RANK_DEVICE
 
 
-def _sign_elected(v: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(elected sign per element, which devices agree with it) for values [n, K] and weights [n, 1]."""
+def _agreeing(v: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Which devices' values [n, K] have the sign their weighted sum elects (weights [n, 1]; a tie: +)."""
     sign = np.where((w * v).sum(0) >= 0, 1.0, -1.0)
-    return sign, (np.sign(v) == sign) & (v != 0)
+    return (np.sign(v) == sign) & (v != 0)
 
 
 def merge(option: str, dense: list[np.ndarray], weights: np.ndarray) -> np.ndarray:
@@ -82,11 +82,11 @@ def merge(option: str, dense: list[np.ndarray], weights: np.ndarray) -> np.ndarr
             changed = np.abs(row[row != 0])
             if changed.size:
                 row[np.abs(row) < np.quantile(changed, 1.0 - float(arg))] = 0.0
-        _, agree = _sign_elected(v, w)
+        agree = _agreeing(v, w)
         num, den = (w * v * agree).sum(0), (w * agree).sum(0)
         return np.where(den > 0, num / np.where(den > 0, den, 1.0), 0.0).astype(np.float32)
     if name == "ties-sum":
-        _, agree = _sign_elected(v, w)
+        agree = _agreeing(v, w)
         return (float(arg) * (v * agree).sum(0)).astype(np.float32)
     raise SystemExit(f"unknown option {option!r}")
 
